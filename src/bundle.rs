@@ -1,0 +1,203 @@
+//! The model bundle on disk (DESIGN §3): `model.onnx`, the `stpm.toml` manifest and the student's
+//! weights. Owns reading, writing and validating the manifest; not training or inference.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::model::{BackboneKind, Fusion};
+use crate::preprocess::Normalisation;
+
+/// Bumped whenever the bundle layout or the manifest's meaning changes.
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST_FILE: &str = "stpm.toml";
+pub const MODEL_FILE: &str = "model.onnx";
+pub const STUDENT_FILE: &str = "student.safetensors";
+/// Only for randomly initialised teachers (tests); pretrained ones are referenced by path and hash.
+pub const TEACHER_FILE: &str = "teacher.safetensors";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error(
+        "{dir} is not a model bundle: {MANIFEST_FILE} is missing (train one with `stpm train`)"
+    )]
+    NoManifest { dir: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid manifest: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(
+        "{path} has format version {found}; this stpm reads version {FORMAT_VERSION} (retrain or use a matching stpm)"
+    )]
+    Version { path: PathBuf, found: u32 },
+    #[error(
+        "{path} does not match its manifest: sha256 {found}, manifest says {expected} (the file was changed or replaced after training)"
+    )]
+    Hash {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+}
+
+/// The architecture and I/O contract of `model.onnx`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Backbone of teacher and student.
+    pub backbone: BackboneKind,
+    /// Tapped layers (strides 4, 8, 16).
+    pub layers: Vec<String>,
+    /// Input [height, width] the graph expects.
+    pub input_size: [usize; 2],
+    /// How the per-scale maps are combined.
+    pub fusion: Fusion,
+    /// File name of the graph inside the bundle.
+    pub onnx: String,
+    /// sha256 of the graph file, checked on load.
+    pub onnx_sha256: String,
+}
+
+/// Raw score → normalised score: `threshold` maps to 0.5, `floor` to 0; clamped to [0, 1].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    /// Raw image score at the alert threshold (normalised 0.5).
+    pub threshold: f32,
+    /// Raw score mapped to normalised 0 (the lowest held-out good score).
+    pub floor: f32,
+    /// How the threshold was chosen.
+    pub method: String,
+    /// Held-out good images it was computed from.
+    pub n_images: usize,
+    /// Median normalised score of those images (how far below 0.5 a typical good part sits).
+    pub good_median: f32,
+}
+
+impl Calibration {
+    /// Maps a raw score (or map pixel) to [0, 1] with the threshold at 0.5.
+    pub fn normalise(&self, raw: f32) -> f32 {
+        let span = (self.threshold - self.floor).max(f32::EPSILON);
+        (0.5 + 0.5 * (raw - self.threshold) / span).clamp(0.0, 1.0)
+    }
+}
+
+/// What the student was trained on and how.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSummary {
+    pub data: String,
+    pub n_train: usize,
+    pub n_holdout: usize,
+    pub epochs_run: usize,
+    pub best_epoch: usize,
+    pub best_holdout_score: f32,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub seed: u64,
+    pub seconds: f64,
+    pub interrupted: bool,
+    /// Teacher weights: the `.pth` used, or `teacher.safetensors` inside the bundle.
+    pub teacher_weights: String,
+    /// sha256 of the teacher weights file ("random" for a randomly initialised teacher).
+    pub teacher_weights_sha256: String,
+}
+
+/// `stpm.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub model: ModelSection,
+    pub normalisation: Normalisation,
+    pub calibration: Calibration,
+    pub training: TrainingSummary,
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_file(path: &Path) -> Result<String, BundleError> {
+    let bytes = std::fs::read(path).map_err(|source| BundleError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(sha256_hex(&bytes))
+}
+
+/// A bundle directory whose manifest has been read and whose graph hash has been checked.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Bundle {
+    pub fn open(dir: &Path) -> Result<Self, BundleError> {
+        let path = dir.join(MANIFEST_FILE);
+        if !path.is_file() {
+            return Err(BundleError::NoManifest {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| BundleError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        // Check the version first, so an old or new layout gets the precise message.
+        let version = toml::from_str::<toml::Table>(&text)
+            .ok()
+            .and_then(|table| table.get("format_version").and_then(|v| v.as_integer()));
+        if let Some(found) = version
+            && found != FORMAT_VERSION as i64
+        {
+            return Err(BundleError::Version {
+                path,
+                found: found as u32,
+            });
+        }
+        let manifest: Manifest = toml::from_str(&text).map_err(|e| BundleError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let model = dir.join(&manifest.model.onnx);
+        let found = sha256_file(&model)?;
+        if found != manifest.model.onnx_sha256 {
+            return Err(BundleError::Hash {
+                path: model,
+                expected: manifest.model.onnx_sha256.clone(),
+                found,
+            });
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    pub fn model_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.model.onnx)
+    }
+
+    pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), BundleError> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = toml::to_string_pretty(manifest).map_err(|e| BundleError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let header = "# stpm model bundle manifest (written by `stpm train`; model.onnx is checked against onnx_sha256)\n";
+        std::fs::write(&path, format!("{header}{text}"))
+            .map_err(|source| BundleError::Write { path, source })
+    }
+}

@@ -1,0 +1,248 @@
+//! Subcommand definitions and dispatch. Each subcommand's arguments live here; the work lives in
+//! the library modules they call.
+
+use std::path::PathBuf;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use stpm::model::{BackboneKind, Fusion};
+use stpm::train::{TeacherWeights, TrainConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "stpm",
+    version,
+    about = "Student-teacher anomaly detection for factory-line cameras"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Distil a student from defect-free images into a model bundle.
+    Train(TrainArgs),
+    /// Score a bundle on an MVTec-layout folder (image and pixel AUROC, F1-max).
+    Eval(EvalArgs),
+    /// Score images with a bundle and write heatmap overlays.
+    Infer(InferArgs),
+    /// Convert a bundle for another runtime (TensorRT engine, INT8 ONNX).
+    Export(PassThrough),
+    /// Run a live pipeline: capture, inference, overlay, RTSP, alerts.
+    Run(PassThrough),
+    /// Measure throughput and latency of a bundle or a pipeline.
+    Bench(PassThrough),
+    /// Write a synthetic MVTec-layout category (textures with scratches and stains) for demos and tests.
+    Devset(DevsetArgs),
+}
+
+/// Arguments of subcommands that are not implemented yet (accepted so the message is clear).
+#[derive(Debug, clap::Args)]
+pub struct PassThrough {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// An MVTec category folder (its train/good is used) or any folder of images.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Where to write the bundle (e.g. engines/<name>).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Teacher (and student) architecture.
+    #[arg(long, value_enum, default_value_t = BackboneKind::EfficientNetLite0)]
+    pub backbone: BackboneKind,
+    /// Teacher weights (.pth state dict). Default for efficientnet-lite0: engines/teachers/efficientnet-lite0.pth.
+    #[arg(long, conflicts_with = "random_teacher")]
+    pub teacher_weights: Option<PathBuf>,
+    /// Use a randomly initialised teacher (for testing the machinery only: the maps mean nothing).
+    #[arg(long, hide = true)]
+    pub random_teacher: bool,
+    /// Passes over the training images.
+    #[arg(long, default_value_t = 30)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Square input size in pixels (a multiple of 16).
+    #[arg(long, default_value_t = 256)]
+    pub image_size: usize,
+    /// SGD learning rate (momentum 0.9, weight decay 1e-4, as the STPM paper).
+    #[arg(long, default_value_t = 0.4)]
+    pub learning_rate: f64,
+    /// Stop after this many epochs without a better held-out score (0: run all epochs).
+    #[arg(long, default_value_t = 0)]
+    pub patience: usize,
+    /// How per-scale maps are combined.
+    #[arg(long, value_enum, default_value_t = Fusion::Product)]
+    pub fusion: Fusion,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// Model bundle directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// MVTec-layout category (test/good, test/<type>, ground_truth/<type>/<stem>_mask.png).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Report directory (report.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InferArgs {
+    /// Model bundle directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Image files and/or folders of images.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Where to write the overlays.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DevsetArgs {
+    /// Folder to write the category into (MVTec layout).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    pub size: u32,
+    #[arg(long, default_value_t = 60)]
+    pub train: usize,
+    #[arg(long, default_value_t = 20)]
+    pub test_good: usize,
+    #[arg(long, default_value_t = 10)]
+    pub test_per_defect: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train(args) => train(args),
+        Command::Eval(args) => eval(args),
+        Command::Infer(args) => infer(args),
+        Command::Export(_) => not_yet("export"),
+        Command::Run(_) => not_yet("run"),
+        Command::Bench(_) => not_yet("bench"),
+        Command::Devset(args) => devset(args),
+    }
+}
+
+fn not_yet(name: &str) -> anyhow::Result<()> {
+    bail!("`stpm {name}` is not yet available in this build (see the project's issue tracker)")
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let mut config = TrainConfig::new(args.data, args.out);
+    config.backbone = args.backbone;
+    config.teacher = match (args.teacher_weights, args.random_teacher) {
+        (_, true) => TeacherWeights::Random,
+        (Some(path), false) => TeacherWeights::File(path),
+        (None, false) => config.teacher,
+    };
+    config.epochs = args.epochs;
+    config.batch_size = args.batch_size;
+    config.image_size = args.image_size;
+    config.learning_rate = args.learning_rate;
+    config.patience = args.patience;
+    config.fusion = args.fusion;
+    config.seed = args.seed;
+    config.progress = !args.quiet;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler_flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || {
+        if handler_flag.swap(true, Ordering::SeqCst) {
+            // Second Ctrl-C: the user really wants out.
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: finishing the current step and saving the best checkpoint (Ctrl-C again to abort)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+
+    let outcome = stpm::train::train(&config, stop).context("training failed")?;
+    let manifest = &outcome.bundle.manifest;
+    let summary = &manifest.training;
+    println!(
+        "bundle written to {} ({} train / {} held-out images, best epoch {} of {}, {:.1} s{})",
+        outcome.bundle.dir.display(),
+        summary.n_train,
+        summary.n_holdout,
+        summary.best_epoch,
+        summary.epochs_run,
+        summary.seconds,
+        if summary.interrupted {
+            ", interrupted"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "calibration: raw threshold {:.6} (= 0.5 normalised), typical good image {:.3}",
+        manifest.calibration.threshold, manifest.calibration.good_median
+    );
+    Ok(())
+}
+
+fn devset(args: DevsetArgs) -> anyhow::Result<()> {
+    let spec = stpm::devset::DevsetSpec {
+        size: args.size,
+        train: args.train,
+        test_good: args.test_good,
+        test_per_defect: args.test_per_defect,
+        seed: args.seed,
+    };
+    stpm::devset::write_category(&args.out, &spec).context("cannot write the data set")?;
+    println!("synthetic category written to {}", args.out.display());
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let report = stpm::eval::evaluate(&args.model, &args.data, &args.out, !args.quiet)
+        .context("evaluation failed")?;
+    print!("{}", stpm::eval::summary_table(&report));
+    println!(
+        "report written to {}",
+        args.out.join("report.json").display()
+    );
+    Ok(())
+}
+
+fn infer(args: InferArgs) -> anyhow::Result<()> {
+    let images = stpm::infer::expand_inputs(&args.inputs)?;
+    if images.is_empty() {
+        bail!("no images found in {:?}", args.inputs);
+    }
+    let results =
+        stpm::infer::infer(&args.model, &images, &args.out).context("inference failed")?;
+    println!("{:>10} {:>8}  image", "raw", "score");
+    for result in &results {
+        let flag = if result.score >= 0.5 { "  ANOMALY" } else { "" };
+        println!(
+            "{:>10.6} {:>8.3}  {}{flag}",
+            result.raw_score,
+            result.score,
+            result.path.display()
+        );
+    }
+    println!("overlays written to {}", args.out.display());
+    Ok(())
+}

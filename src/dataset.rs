@@ -1,0 +1,204 @@
+//! Finding images on disk: plain image folders and the MVTec AD layout (`train/good`, `test/<type>`,
+//! `ground_truth/<type>/<stem>_mask.png`). Lists paths only; decoding is `preprocess`'s job.
+
+use std::path::{Path, PathBuf};
+
+/// File extensions read as images (lower-case).
+pub const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("{path} does not exist")]
+    Missing { path: PathBuf },
+    #[error("cannot list {path}: {source}")]
+    List {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no images (looked for {})", IMAGE_EXTENSIONS.join(", "))]
+    Empty { path: PathBuf },
+}
+
+pub fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// Image files directly inside `dir`, sorted by name.
+pub fn images_in(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
+    if !dir.exists() {
+        return Err(DatasetError::Missing {
+            path: dir.to_path_buf(),
+        });
+    }
+    let entries = std::fs::read_dir(dir).map_err(|source| DatasetError::List {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut images: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.is_file() && is_image(path))
+        .collect();
+    images.sort();
+    Ok(images)
+}
+
+/// The defect-free training images of `dir`: `dir/train/good` for an MVTec category, else the
+/// images directly in `dir`. Returns the folder used and its images.
+pub fn training_images(dir: &Path) -> Result<(PathBuf, Vec<PathBuf>), DatasetError> {
+    let mvtec = dir.join("train").join("good");
+    let folder = if mvtec.is_dir() {
+        mvtec
+    } else {
+        dir.to_path_buf()
+    };
+    let images = images_in(&folder)?;
+    if images.is_empty() {
+        return Err(DatasetError::Empty { path: folder });
+    }
+    Ok((folder, images))
+}
+
+/// One test image of an MVTec-layout category.
+#[derive(Debug, Clone)]
+pub struct TestImage {
+    pub path: PathBuf,
+    /// `good`, or the defect type (the folder name under `test/`).
+    pub defect_type: String,
+    /// Ground-truth mask (defect images only).
+    pub mask: Option<PathBuf>,
+}
+
+impl TestImage {
+    pub fn is_anomalous(&self) -> bool {
+        self.defect_type != "good"
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error(
+        "{dir} is not an MVTec-layout category: {problem}. Expected test/good/*.png, test/<defect_type>/*.png and ground_truth/<defect_type>/<stem>_mask.png"
+    )]
+    Layout { dir: PathBuf, problem: String },
+    #[error("no ground-truth mask for {image}: expected {mask}")]
+    MissingMask { image: PathBuf, mask: PathBuf },
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+}
+
+/// Every test image of an MVTec-layout category, good ones first, then defect types by name.
+pub fn test_set(dir: &Path) -> Result<Vec<TestImage>, LayoutError> {
+    let test = dir.join("test");
+    if !test.is_dir() {
+        return Err(LayoutError::Layout {
+            dir: dir.to_path_buf(),
+            problem: "there is no test/ folder".into(),
+        });
+    }
+    let entries = std::fs::read_dir(&test).map_err(|source| DatasetError::List {
+        path: test.clone(),
+        source,
+    })?;
+    let mut types: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    types.sort_by_key(|name| (name != "good", name.clone()));
+    if !types.iter().any(|t| t == "good") {
+        return Err(LayoutError::Layout {
+            dir: dir.to_path_buf(),
+            problem: "test/good is missing".into(),
+        });
+    }
+    let mut images = Vec::new();
+    for defect_type in types {
+        for path in images_in(&test.join(&defect_type))? {
+            let mask = if defect_type == "good" {
+                None
+            } else {
+                let stem = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let mask = dir
+                    .join("ground_truth")
+                    .join(&defect_type)
+                    .join(format!("{stem}_mask.png"));
+                if !mask.is_file() {
+                    return Err(LayoutError::MissingMask { image: path, mask });
+                }
+                Some(mask)
+            };
+            images.push(TestImage {
+                path,
+                defect_type: defect_type.clone(),
+                mask,
+            });
+        }
+    }
+    if !images.iter().any(|image| image.is_anomalous()) {
+        return Err(LayoutError::Layout {
+            dir: dir.to_path_buf(),
+            problem: "no defect images under test/".into(),
+        });
+    }
+    Ok(images)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefers_mvtec_train_good_and_sorts() {
+        let dir = tempfile::tempdir().expect("dir");
+        let good = dir.path().join("train/good");
+        std::fs::create_dir_all(&good).expect("mkdir");
+        for name in ["b.png", "a.JPG", "notes.txt"] {
+            std::fs::write(good.join(name), b"x").expect("write");
+        }
+        let (folder, images) = training_images(dir.path()).expect("images");
+        assert_eq!(folder, good);
+        let names: Vec<_> = images
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["a.JPG", "b.png"]);
+    }
+
+    #[test]
+    fn missing_mask_is_named() {
+        let dir = tempfile::tempdir().expect("dir");
+        for folder in ["test/good", "test/crack", "ground_truth/crack"] {
+            std::fs::create_dir_all(dir.path().join(folder)).expect("mkdir");
+        }
+        std::fs::write(dir.path().join("test/good/000.png"), b"x").expect("write");
+        std::fs::write(dir.path().join("test/crack/007.png"), b"x").expect("write");
+        let error = test_set(dir.path()).expect_err("no mask");
+        assert!(
+            error
+                .to_string()
+                .contains("ground_truth/crack/007_mask.png"),
+            "{error}"
+        );
+        std::fs::write(dir.path().join("ground_truth/crack/007_mask.png"), b"x").expect("write");
+        let images = test_set(dir.path()).expect("layout");
+        assert_eq!(images.len(), 2);
+        assert!(!images[0].is_anomalous() && images[1].is_anomalous());
+    }
+
+    #[test]
+    fn empty_folder_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let error = training_images(dir.path()).expect_err("empty");
+        assert!(
+            error
+                .to_string()
+                .contains(&dir.path().display().to_string()),
+            "{error}"
+        );
+    }
+}

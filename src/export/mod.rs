@@ -1,0 +1,203 @@
+//! Writing a bundle's `model.onnx`: teacher and student side by side in ONE graph with BatchNorm
+//! folded, and the STPM scoring (normalise, distance, upsample, fuse, max) inside it (DESIGN §3).
+
+pub mod graph;
+pub mod onnx_proto;
+
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+
+use crate::model::efficientnet::{EfficientNetLite, TAP_BLOCKS};
+use crate::model::features::NORM_EPS;
+use crate::model::resnet::ResNet18;
+use crate::model::{Backbone, Fusion};
+use graph::{GraphBuilder, float_value_info};
+use onnx_proto::{ModelProto, OperatorSetIdProto, StringStringEntryProto};
+
+/// ONNX opset of the exported graph (ReduceMax still takes `axes` as an attribute here).
+pub const OPSET: i64 = 17;
+/// IR version matching opset 17.
+pub const IR_VERSION: i64 = 8;
+/// Names of the graph's input and outputs (the bundle contract).
+pub const INPUT_NAME: &str = "image";
+pub const MAP_OUTPUT: &str = "anomaly_map";
+pub const SCORE_OUTPUT: &str = "score";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("teacher ({teacher}) and student ({student}) must share one architecture")]
+    ArchitectureMismatch { teacher: String, student: String },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn lite_pyramid(
+    g: &mut GraphBuilder,
+    net: &EfficientNetLite,
+    input: &str,
+    tag: &str,
+) -> [String; 3] {
+    let stem = g.conv_bn(
+        input,
+        &net.conv_stem,
+        Some(&net.bn0),
+        &format!("{tag}_stem"),
+    );
+    let mut x = g.relu6(&stem);
+    let mut taps = Vec::with_capacity(3);
+    for (index, block) in net.blocks.iter().enumerate().take(TAP_BLOCKS[2] + 1) {
+        let prefix = format!("{tag}_b{index}");
+        let block_input = x.clone();
+        if let (Some(conv), Some(bn)) = (&block.expand_conv, &block.bn0) {
+            let expanded = g.conv_bn(&x, conv, Some(bn), &format!("{prefix}_expand"));
+            x = g.relu6(&expanded);
+        }
+        let depthwise = g.conv_bn(
+            &x,
+            &block.depthwise_conv,
+            Some(&block.bn1),
+            &format!("{prefix}_dw"),
+        );
+        x = g.relu6(&depthwise);
+        x = g.conv_bn(
+            &x,
+            &block.project_conv,
+            Some(&block.bn2),
+            &format!("{prefix}_project"),
+        );
+        if block.residual {
+            x = g.binary("Add", &x, &block_input);
+        }
+        if TAP_BLOCKS.contains(&index) {
+            taps.push(x.clone());
+        }
+    }
+    [taps[0].clone(), taps[1].clone(), taps[2].clone()]
+}
+
+fn resnet_pyramid(g: &mut GraphBuilder, net: &ResNet18, input: &str, tag: &str) -> [String; 3] {
+    let stem = g.conv_bn(input, &net.conv1, Some(&net.bn1), &format!("{tag}_conv1"));
+    let stem = g.relu(&stem);
+    let mut x = g.max_pool(&stem, 3, 2, 1, &format!("{tag}_maxpool"));
+    let mut taps = Vec::with_capacity(3);
+    for (layer_index, layer) in [&net.layer1, &net.layer2, &net.layer3]
+        .into_iter()
+        .enumerate()
+    {
+        for (block_index, block) in layer.iter().enumerate() {
+            let prefix = format!("{tag}_l{}_{block_index}", layer_index + 1);
+            let y = g.conv_bn(&x, &block.conv1, Some(&block.bn1), &format!("{prefix}_c1"));
+            let y = g.relu(&y);
+            let y = g.conv_bn(&y, &block.conv2, Some(&block.bn2), &format!("{prefix}_c2"));
+            let shortcut = match &block.downsample {
+                Some(down) => g.conv_bn(&x, &down.conv, Some(&down.bn), &format!("{prefix}_down")),
+                None => x.clone(),
+            };
+            let sum = g.binary("Add", &y, &shortcut);
+            x = g.relu(&sum);
+        }
+        taps.push(x.clone());
+    }
+    [taps[0].clone(), taps[1].clone(), taps[2].clone()]
+}
+
+fn pyramid(g: &mut GraphBuilder, net: &Backbone, input: &str, tag: &str) -> [String; 3] {
+    match net {
+        Backbone::EfficientNetLite0(net) => lite_pyramid(g, net, input, tag),
+        Backbone::ResNet18(net) => resnet_pyramid(g, net, input, tag),
+    }
+}
+
+/// Builds the whole STPM graph for `[N, 3, size[0], size[1]]` inputs.
+pub fn stpm_model(
+    teacher: &Backbone,
+    student: &Backbone,
+    size: [usize; 2],
+    fusion: Fusion,
+    metadata: &[(&str, String)],
+) -> Result<ModelProto, ExportError> {
+    if teacher.kind() != student.kind() {
+        return Err(ExportError::ArchitectureMismatch {
+            teacher: teacher.kind().to_string(),
+            student: student.kind().to_string(),
+        });
+    }
+    let mut g = GraphBuilder::default();
+    let teacher_taps = pyramid(&mut g, teacher, INPUT_NAME, "t");
+    let student_taps = pyramid(&mut g, student, INPUT_NAME, "s");
+    let mut fused: Option<String> = None;
+    for (scale, (t, s)) in teacher_taps.iter().zip(student_taps.iter()).enumerate() {
+        let t_hat = g.l2_normalize(t, NORM_EPS as f32);
+        let s_hat = g.l2_normalize(s, NORM_EPS as f32);
+        let diff = g.binary("Sub", &t_hat, &s_hat);
+        let squared = g.binary("Mul", &diff, &diff);
+        let sum = g.reduce_sum(&squared, &[1]);
+        let half = g.scalar("half", 0.5);
+        let distance = g.binary("Mul", &sum, &half);
+        let map = g.upsample(&distance, 4 << scale);
+        fused = Some(match fused {
+            None => map,
+            Some(acc) => g.binary(
+                if fusion == Fusion::Product {
+                    "Mul"
+                } else {
+                    "Add"
+                },
+                &acc,
+                &map,
+            ),
+        });
+    }
+    let fused = fused.unwrap_or_default();
+    g.node_named("Identity", &[&fused], vec![], MAP_OUTPUT);
+    let max_attrs = vec![
+        graph::attr_ints("axes", &[1, 2, 3]),
+        graph::attr_int("keepdims", 0),
+    ];
+    g.node_named("ReduceMax", &[MAP_OUTPUT], max_attrs, SCORE_OUTPUT);
+
+    let [h, w] = size;
+    let graph = g.finish(
+        "stpm",
+        vec![float_value_info(
+            INPUT_NAME,
+            &[None, Some(3), Some(h), Some(w)],
+        )],
+        vec![
+            float_value_info(MAP_OUTPUT, &[None, Some(1), Some(h), Some(w)]),
+            float_value_info(SCORE_OUTPUT, &[None]),
+        ],
+    );
+    Ok(ModelProto {
+        ir_version: IR_VERSION,
+        producer_name: "stpm-stream".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        doc_string: "STPM teacher + student with anomaly-map scoring".into(),
+        graph: Some(graph),
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
+        metadata_props: metadata
+            .iter()
+            .map(|(key, value)| StringStringEntryProto {
+                key: key.to_string(),
+                value: value.clone(),
+            })
+            .collect(),
+    })
+}
+
+/// Serialises `model` to `path`; returns the bytes written (for hashing).
+pub fn write_model(model: &ModelProto, path: &Path) -> Result<Vec<u8>, ExportError> {
+    let bytes = model.encode_to_vec();
+    std::fs::write(path, &bytes).map_err(|source| ExportError::Write {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(bytes)
+}

@@ -1,0 +1,15 @@
+//! stpm-stream: STPM anomaly detection for factory-line video. The model side (`model`, `train`,
+//! `export`) produces a bundle that the runtime side (`engine`, and later the live pipeline) runs.
+
+pub mod bundle;
+pub mod dataset;
+pub mod devset;
+pub mod engine;
+pub mod eval;
+pub mod export;
+pub mod infer;
+pub mod model;
+pub mod overlay;
+pub mod paths;
+pub mod preprocess;
+pub mod train;

@@ -1,0 +1,203 @@
+//! CPU preprocessing: an RGB frame of any size → the model's input tensor (bilinear resize,
+//! per-channel normalisation, NCHW float32). The GPU path must reproduce exactly this maths.
+
+use std::path::Path;
+
+/// Mean and std per RGB channel, applied to pixel values scaled to 0–1.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Normalisation {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+/// An interleaved 8-bit RGB image.
+#[derive(Debug, Clone)]
+pub struct RgbFrame {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreprocessError {
+    #[error("cannot read image {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: image::ImageError,
+    },
+    #[error("image {path} is empty (0×0)")]
+    Empty { path: std::path::PathBuf },
+}
+
+impl RgbFrame {
+    /// Reads any image file the `image` crate decodes; grayscale and alpha become plain RGB.
+    pub fn open(path: &Path) -> Result<Self, PreprocessError> {
+        let decoded = image::open(path).map_err(|source| PreprocessError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let rgb = decoded.to_rgb8();
+        if rgb.width() == 0 || rgb.height() == 0 {
+            return Err(PreprocessError::Empty {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(Self {
+            width: rgb.width() as usize,
+            height: rgb.height() as usize,
+            pixels: rgb.into_raw(),
+        })
+    }
+}
+
+/// Source coordinate and weight of a half-pixel-centred bilinear sample (OpenCV INTER_LINEAR,
+/// PyTorch align_corners=False): the two source indices and the weight of the second.
+pub fn bilinear_taps(out_index: usize, in_size: usize, out_size: usize) -> (usize, usize, f32) {
+    let scale = in_size as f32 / out_size as f32;
+    let src = ((out_index as f32 + 0.5) * scale - 0.5).max(0.0);
+    let low = (src.floor() as usize).min(in_size - 1);
+    let high = (low + 1).min(in_size - 1);
+    (low, high, src - low as f32)
+}
+
+/// Resizes `frame` to `size`×`size` (bilinear) and normalises it into `out` as CHW float32.
+pub fn frame_to_chw(frame: &RgbFrame, size: [usize; 2], norm: &Normalisation, out: &mut [f32]) {
+    let [out_h, out_w] = size;
+    debug_assert_eq!(out.len(), 3 * out_h * out_w);
+    let xs: Vec<(usize, usize, f32)> = (0..out_w)
+        .map(|x| bilinear_taps(x, frame.width, out_w))
+        .collect();
+    let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * norm.std[c]));
+    let offset: [f32; 3] = std::array::from_fn(|c| norm.mean[c] / norm.std[c]);
+    let plane = out_h * out_w;
+    for y in 0..out_h {
+        let (y0, y1, wy) = bilinear_taps(y, frame.height, out_h);
+        let row0 = &frame.pixels[y0 * frame.width * 3..(y0 + 1) * frame.width * 3];
+        let row1 = &frame.pixels[y1 * frame.width * 3..(y1 + 1) * frame.width * 3];
+        for (x, &(x0, x1, wx)) in xs.iter().enumerate() {
+            for c in 0..3 {
+                let top = row0[x0 * 3 + c] as f32 * (1.0 - wx) + row0[x1 * 3 + c] as f32 * wx;
+                let bottom = row1[x0 * 3 + c] as f32 * (1.0 - wx) + row1[x1 * 3 + c] as f32 * wx;
+                let value = top * (1.0 - wy) + bottom * wy;
+                out[c * plane + y * out_w + x] = value * scale[c] - offset[c];
+            }
+        }
+    }
+}
+
+/// Bilinearly resizes one f32 plane (an anomaly map) from `from` = [h, w] to `to` = [h, w].
+pub fn resize_plane(plane: &[f32], from: [usize; 2], to: [usize; 2]) -> Vec<f32> {
+    let [in_h, in_w] = from;
+    let [out_h, out_w] = to;
+    if from == to {
+        return plane.to_vec();
+    }
+    let xs: Vec<(usize, usize, f32)> = (0..out_w).map(|x| bilinear_taps(x, in_w, out_w)).collect();
+    let mut out = Vec::with_capacity(out_h * out_w);
+    for y in 0..out_h {
+        let (y0, y1, wy) = bilinear_taps(y, in_h, out_h);
+        let (row0, row1) = (
+            &plane[y0 * in_w..(y0 + 1) * in_w],
+            &plane[y1 * in_w..(y1 + 1) * in_w],
+        );
+        for &(x0, x1, wx) in &xs {
+            let top = row0[x0] * (1.0 - wx) + row0[x1] * wx;
+            let bottom = row1[x0] * (1.0 - wx) + row1[x1] * wx;
+            out.push(top * (1.0 - wy) + bottom * wy);
+        }
+    }
+    out
+}
+
+/// Convenience: one frame → a fresh CHW buffer.
+pub fn to_chw(frame: &RgbFrame, size: [usize; 2], norm: &Normalisation) -> Vec<f32> {
+    let mut out = vec![0.0; 3 * size[0] * size[1]];
+    frame_to_chw(frame, size, norm, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(width: usize, height: usize, f: impl Fn(usize, usize, usize) -> u8) -> RgbFrame {
+        let mut pixels = Vec::with_capacity(width * height * 3);
+        for y in 0..height {
+            for x in 0..width {
+                for c in 0..3 {
+                    pixels.push(f(x, y, c));
+                }
+            }
+        }
+        RgbFrame {
+            width,
+            height,
+            pixels,
+        }
+    }
+
+    #[test]
+    fn identity_size_only_normalises() {
+        let f = frame(4, 3, |x, y, c| (x * 50 + y * 20 + c) as u8);
+        let norm = Normalisation {
+            mean: [0.5, 0.25, 0.0],
+            std: [0.5, 0.25, 1.0],
+        };
+        let out = to_chw(&f, [3, 4], &norm);
+        for y in 0..3 {
+            for x in 0..4 {
+                for c in 0..3 {
+                    let pixel = (x * 50 + y * 20 + c) as f32 / 255.0;
+                    let expected = (pixel - norm.mean[c]) / norm.std[c];
+                    let got = out[c * 12 + y * 4 + x];
+                    assert!(
+                        (got - expected).abs() < 1e-5,
+                        "({x},{y},{c}): {got} vs {expected}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn halving_averages_pixel_pairs() {
+        // Half-pixel bilinear at exactly 2× down-sampling samples between two source pixels.
+        let f = frame(4, 2, |x, _, _| [0u8, 100, 200, 250][x]);
+        let norm = Normalisation {
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        };
+        let out = to_chw(&f, [1, 2], &norm);
+        assert!((out[0] * 255.0 - 50.0).abs() < 1e-3, "{}", out[0] * 255.0);
+        assert!((out[1] * 255.0 - 225.0).abs() < 1e-3, "{}", out[1] * 255.0);
+    }
+
+    #[test]
+    fn plane_resize_matches_frame_resize() {
+        let f = frame(5, 3, |x, y, _| (x * 40 + y * 7) as u8);
+        let norm = Normalisation {
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        };
+        let via_frame = to_chw(&f, [7, 4], &norm);
+        let plane: Vec<f32> = (0..15)
+            .map(|i| ((i % 5) * 40 + (i / 5) * 7) as f32 / 255.0)
+            .collect();
+        let via_plane = resize_plane(&plane, [3, 5], [7, 4]);
+        for (a, b) in via_plane.iter().zip(&via_frame[..28]) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn upsampling_clamps_at_edges() {
+        let f = frame(2, 1, |x, _, _| [10u8, 30][x]);
+        let norm = Normalisation {
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        };
+        let out = to_chw(&f, [1, 4], &norm);
+        let values: Vec<f32> = out[..4].iter().map(|v| (v * 255.0).round()).collect();
+        assert_eq!(values, vec![10.0, 15.0, 25.0, 30.0]);
+    }
+}

@@ -1,0 +1,531 @@
+//! `stpm train`: distils a student from defect-free images (cached frozen-teacher features, SGD on
+//! the STPM loss, checkpoint chosen on held-out good images), then exports, calibrates and writes
+//! the bundle. Owns the training loop; the maths lives in `model`, the file format in `bundle`.
+
+mod calibrate;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::bundle::{self, Bundle, Manifest, ModelSection, TrainingSummary};
+use crate::dataset;
+use crate::devset::SplitMix;
+use crate::export;
+use crate::model::features::{self, Pyramid};
+use crate::model::weights::{self, WeightsError};
+use crate::model::{Backbone, BackboneKind, Fusion, compute_device, to_vec};
+use crate::preprocess::{self, Normalisation, RgbFrame};
+
+/// Where `scripts/setup.sh` installs the default teacher's weights.
+pub const DEFAULT_TEACHER: &str = "engines/teachers/efficientnet-lite0.pth";
+
+/// Where the teacher's weights come from.
+#[derive(Debug, Clone)]
+pub enum TeacherWeights {
+    /// A PyTorch state dict.
+    File(PathBuf),
+    /// Random initialisation: only for testing the machinery (the maps mean nothing).
+    Random,
+}
+
+/// Everything `stpm train` needs to know.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub backbone: BackboneKind,
+    pub teacher: TeacherWeights,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub image_size: usize,
+    pub learning_rate: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub holdout_fraction: f64,
+    /// Stop when the held-out score has not improved for this many epochs (0: never).
+    pub patience: usize,
+    pub fusion: Fusion,
+    pub seed: u64,
+    pub progress: bool,
+}
+
+impl TrainConfig {
+    /// The paper's optimiser settings; epochs sized to finish a 150-image category in minutes on 2 cores.
+    pub fn new(data: PathBuf, out: PathBuf) -> Self {
+        Self {
+            data,
+            out,
+            backbone: BackboneKind::EfficientNetLite0,
+            teacher: TeacherWeights::File(PathBuf::from(DEFAULT_TEACHER)),
+            epochs: 30,
+            batch_size: 32,
+            image_size: 256,
+            learning_rate: 0.4,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            holdout_fraction: 0.2,
+            patience: 0,
+            fusion: Fusion::Product,
+            seed: 0,
+            progress: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Dataset(#[from] dataset::DatasetError),
+    #[error(transparent)]
+    Image(#[from] preprocess::PreprocessError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("default teacher weights not found (searched: {}); run scripts/setup.sh or pass --teacher-weights", .0.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    NoDefaultTeacher(Vec<PathBuf>),
+    #[error(
+        "{backbone} has no bundled weights: pass --teacher-weights <torchvision state dict .pth>"
+    )]
+    TeacherRequired { backbone: BackboneKind },
+    #[error("need at least 2 good images (1 to train, 1 held out); {folder} has {found}")]
+    TooFewImages { folder: PathBuf, found: usize },
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+    #[error("cannot create {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Export(#[from] export::ExportError),
+    #[error(transparent)]
+    Bundle(#[from] bundle::BundleError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+}
+
+/// The result of a finished (or interrupted) run.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub bundle: Bundle,
+    pub holdout_scores: Vec<f32>,
+}
+
+fn validate(config: &TrainConfig) -> Result<(), TrainError> {
+    let mut problems = Vec::new();
+    if config.image_size == 0 || !config.image_size.is_multiple_of(16) {
+        problems.push(format!(
+            "--image-size must be a positive multiple of 16 (got {})",
+            config.image_size
+        ));
+    }
+    if config.batch_size == 0 {
+        problems.push("--batch-size must be at least 1".to_string());
+    }
+    if config.epochs == 0 {
+        problems.push("--epochs must be at least 1".to_string());
+    }
+    if !(0.0..1.0).contains(&config.holdout_fraction) {
+        problems.push(format!(
+            "holdout fraction must be in [0, 1) (got {})",
+            config.holdout_fraction
+        ));
+    }
+    if config.learning_rate.is_nan() || config.learning_rate <= 0.0 {
+        problems.push(format!(
+            "--learning-rate must be positive (got {})",
+            config.learning_rate
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(TrainError::Invalid(problems.join("; ")))
+    }
+}
+
+/// Loads (or randomly initialises) the frozen teacher on the plain compute device.
+fn load_teacher(
+    config: &TrainConfig,
+    device: &Device,
+) -> Result<(Backbone, String, PathBuf), TrainError> {
+    match &config.teacher {
+        TeacherWeights::Random => {
+            device.seed(config.seed ^ 0x7EAC_4E55);
+            Ok((
+                config.backbone.init(device),
+                "random".to_string(),
+                PathBuf::from("random"),
+            ))
+        }
+        TeacherWeights::File(path) => {
+            let path = if path.as_path() == Path::new(DEFAULT_TEACHER) {
+                if config.backbone != BackboneKind::EfficientNetLite0 {
+                    return Err(TrainError::TeacherRequired {
+                        backbone: config.backbone,
+                    });
+                }
+                crate::paths::find_installed(DEFAULT_TEACHER)
+                    .map_err(TrainError::NoDefaultTeacher)?
+            } else {
+                path.clone()
+            };
+            let teacher = weights::load_backbone(config.backbone, &path, device)?;
+            let hash = bundle::sha256_file(&path)?;
+            Ok((teacher, hash, path))
+        }
+    }
+}
+
+/// Preprocessed images held in memory as CHW float32.
+struct ImageSet {
+    pixels: Vec<Vec<f32>>,
+}
+
+impl ImageSet {
+    fn load(paths: &[PathBuf], size: usize, norm: &Normalisation) -> Result<Self, TrainError> {
+        let pixels = paths
+            .iter()
+            .map(|path| {
+                Ok(preprocess::to_chw(
+                    &RgbFrame::open(path)?,
+                    [size, size],
+                    norm,
+                ))
+            })
+            .collect::<Result<Vec<_>, TrainError>>()?;
+        Ok(Self { pixels })
+    }
+
+    fn batch(&self, indices: &[usize], size: usize, device: &Device) -> Tensor<4> {
+        let mut flat = Vec::with_capacity(indices.len() * 3 * size * size);
+        for &i in indices {
+            flat.extend_from_slice(&self.pixels[i]);
+        }
+        Tensor::from_data(
+            TensorData::new(flat, [indices.len(), 3, size, size]),
+            device,
+        )
+    }
+}
+
+/// Frozen-teacher features of every image, computed once (no augmentation, so they never change).
+struct FeatureCache {
+    /// Per scale: per image, the flattened [C, h, w] features.
+    scales: [Vec<Vec<f32>>; 3],
+    dims: [[usize; 3]; 3],
+}
+
+impl FeatureCache {
+    fn compute(teacher: &Backbone, images: &ImageSet, size: usize, device: &Device) -> Self {
+        let mut scales: [Vec<Vec<f32>>; 3] = Default::default();
+        let mut dims = [[0; 3]; 3];
+        let indices: Vec<usize> = (0..images.pixels.len()).collect();
+        for chunk in indices.chunks(8) {
+            let pyramid = teacher.pyramid(images.batch(chunk, size, device));
+            for (scale, tensor) in pyramid.0.into_iter().enumerate() {
+                let [n, c, h, w] = tensor.dims();
+                dims[scale] = [c, h, w];
+                let values = to_vec(tensor);
+                let per_image = c * h * w;
+                for image in 0..n {
+                    scales[scale].push(values[image * per_image..(image + 1) * per_image].to_vec());
+                }
+            }
+        }
+        Self { scales, dims }
+    }
+
+    fn batch(&self, indices: &[usize], device: &Device) -> Pyramid {
+        let tensor = |scale: usize| {
+            let [c, h, w] = self.dims[scale];
+            let mut flat = Vec::with_capacity(indices.len() * c * h * w);
+            for &i in indices {
+                flat.extend_from_slice(&self.scales[scale][i]);
+            }
+            Tensor::from_data(TensorData::new(flat, [indices.len(), c, h, w]), device)
+        };
+        Pyramid([tensor(0), tensor(1), tensor(2)])
+    }
+}
+
+/// Mean image score of the held-out images under `student` (lower is better).
+fn holdout_score(
+    student: &Backbone,
+    images: &ImageSet,
+    teacher: &FeatureCache,
+    indices: &[usize],
+    size: usize,
+    fusion: Fusion,
+    device: &Device,
+) -> f32 {
+    let mut total = 0.0;
+    for chunk in indices.chunks(8) {
+        let student_pyramid = student.pyramid(images.batch(chunk, size, device));
+        let map = features::anomaly_map(
+            &teacher.batch(chunk, device),
+            &student_pyramid,
+            [size, size],
+            fusion,
+        );
+        let scores = to_vec(features::image_score(map));
+        total += scores.iter().sum::<f32>();
+    }
+    total / indices.len().max(1) as f32
+}
+
+/// Splits `count` items into (train, holdout) index lists, shuffled with `seed`.
+pub fn split_holdout(count: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..count).collect();
+    let mut rng = SplitMix::new(seed);
+    for i in (1..order.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    let holdout =
+        ((count as f64 * fraction).round() as usize).clamp(1, count.saturating_sub(1).max(1));
+    let (held, train) = order.split_at(holdout);
+    let (mut train, mut held) = (train.to_vec(), held.to_vec());
+    train.sort_unstable();
+    held.sort_unstable();
+    (train, held)
+}
+
+fn shuffle(indices: &mut [usize], rng: &mut SplitMix) {
+    for i in (1..indices.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        indices.swap(i, j);
+    }
+}
+
+/// Trains a student and writes a complete bundle to `config.out`. `stop` ends training early
+/// (Ctrl-C); the best checkpoint so far is still exported.
+pub fn train(config: &TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainOutcome, TrainError> {
+    validate(config)?;
+    let started = Instant::now();
+    let (folder, paths) = dataset::training_images(&config.data)?;
+    if paths.len() < 2 {
+        return Err(TrainError::TooFewImages {
+            folder,
+            found: paths.len(),
+        });
+    }
+    let size = config.image_size;
+    let (mean, std) = config.backbone.normalisation();
+    let norm = Normalisation { mean, std };
+    let device = compute_device();
+    let train_device = device.clone().autodiff();
+
+    let (teacher, teacher_hash, teacher_path) = load_teacher(config, &device)?;
+    let (train_idx, holdout_idx) = split_holdout(paths.len(), config.holdout_fraction, config.seed);
+    let images = ImageSet::load(&paths, size, &norm)?;
+    let cache = FeatureCache::compute(&teacher, &images, size, &device);
+
+    device.seed(config.seed);
+    train_device.seed(config.seed);
+    let mut student = config.backbone.init(&train_device);
+    let mut optimizer = SgdConfig::new()
+        .with_momentum(Some(MomentumConfig {
+            momentum: config.momentum,
+            dampening: 0.0,
+            nesterov: false,
+        }))
+        .with_weight_decay(Some(WeightDecayConfig {
+            penalty: config.weight_decay as f32,
+        }))
+        .init();
+
+    let batches_per_epoch = train_idx.len().div_ceil(config.batch_size);
+    let progress = if config.progress {
+        let bar = ProgressBar::new((config.epochs * batches_per_epoch) as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} train [{bar:30}] {pos}/{len} steps {elapsed_precise} (eta {eta}) {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let mut rng = SplitMix::new(config.seed.wrapping_add(1));
+    let mut best: Option<(usize, f32, Backbone)> = None;
+    let mut epochs_run = 0;
+    let mut since_best = 0;
+    'epochs: for epoch in 1..=config.epochs {
+        let mut order = train_idx.clone();
+        shuffle(&mut order, &mut rng);
+        let mut epoch_loss = 0.0;
+        for (step, chunk) in order.chunks(config.batch_size).enumerate() {
+            if stop.load(Ordering::SeqCst) {
+                break 'epochs;
+            }
+            let teacher_batch = cache.batch(chunk, &train_device);
+            let student_batch = student.pyramid(images.batch(chunk, size, &train_device));
+            let loss = features::loss(&teacher_batch, &student_batch);
+            let loss_value = loss.clone().into_scalar::<f32>();
+            let grads = GradientsParams::from_grads(loss.backward(), &student);
+            student = optimizer.step(config.learning_rate, student, grads);
+            epoch_loss += loss_value;
+            progress.set_message(format!(
+                "epoch {epoch}/{} loss {:.4}",
+                config.epochs,
+                epoch_loss / (step + 1) as f32
+            ));
+            progress.inc(1);
+        }
+        epochs_run = epoch;
+        let snapshot = student.valid();
+        let score = holdout_score(
+            &snapshot,
+            &images,
+            &cache,
+            &holdout_idx,
+            size,
+            config.fusion,
+            &device,
+        );
+        if best
+            .as_ref()
+            .is_none_or(|(_, best_score, _)| score < *best_score)
+        {
+            best = Some((epoch, score, snapshot));
+            since_best = 0;
+        } else {
+            since_best += 1;
+        }
+        progress.println(format!(
+            "epoch {epoch:>3}: loss {:.5}  held-out mean score {score:.6}{}",
+            epoch_loss / batches_per_epoch as f32,
+            if since_best == 0 { "  (best)" } else { "" }
+        ));
+        if config.patience > 0 && since_best >= config.patience {
+            progress.println(format!(
+                "no improvement for {} epochs: stopping early",
+                config.patience
+            ));
+            break;
+        }
+    }
+    progress.finish_and_clear();
+    let interrupted = stop.load(Ordering::SeqCst);
+    let (best_epoch, best_score, best_student) = match best {
+        Some(best) => best,
+        None => {
+            // Interrupted inside the first epoch: the current weights are still a usable student.
+            let snapshot = student.valid();
+            let score = holdout_score(
+                &snapshot,
+                &images,
+                &cache,
+                &holdout_idx,
+                size,
+                config.fusion,
+                &device,
+            );
+            (0, score, snapshot)
+        }
+    };
+
+    std::fs::create_dir_all(&config.out).map_err(|source| TrainError::CreateDir {
+        path: config.out.clone(),
+        source,
+    })?;
+    let model_path = config.out.join(bundle::MODEL_FILE);
+    let metadata = [
+        ("stpm.backbone", config.backbone.name().to_string()),
+        ("stpm.fusion", format!("{:?}", config.fusion).to_lowercase()),
+    ];
+    let onnx = export::stpm_model(
+        &teacher,
+        &best_student,
+        [size, size],
+        config.fusion,
+        &metadata,
+    )?;
+    let bytes = export::write_model(&onnx, &model_path)?;
+
+    weights::save_safetensors(&best_student, &config.out.join(bundle::STUDENT_FILE))?;
+    let teacher_source = match &config.teacher {
+        // A random teacher cannot be re-created from a file the user has: keep its weights.
+        TeacherWeights::Random => {
+            weights::save_safetensors(&teacher, &config.out.join(bundle::TEACHER_FILE))?;
+            bundle::TEACHER_FILE.to_string()
+        }
+        TeacherWeights::File(_) => teacher_path.display().to_string(),
+    };
+
+    let holdout_paths: Vec<PathBuf> = holdout_idx.iter().map(|&i| paths[i].clone()).collect();
+    let (calibration, holdout_scores) =
+        calibrate::from_holdout(&model_path, &images, &holdout_idx, size)?;
+    let manifest = Manifest {
+        format_version: bundle::FORMAT_VERSION,
+        model: ModelSection {
+            backbone: config.backbone,
+            layers: config
+                .backbone
+                .layer_names()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            input_size: [size, size],
+            fusion: config.fusion,
+            onnx: bundle::MODEL_FILE.to_string(),
+            onnx_sha256: bundle::sha256_hex(&bytes),
+        },
+        normalisation: norm,
+        calibration,
+        training: TrainingSummary {
+            data: folder.display().to_string(),
+            n_train: train_idx.len(),
+            n_holdout: holdout_paths.len(),
+            epochs_run,
+            best_epoch,
+            best_holdout_score: best_score,
+            batch_size: config.batch_size,
+            learning_rate: config.learning_rate,
+            seed: config.seed,
+            seconds: started.elapsed().as_secs_f64(),
+            interrupted,
+            teacher_weights: teacher_source,
+            teacher_weights_sha256: teacher_hash,
+        },
+    };
+    Bundle::write_manifest(&config.out, &manifest)?;
+    let bundle = Bundle::open(&config.out)?;
+    Ok(TrainOutcome {
+        bundle,
+        holdout_scores,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holdout_split_is_deterministic_disjoint_and_twenty_percent() {
+        let (train, held) = split_holdout(150, 0.2, 5);
+        assert_eq!(held.len(), 30);
+        assert_eq!(train.len(), 120);
+        assert!(held.iter().all(|i| !train.contains(i)));
+        assert_eq!(split_holdout(150, 0.2, 5), (train, held.clone()));
+        assert_ne!(split_holdout(150, 0.2, 6).1, held);
+    }
+
+    #[test]
+    fn holdout_keeps_one_image_each_side_for_tiny_sets() {
+        let (train, held) = split_holdout(2, 0.2, 0);
+        assert_eq!((train.len(), held.len()), (1, 1));
+    }
+}

@@ -1,0 +1,183 @@
+//! Training end to end on a tiny synthetic set, then the exported ONNX graph (run by ONNX Runtime)
+//! against burn's own forward pass of the same teacher and student.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use burn::prelude::*;
+use stpm::bundle::Bundle;
+use stpm::devset::{DevsetSpec, SplitMix, write_category};
+use stpm::engine::{Engine, EngineOptions};
+use stpm::model::features::{anomaly_map, image_score};
+use stpm::model::{BackboneKind, Fusion, compute_device, weights};
+use stpm::train::{TeacherWeights, TrainConfig, train};
+
+const SIZE: usize = 64;
+
+fn tiny_config(
+    data: &std::path::Path,
+    out: &std::path::Path,
+    backbone: BackboneKind,
+) -> TrainConfig {
+    let mut config = TrainConfig::new(data.to_path_buf(), out.to_path_buf());
+    config.backbone = backbone;
+    config.epochs = 2;
+    config.batch_size = 4;
+    config.image_size = SIZE;
+    config.learning_rate = 0.05;
+    config.progress = false;
+    config
+}
+
+/// Trains, reloads teacher and student, and compares ORT's map and score with burn's.
+fn check_parity(backbone: BackboneKind, teacher: TeacherWeights, fusion: Fusion) {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    write_category(
+        &data,
+        &DevsetSpec {
+            size: 80,
+            train: 10,
+            test_good: 0,
+            test_per_defect: 0,
+            seed: 11,
+        },
+    )
+    .expect("devset");
+    let out = dir.path().join("bundle");
+    let mut config = tiny_config(&data, &out, backbone);
+    config.teacher = teacher.clone();
+    config.fusion = fusion;
+    let outcome = train(&config, Arc::new(AtomicBool::new(false))).expect("train");
+
+    let manifest = &outcome.bundle.manifest;
+    assert_eq!(manifest.model.input_size, [SIZE, SIZE]);
+    assert_eq!(
+        (manifest.training.n_train, manifest.training.n_holdout),
+        (8, 2)
+    );
+    assert_eq!(manifest.training.epochs_run, 2);
+    assert_eq!(outcome.holdout_scores.len(), 2);
+    assert!(
+        (manifest
+            .calibration
+            .normalise(manifest.calibration.threshold)
+            - 0.5)
+            .abs()
+            < 1e-6,
+        "threshold normalises to 0.5"
+    );
+    assert!(manifest.calibration.threshold > 0.0);
+
+    // Burn's forward of the very weights the bundle holds.
+    let device = compute_device();
+    let teacher_net = match &teacher {
+        TeacherWeights::File(path) => {
+            weights::load_backbone(backbone, path, &device).expect("teacher")
+        }
+        TeacherWeights::Random => {
+            assert_eq!(manifest.training.teacher_weights, "teacher.safetensors");
+            weights::load_safetensors(backbone, &out.join("teacher.safetensors"), &device)
+                .expect("teacher")
+        }
+    };
+    let student = weights::load_safetensors(backbone, &out.join("student.safetensors"), &device)
+        .expect("student");
+
+    let mut rng = SplitMix::new(99);
+    let n = 2;
+    let input: Vec<f32> = (0..n * 3 * SIZE * SIZE)
+        .map(|_| rng.range(-2.0, 2.0))
+        .collect();
+    let image = Tensor::<4>::from_data(TensorData::new(input.clone(), [n, 3, SIZE, SIZE]), &device);
+    let map = anomaly_map(
+        &teacher_net.pyramid(image.clone()),
+        &student.pyramid(image),
+        [SIZE, SIZE],
+        fusion,
+    );
+    let burn_scores = stpm::model::to_vec(image_score(map.clone()));
+    let burn_map = stpm::model::to_vec(map);
+
+    let bundle = Bundle::open(&out).expect("bundle");
+    let mut engine =
+        Engine::open(&bundle.model_path(), [SIZE, SIZE], EngineOptions::default()).expect("engine");
+    let onnx = engine.run(&input, n).expect("run");
+    let (map_diff, map_max) = common::max_abs_diff(&onnx.maps, &burn_map);
+    println!("{backbone} {fusion:?}: map max abs error {map_diff:e}, map max {map_max:e}");
+    assert!(map_max > 0.0, "the map must not be all zeros");
+    assert!(
+        map_diff <= 1e-4 * map_max,
+        "map error {map_diff} exceeds 1e-4 × {map_max}"
+    );
+    let (score_diff, score_max) = common::max_abs_diff(&onnx.scores, &burn_scores);
+    assert!(
+        score_diff <= 1e-4 * score_max,
+        "score error {score_diff} vs {score_max}"
+    );
+}
+
+#[test]
+fn lite0_bundle_matches_burn_forward() {
+    check_parity(
+        BackboneKind::EfficientNetLite0,
+        TeacherWeights::File(common::lite0_weights()),
+        Fusion::Product,
+    );
+}
+
+#[test]
+fn resnet18_bundle_matches_burn_forward_with_sum_fusion() {
+    check_parity(BackboneKind::ResNet18, TeacherWeights::Random, Fusion::Sum);
+}
+
+#[test]
+fn tampered_model_is_rejected_by_hash() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    write_category(
+        &data,
+        &DevsetSpec {
+            size: 64,
+            train: 4,
+            test_good: 0,
+            test_per_defect: 0,
+            seed: 2,
+        },
+    )
+    .expect("devset");
+    let out = dir.path().join("bundle");
+    let mut config = tiny_config(&data, &out, BackboneKind::ResNet18);
+    config.teacher = TeacherWeights::Random;
+    config.epochs = 1;
+    train(&config, Arc::new(AtomicBool::new(false))).expect("train");
+    let model = out.join("model.onnx");
+    let mut bytes = std::fs::read(&model).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xFF;
+    std::fs::write(&model, bytes).expect("write");
+    let error = Bundle::open(&out).expect_err("tampered");
+    assert!(error.to_string().contains("sha256"), "{error}");
+}
+
+#[test]
+fn resnet18_without_weights_asks_for_them() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    write_category(
+        &data,
+        &DevsetSpec {
+            size: 64,
+            train: 3,
+            test_good: 0,
+            test_per_defect: 0,
+            seed: 2,
+        },
+    )
+    .expect("devset");
+    let config = tiny_config(&data, &dir.path().join("bundle"), BackboneKind::ResNet18);
+    let error = train(&config, Arc::new(AtomicBool::new(false))).expect_err("needs weights");
+    assert!(error.to_string().contains("--teacher-weights"), "{error}");
+}
