@@ -99,6 +99,10 @@ pub struct TrainingSummary {
     pub n_train: usize,
     pub n_holdout: usize,
     pub epochs_run: usize,
+    /// Mean training loss of each epoch.
+    pub epoch_losses: Vec<f32>,
+    /// Mean held-out image score after each epoch (the checkpoint criterion).
+    pub epoch_holdout_scores: Vec<f32>,
     pub best_epoch: usize,
     pub best_holdout_score: f32,
     pub batch_size: usize,

@@ -141,3 +141,34 @@ fn classifier_top5_on_chelsea_matches_pytorch() {
         "logits differ by {diff} (largest logit {scale})"
     );
 }
+
+#[test]
+fn weights_of_another_architecture_are_reported_key_by_key() {
+    let device = compute_device();
+    let error = weights::load_backbone(BackboneKind::ResNet18, &common::lite0_weights(), &device)
+        .expect_err("Lite0 weights cannot fill a ResNet-18");
+    let message = error.to_string();
+    assert!(message.contains("missing key(s)"), "{message}");
+    assert!(
+        message.contains("layer1.0.conv1.weight"),
+        "names a missing key: {message}"
+    );
+    assert!(message.contains("unexpected key(s)"), "{message}");
+    assert!(
+        message.contains("_blocks.0._depthwise_conv.weight")
+            || message.contains("blocks.0.depthwise_conv.weight"),
+        "{message}"
+    );
+}
+
+#[test]
+fn missing_weights_file_is_named() {
+    let device = compute_device();
+    let error = weights::load_backbone(
+        BackboneKind::EfficientNetLite0,
+        std::path::Path::new("/nonexistent/w.pth"),
+        &device,
+    )
+    .expect_err("missing");
+    assert!(error.to_string().contains("/nonexistent/w.pth"), "{error}");
+}

@@ -59,6 +59,11 @@ fn check_parity(backbone: BackboneKind, teacher: TeacherWeights, fusion: Fusion)
         (8, 2)
     );
     assert_eq!(manifest.training.epochs_run, 2);
+    let losses = &manifest.training.epoch_losses;
+    assert!(
+        losses[1] < losses[0],
+        "the student learns: epoch losses {losses:?}"
+    );
     assert_eq!(outcome.holdout_scores.len(), 2);
     assert!(
         (manifest
@@ -180,4 +185,68 @@ fn resnet18_without_weights_asks_for_them() {
     let config = tiny_config(&data, &dir.path().join("bundle"), BackboneKind::ResNet18);
     let error = train(&config, Arc::new(AtomicBool::new(false))).expect_err("needs weights");
     assert!(error.to_string().contains("--teacher-weights"), "{error}");
+}
+
+#[test]
+fn same_seed_gives_the_same_student() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    write_category(
+        &data,
+        &DevsetSpec {
+            size: 64,
+            train: 7,
+            test_good: 0,
+            test_per_defect: 0,
+            seed: 4,
+        },
+    )
+    .expect("devset");
+    let mut students = Vec::new();
+    for run in 0..2 {
+        let out = dir.path().join(format!("bundle{run}"));
+        let mut config = tiny_config(&data, &out, BackboneKind::ResNet18);
+        config.teacher = TeacherWeights::Random;
+        config.threads = 2;
+        config.seed = 17;
+        train(&config, Arc::new(AtomicBool::new(false))).expect("train");
+        students.push(std::fs::read(out.join("student.safetensors")).expect("student"));
+    }
+    assert!(
+        students[0] == students[1],
+        "two runs with seed 17 produced different students"
+    );
+}
+
+#[test]
+fn stop_flag_still_writes_a_usable_bundle() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    write_category(
+        &data,
+        &DevsetSpec {
+            size: 64,
+            train: 5,
+            test_good: 0,
+            test_per_defect: 0,
+            seed: 4,
+        },
+    )
+    .expect("devset");
+    let out = dir.path().join("bundle");
+    let mut config = tiny_config(&data, &out, BackboneKind::ResNet18);
+    config.teacher = TeacherWeights::Random;
+    config.epochs = 50;
+    // Already set: as if Ctrl-C came before the first step.
+    let outcome = train(&config, Arc::new(AtomicBool::new(true))).expect("train");
+    assert!(outcome.bundle.manifest.training.interrupted);
+    assert_eq!(outcome.bundle.manifest.training.epochs_run, 0);
+    let mut engine = Engine::open(
+        &outcome.bundle.model_path(),
+        [SIZE, SIZE],
+        EngineOptions::default(),
+    )
+    .expect("engine");
+    let scores = engine.run(&vec![0.1; 3 * SIZE * SIZE], 1).expect("run");
+    assert!(scores.scores[0].is_finite());
 }

@@ -1,8 +1,11 @@
 //! Which CNN serves as teacher (and, re-initialised, as student): the architecture switch and the
 //! facts every other part needs about it (normalisation, channels). No weights are read here.
 
+use burn::module::{ModuleMapper, Param};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
+
+use crate::devset::SplitMix;
 
 use super::efficientnet::{self, EfficientNetLite};
 use super::features::Pyramid;
@@ -54,7 +57,13 @@ impl BackboneKind {
         }
     }
 
-    /// A randomly initialised feature extractor of this architecture.
+    /// A randomly initialised feature extractor whose weights depend only on `seed` (not on
+    /// burn's global generator, which other threads may be drawing from).
+    pub fn init_seeded(self, device: &Device, seed: u64) -> Backbone {
+        self.init(device).map(&mut SeededInit(SplitMix::new(seed)))
+    }
+
+    /// A feature extractor of this architecture with burn's default random initialisation.
     pub fn init(self, device: &Device) -> Backbone {
         match self {
             Self::EfficientNetLite0 => {
@@ -94,5 +103,34 @@ impl Backbone {
             Self::EfficientNetLite0(net) => net.pyramid(image),
             Self::ResNet18(net) => net.pyramid(image),
         }
+    }
+}
+
+/// Re-draws every convolution weight from U(−1/√fan_in, 1/√fan_in) (burn's and PyTorch's default
+/// Kaiming-uniform bound) with our own generator; BatchNorm parameters keep their 1/0 defaults.
+struct SeededInit(SplitMix);
+
+impl ModuleMapper for SeededInit {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if D != 4 {
+            return param;
+        }
+        let rng = &mut self.0;
+        param.map(|weight| {
+            let shape = weight.shape();
+            let dims = weight.dims();
+            let fan_in: usize = dims[1..].iter().product();
+            let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+            let values: Vec<f32> = (0..shape.num_elements())
+                .map(|_| rng.range(-bound, bound))
+                .collect();
+            let device = weight.device();
+            let fresh = Tensor::<D>::from_data(TensorData::new(values, shape), &device);
+            if weight.is_require_grad() {
+                fresh.require_grad()
+            } else {
+                fresh
+            }
+        })
     }
 }

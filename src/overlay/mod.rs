@@ -53,6 +53,10 @@ mod tests {
         };
         let out = blend_heatmap(&frame, &[0.0, 1.0], 0.6, 0.5);
         assert_eq!(&out[..3], &[100, 100, 100]);
-        assert!(out[3] > 110 && out[4] < 50 && out[5] < 50, "{:?}", &out[3..]);
+        assert!(
+            out[3] > 110 && out[4] < 50 && out[5] < 50,
+            "{:?}",
+            &out[3..]
+        );
     }
 }

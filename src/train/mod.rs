@@ -3,6 +3,7 @@
 //! the bundle. Owns the training loop; the maths lives in `model`, the file format in `bundle`.
 
 mod calibrate;
+mod parallel;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,9 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::Module;
+use burn::optim::SgdConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -53,6 +54,8 @@ pub struct TrainConfig {
     pub holdout_fraction: f64,
     /// Stop when the held-out score has not improved for this many epochs (0: never).
     pub patience: usize,
+    /// Gradient worker threads (each takes a shard of every batch); 1 trains on the calling thread.
+    pub threads: usize,
     pub fusion: Fusion,
     pub seed: u64,
     pub progress: bool,
@@ -74,6 +77,9 @@ impl TrainConfig {
             weight_decay: 1e-4,
             holdout_fraction: 0.2,
             patience: 0,
+            threads: std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(2),
             fusion: Fusion::Product,
             seed: 0,
             progress: true,
@@ -99,7 +105,7 @@ pub enum TrainError {
     TooFewImages { folder: PathBuf, found: usize },
     #[error("invalid setting: {0}")]
     Invalid(String),
-    #[error("cannot create {path}: {source}")]
+    #[error("cannot write {path}: {source}")]
     CreateDir {
         path: PathBuf,
         source: std::io::Error,
@@ -158,14 +164,13 @@ fn load_teacher(
     device: &Device,
 ) -> Result<(Backbone, String, PathBuf), TrainError> {
     match &config.teacher {
-        TeacherWeights::Random => {
-            device.seed(config.seed ^ 0x7EAC_4E55);
-            Ok((
-                config.backbone.init(device),
-                "random".to_string(),
-                PathBuf::from("random"),
-            ))
-        }
+        TeacherWeights::Random => Ok((
+            config
+                .backbone
+                .init_seeded(device, config.seed ^ 0x7EAC_4E55),
+            "random".to_string(),
+            PathBuf::from("random"),
+        )),
         TeacherWeights::File(path) => {
             let path = if path.as_path() == Path::new(DEFAULT_TEACHER) {
                 if config.backbone != BackboneKind::EfficientNetLite0 {
@@ -285,11 +290,7 @@ fn holdout_score(
 /// Splits `count` items into (train, holdout) index lists, shuffled with `seed`.
 pub fn split_holdout(count: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
     let mut order: Vec<usize> = (0..count).collect();
-    let mut rng = SplitMix::new(seed);
-    for i in (1..order.len()).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        order.swap(i, j);
-    }
+    shuffle(&mut order, &mut SplitMix::new(seed));
     let holdout =
         ((count as f64 * fraction).round() as usize).clamp(1, count.saturating_sub(1).max(1));
     let (held, train) = order.split_at(holdout);
@@ -299,6 +300,7 @@ pub fn split_holdout(count: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec
     (train, held)
 }
 
+/// Fisher–Yates with our own generator (stable across dependency versions).
 fn shuffle(indices: &mut [usize], rng: &mut SplitMix) {
     for i in (1..indices.len()).rev() {
         let j = (rng.next_u64() % (i as u64 + 1)) as usize;
@@ -306,32 +308,104 @@ fn shuffle(indices: &mut [usize], rng: &mut SplitMix) {
     }
 }
 
-/// Trains a student and writes a complete bundle to `config.out`. `stop` ends training early
-/// (Ctrl-C); the best checkpoint so far is still exported.
-pub fn train(config: &TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainOutcome, TrainError> {
-    validate(config)?;
-    let started = Instant::now();
-    let (folder, paths) = dataset::training_images(&config.data)?;
-    if paths.len() < 2 {
-        return Err(TrainError::TooFewImages {
+/// Everything loaded before the first step: images, frozen teacher, its cached features, the split.
+struct Prepared {
+    folder: PathBuf,
+    norm: Normalisation,
+    device: Device,
+    teacher: Backbone,
+    teacher_hash: String,
+    teacher_path: PathBuf,
+    images: ImageSet,
+    cache: FeatureCache,
+    train_idx: Vec<usize>,
+    holdout_idx: Vec<usize>,
+}
+
+impl Prepared {
+    fn load(config: &TrainConfig) -> Result<Self, TrainError> {
+        let (folder, paths) = dataset::training_images(&config.data)?;
+        if paths.len() < 2 {
+            return Err(TrainError::TooFewImages {
+                folder,
+                found: paths.len(),
+            });
+        }
+        let (mean, std) = config.backbone.normalisation();
+        let norm = Normalisation { mean, std };
+        let device = compute_device();
+        let (teacher, teacher_hash, teacher_path) = load_teacher(config, &device)?;
+        let (train_idx, holdout_idx) =
+            split_holdout(paths.len(), config.holdout_fraction, config.seed);
+        let images = ImageSet::load(&paths, config.image_size, &norm)?;
+        let cache = FeatureCache::compute(&teacher, &images, config.image_size, &device);
+        Ok(Self {
             folder,
-            found: paths.len(),
-        });
+            norm,
+            device,
+            teacher,
+            teacher_hash,
+            teacher_path,
+            images,
+            cache,
+            train_idx,
+            holdout_idx,
+        })
     }
+
+    /// Mean held-out image score of `student` (the checkpoint criterion: lower is better).
+    fn holdout_score(&self, student: &Backbone, config: &TrainConfig) -> f32 {
+        holdout_score(
+            student,
+            &self.images,
+            &self.cache,
+            &self.holdout_idx,
+            config.image_size,
+            config.fusion,
+            &self.device,
+        )
+    }
+}
+
+/// The checkpoint kept: the epoch with the lowest held-out score.
+struct Fitted {
+    student: Backbone,
+    /// Mean training loss and held-out score of each completed epoch.
+    epoch_losses: Vec<f32>,
+    epoch_holdout_scores: Vec<f32>,
+    best_epoch: usize,
+    best_score: f32,
+    epochs_run: usize,
+    interrupted: bool,
+}
+
+fn progress_bar(config: &TrainConfig, steps: usize) -> ProgressBar {
+    if !config.progress {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} train [{bar:30}] {pos}/{len} steps {elapsed_precise} (eta {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Prints a line above the progress bar (also when stderr is no terminal and the bar is hidden).
+fn report(progress: &ProgressBar, config: &TrainConfig, line: String) {
+    if config.progress {
+        progress.suspend(|| eprintln!("{line}"));
+    }
+}
+
+/// The SGD loop on the cached teacher features.
+fn fit(config: &TrainConfig, data: &Prepared, stop: &AtomicBool) -> Fitted {
     let size = config.image_size;
-    let (mean, std) = config.backbone.normalisation();
-    let norm = Normalisation { mean, std };
-    let device = compute_device();
-    let train_device = device.clone().autodiff();
-
-    let (teacher, teacher_hash, teacher_path) = load_teacher(config, &device)?;
-    let (train_idx, holdout_idx) = split_holdout(paths.len(), config.holdout_fraction, config.seed);
-    let images = ImageSet::load(&paths, size, &norm)?;
-    let cache = FeatureCache::compute(&teacher, &images, size, &device);
-
-    device.seed(config.seed);
-    train_device.seed(config.seed);
-    let mut student = config.backbone.init(&train_device);
+    let train_device = data.device.clone().autodiff();
+    let mut student = config.backbone.init_seeded(&train_device, config.seed);
     let mut optimizer = SgdConfig::new()
         .with_momentum(Some(MomentumConfig {
             momentum: config.momentum,
@@ -343,131 +417,131 @@ pub fn train(config: &TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainOutcome
         }))
         .init();
 
-    let batches_per_epoch = train_idx.len().div_ceil(config.batch_size);
-    let progress = if config.progress {
-        let bar = ProgressBar::new((config.epochs * batches_per_epoch) as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} train [{bar:30}] {pos}/{len} steps {elapsed_precise} (eta {eta}) {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
-
-    let mut rng = SplitMix::new(config.seed.wrapping_add(1));
-    let mut best: Option<(usize, f32, Backbone)> = None;
-    let mut epochs_run = 0;
-    let mut since_best = 0;
-    'epochs: for epoch in 1..=config.epochs {
-        let mut order = train_idx.clone();
-        shuffle(&mut order, &mut rng);
-        let mut epoch_loss = 0.0;
-        for (step, chunk) in order.chunks(config.batch_size).enumerate() {
-            if stop.load(Ordering::SeqCst) {
-                break 'epochs;
+    let batches_per_epoch = data.train_idx.len().div_ceil(config.batch_size);
+    let progress = progress_bar(config, config.epochs * batches_per_epoch);
+    let threads = config.threads.max(1);
+    parallel::with_workers(threads, data, size, &train_device, |workers| {
+        let mut rng = SplitMix::new(config.seed.wrapping_add(1));
+        let mut best: Option<(usize, f32, Backbone)> = None;
+        let mut epochs_run = 0;
+        let mut since_best = 0;
+        let (mut epoch_losses, mut epoch_holdout_scores) = (Vec::new(), Vec::new());
+        'epochs: for epoch in 1..=config.epochs {
+            let mut order = data.train_idx.clone();
+            shuffle(&mut order, &mut rng);
+            let mut epoch_loss = 0.0;
+            for (step, chunk) in order.chunks(config.batch_size).enumerate() {
+                if stop.load(Ordering::SeqCst) {
+                    break 'epochs;
+                }
+                let (grads, loss_value) = workers.gradients(&student, chunk);
+                student = optimizer.step(config.learning_rate, student, grads);
+                epoch_loss += loss_value;
+                let mean_loss = epoch_loss / (step + 1) as f32;
+                progress.set_message(format!(
+                    "epoch {epoch}/{} loss {mean_loss:.4}",
+                    config.epochs
+                ));
+                progress.inc(1);
             }
-            let teacher_batch = cache.batch(chunk, &train_device);
-            let student_batch = student.pyramid(images.batch(chunk, size, &train_device));
-            let loss = features::loss(&teacher_batch, &student_batch);
-            let loss_value = loss.clone().into_scalar::<f32>();
-            let grads = GradientsParams::from_grads(loss.backward(), &student);
-            student = optimizer.step(config.learning_rate, student, grads);
-            epoch_loss += loss_value;
-            progress.set_message(format!(
-                "epoch {epoch}/{} loss {:.4}",
-                config.epochs,
-                epoch_loss / (step + 1) as f32
-            ));
-            progress.inc(1);
+            epochs_run = epoch;
+            let snapshot = student.valid();
+            let score = data.holdout_score(&snapshot, config);
+            epoch_losses.push(epoch_loss / batches_per_epoch as f32);
+            epoch_holdout_scores.push(score);
+            if best
+                .as_ref()
+                .is_none_or(|(_, best_score, _)| score < *best_score)
+            {
+                best = Some((epoch, score, snapshot));
+                since_best = 0;
+            } else {
+                since_best += 1;
+            }
+            report(
+                &progress,
+                config,
+                format!(
+                    "epoch {epoch:>3}: loss {:.5}  held-out mean score {score:.6}{}",
+                    epoch_loss / batches_per_epoch as f32,
+                    if since_best == 0 { "  (best)" } else { "" }
+                ),
+            );
+            if config.patience > 0 && since_best >= config.patience {
+                report(
+                    &progress,
+                    config,
+                    format!(
+                        "no improvement for {} epochs: stopping early",
+                        config.patience
+                    ),
+                );
+                break;
+            }
         }
-        epochs_run = epoch;
-        let snapshot = student.valid();
-        let score = holdout_score(
-            &snapshot,
-            &images,
-            &cache,
-            &holdout_idx,
-            size,
-            config.fusion,
-            &device,
-        );
-        if best
-            .as_ref()
-            .is_none_or(|(_, best_score, _)| score < *best_score)
-        {
-            best = Some((epoch, score, snapshot));
-            since_best = 0;
-        } else {
-            since_best += 1;
-        }
-        progress.println(format!(
-            "epoch {epoch:>3}: loss {:.5}  held-out mean score {score:.6}{}",
-            epoch_loss / batches_per_epoch as f32,
-            if since_best == 0 { "  (best)" } else { "" }
-        ));
-        if config.patience > 0 && since_best >= config.patience {
-            progress.println(format!(
-                "no improvement for {} epochs: stopping early",
-                config.patience
-            ));
-            break;
-        }
-    }
-    progress.finish_and_clear();
-    let interrupted = stop.load(Ordering::SeqCst);
-    let (best_epoch, best_score, best_student) = match best {
-        Some(best) => best,
-        None => {
+        progress.finish_and_clear();
+        let interrupted = stop.load(Ordering::SeqCst);
+        let (best_epoch, best_score, student) = best.unwrap_or_else(|| {
             // Interrupted inside the first epoch: the current weights are still a usable student.
             let snapshot = student.valid();
-            let score = holdout_score(
-                &snapshot,
-                &images,
-                &cache,
-                &holdout_idx,
-                size,
-                config.fusion,
-                &device,
-            );
-            (0, score, snapshot)
+            (0, data.holdout_score(&snapshot, config), snapshot)
+        });
+        Fitted {
+            student,
+            epoch_losses,
+            epoch_holdout_scores,
+            best_epoch,
+            best_score,
+            epochs_run,
+            interrupted,
         }
-    };
+    })
+}
 
-    std::fs::create_dir_all(&config.out).map_err(|source| TrainError::CreateDir {
-        path: config.out.clone(),
+/// Files are written under a staging folder and moved into place manifest-last, so an aborted
+/// run never leaves a bundle whose parts disagree.
+fn write_bundle(
+    config: &TrainConfig,
+    data: &Prepared,
+    fitted: &Fitted,
+    seconds: f64,
+) -> Result<(Bundle, Vec<f32>), TrainError> {
+    let size = config.image_size;
+    let staging = config.out.join(".staging");
+    std::fs::create_dir_all(&staging).map_err(|source| TrainError::CreateDir {
+        path: staging.clone(),
         source,
     })?;
-    let model_path = config.out.join(bundle::MODEL_FILE);
     let metadata = [
         ("stpm.backbone", config.backbone.name().to_string()),
         ("stpm.fusion", format!("{:?}", config.fusion).to_lowercase()),
     ];
     let onnx = export::stpm_model(
-        &teacher,
-        &best_student,
+        &data.teacher,
+        &fitted.student,
         [size, size],
         config.fusion,
         &metadata,
     )?;
-    let bytes = export::write_model(&onnx, &model_path)?;
-
-    weights::save_safetensors(&best_student, &config.out.join(bundle::STUDENT_FILE))?;
-    let teacher_source = match &config.teacher {
+    let bytes = export::write_model(&onnx, &staging.join(bundle::MODEL_FILE))?;
+    let mut files = vec![bundle::MODEL_FILE, bundle::STUDENT_FILE];
+    weights::save_safetensors(&fitted.student, &staging.join(bundle::STUDENT_FILE))?;
+    let teacher_weights = match &config.teacher {
         // A random teacher cannot be re-created from a file the user has: keep its weights.
         TeacherWeights::Random => {
-            weights::save_safetensors(&teacher, &config.out.join(bundle::TEACHER_FILE))?;
+            weights::save_safetensors(&data.teacher, &staging.join(bundle::TEACHER_FILE))?;
+            files.push(bundle::TEACHER_FILE);
             bundle::TEACHER_FILE.to_string()
         }
-        TeacherWeights::File(_) => teacher_path.display().to_string(),
+        TeacherWeights::File(_) => data.teacher_path.display().to_string(),
     };
 
-    let holdout_paths: Vec<PathBuf> = holdout_idx.iter().map(|&i| paths[i].clone()).collect();
-    let (calibration, holdout_scores) =
-        calibrate::from_holdout(&model_path, &images, &holdout_idx, size)?;
+    let (calibration, holdout_scores) = calibrate::from_holdout(
+        &staging.join(bundle::MODEL_FILE),
+        &data.images,
+        &data.holdout_idx,
+        size,
+    )?;
     let manifest = Manifest {
         format_version: bundle::FORMAT_VERSION,
         model: ModelSection {
@@ -483,26 +557,52 @@ pub fn train(config: &TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainOutcome
             onnx: bundle::MODEL_FILE.to_string(),
             onnx_sha256: bundle::sha256_hex(&bytes),
         },
-        normalisation: norm,
+        normalisation: data.norm,
         calibration,
         training: TrainingSummary {
-            data: folder.display().to_string(),
-            n_train: train_idx.len(),
-            n_holdout: holdout_paths.len(),
-            epochs_run,
-            best_epoch,
-            best_holdout_score: best_score,
+            data: data.folder.display().to_string(),
+            n_train: data.train_idx.len(),
+            n_holdout: data.holdout_idx.len(),
+            epochs_run: fitted.epochs_run,
+            epoch_losses: fitted.epoch_losses.clone(),
+            epoch_holdout_scores: fitted.epoch_holdout_scores.clone(),
+            best_epoch: fitted.best_epoch,
+            best_holdout_score: fitted.best_score,
             batch_size: config.batch_size,
             learning_rate: config.learning_rate,
             seed: config.seed,
-            seconds: started.elapsed().as_secs_f64(),
-            interrupted,
-            teacher_weights: teacher_source,
-            teacher_weights_sha256: teacher_hash,
+            seconds,
+            interrupted: fitted.interrupted,
+            teacher_weights,
+            teacher_weights_sha256: data.teacher_hash.clone(),
         },
     };
+    // Remove the old manifest first: until the new one lands, the folder is visibly not a bundle.
+    let manifest_path = config.out.join(bundle::MANIFEST_FILE);
+    if manifest_path.exists() {
+        std::fs::remove_file(&manifest_path).map_err(|source| TrainError::CreateDir {
+            path: manifest_path.clone(),
+            source,
+        })?;
+    }
+    for file in files {
+        let (from, to) = (staging.join(file), config.out.join(file));
+        std::fs::rename(&from, &to).map_err(|source| TrainError::CreateDir { path: to, source })?;
+    }
+    let _ = std::fs::remove_dir(&staging);
     Bundle::write_manifest(&config.out, &manifest)?;
-    let bundle = Bundle::open(&config.out)?;
+    Ok((Bundle::open(&config.out)?, holdout_scores))
+}
+
+/// Trains a student and writes a complete bundle to `config.out`. `stop` ends training early
+/// (Ctrl-C); the best checkpoint so far is still exported.
+pub fn train(config: &TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainOutcome, TrainError> {
+    validate(config)?;
+    let started = Instant::now();
+    let data = Prepared::load(config)?;
+    let fitted = fit(config, &data, &stop);
+    let (bundle, holdout_scores) =
+        write_bundle(config, &data, &fitted, started.elapsed().as_secs_f64())?;
     Ok(TrainOutcome {
         bundle,
         holdout_scores,

@@ -1,0 +1,233 @@
+//! The `stpm` binary end to end: generated data → train → eval → infer, and the errors a user meets.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn stpm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stpm"))
+        .args(args)
+        .output()
+        .expect("run stpm")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn devset_train_eval_infer_round_trip() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let bundle = dir.path().join("bundle");
+    let report = dir.path().join("report");
+    let overlays = dir.path().join("overlays");
+
+    let out = stpm(&[
+        "devset",
+        "--out",
+        path(&data),
+        "--size",
+        "64",
+        "--train",
+        "10",
+        "--test-good",
+        "4",
+        "--test-per-defect",
+        "3",
+        "--seed",
+        "5",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let out = stpm(&[
+        "train",
+        "--data",
+        path(&data),
+        "--out",
+        path(&bundle),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "64",
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("8 train / 2 held-out images"),
+        "{}",
+        text(&out)
+    );
+    for file in ["model.onnx", "stpm.toml", "student.safetensors"] {
+        assert!(bundle.join(file).is_file(), "{file} missing");
+    }
+
+    let out = stpm(&[
+        "eval",
+        "--model",
+        path(&bundle),
+        "--data",
+        path(&data),
+        "--out",
+        path(&report),
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).expect("report"))
+            .expect("json");
+    assert_eq!(json["n_good"], 4);
+    assert_eq!(json["n_defect"], 6);
+    for key in ["image_auroc", "pixel_auroc", "f1_max"] {
+        let value = json[key].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&value), "{key} = {value}");
+    }
+    for defect in ["scratch", "stain"] {
+        assert_eq!(json["per_defect_type"][defect]["n"], 3, "{defect}");
+    }
+    assert!(json["threshold"].as_f64().unwrap_or(0.0) > 0.0);
+
+    let out = stpm(&[
+        "infer",
+        "--model",
+        path(&bundle),
+        path(&data.join("test/stain")),
+        "--out",
+        path(&overlays),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let lines = text(&out)
+        .lines()
+        .filter(|l| l.contains("test/stain/"))
+        .count();
+    assert_eq!(lines, 3, "{}", text(&out));
+    let written = std::fs::read_dir(&overlays).expect("overlays").count();
+    assert_eq!(written, 3);
+    let overlay = image::open(
+        std::fs::read_dir(&overlays)
+            .expect("dir")
+            .next()
+            .expect("one")
+            .expect("entry")
+            .path(),
+    )
+    .expect("overlay decodes");
+    assert_eq!((overlay.width(), overlay.height()), (64, 64));
+}
+
+#[test]
+fn unimplemented_commands_say_so_and_fail() {
+    for command in ["export", "run", "bench"] {
+        let out = stpm(&[command]);
+        assert!(!out.status.success(), "{command} must fail");
+        assert!(
+            text(&out).contains("not yet available"),
+            "{command}: {}",
+            text(&out)
+        );
+    }
+}
+
+#[test]
+fn user_errors_are_messages_not_panics() {
+    let dir = tempfile::tempdir().expect("dir");
+    let missing = dir.path().join("nowhere");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["train", "--data", path(&missing), "--out", path(dir.path())],
+            "does not exist",
+        ),
+        (
+            vec![
+                "eval",
+                "--model",
+                path(dir.path()),
+                "--data",
+                path(dir.path()),
+                "--out",
+                path(dir.path()),
+            ],
+            "not a model bundle",
+        ),
+        (
+            vec![
+                "train",
+                "--data",
+                path(dir.path()),
+                "--out",
+                path(dir.path()),
+                "--image-size",
+                "100",
+            ],
+            "multiple of 16",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = stpm(&args);
+        let message = text(&out);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(message.contains(expected), "{args:?}: {message}");
+        assert!(!message.contains("panicked"), "{args:?}: {message}");
+    }
+}
+
+#[test]
+fn eval_names_a_missing_mask() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let out = stpm(&[
+        "devset",
+        "--out",
+        path(&data),
+        "--size",
+        "32",
+        "--train",
+        "2",
+        "--test-good",
+        "1",
+        "--test-per-defect",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::remove_file(data.join("ground_truth/stain/000_mask.png")).expect("remove mask");
+    let bundle = dir.path().join("bundle");
+    let out = stpm(&[
+        "train",
+        "--data",
+        path(&data),
+        "--out",
+        path(&bundle),
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = stpm(&[
+        "eval",
+        "--model",
+        path(&bundle),
+        "--data",
+        path(&data),
+        "--out",
+        path(&dir.path().join("r")),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("ground_truth/stain/000_mask.png"),
+        "{}",
+        text(&out)
+    );
+}
