@@ -189,6 +189,8 @@ fn resnet18_without_weights_asks_for_them() {
 
 #[test]
 fn same_seed_gives_the_same_student() {
+    // Bit-identical weights are not promised: burn's multi-threaded kernels may sum in a different
+    // order when the machine is busy. The trained models must agree to float precision.
     let dir = tempfile::tempdir().expect("dir");
     let data = dir.path().join("data");
     write_category(
@@ -202,19 +204,38 @@ fn same_seed_gives_the_same_student() {
         },
     )
     .expect("devset");
-    let mut students = Vec::new();
-    for run in 0..2 {
-        let out = dir.path().join(format!("bundle{run}"));
+    let mut maps = Vec::new();
+    let input: Vec<f32> = {
+        let mut rng = SplitMix::new(3);
+        (0..3 * SIZE * SIZE).map(|_| rng.range(-2.0, 2.0)).collect()
+    };
+    for seed in [17, 17, 18] {
+        let out = dir.path().join(format!("bundle{}", maps.len()));
         let mut config = tiny_config(&data, &out, BackboneKind::ResNet18);
         config.teacher = TeacherWeights::Random;
         config.threads = 2;
-        config.seed = 17;
-        train(&config, Arc::new(AtomicBool::new(false))).expect("train");
-        students.push(std::fs::read(out.join("student.safetensors")).expect("student"));
+        config.seed = seed;
+        let outcome = train(&config, Arc::new(AtomicBool::new(false))).expect("train");
+        let mut engine = Engine::open(
+            &outcome.bundle.model_path(),
+            [SIZE, SIZE],
+            EngineOptions::default(),
+        )
+        .expect("engine");
+        maps.push(engine.run(&input, 1).expect("run").maps);
     }
+    let (same_seed, scale) = common::max_abs_diff(&maps[1], &maps[0]);
+    let (other_seed, _) = common::max_abs_diff(&maps[2], &maps[0]);
+    println!(
+        "same seed: max map difference {same_seed:e}; other seed: {other_seed:e} (map max {scale:e})"
+    );
     assert!(
-        students[0] == students[1],
-        "two runs with seed 17 produced different students"
+        same_seed <= 1e-4 * scale,
+        "seed 17 twice: maps differ by {same_seed} (max {scale})"
+    );
+    assert!(
+        other_seed > 1e-2 * scale,
+        "seeds 17 and 18 should give different models"
     );
 }
 
