@@ -100,17 +100,20 @@ pub struct TrainingSummary {
     pub n_holdout: usize,
     pub epochs_run: usize,
     /// Mean training loss of each epoch.
+    #[serde(default)]
     pub epoch_losses: Vec<f32>,
-    /// Mean held-out image score after each epoch (the checkpoint criterion).
-    pub epoch_holdout_scores: Vec<f32>,
+    /// Held-out STPM loss after each epoch (the checkpoint criterion).
+    #[serde(default)]
+    pub epoch_holdout_losses: Vec<f32>,
     pub best_epoch: usize,
-    pub best_holdout_score: f32,
+    pub best_holdout_loss: f32,
     pub batch_size: usize,
     pub learning_rate: f64,
     pub seed: u64,
     pub seconds: f64,
     pub interrupted: bool,
     /// Teacher weights: the `.pth` used, or `teacher.safetensors` inside the bundle.
+    #[serde(default)]
     pub teacher_weights: String,
     /// sha256 of the teacher weights file ("random" for a randomly initialised teacher).
     pub teacher_weights_sha256: String,

@@ -213,7 +213,6 @@ fn same_seed_gives_the_same_student() {
         let out = dir.path().join(format!("bundle{}", maps.len()));
         let mut config = tiny_config(&data, &out, BackboneKind::ResNet18);
         config.teacher = TeacherWeights::Random;
-        config.threads = 2;
         config.seed = seed;
         let outcome = train(&config, Arc::new(AtomicBool::new(false))).expect("train");
         let mut engine = Engine::open(

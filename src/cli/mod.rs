@@ -83,9 +83,7 @@ pub struct TrainArgs {
     pub fusion: Fusion,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Gradient worker threads, each taking a shard of every batch (default: cores, at most 2).
-    #[arg(long)]
-    pub threads: Option<usize>,
+
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -168,9 +166,6 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     config.patience = args.patience;
     config.fusion = args.fusion;
     config.seed = args.seed;
-    if let Some(threads) = args.threads {
-        config.threads = threads;
-    }
     config.progress = !args.quiet;
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -3,7 +3,6 @@
 //! the bundle. Owns the training loop; the maths lives in `model`, the file format in `bundle`.
 
 mod calibrate;
-mod parallel;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,9 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::SgdConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -54,8 +53,6 @@ pub struct TrainConfig {
     pub holdout_fraction: f64,
     /// Stop when the held-out score has not improved for this many epochs (0: never).
     pub patience: usize,
-    /// Gradient worker threads (each takes a shard of every batch); 1 trains on the calling thread.
-    pub threads: usize,
     pub fusion: Fusion,
     pub seed: u64,
     pub progress: bool,
@@ -77,9 +74,6 @@ impl TrainConfig {
             weight_decay: 1e-4,
             holdout_fraction: 0.2,
             patience: 0,
-            threads: std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(2),
             fusion: Fusion::Product,
             seed: 0,
             progress: true,
@@ -262,27 +256,22 @@ impl FeatureCache {
     }
 }
 
-/// Mean image score of the held-out images under `student` (lower is better).
-fn holdout_score(
+/// The STPM loss over the held-out images (mean over images): the checkpoint criterion. The mean
+/// distance tracks how well the student has converged everywhere; an image's maximum, by contrast,
+/// is dominated by a few positions and rose while the loss fell in our runs (see the issue notes).
+fn holdout_loss(
     student: &Backbone,
     images: &ImageSet,
     teacher: &FeatureCache,
     indices: &[usize],
     size: usize,
-    fusion: Fusion,
     device: &Device,
 ) -> f32 {
     let mut total = 0.0;
     for chunk in indices.chunks(8) {
         let student_pyramid = student.pyramid(images.batch(chunk, size, device));
-        let map = features::anomaly_map(
-            &teacher.batch(chunk, device),
-            &student_pyramid,
-            [size, size],
-            fusion,
-        );
-        let scores = to_vec(features::image_score(map));
-        total += scores.iter().sum::<f32>();
+        let loss = features::loss(&teacher.batch(chunk, device), &student_pyramid);
+        total += loss.into_scalar::<f32>() * chunk.len() as f32;
     }
     total / indices.len().max(1) as f32
 }
@@ -353,15 +342,14 @@ impl Prepared {
         })
     }
 
-    /// Mean held-out image score of `student` (the checkpoint criterion: lower is better).
-    fn holdout_score(&self, student: &Backbone, config: &TrainConfig) -> f32 {
-        holdout_score(
+    /// Held-out STPM loss of `student` (the checkpoint criterion: lower is better).
+    fn holdout_loss(&self, student: &Backbone, config: &TrainConfig) -> f32 {
+        holdout_loss(
             student,
             &self.images,
             &self.cache,
             &self.holdout_idx,
             config.image_size,
-            config.fusion,
             &self.device,
         )
     }
@@ -372,7 +360,7 @@ struct Fitted {
     student: Backbone,
     /// Mean training loss and held-out score of each completed epoch.
     epoch_losses: Vec<f32>,
-    epoch_holdout_scores: Vec<f32>,
+    epoch_holdout_losses: Vec<f32>,
     best_epoch: usize,
     best_score: f32,
     epochs_run: usize,
@@ -419,83 +407,84 @@ fn fit(config: &TrainConfig, data: &Prepared, stop: &AtomicBool) -> Fitted {
 
     let batches_per_epoch = data.train_idx.len().div_ceil(config.batch_size);
     let progress = progress_bar(config, config.epochs * batches_per_epoch);
-    let threads = config.threads.max(1);
-    parallel::with_workers(threads, data, size, &train_device, |workers| {
-        let mut rng = SplitMix::new(config.seed.wrapping_add(1));
-        let mut best: Option<(usize, f32, Backbone)> = None;
-        let mut epochs_run = 0;
-        let mut since_best = 0;
-        let (mut epoch_losses, mut epoch_holdout_scores) = (Vec::new(), Vec::new());
-        'epochs: for epoch in 1..=config.epochs {
-            let mut order = data.train_idx.clone();
-            shuffle(&mut order, &mut rng);
-            let mut epoch_loss = 0.0;
-            for (step, chunk) in order.chunks(config.batch_size).enumerate() {
-                if stop.load(Ordering::SeqCst) {
-                    break 'epochs;
-                }
-                let (grads, loss_value) = workers.gradients(&student, chunk);
-                student = optimizer.step(config.learning_rate, student, grads);
-                epoch_loss += loss_value;
-                let mean_loss = epoch_loss / (step + 1) as f32;
-                progress.set_message(format!(
-                    "epoch {epoch}/{} loss {mean_loss:.4}",
-                    config.epochs
-                ));
-                progress.inc(1);
+    let mut rng = SplitMix::new(config.seed.wrapping_add(1));
+    let mut best: Option<(usize, f32, Backbone)> = None;
+    let mut epochs_run = 0;
+    let mut since_best = 0;
+    let (mut epoch_losses, mut epoch_holdout_losses) = (Vec::new(), Vec::new());
+    'epochs: for epoch in 1..=config.epochs {
+        let mut order = data.train_idx.clone();
+        shuffle(&mut order, &mut rng);
+        let mut epoch_loss = 0.0;
+        for (step, chunk) in order.chunks(config.batch_size).enumerate() {
+            if stop.load(Ordering::SeqCst) {
+                break 'epochs;
             }
-            epochs_run = epoch;
-            let snapshot = student.valid();
-            let score = data.holdout_score(&snapshot, config);
-            epoch_losses.push(epoch_loss / batches_per_epoch as f32);
-            epoch_holdout_scores.push(score);
-            if best
-                .as_ref()
-                .is_none_or(|(_, best_score, _)| score < *best_score)
-            {
-                best = Some((epoch, score, snapshot));
-                since_best = 0;
-            } else {
-                since_best += 1;
-            }
+            let teacher_batch = data.cache.batch(chunk, &train_device);
+            let student_batch = student.pyramid(data.images.batch(chunk, size, &train_device));
+            let loss = features::loss(&teacher_batch, &student_batch);
+            let loss_value = loss.clone().into_scalar::<f32>();
+            let grads = GradientsParams::from_grads(loss.backward(), &student);
+            student = optimizer.step(config.learning_rate, student, grads);
+            epoch_loss += loss_value;
+            let mean_loss = epoch_loss / (step + 1) as f32;
+            progress.set_message(format!(
+                "epoch {epoch}/{} loss {mean_loss:.4}",
+                config.epochs
+            ));
+            progress.inc(1);
+        }
+        epochs_run = epoch;
+        let snapshot = student.valid();
+        let score = data.holdout_loss(&snapshot, config);
+        epoch_losses.push(epoch_loss / batches_per_epoch as f32);
+        epoch_holdout_losses.push(score);
+        if best
+            .as_ref()
+            .is_none_or(|(_, best_score, _)| score < *best_score)
+        {
+            best = Some((epoch, score, snapshot));
+            since_best = 0;
+        } else {
+            since_best += 1;
+        }
+        report(
+            &progress,
+            config,
+            format!(
+                "epoch {epoch:>3}: loss {:.5}  held-out loss {score:.5}{}",
+                epoch_loss / batches_per_epoch as f32,
+                if since_best == 0 { "  (best)" } else { "" }
+            ),
+        );
+        if config.patience > 0 && since_best >= config.patience {
             report(
                 &progress,
                 config,
                 format!(
-                    "epoch {epoch:>3}: loss {:.5}  held-out mean score {score:.6}{}",
-                    epoch_loss / batches_per_epoch as f32,
-                    if since_best == 0 { "  (best)" } else { "" }
+                    "no improvement for {} epochs: stopping early",
+                    config.patience
                 ),
             );
-            if config.patience > 0 && since_best >= config.patience {
-                report(
-                    &progress,
-                    config,
-                    format!(
-                        "no improvement for {} epochs: stopping early",
-                        config.patience
-                    ),
-                );
-                break;
-            }
+            break;
         }
-        progress.finish_and_clear();
-        let interrupted = stop.load(Ordering::SeqCst);
-        let (best_epoch, best_score, student) = best.unwrap_or_else(|| {
-            // Interrupted inside the first epoch: the current weights are still a usable student.
-            let snapshot = student.valid();
-            (0, data.holdout_score(&snapshot, config), snapshot)
-        });
-        Fitted {
-            student,
-            epoch_losses,
-            epoch_holdout_scores,
-            best_epoch,
-            best_score,
-            epochs_run,
-            interrupted,
-        }
-    })
+    }
+    progress.finish_and_clear();
+    let interrupted = stop.load(Ordering::SeqCst);
+    let (best_epoch, best_score, student) = best.unwrap_or_else(|| {
+        // Interrupted inside the first epoch: the current weights are still a usable student.
+        let snapshot = student.valid();
+        (0, data.holdout_loss(&snapshot, config), snapshot)
+    });
+    Fitted {
+        student,
+        epoch_losses,
+        epoch_holdout_losses,
+        best_epoch,
+        best_score,
+        epochs_run,
+        interrupted,
+    }
 }
 
 /// Files are written under a staging folder and moved into place manifest-last, so an aborted
@@ -565,9 +554,9 @@ fn write_bundle(
             n_holdout: data.holdout_idx.len(),
             epochs_run: fitted.epochs_run,
             epoch_losses: fitted.epoch_losses.clone(),
-            epoch_holdout_scores: fitted.epoch_holdout_scores.clone(),
+            epoch_holdout_losses: fitted.epoch_holdout_losses.clone(),
             best_epoch: fitted.best_epoch,
-            best_holdout_score: fitted.best_score,
+            best_holdout_loss: fitted.best_score,
             batch_size: config.batch_size,
             learning_rate: config.learning_rate,
             seed: config.seed,
