@@ -61,6 +61,9 @@ pub struct ModelSection {
     pub input_size: [usize; 2],
     /// How the per-scale maps are combined.
     pub fusion: Fusion,
+    /// σ in pixels of the Gaussian blur of the fused map (0: none).
+    #[serde(default)]
+    pub blur_sigma: f32,
     /// File name of the graph inside the bundle.
     pub onnx: String,
     /// sha256 of the graph file, checked on load.

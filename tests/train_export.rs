@@ -10,7 +10,7 @@ use burn::prelude::*;
 use stpm::bundle::Bundle;
 use stpm::devset::{DevsetSpec, SplitMix, write_category};
 use stpm::engine::{Engine, EngineOptions};
-use stpm::model::features::{anomaly_map, image_score};
+use stpm::model::features::{MapOptions, anomaly_map, image_score};
 use stpm::model::{BackboneKind, Fusion, compute_device, weights};
 use stpm::train::{TeacherWeights, TrainConfig, train};
 
@@ -32,7 +32,7 @@ fn tiny_config(
 }
 
 /// Trains, reloads teacher and student, and compares ORT's map and score with burn's.
-fn check_parity(backbone: BackboneKind, teacher: TeacherWeights, fusion: Fusion) {
+fn check_parity(backbone: BackboneKind, teacher: TeacherWeights, fusion: Fusion, blur_sigma: f32) {
     let dir = tempfile::tempdir().expect("dir");
     let data = dir.path().join("data");
     write_category(
@@ -50,6 +50,7 @@ fn check_parity(backbone: BackboneKind, teacher: TeacherWeights, fusion: Fusion)
     let mut config = tiny_config(&data, &out, backbone);
     config.teacher = teacher.clone();
     config.fusion = fusion;
+    config.blur_sigma = blur_sigma;
     let outcome = train(&config, Arc::new(AtomicBool::new(false))).expect("train");
 
     let manifest = &outcome.bundle.manifest;
@@ -101,7 +102,7 @@ fn check_parity(backbone: BackboneKind, teacher: TeacherWeights, fusion: Fusion)
         &teacher_net.pyramid(image.clone()),
         &student.pyramid(image),
         [SIZE, SIZE],
-        fusion,
+        MapOptions { fusion, blur_sigma },
     );
     let burn_scores = stpm::model::to_vec(image_score(map.clone()));
     let burn_map = stpm::model::to_vec(map);
@@ -130,12 +131,18 @@ fn lite0_bundle_matches_burn_forward() {
         BackboneKind::EfficientNetLite0,
         TeacherWeights::File(common::lite0_weights()),
         Fusion::Product,
+        4.0,
     );
 }
 
 #[test]
-fn resnet18_bundle_matches_burn_forward_with_sum_fusion() {
-    check_parity(BackboneKind::ResNet18, TeacherWeights::Random, Fusion::Sum);
+fn resnet18_bundle_matches_burn_forward_with_sum_fusion_unblurred() {
+    check_parity(
+        BackboneKind::ResNet18,
+        TeacherWeights::Random,
+        Fusion::Sum,
+        0.0,
+    );
 }
 
 #[test]

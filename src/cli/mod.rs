@@ -65,9 +65,10 @@ pub struct TrainArgs {
     #[arg(long, hide = true)]
     pub random_teacher: bool,
     /// Passes over the training images.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 10)]
     pub epochs: usize,
-    #[arg(long, default_value_t = 32)]
+    /// Images per SGD step (the paper uses 32; 8 gives more steps in the same time).
+    #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     /// Square input size in pixels (a multiple of 16).
     #[arg(long, default_value_t = 256)]
@@ -81,6 +82,9 @@ pub struct TrainArgs {
     /// How per-scale maps are combined.
     #[arg(long, value_enum, default_value_t = Fusion::Product)]
     pub fusion: Fusion,
+    /// Gaussian blur of the anomaly map, σ in pixels (0: none).
+    #[arg(long, default_value_t = 4.0)]
+    pub blur_sigma: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
@@ -165,6 +169,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     config.learning_rate = args.learning_rate;
     config.patience = args.patience;
     config.fusion = args.fusion;
+    config.blur_sigma = args.blur_sigma;
     config.seed = args.seed;
     config.progress = !args.quiet;
 

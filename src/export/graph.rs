@@ -246,6 +246,25 @@ impl GraphBuilder {
         self.node("Resize", &[input, &roi, &scales], attributes, "upsample")
     }
 
+    /// Separable Gaussian blur of a [N, 1, H, W] map with zero padding (two single-channel Convs).
+    pub fn gaussian_blur(&mut self, input: &str, taps: &[f32]) -> String {
+        if taps.is_empty() {
+            return input.to_string();
+        }
+        let (k, r) = (taps.len(), (taps.len() / 2) as i64);
+        let zero = self.float_initializer("blur_b", &[1], &[0.0]);
+        let mut x = input.to_string();
+        for (dims, pads) in [([1, 1, k, 1], [r, 0, r, 0]), ([1, 1, 1, k], [0, r, 0, r])] {
+            let weight = self.float_initializer("blur_w", &dims, taps);
+            let attributes = vec![
+                attr_ints("kernel_shape", &[dims[2] as i64, dims[3] as i64]),
+                attr_ints("pads", &pads),
+            ];
+            x = self.node("Conv", &[&x, &weight, &zero], attributes, "blur");
+        }
+        x
+    }
+
     pub fn finish(
         self,
         name: &str,

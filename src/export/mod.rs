@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 
 use crate::model::efficientnet::{EfficientNetLite, TAP_BLOCKS};
-use crate::model::features::NORM_EPS;
+use crate::model::features::{MapOptions, NORM_EPS, gaussian_kernel};
 use crate::model::resnet::ResNet18;
 use crate::model::{Backbone, Fusion};
 use graph::{GraphBuilder, float_value_info};
@@ -117,7 +117,7 @@ pub fn stpm_model(
     teacher: &Backbone,
     student: &Backbone,
     size: [usize; 2],
-    fusion: Fusion,
+    options: MapOptions,
     metadata: &[(&str, String)],
 ) -> Result<ModelProto, ExportError> {
     if teacher.kind() != student.kind() {
@@ -142,7 +142,7 @@ pub fn stpm_model(
         fused = Some(match fused {
             None => map,
             Some(acc) => g.binary(
-                if fusion == Fusion::Product {
+                if options.fusion == Fusion::Product {
                     "Mul"
                 } else {
                     "Add"
@@ -153,6 +153,7 @@ pub fn stpm_model(
         });
     }
     let fused = fused.unwrap_or_default();
+    let fused = g.gaussian_blur(&fused, &gaussian_kernel(options.blur_sigma));
     g.node_named("Identity", &[&fused], vec![], MAP_OUTPUT);
     let max_attrs = vec![
         graph::attr_ints("axes", &[1, 2, 3]),

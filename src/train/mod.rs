@@ -20,7 +20,7 @@ use crate::bundle::{self, Bundle, Manifest, ModelSection, TrainingSummary};
 use crate::dataset;
 use crate::devset::SplitMix;
 use crate::export;
-use crate::model::features::{self, Pyramid};
+use crate::model::features::{self, MapOptions, Pyramid};
 use crate::model::weights::{self, WeightsError};
 use crate::model::{Backbone, BackboneKind, Fusion, compute_device, to_vec};
 use crate::preprocess::{self, Normalisation, RgbFrame};
@@ -54,20 +54,24 @@ pub struct TrainConfig {
     /// Stop when the held-out score has not improved for this many epochs (0: never).
     pub patience: usize,
     pub fusion: Fusion,
+    /// Gaussian blur (σ in pixels) of the anomaly map inside the graph; 0 disables it.
+    pub blur_sigma: f32,
     pub seed: u64,
     pub progress: bool,
 }
 
 impl TrainConfig {
-    /// The paper's optimiser settings; epochs sized to finish a 150-image category in minutes on 2 cores.
+    /// The paper's SGD (lr 0.4, momentum 0.9, weight decay 1e-4) with batch 8 instead of 32 and 10
+    /// epochs: a 150-image category then trains in under 10 minutes on 2 cores, and the smaller
+    /// batch gives 4× the SGD steps in that budget (the student converges much further; see README).
     pub fn new(data: PathBuf, out: PathBuf) -> Self {
         Self {
             data,
             out,
             backbone: BackboneKind::EfficientNetLite0,
             teacher: TeacherWeights::File(PathBuf::from(DEFAULT_TEACHER)),
-            epochs: 30,
-            batch_size: 32,
+            epochs: 10,
+            batch_size: 8,
             image_size: 256,
             learning_rate: 0.4,
             momentum: 0.9,
@@ -75,8 +79,18 @@ impl TrainConfig {
             holdout_fraction: 0.2,
             patience: 0,
             fusion: Fusion::Product,
+            blur_sigma: 4.0,
             seed: 0,
             progress: true,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn map_options(&self) -> MapOptions {
+        MapOptions {
+            fusion: self.fusion,
+            blur_sigma: self.blur_sigma,
         }
     }
 }
@@ -129,6 +143,12 @@ fn validate(config: &TrainConfig) -> Result<(), TrainError> {
     }
     if config.batch_size == 0 {
         problems.push("--batch-size must be at least 1".to_string());
+    }
+    if !(0.0..=64.0).contains(&config.blur_sigma) {
+        problems.push(format!(
+            "--blur-sigma must be in [0, 64] pixels (got {})",
+            config.blur_sigma
+        ));
     }
     if config.epochs == 0 {
         problems.push("--epochs must be at least 1".to_string());
@@ -504,12 +524,13 @@ fn write_bundle(
     let metadata = [
         ("stpm.backbone", config.backbone.name().to_string()),
         ("stpm.fusion", format!("{:?}", config.fusion).to_lowercase()),
+        ("stpm.blur_sigma", config.blur_sigma.to_string()),
     ];
     let onnx = export::stpm_model(
         &data.teacher,
         &fitted.student,
         [size, size],
-        config.fusion,
+        config.map_options(),
         &metadata,
     )?;
     let bytes = export::write_model(&onnx, &staging.join(bundle::MODEL_FILE))?;
@@ -543,6 +564,7 @@ fn write_bundle(
                 .collect(),
             input_size: [size, size],
             fusion: config.fusion,
+            blur_sigma: config.blur_sigma,
             onnx: bundle::MODEL_FILE.to_string(),
             onnx_sha256: bundle::sha256_hex(&bytes),
         },
