@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::prelude::*;
-use burn::store::{ApplyError, ModuleSnapshot, PytorchStore, SafetensorsStore};
+use burn::store::{ApplyError, ModuleSnapshot, ModuleStore, PytorchStore, SafetensorsStore};
 
 use super::backbone::{Backbone, BackboneKind};
 use super::efficientnet::EfficientNetLite;
@@ -72,6 +72,61 @@ fn unused_by_design(kind: BackboneKind, key: &str, with_head: bool) -> bool {
     }
 }
 
+/// A parameter path of ours as the key the PyTorch checkpoint uses, so messages name what the user
+/// can find in their file (`blocks.0.bn1.gamma` → `_blocks.0._bn1.weight`).
+pub fn pytorch_name(kind: BackboneKind, path: &str) -> String {
+    let segments: Vec<&str> = path.split('.').collect();
+    let last = segments.len().saturating_sub(1);
+    let mapped: Vec<String> = segments
+        .iter()
+        .enumerate()
+        .map(|(i, segment)| {
+            let segment = match (i == last, *segment) {
+                (true, "gamma") => "weight",
+                (true, "beta") => "bias",
+                (_, "conv") if i > 0 && segments[i - 1] == "downsample" => "0",
+                (_, "bn") if i > 0 && segments[i - 1] == "downsample" => "1",
+                (_, other) => other,
+            };
+            let is_module = i != last && segment.parse::<usize>().is_err();
+            if kind == BackboneKind::EfficientNetLite0 && is_module {
+                format!("_{segment}")
+            } else {
+                segment.to_string()
+            }
+        })
+        .collect();
+    mapped.join(".")
+}
+
+/// The file's own spelling of `remapped` keys (only computed when there is something to report).
+fn original_names(path: &Path, remaps: &[(&str, &str)], remapped: Vec<String>) -> Vec<String> {
+    if remapped.is_empty() {
+        return remapped;
+    }
+    let Ok(keys) = PytorchStore::from_file(path).keys() else {
+        return remapped;
+    };
+    let patterns: Vec<(regex::Regex, &str)> = remaps
+        .iter()
+        .filter_map(|(from, to)| regex::Regex::new(from).ok().map(|re| (re, *to)))
+        .collect();
+    let remap = |key: &str| {
+        patterns.iter().fold(key.to_string(), |name, (re, to)| {
+            re.replace_all(&name, *to).into_owned()
+        })
+    };
+    remapped
+        .into_iter()
+        .map(|name| {
+            keys.iter()
+                .find(|key| remap(key) == name)
+                .cloned()
+                .unwrap_or(name)
+        })
+        .collect()
+}
+
 /// Loads `path` into `module`, remapping PyTorch names with `remaps` (regex, replacement) first.
 fn load_into<M: Module + ModuleSnapshot>(
     mut module: M,
@@ -102,7 +157,7 @@ fn load_into<M: Module + ModuleSnapshot>(
     let missing: Vec<String> = result
         .missing
         .iter()
-        .map(|(name, _)| name.clone())
+        .map(|(name, _)| pytorch_name(kind, name))
         .collect();
     let unexpected: Vec<String> = result
         .unused
@@ -110,6 +165,7 @@ fn load_into<M: Module + ModuleSnapshot>(
         .filter(|name| !unused_by_design(kind, name, with_head))
         .cloned()
         .collect();
+    let unexpected = original_names(path, remaps, unexpected);
     let misshaped: Vec<String> = result
         .errors
         .iter()
@@ -233,4 +289,33 @@ pub fn load_safetensors(
         unexpected: result.unused.clone(),
         misshaped: result.errors.iter().map(|e| e.to_string()).collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_use_the_checkpoint_names() {
+        let lite = BackboneKind::EfficientNetLite0;
+        assert_eq!(
+            pytorch_name(lite, "blocks.0.bn1.gamma"),
+            "_blocks.0._bn1.weight"
+        );
+        assert_eq!(pytorch_name(lite, "conv_stem.weight"), "_conv_stem.weight");
+        assert_eq!(pytorch_name(lite, "bn0.running_var"), "_bn0.running_var");
+        let resnet = BackboneKind::ResNet18;
+        assert_eq!(
+            pytorch_name(resnet, "layer2.0.downsample.bn.beta"),
+            "layer2.0.downsample.1.bias"
+        );
+        assert_eq!(
+            pytorch_name(resnet, "layer2.0.downsample.conv.weight"),
+            "layer2.0.downsample.0.weight"
+        );
+        assert_eq!(
+            pytorch_name(resnet, "layer1.1.bn2.running_mean"),
+            "layer1.1.bn2.running_mean"
+        );
+    }
 }
