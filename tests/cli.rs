@@ -20,6 +20,17 @@ fn text(output: &Output) -> String {
     )
 }
 
+/// Runs `stpm` and insists on success; returns stdout and stderr together.
+fn stpm_ok(args: &[&str]) -> String {
+    let out = stpm(args);
+    assert!(
+        out.status.success(),
+        "stpm {args:?} failed:\n{}",
+        text(&out)
+    );
+    text(&out)
+}
+
 fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
@@ -32,7 +43,7 @@ fn devset_train_eval_infer_round_trip() {
     let report = dir.path().join("report");
     let overlays = dir.path().join("overlays");
 
-    let out = stpm(&[
+    stpm_ok(&[
         "devset",
         "--out",
         path(&data),
@@ -47,9 +58,8 @@ fn devset_train_eval_infer_round_trip() {
         "--seed",
         "5",
     ]);
-    assert!(out.status.success(), "{}", text(&out));
 
-    let out = stpm(&[
+    let out = stpm_ok(&[
         "train",
         "--data",
         path(&data),
@@ -63,17 +73,12 @@ fn devset_train_eval_infer_round_trip() {
         "64",
         "--quiet",
     ]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("8 train / 2 held-out images"),
-        "{}",
-        text(&out)
-    );
+    assert!(out.contains("8 train / 2 held-out images"), "{out}");
     for file in ["model.onnx", "stpm.toml", "student.safetensors"] {
         assert!(bundle.join(file).is_file(), "{file} missing");
     }
 
-    let out = stpm(&[
+    stpm_ok(&[
         "eval",
         "--model",
         path(&bundle),
@@ -83,7 +88,6 @@ fn devset_train_eval_infer_round_trip() {
         path(&report),
         "--quiet",
     ]);
-    assert!(out.status.success(), "{}", text(&out));
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).expect("report"))
             .expect("json");
@@ -98,7 +102,7 @@ fn devset_train_eval_infer_round_trip() {
     }
     assert!(json["threshold"].as_f64().unwrap_or(0.0) > 0.0);
 
-    let out = stpm(&[
+    let out = stpm_ok(&[
         "infer",
         "--model",
         path(&bundle),
@@ -106,12 +110,8 @@ fn devset_train_eval_infer_round_trip() {
         "--out",
         path(&overlays),
     ]);
-    assert!(out.status.success(), "{}", text(&out));
-    let lines = text(&out)
-        .lines()
-        .filter(|l| l.contains("test/stain/"))
-        .count();
-    assert_eq!(lines, 3, "{}", text(&out));
+    let lines = out.lines().filter(|l| l.contains("test/stain/")).count();
+    assert_eq!(lines, 3, "{out}");
     let written = std::fs::read_dir(&overlays).expect("overlays").count();
     assert_eq!(written, 3);
     let overlay = image::open(
@@ -186,7 +186,7 @@ fn user_errors_are_messages_not_panics() {
 fn eval_names_a_missing_mask() {
     let dir = tempfile::tempdir().expect("dir");
     let data = dir.path().join("data");
-    let out = stpm(&[
+    stpm_ok(&[
         "devset",
         "--out",
         path(&data),
@@ -199,10 +199,9 @@ fn eval_names_a_missing_mask() {
         "--test-per-defect",
         "1",
     ]);
-    assert!(out.status.success(), "{}", text(&out));
     std::fs::remove_file(data.join("ground_truth/stain/000_mask.png")).expect("remove mask");
     let bundle = dir.path().join("bundle");
-    let out = stpm(&[
+    stpm_ok(&[
         "train",
         "--data",
         path(&data),
@@ -214,7 +213,6 @@ fn eval_names_a_missing_mask() {
         "32",
         "--quiet",
     ]);
-    assert!(out.status.success(), "{}", text(&out));
     let out = stpm(&[
         "eval",
         "--model",

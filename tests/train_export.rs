@@ -16,6 +16,20 @@ use stpm::train::{TeacherWeights, TrainConfig, train};
 
 const SIZE: usize = 64;
 
+/// `count` synthetic good images of `size` pixels under `root/data`.
+fn good_images(root: &std::path::Path, count: usize, size: u32, seed: u64) -> std::path::PathBuf {
+    let data = root.join("data");
+    let spec = DevsetSpec {
+        size,
+        train: count,
+        test_good: 0,
+        test_per_defect: 0,
+        seed,
+    };
+    write_category(&data, &spec).expect("devset");
+    data
+}
+
 fn tiny_config(
     data: &std::path::Path,
     out: &std::path::Path,
@@ -34,18 +48,7 @@ fn tiny_config(
 /// Trains, reloads teacher and student, and compares ORT's map and score with burn's.
 fn check_parity(backbone: BackboneKind, teacher: TeacherWeights, fusion: Fusion, blur_sigma: f32) {
     let dir = tempfile::tempdir().expect("dir");
-    let data = dir.path().join("data");
-    write_category(
-        &data,
-        &DevsetSpec {
-            size: 80,
-            train: 10,
-            test_good: 0,
-            test_per_defect: 0,
-            seed: 11,
-        },
-    )
-    .expect("devset");
+    let data = good_images(dir.path(), 10, 80, 11);
     let out = dir.path().join("bundle");
     let mut config = tiny_config(&data, &out, backbone);
     config.teacher = teacher.clone();
@@ -148,18 +151,7 @@ fn resnet18_bundle_matches_burn_forward_with_sum_fusion_unblurred() {
 #[test]
 fn tampered_model_is_rejected_by_hash() {
     let dir = tempfile::tempdir().expect("dir");
-    let data = dir.path().join("data");
-    write_category(
-        &data,
-        &DevsetSpec {
-            size: 64,
-            train: 4,
-            test_good: 0,
-            test_per_defect: 0,
-            seed: 2,
-        },
-    )
-    .expect("devset");
+    let data = good_images(dir.path(), 4, 64, 2);
     let out = dir.path().join("bundle");
     let mut config = tiny_config(&data, &out, BackboneKind::ResNet18);
     config.teacher = TeacherWeights::Random;
@@ -177,18 +169,7 @@ fn tampered_model_is_rejected_by_hash() {
 #[test]
 fn resnet18_without_weights_asks_for_them() {
     let dir = tempfile::tempdir().expect("dir");
-    let data = dir.path().join("data");
-    write_category(
-        &data,
-        &DevsetSpec {
-            size: 64,
-            train: 3,
-            test_good: 0,
-            test_per_defect: 0,
-            seed: 2,
-        },
-    )
-    .expect("devset");
+    let data = good_images(dir.path(), 3, 64, 2);
     let config = tiny_config(&data, &dir.path().join("bundle"), BackboneKind::ResNet18);
     let error = train(&config, Arc::new(AtomicBool::new(false))).expect_err("needs weights");
     assert!(error.to_string().contains("--teacher-weights"), "{error}");
@@ -199,18 +180,7 @@ fn same_seed_gives_the_same_student() {
     // Bit-identical weights are not promised: burn's multi-threaded kernels may sum in a different
     // order when the machine is busy. The trained models must agree to float precision.
     let dir = tempfile::tempdir().expect("dir");
-    let data = dir.path().join("data");
-    write_category(
-        &data,
-        &DevsetSpec {
-            size: 64,
-            train: 7,
-            test_good: 0,
-            test_per_defect: 0,
-            seed: 4,
-        },
-    )
-    .expect("devset");
+    let data = good_images(dir.path(), 7, 64, 4);
     let mut maps = Vec::new();
     let input: Vec<f32> = {
         let mut rng = SplitMix::new(3);
@@ -248,18 +218,7 @@ fn same_seed_gives_the_same_student() {
 #[test]
 fn stop_flag_still_writes_a_usable_bundle() {
     let dir = tempfile::tempdir().expect("dir");
-    let data = dir.path().join("data");
-    write_category(
-        &data,
-        &DevsetSpec {
-            size: 64,
-            train: 5,
-            test_good: 0,
-            test_per_defect: 0,
-            seed: 4,
-        },
-    )
-    .expect("devset");
+    let data = good_images(dir.path(), 5, 64, 4);
     let out = dir.path().join("bundle");
     let mut config = tiny_config(&data, &out, BackboneKind::ResNet18);
     config.teacher = TeacherWeights::Random;
