@@ -136,9 +136,11 @@ fn batch_norm(channels: usize, device: &Device) -> BatchNorm {
         .init(device)
 }
 
-/// ReLU6, the Lite activation (chosen upstream for easier quantisation).
+/// ReLU6, the Lite activation (chosen upstream for easier quantisation). `relu` is a native op
+/// with a one-pass backward; a two-sided `clamp` decomposes into two compares and two masked fills
+/// each way.
 pub fn relu6(x: Tensor<4>) -> Tensor<4> {
-    x.clamp(0.0, 6.0)
+    burn::tensor::activation::relu(x).clamp_max(6.0)
 }
 
 /// Mobile inverted bottleneck block without squeeze-excitation.
