@@ -65,7 +65,7 @@ pub struct TrainArgs {
     #[arg(long, hide = true)]
     pub random_teacher: bool,
     /// Passes over the training images.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 12)]
     pub epochs: usize,
     /// Images per SGD step (the paper uses 32; 8 gives more steps in the same time).
     #[arg(long, default_value_t = 8)]
