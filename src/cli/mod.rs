@@ -2,7 +2,6 @@
 //! the library modules they call.
 
 use std::path::PathBuf;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -76,7 +75,7 @@ pub struct TrainArgs {
     /// SGD learning rate (momentum 0.9, weight decay 1e-4, as the STPM paper).
     #[arg(long, default_value_t = 0.4)]
     pub learning_rate: f64,
-    /// Stop after this many epochs without a better held-out score (0: run all epochs).
+    /// Stop after this many epochs without a better held-out loss (0: run all epochs).
     #[arg(long, default_value_t = 0)]
     pub patience: usize,
     /// How per-scale maps are combined.

@@ -51,7 +51,7 @@ pub struct TrainConfig {
     pub momentum: f64,
     pub weight_decay: f64,
     pub holdout_fraction: f64,
-    /// Stop when the held-out score has not improved for this many epochs (0: never).
+    /// Stop when the held-out loss has not improved for this many epochs (0: never).
     pub patience: usize,
     pub fusion: Fusion,
     /// Gaussian blur (σ in pixels) of the anomaly map inside the graph; 0 disables it.
@@ -84,9 +84,8 @@ impl TrainConfig {
             progress: true,
         }
     }
-}
 
-impl TrainConfig {
+    /// How the exported graph turns per-scale distances into the anomaly map.
     pub fn map_options(&self) -> MapOptions {
         MapOptions {
             fusion: self.fusion,
@@ -375,10 +374,10 @@ impl Prepared {
     }
 }
 
-/// The checkpoint kept: the epoch with the lowest held-out score.
+/// The checkpoint kept: the epoch with the lowest held-out loss.
 struct Fitted {
     student: Backbone,
-    /// Mean training loss and held-out score of each completed epoch.
+    /// Mean training loss and held-out loss of each completed epoch.
     epoch_losses: Vec<f32>,
     epoch_holdout_losses: Vec<f32>,
     best_epoch: usize,
