@@ -275,26 +275,6 @@ impl FeatureCache {
     }
 }
 
-/// The STPM loss over the held-out images (mean over images): the checkpoint criterion. The mean
-/// distance tracks how well the student has converged everywhere; an image's maximum, by contrast,
-/// is dominated by a few positions and rose while the loss fell in our runs (see the issue notes).
-fn holdout_loss(
-    student: &Backbone,
-    images: &ImageSet,
-    teacher: &FeatureCache,
-    indices: &[usize],
-    size: usize,
-    device: &Device,
-) -> f32 {
-    let mut total = 0.0;
-    for chunk in indices.chunks(8) {
-        let student_pyramid = student.pyramid(images.batch(chunk, size, device));
-        let loss = features::loss(&teacher.batch(chunk, device), &student_pyramid);
-        total += loss.into_scalar::<f32>() * chunk.len() as f32;
-    }
-    total / indices.len().max(1) as f32
-}
-
 /// Splits `count` items into (train, holdout) index lists, shuffled with `seed`.
 pub fn split_holdout(count: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
     let mut order: Vec<usize> = (0..count).collect();
@@ -361,16 +341,18 @@ impl Prepared {
         })
     }
 
-    /// Held-out STPM loss of `student` (the checkpoint criterion: lower is better).
+    /// The STPM loss over the held-out images (mean over images): the checkpoint criterion. The mean
+    /// distance tracks how well the student has converged everywhere; an image's maximum, by contrast,
+    /// is dominated by a few positions and rose while the loss fell in our runs (see the issue notes).
     fn holdout_loss(&self, student: &Backbone, config: &TrainConfig) -> f32 {
-        holdout_loss(
-            student,
-            &self.images,
-            &self.cache,
-            &self.holdout_idx,
-            config.image_size,
-            &self.device,
-        )
+        let size = config.image_size;
+        let mut total = 0.0;
+        for chunk in self.holdout_idx.chunks(8) {
+            let student_pyramid = student.pyramid(self.images.batch(chunk, size, &self.device));
+            let loss = features::loss(&self.cache.batch(chunk, &self.device), &student_pyramid);
+            total += loss.into_scalar::<f32>() * chunk.len() as f32;
+        }
+        total / self.holdout_idx.len().max(1) as f32
     }
 }
 
@@ -381,7 +363,7 @@ struct Fitted {
     epoch_losses: Vec<f32>,
     epoch_holdout_losses: Vec<f32>,
     best_epoch: usize,
-    best_score: f32,
+    best_loss: f32,
     epochs_run: usize,
     interrupted: bool,
 }
@@ -460,7 +442,7 @@ fn fit(config: &TrainConfig, data: &Prepared, stop: &AtomicBool) -> Fitted {
         epoch_holdout_losses.push(score);
         if best
             .as_ref()
-            .is_none_or(|(_, best_score, _)| score < *best_score)
+            .is_none_or(|(_, best_loss, _)| score < *best_loss)
         {
             best = Some((epoch, score, snapshot));
             since_best = 0;
@@ -490,7 +472,7 @@ fn fit(config: &TrainConfig, data: &Prepared, stop: &AtomicBool) -> Fitted {
     }
     progress.finish_and_clear();
     let interrupted = stop.load(Ordering::SeqCst);
-    let (best_epoch, best_score, student) = best.unwrap_or_else(|| {
+    let (best_epoch, best_loss, student) = best.unwrap_or_else(|| {
         // Interrupted inside the first epoch: the current weights are still a usable student.
         let snapshot = student.valid();
         (0, data.holdout_loss(&snapshot, config), snapshot)
@@ -500,7 +482,7 @@ fn fit(config: &TrainConfig, data: &Prepared, stop: &AtomicBool) -> Fitted {
         epoch_losses,
         epoch_holdout_losses,
         best_epoch,
-        best_score,
+        best_loss,
         epochs_run,
         interrupted,
     }
@@ -577,7 +559,7 @@ fn write_bundle(
             epoch_losses: fitted.epoch_losses.clone(),
             epoch_holdout_losses: fitted.epoch_holdout_losses.clone(),
             best_epoch: fitted.best_epoch,
-            best_holdout_loss: fitted.best_score,
+            best_holdout_loss: fitted.best_loss,
             batch_size: config.batch_size,
             learning_rate: config.learning_rate,
             seed: config.seed,
