@@ -1,6 +1,7 @@
 //! stpm-stream: STPM anomaly detection for factory-line video. The model side (`model`, `train`,
 //! `export`) produces a bundle that the runtime side (`engine`, and later the live pipeline) runs.
 
+pub mod alerts;
 pub mod bundle;
 pub mod dataset;
 pub mod devset;
