@@ -3,7 +3,9 @@
 //! it must not touch the network (the MQTT client) or GStreamer.
 
 mod config;
+mod tracker;
 mod zones;
 
 pub use config::{AlertConfig, AlertConfigError, CameraAlertOverrides};
+pub use tracker::{AlertEvent, AlertTracker, CameraState, CameraStatus, EndReason, EventKind};
 pub use zones::{BoxN, FrameSummary, MAX_BOXES, MapSizeError, Polygon, ZoneMask};
