@@ -3,9 +3,11 @@
 //! it must not touch the network (the MQTT client) or GStreamer.
 
 mod config;
+mod spool;
 mod tracker;
 mod zones;
 
 pub use config::{AlertConfig, AlertConfigError, CameraAlertOverrides};
+pub use spool::{EntryKind, Pushed, Spool, SpoolEntry, SpoolError, SpoolWarning};
 pub use tracker::{AlertEvent, AlertTracker, CameraState, CameraStatus, EndReason, EventKind};
 pub use zones::{BoxN, FrameSummary, MAX_BOXES, MapSizeError, Polygon, ZoneMask};
