@@ -91,6 +91,31 @@ struct ActiveEvent {
     sent_centre: Option<(f32, f32)>,
 }
 
+impl ActiveEvent {
+    fn message(
+        &self,
+        camera: &str,
+        model: &str,
+        kind: EventKind,
+        snapshot: bool,
+        end: Option<(f64, EndReason)>,
+    ) -> AlertEvent {
+        AlertEvent {
+            kind,
+            id: self.id.clone(),
+            camera: camera.to_string(),
+            start_time: self.start_time,
+            end_time: end.map(|(time, _)| time),
+            score: self.score,
+            top_score: self.top_score,
+            boxes: self.boxes.clone(),
+            snapshot,
+            model: model.to_string(),
+            end_reason: end.map(|(_, reason)| reason),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Phase {
     Idle,
@@ -187,6 +212,7 @@ impl AlertTracker {
                     (Some((x, y)), Some((sent_x, sent_y))) => {
                         (x - sent_x).hypot(y - sent_y) > self.config.update_min_move
                     }
+                    // The event started without a box: its first location is news.
                     (Some(_), None) => true,
                     (None, _) => false,
                 };
@@ -195,8 +221,7 @@ impl AlertTracker {
                 }
                 event.sent_top_score = event.top_score;
                 event.sent_centre = centre.or(event.sent_centre);
-                let event = event.clone();
-                vec![self.message(&event, EventKind::Update, is_top, None)]
+                vec![event.message(&self.camera, &self.model, EventKind::Update, is_top, None)]
             }
         }
     }
@@ -278,7 +303,7 @@ impl AlertTracker {
             sent_centre: boxes.first().map(BoxN::centre),
         };
         self.events_started += 1;
-        let message = self.message(&event, EventKind::New, true, None);
+        let message = event.message(&self.camera, &self.model, EventKind::New, true, None);
         self.phase = Phase::Active(event);
         vec![message]
     }
@@ -289,31 +314,10 @@ impl AlertTracker {
         match std::mem::replace(&mut self.phase, Phase::Idle) {
             Phase::Active(event) => {
                 self.quiet_until = t + self.config.cooldown_seconds;
-                vec![self.message(&event, EventKind::End, false, Some((end_time, reason)))]
+                let end = Some((end_time, reason));
+                vec![event.message(&self.camera, &self.model, EventKind::End, false, end)]
             }
             Phase::Idle | Phase::Suppressed { .. } => Vec::new(),
-        }
-    }
-
-    fn message(
-        &self,
-        event: &ActiveEvent,
-        kind: EventKind,
-        snapshot: bool,
-        end: Option<(f64, EndReason)>,
-    ) -> AlertEvent {
-        AlertEvent {
-            kind,
-            id: event.id.clone(),
-            camera: self.camera.clone(),
-            start_time: event.start_time,
-            end_time: end.map(|(time, _)| time),
-            score: event.score,
-            top_score: event.top_score,
-            boxes: event.boxes.clone(),
-            snapshot,
-            model: self.model.clone(),
-            end_reason: end.map(|(_, reason)| reason),
         }
     }
 }
