@@ -169,7 +169,7 @@ pub fn roc_curve(
 /// Labels the 8-connected regions of `mask` (row-major, `width` wide): 0 for background, regions
 /// 1..=n in raster order of their first pixel. Returns the labels and n.
 pub fn label_regions(mask: &[bool], width: usize) -> (Vec<u32>, u32) {
-    let height = if width == 0 { 0 } else { mask.len() / width };
+    let height = mask.len().checked_div(width).unwrap_or(0);
     let mut labels = vec![0u32; mask.len()];
     let mut count = 0;
     let mut stack = Vec::new();
@@ -477,7 +477,7 @@ mod tests {
                     mask.iter()
                         .map(|&m| {
                             // Quantised, so ties between normal and defect pixels are common.
-                            let noise = (rng.unit() * 10.0).floor() as f32 / 10.0;
+                            let noise = (rng.unit() * 10.0).floor() / 10.0;
                             noise + if m { 0.3 } else { 0.0 }
                         })
                         .collect()
