@@ -68,27 +68,18 @@ pub fn infer(model: &Path, images: &[PathBuf], out: &Path) -> Result<Vec<ImageRe
         let input = preprocess::to_chw(&frame, size, &manifest.normalisation);
         let scored = engine.run(&input, 1)?;
         let raw_score = scored.scores[0];
-        let map: Vec<f32> =
-            preprocess::resize_plane(&scored.maps, size, [frame.height, frame.width])
-                .into_iter()
-                .map(|v| manifest.calibration.normalise(v))
-                .collect();
-        let pixels = overlay::blend_heatmap(&frame, &map, 0.6, 0.5);
+        let raw_map = preprocess::resize_plane(&scored.maps, size, [frame.height, frame.width]);
+        let pixels = overlay::annotate(&frame, &raw_map, None, &manifest.calibration, raw_score);
         let stem = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| format!("{index}"));
         let overlay_path = out.join(format!("{index:04}_{stem}_overlay.png"));
-        image::save_buffer(
-            &overlay_path,
-            &pixels,
-            frame.width as u32,
-            frame.height as u32,
-            image::ExtendedColorType::Rgb8,
-        )
-        .map_err(|e| InferError::Write {
-            path: overlay_path.clone(),
-            message: e.to_string(),
+        overlay::save_png(&overlay_path, &pixels, frame.width, frame.height).map_err(|e| {
+            InferError::Write {
+                path: overlay_path.clone(),
+                message: e.to_string(),
+            }
         })?;
         results.push(ImageResult {
             path: path.clone(),

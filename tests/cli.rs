@@ -78,7 +78,14 @@ fn devset_train_eval_infer_round_trip() {
         assert!(bundle.join(file).is_file(), "{file} missing");
     }
 
-    stpm_ok(&[
+    // One mask at twice the image size: pixel metrics and saved maps follow the mask.
+    let big_mask = data.join("ground_truth/stain/001_mask.png");
+    image::open(&big_mask)
+        .expect("mask")
+        .resize_exact(128, 128, image::imageops::FilterType::Nearest)
+        .save(&big_mask)
+        .expect("save mask");
+    let out = stpm_ok(&[
         "eval",
         "--model",
         path(&bundle),
@@ -86,21 +93,60 @@ fn devset_train_eval_infer_round_trip() {
         path(&data),
         "--out",
         path(&report),
+        "--save-maps",
         "--quiet",
     ]);
+    assert!(out.contains("AUPRO@0.3"), "{out}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).expect("report"))
             .expect("json");
     assert_eq!(json["n_good"], 4);
     assert_eq!(json["n_defect"], 6);
-    for key in ["image_auroc", "pixel_auroc", "f1_max"] {
+    for key in ["image_auroc", "pixel_auroc", "aupro", "f1_max"] {
         let value = json[key].as_f64().unwrap_or(-1.0);
         assert!((0.0..=1.0).contains(&value), "{key} = {value}");
     }
     for defect in ["scratch", "stain"] {
         assert_eq!(json["per_defect_type"][defect]["n"], 3, "{defect}");
+        let aupro = json["per_defect_type"][defect]["aupro"]
+            .as_f64()
+            .unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&aupro), "{defect} aupro = {aupro}");
     }
     assert!(json["threshold"].as_f64().unwrap_or(0.0) > 0.0);
+    for plot in ["roc.png", "pro.png"] {
+        let img = image::open(report.join(plot)).expect(plot);
+        assert_eq!((img.width(), img.height()), (640, 480), "{plot}");
+    }
+    for (kind, count) in [("good", 4), ("scratch", 3), ("stain", 3)] {
+        let overlays = std::fs::read_dir(report.join("overlays").join(kind)).expect("overlays");
+        assert_eq!(overlays.count(), count, "{kind} overlays");
+        let maps = std::fs::read_dir(report.join("maps").join(kind)).expect("maps");
+        assert_eq!(maps.count(), count, "{kind} maps");
+    }
+    let overlay = image::open(report.join("overlays/stain/001.png")).expect("overlay");
+    assert_eq!(
+        (overlay.width(), overlay.height()),
+        (64, 64),
+        "overlay at image size"
+    );
+    // .npy v1: magic, version, little-endian header length, dict with the mask's shape.
+    for (file, shape) in [
+        ("maps/stain/001.npy", "(128, 128)"),
+        ("maps/good/000.npy", "(64, 64)"),
+    ] {
+        let bytes = std::fs::read(report.join(file)).expect(file);
+        assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00", "{file}");
+        let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        let header = String::from_utf8_lossy(&bytes[10..10 + header_len]);
+        assert!(header.contains(shape), "{file}: {header}");
+        let n: usize = if shape.contains("128") {
+            128 * 128
+        } else {
+            64 * 64
+        };
+        assert_eq!(bytes.len(), 10 + header_len + 4 * n, "{file}");
+    }
 
     let out = stpm_ok(&[
         "infer",

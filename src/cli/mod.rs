@@ -100,9 +100,12 @@ pub struct EvalArgs {
     /// MVTec-layout category (test/good, test/<type>, ground_truth/<type>/<stem>_mask.png).
     #[arg(long)]
     pub data: PathBuf,
-    /// Report directory (report.json).
+    /// Report directory: report.json, roc.png, pro.png, overlays/<type>/<stem>.png.
     #[arg(long)]
     pub out: PathBuf,
+    /// Also write each raw anomaly map at mask resolution to maps/<type>/<stem>.npy (float32).
+    #[arg(long)]
+    pub save_maps: bool,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -221,7 +224,11 @@ fn devset(args: DevsetArgs) -> anyhow::Result<()> {
 }
 
 fn eval(args: EvalArgs) -> anyhow::Result<()> {
-    let report = stpm::eval::evaluate(&args.model, &args.data, &args.out, !args.quiet)
+    let options = stpm::eval::EvalOptions {
+        save_maps: args.save_maps,
+        progress: !args.quiet,
+    };
+    let report = stpm::eval::evaluate(&args.model, &args.data, &args.out, &options)
         .context("evaluation failed")?;
     print!("{}", stpm::eval::summary_table(&report));
     println!(

@@ -106,11 +106,26 @@ impl Curve {
     }
 }
 
-/// Indices of `scores` from the highest score to the lowest.
+/// Indices of `scores` from the highest score to the lowest. Sorts packed (score bits, index)
+/// integers rather than comparing through the index, which is several times faster on millions
+/// of pixels.
 pub fn descending_order(scores: &[f32]) -> Vec<u32> {
-    let mut order: Vec<u32> = (0..scores.len() as u32).collect();
-    order.sort_unstable_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]));
-    order
+    // IEEE-754 bits made monotonic: flip all bits of negatives, only the sign bit of positives.
+    let key = |v: f32| {
+        let bits = v.to_bits();
+        if bits >> 31 == 1 {
+            !bits
+        } else {
+            bits | 1 << 31
+        }
+    };
+    let mut packed: Vec<u64> = scores
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (u64::from(key(v)) << 32) | i as u64)
+        .collect();
+    packed.sort_unstable_by(|a, b| b.cmp(a));
+    packed.into_iter().map(|p| p as u32).collect()
 }
 
 /// Sweeps the threshold down through `scores` (visiting them in `order`, from
@@ -525,5 +540,15 @@ mod tests {
             .collect();
         let half_score = fast_aupro(&half, &masks, width);
         assert!(half_score > 0.5 && half_score < 0.6, "{half_score}");
+    }
+
+    #[test]
+    fn descending_order_sorts_negatives_zeros_and_positives() {
+        let scores = [0.5f32, -2.0, 0.0, 3.0, -0.5, 1e-9, -0.0];
+        let order = descending_order(&scores);
+        let sorted: Vec<f32> = order.iter().map(|&i| scores[i as usize]).collect();
+        assert!(sorted.windows(2).all(|w| w[0] >= w[1]), "{sorted:?}");
+        assert_eq!(sorted[0], 3.0);
+        assert_eq!(sorted[6], -2.0);
     }
 }

@@ -1,7 +1,10 @@
 //! `stpm eval`: scores a bundle on an MVTec-layout category through the runtime engine and writes
-//! `report.json`. Owns the evaluation protocol; the metric maths is in `metrics`.
+//! `report.json`, overlays, ROC/PRO plots and optionally the raw maps. Owns the evaluation
+//! protocol; the metric maths is in `metrics`.
 
 pub mod metrics;
+pub mod npy;
+pub mod plots;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +16,7 @@ use serde::Serialize;
 use crate::bundle::{Bundle, BundleError};
 use crate::dataset::{self, LayoutError};
 use crate::engine::{Engine, EngineError, EngineOptions};
+use crate::overlay;
 use crate::preprocess::{self, Normalisation, PreprocessError, RgbFrame};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +46,7 @@ pub enum EvalError {
 pub struct TypeReport {
     pub image_auroc: Option<f64>,
     pub pixel_auroc: Option<f64>,
+    pub aupro: Option<f64>,
     pub n: usize,
 }
 
@@ -52,21 +57,71 @@ pub struct Report {
     pub data: String,
     pub image_auroc: Option<f64>,
     pub pixel_auroc: Option<f64>,
+    /// Area under the per-region overlap curve up to FPR 0.3, divided by 0.3 (MVTec protocol).
+    pub aupro: Option<f64>,
     pub f1_max: Option<f64>,
     /// The bundle's calibrated raw threshold (normalised 0.5).
     pub threshold: f32,
     pub n_good: usize,
     pub n_defect: usize,
+    /// Test images per second through preprocessing and inference.
     pub images_per_second: f64,
+    /// Seconds spent on the pixel metrics (sort + sweeps), excluding inference.
+    pub metrics_seconds: f64,
     pub per_defect_type: BTreeMap<String, TypeReport>,
 }
 
-/// Image scores and pixel maps at mask resolution, per test image.
+/// What `evaluate` writes besides `report.json`.
+#[derive(Debug, Clone, Default)]
+pub struct EvalOptions {
+    /// Write each raw map at mask resolution to `maps/<type>/<stem>.npy`.
+    pub save_maps: bool,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// Every test image's pixels at mask resolution, concatenated: scores, ground-truth region ids
+/// (0 = normal, else 1-based global id) and the defect type of each pixel's image.
+#[derive(Default)]
+struct PixelTable {
+    scores: Vec<f32>,
+    regions: Vec<u32>,
+    types: Vec<u16>,
+    region_sizes: Vec<u32>,
+    region_types: Vec<u16>,
+}
+
+impl PixelTable {
+    fn add_image(&mut self, scores: Vec<f32>, truth: &[bool], width: usize, type_index: u16) {
+        let (labels, n) = metrics::label_regions(truth, width);
+        let base = self.region_sizes.len() as u32;
+        self.region_sizes.extend(std::iter::repeat_n(0, n as usize));
+        self.region_types
+            .extend(std::iter::repeat_n(type_index, n as usize));
+        for &label in &labels {
+            if label > 0 {
+                self.region_sizes[(base + label - 1) as usize] += 1;
+            }
+        }
+        self.regions
+            .extend(labels.iter().map(|&l| if l == 0 { 0 } else { base + l }));
+        self.types
+            .extend(std::iter::repeat_n(type_index, scores.len()));
+        self.scores.extend(scores);
+    }
+}
+
+/// One test image's outcome.
 struct Scored {
     defect_type: String,
     score: f32,
-    pixels: Vec<f32>,
-    truth: Vec<bool>,
+}
+
+fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> EvalError + '_ {
+    move |source| EvalError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn read_mask(path: &Path) -> Result<(Vec<bool>, [usize; 2]), EvalError> {
@@ -80,21 +135,61 @@ fn read_mask(path: &Path) -> Result<(Vec<bool>, [usize; 2]), EvalError> {
     Ok((mask.pixels().map(|p| p.0[0] > 127).collect(), size))
 }
 
-/// Scores every test image of `data` with the bundle at `model` and writes `out/report.json`.
+/// Nearest-neighbour resize of a boolean mask from `from` = [h, w] to `to`.
+fn resize_mask(mask: &[bool], from: [usize; 2], to: [usize; 2]) -> Vec<bool> {
+    if from == to {
+        return mask.to_vec();
+    }
+    let mut out = Vec::with_capacity(to[0] * to[1]);
+    for y in 0..to[0] {
+        let sy = (y * from[0] / to[0]).min(from[0] - 1);
+        for x in 0..to[1] {
+            let sx = (x * from[1] / to[1]).min(from[1] - 1);
+            out.push(mask[sy * from[1] + sx]);
+        }
+    }
+    out
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Scores every test image of `data` with the bundle at `model`; writes `out/report.json`,
+/// `out/overlays/<type>/<stem>.png`, `out/roc.png`, `out/pro.png` and, with `save_maps`,
+/// `out/maps/<type>/<stem>.npy`.
 pub fn evaluate(
     model: &Path,
     data: &Path,
     out: &Path,
-    progress: bool,
+    options: &EvalOptions,
 ) -> Result<Report, EvalError> {
     let bundle = Bundle::open(model)?;
     let manifest = &bundle.manifest;
     let size = manifest.model.input_size;
     let norm: Normalisation = manifest.normalisation;
+    let calibration = &manifest.calibration;
     let images = dataset::test_set(data)?;
     let mut engine = Engine::open(&bundle.model_path(), size, EngineOptions::default())?;
 
-    let bar = if progress {
+    let mut type_names: Vec<String> = Vec::new();
+    for image in &images {
+        if !type_names.contains(&image.defect_type) {
+            type_names.push(image.defect_type.clone());
+        }
+    }
+    for test in &images {
+        let dir = out.join("overlays").join(&test.defect_type);
+        std::fs::create_dir_all(&dir).map_err(write_error(&dir))?;
+        if options.save_maps {
+            let dir = out.join("maps").join(&test.defect_type);
+            std::fs::create_dir_all(&dir).map_err(write_error(&dir))?;
+        }
+    }
+
+    let bar = if options.progress {
         ProgressBar::new(images.len() as u64)
     } else {
         ProgressBar::hidden()
@@ -108,97 +203,204 @@ pub fn evaluate(
     );
     let mut inference_seconds = 0.0;
     let mut scored = Vec::with_capacity(images.len());
+    let mut table = PixelTable::default();
     for test in &images {
         let frame = RgbFrame::open(&test.path)?;
+        let frame_size = [frame.height, frame.width];
         let tick = Instant::now();
         let input = preprocess::to_chw(&frame, size, &norm);
         let result = engine.run(&input, 1)?;
         inference_seconds += tick.elapsed().as_secs_f64();
         let (truth, mask_size) = match &test.mask {
             Some(mask) => read_mask(mask)?,
-            None => (
-                vec![false; frame.width * frame.height],
-                [frame.height, frame.width],
-            ),
+            None => (vec![false; frame.width * frame.height], frame_size),
         };
-        let pixels = preprocess::resize_plane(&result.maps, size, mask_size);
+        let stem = file_stem(&test.path);
+
+        let raw_at_frame = preprocess::resize_plane(&result.maps, size, frame_size);
+        let truth_at_frame = resize_mask(&truth, mask_size, frame_size);
+        let pixels = overlay::annotate(
+            &frame,
+            &raw_at_frame,
+            Some(&truth_at_frame),
+            calibration,
+            result.scores[0],
+        );
+        let overlay_path = out
+            .join("overlays")
+            .join(&test.defect_type)
+            .join(format!("{stem}.png"));
+        overlay::save_png(&overlay_path, &pixels, frame.width, frame.height).map_err(|e| {
+            EvalError::Write {
+                path: overlay_path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+
+        let map = preprocess::resize_plane(&result.maps, size, mask_size);
+        if options.save_maps {
+            let path = out
+                .join("maps")
+                .join(&test.defect_type)
+                .join(format!("{stem}.npy"));
+            npy::write_npy(&path, &map, mask_size).map_err(write_error(&path))?;
+        }
+        let type_index = type_names
+            .iter()
+            .position(|t| *t == test.defect_type)
+            .unwrap_or(0) as u16;
+        table.add_image(map, &truth, mask_size[1], type_index);
         scored.push(Scored {
             defect_type: test.defect_type.clone(),
             score: result.scores[0],
-            pixels,
-            truth,
         });
         bar.inc(1);
     }
     bar.finish_and_clear();
 
-    let image_metrics = |members: &dyn Fn(&Scored) -> bool| {
+    let tick = Instant::now();
+    let order = metrics::descending_order(&table.scores);
+    let pixel_labels: Vec<bool> = table.regions.iter().map(|&r| r != 0).collect();
+    let good_index = type_names.iter().position(|t| t == "good").unwrap_or(0) as u16;
+    // Pixel ROC and PRO of the good images plus the defect type `only` (all types when None).
+    let pixel_curves = |only: Option<u16>| {
+        let include =
+            |i: usize| only.is_none_or(|t| table.types[i] == t || table.types[i] == good_index);
+        let roc = metrics::roc_curve(&table.scores, &order, &pixel_labels, include);
+        let sizes: Vec<u32> = table
+            .region_sizes
+            .iter()
+            .zip(&table.region_types)
+            .map(|(&size, &t)| if only.is_none_or(|o| o == t) { size } else { 0 })
+            .collect();
+        let pro = metrics::pro_curve(&table.scores, &order, &table.regions, &sizes, include);
+        (roc, pro)
+    };
+    let image_roc = |members: &dyn Fn(&Scored) -> bool| {
         let chosen: Vec<&Scored> = scored.iter().filter(|s| members(s)).collect();
         let scores: Vec<f32> = chosen.iter().map(|s| s.score).collect();
         let labels: Vec<bool> = chosen.iter().map(|s| s.defect_type != "good").collect();
-        let pixel_scores: Vec<f32> = chosen
-            .iter()
-            .flat_map(|s| s.pixels.iter().copied())
-            .collect();
-        let pixel_labels: Vec<bool> = chosen
-            .iter()
-            .flat_map(|s| s.truth.iter().copied())
-            .collect();
-        (
-            metrics::auroc(&scores, &labels),
-            metrics::auroc(&pixel_scores, &pixel_labels),
-            metrics::f1_max(&scores, &labels).map(|(f1, _)| f1),
-            chosen.len(),
-        )
+        (scores, labels)
     };
-    let (image_auroc, pixel_auroc, f1_max, _) = image_metrics(&|_| true);
+
+    let (pixel_roc, pro) = pixel_curves(None);
+    let (scores, labels) = image_roc(&|_| true);
+    let image_auroc = metrics::auroc(&scores, &labels);
+    let f1_max = metrics::f1_max(&scores, &labels).map(|(f1, _)| f1);
+    let image_curve = metrics::roc_curve(
+        &scores,
+        &metrics::descending_order(&scores),
+        &labels,
+        |_| true,
+    );
+    let pixel_auroc = pixel_roc.as_ref().map(|c| c.area_to(1.0));
+    let aupro = pro
+        .as_ref()
+        .map(|c| metrics::aupro(c, metrics::AUPRO_FPR_LIMIT));
+
     let mut per_defect_type = BTreeMap::new();
-    let types: Vec<String> = {
-        let mut t: Vec<String> = scored
-            .iter()
-            .map(|s| s.defect_type.clone())
-            .filter(|t| t != "good")
-            .collect();
-        t.dedup();
-        t
-    };
-    for defect_type in types {
-        let (image_auroc, pixel_auroc, _, _) =
-            image_metrics(&|s: &Scored| s.defect_type == "good" || s.defect_type == defect_type);
-        let n = scored
-            .iter()
-            .filter(|s| s.defect_type == defect_type)
-            .count();
+    for (index, defect_type) in type_names.iter().enumerate() {
+        if defect_type == "good" {
+            continue;
+        }
+        let (scores, labels) =
+            image_roc(&|s: &Scored| s.defect_type == "good" || s.defect_type == *defect_type);
+        let (roc, pro) = pixel_curves(Some(index as u16));
         per_defect_type.insert(
-            defect_type,
+            defect_type.clone(),
             TypeReport {
-                image_auroc,
-                pixel_auroc,
-                n,
+                image_auroc: metrics::auroc(&scores, &labels),
+                pixel_auroc: roc.map(|c| c.area_to(1.0)),
+                aupro: pro.map(|c| metrics::aupro(&c, metrics::AUPRO_FPR_LIMIT)),
+                n: labels.iter().filter(|&&l| l).count(),
             },
         );
     }
+    let metrics_seconds = tick.elapsed().as_secs_f64();
+
     let n_good = scored.iter().filter(|s| s.defect_type == "good").count();
     let report = Report {
         model: model.display().to_string(),
         data: data.display().to_string(),
         image_auroc,
         pixel_auroc,
+        aupro,
         f1_max,
-        threshold: manifest.calibration.threshold,
+        threshold: calibration.threshold,
         n_good,
         n_defect: scored.len() - n_good,
         images_per_second: scored.len() as f64 / inference_seconds.max(1e-9),
+        metrics_seconds,
         per_defect_type,
     };
-    std::fs::create_dir_all(out).map_err(|source| EvalError::Write {
-        path: out.to_path_buf(),
-        source,
-    })?;
+    std::fs::create_dir_all(out).map_err(write_error(out))?;
     let path = out.join("report.json");
     let json = serde_json::to_string_pretty(&report).unwrap_or_default();
-    std::fs::write(&path, json).map_err(|source| EvalError::Write { path, source })?;
+    std::fs::write(&path, json).map_err(write_error(&path))?;
+    write_plots(
+        out,
+        &report,
+        image_curve.as_ref(),
+        pixel_roc.as_ref(),
+        pro.as_ref(),
+    )?;
     Ok(report)
+}
+
+/// `roc.png` (image and pixel ROC) and `pro.png` (PRO up to the AUPRO limit).
+fn write_plots(
+    out: &Path,
+    report: &Report,
+    image_curve: Option<&metrics::Curve>,
+    pixel_roc: Option<&metrics::Curve>,
+    pro: Option<&metrics::Curve>,
+) -> Result<(), EvalError> {
+    use plotters::style::{BLUE, RED};
+    let plot_error = |path: PathBuf| {
+        move |message: String| EvalError::Write {
+            path,
+            source: std::io::Error::other(message),
+        }
+    };
+    let thinned_pixel = pixel_roc.map(|c| c.thinned(2000));
+    let mut roc_series = Vec::new();
+    if let (Some(curve), Some(auroc)) = (image_curve, report.image_auroc) {
+        roc_series.push(plots::Series {
+            label: format!("image AUROC {auroc:.3}"),
+            curve,
+            colour: RED,
+        });
+    }
+    if let (Some(curve), Some(auroc)) = (thinned_pixel.as_ref(), report.pixel_auroc) {
+        roc_series.push(plots::Series {
+            label: format!("pixel AUROC {auroc:.3}"),
+            curve,
+            colour: BLUE,
+        });
+    }
+    let path = out.join("roc.png");
+    plots::line_chart(&path, "ROC", "true positive rate", 1.0, &roc_series, true)
+        .map_err(plot_error(path.clone()))?;
+
+    let thinned_pro = pro.map(|c| c.thinned(4000));
+    let mut pro_series = Vec::new();
+    if let (Some(curve), Some(aupro)) = (thinned_pro.as_ref(), report.aupro) {
+        pro_series.push(plots::Series {
+            label: format!("AUPRO@0.3 {aupro:.3}"),
+            curve,
+            colour: BLUE,
+        });
+    }
+    let path = out.join("pro.png");
+    plots::line_chart(
+        &path,
+        "Per-region overlap",
+        "PRO (mean region coverage)",
+        metrics::AUPRO_FPR_LIMIT,
+        &pro_series,
+        false,
+    )
+    .map_err(plot_error(path.clone()))
 }
 
 fn fmt_metric(value: Option<f64>) -> String {
@@ -208,27 +410,30 @@ fn fmt_metric(value: Option<f64>) -> String {
 /// A short human-readable table of `report`.
 pub fn summary_table(report: &Report) -> String {
     let mut text = format!(
-        "{:<16} {:>12} {:>12} {:>6}\n",
-        "defect type", "image AUROC", "pixel AUROC", "n"
+        "{:<16} {:>12} {:>12} {:>10} {:>6}\n",
+        "defect type", "image AUROC", "pixel AUROC", "AUPRO@0.3", "n"
     );
     for (name, t) in &report.per_defect_type {
         text.push_str(&format!(
-            "{name:<16} {:>12} {:>12} {:>6}\n",
+            "{name:<16} {:>12} {:>12} {:>10} {:>6}\n",
             fmt_metric(t.image_auroc),
             fmt_metric(t.pixel_auroc),
+            fmt_metric(t.aupro),
             t.n
         ));
     }
     text.push_str(&format!(
-        "{:<16} {:>12} {:>12} {:>6}\nF1-max {} · {} good + {} defect images · {:.1} images/s (preprocess + inference)\n",
+        "{:<16} {:>12} {:>12} {:>10} {:>6}\nF1-max {} · {} good + {} defect images · {:.1} images/s (preprocess + inference) · pixel metrics {:.2} s\n",
         "all",
         fmt_metric(report.image_auroc),
         fmt_metric(report.pixel_auroc),
+        fmt_metric(report.aupro),
         report.n_good + report.n_defect,
         fmt_metric(report.f1_max),
         report.n_good,
         report.n_defect,
-        report.images_per_second
+        report.images_per_second,
+        report.metrics_seconds
     ));
     text
 }

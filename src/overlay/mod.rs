@@ -1,6 +1,13 @@
-//! Drawing anomaly maps onto images: the JET colour map and alpha blending of normalised maps.
-//! Pure pixel work on RGB buffers; no I/O.
+//! Drawing anomaly maps onto images: the JET colour map, alpha blending of normalised maps, region
+//! outlines and captions. Pure pixel work on RGB buffers; no I/O.
 
+pub mod text;
+
+pub use text::draw_caption;
+
+use std::path::Path;
+
+use crate::bundle::Calibration;
 use crate::preprocess::RgbFrame;
 
 /// The JET colour map (blue → cyan → yellow → red) at `value` in [0, 1], as OpenCV's COLORMAP_JET.
@@ -27,6 +34,87 @@ pub fn blend_heatmap(frame: &RgbFrame, map: &[f32], alpha: f32, from: f32) -> Ve
         }
     }
     out
+}
+
+/// Pixels of `mask` (row-major, `width` wide) that touch a pixel outside it (4-neighbours; the
+/// image border counts as outside): the region's one-pixel outline.
+pub fn outline(mask: &[bool], width: usize) -> Vec<bool> {
+    let height = mask.len().checked_div(width).unwrap_or(0);
+    let mut edge = vec![false; mask.len()];
+    for y in 0..height {
+        for x in 0..width {
+            let i = y * width + x;
+            if !mask[i] {
+                continue;
+            }
+            edge[i] = x == 0
+                || y == 0
+                || x + 1 == width
+                || y + 1 == height
+                || !mask[i - 1]
+                || !mask[i + 1]
+                || !mask[i - width]
+                || !mask[i + width];
+        }
+    }
+    edge
+}
+
+/// Paints `colour` on every RGB pixel where `mask` is set.
+pub fn paint(pixels: &mut [u8], mask: &[bool], colour: [u8; 3]) {
+    for (pixel, _) in pixels.chunks_exact_mut(3).zip(mask).filter(|(_, m)| **m) {
+        pixel.copy_from_slice(&colour);
+    }
+}
+
+/// The annotated view of one scored image: JET heatmap where the normalised map is high, the
+/// predicted region (raw map ≥ the calibrated threshold) outlined in white, the ground truth (when
+/// known) outlined in green, and the normalised and raw score in the corner. `raw_map` has the
+/// frame's size.
+pub fn annotate(
+    frame: &RgbFrame,
+    raw_map: &[f32],
+    truth: Option<&[bool]>,
+    calibration: &Calibration,
+    raw_score: f32,
+) -> Vec<u8> {
+    let normalised: Vec<f32> = raw_map.iter().map(|&v| calibration.normalise(v)).collect();
+    let mut pixels = blend_heatmap(frame, &normalised, 0.6, 0.5);
+    let predicted: Vec<bool> = raw_map
+        .iter()
+        .map(|&v| v >= calibration.threshold)
+        .collect();
+    paint(
+        &mut pixels,
+        &outline(&predicted, frame.width),
+        [255, 255, 255],
+    );
+    if let Some(truth) = truth {
+        paint(&mut pixels, &outline(truth, frame.width), [0, 255, 0]);
+    }
+    let caption = format!(
+        "score {:.2} (raw {:.3e})",
+        calibration.normalise(raw_score),
+        raw_score
+    );
+    draw_caption(&mut pixels, frame.width, frame.height, &caption);
+    pixels
+}
+
+/// Writes an interleaved RGB buffer as PNG.
+pub fn save_png(
+    path: &Path,
+    pixels: &[u8],
+    width: usize,
+    height: usize,
+) -> Result<(), image::ImageError> {
+    image::save_buffer(
+        path,
+        pixels,
+        width as u32,
+        height as u32,
+        image::ExtendedColorType::Rgb8,
+    )
 }
 
 #[cfg(test)]
@@ -58,5 +146,24 @@ mod tests {
             "{:?}",
             &out[3..]
         );
+    }
+
+    #[test]
+    fn outline_is_the_border_of_a_block() {
+        // A 3×3 block inside a 5×5 image: 8 outline pixels, the centre is not one.
+        let mut mask = vec![false; 25];
+        for y in 1..4 {
+            for x in 1..4 {
+                mask[y * 5 + x] = true;
+            }
+        }
+        let edge = outline(&mask, 5);
+        assert_eq!(edge.iter().filter(|&&e| e).count(), 8);
+        assert!(!edge[12]);
+        assert!(edge[6] && edge[18]);
+        let mut pixels = vec![0u8; 75];
+        paint(&mut pixels, &edge, [0, 255, 0]);
+        assert_eq!(&pixels[18..21], &[0, 255, 0]);
+        assert_eq!(&pixels[36..39], &[0, 0, 0]);
     }
 }
