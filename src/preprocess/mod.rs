@@ -200,4 +200,28 @@ mod tests {
         let values: Vec<f32> = out[..4].iter().map(|v| (v * 255.0).round()).collect();
         assert_eq!(values, vec![10.0, 15.0, 25.0, 30.0]);
     }
+
+    #[test]
+    fn grayscale_and_16_bit_files_open_as_replicated_rgb() {
+        let dir = tempfile::tempdir().expect("dir");
+        let gray = dir.path().join("gray.png");
+        image::GrayImage::from_fn(3, 2, |x, y| image::Luma([(10 * x + 100 * y) as u8]))
+            .save(&gray)
+            .expect("save");
+        let frame = RgbFrame::open(&gray).expect("open");
+        assert_eq!((frame.width, frame.height), (3, 2));
+        assert_eq!(&frame.pixels[3 * 4..3 * 5], &[110, 110, 110]);
+        let deep = dir.path().join("deep.png");
+        image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_pixel(2, 2, image::Luma([65535]))
+            .save(&deep)
+            .expect("save");
+        assert_eq!(RgbFrame::open(&deep).expect("open").pixels, vec![255; 12]);
+        let broken = dir.path().join("broken.png");
+        std::fs::write(&broken, b"not a png").expect("write");
+        let message = RgbFrame::open(&broken)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains("broken.png"), "{message}");
+    }
 }
