@@ -160,11 +160,11 @@ pub fn sweep(
     if sum_neg <= 0.0 || sum_pos <= 0.0 {
         return None;
     }
-    // Normalise; clamp the rounding of long sums so the curve ends exactly at (1, 1).
-    Some(Curve {
-        fpr: fp.iter().map(|v| (v / sum_neg).min(1.0)).collect(),
-        y: tp.iter().map(|v| (v / sum_pos).min(1.0)).collect(),
-    })
+    // Normalise in place (these hold a point per distinct score: millions for pixel curves);
+    // clamp the rounding of long sums so the curve ends exactly at (1, 1).
+    fp.iter_mut().for_each(|v| *v = (*v / sum_neg).min(1.0));
+    tp.iter_mut().for_each(|v| *v = (*v / sum_pos).min(1.0));
+    Some(Curve { fpr: fp, y: tp })
 }
 
 /// ROC curve of `scores` for `labels` (true = anomalous), restricted to `include`d indices.

@@ -297,6 +297,9 @@ pub fn evaluate(
     let aupro = pro
         .as_ref()
         .map(|c| metrics::aupro(c, metrics::AUPRO_FPR_LIMIT));
+    // Full-resolution curves have a point per distinct pixel score; plots need a few thousand.
+    let pixel_roc = pixel_roc.map(|c| c.thinned(2000));
+    let pro = pro.map(|c| c.thinned(4000));
 
     let mut per_defect_type = BTreeMap::new();
     for (index, defect_type) in type_names.iter().enumerate() {
@@ -362,7 +365,6 @@ fn write_plots(
             source: std::io::Error::other(message),
         }
     };
-    let thinned_pixel = pixel_roc.map(|c| c.thinned(2000));
     let mut roc_series = Vec::new();
     if let (Some(curve), Some(auroc)) = (image_curve, report.image_auroc) {
         roc_series.push(plots::Series {
@@ -371,7 +373,7 @@ fn write_plots(
             colour: RED,
         });
     }
-    if let (Some(curve), Some(auroc)) = (thinned_pixel.as_ref(), report.pixel_auroc) {
+    if let (Some(curve), Some(auroc)) = (pixel_roc, report.pixel_auroc) {
         roc_series.push(plots::Series {
             label: format!("pixel AUROC {auroc:.3}"),
             curve,
@@ -382,9 +384,8 @@ fn write_plots(
     plots::line_chart(&path, "ROC", "true positive rate", 1.0, &roc_series, true)
         .map_err(plot_error(path.clone()))?;
 
-    let thinned_pro = pro.map(|c| c.thinned(4000));
     let mut pro_series = Vec::new();
-    if let (Some(curve), Some(aupro)) = (thinned_pro.as_ref(), report.aupro) {
+    if let (Some(curve), Some(aupro)) = (pro, report.aupro) {
         pro_series.push(plots::Series {
             label: format!("AUPRO@0.3 {aupro:.3}"),
             curve,
