@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
-# The main job on the embedded defaults, from a fresh Debian/Ubuntu machine: setup, then a small
-# demo model trained on a generated data set, then its scores on held-back good and defective images.
+# The main job on the embedded defaults, from a fresh Debian/Ubuntu machine: setup, a small demo
+# model trained on frames of the generated conveyor, its evaluation, then the live pipeline
+# (pipelines/demo.toml: conveyor → CPU engine → annotated recording + alert events) until Ctrl-C.
+#   STPM_DEMO_FRAMES=N bash scripts/demo.sh   # stop the live part after N frames
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
 bash scripts/setup.sh
 stpm="$repo/target/release/stpm"
-data="$repo/engines/demo-data"
+data="$repo/engines/demo-conveyor"
 bundle="$repo/engines/demo"
 
 if [ ! -d "$data/train/good" ]; then
-    "$stpm" devset --out "$data" --size 256 --train 40 --test-good 10 --test-per-defect 5 --seed 1
+    "$stpm" devset --conveyor --out "$data" --size 256 --train 40 --test-good 10 --test-per-defect 5 --seed 1
 fi
 "$stpm" train --data "$data" --out "$bundle" --epochs 4 --seed 1
 "$stpm" eval --model "$bundle" --data "$data" --out "$repo/engines/demo-report"
+
+echo
+echo "live pipeline: pipelines/demo.toml (recordings in $repo/recordings; Ctrl-C to stop)"
+if [ -n "${STPM_DEMO_FRAMES:-}" ]; then
+    sed "s|test://conveyor\"|test://conveyor?frames=${STPM_DEMO_FRAMES}\"|" pipelines/demo.toml > "$repo/engines/demo-run.toml"
+    exec "$stpm" run --pipeline "$repo/engines/demo-run.toml"
+fi
+exec "$stpm" run --pipeline pipelines/demo.toml

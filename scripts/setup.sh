@@ -23,7 +23,10 @@ if [ "$(uname -m)" != "x86_64" ]; then
 fi
 
 # --- system packages -------------------------------------------------------------------------------
-apt_packages=(build-essential pkg-config ca-certificates curl unzip python3 python3-pip)
+apt_packages=(build-essential pkg-config ca-certificates curl unzip python3 python3-pip
+    # GStreamer 1.22 for capture, encoding and recordings (x264enc: plugins-ugly; avdec_h264: libav)
+    libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
+    gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav)
 if [ -z "${STPM_SKIP_APT:-}" ]; then
     missing=()
     for p in "${apt_packages[@]}"; do

@@ -61,7 +61,7 @@ impl SplitMix {
 }
 
 /// A woven-fabric-like texture with per-image phase, slight rotation and smooth noise.
-fn texture(size: u32, rng: &mut SplitMix) -> RgbImage {
+pub(crate) fn texture(size: u32, rng: &mut SplitMix) -> RgbImage {
     let s = size as f32;
     let period = s / 16.0;
     let angle = rng.range(-0.05, 0.05);
@@ -96,7 +96,7 @@ fn texture(size: u32, rng: &mut SplitMix) -> RgbImage {
 }
 
 /// Paints one defect of `kind` onto `image` and returns its exact mask.
-fn add_defect(image: &mut RgbImage, kind: &str, rng: &mut SplitMix) -> GrayImage {
+pub(crate) fn add_defect(image: &mut RgbImage, kind: &str, rng: &mut SplitMix) -> GrayImage {
     let size = image.width();
     let s = size as f32;
     let mut mask = GrayImage::new(size, size);

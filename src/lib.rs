@@ -12,5 +12,6 @@ pub mod infer;
 pub mod model;
 pub mod overlay;
 pub mod paths;
+pub mod pipeline;
 pub mod preprocess;
 pub mod train;

@@ -25,14 +25,14 @@ pub struct Cli {
 pub enum Command {
     /// Distil a student from defect-free images into a model bundle.
     Train(TrainArgs),
-    /// Score a bundle on an MVTec-layout folder (image and pixel AUROC, F1-max).
+    /// Score a bundle on an MVTec-layout folder (image/pixel AUROC, AUPRO, F1-max, overlays, plots).
     Eval(EvalArgs),
     /// Score images with a bundle and write heatmap overlays.
     Infer(InferArgs),
     /// Convert a bundle for another runtime (TensorRT engine, INT8 ONNX).
     Export(PassThrough),
-    /// Run a live pipeline: capture, inference, overlay, RTSP, alerts.
-    Run(PassThrough),
+    /// Run a live pipeline: capture, inference, overlay, recordings, alerts.
+    Run(RunArgs),
     /// Measure throughput and latency of a bundle or a pipeline.
     Bench(PassThrough),
     /// Write a synthetic MVTec-layout category (textures with scratches and stains) for demos and tests.
@@ -93,6 +93,16 @@ pub struct TrainArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Pipeline file, e.g. pipelines/demo.toml.
+    #[arg(long)]
+    pub pipeline: PathBuf,
+    /// Override one key, e.g. `--set model.provider=cpu` (repeatable; after STPM__… variables).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct EvalArgs {
     /// Model bundle directory.
     #[arg(long)]
@@ -139,6 +149,10 @@ pub struct DevsetArgs {
     pub test_per_defect: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Frames of the `test://conveyor` scene (height = --size, 4:3) instead of texture crops: the
+    /// training data for a model that runs on the demo pipeline.
+    #[arg(long)]
+    pub conveyor: bool,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -147,10 +161,54 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval(args),
         Command::Infer(args) => infer(args),
         Command::Export(_) => not_yet("export"),
-        Command::Run(_) => not_yet("run"),
+        Command::Run(args) => run_pipeline(args),
         Command::Bench(_) => not_yet("bench"),
         Command::Devset(args) => devset(args),
     }
+}
+
+fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
+    let config = stpm::pipeline::config::PipelineConfig::load(&args.pipeline, &args.sets)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler_flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || {
+        if handler_flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping: finishing recordings and pending alerts (again to abort)");
+    })
+    .context("cannot install the Ctrl-C/SIGTERM handler")?;
+    let summary = stpm::pipeline::run(&config, stop).context("the pipeline failed")?;
+    let mut failed = false;
+    for camera in &summary.cameras {
+        let mean_ms = if camera.analysed > 0 {
+            camera.inference.as_secs_f64() * 1e3 / camera.analysed as f64
+        } else {
+            0.0
+        };
+        println!(
+            "camera {}: {} frames, {} analysed, {} dropped, {} offline, {} alert events, inference {:.1} ms/frame ({})",
+            camera.camera,
+            camera.frames,
+            camera.analysed,
+            camera.dropped,
+            camera.offline,
+            camera.alerts,
+            mean_ms,
+            summary.provider
+        );
+        if let Some(path) = &camera.recording {
+            println!("camera {}: recording {}", camera.camera, path.display());
+        }
+        for error in &camera.errors {
+            eprintln!("camera {}: {error}", camera.camera);
+            failed = true;
+        }
+    }
+    if failed {
+        bail!("the pipeline finished with errors (see above)");
+    }
+    Ok(())
 }
 
 fn not_yet(name: &str) -> anyhow::Result<()> {
@@ -218,7 +276,12 @@ fn devset(args: DevsetArgs) -> anyhow::Result<()> {
         test_per_defect: args.test_per_defect,
         seed: args.seed,
     };
-    stpm::devset::write_category(&args.out, &spec).context("cannot write the data set")?;
+    if args.conveyor {
+        stpm::pipeline::conveyor::write_conveyor_category(&args.out, &spec)
+    } else {
+        stpm::devset::write_category(&args.out, &spec)
+    }
+    .context("cannot write the data set")?;
     println!("synthetic category written to {}", args.out.display());
     Ok(())
 }

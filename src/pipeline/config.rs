@@ -1,0 +1,418 @@
+//! The pipeline file (`pipelines/<name>.toml`): one serde struct per section, defaults in one place,
+//! loaded with the `config` crate (TOML, then `STPM__SECTION__KEY` environment variables, then
+//! `--set section.key=value`). `validate` reports every problem at once, each naming its key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::alerts::{AlertConfig, CameraAlertOverrides};
+
+/// The whole pipeline file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// The model bundle and where it runs.
+    pub model: ModelConfig,
+    /// One entry per camera (`[[camera]]`).
+    #[serde(default)]
+    pub camera: Vec<CameraConfig>,
+    /// Annotated outputs.
+    #[serde(default)]
+    pub output: OutputConfig,
+    /// Alert debounce and hysteresis (per-camera overrides under `[camera.alerts]`).
+    #[serde(default)]
+    pub alerts: AlertConfig,
+}
+
+/// `[model]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Bundle directory written by `stpm train`, e.g. `engines/demo`.
+    pub bundle: PathBuf,
+    /// Execution provider: `auto`, `cpu`, `cuda` or `tensorrt`.
+    #[serde(default = "default_provider")]
+    pub provider: String,
+    /// ONNX Runtime intra-op threads; 0 = one per core.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+fn default_provider() -> String {
+    "auto".into()
+}
+
+/// `[[camera]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraConfig {
+    /// Name used in RTSP paths, recordings, metrics and alert topics (letters, digits, `-`, `_`).
+    pub name: String,
+    /// `rtsp://…`, `file:///abs/path.mkv|.mp4`, `v4l2:///dev/videoN` or `test://conveyor`
+    /// (`test://conveyor?frames=N&fps=F&seed=S`).
+    pub source: String,
+    /// Files: start again at the end instead of ending the camera.
+    #[serde(default, rename = "loop")]
+    pub looping: bool,
+    /// Files: play at the file's frame rate like a camera (frames are dropped when inference is
+    /// behind); `false` decodes as fast as inference allows and analyses every frame.
+    #[serde(default = "default_true")]
+    pub realtime: bool,
+    /// Inference rate cap in frames per second (0 = every frame). Frames in between are passed
+    /// through to the outputs un-analysed, captioned with the last analysed score.
+    #[serde(default)]
+    pub max_fps: f64,
+    /// Alert overrides and zones for this camera.
+    #[serde(default)]
+    pub alerts: CameraAlertOverrides,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `[output]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// `[output.record]`
+    #[serde(default)]
+    pub record: RecordConfig,
+    /// `[output.rtsp]`
+    #[serde(default)]
+    pub rtsp: RtspConfig,
+}
+
+/// `[output.record]`: annotated recordings, one Matroska file per camera and run (readable even
+/// after a crash: Matroska needs no index written at the end).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordConfig {
+    /// Write recordings.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Folder for `<camera>-<unix seconds>.mkv`.
+    #[serde(default = "default_record_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for RecordConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            dir: default_record_dir(),
+        }
+    }
+}
+
+fn default_record_dir() -> PathBuf {
+    "recordings".into()
+}
+
+/// `[output.rtsp]`: each camera at `rtsp://<bind>:<port>/<camera>` (not available yet).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RtspConfig {
+    /// Serve the annotated streams over RTSP.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Address to listen on.
+    #[serde(default = "default_bind")]
+    pub bind: String,
+    /// Port to listen on.
+    #[serde(default = "default_rtsp_port")]
+    pub port: u16,
+}
+
+impl Default for RtspConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            bind: default_bind(),
+            port: default_rtsp_port(),
+        }
+    }
+}
+
+fn default_bind() -> String {
+    "127.0.0.1".into()
+}
+
+fn default_rtsp_port() -> u16 {
+    8554
+}
+
+/// Why a pipeline file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot load pipeline {path}: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("`--set {0}` is not of the form section.key=value")]
+    BadSet(String),
+    #[error("pipeline {path} has {} problem(s):\n  - {}", problems.len(), problems.join("\n  - "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+/// Parses a camera source URI.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceUri {
+    Rtsp(String),
+    File(PathBuf),
+    V4l2(PathBuf),
+    Conveyor {
+        frames: Option<u64>,
+        fps: f64,
+        seed: u64,
+    },
+}
+
+impl SourceUri {
+    /// Parses `uri`; the error says what forms are accepted.
+    pub fn parse(uri: &str) -> Result<Self, String> {
+        if uri.starts_with("rtsp://") || uri.starts_with("rtsps://") {
+            Ok(Self::Rtsp(uri.to_string()))
+        } else if let Some(path) = uri.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "`{uri}`: file sources need an absolute path (file:///abs/path.mkv)"
+                ));
+            }
+            Ok(Self::File(PathBuf::from(path)))
+        } else if let Some(path) = uri.strip_prefix("v4l2://") {
+            Ok(Self::V4l2(PathBuf::from(path)))
+        } else if let Some(rest) = uri.strip_prefix("test://conveyor") {
+            let mut source = Self::Conveyor {
+                frames: None,
+                fps: 15.0,
+                seed: 1,
+            };
+            let query = rest.strip_prefix('?').unwrap_or(rest);
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                let Self::Conveyor { frames, fps, seed } = &mut source else {
+                    break;
+                };
+                let bad = || format!("`{uri}`: `{pair}` needs a number");
+                match key {
+                    "frames" => *frames = Some(value.parse().map_err(|_| bad())?),
+                    "fps" => *fps = value.parse().map_err(|_| bad())?,
+                    "seed" => *seed = value.parse().map_err(|_| bad())?,
+                    _ => {
+                        return Err(format!(
+                            "`{uri}`: unknown option `{key}` (frames, fps, seed)"
+                        ));
+                    }
+                }
+            }
+            Ok(source)
+        } else {
+            Err(format!(
+                "`{uri}` is not a supported source (rtsp://…, file:///abs/path, v4l2:///dev/videoN, test://conveyor)"
+            ))
+        }
+    }
+}
+
+impl PipelineConfig {
+    /// Loads `path`, then environment overrides (`STPM__MODEL__BUNDLE=…`), then `sets`
+    /// (`model.provider=cpu`), and validates. Relative paths in the file stay relative to the
+    /// working directory (the repository root in the README's commands).
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self, ConfigError> {
+        let load_error = |message: String| ConfigError::Load {
+            path: path.to_path_buf(),
+            message,
+        };
+        if !path.is_file() {
+            return Err(load_error(
+                "no such file (try pipelines/demo.toml)".to_string(),
+            ));
+        }
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("STPM")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            );
+        for set in sets {
+            let (key, value) = set
+                .split_once('=')
+                .filter(|(k, _)| k.contains('.'))
+                .ok_or_else(|| ConfigError::BadSet(set.clone()))?;
+            builder = builder
+                .set_override(key.trim(), parse_value(value.trim()))
+                .map_err(|e| load_error(e.to_string()))?;
+        }
+        let config: PipelineConfig = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| load_error(e.to_string()))?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
+    }
+
+    /// Every problem of an otherwise well-formed file, each naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !["auto", "cpu", "cuda", "tensorrt"].contains(&self.model.provider.as_str()) {
+            problems.push(format!(
+                "model.provider = `{}`: use auto, cpu, cuda or tensorrt",
+                self.model.provider
+            ));
+        }
+        if self.camera.is_empty() {
+            problems.push("no [[camera]]: add at least one".into());
+        }
+        for (index, camera) in self.camera.iter().enumerate() {
+            let key = format!("camera[{index}]");
+            if camera.name.is_empty()
+                || !camera
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                problems.push(format!(
+                    "{key}.name = `{}`: use letters, digits, `-` and `_`",
+                    camera.name
+                ));
+            }
+            if self.camera[..index].iter().any(|c| c.name == camera.name) {
+                problems.push(format!("{key}.name = `{}` is used twice", camera.name));
+            }
+            match SourceUri::parse(&camera.source) {
+                Err(message) => problems.push(format!("{key}.source: {message}")),
+                Ok(SourceUri::File(path)) if !path.is_file() => {
+                    problems.push(format!("{key}.source: {} does not exist", path.display()))
+                }
+                Ok(_) => {}
+            }
+            if !camera.max_fps.is_finite() || camera.max_fps < 0.0 {
+                problems.push(format!("{key}.max_fps = {}: use 0 or more", camera.max_fps));
+            }
+            if let Err(e) = camera
+                .alerts
+                .validate(&self.alerts, &format!("{key}.alerts"))
+            {
+                problems.extend(e.problems);
+            }
+        }
+        if let Err(e) = self.alerts.validate() {
+            problems.extend(e.problems);
+        }
+        if self.output.rtsp.enabled {
+            problems.push(
+                "output.rtsp.enabled = true: the RTSP server is not available in this build yet; set it to false"
+                    .into(),
+            );
+        }
+        problems
+    }
+}
+
+/// `--set` values: numbers and booleans as such, anything else as a string.
+fn parse_value(value: &str) -> config::Value {
+    if let Ok(b) = value.parse::<bool>() {
+        return b.into();
+    }
+    if let Ok(i) = value.parse::<i64>() {
+        return i.into();
+    }
+    if let Ok(f) = value.parse::<f64>() {
+        return f.into();
+    }
+    value.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("p.toml");
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults_and_sets_override() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = write(
+            dir.path(),
+            "[model]\nbundle = \"engines/demo\"\n[[camera]]\nname = \"line1\"\nsource = \"test://conveyor?frames=5\"\n",
+        );
+        let config = PipelineConfig::load(&path, &["model.provider=cpu".into()]).expect("load");
+        assert_eq!(config.model.provider, "cpu");
+        assert_eq!(config.camera[0].max_fps, 0.0);
+        assert!(config.camera[0].realtime);
+        assert!(!config.output.record.enabled);
+        assert_eq!(
+            SourceUri::parse(&config.camera[0].source),
+            Ok(SourceUri::Conveyor {
+                frames: Some(5),
+                fps: 15.0,
+                seed: 1
+            })
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = write(
+            dir.path(),
+            "[model]\nbundle = \"b\"\nprovider = \"gpu\"\n\
+             [[camera]]\nname = \"bad name\"\nsource = \"http://x\"\nmax_fps = -1\n\
+             [[camera]]\nname = \"cam\"\nsource = \"file:///nowhere/x.mkv\"\n\
+             [alerts]\non_threshold = 0.5\noff_threshold = 0.7\n",
+        );
+        let message = PipelineConfig::load(&path, &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        for expected in [
+            "model.provider",
+            "camera[0].name",
+            "camera[0].source",
+            "camera[0].max_fps",
+            "camera[1].source: /nowhere/x.mkv does not exist",
+            "alerts.off_threshold",
+        ] {
+            assert!(message.contains(expected), "missing {expected}: {message}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_sets_are_named() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = write(
+            dir.path(),
+            "[model]\nbundle = \"b\"\nbundel = \"typo\"\n[[camera]]\nname = \"a\"\nsource = \"test://conveyor\"\n",
+        );
+        let message = PipelineConfig::load(&path, &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains("bundel"), "{message}");
+        let path = write(
+            dir.path(),
+            "[model]\nbundle = \"b\"\n[[camera]]\nname = \"a\"\nsource = \"test://conveyor\"\n",
+        );
+        let message = PipelineConfig::load(&path, &["provider".into()])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains("section.key=value"), "{message}");
+    }
+}

@@ -1,0 +1,131 @@
+//! Recordings: annotated RGB frames → appsrc → H.264 (x264, zero latency) → Matroska file. Matroska
+//! stays playable up to the last written cluster if the process dies; on a clean stop the recorder
+//! sends EOS and waits for the muxer to finish the file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+
+/// An open recording of one camera.
+pub struct Recorder {
+    pipeline: gst::Pipeline,
+    appsrc: gst_app::AppSrc,
+    path: PathBuf,
+    size: (usize, usize),
+    last_pts: Option<Duration>,
+    frame_duration: Duration,
+}
+
+impl Recorder {
+    /// Starts writing `path` for frames of `size` (width, height) at about `fps` frames/s.
+    pub fn create(path: &Path, size: (usize, usize), fps: f64) -> Result<Self, String> {
+        gst::init().map_err(|e| format!("GStreamer failed to initialise: {e}"))?;
+        let fps = if fps.is_finite() && fps > 0.0 {
+            fps
+        } else {
+            25.0
+        };
+        let description = "appsrc name=src format=time ! videoconvert ! \
+             x264enc tune=zerolatency speed-preset=ultrafast key-int-max=30 ! h264parse ! \
+             matroskamux ! filesink name=sink";
+        let pipeline = gst::parse::launch(description)
+            .map_err(|e| {
+                format!("cannot build the recorder (is gstreamer1.0-plugins-ugly installed?): {e}")
+            })?
+            .downcast::<gst::Pipeline>()
+            .map_err(|_| "the recorder description is not a pipeline".to_string())?;
+        let appsrc = pipeline
+            .by_name("src")
+            .and_then(|e| e.downcast::<gst_app::AppSrc>().ok())
+            .ok_or_else(|| "appsrc missing".to_string())?;
+        let sink = pipeline
+            .by_name("sink")
+            .ok_or_else(|| "filesink missing".to_string())?;
+        sink.set_property("location", path.to_string_lossy().as_ref());
+        let rate = gst::Fraction::approximate_f64(fps).unwrap_or(gst::Fraction::new(25, 1));
+        let caps = gst::Caps::builder("video/x-raw")
+            .field("format", "RGB")
+            .field("width", size.0 as i32)
+            .field("height", size.1 as i32)
+            .field("framerate", rate)
+            .build();
+        appsrc.set_caps(Some(&caps));
+        appsrc.set_format(gst::Format::Time);
+        pipeline
+            .set_state(gst::State::Playing)
+            .map_err(|e| format!("cannot start the recorder for {}: {e}", path.display()))?;
+        Ok(Self {
+            pipeline,
+            appsrc,
+            path: path.to_path_buf(),
+            size,
+            last_pts: None,
+            frame_duration: Duration::from_secs_f64(1.0 / fps),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one frame (interleaved RGB of the recorder's size) at stream time `pts`. Frames of
+    /// another size or with a timestamp not after the previous one are skipped.
+    pub fn push(&mut self, pixels: &[u8], pts: Duration) -> Result<(), String> {
+        if pixels.len() != self.size.0 * self.size.1 * 3 {
+            return Ok(());
+        }
+        if self.last_pts.is_some_and(|last| pts <= last) {
+            return Ok(());
+        }
+        self.last_pts = Some(pts);
+        let mut buffer = gst::Buffer::from_slice(pixels.to_vec());
+        if let Some(buffer) = buffer.get_mut() {
+            buffer.set_pts(gst::ClockTime::from_nseconds(pts.as_nanos() as u64));
+            buffer.set_duration(gst::ClockTime::from_nseconds(
+                self.frame_duration.as_nanos() as u64,
+            ));
+        }
+        self.appsrc
+            .push_buffer(buffer)
+            .map(|_| ())
+            .map_err(|e| format!("recording {} failed: {e:?}", self.path.display()))
+    }
+
+    /// Sends EOS and waits (up to `timeout`) until the file is complete.
+    pub fn finish(self, timeout: Duration) -> Result<PathBuf, String> {
+        let _ = self.appsrc.end_of_stream();
+        let mut result = Err(format!(
+            "recording {} did not finish within {:.0} s",
+            self.path.display(),
+            timeout.as_secs_f64()
+        ));
+        if let Some(bus) = self.pipeline.bus() {
+            let deadline = std::time::Instant::now() + timeout;
+            while std::time::Instant::now() < deadline {
+                let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
+                    continue;
+                };
+                match message.view() {
+                    gst::MessageView::Eos(_) => {
+                        result = Ok(self.path.clone());
+                        break;
+                    }
+                    gst::MessageView::Error(err) => {
+                        result = Err(format!(
+                            "recording {}: {}",
+                            self.path.display(),
+                            err.error()
+                        ));
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let _ = self.pipeline.set_state(gst::State::Null);
+        result
+    }
+}

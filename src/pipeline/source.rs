@@ -1,0 +1,333 @@
+//! Capture: one thread per camera turns its source (a GStreamer pipeline ending in an appsink, or
+//! the generated conveyor) into RGB frames on the camera's [`FrameQueue`]. Owns reconnecting with
+//! capped exponential backoff, looping files and the end-of-stream marker; never runs inference.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use gstreamer_video as gst_video;
+use gstreamer_video::prelude::*;
+
+use crate::pipeline::config::SourceUri;
+use crate::pipeline::conveyor::Conveyor;
+use crate::pipeline::queue::{FrameQueue, Item};
+use crate::preprocess::RgbFrame;
+
+/// A captured frame with its stream time (monotonic per camera, also across file loops).
+#[derive(Debug)]
+pub struct Captured {
+    pub frame: RgbFrame,
+    pub pts: Duration,
+    /// Nominal frame rate of the source (0 when unknown).
+    pub fps: f64,
+}
+
+/// Conveyor frame size (a typical machine-vision camera mode).
+pub const CONVEYOR_SIZE: (usize, usize) = (640, 480);
+
+/// How a camera's frames reach its queue.
+pub struct SourceSpec {
+    pub camera: String,
+    pub uri: SourceUri,
+    pub looping: bool,
+    /// Play at the source's rate (drop when behind) instead of as fast as inference allows.
+    pub realtime: bool,
+}
+
+impl SourceSpec {
+    fn is_live(&self) -> bool {
+        matches!(self.uri, SourceUri::Rtsp(_) | SourceUri::V4l2(_))
+    }
+}
+
+/// Starts the capture thread of one camera.
+pub fn spawn(
+    spec: SourceSpec,
+    queue: Arc<FrameQueue<Captured>>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("capture-{}", spec.camera))
+        .spawn(move || {
+            match spec.uri.clone() {
+                SourceUri::Conveyor { frames, fps, seed } => {
+                    run_conveyor(&spec, frames, fps, seed, &queue, &stop)
+                }
+                _ => run_gstreamer(&spec, &queue, &stop),
+            }
+            queue.push_drop_oldest(Item::End);
+        })
+}
+
+fn push(spec: &SourceSpec, queue: &FrameQueue<Captured>, stop: &AtomicBool, item: Captured) {
+    if spec.realtime || spec.is_live() {
+        queue.push_drop_oldest(Item::Frame(item));
+    } else {
+        queue.push_wait(Item::Frame(item), &|| stop.load(Ordering::Relaxed));
+    }
+}
+
+fn run_conveyor(
+    spec: &SourceSpec,
+    frames: Option<u64>,
+    fps: f64,
+    seed: u64,
+    queue: &FrameQueue<Captured>,
+    stop: &AtomicBool,
+) {
+    let (w, h) = CONVEYOR_SIZE;
+    let mut conveyor = Conveyor::new(w, h, seed);
+    let period = Duration::from_secs_f64(1.0 / fps.max(0.1));
+    let start = Instant::now();
+    let mut index = 0u64;
+    while !stop.load(Ordering::Relaxed) && frames.is_none_or(|n| index < n) {
+        let generated = conveyor.frame(index);
+        let pts = period.mul_f64(index as f64);
+        if spec.realtime
+            && let Some(wait) = pts.checked_sub(start.elapsed())
+        {
+            std::thread::sleep(wait);
+        }
+        push(
+            spec,
+            queue,
+            stop,
+            Captured {
+                frame: generated.frame,
+                pts,
+                fps,
+            },
+        );
+        index += 1;
+    }
+}
+
+/// The GStreamer description of a source up to (excluding) the appsink.
+fn source_description(uri: &SourceUri) -> String {
+    let head = match uri {
+        SourceUri::File(_) => "filesrc name=src ! decodebin",
+        SourceUri::Rtsp(_) => "rtspsrc name=src latency=200 ! decodebin",
+        SourceUri::V4l2(_) => "v4l2src name=src ! decodebin",
+        SourceUri::Conveyor { .. } => "videotestsrc name=src",
+    };
+    format!("{head} ! videoconvert ! video/x-raw,format=RGB ! appsink name=sink max-buffers=2")
+}
+
+/// Copies a mapped RGB video frame (rows may be padded) into a tight [`RgbFrame`].
+fn copy_frame(sample: &gst::Sample) -> Option<(RgbFrame, Duration, f64)> {
+    let buffer = sample.buffer()?;
+    let info = gst_video::VideoInfo::from_caps(sample.caps()?).ok()?;
+    let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info).ok()?;
+    let (w, h) = (info.width() as usize, info.height() as usize);
+    let stride = frame.plane_stride()[0] as usize;
+    let data = frame.plane_data(0).ok()?;
+    let mut pixels = Vec::with_capacity(w * h * 3);
+    for row in 0..h {
+        pixels.extend_from_slice(data.get(row * stride..row * stride + w * 3)?);
+    }
+    let fps = info.fps();
+    let fps = if fps.denom() > 0 {
+        fps.numer() as f64 / fps.denom() as f64
+    } else {
+        0.0
+    };
+    let pts = buffer
+        .pts()
+        .map_or(Duration::ZERO, |t| Duration::from_nanos(t.nseconds()));
+    Some((
+        RgbFrame {
+            width: w,
+            height: h,
+            pixels,
+        },
+        pts,
+        fps,
+    ))
+}
+
+/// What ended one run of a GStreamer source pipeline.
+enum Ending {
+    /// End of stream (file finished).
+    Eos,
+    /// An error message from the pipeline.
+    Error(String),
+    /// `stop` was set.
+    Stopped,
+}
+
+fn run_gstreamer(spec: &SourceSpec, queue: &Arc<FrameQueue<Captured>>, stop: &Arc<AtomicBool>) {
+    let mut backoff = Duration::from_millis(500);
+    const MAX_BACKOFF: Duration = Duration::from_secs(30);
+    // Stream time continues across file loops and reconnects.
+    let offset = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    let last_pts = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    loop {
+        let started = Instant::now();
+        let ending = match play_once(spec, queue, stop, &offset, &last_pts) {
+            Ok(ending) => ending,
+            Err(message) => Ending::Error(message),
+        };
+        match ending {
+            Ending::Stopped => return,
+            Ending::Eos if spec.looping && !spec.is_live() => {
+                if let (Ok(mut offset), Ok(last)) = (offset.lock(), last_pts.lock()) {
+                    *offset = *last + Duration::from_millis(40);
+                }
+                continue;
+            }
+            Ending::Eos if !spec.is_live() => {
+                eprintln!("[{}] end of file", spec.camera);
+                return;
+            }
+            Ending::Eos | Ending::Error(_) if !spec.is_live() => {
+                if let Ending::Error(message) = ending {
+                    eprintln!("[{}] source failed: {message}", spec.camera);
+                }
+                return;
+            }
+            Ending::Eos | Ending::Error(_) => {
+                let why = match ending {
+                    Ending::Error(message) => message,
+                    _ => "end of stream".into(),
+                };
+                if started.elapsed() > Duration::from_secs(10) {
+                    backoff = Duration::from_millis(500);
+                }
+                eprintln!(
+                    "[{}] offline ({why}); reconnecting in {:.1} s",
+                    spec.camera,
+                    backoff.as_secs_f64()
+                );
+                queue.push_drop_oldest(Item::Offline(why));
+                let until = Instant::now() + backoff;
+                while Instant::now() < until {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                if let (Ok(mut offset), Ok(last)) = (offset.lock(), last_pts.lock()) {
+                    *offset = *last + Duration::from_millis(40);
+                }
+            }
+        }
+    }
+}
+
+/// Builds, plays and tears down the source pipeline once.
+fn play_once(
+    spec: &SourceSpec,
+    queue: &Arc<FrameQueue<Captured>>,
+    stop: &Arc<AtomicBool>,
+    offset: &Arc<std::sync::Mutex<Duration>>,
+    last_pts: &Arc<std::sync::Mutex<Duration>>,
+) -> Result<Ending, String> {
+    gst::init().map_err(|e| format!("GStreamer failed to initialise: {e}"))?;
+    let pipeline = gst::parse::launch(&source_description(&spec.uri))
+        .map_err(|e| format!("cannot build the source pipeline: {e}"))?
+        .downcast::<gst::Pipeline>()
+        .map_err(|_| "the source description is not a pipeline".to_string())?;
+    let src = pipeline
+        .by_name("src")
+        .ok_or_else(|| "source element missing".to_string())?;
+    match &spec.uri {
+        SourceUri::File(path) => src.set_property("location", path.to_string_lossy().as_ref()),
+        SourceUri::Rtsp(url) => src.set_property("location", url.as_str()),
+        SourceUri::V4l2(device) => src.set_property("device", device.to_string_lossy().as_ref()),
+        SourceUri::Conveyor { .. } => {}
+    }
+    let sink = pipeline
+        .by_name("sink")
+        .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
+        .ok_or_else(|| "appsink missing".to_string())?;
+    sink.set_sync(spec.realtime && !spec.is_live());
+    let online = Arc::new(AtomicBool::new(false));
+    {
+        let queue = Arc::clone(queue);
+        let stop = Arc::clone(stop);
+        let offset = Arc::clone(offset);
+        let last_pts = Arc::clone(last_pts);
+        let online = Arc::clone(&online);
+        let realtime = spec.realtime || spec.is_live();
+        sink.set_callbacks(
+            gst_app::AppSinkCallbacks::builder()
+                .new_sample(move |sink| {
+                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    let Some((frame, pts, fps)) = copy_frame(&sample) else {
+                        return Ok(gst::FlowSuccess::Ok);
+                    };
+                    let pts = pts + offset.lock().map(|o| *o).unwrap_or_default();
+                    if let Ok(mut last) = last_pts.lock() {
+                        *last = (*last).max(pts);
+                    }
+                    if !online.swap(true, Ordering::Relaxed) {
+                        queue.push_drop_oldest(Item::Online);
+                    }
+                    let item = Item::Frame(Captured { frame, pts, fps });
+                    if realtime {
+                        queue.push_drop_oldest(item);
+                    } else if !queue.push_wait(item, &|| stop.load(Ordering::Relaxed)) {
+                        return Err(gst::FlowError::Flushing);
+                    }
+                    Ok(gst::FlowSuccess::Ok)
+                })
+                .build(),
+        );
+    }
+    let bus = pipeline
+        .bus()
+        .ok_or_else(|| "source pipeline has no bus".to_string())?;
+    pipeline
+        .set_state(gst::State::Playing)
+        .map_err(|e| format!("cannot start: {e}"))?;
+    let ending = loop {
+        if stop.load(Ordering::Relaxed) {
+            break Ending::Stopped;
+        }
+        let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
+            continue;
+        };
+        match message.view() {
+            gst::MessageView::Eos(_) => break Ending::Eos,
+            gst::MessageView::Error(err) => {
+                break Ending::Error(format!(
+                    "{} ({})",
+                    err.error(),
+                    err.src()
+                        .map(|s| s.path_string().to_string())
+                        .unwrap_or_default()
+                ));
+            }
+            _ => {}
+        }
+    };
+    let _ = pipeline.set_state(gst::State::Null);
+    Ok(ending)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptions_end_in_an_rgb_appsink() {
+        for uri in [
+            SourceUri::File("/x.mkv".into()),
+            SourceUri::Rtsp("rtsp://h/x".into()),
+            SourceUri::V4l2("/dev/video0".into()),
+        ] {
+            let text = source_description(&uri);
+            assert!(text.starts_with(match uri {
+                SourceUri::File(_) => "filesrc",
+                SourceUri::Rtsp(_) => "rtspsrc",
+                _ => "v4l2src",
+            }));
+            assert!(text.ends_with("video/x-raw,format=RGB ! appsink name=sink max-buffers=2"));
+        }
+    }
+}

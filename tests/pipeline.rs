@@ -1,0 +1,270 @@
+//! `stpm run` end to end with real GStreamer: the generated conveyor and a real H.264 file through
+//! a tiny trained bundle, Matroska recordings decoded back frame by frame, SIGTERM handling and
+//! config errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+
+fn stpm(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stpm"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run stpm")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A tiny bundle trained once on conveyor frames (64 px), shared by the tests of this file.
+fn bundle() -> &'static Path {
+    static BUNDLE: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &BUNDLE
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().expect("dir");
+            let data = dir.path().join("data");
+            let bundle = dir.path().join("bundle");
+            for args in [
+                vec![
+                    "devset",
+                    "--conveyor",
+                    "--out",
+                    path(&data),
+                    "--size",
+                    "64",
+                    "--train",
+                    "8",
+                    "--test-good",
+                    "2",
+                    "--test-per-defect",
+                    "1",
+                ],
+                vec![
+                    "train",
+                    "--data",
+                    path(&data),
+                    "--out",
+                    path(&bundle),
+                    "--epochs",
+                    "1",
+                    "--batch-size",
+                    "4",
+                    "--image-size",
+                    "64",
+                    "--quiet",
+                ],
+            ] {
+                let out = stpm(&args, dir.path());
+                assert!(out.status.success(), "{args:?}: {}", text(&out));
+            }
+            (dir, bundle)
+        })
+        .1
+}
+
+fn write_pipeline(dir: &Path, camera: &str, extra: &str) -> PathBuf {
+    let file = dir.join("p.toml");
+    let text = format!(
+        "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n[[camera]]\nname = \"line1\"\n{camera}\n\n\
+         [output.record]\nenabled = true\ndir = \"{}\"\n{extra}",
+        path(bundle()),
+        path(&dir.join("rec"))
+    );
+    std::fs::write(&file, text).expect("write pipeline");
+    file
+}
+
+/// Decodes a Matroska/H.264 file and returns (frames, width, height).
+fn decode(file: &Path) -> (usize, i32, i32) {
+    gst::init().expect("gst init");
+    let pipeline = gst::parse::launch(
+        "filesrc name=src ! matroskademux ! h264parse ! avdec_h264 ! videoconvert ! \
+         video/x-raw,format=RGB ! appsink name=sink sync=false",
+    )
+    .expect("decoder")
+    .downcast::<gst::Pipeline>()
+    .expect("pipeline");
+    pipeline
+        .by_name("src")
+        .expect("src")
+        .set_property("location", path(file));
+    let sink = pipeline
+        .by_name("sink")
+        .expect("sink")
+        .downcast::<gstreamer_app::AppSink>()
+        .expect("appsink");
+    pipeline.set_state(gst::State::Playing).expect("play");
+    let (mut frames, mut size) = (0, (0, 0));
+    while let Ok(sample) = sink.pull_sample() {
+        if let Some(s) = sample
+            .caps()
+            .and_then(|c| c.structure(0).map(|s| s.to_owned()))
+        {
+            size = (
+                s.get::<i32>("width").unwrap_or(0),
+                s.get::<i32>("height").unwrap_or(0),
+            );
+        }
+        frames += 1;
+    }
+    let _ = pipeline.set_state(gst::State::Null);
+    (frames, size.0, size.1)
+}
+
+fn recording(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir.join("rec"))
+        .expect("recordings folder")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "mkv"))
+        .expect("one .mkv recording")
+}
+
+#[test]
+fn conveyor_frames_are_all_analysed_and_recorded() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = write_pipeline(
+        dir.path(),
+        "source = \"test://conveyor?frames=24&fps=12\"\nrealtime = false",
+        "",
+    );
+    let out = stpm(&["run", "--pipeline", path(&pipeline)], dir.path());
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("camera line1: 24 frames, 24 analysed, 0 dropped"),
+        "{log}"
+    );
+    assert!(log.contains("provider cpu"), "{log}");
+    assert_eq!(decode(&recording(dir.path())), (24, 640, 480));
+}
+
+#[test]
+fn file_source_runs_to_the_end_and_max_fps_passes_frames_through() {
+    let dir = tempfile::tempdir().expect("dir");
+    let video = dir.path().join("in.mkv");
+    gst::init().expect("gst init");
+    let writer = gst::parse::launch(&format!(
+        "videotestsrc num-buffers=30 pattern=ball ! video/x-raw,width=320,height=240,framerate=10/1 ! \
+         x264enc ! h264parse ! matroskamux ! filesink location={}",
+        path(&video)
+    ))
+    .expect("writer");
+    writer.set_state(gst::State::Playing).expect("play");
+    let bus = writer.bus().expect("bus");
+    let eos = bus.timed_pop_filtered(
+        gst::ClockTime::from_seconds(30),
+        &[gst::MessageType::Eos, gst::MessageType::Error],
+    );
+    assert!(
+        matches!(
+            eos.as_ref().map(|m| m.view()),
+            Some(gst::MessageView::Eos(_))
+        ),
+        "test video not written"
+    );
+    let _ = writer.set_state(gst::State::Null);
+
+    // 10 fps stream, analysis capped at 5/s: every second frame goes through the engine.
+    let camera = format!(
+        "source = \"file://{}\"\nrealtime = false\nmax_fps = 5",
+        path(&video)
+    );
+    let pipeline = write_pipeline(dir.path(), &camera, "");
+    let out = stpm(&["run", "--pipeline", path(&pipeline)], dir.path());
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("camera line1: 30 frames, 15 analysed"),
+        "{log}"
+    );
+    assert_eq!(decode(&recording(dir.path())), (30, 320, 240));
+}
+
+#[test]
+fn sigterm_finishes_the_recording_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = write_pipeline(dir.path(), "source = \"test://conveyor?fps=20\"", "");
+    let child = Command::new(env!("CARGO_BIN_EXE_stpm"))
+        .args(["run", "--pipeline", path(&pipeline)])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Wait until the recording has started, then let it run a little.
+    let started = Instant::now();
+    while !dir.path().join("rec").is_dir()
+        || std::fs::read_dir(dir.path().join("rec")).map_or(0, |d| d.count()) == 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no recording started"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let stopped = Instant::now();
+    let out = child.wait_with_output().expect("wait");
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        stopped.elapsed()
+    );
+    let (frames, w, h) = decode(&recording(dir.path()));
+    assert!(
+        frames > 0 && (w, h) == (640, 480),
+        "{frames} {w}x{h}: {log}"
+    );
+}
+
+#[test]
+fn pipeline_errors_name_the_key() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = write_pipeline(
+        dir.path(),
+        "source = \"file:///no/such/video.mkv\"",
+        "[output.rtsp]\nenabled = true\n",
+    );
+    let out = stpm(&["run", "--pipeline", path(&pipeline)], dir.path());
+    let log = text(&out);
+    assert!(!out.status.success());
+    assert!(log.contains("camera[0].source"), "{log}");
+    assert!(log.contains("output.rtsp.enabled"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    // A valid file asking for a GPU provider this build lacks fails loudly instead of using the CPU.
+    let pipeline = write_pipeline(dir.path(), "source = \"test://conveyor?frames=1\"", "");
+    let out = stpm(
+        &[
+            "run",
+            "--pipeline",
+            path(&pipeline),
+            "--set",
+            "model.provider=tensorrt",
+        ],
+        dir.path(),
+    );
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("`tensorrt` is not available"), "{log}");
+}
