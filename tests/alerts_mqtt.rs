@@ -725,3 +725,58 @@ fn camera_state_is_retained_and_resent_after_connecting() {
         ShutdownOutcome::Clean
     );
 }
+
+#[test]
+fn broker_stopped_mid_stream_loses_no_event_and_keeps_first_arrivals_in_order() {
+    let mut broker = Broker::start();
+    let spool_dir = tempfile::tempdir().unwrap();
+    let subscriber = Subscriber::new(broker.port, "t_g/+/events", Some("t_g-subscriber"));
+    let runtime = runtime();
+    let publisher = start_publisher(&runtime, config(broker.port, "t_g"), spool_dir.path());
+    publisher.wait_connected(WAIT).unwrap();
+
+    let events: Vec<AlertEvent> = (0..300)
+        .map(|counter| event(EventKind::New, "line1", counter, 0.9))
+        .collect();
+    let (halfway_tx, halfway) = mpsc::channel();
+    let pushing = {
+        let publisher = publisher.clone();
+        let events = events.clone();
+        thread::spawn(move || {
+            for (index, event) in events.iter().enumerate() {
+                publisher.event(event).unwrap();
+                if index == 100 {
+                    let _ = halfway_tx.send(());
+                }
+            }
+        })
+    };
+    // Stop the broker while messages are in flight; unacknowledged ones must be sent again.
+    halfway.recv_timeout(WAIT).unwrap();
+    broker.stop();
+    pushing.join().unwrap();
+    thread::sleep(Duration::from_millis(200));
+    assert!(publisher.status().events_pending > 0);
+    broker.launch();
+
+    let mut first_seen: Vec<(String, String)> = Vec::new();
+    let mut duplicates = 0;
+    while first_seen.len() < events.len() {
+        let [received] = kinds_and_ids(&[subscriber.next()])
+            .try_into()
+            .unwrap_or_else(|_| unreachable!());
+        if first_seen.contains(&received) {
+            duplicates += 1;
+        } else {
+            first_seen.push(received);
+        }
+    }
+    assert_eq!(first_seen, expected(&events));
+    wait_until("the spool to empty", || {
+        publisher.status().events_pending == 0
+    });
+    assert_eq!(spool_files(spool_dir.path()), Vec::<String>::new());
+    // QoS 1 allows a resent copy of what was in flight, never more than the window.
+    assert!(duplicates <= 16, "{duplicates} duplicates");
+    assert_eq!(publisher.status().events_published, events.len() as u64);
+}
