@@ -68,6 +68,11 @@ impl Broker {
 
     /// With `login`, only that user and password may connect.
     fn start_on(port: u16, login: Option<(&str, &str)>) -> Self {
+        Self::start_with(port, login, "")
+    }
+
+    /// `extra` is appended to the generated mosquitto.conf (more listeners, TLS).
+    fn start_with(port: u16, login: Option<(&str, &str)>, extra: &str) -> Self {
         let folder = tempfile::tempdir().expect("temp folder for mosquitto");
         let dir = folder.path();
         let mut config = format!(
@@ -96,6 +101,7 @@ impl Broker {
                 ));
             }
         }
+        config.push_str(extra);
         fs::write(dir.join("mosquitto.conf"), config).unwrap();
         let mut broker = Self {
             port,
@@ -779,4 +785,123 @@ fn broker_stopped_mid_stream_loses_no_event_and_keeps_first_arrivals_in_order() 
     // QoS 1 allows a resent copy of what was in flight, never more than the window.
     assert!(duplicates <= 16, "{duplicates} duplicates");
     assert_eq!(publisher.status().events_published, events.len() as u64);
+}
+
+/// Runs openssl (part of Debian's base system) in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl missing: run `bash scripts/setup.sh`");
+    assert!(
+        output.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A CA, a server certificate for IP 127.0.0.1 and a client certificate, all EC P-256 PEM.
+fn make_certificates(dir: &Path) {
+    let new_key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=stpm test CA"];
+    ca.extend(new_key);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(dir, &ca);
+    fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (name, subject) in [("server", "/CN=127.0.0.1"), ("client", "/CN=stpm-line1")] {
+        let key = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        let pem = format!("{name}.pem");
+        let ext = format!("{name}.ext");
+        let mut request = vec!["req", "-subj", subject];
+        request.extend(new_key);
+        request.extend(["-keyout", &key, "-out", &csr]);
+        openssl(dir, &request);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+                "-out",
+                &pem,
+            ],
+        );
+    }
+}
+
+#[test]
+fn tls_with_client_certificate_delivers_events() {
+    let certificates = tempfile::tempdir().unwrap();
+    let dir = certificates.path();
+    make_certificates(dir);
+    let tls_port = free_port();
+    let tls_listener = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n\
+         require_certificate true\n",
+        ca = dir.join("ca.pem").display(),
+        cert = dir.join("server.pem").display(),
+        key = dir.join("server.key").display(),
+    );
+    // The subscriber uses the plain listener, the publisher the TLS one.
+    let broker = Broker::start_with(free_port(), None, &tls_listener);
+    let subscriber = Subscriber::new(broker.port, "t_h/+/events", None);
+    let spool_dir = tempfile::tempdir().unwrap();
+    let runtime = runtime();
+    let tls = MqttConfig {
+        tls_ca: Some(dir.join("ca.pem")),
+        tls_cert: Some(dir.join("client.pem")),
+        tls_key: Some(dir.join("client.key")),
+        ..config(tls_port, "t_h")
+    };
+    let publisher = start_publisher(&runtime, tls.clone(), spool_dir.path());
+    publisher.wait_connected(WAIT).unwrap();
+    let events = one_alert("line1", 0);
+    for event in &events {
+        publisher.event(event).unwrap();
+    }
+    assert_eq!(
+        kinds_and_ids(&subscriber.take(events.len())),
+        expected(&events)
+    );
+    assert_eq!(
+        publisher.shutdown(Duration::from_secs(2)),
+        ShutdownOutcome::Clean
+    );
+
+    // Without the client certificate the broker ends the handshake: reported, not a panic.
+    let anonymous = MqttConfig {
+        tls_cert: None,
+        tls_key: None,
+        client_id: "stpm-test-t_h-nocert".to_string(),
+        ..tls
+    };
+    let publisher = start_publisher(&runtime, anonymous, spool_dir.path());
+    let error = publisher
+        .wait_connected(Duration::from_millis(1500))
+        .unwrap_err();
+    assert!(
+        error.to_string().contains(&format!("127.0.0.1:{tls_port}")),
+        "{error}"
+    );
+    assert!(!publisher.status().connected);
+    assert!(error.to_string().contains("CertificateRequired"), "{error}");
 }
