@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use stpm::alerts::{
-    AlertEvent, AlertPublisher, BoxN, CameraState, CameraStatus, EndReason, EventKind, LinkError,
-    MqttConfig, PublishError, PublisherError, PublisherHandle, ShutdownOutcome, Spool,
+    AlertEvent, BoxN, CameraState, CameraStatus, EndReason, EventKind, LinkError, MqttConfig,
+    PublishError, PublisherError, PublisherHandle, ShutdownOutcome, Spool,
 };
 use tempfile::TempDir;
 
@@ -313,7 +313,7 @@ fn start_publisher(
     spool_dir: &Path,
 ) -> PublisherHandle {
     let spool = Spool::open(spool_dir, 1000).unwrap();
-    let (handle, _task) = AlertPublisher::start(config, spool, runtime.handle()).unwrap();
+    let (handle, _task) = config.build(spool, runtime.handle()).unwrap();
     handle
 }
 

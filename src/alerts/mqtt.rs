@@ -8,6 +8,9 @@ use std::time::Duration;
 use rumqttc::{LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
 use serde::{Deserialize, Serialize};
 
+use super::publisher::{AlertPublisher, PublisherHandle};
+use super::spool::Spool;
+
 /// How to reach the MQTT broker that receives alerts.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -250,6 +253,16 @@ impl MqttConfig {
         } else {
             Err(MqttConfigError { problems })
         }
+    }
+
+    /// Where the settings become behaviour: validates them and starts the publisher on
+    /// `runtime`, draining `spool` (see `AlertPublisher::start`).
+    pub fn build(
+        self,
+        spool: Spool,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<(PublisherHandle, tokio::task::JoinHandle<()>), MqttSetupError> {
+        AlertPublisher::start(self, spool, runtime)
     }
 
     /// `<prefix>/available`: `online` / `offline`, retained; also the last will.
