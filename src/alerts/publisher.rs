@@ -1,0 +1,822 @@
+//! The MQTT publisher: a tokio task that drains the spool to the broker in order, acknowledging a
+//! spool entry only after its PUBACK, plus a handle the (non-tokio) pipeline threads call without
+//! ever waiting on the network.
+//!
+//! Two tasks: the *driver* owns rumqttc's `EventLoop` and only polls it (a poll future is never
+//! dropped half-way); the *publisher* owns the `AsyncClient`, the spool cursor and the counters.
+//! PUBACK tracking: the publisher hands rumqttc one request at a time through its channel and
+//! remembers what each was (`Tag`); rumqttc reports `Outgoing::Publish(pkid)` in request order,
+//! which ties each packet id to its spool sequence number, and `PubAck(pkid)` then acks the spool.
+//! On a connection loss the driver waits until the publisher has stopped sending, then throws away
+//! rumqttc's own retransmission queue (clean session): the spool, not rumqttc, resends, from its
+//! oldest unacknowledged entry, so order holds. A message may reach the broker twice (QoS 1);
+//! consumers deduplicate by the event `id` + `type` (+ `top_score` for updates).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, NetworkOptions, Outgoing,
+    Packet, QoS,
+};
+use tokio::runtime::Handle;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+
+use super::mqtt::{MqttConfig, MqttSetupError, is_publish_topic, is_topic_level};
+use super::spool::{Spool, SpoolError};
+use super::tracker::{AlertEvent, CameraState};
+
+/// Spool entries handed to rumqttc and not yet acknowledged, at most.
+const SPOOL_WINDOW: usize = 16;
+/// rumqttc's request channel and its in-flight limit.
+const REQUEST_CAPACITY: usize = 64;
+/// Snapshots and states queued for the publisher task, at most; beyond it they are dropped.
+const COMMAND_CAPACITY: usize = 64;
+/// Largest message we hand rumqttc (its outgoing packet limit is set above this in `mqtt.rs`).
+const MAX_PAYLOAD: usize = 60 * 1024 * 1024;
+
+/// Why the broker link is not up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    #[error(
+        "MQTT broker {broker} refused the connection of user {user}: {reason}; check mqtt.username, mqtt.password and mqtt.client_id"
+    )]
+    Refused {
+        broker: String,
+        user: String,
+        reason: String,
+    },
+    #[error("cannot reach MQTT broker {broker}: {message}")]
+    Unreachable { broker: String, message: String },
+    #[error("connection to MQTT broker {broker} lost: {message}")]
+    Lost { broker: String, message: String },
+}
+
+/// What the publisher's handle can report.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublisherError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("no connection to MQTT broker {broker} after {waited:?}{}", .last.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
+    Timeout {
+        broker: String,
+        waited: Duration,
+        last: Option<LinkError>,
+    },
+    #[error("the MQTT publisher for {broker} has stopped")]
+    Stopped { broker: String },
+}
+
+/// Why a message was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(
+        "camera name {camera:?} cannot be an MQTT topic level: it must be non-empty, without '/', '+', '#' or NUL"
+    )]
+    Camera { camera: String },
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("cannot encode the state of camera {camera}: {source}")]
+    Encode {
+        camera: String,
+        source: serde_json::Error,
+    },
+    #[error("the MQTT publisher's queue is full; {what} for camera {camera} dropped")]
+    QueueFull { what: &'static str, camera: String },
+    #[error("the MQTT publisher has stopped; {what} for camera {camera} dropped")]
+    Stopped { what: &'static str, camera: String },
+}
+
+/// Counters for metrics, as of the call.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PublisherStatus {
+    /// A CONNACK was accepted and the link has not failed since.
+    pub connected: bool,
+    /// Spooled events the broker acknowledged (PUBACK) since start.
+    pub events_published: u64,
+    /// Events waiting in the spool (on disk).
+    pub events_pending: usize,
+    /// Events the spool dropped to stay within its bound since start.
+    pub events_dropped: u64,
+    /// Snapshots and states handed to the broker.
+    pub messages_published: u64,
+    /// Snapshots and states dropped (queue full or no connection) and unpublishable spool entries.
+    pub messages_dropped: u64,
+    /// Successful connections after the first.
+    pub reconnects: u64,
+    /// Failed connection attempts and lost connections.
+    pub connection_failures: u64,
+    /// The latest link problem (kept after a later success, for the log and metrics page).
+    pub last_error: Option<String>,
+}
+
+/// How `shutdown` went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownOutcome {
+    /// `offline` was acknowledged by the broker and the connection closed with DISCONNECT.
+    Clean,
+    /// There was no connection: the broker publishes the `offline` last will itself.
+    NotConnected,
+    /// The broker did not answer in time; the connection was dropped (the last will applies).
+    TimedOut,
+}
+
+#[derive(Debug, Default)]
+struct Link {
+    connected: bool,
+    connects: u64,
+    last_error: Option<LinkError>,
+    stopped: bool,
+    outcome: Option<ShutdownOutcome>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: MqttConfig,
+    spool: Mutex<Spool>,
+    /// Wakes the publisher task: an event was spooled or shutdown was requested.
+    wake: Notify,
+    shutdown: Mutex<Option<Duration>>,
+    link: Mutex<Link>,
+    link_changed: Condvar,
+    events_published: AtomicU64,
+    messages_published: AtomicU64,
+    messages_dropped: AtomicU64,
+    connection_failures: AtomicU64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn update_link(&self, change: impl FnOnce(&mut Link)) {
+        change(&mut lock(&self.link));
+        self.link_changed.notify_all();
+    }
+}
+
+/// What the pipeline hands the publisher task besides events (which go through the spool).
+#[derive(Debug)]
+enum Command {
+    Snapshot { topic: String, jpeg: Vec<u8> },
+    State { topic: String, payload: Vec<u8> },
+}
+
+/// The pipeline's side: cheap to clone, every method returns at once (an event costs a spool
+/// file write and fsync, never a network wait). Usable from any thread, inside tokio or not,
+/// except the blocking `wait_connected` and `shutdown`, which must not run on a runtime thread.
+#[derive(Debug, Clone)]
+pub struct PublisherHandle {
+    shared: Arc<Shared>,
+    commands: mpsc::Sender<Command>,
+}
+
+/// Starts publishers.
+pub struct AlertPublisher;
+
+impl AlertPublisher {
+    /// Validates `config`, then spawns the publisher on `runtime`. Entries already in `spool`
+    /// (left by an earlier run) are published first, in order. The join handle ends after
+    /// `PublisherHandle::shutdown` (or when the runtime stops).
+    pub fn start(
+        config: MqttConfig,
+        spool: Spool,
+        runtime: &Handle,
+    ) -> Result<(PublisherHandle, JoinHandle<()>), MqttSetupError> {
+        config.validate()?;
+        let options = config.mqtt_options()?;
+        for warning in spool.warnings() {
+            log::warn!("alert spool: {warning}");
+        }
+        let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+        let mut network = NetworkOptions::new();
+        network.set_connection_timeout(u64::from(config.connect_timeout_seconds.max(1)));
+        eventloop.set_network_options(network);
+        eventloop.mqtt_options.set_inflight(REQUEST_CAPACITY as u16);
+
+        let shared = Arc::new(Shared {
+            config,
+            spool: Mutex::new(spool),
+            wake: Notify::new(),
+            shutdown: Mutex::new(None),
+            link: Mutex::new(Link::default()),
+            link_changed: Condvar::new(),
+            events_published: AtomicU64::new(0),
+            messages_published: AtomicU64::new(0),
+            messages_dropped: AtomicU64::new(0),
+            connection_failures: AtomicU64::new(0),
+        });
+        let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
+        let (net_tx, net_rx) = mpsc::unbounded_channel();
+        let (resume_tx, resume_rx) = mpsc::channel(1);
+        let backoff = Backoff::new(
+            shared.config.reconnect_min_seconds,
+            shared.config.reconnect_max_seconds,
+        );
+        let driver = runtime.spawn(drive(eventloop, net_tx, resume_rx, backoff));
+        let publisher = Publisher {
+            shared: Arc::clone(&shared),
+            client,
+            net_rx,
+            resume_tx,
+            commands: command_rx,
+            driver,
+            connected: false,
+            session: Session::default(),
+            states: BTreeMap::new(),
+        };
+        let task = runtime.spawn(publisher.run());
+        Ok((
+            PublisherHandle {
+                shared,
+                commands: command_tx,
+            },
+            task,
+        ))
+    }
+}
+
+impl PublisherHandle {
+    /// Writes the event to the spool (durable once this returns), then wakes the publisher,
+    /// which sends it to `<prefix>/<camera>/events` with QoS 1 and forgets it after the PUBACK.
+    /// Returns the spool sequence number. Works while the broker is away and after shutdown:
+    /// the event then waits on disk for the next run.
+    pub fn event(&self, event: &AlertEvent) -> Result<u64, PublishError> {
+        check_camera(&event.camera)?;
+        let topic = self.shared.config.events_topic(&event.camera);
+        let pushed = lock(&self.shared.spool).push_event(&topic, event)?;
+        for dropped in &pushed.dropped {
+            log::warn!(
+                "alert spool in {} full: dropped {:?} entry {} for {}",
+                spool_dir_of(&self.shared),
+                dropped.kind,
+                dropped.seq,
+                dropped.topic
+            );
+        }
+        self.shared.wake.notify_one();
+        Ok(pushed.seq)
+    }
+
+    /// Queues the annotated JPEG for `<prefix>/<camera>/snapshot` (QoS 1, not retained, not
+    /// spooled: without a connection it is dropped and counted).
+    pub fn snapshot(&self, camera: &str, jpeg: Vec<u8>) -> Result<(), PublishError> {
+        check_camera(camera)?;
+        let topic = self.shared.config.snapshot_topic(camera);
+        self.send(Command::Snapshot { topic, jpeg }, "snapshot", camera)
+    }
+
+    /// Queues the camera's state for `<prefix>/<camera>/state` (retained, QoS 1). The latest
+    /// state of every camera is sent again after each reconnect.
+    pub fn state(&self, camera: &str, state: &CameraState) -> Result<(), PublishError> {
+        check_camera(camera)?;
+        let payload = serde_json::to_vec(state).map_err(|source| PublishError::Encode {
+            camera: camera.to_string(),
+            source,
+        })?;
+        let topic = self.shared.config.state_topic(camera);
+        self.send(Command::State { topic, payload }, "state", camera)
+    }
+
+    fn send(&self, command: Command, what: &'static str, camera: &str) -> Result<(), PublishError> {
+        self.commands.try_send(command).map_err(|error| {
+            self.shared.messages_dropped.fetch_add(1, Ordering::Relaxed);
+            let camera = camera.to_string();
+            match error {
+                mpsc::error::TrySendError::Full(_) => PublishError::QueueFull { what, camera },
+                mpsc::error::TrySendError::Closed(_) => PublishError::Stopped { what, camera },
+            }
+        })
+    }
+
+    /// Counters for metrics.
+    pub fn status(&self) -> PublisherStatus {
+        let (events_pending, events_dropped) = {
+            let spool = lock(&self.shared.spool);
+            (spool.len(), spool.dropped())
+        };
+        let link = lock(&self.shared.link);
+        PublisherStatus {
+            connected: link.connected,
+            events_published: self.shared.events_published.load(Ordering::Relaxed),
+            events_pending,
+            events_dropped,
+            messages_published: self.shared.messages_published.load(Ordering::Relaxed),
+            messages_dropped: self.shared.messages_dropped.load(Ordering::Relaxed),
+            reconnects: link.connects.saturating_sub(1),
+            connection_failures: self.shared.connection_failures.load(Ordering::Relaxed),
+            last_error: link.last_error.as_ref().map(ToString::to_string),
+        }
+    }
+
+    /// Blocks until the broker accepted the connection. A refused login returns at once with
+    /// the broker, the user and the reason; anything else waits up to `timeout`.
+    pub fn wait_connected(&self, timeout: Duration) -> Result<(), PublisherError> {
+        let start = Instant::now();
+        let mut link = lock(&self.shared.link);
+        loop {
+            if link.connected {
+                return Ok(());
+            }
+            if let Some(error @ LinkError::Refused { .. }) = &link.last_error {
+                return Err(error.clone().into());
+            }
+            if link.stopped {
+                return Err(PublisherError::Stopped {
+                    broker: self.shared.config.broker(),
+                });
+            }
+            let Some(left) = timeout.checked_sub(start.elapsed()) else {
+                return Err(PublisherError::Timeout {
+                    broker: self.shared.config.broker(),
+                    waited: timeout,
+                    last: link.last_error.clone(),
+                });
+            };
+            link = self
+                .shared
+                .link_changed
+                .wait_timeout(link, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Publishes `offline` (retained), waits for its PUBACK, disconnects, all within `timeout`,
+    /// and blocks until the task has stopped. Events still spooled stay on disk for the next run.
+    pub fn shutdown(&self, timeout: Duration) -> ShutdownOutcome {
+        *lock(&self.shared.shutdown) = Some(timeout);
+        self.shared.wake.notify_one();
+        // The task gives up at `timeout`; the margin covers scheduling.
+        let limit = timeout + Duration::from_millis(500);
+        let start = Instant::now();
+        let mut link = lock(&self.shared.link);
+        while !link.stopped {
+            let Some(left) = limit.checked_sub(start.elapsed()) else {
+                return ShutdownOutcome::TimedOut;
+            };
+            link = self
+                .shared
+                .link_changed
+                .wait_timeout(link, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        link.outcome.unwrap_or(ShutdownOutcome::TimedOut)
+    }
+}
+
+fn spool_dir_of(shared: &Shared) -> String {
+    lock(&shared.spool).dir().display().to_string()
+}
+
+fn check_camera(camera: &str) -> Result<(), PublishError> {
+    if is_topic_level(camera) {
+        Ok(())
+    } else {
+        Err(PublishError::Camera {
+            camera: camera.to_string(),
+        })
+    }
+}
+
+/// Capped exponential backoff between connection attempts.
+#[derive(Debug, Clone)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(min_seconds: f64, max_seconds: f64) -> Self {
+        let seconds = |value: f64, fallback: f64| {
+            Duration::try_from_secs_f64(value).unwrap_or(Duration::from_secs_f64(fallback))
+        };
+        let min = seconds(min_seconds, 0.5);
+        let max = seconds(max_seconds, 30.0).max(min);
+        Self {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    /// The wait before the next attempt; a refused login waits the longest straight away.
+    fn after_failure(&mut self, refused: bool) -> Duration {
+        let wait = if refused { self.max } else { self.next };
+        self.next = (self.next * 2).min(self.max);
+        wait
+    }
+}
+
+/// What the driver reports to the publisher.
+#[derive(Debug)]
+enum Net {
+    Event(Event),
+    /// The link failed; the driver waits for a resume before it cleans up and retries.
+    Down {
+        error: ConnectionError,
+        retry_in: Duration,
+    },
+}
+
+/// Polls rumqttc's event loop for ever, forwarding what happens. After a failure it waits for
+/// the publisher to confirm it sends nothing more, drops rumqttc's queued requests (the spool
+/// resends them), sleeps the backoff and reconnects.
+async fn drive(
+    mut eventloop: EventLoop,
+    net: mpsc::UnboundedSender<Net>,
+    mut resume: mpsc::Receiver<()>,
+    mut backoff: Backoff,
+) {
+    loop {
+        match eventloop.poll().await {
+            Ok(event) => {
+                if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
+                    backoff.reset();
+                }
+                let disconnected = matches!(event, Event::Outgoing(Outgoing::Disconnect));
+                if net.send(Net::Event(event)).is_err() || disconnected {
+                    return;
+                }
+            }
+            Err(ConnectionError::RequestsDone) => return,
+            Err(error) => {
+                let refused = matches!(error, ConnectionError::ConnectionRefused(_));
+                let retry_in = backoff.after_failure(refused);
+                if net.send(Net::Down { error, retry_in }).is_err() {
+                    return;
+                }
+                if resume.recv().await.is_none() {
+                    return;
+                }
+                eventloop.clean();
+                eventloop.pending.clear();
+                tokio::time::sleep(retry_in).await;
+            }
+        }
+    }
+}
+
+/// What a request handed to rumqttc was, so its packet id can be matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tag {
+    Spool(u64),
+    Offline,
+    Other,
+}
+
+/// Per-connection bookkeeping; reset on every connect and loss.
+#[derive(Debug, Default)]
+struct Session {
+    /// Requests handed to rumqttc whose `Outgoing::Publish` has not been seen yet, in order.
+    awaiting_pkid: VecDeque<Tag>,
+    /// Packet id → what it carries, until its PUBACK.
+    by_pkid: HashMap<u16, Tag>,
+    /// Highest spool sequence number handed to rumqttc in this session.
+    last_sent: Option<u64>,
+    /// Spool entries handed over and not yet acknowledged.
+    spool_in_flight: usize,
+    offline_acked: bool,
+}
+
+struct Publisher {
+    shared: Arc<Shared>,
+    client: AsyncClient,
+    net_rx: mpsc::UnboundedReceiver<Net>,
+    resume_tx: mpsc::Sender<()>,
+    commands: mpsc::Receiver<Command>,
+    driver: JoinHandle<()>,
+    connected: bool,
+    session: Session,
+    /// Latest state payload per topic, re-sent on every connect.
+    states: BTreeMap<String, Vec<u8>>,
+}
+
+impl Publisher {
+    async fn run(mut self) {
+        let timeout = loop {
+            if let Some(timeout) = *lock(&self.shared.shutdown) {
+                break timeout;
+            }
+            if self.connected {
+                self.send_spooled();
+            }
+            tokio::select! {
+                net = self.net_rx.recv() => match net {
+                    Some(net) => self.on_net(net).await,
+                    None => {
+                        log::error!("MQTT driver for {} stopped unexpectedly", self.shared.config.broker());
+                        self.finish(ShutdownOutcome::NotConnected);
+                        return;
+                    }
+                },
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    // Every handle is gone: nobody can ask for a shutdown any more.
+                    None => {
+                        lock(&self.shared.shutdown).get_or_insert(Duration::from_secs(2));
+                    }
+                },
+                () = self.shared.wake.notified() => {}
+            }
+        };
+        let outcome = match tokio::time::timeout(timeout, self.go_offline()).await {
+            Ok(outcome) => outcome,
+            Err(_) => ShutdownOutcome::TimedOut,
+        };
+        self.finish(outcome);
+    }
+
+    fn finish(&mut self, outcome: ShutdownOutcome) {
+        self.driver.abort();
+        self.connected = false;
+        self.shared.update_link(|link| {
+            link.connected = false;
+            link.stopped = true;
+            link.outcome = Some(outcome);
+        });
+    }
+
+    /// Publishes `offline`, waits for its PUBACK, then sends DISCONNECT (the broker then does not
+    /// publish the last will; the retained `offline` stays).
+    async fn go_offline(&mut self) -> ShutdownOutcome {
+        if !self.connected {
+            return ShutdownOutcome::NotConnected;
+        }
+        let topic = self.shared.config.available_topic();
+        if !self.publish(
+            topic,
+            QoS::AtLeastOnce,
+            true,
+            b"offline".to_vec(),
+            Tag::Offline,
+        ) {
+            return ShutdownOutcome::TimedOut;
+        }
+        while !self.session.offline_acked {
+            match self.net_rx.recv().await {
+                Some(net) => self.on_net(net).await,
+                None => return ShutdownOutcome::TimedOut,
+            }
+            if !self.connected {
+                return ShutdownOutcome::NotConnected;
+            }
+        }
+        if self.client.try_disconnect().is_err() {
+            return ShutdownOutcome::TimedOut;
+        }
+        loop {
+            match self.net_rx.recv().await {
+                Some(Net::Event(Event::Outgoing(Outgoing::Disconnect))) => {
+                    return ShutdownOutcome::Clean;
+                }
+                Some(net) => self.on_net(net).await,
+                None => return ShutdownOutcome::TimedOut,
+            }
+        }
+    }
+
+    async fn on_net(&mut self, net: Net) {
+        match net {
+            Net::Event(Event::Incoming(Packet::ConnAck(_))) => self.on_connected(),
+            Net::Event(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                if let Some(tag) = self.session.awaiting_pkid.pop_front() {
+                    // QoS 0 publishes report packet id 0 and get no PUBACK.
+                    if pkid != 0 {
+                        self.session.by_pkid.insert(pkid, tag);
+                    }
+                }
+            }
+            Net::Event(Event::Incoming(Packet::PubAck(ack))) => {
+                match self.session.by_pkid.remove(&ack.pkid) {
+                    Some(Tag::Spool(seq)) => self.on_spool_acked(seq),
+                    Some(Tag::Offline) => self.session.offline_acked = true,
+                    Some(Tag::Other) | None => {}
+                }
+            }
+            Net::Event(_) => {}
+            Net::Down { error, retry_in } => {
+                let was_connected = self.connected;
+                self.connected = false;
+                self.session = Session::default();
+                let error = self.link_error(&error, was_connected);
+                self.shared
+                    .connection_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                let repeated = lock(&self.shared.link).last_error.as_ref() == Some(&error);
+                match &error {
+                    LinkError::Refused { .. } => log::error!("{error}; retrying in {retry_in:?}"),
+                    _ if !repeated => log::warn!("{error}; retrying in {retry_in:?}"),
+                    _ => log::debug!("{error}; retrying in {retry_in:?}"),
+                }
+                self.shared.update_link(|link| {
+                    link.connected = false;
+                    link.last_error = Some(error);
+                });
+                // Everything handed to rumqttc so far is in its channel: the driver may clean up.
+                let _ = self.resume_tx.send(()).await;
+            }
+        }
+    }
+
+    fn on_connected(&mut self) {
+        self.connected = true;
+        self.session = Session::default();
+        self.shared.update_link(|link| {
+            link.connected = true;
+            link.connects += 1;
+        });
+        log::info!(
+            "connected to MQTT broker {} as {}",
+            self.shared.config.broker(),
+            self.shared.config.client_id
+        );
+        let topic = self.shared.config.available_topic();
+        self.publish(
+            topic,
+            QoS::AtLeastOnce,
+            true,
+            b"online".to_vec(),
+            Tag::Other,
+        );
+        let states: Vec<(String, Vec<u8>)> = self
+            .states
+            .iter()
+            .map(|(topic, payload)| (topic.clone(), payload.clone()))
+            .collect();
+        for (topic, payload) in states {
+            if self.publish(topic, QoS::AtLeastOnce, true, payload, Tag::Other) {
+                self.shared
+                    .messages_published
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn on_spool_acked(&mut self, seq: u64) {
+        self.session.spool_in_flight = self.session.spool_in_flight.saturating_sub(1);
+        match lock(&self.shared.spool).ack(seq) {
+            Ok(true) => {
+                self.shared.events_published.fetch_add(1, Ordering::Relaxed);
+            }
+            // Dropped by the spool's bound while in flight: it reached the broker anyway.
+            Ok(false) => {}
+            Err(error) => log::error!("alert spool: {error}"),
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Snapshot { topic, jpeg } => {
+                let sent = self.connected
+                    && jpeg.len() <= MAX_PAYLOAD
+                    && self.publish(topic, QoS::AtLeastOnce, false, jpeg, Tag::Other);
+                let counter = if sent {
+                    &self.shared.messages_published
+                } else {
+                    &self.shared.messages_dropped
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            Command::State { topic, payload } => {
+                self.states.insert(topic.clone(), payload.clone());
+                if self.connected
+                    && self.publish(topic, QoS::AtLeastOnce, true, payload, Tag::Other)
+                {
+                    self.shared
+                        .messages_published
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Hands the next spool entries to rumqttc, oldest first, up to the window.
+    fn send_spooled(&mut self) {
+        while self.session.spool_in_flight < SPOOL_WINDOW {
+            let next = {
+                let spool = lock(&self.shared.spool);
+                spool
+                    .pending()
+                    .find(|entry| self.session.last_sent.is_none_or(|last| entry.seq > last))
+                    .cloned()
+            };
+            let Some(entry) = next else { return };
+            if !is_publish_topic(&entry.topic) || entry.payload.len() > MAX_PAYLOAD {
+                // A hand-edited or foreign file would block the spool for ever: drop it, loudly.
+                log::error!(
+                    "alert spool entry {} (topic {:?}, {} bytes) cannot be published; dropped",
+                    entry.seq,
+                    entry.topic,
+                    entry.payload.len()
+                );
+                self.shared.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                if let Err(error) = lock(&self.shared.spool).ack(entry.seq) {
+                    log::error!("alert spool: {error}");
+                }
+                self.session.last_sent = Some(entry.seq);
+                continue;
+            }
+            if !self.publish(
+                entry.topic,
+                QoS::AtLeastOnce,
+                false,
+                entry.payload,
+                Tag::Spool(entry.seq),
+            ) {
+                // rumqttc's channel is full: its acks wake us to continue.
+                return;
+            }
+            self.session.last_sent = Some(entry.seq);
+            self.session.spool_in_flight += 1;
+        }
+    }
+
+    /// False when rumqttc's request channel is full (nothing was queued).
+    fn publish(
+        &mut self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+        tag: Tag,
+    ) -> bool {
+        match self.client.try_publish(topic, qos, retain, payload) {
+            Ok(()) => {
+                self.session.awaiting_pkid.push_back(tag);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn link_error(&self, error: &ConnectionError, was_connected: bool) -> LinkError {
+        let config = &self.shared.config;
+        let broker = config.broker();
+        if let ConnectionError::ConnectionRefused(code) = error {
+            let reason = match code {
+                ConnectReturnCode::BadUserNamePassword => "bad user name or password",
+                ConnectReturnCode::NotAuthorized => "not authorised",
+                ConnectReturnCode::BadClientId => "client id rejected",
+                ConnectReturnCode::RefusedProtocolVersion => "MQTT 3.1.1 not supported",
+                ConnectReturnCode::ServiceUnavailable => "service unavailable",
+                ConnectReturnCode::Success => "refused with code success",
+            };
+            return LinkError::Refused {
+                broker,
+                user: config
+                    .username
+                    .clone()
+                    .unwrap_or_else(|| "(anonymous)".to_string()),
+                reason: reason.to_string(),
+            };
+        }
+        let message = error.to_string();
+        if was_connected {
+            LinkError::Lost { broker, message }
+        } else {
+            LinkError::Unreachable { broker, message }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_cap_and_resets() {
+        let mut backoff = Backoff::new(0.5, 3.0);
+        let waits: Vec<f64> = (0..5)
+            .map(|_| backoff.after_failure(false).as_secs_f64())
+            .collect();
+        assert_eq!(waits, [0.5, 1.0, 2.0, 3.0, 3.0]);
+        backoff.reset();
+        assert_eq!(backoff.after_failure(false), Duration::from_millis(500));
+        assert_eq!(backoff.after_failure(true), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn refused_message_names_broker_and_user() {
+        let error = LinkError::Refused {
+            broker: "10.0.0.5:1883".into(),
+            user: "line3".into(),
+            reason: "bad user name or password".into(),
+        };
+        assert_eq!(
+            error.to_string(),
+            "MQTT broker 10.0.0.5:1883 refused the connection of user line3: bad user name or \
+             password; check mqtt.username, mqtt.password and mqtt.client_id"
+        );
+    }
+}

@@ -1,0 +1,907 @@
+//! The MQTT publisher against a real mosquitto (installed by scripts/setup.sh). Every test starts
+//! its own broker on a free port with a generated config, and stops it when done.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use stpm::alerts::{
+    AlertEvent, BoxN, CameraState, CameraStatus, EndReason, EventKind, LinkError, MqttConfig,
+    PublishError, PublisherError, PublisherHandle, ShutdownOutcome, Spool,
+};
+use tempfile::TempDir;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------------------------
+// The broker
+
+fn mosquitto_binary() -> PathBuf {
+    let from_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("mosquitto"))
+            .find(|path| path.is_file())
+    });
+    // Debian installs it in /usr/sbin, which a normal user's PATH lacks.
+    from_path
+        .or_else(|| {
+            ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+                .into_iter()
+                .map(PathBuf::from)
+                .find(|path| path.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the mosquitto broker is not installed (not in PATH nor /usr/sbin): run \
+                 `bash scripts/setup.sh` (it installs the Debian packages mosquitto and \
+                 mosquitto-clients)"
+            )
+        })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("no free TCP port on 127.0.0.1")
+}
+
+/// A mosquitto process on 127.0.0.1:`port`, killed on drop. Persistence is on (in its own
+/// folder) so that a subscriber's session and queued QoS 1 messages survive `restart`.
+struct Broker {
+    port: u16,
+    folder: TempDir,
+    child: Option<Child>,
+}
+
+impl Broker {
+    fn start() -> Self {
+        Self::start_on(free_port(), None)
+    }
+
+    /// With `login`, only that user and password may connect.
+    fn start_on(port: u16, login: Option<(&str, &str)>) -> Self {
+        Self::start_with(port, login, "")
+    }
+
+    /// `extra` is appended to the generated mosquitto.conf (more listeners, TLS).
+    fn start_with(port: u16, login: Option<(&str, &str)>, extra: &str) -> Self {
+        let folder = tempfile::tempdir().expect("temp folder for mosquitto");
+        let dir = folder.path();
+        let mut config = format!(
+            "listener {port} 127.0.0.1\npersistence true\npersistence_location {}/\n\
+             log_dest stderr\nlog_type error\nlog_type warning\n\
+             # mosquitto started as root would switch to user mosquitto and lose our files.\n\
+             user root\n",
+            dir.display()
+        );
+        match login {
+            None => config.push_str("allow_anonymous true\n"),
+            Some((user, password)) => {
+                let file = dir.join("passwords");
+                let status = Command::new("mosquitto_passwd")
+                    .arg("-b")
+                    .arg("-c")
+                    .arg(&file)
+                    .arg(user)
+                    .arg(password)
+                    .status()
+                    .expect("mosquitto_passwd missing: run `bash scripts/setup.sh`");
+                assert!(status.success(), "mosquitto_passwd failed");
+                config.push_str(&format!(
+                    "allow_anonymous false\npassword_file {}\n",
+                    file.display()
+                ));
+            }
+        }
+        config.push_str(extra);
+        fs::write(dir.join("mosquitto.conf"), config).unwrap();
+        let mut broker = Self {
+            port,
+            folder,
+            child: None,
+        };
+        broker.launch();
+        broker
+    }
+
+    fn launch(&mut self) {
+        let mut child = Command::new(mosquitto_binary())
+            .arg("-c")
+            .arg(self.folder.path().join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start mosquitto");
+        let stderr = child.stderr.take();
+        self.child = Some(child);
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                let log: Vec<String> = stderr
+                    .map(|s| BufReader::new(s).lines().map_while(Result::ok).collect())
+                    .unwrap_or_default();
+                panic!("mosquitto exited with {status}:\n{}", log.join("\n"));
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "mosquitto did not listen on {}",
+                self.port
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM (mosquitto saves its sessions), then waits for the process to end.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let start = Instant::now();
+            while matches!(child.try_wait(), Ok(None)) && start.elapsed() < WAIT {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A subscriber (rumqttc's blocking client on its own thread)
+
+#[derive(Debug, Clone)]
+struct Message {
+    topic: String,
+    payload: Vec<u8>,
+    retain: bool,
+}
+
+impl Message {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.payload).expect("payload is JSON")
+    }
+}
+
+struct Subscriber {
+    messages: mpsc::Receiver<Message>,
+    client: Client,
+}
+
+impl Subscriber {
+    /// Connects, subscribes to `filter` with QoS 1 and waits for the SUBACK. With `session`, the
+    /// broker keeps the subscription and queues messages while the subscriber is away.
+    fn new(port: u16, filter: &str, session: Option<&str>) -> Self {
+        let id = session
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("sub-{}-{}", std::process::id(), free_port()));
+        let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        options
+            .set_keep_alive(Duration::from_secs(5))
+            .set_clean_session(session.is_none())
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut connection) = Client::new(options, 16);
+        let (message_tx, messages) = mpsc::channel();
+        let (ready_tx, ready) = mpsc::channel();
+        let filter = filter.to_string();
+        let subscriber = client.clone();
+        thread::spawn(move || {
+            loop {
+                match connection.recv() {
+                    Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                        let _ = subscriber.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
+                    Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(Ok(Event::Incoming(Packet::Publish(publish)))) => {
+                        let message = Message {
+                            topic: publish.topic.clone(),
+                            payload: publish.payload.to_vec(),
+                            retain: publish.retain,
+                        };
+                        if message_tx.send(message).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => thread::sleep(Duration::from_millis(50)),
+                    Err(_) => return,
+                }
+            }
+        });
+        ready
+            .recv_timeout(WAIT)
+            .expect("test subscriber got no SUBACK");
+        Self { messages, client }
+    }
+
+    fn next(&self) -> Message {
+        self.messages
+            .recv_timeout(WAIT)
+            .expect("no MQTT message within 5 s")
+    }
+
+    /// The next `count` messages.
+    fn take(&self, count: usize) -> Vec<Message> {
+        (0..count).map(|_| self.next()).collect()
+    }
+
+    /// The next message on `topic`, skipping others.
+    fn next_on(&self, topic: &str) -> Message {
+        let start = Instant::now();
+        loop {
+            let left = WAIT.saturating_sub(start.elapsed());
+            let message = self
+                .messages
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no message on {topic} within 5 s"));
+            if message.topic == topic {
+                return message;
+            }
+        }
+    }
+
+    /// True when nothing arrives for `quiet`.
+    fn silent_for(&self, quiet: Duration) -> bool {
+        self.messages.recv_timeout(quiet).is_err()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.client.try_disconnect();
+    }
+}
+
+/// The retained message of `topic`, as a new subscriber sees it.
+fn retained(port: u16, topic: &str) -> Message {
+    let subscriber = Subscriber::new(port, topic, None);
+    let message = subscriber.next();
+    assert_eq!(message.topic, topic);
+    message
+}
+
+// ---------------------------------------------------------------------------------------------
+// The publisher under test
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn config(port: u16, prefix: &str) -> MqttConfig {
+    MqttConfig {
+        port,
+        prefix: prefix.to_string(),
+        client_id: format!("stpm-test-{prefix}"),
+        keep_alive_seconds: 5,
+        connect_timeout_seconds: 2,
+        reconnect_min_seconds: 0.05,
+        reconnect_max_seconds: 0.5,
+        ..MqttConfig::default()
+    }
+}
+
+fn start_publisher(
+    runtime: &tokio::runtime::Runtime,
+    config: MqttConfig,
+    spool_dir: &Path,
+) -> PublisherHandle {
+    let spool = Spool::open(spool_dir, 1000).unwrap();
+    let (handle, _task) = config.build(spool, runtime.handle()).unwrap();
+    handle
+}
+
+fn event(kind: EventKind, camera: &str, counter: u32, score: f32) -> AlertEvent {
+    AlertEvent {
+        kind,
+        id: format!("{camera}-1700000000000-{counter}"),
+        camera: camera.to_string(),
+        start_time: 1_700_000_000.0,
+        end_time: (kind == EventKind::End).then_some(1_700_000_004.5),
+        score,
+        top_score: score,
+        boxes: vec![BoxN {
+            x: 0.25,
+            y: 0.5,
+            w: 0.125,
+            h: 0.25,
+        }],
+        snapshot: kind == EventKind::New,
+        model: "brick-v1".to_string(),
+        end_reason: (kind == EventKind::End).then_some(EndReason::Cleared),
+    }
+}
+
+/// A camera's events `new`, `update`, `end`, numbered `counter`.
+fn one_alert(camera: &str, counter: u32) -> Vec<AlertEvent> {
+    vec![
+        event(EventKind::New, camera, counter, 0.6),
+        event(EventKind::Update, camera, counter, 0.8),
+        event(EventKind::End, camera, counter, 0.3),
+    ]
+}
+
+/// (type, id) of each message, to compare orders.
+fn kinds_and_ids(messages: &[Message]) -> Vec<(String, String)> {
+    messages
+        .iter()
+        .map(|message| {
+            let json = message.json();
+            (
+                json["type"].as_str().unwrap_or_default().to_string(),
+                json["id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn expected(events: &[AlertEvent]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .map(|event| {
+            let json = serde_json::to_value(event).unwrap();
+            (json["type"].as_str().unwrap().to_string(), event.id.clone())
+        })
+        .collect()
+}
+
+fn spool_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|item| item.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".msg"))
+        .collect();
+    names.sort();
+    names
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn events_arrive_in_order_with_design_keys_and_available_is_online_retained() {
+    let broker = Broker::start();
+    let spool_dir = tempfile::tempdir().unwrap();
+    let subscriber = Subscriber::new(broker.port, "t_a/+/events", None);
+    let runtime = runtime();
+    let publisher = start_publisher(&runtime, config(broker.port, "t_a"), spool_dir.path());
+    publisher.wait_connected(WAIT).unwrap();
+
+    let mut events = one_alert("line1", 0);
+    events.insert(1, event(EventKind::New, "line2", 0, 0.9));
+    for event in &events {
+        publisher.event(event).unwrap();
+    }
+    let received = subscriber.take(events.len());
+    assert_eq!(kinds_and_ids(&received), expected(&events));
+    assert_eq!(received[0].topic, "t_a/line1/events");
+    assert_eq!(received[1].topic, "t_a/line2/events");
+    assert!(received.iter().all(|message| !message.retain));
+    let new = received[0].json();
+    let mut keys: Vec<&str> = new
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "boxes",
+            "camera",
+            "end_time",
+            "id",
+            "model",
+            "score",
+            "snapshot",
+            "start_time",
+            "top_score",
+            "type"
+        ]
+    );
+    assert_eq!(new["camera"], "line1");
+    assert_eq!(new["score"], 0.6);
+    assert_eq!(new["boxes"][0]["w"], 0.125);
+    assert_eq!(new["end_time"], Value::Null);
+    let end = received[3].json();
+    assert_eq!(end["end_time"], 1_700_000_004.5);
+    assert_eq!(end["end_reason"], "cleared");
+    let parsed: AlertEvent = serde_json::from_slice(&received[2].payload).unwrap();
+    assert_eq!(parsed, events[2]);
+
+    let available = retained(broker.port, "t_a/available");
+    assert_eq!(available.text(), "online");
+    assert!(available.retain);
+
+    wait_until("PUBACKs", || publisher.status().events_pending == 0);
+    let status = publisher.status();
+    assert!(status.connected);
+    assert_eq!(status.events_published, 4);
+    assert_eq!((status.events_dropped, status.reconnects), (0, 0));
+    assert_eq!(spool_files(spool_dir.path()), Vec::<String>::new());
+
+    // Snapshots go out as they are, not retained, not spooled.
+    let snapshots = Subscriber::new(broker.port, "t_a/line1/snapshot", None);
+    let jpeg = vec![0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3, 0xFF, 0xD9];
+    publisher.snapshot("line1", jpeg.clone()).unwrap();
+    let snapshot = snapshots.next();
+    assert_eq!(snapshot.payload, jpeg);
+    assert!(!snapshot.retain);
+    assert!(matches!(
+        publisher.snapshot("line/1", jpeg.clone()),
+        Err(PublishError::Camera { .. })
+    ));
+    assert_eq!(
+        publisher.shutdown(Duration::from_secs(2)),
+        ShutdownOutcome::Clean
+    );
+
+    // After the shutdown, events still go to disk for the next run; snapshots are refused.
+    let late = event(EventKind::New, "line1", 9, 0.9);
+    publisher.event(&late).unwrap();
+    assert_eq!(spool_files(spool_dir.path()).len(), 1);
+    assert!(matches!(
+        publisher.snapshot("line1", jpeg),
+        Err(PublishError::Stopped { .. })
+    ));
+    assert!(subscriber.silent_for(Duration::from_millis(200)));
+}
+
+#[test]
+fn events_spooled_while_broker_is_down_arrive_in_order_after_it_returns() {
+    let mut broker = Broker::start();
+    let spool_dir = tempfile::tempdir().unwrap();
+    // A persistent session: the broker queues what arrives before the subscriber is back.
+    let subscriber = Subscriber::new(broker.port, "t_b/+/events", Some("t_b-subscriber"));
+    let runtime = runtime();
+    let publisher = start_publisher(&runtime, config(broker.port, "t_b"), spool_dir.path());
+    publisher.wait_connected(WAIT).unwrap();
+
+    let before = event(EventKind::New, "line1", 0, 0.7);
+    publisher.event(&before).unwrap();
+    assert_eq!(kinds_and_ids(&[subscriber.next()]), expected(&[before]));
+
+    broker.stop();
+    wait_until("the publisher to notice", || !publisher.status().connected);
+    let mut during = one_alert("line2", 1);
+    during.push(event(EventKind::End, "line1", 0, 0.2));
+    for event in &during {
+        publisher.event(event).unwrap();
+    }
+    // They are on disk, one file each, in order, while the broker is away.
+    thread::sleep(Duration::from_millis(300));
+    let files = spool_files(spool_dir.path());
+    assert_eq!(files.len(), during.len(), "{files:?}");
+    let on_disk = Spool::open(spool_dir.path(), 1000).unwrap();
+    let payloads: Vec<AlertEvent> = on_disk
+        .pending()
+        .map(|entry| serde_json::from_slice(&entry.payload).unwrap())
+        .collect();
+    assert_eq!(payloads, during);
+    drop(on_disk);
+    let status = publisher.status();
+    assert_eq!(status.events_pending, during.len());
+    assert!(status.connection_failures >= 1);
+    assert!(status.last_error.is_some());
+
+    broker.launch();
+    let received = subscriber.take(during.len());
+    assert_eq!(kinds_and_ids(&received), expected(&during));
+    wait_until("the spool to empty", || {
+        publisher.status().events_pending == 0
+    });
+    assert_eq!(spool_files(spool_dir.path()), Vec::<String>::new());
+    let status = publisher.status();
+    assert!(status.connected);
+    assert_eq!(status.events_published, 1 + during.len() as u64);
+    assert!(status.reconnects >= 1);
+    assert_eq!(retained(broker.port, "t_b/available").text(), "online");
+    assert!(subscriber.silent_for(Duration::from_millis(200)));
+}
+
+#[test]
+fn spool_left_by_a_previous_run_is_published_by_the_next() {
+    let port = free_port();
+    let spool_dir = tempfile::tempdir().unwrap();
+    let events = [one_alert("line1", 0), one_alert("line1", 1)].concat();
+    {
+        // First run: no broker at all; it stops with everything spooled.
+        let runtime = runtime();
+        let publisher = start_publisher(&runtime, config(port, "t_c"), spool_dir.path());
+        for event in &events {
+            publisher.event(event).unwrap();
+        }
+        let error = publisher
+            .wait_connected(Duration::from_millis(300))
+            .unwrap_err();
+        assert!(matches!(error, PublisherError::Timeout { .. }), "{error}");
+        assert!(
+            error.to_string().contains(&format!("127.0.0.1:{port}")),
+            "{error}"
+        );
+        assert_eq!(
+            publisher.shutdown(Duration::from_secs(1)),
+            ShutdownOutcome::NotConnected
+        );
+    }
+    assert_eq!(spool_files(spool_dir.path()).len(), events.len());
+
+    let broker = Broker::start_on(port, None);
+    let subscriber = Subscriber::new(broker.port, "t_c/#", None);
+    let runtime = runtime();
+    let publisher = start_publisher(&runtime, config(port, "t_c"), spool_dir.path());
+    assert_eq!(subscriber.next_on("t_c/available").text(), "online");
+    let received = subscriber.take(events.len());
+    assert_eq!(kinds_and_ids(&received), expected(&events));
+    wait_until("the spool to empty", || {
+        publisher.status().events_pending == 0
+    });
+    assert_eq!(spool_files(spool_dir.path()), Vec::<String>::new());
+    assert_eq!(publisher.status().events_published, events.len() as u64);
+}
+
+#[test]
+fn offline_on_available_after_abrupt_end_and_after_clean_shutdown() {
+    let broker = Broker::start();
+    let spool_dir = tempfile::tempdir().unwrap();
+    let subscriber = Subscriber::new(broker.port, "t_d/available", None);
+
+    // The process dies: its runtime (and socket) go away without DISCONNECT → last will.
+    let abrupt = runtime();
+    let publisher = start_publisher(&abrupt, config(broker.port, "t_d"), spool_dir.path());
+    publisher.wait_connected(WAIT).unwrap();
+    assert_eq!(subscriber.next().text(), "online");
+    abrupt.shutdown_background();
+    let will = subscriber.next();
+    assert_eq!(will.text(), "offline");
+    let available = retained(broker.port, "t_d/available");
+    assert_eq!(
+        (available.text().as_str(), available.retain),
+        ("offline", true)
+    );
+
+    // A clean shutdown says `offline` itself.
+    let runtime = runtime();
+    let publisher = start_publisher(&runtime, config(broker.port, "t_d"), spool_dir.path());
+    publisher.wait_connected(WAIT).unwrap();
+    assert_eq!(subscriber.next().text(), "online");
+    let start = Instant::now();
+    assert_eq!(
+        publisher.shutdown(Duration::from_secs(2)),
+        ShutdownOutcome::Clean
+    );
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert_eq!(subscriber.next().text(), "offline");
+    assert!(!publisher.status().connected);
+    let available = retained(broker.port, "t_d/available");
+    assert_eq!(
+        (available.text().as_str(), available.retain),
+        ("offline", true)
+    );
+    assert!(subscriber.silent_for(Duration::from_millis(300)));
+}
+
+#[test]
+fn wrong_password_is_a_clear_error_without_hammering_the_broker() {
+    let broker = Broker::start_on(free_port(), Some(("line3", "right-password")));
+    let spool_dir = tempfile::tempdir().unwrap();
+    let runtime = runtime();
+    let wrong = MqttConfig {
+        username: Some("line3".to_string()),
+        password: Some("wrong-password".to_string()),
+        reconnect_max_seconds: 1.0,
+        ..config(broker.port, "t_e")
+    };
+    let publisher = start_publisher(&runtime, wrong.clone(), spool_dir.path());
+    let start = Instant::now();
+    let error = publisher.wait_connected(WAIT).unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let PublisherError::Link(LinkError::Refused {
+        broker: at,
+        user,
+        reason,
+    }) = &error
+    else {
+        panic!("expected a refused login, got {error}");
+    };
+    assert_eq!(at, &format!("127.0.0.1:{}", broker.port));
+    assert_eq!(user, "line3");
+    assert!(
+        reason == "not authorised" || reason == "bad user name or password",
+        "{reason}"
+    );
+    let text = error.to_string();
+    assert!(
+        text.contains("check mqtt.username, mqtt.password"),
+        "{text}"
+    );
+    assert!(!text.contains("wrong-password"), "{text}");
+    // A refusal waits reconnect_max_seconds (1 s) between attempts, not a tight loop.
+    thread::sleep(Duration::from_millis(1500));
+    let status = publisher.status();
+    assert!(!status.connected);
+    assert!((1..=3).contains(&status.connection_failures), "{status:?}");
+    assert_eq!(status.last_error.as_deref(), Some(text.as_str()));
+    assert_eq!(
+        publisher.shutdown(Duration::from_secs(1)),
+        ShutdownOutcome::NotConnected
+    );
+
+    let right = MqttConfig {
+        password: Some("right-password".to_string()),
+        client_id: "stpm-test-t_e-right".to_string(),
+        ..wrong
+    };
+    let publisher = start_publisher(&runtime, right, spool_dir.path());
+    publisher.wait_connected(WAIT).unwrap();
+}
+
+#[test]
+fn camera_state_is_retained_and_resent_after_connecting() {
+    let port = free_port();
+    let spool_dir = tempfile::tempdir().unwrap();
+    let runtime = runtime();
+    let publisher = start_publisher(&runtime, config(port, "t_f"), spool_dir.path());
+    // Set while there is no broker yet: kept and sent once connected.
+    let starting = CameraState {
+        status: CameraStatus::Offline,
+        fps: 0.0,
+        score: 0.0,
+    };
+    publisher.state("line1", &starting).unwrap();
+    thread::sleep(Duration::from_millis(100));
+
+    let broker = Broker::start_on(port, None);
+    publisher.wait_connected(WAIT).unwrap();
+    wait_until("the state to go out", || {
+        publisher.status().messages_published >= 1
+    });
+    thread::sleep(Duration::from_millis(100));
+    let subscriber = Subscriber::new(port, "t_f/line1/state", None);
+    let first = subscriber.next();
+    assert!(first.retain);
+    assert_eq!(
+        first.json(),
+        serde_json::json!({"status": "offline", "fps": 0.0, "score": 0.0})
+    );
+
+    for state in [
+        CameraState {
+            status: CameraStatus::Anomaly,
+            fps: 12.5,
+            score: 0.75,
+        },
+        CameraState {
+            status: CameraStatus::Ok,
+            fps: 12.5,
+            score: 0.125,
+        },
+    ] {
+        publisher.state("line1", &state).unwrap();
+    }
+    assert_eq!(subscriber.next().json()["status"], "anomaly");
+    assert_eq!(subscriber.next().json()["status"], "ok");
+    let state = retained(broker.port, "t_f/line1/state");
+    assert!(state.retain);
+    assert_eq!(
+        state.json(),
+        serde_json::json!({"status": "ok", "fps": 12.5, "score": 0.125})
+    );
+    assert!(publisher.state("line#1", &starting).is_err());
+    assert_eq!(
+        publisher.shutdown(Duration::from_secs(2)),
+        ShutdownOutcome::Clean
+    );
+}
+
+#[test]
+fn broker_stopped_mid_stream_loses_no_event_and_keeps_first_arrivals_in_order() {
+    let mut broker = Broker::start();
+    let spool_dir = tempfile::tempdir().unwrap();
+    let subscriber = Subscriber::new(broker.port, "t_g/+/events", Some("t_g-subscriber"));
+    let runtime = runtime();
+    let publisher = start_publisher(&runtime, config(broker.port, "t_g"), spool_dir.path());
+    publisher.wait_connected(WAIT).unwrap();
+
+    let events: Vec<AlertEvent> = (0..300)
+        .map(|counter| event(EventKind::New, "line1", counter, 0.9))
+        .collect();
+    let (halfway_tx, halfway) = mpsc::channel();
+    let pushing = {
+        let publisher = publisher.clone();
+        let events = events.clone();
+        thread::spawn(move || {
+            for (index, event) in events.iter().enumerate() {
+                publisher.event(event).unwrap();
+                if index == 100 {
+                    let _ = halfway_tx.send(());
+                }
+            }
+        })
+    };
+    // Stop the broker while messages are in flight; unacknowledged ones must be sent again.
+    halfway.recv_timeout(WAIT).unwrap();
+    broker.stop();
+    pushing.join().unwrap();
+    thread::sleep(Duration::from_millis(200));
+    assert!(publisher.status().events_pending > 0);
+    broker.launch();
+
+    let mut first_seen: Vec<(String, String)> = Vec::new();
+    let mut duplicates = 0;
+    while first_seen.len() < events.len() {
+        let [received] = kinds_and_ids(&[subscriber.next()])
+            .try_into()
+            .unwrap_or_else(|_| unreachable!());
+        if first_seen.contains(&received) {
+            duplicates += 1;
+        } else {
+            first_seen.push(received);
+        }
+    }
+    assert_eq!(first_seen, expected(&events));
+    wait_until("the spool to empty", || {
+        publisher.status().events_pending == 0
+    });
+    assert_eq!(spool_files(spool_dir.path()), Vec::<String>::new());
+    // QoS 1 allows a resent copy of what was in flight, never more than the window.
+    assert!(duplicates <= 16, "{duplicates} duplicates");
+    assert_eq!(publisher.status().events_published, events.len() as u64);
+}
+
+/// Runs openssl (part of Debian's base system) in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl missing: run `bash scripts/setup.sh`");
+    assert!(
+        output.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A CA, a server certificate for IP 127.0.0.1 and a client certificate, all EC P-256 PEM.
+fn make_certificates(dir: &Path) {
+    let new_key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=stpm test CA"];
+    ca.extend(new_key);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(dir, &ca);
+    fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (name, subject) in [("server", "/CN=127.0.0.1"), ("client", "/CN=stpm-line1")] {
+        let key = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        let pem = format!("{name}.pem");
+        let ext = format!("{name}.ext");
+        let mut request = vec!["req", "-subj", subject];
+        request.extend(new_key);
+        request.extend(["-keyout", &key, "-out", &csr]);
+        openssl(dir, &request);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+                "-out",
+                &pem,
+            ],
+        );
+    }
+}
+
+#[test]
+fn tls_with_client_certificate_delivers_events() {
+    let certificates = tempfile::tempdir().unwrap();
+    let dir = certificates.path();
+    make_certificates(dir);
+    let tls_port = free_port();
+    let tls_listener = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n\
+         require_certificate true\n",
+        ca = dir.join("ca.pem").display(),
+        cert = dir.join("server.pem").display(),
+        key = dir.join("server.key").display(),
+    );
+    // The subscriber uses the plain listener, the publisher the TLS one.
+    let broker = Broker::start_with(free_port(), None, &tls_listener);
+    let subscriber = Subscriber::new(broker.port, "t_h/+/events", None);
+    let spool_dir = tempfile::tempdir().unwrap();
+    let runtime = runtime();
+    let tls = MqttConfig {
+        tls_ca: Some(dir.join("ca.pem")),
+        tls_cert: Some(dir.join("client.pem")),
+        tls_key: Some(dir.join("client.key")),
+        ..config(tls_port, "t_h")
+    };
+    let publisher = start_publisher(&runtime, tls.clone(), spool_dir.path());
+    publisher.wait_connected(WAIT).unwrap();
+    let events = one_alert("line1", 0);
+    for event in &events {
+        publisher.event(event).unwrap();
+    }
+    assert_eq!(
+        kinds_and_ids(&subscriber.take(events.len())),
+        expected(&events)
+    );
+    assert_eq!(
+        publisher.shutdown(Duration::from_secs(2)),
+        ShutdownOutcome::Clean
+    );
+
+    // Without the client certificate the broker ends the handshake: reported, not a panic.
+    let anonymous = MqttConfig {
+        tls_cert: None,
+        tls_key: None,
+        client_id: "stpm-test-t_h-nocert".to_string(),
+        ..tls
+    };
+    let publisher = start_publisher(&runtime, anonymous, spool_dir.path());
+    let error = publisher
+        .wait_connected(Duration::from_millis(1500))
+        .unwrap_err();
+    assert!(
+        error.to_string().contains(&format!("127.0.0.1:{tls_port}")),
+        "{error}"
+    );
+    assert!(!publisher.status().connected);
+    assert!(error.to_string().contains("CertificateRequired"), "{error}");
+}
