@@ -37,6 +37,10 @@ pub struct AlertConfig {
     /// Send an `update` when the top box centre moved more than this (fraction of the frame).
     #[serde(default = "default_update_min_move")]
     pub update_min_move: f32,
+    /// At most one `update` per this many seconds per event (a part moving along a belt moves
+    /// its box every frame); changes in between are sent when the interval has passed.
+    #[serde(default = "default_update_min_seconds")]
+    pub update_min_seconds: f64,
     /// Folder of the on-disk spool that keeps events while the broker is unreachable.
     #[serde(default = "default_spool_dir")]
     pub spool_dir: PathBuf,
@@ -72,6 +76,9 @@ fn default_update_min_rise() -> f32 {
 fn default_update_min_move() -> f32 {
     0.1
 }
+fn default_update_min_seconds() -> f64 {
+    1.0
+}
 fn default_spool_dir() -> PathBuf {
     PathBuf::from("spool")
 }
@@ -91,6 +98,7 @@ impl Default for AlertConfig {
             max_events_per_hour: default_max_events_per_hour(),
             update_min_rise: default_update_min_rise(),
             update_min_move: default_update_min_move(),
+            update_min_seconds: default_update_min_seconds(),
             spool_dir: default_spool_dir(),
             spool_max_events: default_spool_max_events(),
         }
@@ -149,6 +157,7 @@ impl AlertConfig {
         for (key, value) in [
             ("min_clear_seconds", self.min_clear_seconds),
             ("cooldown_seconds", self.cooldown_seconds),
+            ("update_min_seconds", self.update_min_seconds),
         ] {
             if !(value.is_finite() && value >= 0.0) {
                 problems.push(format!(
@@ -212,6 +221,9 @@ pub struct CameraAlertOverrides {
     /// Overrides `alerts.update_min_move`.
     #[serde(default)]
     pub update_min_move: Option<f32>,
+    /// Overrides `alerts.update_min_seconds`.
+    #[serde(default)]
+    pub update_min_seconds: Option<f64>,
     /// Only pixels inside one of these polygons raise alerts (none: the whole frame).
     #[serde(default)]
     pub roi: Vec<Polygon>,
@@ -236,6 +248,7 @@ impl CameraAlertOverrides {
                 .unwrap_or(global.max_events_per_hour),
             update_min_rise: self.update_min_rise.unwrap_or(global.update_min_rise),
             update_min_move: self.update_min_move.unwrap_or(global.update_min_move),
+            update_min_seconds: self.update_min_seconds.unwrap_or(global.update_min_seconds),
             spool_dir: global.spool_dir.clone(),
             spool_max_events: global.spool_max_events,
         }

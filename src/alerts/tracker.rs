@@ -89,6 +89,8 @@ struct ActiveEvent {
     sent_top_score: f32,
     /// Top box centre as of the last message that had one.
     sent_centre: Option<(f32, f32)>,
+    /// When the last message of this event was sent.
+    sent_at: f64,
 }
 
 impl ActiveEvent {
@@ -216,9 +218,10 @@ impl AlertTracker {
                     (Some(_), None) => true,
                     (None, _) => false,
                 };
-                if !(rose || moved) {
+                if !(rose || moved) || t - event.sent_at < self.config.update_min_seconds {
                     return Vec::new();
                 }
+                event.sent_at = t;
                 event.sent_top_score = event.top_score;
                 event.sent_centre = centre.or(event.sent_centre);
                 vec![event.message(&self.camera, &self.model, EventKind::Update, is_top, None)]
@@ -301,6 +304,7 @@ impl AlertTracker {
             below_since: None,
             sent_top_score: score,
             sent_centre: boxes.first().map(BoxN::centre),
+            sent_at: t,
         };
         self.events_started += 1;
         let message = event.message(&self.camera, &self.model, EventKind::New, true, None);
@@ -378,6 +382,40 @@ mod tests {
 
     fn time(index: usize) -> f64 {
         T0 + index as f64 * DT
+    }
+
+    /// Defaults without the update rate limit, so single frames can be tested.
+    fn unthrottled() -> AlertConfig {
+        AlertConfig {
+            update_min_seconds: 0.0,
+            ..AlertConfig::default()
+        }
+    }
+
+    #[test]
+    fn updates_are_rate_limited_and_a_held_change_is_sent_later() {
+        let config = AlertConfig::default();
+        let per_update = (config.update_min_seconds / DT).round() as usize;
+        let mut tracker = tracker(config);
+        for i in 0..3 {
+            tracker.observe(time(i), &boxed(0.9, 0.1, 0.2));
+        }
+        // The box moves steadily, like a part on a belt: 0.05 per frame, beyond update_min_move
+        // (0.1) within every interval.
+        let mut updates = Vec::new();
+        for i in 3..3 + 3 * per_update {
+            let x = 0.1 + 0.05 * (i - 2) as f32;
+            for event in tracker.observe(time(i), &boxed(0.9, x, 0.2)) {
+                updates.push(i);
+                assert_eq!(event.kind, EventKind::Update);
+            }
+        }
+        // The new event was sent at frame 2; one update per interval after that.
+        let expected: Vec<usize> = (1..=3)
+            .map(|n| 2 + n * per_update)
+            .filter(|&i| i < 3 + 3 * per_update)
+            .collect();
+        assert_eq!(updates, expected);
     }
 
     #[test]
@@ -495,7 +533,7 @@ mod tests {
 
     #[test]
     fn update_on_rise() {
-        let mut tracker = tracker(AlertConfig::default());
+        let mut tracker = tracker(unthrottled());
         assert_eq!(feed(&mut tracker, 0, &[0.6; 3]).len(), 1);
         let events = feed(&mut tracker, 3, &[0.65, 0.7, 0.75, 0.55, 0.79, 0.8, 0.85]);
         let updates: Vec<(usize, f32, f32, bool)> = events
@@ -511,7 +549,7 @@ mod tests {
 
     #[test]
     fn update_on_move() {
-        let mut tracker = tracker(AlertConfig::default());
+        let mut tracker = tracker(unthrottled());
         for i in 0..3 {
             tracker.observe(time(i), &boxed(0.9, 0.2, 0.2));
         }
@@ -559,7 +597,7 @@ mod tests {
 
     #[test]
     fn json_shape_of_each_event_type() {
-        let mut tracker = tracker(AlertConfig::default());
+        let mut tracker = tracker(unthrottled());
         let mut events = Vec::new();
         for i in 0..3 {
             events.extend(tracker.observe(time(i), &boxed(0.6, 0.2, 0.2)));

@@ -356,6 +356,13 @@ mod tests {
         assert_eq!(config.model.provider, "cpu");
         assert_eq!(config.camera[0].max_fps, 0.0);
         assert!(config.camera[0].realtime);
+        let sets = [
+            "camera[0].realtime=false".into(),
+            "camera[0].max_fps=2.5".into(),
+        ];
+        let config = PipelineConfig::load(&path, &sets).expect("load with camera sets");
+        assert!(!config.camera[0].realtime);
+        assert_eq!(config.camera[0].max_fps, 2.5);
         assert!(!config.output.record.enabled);
         assert_eq!(
             SourceUri::parse(&config.camera[0].source),
