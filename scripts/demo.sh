@@ -18,8 +18,16 @@ fi
 "$stpm" train --data "$data" --out "$bundle" --epochs 4 --seed 1
 "$stpm" eval --model "$bundle" --data "$data" --out "$repo/engines/demo-report"
 
+# The local MQTT broker the demo publishes to (installed by setup; systemd usually runs it already).
+if ! (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then
+    mosquitto_bin="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+    "$mosquitto_bin" -d -p 1883 || echo "warning: could not start mosquitto; alerts will wait in spool/" >&2
+    sleep 0.5
+fi
+
 echo
 echo "live pipeline: pipelines/demo.toml (recordings in $repo/recordings; Ctrl-C to stop)"
+echo "watch the alerts with: mosquitto_sub -h 127.0.0.1 -t 'stpm/#' -v"
 if [ -n "${STPM_DEMO_FRAMES:-}" ]; then
     sed "s|test://conveyor\"|test://conveyor?frames=${STPM_DEMO_FRAMES}\"|" pipelines/demo.toml > "$repo/engines/demo-run.toml"
     exec "$stpm" run --pipeline "$repo/engines/demo-run.toml"

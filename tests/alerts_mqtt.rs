@@ -1,6 +1,8 @@
 //! The MQTT publisher against a real mosquitto (installed by scripts/setup.sh). Every test starts
 //! its own broker on a free port with a generated config, and stops it when done.
 
+mod common;
+
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
@@ -904,4 +906,108 @@ fn tls_with_client_certificate_delivers_events() {
     );
     assert!(!publisher.status().connected);
     assert!(error.to_string().contains("CertificateRequired"), "{error}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real binary: `stpm run` publishing to the broker
+
+#[test]
+fn stpm_run_publishes_events_snapshot_state_and_availability() {
+    let broker = Broker::start();
+    let subscriber = Subscriber::new(broker.port, "e2e/#", None);
+    let dir = tempfile::tempdir().expect("dir");
+    // The tiny bundle recalibrated so that every frame is an anomaly (threshold 0, floor -1: any
+    // raw score normalises to 1), so the event is certain; it ends with reason `shutdown` when
+    // the 40 frames are done.
+    let bundle = dir.path().join("bundle");
+    fs::create_dir(&bundle).expect("bundle dir");
+    for file in ["model.onnx", "student.safetensors"] {
+        fs::copy(common::tiny_conveyor_bundle().join(file), bundle.join(file)).expect("copy");
+    }
+    let manifest =
+        fs::read_to_string(common::tiny_conveyor_bundle().join("stpm.toml")).expect("manifest");
+    let recalibrated: Vec<String> = manifest
+        .lines()
+        .map(|line| {
+            if line.starts_with("threshold = ") {
+                "threshold = 0.0".to_string()
+            } else if line.starts_with("floor = ") {
+                "floor = -1.0".to_string()
+            } else {
+                line.to_string()
+            }
+        })
+        .collect();
+    fs::write(bundle.join("stpm.toml"), recalibrated.join("\n")).expect("manifest");
+    let pipeline = dir.path().join("p.toml");
+    fs::write(
+        &pipeline,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
+             [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?frames=40&fps=10\"\n\
+             realtime = false\n\n\
+             [alerts]\nspool_dir = \"{}\"\n\n\
+             [mqtt]\nport = {}\nprefix = \"e2e\"\nclient_id = \"stpm-e2e-{}\"\n",
+            bundle.display(),
+            dir.path().join("spool").display(),
+            broker.port,
+            std::process::id()
+        ),
+    )
+    .expect("pipeline file");
+    let out = Command::new(env!("CARGO_BIN_EXE_stpm"))
+        .args(["run", "--pipeline"])
+        .arg(&pipeline)
+        .output()
+        .expect("run stpm");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("connected"), "{log}");
+
+    let mut messages = Vec::new();
+    while let Ok(message) = subscriber.messages.recv_timeout(Duration::from_secs(2)) {
+        messages.push(message);
+    }
+    let on = |topic: &'static str| messages.iter().filter(move |m| m.topic == topic);
+    let availability: Vec<String> = on("e2e/available").map(Message::text).collect();
+    assert_eq!(
+        availability.first().map(String::as_str),
+        Some("online"),
+        "{availability:?}"
+    );
+    assert_eq!(
+        availability.last().map(String::as_str),
+        Some("offline"),
+        "{availability:?}"
+    );
+    let events: Vec<Value> = on("e2e/line1/events").map(Message::json).collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"new"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"end"), "{kinds:?}");
+    assert_eq!(
+        events.last().map(|e| e["end_reason"].clone()),
+        Some(Value::from("shutdown"))
+    );
+    let ids: std::collections::BTreeSet<&str> =
+        events.iter().filter_map(|e| e["id"].as_str()).collect();
+    assert_eq!(ids.len(), 1, "one event: {ids:?}");
+    // Printed events are the published ones.
+    assert_eq!(log.matches("alert {").count(), events.len(), "{log}");
+    let snapshot = on("e2e/line1/snapshot").next().expect("a snapshot");
+    assert_eq!(&snapshot.payload[..2], &[0xFF, 0xD8], "JPEG");
+    let decoded = image::load_from_memory(&snapshot.payload).expect("snapshot decodes");
+    assert_eq!((decoded.width(), decoded.height()), (640, 480));
+    let state = retained(broker.port, "e2e/line1/state").json();
+    assert!(
+        state["status"].is_string() && state["fps"].is_number(),
+        "{state}"
+    );
+    assert!(
+        spool_files(&dir.path().join("spool")).is_empty(),
+        "spool drained"
+    );
 }

@@ -174,7 +174,7 @@ fn devset_train_eval_infer_round_trip() {
 
 #[test]
 fn unimplemented_commands_say_so_and_fail() {
-    for command in ["export", "run", "bench"] {
+    for command in ["export", "bench"] {
         let out = stpm(&[command]);
         assert!(!out.status.success(), "{command} must fail");
         assert!(

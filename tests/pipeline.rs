@@ -2,9 +2,10 @@
 //! a tiny trained bundle, Matroska recordings decoded back frame by frame, SIGTERM handling and
 //! config errors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use gstreamer as gst;
@@ -30,50 +31,8 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// A tiny bundle trained once on conveyor frames (64 px), shared by the tests of this file.
 fn bundle() -> &'static Path {
-    static BUNDLE: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &BUNDLE
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().expect("dir");
-            let data = dir.path().join("data");
-            let bundle = dir.path().join("bundle");
-            for args in [
-                vec![
-                    "devset",
-                    "--conveyor",
-                    "--out",
-                    path(&data),
-                    "--size",
-                    "64",
-                    "--train",
-                    "8",
-                    "--test-good",
-                    "2",
-                    "--test-per-defect",
-                    "1",
-                ],
-                vec![
-                    "train",
-                    "--data",
-                    path(&data),
-                    "--out",
-                    path(&bundle),
-                    "--epochs",
-                    "1",
-                    "--batch-size",
-                    "4",
-                    "--image-size",
-                    "64",
-                    "--quiet",
-                ],
-            ] {
-                let out = stpm(&args, dir.path());
-                assert!(out.status.success(), "{args:?}: {}", text(&out));
-            }
-            (dir, bundle)
-        })
-        .1
+    common::tiny_conveyor_bundle()
 }
 
 fn write_pipeline(dir: &Path, camera: &str, extra: &str) -> PathBuf {

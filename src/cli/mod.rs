@@ -155,7 +155,33 @@ pub struct DevsetArgs {
     pub conveyor: bool,
 }
 
+/// Library log records (`log` crate: the MQTT link, for example) as `<level>: <message>` on stderr.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            eprintln!(
+                "{}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            );
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: StderrLog = StderrLog;
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
     match cli.command {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),

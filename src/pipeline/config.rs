@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::alerts::{AlertConfig, CameraAlertOverrides};
+use crate::alerts::{AlertConfig, CameraAlertOverrides, MqttConfig};
 
 /// The whole pipeline file.
 #[derive(Debug, Clone, Deserialize)]
@@ -23,6 +23,9 @@ pub struct PipelineConfig {
     /// Alert debounce and hysteresis (per-camera overrides under `[camera.alerts]`).
     #[serde(default)]
     pub alerts: AlertConfig,
+    /// The MQTT broker that receives alert events; without this section events are only printed.
+    #[serde(default)]
+    pub mqtt: Option<MqttConfig>,
 }
 
 /// `[model]`
@@ -309,6 +312,9 @@ impl PipelineConfig {
             }
         }
         if let Err(e) = self.alerts.validate() {
+            problems.extend(e.problems);
+        }
+        if let Some(Err(e)) = self.mqtt.as_ref().map(MqttConfig::validate) {
             problems.extend(e.problems);
         }
         if self.output.rtsp.enabled {

@@ -14,7 +14,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::alerts::{AlertEvent, AlertTracker, ZoneMask};
+use crate::alerts::{
+    AlertEvent, AlertTracker, CameraStatus, MqttSetupError, PublisherHandle, Spool, SpoolError,
+    ZoneMask,
+};
 use crate::bundle::{Bundle, BundleError, Manifest};
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::overlay;
@@ -42,6 +45,12 @@ pub enum PipelineError {
         camera: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error(transparent)]
+    Mqtt(#[from] MqttSetupError),
+    #[error("cannot start the MQTT runtime: {0}")]
+    Runtime(std::io::Error),
     #[error("cannot create the recording folder {path}: {source}")]
     RecordDir {
         path: PathBuf,
@@ -87,6 +96,18 @@ pub fn resolve_provider(requested: &str) -> Result<(&'static str, &'static str),
     }
 }
 
+/// JPEG (quality 85) of an RGB frame, for snapshots.
+fn jpeg(pixels: &[u8], width: usize, height: usize) -> Result<Vec<u8>, image::ImageError> {
+    let mut bytes = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 85).encode(
+        pixels,
+        width as u32,
+        height as u32,
+        image::ExtendedColorType::Rgb8,
+    )?;
+    Ok(bytes)
+}
+
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -122,6 +143,13 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
             }
         })?;
     }
+    let mqtt = match &config.mqtt {
+        Some(mqtt) => Some(start_publisher(mqtt, config)?),
+        None => {
+            eprintln!("alerts: no [mqtt] section, events are printed only");
+            None
+        }
+    };
     let engine = Arc::new(Mutex::new(engine));
     let model_name = config
         .model
@@ -166,6 +194,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
             engine: Arc::clone(&engine),
             record: config.output.record.clone(),
             queue,
+            publisher: mqtt.as_ref().map(|(_, handle)| handle.clone()),
         };
         workers.push(
             std::thread::Builder::new()
@@ -188,10 +217,65 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
     for handle in captures {
         let _ = handle.join();
     }
+    if let Some((runtime, publisher)) = mqtt {
+        stop_publisher(&publisher);
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    }
     Ok(RunSummary {
         provider: provider.to_string(),
         cameras,
     })
+}
+
+/// Starts the MQTT publisher on its own small tokio runtime, with the spool of `[alerts]`.
+fn start_publisher(
+    mqtt: &crate::alerts::MqttConfig,
+    config: &PipelineConfig,
+) -> Result<(tokio::runtime::Runtime, PublisherHandle), PipelineError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("mqtt")
+        .enable_all()
+        .build()
+        .map_err(PipelineError::Runtime)?;
+    let spool = Spool::open(&config.alerts.spool_dir, config.alerts.spool_max_events)?;
+    let pending = spool.len();
+    let (handle, _task) = mqtt.clone().build(spool, runtime.handle())?;
+    match handle.wait_connected(Duration::from_secs(3)) {
+        Ok(()) => eprintln!(
+            "alerts: MQTT {} connected, topics {}/…{}",
+            mqtt.broker(),
+            mqtt.prefix,
+            if pending > 0 {
+                format!(", {pending} spooled event(s) from an earlier run being sent")
+            } else {
+                String::new()
+            }
+        ),
+        Err(e) => eprintln!(
+            "alerts: MQTT {} not reachable yet ({e}); events are spooled in {} and sent when it is",
+            mqtt.broker(),
+            config.alerts.spool_dir.display()
+        ),
+    }
+    Ok((runtime, handle))
+}
+
+/// Gives spooled events a few seconds to reach the broker, then publishes `offline` and stops.
+fn stop_publisher(publisher: &PublisherHandle) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let status = publisher.status();
+        if status.events_pending == 0 || !status.connected {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = publisher.status().events_pending;
+    if left > 0 {
+        eprintln!("alerts: {left} event(s) stay in the spool for the next run");
+    }
+    let _ = publisher.shutdown(Duration::from_secs(3));
 }
 
 /// One camera's processing loop.
@@ -203,6 +287,8 @@ struct Worker {
     engine: Arc<Mutex<Engine>>,
     record: RecordConfig,
     queue: Arc<FrameQueue<Captured>>,
+    /// MQTT publisher, when `[mqtt]` is configured.
+    publisher: Option<PublisherHandle>,
 }
 
 /// What the worker keeps between frames.
@@ -216,6 +302,10 @@ struct WorkerState {
     last_t: f64,
     last_report: Instant,
     analysed_since_report: u64,
+    /// Analysed frames per second over the last progress interval.
+    fps: f32,
+    /// The status last published on the state topic.
+    published_status: Option<CameraStatus>,
 }
 
 impl Worker {
@@ -232,6 +322,8 @@ impl Worker {
             last_t: unix_now(),
             last_report: Instant::now(),
             analysed_since_report: 0,
+            fps: 0.0,
+            published_status: None,
         };
         loop {
             match self.queue.pop(Duration::from_millis(200)) {
@@ -240,7 +332,8 @@ impl Worker {
                 Some(Item::Offline(why)) => {
                     state.stats.offline += 1;
                     let events = self.tracker.camera_offline(state.last_t);
-                    self.emit(&mut state, events);
+                    self.emit(&mut state, events, None);
+                    self.publish_state(&state);
                     eprintln!("[{}] offline: {why}", self.camera.name);
                 }
                 Some(Item::Frame(captured)) => self.process(&mut state, captured),
@@ -248,7 +341,7 @@ impl Worker {
             self.report_progress(&mut state);
         }
         let events = self.tracker.shutdown(state.last_t);
-        self.emit(&mut state, events);
+        self.emit(&mut state, events, None);
         state.stats.dropped = self.queue.dropped();
         if let Some(recorder) = state.recorder.take() {
             match recorder.finish(Duration::from_secs(10)) {
@@ -257,6 +350,16 @@ impl Worker {
             }
         }
         state.stats
+    }
+
+    /// Publishes the retained camera state (ok / anomaly / offline, fps, score).
+    fn publish_state(&self, state: &WorkerState) {
+        if let Some(publisher) = &self.publisher {
+            let camera_state = self.tracker.state(state.fps);
+            if let Err(e) = publisher.state(&self.camera.name, &camera_state) {
+                eprintln!("[{}] state not published: {e}", self.camera.name);
+            }
+        }
     }
 
     fn report_progress(&self, state: &mut WorkerState) {
@@ -270,18 +373,49 @@ impl Worker {
                 self.queue.dropped(),
                 state.last_score
             );
+            state.fps = state.analysed_since_report as f32 / elapsed.as_secs_f32();
             state.last_report = Instant::now();
             state.analysed_since_report = 0;
+            self.publish_state(state);
         }
     }
 
-    fn emit(&self, state: &mut WorkerState, events: Vec<AlertEvent>) {
+    /// Prints and publishes `events`; `annotated` (RGB pixels, width, height) becomes the snapshot
+    /// of events that reached a new top score.
+    fn emit(
+        &self,
+        state: &mut WorkerState,
+        events: Vec<AlertEvent>,
+        annotated: Option<(&[u8], usize, usize)>,
+    ) {
         for event in events {
             state.stats.alerts += 1;
             match serde_json::to_string(&event) {
                 Ok(json) => println!("alert {json}"),
                 Err(e) => eprintln!("[{}] cannot encode an alert: {e}", self.camera.name),
             }
+            let Some(publisher) = &self.publisher else {
+                continue;
+            };
+            if let Err(e) = publisher.event(&event) {
+                eprintln!("[{}] alert not spooled: {e}", self.camera.name);
+                state.stats.errors.push(format!("alert not spooled: {e}"));
+            }
+            if let (true, Some((pixels, width, height))) = (event.snapshot, annotated) {
+                match jpeg(pixels, width, height) {
+                    Ok(bytes) => {
+                        if let Err(e) = publisher.snapshot(&self.camera.name, bytes) {
+                            eprintln!("[{}] snapshot not published: {e}", self.camera.name);
+                        }
+                    }
+                    Err(e) => eprintln!("[{}] cannot encode a snapshot: {e}", self.camera.name),
+                }
+            }
+        }
+        let status = self.tracker.status();
+        if state.published_status != Some(status) {
+            state.published_status = Some(status);
+            self.publish_state(state);
         }
     }
 
@@ -349,18 +483,14 @@ impl Worker {
             .iter()
             .map(|&v| calibration.normalise(v))
             .collect();
-        if let Ok(summary) = self.zones.summarise(&normalised, 0.5) {
-            let events = self.tracker.observe(t, &summary);
-            self.emit(state, events);
-        }
+        let events = match self.zones.summarise(&normalised, 0.5) {
+            Ok(summary) => self.tracker.observe(t, &summary),
+            Err(_) => Vec::new(),
+        };
         let raw_map = preprocess::resize_plane(&scored.maps, size, [frame.height, frame.width]);
-        Ok(overlay::annotate(
-            frame,
-            &raw_map,
-            None,
-            calibration,
-            raw_score,
-        ))
+        let pixels = overlay::annotate(frame, &raw_map, None, calibration, raw_score);
+        self.emit(state, events, Some((&pixels, frame.width, frame.height)));
+        Ok(pixels)
     }
 
     fn write_recording(&self, state: &mut WorkerState, captured: &Captured, pixels: &[u8]) {

@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
 
 /// A path inside the repository.
 pub fn repo(relative: &str) -> PathBuf {
@@ -29,4 +31,60 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
         .fold(0.0f32, f32::max);
     let scale = b.iter().map(|y| y.abs()).fold(0.0f32, f32::max);
     (diff, scale)
+}
+
+/// A tiny bundle trained once per test binary on generated conveyor frames (64 px, 1 epoch) with
+/// the real `stpm` binary: seconds, for tests of `stpm run`.
+pub fn tiny_conveyor_bundle() -> &'static Path {
+    static BUNDLE: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &BUNDLE
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().expect("dir");
+            let data = dir.path().join("data");
+            let bundle = dir.path().join("bundle");
+            let text = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+            for args in [
+                vec![
+                    "devset".to_string(),
+                    "--conveyor".into(),
+                    "--out".into(),
+                    text(&data),
+                    "--size".into(),
+                    "64".into(),
+                    "--train".into(),
+                    "8".into(),
+                    "--test-good".into(),
+                    "2".into(),
+                    "--test-per-defect".into(),
+                    "1".into(),
+                ],
+                vec![
+                    "train".to_string(),
+                    "--data".into(),
+                    text(&data),
+                    "--out".into(),
+                    text(&bundle),
+                    "--epochs".into(),
+                    "1".into(),
+                    "--batch-size".into(),
+                    "4".into(),
+                    "--image-size".into(),
+                    "64".into(),
+                    "--quiet".into(),
+                ],
+            ] {
+                let out = Command::new(env!("CARGO_BIN_EXE_stpm"))
+                    .args(&args)
+                    .output()
+                    .expect("run stpm");
+                assert!(
+                    out.status.success(),
+                    "{args:?}: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            (dir, bundle)
+        })
+        .1
 }
