@@ -488,7 +488,19 @@ impl Worker {
             Err(_) => Vec::new(),
         };
         let raw_map = preprocess::resize_plane(&scored.maps, size, [frame.height, frame.width]);
-        let pixels = overlay::annotate(frame, &raw_map, None, calibration, raw_score);
+        let caption = overlay::live::Caption {
+            camera: &self.camera.name,
+            fps: state.fps,
+        };
+        let pixels =
+            match overlay::live::annotate(frame, &raw_map, calibration, raw_score, &caption) {
+                Ok((pixels, _boxes)) => pixels,
+                Err(e) => {
+                    // The plain-Rust overlay still shows the operator the heatmap and the score.
+                    eprintln!("[{}] {e}", self.camera.name);
+                    overlay::annotate(frame, &raw_map, None, calibration, raw_score)
+                }
+            };
         self.emit(state, events, Some((&pixels, frame.width, frame.height)));
         Ok(pixels)
     }
