@@ -2,6 +2,7 @@
 //! `export`) produces a bundle that the runtime side (`engine`, and later the live pipeline) runs.
 
 pub mod alerts;
+pub mod bench;
 pub mod bundle;
 pub mod dataset;
 pub mod devset;

@@ -174,15 +174,9 @@ fn devset_train_eval_infer_round_trip() {
 
 #[test]
 fn unimplemented_commands_say_so_and_fail() {
-    for command in ["export", "bench"] {
-        let out = stpm(&[command]);
-        assert!(!out.status.success(), "{command} must fail");
-        assert!(
-            text(&out).contains("not yet available"),
-            "{command}: {}",
-            text(&out)
-        );
-    }
+    let out = stpm(&["export"]);
+    assert!(!out.status.success(), "export must fail");
+    assert!(text(&out).contains("not yet available"), "{}", text(&out));
 }
 
 #[test]
@@ -271,6 +265,54 @@ fn eval_names_a_missing_mask() {
     assert!(!out.status.success());
     assert!(
         text(&out).contains("ground_truth/stain/000_mask.png"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn bench_reports_engine_baseline_ratio_and_stages_as_json() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = stpm_ok(&[
+        "bench",
+        "--model",
+        path(common::tiny_conveyor_bundle()),
+        "--frames",
+        "5",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    let number = |key: &str| json[key].as_f64().unwrap_or(-1.0);
+    for key in [
+        "fps",
+        "baseline_fps",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "peak_rss_mb",
+    ] {
+        assert!(number(key) > 0.0, "{key}: {json}");
+    }
+    assert!(number("p50_ms") <= number("p95_ms") && number("p95_ms") <= number("p99_ms"));
+    let ratio = number("fps") / number("baseline_fps");
+    assert!((number("ratio_vs_baseline") - ratio).abs() < 1e-9, "{json}");
+    assert_eq!(json["provider"], "cpu");
+    for stage in ["preprocess", "inference", "overlay", "end_to_end"] {
+        assert!(
+            json["stages"][stage]["p50_ms"].as_f64().unwrap_or(-1.0) > 0.0,
+            "{stage}"
+        );
+    }
+    let out = stpm(&[
+        "bench",
+        "--model",
+        path(dir.path()),
+        "--provider",
+        "tensorrt",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("`tensorrt` is not available"),
         "{}",
         text(&out)
     );

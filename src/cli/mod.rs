@@ -33,8 +33,8 @@ pub enum Command {
     Export(PassThrough),
     /// Run a live pipeline: capture, inference, overlay, recordings, alerts.
     Run(RunArgs),
-    /// Measure throughput and latency of a bundle or a pipeline.
-    Bench(PassThrough),
+    /// Measure throughput and latency of a bundle against a plain ONNX Runtime session.
+    Bench(BenchArgs),
     /// Write a synthetic MVTec-layout category (textures with scratches and stains) for demos and tests.
     Devset(DevsetArgs),
 }
@@ -90,6 +90,31 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Model bundle directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Timed inference calls per engine and round (3 rounds, after 3 warm-up calls).
+    #[arg(long, default_value_t = 60)]
+    pub frames: usize,
+    /// Images per inference call.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// ONNX Runtime intra-op threads of our session (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Execution provider: auto, cpu, cuda, tensorrt.
+    #[arg(long, default_value = "auto")]
+    pub provider: String,
+    /// Measure the real `stpm run` path on a pipeline file (not available yet).
+    #[arg(long)]
+    pub pipeline: Option<PathBuf>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -188,7 +213,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Infer(args) => infer(args),
         Command::Export(_) => not_yet("export"),
         Command::Run(args) => run_pipeline(args),
-        Command::Bench(_) => not_yet("bench"),
+        Command::Bench(args) => bench(args),
         Command::Devset(args) => devset(args),
     }
 }
@@ -233,6 +258,27 @@ fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
     }
     if failed {
         bail!("the pipeline finished with errors (see above)");
+    }
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.pipeline.is_some() {
+        bail!(
+            "`stpm bench --pipeline` is not yet available in this build; without it the engine and the per-frame stages are measured"
+        );
+    }
+    let options = stpm::bench::BenchOptions {
+        frames: args.frames,
+        batch: args.batch,
+        threads: args.threads,
+        provider: args.provider,
+    };
+    let report = stpm::bench::bench(&args.model, &options).context("benchmark failed")?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", stpm::bench::summary(&report));
     }
     Ok(())
 }

@@ -76,6 +76,9 @@ pub fn environment() -> Result<&'static Environment, EngineError> {
 pub struct EngineOptions {
     /// Intra-op threads; 0 lets ONNX Runtime choose (one per core).
     pub threads: usize,
+    /// A session exactly as ONNX Runtime's defaults make it (no settings of ours): the baseline
+    /// `stpm bench` compares against, the way an exported model is usually run.
+    pub plain: bool,
 }
 
 /// Anomaly maps [N, 1, H, W] (flattened) and image scores [N] of one batch.
@@ -103,11 +106,13 @@ impl Engine {
             path: model.to_path_buf(),
             message,
         };
-        let mut builder = Session::builder(env)
-            .map_err(|e| open_error(e.to_string()))?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(|e| open_error(e.to_string()))?;
-        if options.threads > 0 {
+        let mut builder = Session::builder(env).map_err(|e| open_error(e.to_string()))?;
+        if !options.plain {
+            builder = builder
+                .with_optimization_level(GraphOptimizationLevel::All)
+                .map_err(|e| open_error(e.to_string()))?;
+        }
+        if options.threads > 0 && !options.plain {
             builder = builder
                 .with_intra_threads(options.threads)
                 .map_err(|e| open_error(e.to_string()))?;

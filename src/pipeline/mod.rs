@@ -126,6 +126,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
         manifest.model.input_size,
         EngineOptions {
             threads: config.model.threads,
+            ..EngineOptions::default()
         },
     )?;
     eprintln!(

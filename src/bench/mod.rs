@@ -1,0 +1,320 @@
+//! `stpm bench`: throughput and latency of a bundle on this machine, stage by stage (preprocess,
+//! inference, overlay) on a synthetic 640×480 frame, against a plain ONNX Runtime session with
+//! default options on the same `model.onnx` (the way an exported model is usually run), so every
+//! report carries our/baseline as a ratio. Measures; never changes the bundle.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::bundle::{Bundle, BundleError};
+use crate::engine::{Engine, EngineError, EngineOptions};
+use crate::overlay;
+use crate::pipeline::conveyor::Conveyor;
+use crate::preprocess;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(
+        "provider `{0}` is not available in this build: GPU providers arrive with the `gpu` feature; use cpu or auto"
+    )]
+    Provider(String),
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Timed batches per engine and round (after warm-up).
+    pub frames: usize,
+    /// Images per inference call.
+    pub batch: usize,
+    /// Intra-op threads of our session (0 = one per core).
+    pub threads: usize,
+    /// `auto`, `cpu`, `cuda` or `tensorrt`.
+    pub provider: String,
+}
+
+/// Latency distribution of one stage, in milliseconds per call.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageStats {
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub mean_ms: f64,
+}
+
+impl StageStats {
+    fn of(samples: &mut [Duration]) -> Self {
+        samples.sort_unstable();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let at = |q: f64| {
+            let index = ((samples.len() as f64 - 1.0) * q).round() as usize;
+            samples.get(index).copied().map_or(0.0, ms)
+        };
+        let mean = samples.iter().map(|&d| ms(d)).sum::<f64>() / samples.len().max(1) as f64;
+        Self {
+            p50_ms: at(0.5),
+            p95_ms: at(0.95),
+            p99_ms: at(0.99),
+            mean_ms: mean,
+        }
+    }
+}
+
+/// The result; `--json` prints it as one object.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub input_size: [usize; 2],
+    pub provider: String,
+    pub batch: usize,
+    pub threads: usize,
+    pub frames: usize,
+    /// Our engine: images per second (median over rounds).
+    pub fps: f64,
+    /// Our engine: latency of one inference call.
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    /// Plain ONNX Runtime session with default options, same model and inputs.
+    pub baseline_fps: f64,
+    pub baseline_p50_ms: f64,
+    /// `fps / baseline_fps`.
+    pub ratio_vs_baseline: f64,
+    /// Per stage on a 640×480 frame: preprocess (resize + normalise), inference, overlay (OpenCV),
+    /// and their sum.
+    pub stages: std::collections::BTreeMap<String, StageStats>,
+    /// Process CPU time / wall time during the timed runs (2.0 = both cores of this machine busy).
+    pub cpu_utilisation: f64,
+    /// Peak resident memory of the process (VmHWM).
+    pub peak_rss_mb: f64,
+}
+
+/// Seconds of CPU time this process has used (user + system), from /proc/self/stat.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Peak resident set size in MiB, from /proc/self/status.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Times `frames` calls of `engine` on `input` (after 3 warm-up calls).
+fn time_engine(
+    engine: &mut Engine,
+    input: &[f32],
+    batch: usize,
+    frames: usize,
+) -> Result<(f64, Vec<Duration>), EngineError> {
+    for _ in 0..3 {
+        engine.run(input, batch)?;
+    }
+    let mut samples = Vec::with_capacity(frames);
+    let start = Instant::now();
+    for _ in 0..frames {
+        let tick = Instant::now();
+        engine.run(input, batch)?;
+        samples.push(tick.elapsed());
+    }
+    let fps = (frames * batch) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    Ok((fps, samples))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Runs the benchmark: three rounds alternating our session and the plain one, then the stages.
+pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchError> {
+    if options.frames == 0 {
+        return Err(BenchError::Zero("--frames"));
+    }
+    if options.batch == 0 {
+        return Err(BenchError::Zero("--batch"));
+    }
+    let provider = match options.provider.as_str() {
+        "auto" | "cpu" => "cpu",
+        other => return Err(BenchError::Provider(other.to_string())),
+    };
+    let bundle = Bundle::open(model)?;
+    let manifest = &bundle.manifest;
+    let size = manifest.model.input_size;
+    let mut ours = Engine::open(
+        &bundle.model_path(),
+        size,
+        EngineOptions {
+            threads: options.threads,
+            plain: false,
+        },
+    )?;
+    let mut plain = Engine::open(
+        &bundle.model_path(),
+        size,
+        EngineOptions {
+            threads: 0,
+            plain: true,
+        },
+    )?;
+    let frame = Conveyor::new(640, 480, 1).frame(60).frame;
+    let one = preprocess::to_chw(&frame, size, &manifest.normalisation);
+    let input: Vec<f32> = one
+        .iter()
+        .copied()
+        .cycle()
+        .take(one.len() * options.batch)
+        .collect();
+
+    let cpu_start = cpu_seconds();
+    let wall_start = Instant::now();
+    let (mut our_fps, mut base_fps) = (Vec::new(), Vec::new());
+    let (mut our_samples, mut base_samples) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let (fps, samples) = time_engine(&mut ours, &input, options.batch, options.frames)?;
+        our_fps.push(fps);
+        our_samples.extend(samples);
+        let (fps, samples) = time_engine(&mut plain, &input, options.batch, options.frames)?;
+        base_fps.push(fps);
+        base_samples.extend(samples);
+    }
+    let cpu_utilisation = match (cpu_start, cpu_seconds()) {
+        (Some(a), Some(b)) => (b - a) / wall_start.elapsed().as_secs_f64().max(1e-9),
+        _ => 0.0,
+    };
+
+    // Stages on one frame (batch 1), as the live pipeline runs them.
+    let (mut pre, mut infer, mut draw, mut total) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..options.frames {
+        let t0 = Instant::now();
+        let tensor = preprocess::to_chw(&frame, size, &manifest.normalisation);
+        let t1 = Instant::now();
+        let scored = ours.run(&tensor, 1)?;
+        let t2 = Instant::now();
+        let raw_map = preprocess::resize_plane(&scored.maps, size, [frame.height, frame.width]);
+        let caption = overlay::live::Caption {
+            camera: "bench",
+            fps: 0.0,
+        };
+        let raw_score = scored.scores.first().copied().unwrap_or(0.0);
+        if overlay::live::annotate(&frame, &raw_map, &manifest.calibration, raw_score, &caption)
+            .is_err()
+        {
+            overlay::annotate(&frame, &raw_map, None, &manifest.calibration, raw_score);
+        }
+        let t3 = Instant::now();
+        pre.push(t1 - t0);
+        infer.push(t2 - t1);
+        draw.push(t3 - t2);
+        total.push(t3 - t0);
+    }
+    let stages = [
+        ("preprocess", &mut pre),
+        ("inference", &mut infer),
+        ("overlay", &mut draw),
+        ("end_to_end", &mut total),
+    ]
+    .into_iter()
+    .map(|(name, samples)| (name.to_string(), StageStats::of(samples)))
+    .collect();
+
+    let ours_stats = StageStats::of(&mut our_samples);
+    let base_stats = StageStats::of(&mut base_samples);
+    let fps = median(&mut our_fps);
+    let baseline_fps = median(&mut base_fps);
+    Ok(BenchReport {
+        model: model.display().to_string(),
+        input_size: size,
+        provider: provider.to_string(),
+        batch: options.batch,
+        threads: options.threads,
+        frames: options.frames,
+        fps,
+        p50_ms: ours_stats.p50_ms,
+        p95_ms: ours_stats.p95_ms,
+        p99_ms: ours_stats.p99_ms,
+        baseline_fps,
+        baseline_p50_ms: base_stats.p50_ms,
+        ratio_vs_baseline: fps / baseline_fps.max(1e-9),
+        stages,
+        cpu_utilisation,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+/// The human-readable report.
+pub fn summary(report: &BenchReport) -> String {
+    let mut text = format!(
+        "model {} ({}×{}), provider {}, batch {}, threads {}\n\
+         engine   {:>8.1} images/s  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms\n\
+         baseline {:>8.1} images/s  p50 {:.2} ms  (plain ONNX Runtime session, default options)\n\
+         ratio vs baseline {:.3}\n",
+        report.model,
+        report.input_size[1],
+        report.input_size[0],
+        report.provider,
+        report.batch,
+        report.threads,
+        report.fps,
+        report.p50_ms,
+        report.p95_ms,
+        report.p99_ms,
+        report.baseline_fps,
+        report.baseline_p50_ms,
+        report.ratio_vs_baseline
+    );
+    text.push_str("stage (640×480 frame, batch 1)   p50 ms   p95 ms   p99 ms\n");
+    for (name, s) in &report.stages {
+        text.push_str(&format!(
+            "{name:<32} {:>7.2}  {:>7.2}  {:>7.2}\n",
+            s.p50_ms, s.p95_ms, s.p99_ms
+        ));
+    }
+    text.push_str(&format!(
+        "CPU utilisation {:.2} cores · peak RSS {:.0} MiB\n",
+        report.cpu_utilisation, report.peak_rss_mb
+    ));
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_known_samples() {
+        let mut samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        let stats = StageStats::of(&mut samples);
+        assert_eq!(stats.p50_ms, 51.0);
+        assert_eq!(stats.p95_ms, 95.0);
+        assert_eq!(stats.p99_ms, 99.0);
+        assert!((stats.mean_ms - 50.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn process_counters_are_readable() {
+        assert!(cpu_seconds().is_some());
+        assert!(peak_rss_mb() > 1.0);
+    }
+}
