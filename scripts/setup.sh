@@ -28,7 +28,9 @@ fi
 apt_packages=(build-essential pkg-config ca-certificates curl unzip python3 python3-pip mosquitto mosquitto-clients
     # GStreamer 1.22 for capture, encoding and recordings (x264enc: plugins-ugly; avdec_h264: libav)
     libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
-    gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav)
+    gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
+    # the RTSP output ([output.rtsp]: gst-rtsp-server) and the rtspsrc client used by the tests
+    libgstrtspserver-1.0-dev gstreamer1.0-rtsp)
 if [ -z "${STPM_SKIP_APT:-}" ]; then
     missing=()
     for p in "${apt_packages[@]}"; do

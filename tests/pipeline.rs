@@ -244,13 +244,13 @@ fn pipeline_errors_name_the_key() {
     let pipeline = write_pipeline(
         dir.path(),
         "source = \"file:///no/such/video.mkv\"",
-        "[output.rtsp]\nenabled = true\n",
+        "[output.rtsp]\nenabled = true\nbind = \"camera-host\"\n",
     );
     let out = stpm(&["run", "--pipeline", path(&pipeline)], dir.path());
     let log = text(&out);
     assert!(!out.status.success());
     assert!(log.contains("camera[0].source"), "{log}");
-    assert!(log.contains("output.rtsp.enabled"), "{log}");
+    assert!(log.contains("output.rtsp.bind = `camera-host`"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
     // A valid file asking for a GPU provider this build lacks fails loudly instead of using the CPU.
     let pipeline = write_pipeline(dir.path(), "source = \"test://conveyor?frames=1\"", "");

@@ -5,8 +5,12 @@
 
 pub mod config;
 pub mod conveyor;
+pub mod http;
+pub mod live;
+pub mod metrics;
 pub mod queue;
 pub mod record;
+pub mod rtsp;
 pub mod source;
 
 use std::path::PathBuf;
@@ -20,6 +24,8 @@ use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::overlay;
 use crate::preprocess;
 use config::{CameraConfig, PipelineConfig, RecordConfig, SourceUri};
+use live::{CameraOutputs, LiveError, LiveOutputs};
+use metrics::CameraState;
 use queue::{FrameQueue, Item};
 use record::Recorder;
 use source::{Captured, SourceSpec};
@@ -33,6 +39,8 @@ pub enum PipelineError {
     Bundle(#[from] BundleError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Live(#[from] LiveError),
     #[error(
         "model.provider = `{0}` is not available in this build: GPU providers arrive with the `gpu` feature; use `cpu` or `auto`"
     )]
@@ -98,6 +106,7 @@ fn unix_now() -> f64 {
 /// finished before it returns.
 pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary, PipelineError> {
     let (provider, why) = resolve_provider(&config.model.provider)?;
+    let mut live = LiveOutputs::start(config, provider)?;
     let bundle = Bundle::open(&config.model.bundle)?;
     let manifest = Arc::new(bundle.manifest.clone());
     let engine = Engine::open(
@@ -131,7 +140,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
         .unwrap_or_default();
     let mut workers = Vec::new();
     let mut captures = Vec::new();
-    for camera in &config.camera {
+    for (index, camera) in config.camera.iter().enumerate() {
         let spawn_error = |source| PipelineError::Spawn {
             camera: camera.name.clone(),
             source,
@@ -166,6 +175,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
             engine: Arc::clone(&engine),
             record: config.output.record.clone(),
             queue,
+            live: live.camera(index, &camera.name),
         };
         workers.push(
             std::thread::Builder::new()
@@ -188,6 +198,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
     for handle in captures {
         let _ = handle.join();
     }
+    live.stop();
     Ok(RunSummary {
         provider: provider.to_string(),
         cameras,
@@ -203,6 +214,8 @@ struct Worker {
     engine: Arc<Mutex<Engine>>,
     record: RecordConfig,
     queue: Arc<FrameQueue<Captured>>,
+    /// Metrics and the RTSP feed.
+    live: CameraOutputs,
 }
 
 /// What the worker keeps between frames.
@@ -235,9 +248,11 @@ impl Worker {
         };
         loop {
             match self.queue.pop(Duration::from_millis(200)) {
-                None | Some(Item::Online) => {}
+                None => {}
+                Some(Item::Online) => self.live.metrics.set_state(CameraState::Online),
                 Some(Item::End) => break,
                 Some(Item::Offline(why)) => {
+                    self.live.metrics.set_state(CameraState::Offline);
                     state.stats.offline += 1;
                     let events = self.tracker.camera_offline(state.last_t);
                     self.emit(&mut state, events);
@@ -245,8 +260,10 @@ impl Worker {
                 }
                 Some(Item::Frame(captured)) => self.process(&mut state, captured),
             }
+            self.live.metrics.set_dropped(self.queue.dropped());
             self.report_progress(&mut state);
         }
+        self.live.metrics.set_state(CameraState::Ended);
         let events = self.tracker.shutdown(state.last_t);
         self.emit(&mut state, events);
         state.stats.dropped = self.queue.dropped();
@@ -287,6 +304,7 @@ impl Worker {
 
     fn process(&mut self, state: &mut WorkerState, captured: Captured) {
         state.stats.frames += 1;
+        self.live.metrics.frame();
         let frame = &captured.frame;
         let t = state.epoch + captured.pts.as_secs_f64();
         state.last_t = t;
@@ -317,6 +335,9 @@ impl Worker {
         if self.record.enabled {
             self.write_recording(state, &captured, &pixels);
         }
+        if let Some(rtsp) = &self.live.rtsp {
+            rtsp.push(&pixels, frame.width, frame.height, captured.fps);
+        }
     }
 
     /// Runs the engine on one frame, updates the alert tracker, returns the annotated pixels.
@@ -337,7 +358,9 @@ impl Worker {
                 .map_err(|_| "the engine lock is poisoned".to_string())?;
             engine.run(&input, 1).map_err(|e| e.to_string())?
         };
-        state.stats.inference += tick.elapsed();
+        let inference = tick.elapsed();
+        state.stats.inference += inference;
+        self.live.metrics.analysed(inference);
         state.stats.analysed += 1;
         state.analysed_since_report += 1;
         state.last_analysed = Some(captured.pts);
