@@ -213,7 +213,14 @@ impl RtspServer {
         self.server
             .client_filter(Some(&mut |_, _| rtsp_server::RTSPFilterResult::Remove));
         self.source.destroy();
-        self.main_loop.quit();
+        // A quit() that comes before the thread has entered run() is lost (a run that ends at
+        // once): quit from inside the loop instead.
+        let main_loop = self.main_loop.clone();
+        glib::idle_source_new(Some("stpm-rtsp-stop"), glib::Priority::DEFAULT, move || {
+            main_loop.quit();
+            glib::ControlFlow::Break
+        })
+        .attach(Some(&self.main_loop.context()));
         let _ = thread.join();
     }
 }
@@ -266,4 +273,48 @@ fn attach_media(camera: &str, media: &rtsp_server::RTSPMedia, slot: &Arc<Mutex<S
             eprintln!("[{name}] RTSP: no client left");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unwatched_feeds_take_nothing_and_a_taken_port_fails() {
+        let config = RtspConfig {
+            enabled: true,
+            bind: "127.0.0.1".into(),
+            port: 0,
+        };
+        let (server, outputs) =
+            RtspServer::start(&config, &["line1".into(), "line2".into()]).expect("start");
+        assert_ne!(server.port(), 0);
+        assert_eq!(outputs.len(), 2);
+        let frame = vec![128u8; 8 * 6 * 3];
+        outputs[0].push(&frame, 8, 6, 15.0);
+        // A frame of the wrong length is ignored, not a panic.
+        outputs[1].push(&frame[1..], 8, 6, 15.0);
+        assert!(!outputs[0].is_watched() && !outputs[1].is_watched());
+        assert_eq!(
+            outputs[0].slot.lock().ok().and_then(|slot| slot.format),
+            Some(Format {
+                width: 8,
+                height: 6,
+                fps: 15.0
+            })
+        );
+        let taken = RtspConfig {
+            port: server.port(),
+            ..config
+        };
+        let message = RtspServer::start(&taken, &["line1".into()])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains(&format!("cannot listen on 127.0.0.1:{}", server.port())),
+            "{message}"
+        );
+        server.stop();
+    }
 }
