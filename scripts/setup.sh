@@ -30,7 +30,9 @@ apt_packages=(build-essential pkg-config ca-certificates curl unzip python3 pyth
     libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
     gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
     # OpenCV 4.6 for the live overlay; the opencv crate generates its bindings with libclang
-    libopencv-dev clang libclang-dev)
+    libopencv-dev clang libclang-dev
+    # the RTSP output ([output.rtsp]: gst-rtsp-server) and the rtspsrc client used by the tests
+    libgstrtspserver-1.0-dev gstreamer1.0-rtsp)
 if [ -z "${STPM_SKIP_APT:-}" ]; then
     missing=()
     for p in "${apt_packages[@]}"; do

@@ -5,31 +5,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
 
-fn stpm(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stpm"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run stpm")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
+use common::{output_text as text, path_str as path, stpm_in as stpm};
 
 fn bundle() -> &'static Path {
     common::tiny_conveyor_bundle()
@@ -203,13 +185,13 @@ fn pipeline_errors_name_the_key() {
     let pipeline = write_pipeline(
         dir.path(),
         "source = \"file:///no/such/video.mkv\"",
-        "[output.rtsp]\nenabled = true\n",
+        "[output.rtsp]\nenabled = true\nbind = \"camera-host\"\n",
     );
     let out = stpm(&["run", "--pipeline", path(&pipeline)], dir.path());
     let log = text(&out);
     assert!(!out.status.success());
     assert!(log.contains("camera[0].source"), "{log}");
-    assert!(log.contains("output.rtsp.enabled"), "{log}");
+    assert!(log.contains("output.rtsp.bind = `camera-host`"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
     // A valid file asking for a GPU provider this build lacks fails loudly instead of using the CPU.
     let pipeline = write_pipeline(dir.path(), "source = \"test://conveyor?frames=1\"", "");

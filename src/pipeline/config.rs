@@ -2,6 +2,7 @@
 //! loaded with the `config` crate (TOML, then `STPM__SECTION__KEY` environment variables, then
 //! `--set section.key=value`). `validate` reports every problem at once, each naming its key.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -26,6 +27,9 @@ pub struct PipelineConfig {
     /// The MQTT broker that receives alert events; without this section events are only printed.
     #[serde(default)]
     pub mqtt: Option<MqttConfig>,
+    /// `/metrics` and `/health`.
+    #[serde(default)]
+    pub http: HttpConfig,
 }
 
 /// `[model]`
@@ -113,17 +117,18 @@ fn default_record_dir() -> PathBuf {
     "recordings".into()
 }
 
-/// `[output.rtsp]`: each camera at `rtsp://<bind>:<port>/<camera>` (not available yet).
+/// `[output.rtsp]`: each camera's annotated frames as H.264 at `rtsp://<bind>:<port>/<camera>`;
+/// encoded only while a client watches.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RtspConfig {
     /// Serve the annotated streams over RTSP.
     #[serde(default)]
     pub enabled: bool,
-    /// Address to listen on.
+    /// IP address to listen on (`0.0.0.0` for every interface).
     #[serde(default = "default_bind")]
     pub bind: String,
-    /// Port to listen on.
+    /// Port to listen on (0: any free port, printed at start).
     #[serde(default = "default_rtsp_port")]
     pub port: u16,
 }
@@ -144,6 +149,32 @@ fn default_bind() -> String {
 
 fn default_rtsp_port() -> u16 {
     8554
+}
+
+/// `[http]`: Prometheus `/metrics` and `/health`. Off unless asked for: a fixed default port would
+/// make two pipelines on one host collide, and a port that cannot be bound stops the start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serve `/metrics` and `/health`.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `ip:port` to listen on.
+    #[serde(default = "default_http_bind")]
+    pub bind: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            bind: default_http_bind(),
+        }
+    }
+}
+
+fn default_http_bind() -> String {
+    "127.0.0.1:9090".into()
 }
 
 /// Why a pipeline file could not be used.
@@ -317,11 +348,38 @@ impl PipelineConfig {
         if let Some(Err(e)) = self.mqtt.as_ref().map(MqttConfig::validate) {
             problems.extend(e.problems);
         }
-        if self.output.rtsp.enabled {
-            problems.push(
-                "output.rtsp.enabled = true: the RTSP server is not available in this build yet; set it to false"
-                    .into(),
-            );
+        problems.extend(self.output_problems());
+        problems
+    }
+
+    /// Problems of `[output.rtsp]` and `[http]` (checked only when enabled).
+    fn output_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let rtsp = &self.output.rtsp;
+        let rtsp_ip = rtsp.bind.parse::<IpAddr>();
+        if rtsp.enabled && rtsp_ip.is_err() {
+            problems.push(format!(
+                "output.rtsp.bind = `{}`: use an IP address such as 127.0.0.1 or 0.0.0.0",
+                rtsp.bind
+            ));
+        }
+        let http = &self.http;
+        let http_addr = http.bind.parse::<SocketAddr>();
+        if http.enabled && http_addr.is_err() {
+            problems.push(format!(
+                "http.bind = `{}`: use ip:port such as 127.0.0.1:9090",
+                http.bind
+            ));
+        }
+        if let (true, true, Ok(ip), Ok(addr)) = (rtsp.enabled, http.enabled, rtsp_ip, http_addr)
+            && rtsp.port != 0
+            && addr.port() == rtsp.port
+            && (ip == addr.ip() || ip.is_unspecified() || addr.ip().is_unspecified())
+        {
+            problems.push(format!(
+                "http.bind = `{}` uses output.rtsp.port {}: pick another port for one of them",
+                http.bind, rtsp.port
+            ));
         }
         problems
     }
@@ -404,6 +462,46 @@ mod tests {
         ] {
             assert!(message.contains(expected), "missing {expected}: {message}");
         }
+    }
+
+    #[test]
+    fn rtsp_and_http_outputs_are_checked_when_enabled() {
+        let dir = tempfile::tempdir().expect("dir");
+        let base =
+            "[model]\nbundle = \"b\"\n[[camera]]\nname = \"a\"\nsource = \"test://conveyor\"\n";
+        let path = write(
+            dir.path(),
+            &format!(
+                "{base}[output.rtsp]\nenabled = true\nport = 9000\n[http]\nenabled = true\nbind = \"127.0.0.1:9000\"\n"
+            ),
+        );
+        let message = PipelineConfig::load(&path, &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains("uses output.rtsp.port 9000"), "{message}");
+        let path = write(
+            dir.path(),
+            &format!(
+                "{base}[output.rtsp]\nenabled = true\nbind = \"localhost\"\n[http]\nenabled = true\nbind = \"9090\"\n"
+            ),
+        );
+        let message = PipelineConfig::load(&path, &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains("output.rtsp.bind = `localhost`"),
+            "{message}"
+        );
+        assert!(message.contains("http.bind = `9090`"), "{message}");
+        let path = write(
+            dir.path(),
+            &format!("{base}[output.rtsp]\nenabled = true\n"),
+        );
+        let config = PipelineConfig::load(&path, &["http.enabled=true".into()]).expect("valid");
+        assert_eq!(config.output.rtsp.port, 8554);
+        assert_eq!(config.http.bind, "127.0.0.1:9090");
     }
 
     #[test]

@@ -5,8 +5,12 @@
 
 pub mod config;
 pub mod conveyor;
+pub mod http;
+pub mod live;
+pub mod metrics;
 pub mod queue;
 pub mod record;
+pub mod rtsp;
 pub mod source;
 
 use std::path::PathBuf;
@@ -23,6 +27,8 @@ use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::overlay;
 use crate::preprocess;
 use config::{CameraConfig, PipelineConfig, RecordConfig, SourceUri};
+use live::{CameraOutputs, LiveError, LiveOutputs};
+use metrics::CameraState;
 use queue::{FrameQueue, Item};
 use record::Recorder;
 use source::{Captured, SourceSpec};
@@ -36,6 +42,8 @@ pub enum PipelineError {
     Bundle(#[from] BundleError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Live(#[from] LiveError),
     #[error(
         "model.provider = `{0}` is not available in this build: GPU providers arrive with the `gpu` feature; use `cpu` or `auto`"
     )]
@@ -119,6 +127,7 @@ fn unix_now() -> f64 {
 /// finished before it returns.
 pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary, PipelineError> {
     let (provider, why) = resolve_provider(&config.model.provider)?;
+    let mut live = LiveOutputs::start(config, provider)?;
     let bundle = Bundle::open(&config.model.bundle)?;
     let manifest = Arc::new(bundle.manifest.clone());
     let engine = Engine::open(
@@ -160,7 +169,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
         .unwrap_or_default();
     let mut workers = Vec::new();
     let mut captures = Vec::new();
-    for camera in &config.camera {
+    for (index, camera) in config.camera.iter().enumerate() {
         let spawn_error = |source| PipelineError::Spawn {
             camera: camera.name.clone(),
             source,
@@ -196,6 +205,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
             record: config.output.record.clone(),
             queue,
             publisher: mqtt.as_ref().map(|(_, handle)| handle.clone()),
+            live: live.camera(index, &camera.name),
         };
         workers.push(
             std::thread::Builder::new()
@@ -222,6 +232,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
         stop_publisher(&publisher);
         runtime.shutdown_timeout(Duration::from_secs(1));
     }
+    live.stop();
     Ok(RunSummary {
         provider: provider.to_string(),
         cameras,
@@ -290,6 +301,8 @@ struct Worker {
     queue: Arc<FrameQueue<Captured>>,
     /// MQTT publisher, when `[mqtt]` is configured.
     publisher: Option<PublisherHandle>,
+    /// Metrics and the RTSP feed.
+    live: CameraOutputs,
 }
 
 /// What the worker keeps between frames.
@@ -328,9 +341,11 @@ impl Worker {
         };
         loop {
             match self.queue.pop(Duration::from_millis(200)) {
-                None | Some(Item::Online) => {}
+                None => {}
+                Some(Item::Online) => self.live.metrics.set_state(CameraState::Online),
                 Some(Item::End) => break,
                 Some(Item::Offline(why)) => {
+                    self.live.metrics.set_state(CameraState::Offline);
                     state.stats.offline += 1;
                     let events = self.tracker.camera_offline(state.last_t);
                     self.emit(&mut state, events, None);
@@ -339,8 +354,10 @@ impl Worker {
                 }
                 Some(Item::Frame(captured)) => self.process(&mut state, captured),
             }
+            self.live.metrics.set_dropped(self.queue.dropped());
             self.report_progress(&mut state);
         }
+        self.live.metrics.set_state(CameraState::Ended);
         let events = self.tracker.shutdown(state.last_t);
         self.emit(&mut state, events, None);
         state.stats.dropped = self.queue.dropped();
@@ -422,6 +439,7 @@ impl Worker {
 
     fn process(&mut self, state: &mut WorkerState, captured: Captured) {
         state.stats.frames += 1;
+        self.live.metrics.frame();
         let frame = &captured.frame;
         let t = state.epoch + captured.pts.as_secs_f64();
         state.last_t = t;
@@ -452,6 +470,9 @@ impl Worker {
         if self.record.enabled {
             self.write_recording(state, &captured, &pixels);
         }
+        if let Some(rtsp) = &self.live.rtsp {
+            rtsp.push(&pixels, frame.width, frame.height, captured.fps);
+        }
     }
 
     /// Runs the engine on one frame, updates the alert tracker, returns the annotated pixels.
@@ -472,7 +493,9 @@ impl Worker {
                 .map_err(|_| "the engine lock is poisoned".to_string())?;
             engine.run(&input, 1).map_err(|e| e.to_string())?
         };
-        state.stats.inference += tick.elapsed();
+        let inference = tick.elapsed();
+        state.stats.inference += inference;
+        self.live.metrics.analysed(inference);
         state.stats.analysed += 1;
         state.analysed_since_report += 1;
         state.last_analysed = Some(captured.pts);

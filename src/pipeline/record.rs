@@ -28,7 +28,7 @@ impl Recorder {
         } else {
             25.0
         };
-        let description = "appsrc name=src format=time ! videoconvert ! \
+        let description = "appsrc name=src format=time ! videoconvert ! video/x-raw,format=I420 ! \
              x264enc tune=zerolatency speed-preset=ultrafast key-int-max=30 ! h264parse ! \
              matroskamux ! filesink name=sink";
         let pipeline = gst::parse::launch(description)

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 /// A path inside the repository.
@@ -87,4 +87,27 @@ pub fn tiny_conveyor_bundle() -> &'static Path {
             (dir, bundle)
         })
         .1
+}
+
+/// Runs the `stpm` binary with `args` in `dir`.
+pub fn stpm_in(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stpm"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run stpm")
+}
+
+/// stdout and stderr of a finished command, together.
+pub fn output_text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A path as `&str` for command lines (test paths are UTF-8).
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
 }

@@ -1,0 +1,91 @@
+//! The network side of a run: the shared [`Metrics`], the `[http]` endpoints and the RTSP server,
+//! started before the cameras (a taken port fails the start) and stopped after their workers.
+
+use std::sync::Arc;
+
+use crate::pipeline::config::PipelineConfig;
+use crate::pipeline::http::{HttpError, HttpServer};
+use crate::pipeline::metrics::{CameraMetrics, Metrics};
+use crate::pipeline::rtsp::{RtspError, RtspOutput, RtspServer};
+
+/// What the workers feed and the servers read.
+pub struct LiveOutputs {
+    metrics: Arc<Metrics>,
+    http: Option<HttpServer>,
+    rtsp: Option<RtspServer>,
+    /// One per camera, in configuration order; taken by the workers.
+    feeds: Vec<Option<RtspOutput>>,
+}
+
+/// What one camera's worker gets.
+pub struct CameraOutputs {
+    pub metrics: Arc<CameraMetrics>,
+    pub rtsp: Option<RtspOutput>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error(transparent)]
+    Rtsp(#[from] RtspError),
+}
+
+impl LiveOutputs {
+    /// Starts what `config` enables; `provider` is the execution provider reported in /metrics.
+    pub fn start(config: &PipelineConfig, provider: &str) -> Result<Self, LiveError> {
+        let cameras: Vec<String> = config.camera.iter().map(|c| c.name.clone()).collect();
+        let metrics = Arc::new(Metrics::new(provider, &cameras));
+        let http = if config.http.enabled {
+            let server = HttpServer::start(&config.http.bind, Arc::clone(&metrics))?;
+            eprintln!(
+                "http: metrics at http://{0}/metrics, health at http://{0}/health",
+                server.address()
+            );
+            Some(server)
+        } else {
+            None
+        };
+        let (rtsp, feeds) = if config.output.rtsp.enabled {
+            let (server, feeds) = RtspServer::start(&config.output.rtsp, &cameras)?;
+            for camera in &cameras {
+                eprintln!(
+                    "rtsp: camera {camera} at rtsp://{}:{}/{camera}",
+                    config.output.rtsp.bind,
+                    server.port()
+                );
+            }
+            (Some(server), feeds.into_iter().map(Some).collect())
+        } else {
+            (None, cameras.iter().map(|_| None).collect())
+        };
+        Ok(Self {
+            metrics,
+            http,
+            rtsp,
+            feeds,
+        })
+    }
+
+    /// The outputs of the `index`-th camera (its RTSP feed only the first time).
+    pub fn camera(&mut self, index: usize, name: &str) -> CameraOutputs {
+        CameraOutputs {
+            // Every configured camera has counters; the fallback only keeps this total.
+            metrics: self
+                .metrics
+                .camera(name)
+                .unwrap_or_else(|| Arc::new(CameraMetrics::new(name))),
+            rtsp: self.feeds.get_mut(index).and_then(Option::take),
+        }
+    }
+
+    /// Stops the servers (after the workers have finished).
+    pub fn stop(self) {
+        if let Some(rtsp) = self.rtsp {
+            rtsp.stop();
+        }
+        if let Some(http) = self.http {
+            http.stop();
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! Live counters of a running pipeline, written by the camera workers (atomics and short locks, no
+//! I/O) and read by the HTTP endpoints, which render them as Prometheus text and a health verdict.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Upper bounds (seconds) of the inference histogram buckets; `+Inf` is implied.
+const INFERENCE_BUCKETS: [f64; 10] = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
+
+/// The window over which `stpm_fps` counts analysed frames.
+const FPS_WINDOW: Duration = Duration::from_secs(5);
+
+/// Where a camera's source stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CameraState {
+    /// No frame yet.
+    Starting,
+    Online,
+    /// Reconnecting after an error or the end of a live stream.
+    Offline,
+    /// Finished for good (a file that ended, or shutdown).
+    Ended,
+}
+
+impl CameraState {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Online => "online",
+            Self::Offline => "offline",
+            Self::Ended => "ended",
+        }
+    }
+
+    fn from_u8(value: u8) -> Self {
+        match value {
+            1 => Self::Online,
+            2 => Self::Offline,
+            3 => Self::Ended,
+            _ => Self::Starting,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            Self::Starting => 0,
+            Self::Online => 1,
+            Self::Offline => 2,
+            Self::Ended => 3,
+        }
+    }
+}
+
+/// Cumulative-bucket histogram of durations.
+#[derive(Debug, Default)]
+struct Histogram {
+    /// Per bucket (not cumulative); the last entry is `+Inf`.
+    counts: [u64; INFERENCE_BUCKETS.len() + 1],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        let bucket = INFERENCE_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(INFERENCE_BUCKETS.len());
+        self.counts[bucket] += 1;
+        self.sum += seconds;
+        self.count += 1;
+    }
+}
+
+/// One camera's counters.
+#[derive(Debug)]
+pub struct CameraMetrics {
+    pub camera: String,
+    frames: AtomicU64,
+    analysed: AtomicU64,
+    dropped: AtomicU64,
+    state: AtomicU8,
+    inference: Mutex<Histogram>,
+    /// When recent frames were analysed (at most `FPS_WINDOW` old).
+    recent: Mutex<VecDeque<Instant>>,
+}
+
+impl CameraMetrics {
+    pub fn new(camera: &str) -> Self {
+        Self {
+            camera: camera.to_string(),
+            frames: AtomicU64::new(0),
+            analysed: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            state: AtomicU8::new(CameraState::Starting.to_u8()),
+            inference: Mutex::new(Histogram::default()),
+            recent: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// A frame reached the worker (which also means the source is online).
+    pub fn frame(&self) {
+        self.frames.fetch_add(1, Ordering::Relaxed);
+        self.set_state(CameraState::Online);
+    }
+
+    /// A frame went through the engine in `inference`.
+    pub fn analysed(&self, inference: Duration) {
+        self.analysed.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut histogram) = self.inference.lock() {
+            histogram.observe(inference.as_secs_f64());
+        }
+        let now = Instant::now();
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.push_back(now);
+            trim(&mut recent, now);
+        }
+    }
+
+    /// The queue's drop count so far (it only grows).
+    pub fn set_dropped(&self, dropped: u64) {
+        self.dropped.store(dropped, Ordering::Relaxed);
+    }
+
+    pub fn set_state(&self, state: CameraState) {
+        self.state.store(state.to_u8(), Ordering::Relaxed);
+    }
+
+    pub fn state(&self) -> CameraState {
+        CameraState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// Analysed frames per second over the last few seconds (less since the start).
+    fn fps(&self, started: Instant) -> f64 {
+        let now = Instant::now();
+        let Ok(mut recent) = self.recent.lock() else {
+            return 0.0;
+        };
+        trim(&mut recent, now);
+        let window = now.duration_since(started).min(FPS_WINDOW).as_secs_f64();
+        if window > 0.0 {
+            recent.len() as f64 / window
+        } else {
+            0.0
+        }
+    }
+}
+
+fn trim(recent: &mut VecDeque<Instant>, now: Instant) {
+    while recent
+        .front()
+        .is_some_and(|&t| now.duration_since(t) > FPS_WINDOW)
+    {
+        recent.pop_front();
+    }
+}
+
+/// Every camera's counters and the engine in use.
+#[derive(Debug)]
+pub struct Metrics {
+    provider: String,
+    started: Instant,
+    cameras: Vec<std::sync::Arc<CameraMetrics>>,
+}
+
+impl Metrics {
+    pub fn new(provider: &str, cameras: &[String]) -> Self {
+        Self {
+            provider: provider.to_string(),
+            started: Instant::now(),
+            cameras: cameras
+                .iter()
+                .map(|name| std::sync::Arc::new(CameraMetrics::new(name)))
+                .collect(),
+        }
+    }
+
+    /// The counters of `camera` (shared with its worker).
+    pub fn camera(&self, camera: &str) -> Option<std::sync::Arc<CameraMetrics>> {
+        self.cameras.iter().find(|c| c.camera == camera).cloned()
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        header(
+            &mut out,
+            "stpm_engine_info",
+            "gauge",
+            "The execution provider that runs the model.",
+        );
+        let _ = writeln!(
+            out,
+            "stpm_engine_info{{provider=\"{}\"}} 1",
+            escape(&self.provider)
+        );
+        type Value<'a> = &'a dyn Fn(&CameraMetrics) -> f64;
+        let per_camera: [(&str, &str, &str, Value); 5] = [
+            (
+                "stpm_frames_total",
+                "counter",
+                "Frames that reached the camera's worker.",
+                &|c| c.frames.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "stpm_frames_analysed_total",
+                "counter",
+                "Frames that went through the engine.",
+                &|c| c.analysed.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "stpm_frames_dropped_total",
+                "counter",
+                "Frames dropped because inference was behind the source.",
+                &|c| c.dropped.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "stpm_camera_online",
+                "gauge",
+                "1 while the camera delivers frames, 0 while starting, offline or ended.",
+                &|c| f64::from(u8::from(c.state() == CameraState::Online)),
+            ),
+            (
+                "stpm_fps",
+                "gauge",
+                "Analysed frames per second over the last 5 seconds.",
+                &|c| round3(c.fps(self.started)),
+            ),
+        ];
+        for (name, kind, help, value) in per_camera {
+            header(&mut out, name, kind, help);
+            for camera in &self.cameras {
+                let _ = writeln!(
+                    out,
+                    "{name}{{camera=\"{}\"}} {}",
+                    escape(&camera.camera),
+                    value(camera)
+                );
+            }
+        }
+        let name = "stpm_inference_seconds";
+        header(
+            &mut out,
+            name,
+            "histogram",
+            "Engine time per analysed frame.",
+        );
+        for camera in &self.cameras {
+            let label = escape(&camera.camera);
+            let Ok(histogram) = camera.inference.lock() else {
+                continue;
+            };
+            let mut cumulative = 0;
+            for (bound, count) in INFERENCE_BUCKETS.iter().zip(histogram.counts) {
+                cumulative += count;
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{camera=\"{label}\",le=\"{bound}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{camera=\"{label}\",le=\"+Inf\"}} {count}\n\
+                 {name}_sum{{camera=\"{label}\"}} {sum}\n\
+                 {name}_count{{camera=\"{label}\"}} {count}",
+                count = histogram.count,
+                sum = histogram.sum
+            );
+        }
+        out
+    }
+
+    /// Healthy when every camera is online or has ended; the JSON lists each camera's state.
+    pub fn health(&self) -> (bool, String) {
+        let states: Vec<(String, CameraState)> = self
+            .cameras
+            .iter()
+            .map(|c| (c.camera.clone(), c.state()))
+            .collect();
+        let healthy = states
+            .iter()
+            .all(|(_, s)| matches!(s, CameraState::Online | CameraState::Ended));
+        let cameras: Vec<serde_json::Value> = states
+            .iter()
+            .map(|(camera, state)| serde_json::json!({"camera": camera, "state": state.name()}))
+            .collect();
+        let body = serde_json::json!({
+            "status": if healthy { "ok" } else { "unhealthy" },
+            "cameras": cameras,
+        });
+        (healthy, body.to_string())
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
+
+/// Label values: backslash, quote and newline escaped (Prometheus text format).
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_histogram_and_health_render() {
+        let metrics = Metrics::new("cpu", &["line1".into(), "line2".into()]);
+        let line1 = metrics.camera("line1").expect("line1");
+        let line2 = metrics.camera("line2").expect("line2");
+        for _ in 0..3 {
+            line1.frame();
+        }
+        line1.analysed(Duration::from_millis(3));
+        line1.analysed(Duration::from_millis(30));
+        line1.analysed(Duration::from_secs(9));
+        line1.set_dropped(2);
+        let text = metrics.render();
+        for expected in [
+            "stpm_engine_info{provider=\"cpu\"} 1\n",
+            "# TYPE stpm_frames_total counter\n",
+            "stpm_frames_total{camera=\"line1\"} 3\n",
+            "stpm_frames_total{camera=\"line2\"} 0\n",
+            "stpm_frames_analysed_total{camera=\"line1\"} 3\n",
+            "stpm_frames_dropped_total{camera=\"line1\"} 2\n",
+            "stpm_camera_online{camera=\"line1\"} 1\n",
+            "stpm_camera_online{camera=\"line2\"} 0\n",
+            "# TYPE stpm_inference_seconds histogram\n",
+            "stpm_inference_seconds_bucket{camera=\"line1\",le=\"0.005\"} 1\n",
+            "stpm_inference_seconds_bucket{camera=\"line1\",le=\"0.02\"} 1\n",
+            "stpm_inference_seconds_bucket{camera=\"line1\",le=\"0.05\"} 2\n",
+            "stpm_inference_seconds_bucket{camera=\"line1\",le=\"5\"} 2\n",
+            "stpm_inference_seconds_bucket{camera=\"line1\",le=\"+Inf\"} 3\n",
+            "stpm_inference_seconds_count{camera=\"line1\"} 3\n",
+            "stpm_inference_seconds_count{camera=\"line2\"} 0\n",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        // Each family's header comes right before its samples.
+        let header = text.find("# TYPE stpm_fps gauge").expect("fps header");
+        let sample = text.find("stpm_fps{camera=\"line1\"}").expect("fps sample");
+        assert!(header < sample);
+        assert!(metrics.camera("line3").is_none());
+
+        let (healthy, body) = metrics.health();
+        assert!(!healthy, "line2 is still starting: {body}");
+        assert!(
+            body.contains(r#"{"camera":"line2","state":"starting"}"#),
+            "{body}"
+        );
+        line2.set_state(CameraState::Ended);
+        assert!(metrics.health().0);
+        line1.set_state(CameraState::Offline);
+        let (healthy, body) = metrics.health();
+        assert!(!healthy);
+        assert!(body.contains(r#""state":"offline""#), "{body}");
+    }
+
+    #[test]
+    fn fps_counts_the_recent_window_only() {
+        let metrics = Metrics::new("cpu", &["a".into()]);
+        let camera = metrics.camera("a").expect("a");
+        let long_ago = Instant::now() - Duration::from_secs(60);
+        for _ in 0..10 {
+            camera.analysed(Duration::from_millis(1));
+        }
+        // Ten frames within a 5 s window (the run started a minute ago).
+        assert!((camera.fps(long_ago) - 2.0).abs() < 1e-9);
+        if let Ok(mut recent) = camera.recent.lock() {
+            recent.iter_mut().for_each(|t| *t = long_ago);
+        }
+        assert_eq!(camera.fps(long_ago), 0.0);
+    }
+}

@@ -1,0 +1,268 @@
+//! `stpm run`'s network outputs with real components: a tiny trained bundle on the generated
+//! conveyor, GStreamer RTSP clients (rtspsrc → avdec_h264) decoding the annotated stream (twice, so
+//! the second client exercises a media torn down and built again), and `/metrics` and `/health`
+//! read over plain HTTP.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+
+use common::{output_text as text, path_str as path, stpm_in as stpm};
+
+fn bundle() -> &'static Path {
+    common::tiny_conveyor_bundle()
+}
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// `GET path` over HTTP/1.0: (status, body), or `None` while nothing answers.
+fn http_get(port: u16, target: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .write_all(format!("GET {target} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+/// The value of the sample line that starts with `series ` (name and labels), if any.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// A decoded frame from an RTSP client.
+struct Decoded {
+    width: i32,
+    height: i32,
+    pixels: Vec<u8>,
+}
+
+/// Connects an RTSP client (TCP interleaved), decodes up to `wanted` frames within `timeout`,
+/// then disconnects.
+fn watch(url: &str, wanted: usize, timeout: Duration) -> Vec<Decoded> {
+    gst::init().expect("gst init");
+    let pipeline = gst::parse::launch(&format!(
+        "rtspsrc location={url} protocols=tcp latency=0 ! rtph264depay ! avdec_h264 ! \
+         videoconvert ! video/x-raw,format=RGB ! appsink name=sink sync=false"
+    ))
+    .expect("client pipeline")
+    .downcast::<gst::Pipeline>()
+    .expect("pipeline");
+    let sink = pipeline
+        .by_name("sink")
+        .expect("sink")
+        .downcast::<gstreamer_app::AppSink>()
+        .expect("appsink");
+    pipeline.set_state(gst::State::Playing).expect("play");
+    let deadline = Instant::now() + timeout;
+    let mut frames = Vec::new();
+    while frames.len() < wanted {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let Some(sample) =
+            sink.try_pull_sample(gst::ClockTime::from_nseconds(left.as_nanos() as u64))
+        else {
+            break;
+        };
+        let size = sample
+            .caps()
+            .and_then(|c| c.structure(0))
+            .map(|s| {
+                (
+                    s.get::<i32>("width").unwrap_or(0),
+                    s.get::<i32>("height").unwrap_or(0),
+                )
+            })
+            .unwrap_or((0, 0));
+        let pixels = sample
+            .buffer()
+            .and_then(|b| b.map_readable().ok().map(|m| m.as_slice().to_vec()))
+            .unwrap_or_default();
+        frames.push(Decoded {
+            width: size.0,
+            height: size.1,
+            pixels,
+        });
+    }
+    let _ = pipeline.set_state(gst::State::Null);
+    frames
+}
+
+#[test]
+fn rtsp_clients_get_annotated_frames_and_metrics_count_them() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (rtsp_port, http_port) = (free_port(), free_port());
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
+             [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?fps=15&frames=900\"\n\n\
+             [output.rtsp]\nenabled = true\nbind = \"127.0.0.1\"\nport = {rtsp_port}\n\n\
+             [http]\nenabled = true\nbind = \"127.0.0.1:{http_port}\"\n",
+            path(bundle())
+        ),
+    )
+    .expect("write pipeline");
+    let log_path = dir.path().join("stpm.log");
+    let log_file = std::fs::File::create(&log_path).expect("log file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stpm"))
+        .args(["run", "--pipeline", path(&pipeline)])
+        .current_dir(dir.path())
+        .stdout(Stdio::from(log_file.try_clone().expect("log file")))
+        .stderr(Stdio::from(log_file))
+        .spawn()
+        .expect("spawn");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+
+    // Healthy once the camera delivers frames.
+    let started = Instant::now();
+    let health = loop {
+        match http_get(http_port, "/health") {
+            Some((200, body)) => break body,
+            _ if started.elapsed() > Duration::from_secs(60) => {
+                let _ = child.kill();
+                panic!("/health never answered 200: {}", log());
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    assert!(
+        health.contains(r#"{"camera":"line1","state":"online"}"#),
+        "{health}"
+    );
+
+    // Two clients one after the other: the second gets a freshly configured media.
+    let url = format!("rtsp://127.0.0.1:{rtsp_port}/line1");
+    for client in 1..=2 {
+        let frames = watch(&url, 10, Duration::from_secs(40));
+        assert!(
+            frames.len() >= 10,
+            "client {client}: {} frames: {}",
+            frames.len(),
+            log()
+        );
+        for frame in &frames {
+            assert_eq!((frame.width, frame.height), (640, 480), "client {client}");
+            assert_eq!(frame.pixels.len(), 640 * 480 * 3, "client {client}");
+        }
+        // A real picture (belt, panels, overlay), not a flat or black frame.
+        let last = &frames[frames.len() - 1].pixels;
+        let mean = last.iter().map(|&v| f64::from(v)).sum::<f64>() / last.len() as f64;
+        let spread = last
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / last.len() as f64;
+        assert!(
+            mean > 20.0 && spread.sqrt() > 10.0,
+            "client {client}: mean {mean:.1}, std {:.1}",
+            spread.sqrt()
+        );
+    }
+
+    let (status, metrics) = http_get(http_port, "/metrics").expect("/metrics answers");
+    assert_eq!(status, 200, "{metrics}");
+    let frames = sample(&metrics, "stpm_frames_total{camera=\"line1\"}").unwrap_or(0.0);
+    let analysed = sample(&metrics, "stpm_frames_analysed_total{camera=\"line1\"}").unwrap_or(0.0);
+    assert!(frames > 0.0 && analysed > 0.0, "{metrics}");
+    // The histogram is read after the counter, in the same scrape.
+    let timed = sample(&metrics, "stpm_inference_seconds_count{camera=\"line1\"}").unwrap_or(0.0);
+    assert!(timed > 0.0 && timed >= analysed - 1.0, "{metrics}");
+    assert!(
+        metrics.contains("stpm_engine_info{provider=\"cpu\"} 1\n"),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "stpm_camera_online{camera=\"line1\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        sample(&metrics, "stpm_fps{camera=\"line1\"}").is_some_and(|fps| fps > 1.0),
+        "{metrics}"
+    );
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let stopped = Instant::now();
+    let status = child.wait().expect("wait");
+    let log = log();
+    assert!(status.success(), "{log}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "took {:?}: {log}",
+        stopped.elapsed()
+    );
+    assert_eq!(
+        log.matches("RTSP: streaming to clients").count(),
+        2,
+        "one media per client: {log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn taken_ports_fail_the_start_naming_the_key() {
+    let dir = tempfile::tempdir().expect("dir");
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let pipeline = dir.path().join("p.toml");
+    let write = |extra: &str| {
+        std::fs::write(
+            &pipeline,
+            format!(
+                "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
+                 [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?frames=5\"\n{extra}",
+                path(bundle())
+            ),
+        )
+        .expect("write pipeline");
+    };
+    write(&format!(
+        "[http]\nenabled = true\nbind = \"127.0.0.1:{port}\"\n"
+    ));
+    let out = stpm(&["run", "--pipeline", path(&pipeline)], dir.path());
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains(&format!("http.bind = `127.0.0.1:{port}`")),
+        "{log}"
+    );
+    write(&format!(
+        "[output.rtsp]\nenabled = true\nbind = \"127.0.0.1\"\nport = {port}\n"
+    ));
+    let out = stpm(&["run", "--pipeline", path(&pipeline)], dir.path());
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
