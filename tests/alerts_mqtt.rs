@@ -911,15 +911,10 @@ fn tls_with_client_certificate_delivers_events() {
 // ---------------------------------------------------------------------------------------------
 // The real binary: `stpm run` publishing to the broker
 
-#[test]
-fn stpm_run_publishes_events_snapshot_state_and_availability() {
-    let broker = Broker::start();
-    let subscriber = Subscriber::new(broker.port, "e2e/#", None);
-    let dir = tempfile::tempdir().expect("dir");
-    // The tiny bundle recalibrated so that every frame is an anomaly (threshold 0, floor -1: any
-    // raw score normalises to 1), so the event is certain; it ends with reason `shutdown` when
-    // the 40 frames are done.
-    let bundle = dir.path().join("bundle");
+/// The tiny bundle recalibrated so that every frame is an anomaly (threshold 0, floor -1: any raw
+/// score normalises to 1), so events are certain.
+fn always_anomalous_bundle(dir: &Path) -> PathBuf {
+    let bundle = dir.join("bundle");
     fs::create_dir(&bundle).expect("bundle dir");
     for file in ["model.onnx", "student.safetensors"] {
         fs::copy(common::tiny_conveyor_bundle().join(file), bundle.join(file)).expect("copy");
@@ -939,22 +934,111 @@ fn stpm_run_publishes_events_snapshot_state_and_availability() {
         })
         .collect();
     fs::write(bundle.join("stpm.toml"), recalibrated.join("\n")).expect("manifest");
-    let pipeline = dir.path().join("p.toml");
+    bundle
+}
+
+/// A pipeline file: one conveyor camera (not realtime when `frames=` is given), the spool in
+/// `dir/spool`, MQTT on 127.0.0.1:`port` with `prefix`.
+fn run_pipeline(dir: &Path, bundle: &Path, source: &str, port: u16, prefix: &str) -> PathBuf {
+    let pipeline = dir.join(format!("{prefix}.toml"));
     fs::write(
         &pipeline,
         format!(
             "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
-             [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?frames=40&fps=10\"\n\
-             realtime = false\n\n\
+             [[camera]]\nname = \"line1\"\nsource = \"{source}\"\nrealtime = {}\n\n\
              [alerts]\nspool_dir = \"{}\"\n\n\
-             [mqtt]\nport = {}\nprefix = \"e2e\"\nclient_id = \"stpm-e2e-{}\"\n",
+             [mqtt]\nport = {port}\nprefix = \"{prefix}\"\nclient_id = \"stpm-{prefix}-{}\"\n",
             bundle.display(),
-            dir.path().join("spool").display(),
-            broker.port,
+            !source.contains("frames="),
+            dir.join("spool").display(),
             std::process::id()
         ),
     )
     .expect("pipeline file");
+    pipeline
+}
+
+#[test]
+fn events_of_a_killed_run_are_published_by_the_next_run() {
+    let dir = tempfile::tempdir().expect("dir");
+    let bundle = always_anomalous_bundle(dir.path());
+    let spool = dir.path().join("spool");
+    // No broker yet: the first run spools its events, and is killed with SIGKILL.
+    let port = free_port();
+    let pipeline = run_pipeline(
+        dir.path(),
+        &bundle,
+        "test://conveyor?fps=20",
+        port,
+        "restart",
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stpm"))
+        .args(["run", "--pipeline"])
+        .arg(&pipeline)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn stpm");
+    let started = Instant::now();
+    while !spool.is_dir() || spool_files(&spool).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "nothing spooled"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().expect("SIGKILL");
+    let out = child.wait_with_output().expect("wait");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let first_id = printed
+        .lines()
+        .filter_map(|l| l.strip_prefix("alert "))
+        .filter_map(|json| serde_json::from_str::<Value>(json).ok())
+        .find(|e| e["type"] == "new")
+        .and_then(|e| e["id"].as_str().map(str::to_string))
+        .expect("the killed run printed its new event");
+    let left = spool_files(&spool);
+    assert!(!left.is_empty());
+
+    // Broker up; the next run (one frame) sends what the killed one left, oldest first.
+    let _broker = Broker::start_on(port, None);
+    let subscriber = Subscriber::new(port, "restart/line1/events", None);
+    let pipeline = run_pipeline(
+        dir.path(),
+        &bundle,
+        "test://conveyor?frames=1",
+        port,
+        "restart",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_stpm"))
+        .args(["run", "--pipeline"])
+        .arg(&pipeline)
+        .output()
+        .expect("run stpm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = subscriber.next().json();
+    assert_eq!(first["type"], "new");
+    assert_eq!(first["id"].as_str(), Some(first_id.as_str()));
+    assert!(spool_files(&spool).is_empty(), "spool drained");
+}
+
+#[test]
+fn stpm_run_publishes_events_snapshot_state_and_availability() {
+    let broker = Broker::start();
+    let subscriber = Subscriber::new(broker.port, "e2e/#", None);
+    let dir = tempfile::tempdir().expect("dir");
+    let bundle = always_anomalous_bundle(dir.path());
+    let pipeline = run_pipeline(
+        dir.path(),
+        &bundle,
+        "test://conveyor?frames=40&fps=10",
+        broker.port,
+        "e2e",
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_stpm"))
         .args(["run", "--pipeline"])
         .arg(&pipeline)
