@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -940,6 +940,18 @@ fn always_anomalous_bundle(dir: &Path) -> PathBuf {
 /// A pipeline file: one conveyor camera (not realtime when `frames=` is given), the spool in
 /// `dir/spool`, MQTT on 127.0.0.1:`port` with `prefix`.
 fn run_pipeline(dir: &Path, bundle: &Path, source: &str, port: u16, prefix: &str) -> PathBuf {
+    run_pipeline_with(dir, bundle, source, port, prefix, "")
+}
+
+/// [`run_pipeline`] with `extra` TOML appended.
+fn run_pipeline_with(
+    dir: &Path,
+    bundle: &Path,
+    source: &str,
+    port: u16,
+    prefix: &str,
+    extra: &str,
+) -> PathBuf {
     let pipeline = dir.join(format!("{prefix}.toml"));
     fs::write(
         &pipeline,
@@ -947,7 +959,7 @@ fn run_pipeline(dir: &Path, bundle: &Path, source: &str, port: u16, prefix: &str
             "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
              [[camera]]\nname = \"line1\"\nsource = \"{source}\"\nrealtime = {}\n\n\
              [alerts]\nspool_dir = \"{}\"\n\n\
-             [mqtt]\nport = {port}\nprefix = \"{prefix}\"\nclient_id = \"stpm-{prefix}-{}\"\n",
+             [mqtt]\nport = {port}\nprefix = \"{prefix}\"\nclient_id = \"stpm-{prefix}-{}\"\n{extra}",
             bundle.display(),
             !source.contains("frames="),
             dir.join("spool").display(),
@@ -965,12 +977,14 @@ fn events_of_a_killed_run_are_published_by_the_next_run() {
     let spool = dir.path().join("spool");
     // No broker yet: the first run spools its events, and is killed with SIGKILL.
     let port = free_port();
-    let pipeline = run_pipeline(
+    let http = free_port();
+    let pipeline = run_pipeline_with(
         dir.path(),
         &bundle,
         "test://conveyor?fps=20",
         port,
         "restart",
+        &format!("\n[http]\nenabled = true\nbind = \"127.0.0.1:{http}\"\n"),
     );
     let mut child = Command::new(env!("CARGO_BIN_EXE_stpm"))
         .args(["run", "--pipeline"])
@@ -987,6 +1001,23 @@ fn events_of_a_killed_run_are_published_by_the_next_run() {
         );
         thread::sleep(Duration::from_millis(100));
     }
+    // /metrics shows the broker down and the events waiting in the spool.
+    let metrics = {
+        let mut stream = TcpStream::connect(("127.0.0.1", http)).expect("metrics endpoint");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .expect("request");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("response");
+        text
+    };
+    assert!(metrics.contains("stpm_mqtt_connected 0\n"), "{metrics}");
+    let pending: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("stpm_alert_spool_pending "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(pending >= 1.0, "{metrics}");
     child.kill().expect("SIGKILL");
     let out = child.wait_with_output().expect("wait");
     let printed = String::from_utf8_lossy(&out.stdout);

@@ -10,7 +10,7 @@ use crate::pipeline::rtsp::{RtspError, RtspOutput, RtspServer};
 
 /// What the workers feed and the servers read.
 pub struct LiveOutputs {
-    metrics: Arc<Metrics>,
+    pub metrics: Arc<Metrics>,
     http: Option<HttpServer>,
     rtsp: Option<RtspServer>,
     /// One per camera, in configuration order; taken by the workers.

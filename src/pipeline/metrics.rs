@@ -83,6 +83,8 @@ pub struct CameraMetrics {
     analysed: AtomicU64,
     dropped: AtomicU64,
     state: AtomicU8,
+    alerts: AtomicU64,
+    suppressed: AtomicU64,
     inference: Mutex<Histogram>,
     /// When recent frames were analysed (at most `FPS_WINDOW` old).
     recent: Mutex<VecDeque<Instant>>,
@@ -96,6 +98,8 @@ impl CameraMetrics {
             analysed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             state: AtomicU8::new(CameraState::Starting.to_u8()),
+            alerts: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
             inference: Mutex::new(Histogram::default()),
             recent: Mutex::new(VecDeque::new()),
         }
@@ -118,6 +122,16 @@ impl CameraMetrics {
             recent.push_back(now);
             trim(&mut recent, now);
         }
+    }
+
+    /// An alert event (new, update or end) was emitted.
+    pub fn alert(&self) {
+        self.alerts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The tracker's count of events held back by the hourly cap (it only grows).
+    pub fn set_suppressed(&self, suppressed: u64) {
+        self.suppressed.store(suppressed, Ordering::Relaxed);
     }
 
     /// The queue's drop count so far (it only grows).
@@ -164,6 +178,8 @@ pub struct Metrics {
     provider: String,
     started: Instant,
     cameras: Vec<std::sync::Arc<CameraMetrics>>,
+    /// The MQTT publisher, when `[mqtt]` is configured (its link and spool counters).
+    publisher: std::sync::OnceLock<crate::alerts::PublisherHandle>,
 }
 
 impl Metrics {
@@ -175,7 +191,13 @@ impl Metrics {
                 .iter()
                 .map(|name| std::sync::Arc::new(CameraMetrics::new(name)))
                 .collect(),
+            publisher: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Exports the publisher's counters from now on.
+    pub fn set_publisher(&self, publisher: crate::alerts::PublisherHandle) {
+        let _ = self.publisher.set(publisher);
     }
 
     /// The counters of `camera` (shared with its worker).
@@ -198,7 +220,7 @@ impl Metrics {
             escape(&self.provider)
         );
         type Value<'a> = &'a dyn Fn(&CameraMetrics) -> f64;
-        let per_camera: [(&str, &str, &str, Value); 5] = [
+        let per_camera: [(&str, &str, &str, Value); 7] = [
             (
                 "stpm_frames_total",
                 "counter",
@@ -228,6 +250,18 @@ impl Metrics {
                 "gauge",
                 "Analysed frames per second over the last 5 seconds.",
                 &|c| round3(c.fps(self.started)),
+            ),
+            (
+                "stpm_alert_events_total",
+                "counter",
+                "Alert events (new, update, end) emitted.",
+                &|c| c.alerts.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "stpm_alerts_suppressed_total",
+                "counter",
+                "Anomalies not reported because of alerts.max_events_per_hour.",
+                &|c| c.suppressed.load(Ordering::Relaxed) as f64,
             ),
         ];
         for (name, kind, help, value) in per_camera {
@@ -269,6 +303,38 @@ impl Metrics {
                 count = histogram.count,
                 sum = histogram.sum
             );
+        }
+        if let Some(publisher) = self.publisher.get() {
+            let status = publisher.status();
+            for (name, kind, help, value) in [
+                (
+                    "stpm_mqtt_connected",
+                    "gauge",
+                    "1 while the MQTT broker is connected.",
+                    f64::from(u8::from(status.connected)),
+                ),
+                (
+                    "stpm_alert_spool_pending",
+                    "gauge",
+                    "Alert events in the on-disk spool, not yet acknowledged by the broker.",
+                    status.events_pending as f64,
+                ),
+                (
+                    "stpm_alert_spool_dropped_total",
+                    "counter",
+                    "Alert events dropped because the spool was full.",
+                    status.events_dropped as f64,
+                ),
+                (
+                    "stpm_mqtt_reconnects_total",
+                    "counter",
+                    "Reconnections to the MQTT broker.",
+                    status.reconnects as f64,
+                ),
+            ] {
+                header(&mut out, name, kind, help);
+                let _ = writeln!(out, "{name} {value}");
+            }
         }
         out
     }
@@ -327,6 +393,9 @@ mod tests {
         line1.analysed(Duration::from_millis(30));
         line1.analysed(Duration::from_secs(9));
         line1.set_dropped(2);
+        line1.alert();
+        line1.alert();
+        line1.set_suppressed(4);
         let text = metrics.render();
         for expected in [
             "stpm_engine_info{provider=\"cpu\"} 1\n",
@@ -345,6 +414,9 @@ mod tests {
             "stpm_inference_seconds_bucket{camera=\"line1\",le=\"+Inf\"} 3\n",
             "stpm_inference_seconds_count{camera=\"line1\"} 3\n",
             "stpm_inference_seconds_count{camera=\"line2\"} 0\n",
+            "stpm_alert_events_total{camera=\"line1\"} 2\n",
+            "stpm_alerts_suppressed_total{camera=\"line1\"} 4\n",
+            "stpm_alert_events_total{camera=\"line2\"} 0\n",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }
@@ -353,6 +425,8 @@ mod tests {
         let sample = text.find("stpm_fps{camera=\"line1\"}").expect("fps sample");
         assert!(header < sample);
         assert!(metrics.camera("line3").is_none());
+        // Without [mqtt] there is no publisher to report on.
+        assert!(!text.contains("stpm_mqtt_connected"));
 
         let (healthy, body) = metrics.health();
         assert!(!healthy, "line2 is still starting: {body}");

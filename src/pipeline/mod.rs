@@ -154,7 +154,11 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
         })?;
     }
     let mqtt = match &config.mqtt {
-        Some(mqtt) => Some(start_publisher(mqtt, config)?),
+        Some(mqtt) => {
+            let (runtime, handle) = start_publisher(mqtt, config)?;
+            live.metrics.set_publisher(handle.clone());
+            Some((runtime, handle))
+        }
         None => {
             eprintln!("alerts: no [mqtt] section, events are printed only");
             None
@@ -406,8 +410,10 @@ impl Worker {
         events: Vec<AlertEvent>,
         annotated: Option<(&[u8], usize, usize)>,
     ) {
+        self.live.metrics.set_suppressed(self.tracker.suppressed());
         for event in events {
             state.stats.alerts += 1;
+            self.live.metrics.alert();
             match serde_json::to_string(&event) {
                 Ok(json) => println!("alert {json}"),
                 Err(e) => eprintln!("[{}] cannot encode an alert: {e}", self.camera.name),
