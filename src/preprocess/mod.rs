@@ -1,5 +1,8 @@
 //! CPU preprocessing: an RGB frame of any size → the model's input tensor (bilinear resize,
-//! per-channel normalisation, NCHW float32). The GPU path must reproduce exactly this maths.
+//! per-channel normalisation, NCHW float32). The GPU path must reproduce exactly this maths;
+//! `raw` is its CPU twin for every frame format the GPU kernels take.
+
+pub mod raw;
 
 use std::path::Path;
 
