@@ -89,6 +89,21 @@ else
 fi
 
 # --- build ------------------------------------------------------------------------------------------
+# NVRTC (opt-in, STPM_NVRTC=1; CI sets it): lets the `gpu` feature's tests compile the CUDA
+# preprocessing kernels on a machine without a GPU. PyPI wheel nvidia-cuda-nvrtc-cu12, 90 MB.
+NVRTC_VERSION=12.9.86
+nvrtc_lib="$repo/engines/runtime/nvrtc/libnvrtc.so.12"
+if [ -n "${STPM_NVRTC:-}" ] && [ ! -f "$nvrtc_lib" ]; then
+    say "fetching NVRTC $NVRTC_VERSION (PyPI wheel nvidia-cuda-nvrtc-cu12)"
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --platform manylinux_2_12_x86_64 \
+        --platform manylinux2010_x86_64 -d "$tmp/nvrtc" "nvidia-cuda-nvrtc-cu12==$NVRTC_VERSION"
+    mkdir -p "$(dirname "$nvrtc_lib")"
+    unzip -q -o -j "$tmp"/nvrtc/nvidia_cuda_nvrtc_cu12-*.whl 'nvidia/cuda_nvrtc/lib/libnvrtc.so.12' \
+        'nvidia/cuda_nvrtc/lib/libnvrtc-builtins.so.*' -d "$(dirname "$nvrtc_lib")"
+elif [ -n "${STPM_NVRTC:-}" ]; then
+    say "NVRTC already at $nvrtc_lib"
+fi
+
 say "building stpm (release; the first build takes 15-20 minutes on 2 cores)"
 cargo build --release --locked
 say "done: $repo/target/release/stpm"

@@ -9,6 +9,8 @@ pub mod devset;
 pub mod engine;
 pub mod eval;
 pub mod export;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod infer;
 pub mod model;
 pub mod overlay;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::bundle::{Bundle, BundleError};
-use crate::engine::{Engine, EngineError, EngineOptions};
+use crate::engine::{Engine, EngineError, EngineOptions, ExecutionProvider, ProviderRequest};
 use crate::overlay;
 use crate::pipeline::conveyor::Conveyor;
 use crate::preprocess;
@@ -20,10 +20,6 @@ pub enum BenchError {
     Bundle(#[from] BundleError),
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error(
-        "provider `{0}` is not available in this build: GPU providers arrive with the `gpu` feature; use cpu or auto"
-    )]
-    Provider(String),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
 }
@@ -73,7 +69,10 @@ impl StageStats {
 pub struct BenchReport {
     pub model: String,
     pub input_size: [usize; 2],
-    pub provider: String,
+    /// The execution provider our session ran on (what ONNX Runtime registered).
+    pub provider: ExecutionProvider,
+    /// Why that provider (e.g. what `auto` found missing).
+    pub provider_reason: String,
     pub batch: usize,
     pub threads: usize,
     pub frames: usize,
@@ -154,10 +153,8 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
     if options.batch == 0 {
         return Err(BenchError::Zero("--batch"));
     }
-    let provider = match options.provider.as_str() {
-        "auto" | "cpu" => "cpu",
-        other => return Err(BenchError::Provider(other.to_string())),
-    };
+    let request: ProviderRequest = options.provider.parse()?;
+    crate::engine::resolve_provider(request)?;
     let bundle = Bundle::open(model)?;
     let manifest = &bundle.manifest;
     let size = manifest.model.input_size;
@@ -167,14 +164,18 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
         EngineOptions {
             threads: options.threads,
             plain: false,
+            provider: request,
         },
     )?;
+    let provider = ours.provider_choice().clone();
+    // The baseline runs on the provider ours got, so the ratio measures our session settings.
     let mut plain = Engine::open(
         &bundle.model_path(),
         size,
         EngineOptions {
             threads: 0,
             plain: true,
+            provider: ProviderRequest::exactly(provider.provider),
         },
     )?;
     let frame = Conveyor::new(640, 480, 1).frame(60).frame;
@@ -246,7 +247,8 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
     Ok(BenchReport {
         model: model.display().to_string(),
         input_size: size,
-        provider: provider.to_string(),
+        provider: provider.provider,
+        provider_reason: provider.reason,
         batch: options.batch,
         threads: options.threads,
         frames: options.frames,
@@ -266,7 +268,7 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
 /// The human-readable report.
 pub fn summary(report: &BenchReport) -> String {
     let mut text = format!(
-        "model {} ({}×{}), provider {}, batch {}, threads {}\n\
+        "model {} ({}×{}), provider {} ({}), batch {}, threads {}\n\
          engine   {:>8.1} images/s  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms\n\
          baseline {:>8.1} images/s  p50 {:.2} ms  (plain ONNX Runtime session, default options)\n\
          ratio vs baseline {:.3}\n",
@@ -274,6 +276,7 @@ pub fn summary(report: &BenchReport) -> String {
         report.input_size[1],
         report.input_size[0],
         report.provider,
+        report.provider_reason,
         report.batch,
         report.threads,
         report.fps,

@@ -1,5 +1,8 @@
-//! Running a bundle's `model.onnx`: finding and loading the ONNX Runtime library, creating sessions,
-//! and turning input batches into anomaly maps and scores. The one inference path every command uses.
+//! Running a bundle's `model.onnx`: finding and loading the ONNX Runtime library, creating sessions
+//! on an execution provider (`provider`: the one place that decides CPU, CUDA or TensorRT), and
+//! turning input batches into anomaly maps and scores. The one inference path every command uses.
+
+pub mod provider;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -10,6 +13,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::value::TensorRef;
 
 use crate::export::{INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT};
+pub use provider::{ExecutionProvider, ProviderChoice, ProviderRequest, resolve_provider};
 
 /// Environment variable naming the ONNX Runtime shared library explicitly.
 pub const ORT_LIB_ENV: &str = "STPM_ORT_LIB";
@@ -27,6 +31,14 @@ pub enum EngineError {
     RuntimeLoad { path: PathBuf, message: String },
     #[error("cannot open model {path}: {message}")]
     Open { path: PathBuf, message: String },
+    #[error("`{0}` is not an execution provider: use auto, cpu, cuda or tensorrt")]
+    UnknownProvider(String),
+    #[error("provider `{requested}` is not available{}: {reason}",
+        if cfg!(feature = "gpu") { "" } else { " in this build" })]
+    ProviderUnavailable {
+        requested: ProviderRequest,
+        reason: String,
+    },
     #[error("inference failed: {0}")]
     Run(String),
     #[error("input batch has {got} values, expected {expected} for [{n}, 3, {h}, {w}]")]
@@ -76,9 +88,13 @@ pub fn environment() -> Result<&'static Environment, EngineError> {
 pub struct EngineOptions {
     /// Intra-op threads; 0 lets ONNX Runtime choose (one per core).
     pub threads: usize,
-    /// A session exactly as ONNX Runtime's defaults make it (no settings of ours): the baseline
-    /// `stpm bench` compares against, the way an exported model is usually run.
+    /// A session with ONNX Runtime's default settings (no optimisation level or threads of ours, on
+    /// the requested provider): the baseline `stpm bench` compares against, the way an exported
+    /// model is usually run.
     pub plain: bool,
+    /// Execution provider to use. The default is `cpu`, so offline commands (train, eval, infer) give
+    /// the same numbers on every machine; `stpm run` and `stpm bench` pass the user's choice.
+    pub provider: ProviderRequest,
 }
 
 /// Anomaly maps [N, 1, H, W] (flattened) and image scores [N] of one batch.
@@ -92,21 +108,61 @@ pub struct Scores {
 pub struct Engine {
     session: Session,
     size: [usize; 2],
+    provider: ProviderChoice,
 }
 
 impl Engine {
-    /// Opens `model` (an STPM graph for `size` = [H, W] inputs).
+    /// Opens `model` (an STPM graph for `size` = [H, W] inputs) on the provider `options.provider`
+    /// resolves to. An explicit GPU provider that cannot run is an error, never a silent CPU session;
+    /// `auto` takes the first that opens (TensorRT, CUDA, CPU) and records why the others did not.
     pub fn open(
         model: &Path,
         size: [usize; 2],
         options: EngineOptions,
     ) -> Result<Self, EngineError> {
         let env = environment()?;
+        let plan = resolve_provider(options.provider)?;
+        let mut skipped = plan.skipped;
+        for provider in plan.candidates {
+            match Self::session(env, model, options, provider) {
+                Ok(session) => {
+                    let reason = provider::describe(options.provider, provider, &skipped);
+                    return Ok(Self {
+                        session,
+                        size,
+                        provider: ProviderChoice { provider, reason },
+                    });
+                }
+                // `auto` moves on to the next provider and says why; anything else is the answer.
+                Err(EngineError::ProviderUnavailable { reason, .. })
+                    if options.provider == ProviderRequest::Auto =>
+                {
+                    skipped.push((provider, reason));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(EngineError::ProviderUnavailable {
+            requested: options.provider,
+            reason: provider::skipped_text(&skipped),
+        })
+    }
+
+    /// One session on exactly `provider`; a GPU provider that fails to register is an error.
+    fn session(
+        env: &Environment,
+        model: &Path,
+        options: EngineOptions,
+        provider: ExecutionProvider,
+    ) -> Result<Session, EngineError> {
         let open_error = |message: String| EngineError::Open {
             path: model.to_path_buf(),
             message,
         };
         let mut builder = Session::builder(env).map_err(|e| open_error(e.to_string()))?;
+        if provider != ExecutionProvider::Cpu {
+            builder = provider::register(builder, provider, model, options.provider)?;
+        }
         if !options.plain {
             builder = builder
                 .with_optimization_level(GraphOptimizationLevel::All)
@@ -117,14 +173,30 @@ impl Engine {
                 .with_intra_threads(options.threads)
                 .map_err(|e| open_error(e.to_string()))?;
         }
-        let session = builder
-            .commit_from_file(model)
-            .map_err(|e| open_error(e.to_string()))?;
-        Ok(Self { session, size })
+        builder.commit_from_file(model).map_err(|e| {
+            if provider == ExecutionProvider::Cpu {
+                open_error(e.to_string())
+            } else {
+                EngineError::ProviderUnavailable {
+                    requested: options.provider,
+                    reason: format!("a {provider} session on {} failed: {e}", model.display()),
+                }
+            }
+        })
     }
 
     pub fn input_size(&self) -> [usize; 2] {
         self.size
+    }
+
+    /// The execution provider this session runs on (what ONNX Runtime registered, not what was asked).
+    pub fn provider(&self) -> ExecutionProvider {
+        self.provider.provider
+    }
+
+    /// The provider and why it was chosen, for the start-up log.
+    pub fn provider_choice(&self) -> &ProviderChoice {
+        &self.provider
     }
 
     /// Runs a batch of `n` preprocessed images (NCHW, contiguous).

@@ -300,7 +300,12 @@ impl PipelineConfig {
     /// Every problem of an otherwise well-formed file, each naming its key.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        if !["auto", "cpu", "cuda", "tensorrt"].contains(&self.model.provider.as_str()) {
+        if self
+            .model
+            .provider
+            .parse::<crate::engine::ProviderRequest>()
+            .is_err()
+        {
             problems.push(format!(
                 "model.provider = `{}`: use auto, cpu, cuda or tensorrt",
                 self.model.provider

@@ -23,7 +23,7 @@ use crate::alerts::{
     ZoneMask,
 };
 use crate::bundle::{Bundle, BundleError, Manifest};
-use crate::engine::{Engine, EngineError, EngineOptions};
+use crate::engine::{Engine, EngineError, EngineOptions, ExecutionProvider, ProviderRequest};
 use crate::overlay;
 use crate::preprocess;
 use config::{CameraConfig, PipelineConfig, RecordConfig, SourceUri};
@@ -44,10 +44,6 @@ pub enum PipelineError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Live(#[from] LiveError),
-    #[error(
-        "model.provider = `{0}` is not available in this build: GPU providers arrive with the `gpu` feature; use `cpu` or `auto`"
-    )]
-    Provider(String),
     #[error("cannot start a thread for camera {camera}: {source}")]
     Spawn {
         camera: String,
@@ -91,17 +87,9 @@ pub struct CameraStats {
 /// The outcome of `run`.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
-    pub provider: String,
+    /// The execution provider the engine ran on.
+    pub provider: ExecutionProvider,
     pub cameras: Vec<CameraStats>,
-}
-
-/// Which execution provider serves `requested` in this build (and why, for the start-up log).
-pub fn resolve_provider(requested: &str) -> Result<(&'static str, &'static str), PipelineError> {
-    match requested {
-        "cpu" => Ok(("cpu", "requested")),
-        "auto" => Ok(("cpu", "auto: no GPU provider in this build")),
-        other => Err(PipelineError::Provider(other.to_string())),
-    }
 }
 
 /// JPEG (quality 85) of an RGB frame, for snapshots.
@@ -126,8 +114,9 @@ fn unix_now() -> f64 {
 /// Runs every camera until all have ended (non-looping files) or `stop` is set; recordings are
 /// finished before it returns.
 pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary, PipelineError> {
-    let (provider, why) = resolve_provider(&config.model.provider)?;
-    let mut live = LiveOutputs::start(config, provider)?;
+    // Fails fast (before the bundle is read) on a provider this build or machine cannot run.
+    let request: ProviderRequest = config.model.provider.parse()?;
+    crate::engine::resolve_provider(request)?;
     let bundle = Bundle::open(&config.model.bundle)?;
     let manifest = Arc::new(bundle.manifest.clone());
     let engine = Engine::open(
@@ -135,16 +124,20 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
         manifest.model.input_size,
         EngineOptions {
             threads: config.model.threads,
+            provider: request,
             ..EngineOptions::default()
         },
     )?;
+    let provider = engine.provider();
     eprintln!(
-        "engine: ONNX Runtime, provider {provider} ({why}); model {} ({}, {}×{})",
+        "engine: ONNX Runtime, provider {provider} ({}); model {} ({}, {}×{})",
+        engine.provider_choice().reason,
         config.model.bundle.display(),
         manifest.model.backbone,
         manifest.model.input_size[1],
         manifest.model.input_size[0]
     );
+    let mut live = LiveOutputs::start(config, &provider.to_string())?;
     if config.output.record.enabled {
         std::fs::create_dir_all(&config.output.record.dir).map_err(|source| {
             PipelineError::RecordDir {
@@ -237,10 +230,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
         runtime.shutdown_timeout(Duration::from_secs(1));
     }
     live.stop();
-    Ok(RunSummary {
-        provider: provider.to_string(),
-        cameras,
-    })
+    Ok(RunSummary { provider, cameras })
 }
 
 /// Starts the MQTT publisher on its own small tokio runtime, with the spool of `[alerts]`.

@@ -1,5 +1,8 @@
 //! CPU preprocessing: an RGB frame of any size → the model's input tensor (bilinear resize,
-//! per-channel normalisation, NCHW float32). The GPU path must reproduce exactly this maths.
+//! per-channel normalisation, NCHW float32). The GPU path must reproduce exactly this maths;
+//! `raw` is its CPU twin for every frame format the GPU kernels take.
+
+pub mod raw;
 
 use std::path::Path;
 
@@ -116,25 +119,33 @@ pub fn to_chw(frame: &RgbFrame, size: [usize; 2], norm: &Normalisation) -> Vec<f
     out
 }
 
+/// A frame whose channel `c` at (x, y) is `f(x, y, c)`, for tests.
+#[cfg(test)]
+pub(crate) fn test_frame(
+    width: usize,
+    height: usize,
+    f: impl Fn(usize, usize, usize) -> u8,
+) -> RgbFrame {
+    let mut pixels = Vec::with_capacity(width * height * 3);
+    for y in 0..height {
+        for x in 0..width {
+            for c in 0..3 {
+                pixels.push(f(x, y, c));
+            }
+        }
+    }
+    RgbFrame {
+        width,
+        height,
+        pixels,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn frame(width: usize, height: usize, f: impl Fn(usize, usize, usize) -> u8) -> RgbFrame {
-        let mut pixels = Vec::with_capacity(width * height * 3);
-        for y in 0..height {
-            for x in 0..width {
-                for c in 0..3 {
-                    pixels.push(f(x, y, c));
-                }
-            }
-        }
-        RgbFrame {
-            width,
-            height,
-            pixels,
-        }
-    }
+    use super::test_frame as frame;
 
     #[test]
     fn identity_size_only_normalises() {

@@ -1,0 +1,420 @@
+//! CUDA through cudarc (only with the `gpu` feature): driver and NVRTC presence checks, the device
+//! context and stream, and the preprocessing kernels. cudarc panics when a CUDA library is missing,
+//! so nothing here calls into it before checking that the library is there.
+
+pub mod kernels;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+
+use crate::preprocess::Normalisation;
+use crate::preprocess::raw::RawFrame;
+
+/// Environment variable naming the NVRTC library explicitly (e.g. `libnvrtc.so.12` unpacked from
+/// the PyPI wheel `nvidia-cuda-nvrtc-cu12`), for machines where it is not on the library path.
+pub const NVRTC_LIB_ENV: &str = "STPM_NVRTC_LIB";
+/// Where `STPM_NVRTC=1 scripts/setup.sh` puts NVRTC, relative to the repository root.
+pub const NVRTC_LIB_RELATIVE: &str = "engines/runtime/nvrtc/libnvrtc.so.12";
+
+/// The NVRTC library we were pointed at: `STPM_NVRTC_LIB`, else the one setup installed, if any.
+pub fn nvrtc_configured() -> Option<PathBuf> {
+    std::env::var_os(NVRTC_LIB_ENV)
+        .map(PathBuf::from)
+        .or_else(|| crate::paths::find_installed(NVRTC_LIB_RELATIVE).ok())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("{0}")]
+    NoDriver(String),
+    #[error("{0}")]
+    NoNvrtc(String),
+    #[error("CUDA {call} failed: {message}")]
+    Driver { call: &'static str, message: String },
+    #[error("NVRTC could not compile the preprocessing kernels: {0}")]
+    Compile(String),
+    #[error("{what} = {value} does not fit the kernel's 32-bit argument")]
+    TooLarge { what: &'static str, value: usize },
+}
+
+/// Why the CUDA driver cannot be used, or `None` when its library loads. Checked once per process.
+pub fn driver_missing() -> Option<String> {
+    static MISSING: OnceLock<Option<String>> = OnceLock::new();
+    MISSING
+        .get_or_init(|| {
+            // SAFETY: only dlopens (and closes) the library names cudarc itself would load.
+            let present = unsafe { cudarc::driver::sys::is_culib_present() };
+            (!present).then(|| {
+                "no CUDA driver: libcuda.so.1 is not on the library path (no NVIDIA driver here, \
+                 or a container started without the GPU)"
+                    .to_string()
+            })
+        })
+        .clone()
+}
+
+/// Why NVRTC cannot be used, or `None` when it loads. A [`nvrtc_configured`] library is loaded
+/// first and kept loaded, so that cudarc's lookup by name finds it by its soname; otherwise cudarc
+/// searches the library path.
+pub fn nvrtc_missing() -> Option<String> {
+    static MISSING: OnceLock<Option<String>> = OnceLock::new();
+    static CONFIGURED: OnceLock<libloading::Library> = OnceLock::new();
+    MISSING
+        .get_or_init(|| {
+            let configured = nvrtc_configured();
+            if let Some(path) = &configured {
+                // SAFETY: loading NVRTC runs only its own initialisers; it stays loaded for the
+                // life of the process, as cudarc expects of the library it binds to.
+                match unsafe { libloading::Library::new(path) } {
+                    Ok(library) => {
+                        let _ = CONFIGURED.set(library);
+                    }
+                    Err(e) => return Some(format!("cannot load NVRTC {}: {e}", path.display())),
+                }
+            }
+            // SAFETY: only dlopens (and closes) the library names cudarc itself would load.
+            let present = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+            (!present).then(|| match configured {
+                Some(path) => format!(
+                    "NVRTC {} loaded, but its soname is not one cudarc looks for \
+                     (libnvrtc.so.12 or libnvrtc.so.13)",
+                    path.display()
+                ),
+                None => format!(
+                    "no NVRTC library (libnvrtc.so.12/13) on the library path or at \
+                     {NVRTC_LIB_RELATIVE}; set {NVRTC_LIB_ENV} to one, or run \
+                     `STPM_NVRTC=1 scripts/setup.sh` (PyPI nvidia-cuda-nvrtc-cu12, no GPU needed)"
+                ),
+            })
+        })
+        .clone()
+}
+
+/// Runs a cudarc call that may panic on a library lacking a symbol, as an error instead.
+fn guarded<T>(call: &'static str, f: impl FnOnce() -> Result<T, String>) -> Result<T, GpuError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result.map_err(|message| GpuError::Driver { call, message }),
+        Err(_) => Err(GpuError::Driver {
+            call,
+            message: "cudarc panicked (a CUDA library too old for CUDA 13 bindings?)".into(),
+        }),
+    }
+}
+
+/// Compiles [`kernels::PREPROCESS_CU`] to PTX with NVRTC; needs no GPU, only the NVRTC library.
+pub fn compile_kernels() -> Result<Ptx, GpuError> {
+    compile_source(kernels::PREPROCESS_CU, "stpm_preprocess.cu")
+}
+
+/// Compiles CUDA C `source` with our options (`--fmad=false`); a compile error carries NVRTC's log.
+fn compile_source(source: &str, name: &str) -> Result<Ptx, GpuError> {
+    if let Some(why) = nvrtc_missing() {
+        return Err(GpuError::NoNvrtc(why));
+    }
+    let options = CompileOptions {
+        fmad: Some(false),
+        name: Some(name.into()),
+        ..Default::default()
+    };
+    let compiled = catch_unwind(AssertUnwindSafe(|| {
+        cudarc::nvrtc::compile_ptx_with_opts(source, options)
+    }))
+    .map_err(|_| GpuError::Compile("cudarc panicked inside NVRTC".into()))?;
+    compiled.map_err(|e| {
+        GpuError::Compile(match e {
+            CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            other => other.to_string(),
+        })
+    })
+}
+
+/// Device 0 and one stream of our own.
+pub struct GpuContext {
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+}
+
+impl GpuContext {
+    /// Opens device 0; an error (never a panic) when there is no driver or no device.
+    pub fn try_new() -> Result<Self, GpuError> {
+        if let Some(why) = driver_missing() {
+            return Err(GpuError::NoDriver(why));
+        }
+        let context = guarded("context creation on device 0", || {
+            CudaContext::new(0).map_err(|e| e.to_string())
+        })?;
+        let stream = guarded("stream creation", || {
+            context.new_stream().map_err(|e| e.to_string())
+        })?;
+        Ok(Self { context, stream })
+    }
+
+    /// The device's name, e.g. "NVIDIA H200".
+    pub fn device_name(&self) -> Result<String, GpuError> {
+        self.context.name().map_err(|e| GpuError::Driver {
+            call: "cuDeviceGetName",
+            message: e.to_string(),
+        })
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+/// The compiled preprocessing kernels loaded on a context.
+pub struct Preprocessor {
+    stream: Arc<CudaStream>,
+    f32_kernel: CudaFunction,
+}
+
+fn driver_error(call: &'static str) -> impl Fn(cudarc::driver::DriverError) -> GpuError {
+    move |e| GpuError::Driver {
+        call,
+        message: e.to_string(),
+    }
+}
+
+fn kernel_int(what: &'static str, value: usize) -> Result<i32, GpuError> {
+    i32::try_from(value).map_err(|_| GpuError::TooLarge { what, value })
+}
+
+impl Preprocessor {
+    /// Compiles (NVRTC) and loads the kernels on `gpu`.
+    pub fn new(gpu: &GpuContext) -> Result<Self, GpuError> {
+        let ptx = compile_kernels()?;
+        let module = gpu
+            .context
+            .load_module(ptx)
+            .map_err(driver_error("cuModuleLoadData"))?;
+        let f32_kernel = module
+            .load_function(kernels::PREPROCESS_F32)
+            .map_err(driver_error("cuModuleGetFunction"))?;
+        Ok(Self {
+            stream: Arc::clone(&gpu.stream),
+            f32_kernel,
+        })
+    }
+
+    /// Preprocesses one frame into a fresh host tensor [3, H, W] (`size` = [H, W]): uploads the
+    /// frame, runs the kernel, copies the result back. A checking path (tests, the GPU check), not
+    /// the live one, which keeps the tensor on the device.
+    pub fn to_chw(
+        &self,
+        frame: &RawFrame,
+        size: [usize; 2],
+        norm: &Normalisation,
+    ) -> Result<Vec<f32>, GpuError> {
+        let [out_h, out_w] = size;
+        let bytes = self
+            .stream
+            .clone_htod(frame.data)
+            .map_err(driver_error("cuMemcpyHtoD"))?;
+        let mut out = self
+            .stream
+            .alloc_zeros::<f32>(3 * out_h * out_w)
+            .map_err(driver_error("cuMemAlloc"))?;
+        let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * norm.std[c]));
+        let shift: [f32; 3] = std::array::from_fn(|c| norm.mean[c] / norm.std[c]);
+        let format = kernels::format_code(frame.format);
+        let (width, height) = (
+            kernel_int("frame width", frame.width)?,
+            kernel_int("frame height", frame.height)?,
+        );
+        let strides = [
+            kernel_int("stride", frame.layout.strides[0])?,
+            kernel_int("stride", frame.layout.strides[1])?,
+            kernel_int("stride", frame.layout.strides[2])?,
+        ];
+        let offsets = [
+            frame.layout.offsets[1] as i64,
+            frame.layout.offsets[2] as i64,
+        ];
+        let (w, h) = (kernel_int("width", out_w)?, kernel_int("height", out_h)?);
+        let out_offset = 0i64;
+        let config = LaunchConfig {
+            grid_dim: ((out_w as u32).div_ceil(16), (out_h as u32).div_ceil(16), 1),
+            block_dim: (16, 16, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&self.f32_kernel);
+        launch
+            .arg(&bytes)
+            .arg(&format)
+            .arg(&width)
+            .arg(&height)
+            .arg(&strides[0])
+            .arg(&strides[1])
+            .arg(&strides[2])
+            .arg(&offsets[0])
+            .arg(&offsets[1])
+            .arg(&mut out)
+            .arg(&out_offset)
+            .arg(&w)
+            .arg(&h)
+            .arg(&scale[0])
+            .arg(&scale[1])
+            .arg(&scale[2])
+            .arg(&shift[0])
+            .arg(&shift[1])
+            .arg(&shift[2]);
+        // SAFETY: the argument list matches stpm_preprocess_f32's signature; RawFrame::new checked
+        // that every row of every plane lies inside `bytes`, and `out` holds 3·out_h·out_w floats,
+        // the most the grid writes.
+        unsafe { launch.launch(config) }.map_err(driver_error("cuLaunchKernel"))?;
+        self.stream
+            .clone_dtoh(&out)
+            .map_err(driver_error("cuMemcpyDtoH"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::preprocess::RgbFrame;
+    use crate::preprocess::raw::{self, PixelFormat};
+
+    /// True when NVRTC can be used; a skip (with its reason) only when nobody pointed us at a
+    /// library: a configured NVRTC (`STPM_NVRTC_LIB`, or setup's) that does not load is a failure.
+    fn nvrtc_or_skip(test: &str) -> bool {
+        match nvrtc_missing() {
+            None => true,
+            Some(why) if nvrtc_configured().is_some() => panic!("{why}"),
+            Some(why) => {
+                eprintln!("SKIPPED {test}: {why}");
+                false
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_compile_with_nvrtc_when_it_is_present() {
+        if !nvrtc_or_skip("kernels_compile_with_nvrtc_when_it_is_present") {
+            return;
+        }
+        let ptx = match compile_kernels() {
+            Ok(ptx) => ptx.to_src(),
+            Err(e) => panic!("{e}"),
+        };
+        eprintln!(
+            "NVRTC compiled the preprocessing kernels: {} bytes of PTX",
+            ptx.len()
+        );
+        for kernel in [kernels::PREPROCESS_F32, kernels::PREPROCESS_F16] {
+            assert!(
+                ptx.contains(&format!(".entry {kernel}")),
+                "{kernel} missing"
+            );
+        }
+        // --fmad=false: the CPU twin has no fused multiply-adds, so neither may the kernels.
+        assert!(!ptx.contains("fma.rn.f32"), "fused multiply-add in the PTX");
+        assert!(
+            ptx.contains("cvt.rn.f16.f32"),
+            "no float16 conversion in the PTX"
+        );
+    }
+
+    #[test]
+    fn compile_errors_carry_the_nvrtc_log() {
+        if !nvrtc_or_skip("compile_errors_carry_the_nvrtc_log") {
+            return;
+        }
+        let broken = "extern \"C\" __global__ void broken(float* out) { out[0] = undefined_name; }";
+        let message = compile_source(broken, "broken.cu")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains("broken.cu") && message.contains("undefined_name"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn no_driver_is_an_error_not_a_panic() {
+        match (driver_missing(), GpuContext::try_new()) {
+            (Some(why), Err(GpuError::NoDriver(message))) => {
+                assert_eq!(why, message);
+                eprintln!("SKIPPED GPU context checks: {why}");
+            }
+            (None, Ok(gpu)) => {
+                let name = gpu.device_name().unwrap_or_default();
+                eprintln!("GPU: {name}");
+                assert!(!name.is_empty());
+            }
+            (missing, result) => panic!(
+                "driver check {missing:?} disagrees with context creation {:?}",
+                result.err()
+            ),
+        }
+    }
+
+    /// The GPU check of `scripts/gpu-check.sh`: every format, several sizes, against the CPU twin.
+    #[test]
+    fn kernel_matches_the_cpu_reference_on_every_format() {
+        if let Some(why) = driver_missing() {
+            eprintln!("SKIPPED kernel_matches_the_cpu_reference_on_every_format: {why}");
+            return;
+        }
+        // A machine with a GPU but no NVRTC is a broken GPU setup, not a reason to skip.
+        if let Some(why) = nvrtc_missing() {
+            panic!("the CUDA driver is here but NVRTC is not: {why}");
+        }
+        let gpu = match GpuContext::try_new().and_then(|gpu| Preprocessor::new(&gpu)) {
+            Ok(preprocessor) => preprocessor,
+            Err(e) => panic!("driver and NVRTC are present, yet: {e}"),
+        };
+        let norm = Normalisation {
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        };
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut random_frame = |width: usize, height: usize| RgbFrame {
+            width,
+            height,
+            pixels: (0..width * height * 3)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state >> 24) as u8
+                })
+                .collect(),
+        };
+        for (width, height, size) in [
+            (640, 480, [256, 256]),
+            (37, 23, [64, 48]),
+            (1920, 1080, [224, 224]),
+        ] {
+            let rgb = random_frame(width, height);
+            for format in PixelFormat::ALL {
+                for align in [1, 64] {
+                    let (layout, data) = raw::encode(&rgb, format, align);
+                    let frame = match RawFrame::new(format, width, height, layout, &data) {
+                        Ok(frame) => frame,
+                        Err(e) => panic!("{e}"),
+                    };
+                    let mut expected = vec![0.0; 3 * size[0] * size[1]];
+                    raw::raw_to_chw(&frame, size, &norm, &mut expected);
+                    let got = match gpu.to_chw(&frame, size, &norm) {
+                        Ok(got) => got,
+                        Err(e) => panic!("{format}: {e}"),
+                    };
+                    let max_diff = got
+                        .iter()
+                        .zip(&expected)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0f32, f32::max);
+                    eprintln!(
+                        "{format} {width}x{height} align {align} -> {size:?}: max abs diff {max_diff:e}"
+                    );
+                    assert!(max_diff <= 1e-3, "{format} {width}x{height}: {max_diff}");
+                }
+            }
+        }
+    }
+}
