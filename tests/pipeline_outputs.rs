@@ -191,6 +191,13 @@ fn rtsp_clients_get_annotated_frames_and_metrics_count_them() {
     // The histogram is read after the counter, in the same scrape.
     let timed = sample(&metrics, "stpm_inference_seconds_count{camera=\"line1\"}").unwrap_or(0.0);
     assert!(timed > 0.0 && timed >= analysed - 1.0, "{metrics}");
+    for stage in ["preprocess", "inference", "overlay", "output"] {
+        let key = format!("stpm_stage_seconds_count{{camera=\"line1\",stage=\"{stage}\"}}");
+        assert!(
+            sample(&metrics, &key).unwrap_or(0.0) > 0.0,
+            "{stage}: {metrics}"
+        );
+    }
     assert!(
         metrics.contains("stpm_engine_info{provider=\"cpu\"} 1\n"),
         "{metrics}"

@@ -10,6 +10,42 @@ use std::time::{Duration, Instant};
 /// Upper bounds (seconds) of the inference histogram buckets; `+Inf` is implied.
 const INFERENCE_BUCKETS: [f64; 10] = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
 
+/// Upper bounds (seconds) of the per-stage histogram buckets (stages take 0.1–50 ms).
+const STAGE_BUCKETS: [f64; 11] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
+];
+
+/// The stages of an analysed frame that `stpm_stage_seconds` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Resize and normalise into the model's input tensor.
+    Preprocess,
+    /// The engine call.
+    Inference,
+    /// Heatmap, contours, caption; alert tracking and publishing.
+    Overlay,
+    /// Handing the annotated frame to the recorder and the RTSP feed.
+    Output,
+}
+
+impl Stage {
+    const ALL: [Stage; 4] = [
+        Stage::Preprocess,
+        Stage::Inference,
+        Stage::Overlay,
+        Stage::Output,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Stage::Preprocess => "preprocess",
+            Stage::Inference => "inference",
+            Stage::Overlay => "overlay",
+            Stage::Output => "output",
+        }
+    }
+}
+
 /// The window over which `stpm_fps` counts analysed frames.
 const FPS_WINDOW: Duration = Duration::from_secs(5);
 
@@ -54,24 +90,52 @@ impl CameraState {
     }
 }
 
-/// Cumulative-bucket histogram of durations.
-#[derive(Debug, Default)]
+/// Histogram of durations over fixed bucket bounds (`+Inf` implied).
+#[derive(Debug)]
 struct Histogram {
+    bounds: &'static [f64],
     /// Per bucket (not cumulative); the last entry is `+Inf`.
-    counts: [u64; INFERENCE_BUCKETS.len() + 1],
+    counts: Vec<u64>,
     sum: f64,
     count: u64,
 }
 
 impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
     fn observe(&mut self, seconds: f64) {
-        let bucket = INFERENCE_BUCKETS
+        let bucket = self
+            .bounds
             .iter()
             .position(|&bound| seconds <= bound)
-            .unwrap_or(INFERENCE_BUCKETS.len());
+            .unwrap_or(self.bounds.len());
         self.counts[bucket] += 1;
         self.sum += seconds;
         self.count += 1;
+    }
+
+    /// The `_bucket`, `_sum` and `_count` lines of family `name` with `labels` (`k="v",…`).
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            cumulative += count;
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels},le=\"+Inf\"}} {count}\n\
+             {name}_sum{{{labels}}} {sum}\n\
+             {name}_count{{{labels}}} {count}",
+            count = self.count,
+            sum = self.sum
+        );
     }
 }
 
@@ -86,6 +150,7 @@ pub struct CameraMetrics {
     alerts: AtomicU64,
     suppressed: AtomicU64,
     inference: Mutex<Histogram>,
+    stages: Mutex<Vec<Histogram>>,
     /// When recent frames were analysed (at most `FPS_WINDOW` old).
     recent: Mutex<VecDeque<Instant>>,
 }
@@ -100,7 +165,13 @@ impl CameraMetrics {
             state: AtomicU8::new(CameraState::Starting.to_u8()),
             alerts: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
-            inference: Mutex::new(Histogram::default()),
+            inference: Mutex::new(Histogram::new(&INFERENCE_BUCKETS)),
+            stages: Mutex::new(
+                Stage::ALL
+                    .iter()
+                    .map(|_| Histogram::new(&STAGE_BUCKETS))
+                    .collect(),
+            ),
             recent: Mutex::new(VecDeque::new()),
         }
     }
@@ -121,6 +192,16 @@ impl CameraMetrics {
         if let Ok(mut recent) = self.recent.lock() {
             recent.push_back(now);
             trim(&mut recent, now);
+        }
+    }
+
+    /// One analysed frame spent `took` in `stage`.
+    pub fn stage(&self, stage: Stage, took: Duration) {
+        let index = Stage::ALL.iter().position(|&s| s == stage).unwrap_or(0);
+        if let Ok(mut stages) = self.stages.lock()
+            && let Some(histogram) = stages.get_mut(index)
+        {
+            histogram.observe(took.as_secs_f64());
         }
     }
 
@@ -283,26 +364,30 @@ impl Metrics {
             "Engine time per analysed frame.",
         );
         for camera in &self.cameras {
-            let label = escape(&camera.camera);
-            let Ok(histogram) = camera.inference.lock() else {
+            if let Ok(histogram) = camera.inference.lock() {
+                let labels = format!("camera=\"{}\"", escape(&camera.camera));
+                histogram.render(&mut out, name, &labels);
+            }
+        }
+        let name = "stpm_stage_seconds";
+        header(
+            &mut out,
+            name,
+            "histogram",
+            "Time per analysed frame in each stage: preprocess, inference, overlay, output.",
+        );
+        for camera in &self.cameras {
+            let Ok(stages) = camera.stages.lock() else {
                 continue;
             };
-            let mut cumulative = 0;
-            for (bound, count) in INFERENCE_BUCKETS.iter().zip(histogram.counts) {
-                cumulative += count;
-                let _ = writeln!(
-                    out,
-                    "{name}_bucket{{camera=\"{label}\",le=\"{bound}\"}} {cumulative}"
+            for (stage, histogram) in Stage::ALL.iter().zip(stages.iter()) {
+                let labels = format!(
+                    "camera=\"{}\",stage=\"{}\"",
+                    escape(&camera.camera),
+                    stage.name()
                 );
+                histogram.render(&mut out, name, &labels);
             }
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{camera=\"{label}\",le=\"+Inf\"}} {count}\n\
-                 {name}_sum{{camera=\"{label}\"}} {sum}\n\
-                 {name}_count{{camera=\"{label}\"}} {count}",
-                count = histogram.count,
-                sum = histogram.sum
-            );
         }
         if let Some(publisher) = self.publisher.get() {
             let status = publisher.status();
@@ -393,6 +478,8 @@ mod tests {
         line1.analysed(Duration::from_millis(30));
         line1.analysed(Duration::from_secs(9));
         line1.set_dropped(2);
+        line1.stage(Stage::Preprocess, Duration::from_micros(700));
+        line1.stage(Stage::Overlay, Duration::from_millis(3));
         line1.alert();
         line1.alert();
         line1.set_suppressed(4);
@@ -415,6 +502,11 @@ mod tests {
             "stpm_inference_seconds_count{camera=\"line1\"} 3\n",
             "stpm_inference_seconds_count{camera=\"line2\"} 0\n",
             "stpm_alert_events_total{camera=\"line1\"} 2\n",
+            "# TYPE stpm_stage_seconds histogram\n",
+            "stpm_stage_seconds_bucket{camera=\"line1\",stage=\"preprocess\",le=\"0.0005\"} 0\n",
+            "stpm_stage_seconds_bucket{camera=\"line1\",stage=\"preprocess\",le=\"0.001\"} 1\n",
+            "stpm_stage_seconds_count{camera=\"line1\",stage=\"overlay\"} 1\n",
+            "stpm_stage_seconds_count{camera=\"line1\",stage=\"output\"} 0\n",
             "stpm_alerts_suppressed_total{camera=\"line1\"} 4\n",
             "stpm_alert_events_total{camera=\"line2\"} 0\n",
         ] {

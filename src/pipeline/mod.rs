@@ -28,7 +28,7 @@ use crate::overlay;
 use crate::preprocess;
 use config::{CameraConfig, PipelineConfig, RecordConfig, SourceUri};
 use live::{CameraOutputs, LiveError, LiveOutputs};
-use metrics::CameraState;
+use metrics::{CameraState, Stage};
 use queue::{FrameQueue, Item};
 use record::Recorder;
 use source::{Captured, SourceSpec};
@@ -463,11 +463,15 @@ impl Worker {
             );
             pixels
         };
+        let outputs = Instant::now();
         if self.record.enabled {
             self.write_recording(state, &captured, &pixels);
         }
         if let Some(rtsp) = &self.live.rtsp {
             rtsp.push(&pixels, frame.width, frame.height, captured.fps);
+        }
+        if due {
+            self.live.metrics.stage(Stage::Output, outputs.elapsed());
         }
     }
 
@@ -480,7 +484,11 @@ impl Worker {
     ) -> Result<Vec<u8>, String> {
         let frame = &captured.frame;
         let size = self.manifest.model.input_size;
+        let started = Instant::now();
         let input = preprocess::to_chw(frame, size, &self.manifest.normalisation);
+        self.live
+            .metrics
+            .stage(Stage::Preprocess, started.elapsed());
         let tick = Instant::now();
         let scored = {
             let mut engine = self
@@ -492,6 +500,8 @@ impl Worker {
         let inference = tick.elapsed();
         state.stats.inference += inference;
         self.live.metrics.analysed(inference);
+        self.live.metrics.stage(Stage::Inference, inference);
+        let overlay_started = Instant::now();
         state.stats.analysed += 1;
         state.analysed_since_report += 1;
         state.last_analysed = Some(captured.pts);
@@ -522,6 +532,9 @@ impl Worker {
                 }
             };
         self.emit(state, events, Some((&pixels, frame.width, frame.height)));
+        self.live
+            .metrics
+            .stage(Stage::Overlay, overlay_started.elapsed());
         Ok(pixels)
     }
 
