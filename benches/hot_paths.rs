@@ -1,0 +1,78 @@
+//! The hot non-inference stages of a frame, so regressions show up in `cargo bench`:
+//! preprocessing a 640×480 frame into the 256×256 input, the live (OpenCV) and plain-Rust overlays,
+//! and the evaluation's pixel metrics on one million pixels.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use stpm::bundle::Calibration;
+use stpm::eval::metrics;
+use stpm::pipeline::conveyor::Conveyor;
+use stpm::preprocess::{self, Normalisation};
+
+fn calibration() -> Calibration {
+    Calibration {
+        threshold: 1.0,
+        floor: 0.0,
+        method: "bench".into(),
+        n_images: 1,
+        good_median: 0.2,
+    }
+}
+
+fn hot_paths(c: &mut Criterion) {
+    let frame = Conveyor::new(640, 480, 1).frame(60).frame;
+    let norm = Normalisation {
+        mean: [0.5; 3],
+        std: [0.5; 3],
+    };
+    c.bench_function("preprocess 640x480 -> 256x256", |b| {
+        b.iter(|| preprocess::to_chw(black_box(&frame), [256, 256], &norm))
+    });
+
+    // A map with one hot blob, at frame size, as the pipeline hands to the overlay.
+    let map: Vec<f32> = (0..640 * 480)
+        .map(|i| {
+            let (x, y) = ((i % 640) as f32, (i / 640) as f32);
+            let d2 = (x - 320.0).powi(2) + (y - 240.0).powi(2);
+            0.3 + 1.5 * (-d2 / 2000.0).exp()
+        })
+        .collect();
+    let calibration = calibration();
+    let caption = stpm::overlay::live::Caption {
+        camera: "line1",
+        fps: 15.0,
+    };
+    c.bench_function("overlay opencv 640x480", |b| {
+        b.iter(|| {
+            stpm::overlay::live::annotate(&frame, black_box(&map), &calibration, 1.8, &caption)
+        })
+    });
+    c.bench_function("overlay plain-rust 640x480", |b| {
+        b.iter(|| stpm::overlay::annotate(&frame, black_box(&map), None, &calibration, 1.8))
+    });
+    c.bench_function("map resize 256x256 -> 640x480", |b| {
+        let small = vec![0.5f32; 256 * 256];
+        b.iter(|| preprocess::resize_plane(black_box(&small), [256, 256], [480, 640]))
+    });
+
+    // One million pixels with a few thousand distinct values and 2 % defect pixels.
+    let n = 1 << 20;
+    let scores: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 4096) as f32 / 4096.0)
+        .collect();
+    let labels: Vec<bool> = (0..n).map(|i| i % 50 == 0).collect();
+    c.bench_function("pixel AUROC sort + sweep, 1M pixels", |b| {
+        b.iter(|| {
+            let order = metrics::descending_order(black_box(&scores));
+            metrics::roc_curve(&scores, &order, &labels, |_| true).map(|c| c.area_to(1.0))
+        })
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20);
+    targets = hot_paths
+}
+criterion_main!(benches);
