@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Comparison only (not used by CI or the product): OpenVINO's benchmark_app (PyPI `openvino`) on a
+# bundle's model.onnx, batch 1, next to `stpm bench` on the same file, so a report can say how our
+# ONNX Runtime path compares with OpenVINO on this machine.
+#   bash scripts/openvino_bench.sh [engines/demo]
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bundle="${1:-$repo/engines/demo}"
+model="$bundle/model.onnx"
+[ -f "$model" ] || { echo "no $model: train a bundle first (bash scripts/demo.sh)" >&2; exit 1; }
+size="$(python3 -c "import tomllib,sys; m=tomllib.load(open(sys.argv[1],'rb'))['model']['input_size']; print(f'{m[0]},{m[1]}')" "$bundle/stpm.toml")"
+venv="${STPM_OPENVINO_VENV:-$repo/engines/openvino-venv}"
+if [ ! -x "$venv/bin/benchmark_app" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet openvino
+fi
+echo "== OpenVINO $("$venv/bin/pip" show openvino | awk '/^Version/{print $2}') benchmark_app, latency hint (batch 1)"
+"$venv/bin/benchmark_app" -m "$model" -d CPU -hint latency -niter 300 -shape "image[1,3,${size}]" 2>&1 \
+    | grep -E "Median|Average|Throughput"
+echo "== OpenVINO benchmark_app, throughput hint (parallel requests)"
+"$venv/bin/benchmark_app" -m "$model" -d CPU -hint throughput -t 15 -shape "image[1,3,${size}]" 2>&1 \
+    | grep -E "Median|Throughput"
+echo "== stpm bench (our ONNX Runtime session and a plain one)"
+"$repo/target/release/stpm" bench --model "$bundle" --frames 60
