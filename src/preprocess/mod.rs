@@ -65,22 +65,42 @@ pub fn bilinear_taps(out_index: usize, in_size: usize, out_size: usize) -> (usiz
 
 /// Resizes `frame` to `size`×`size` (bilinear) and normalises it into `out` as CHW float32.
 pub fn frame_to_chw(frame: &RgbFrame, size: [usize; 2], norm: &Normalisation, out: &mut [f32]) {
+    let row = frame.width * 3;
+    resize_normalise([frame.height, frame.width], size, norm, out, |x, y| {
+        let at = y * row + x * 3;
+        match frame.pixels.get(at..at + 3) {
+            Some(&[r, g, b]) => [f32::from(r), f32::from(g), f32::from(b)],
+            _ => [0.0; 3],
+        }
+    });
+}
+
+/// The one resize-and-normalise loop behind [`frame_to_chw`] and `raw::raw_to_chw` (and the
+/// maths the GPU kernel reproduces): half-pixel bilinear from a source of `from` = [H, W] pixels,
+/// read as RGB 0–255 by `rgb_at(x, y)`, to `size`, then `(v / 255 − mean) / std` per channel
+/// into `out` (CHW).
+pub(crate) fn resize_normalise(
+    from: [usize; 2],
+    size: [usize; 2],
+    norm: &Normalisation,
+    out: &mut [f32],
+    rgb_at: impl Fn(usize, usize) -> [f32; 3],
+) {
+    let [in_h, in_w] = from;
     let [out_h, out_w] = size;
     debug_assert_eq!(out.len(), 3 * out_h * out_w);
-    let xs: Vec<(usize, usize, f32)> = (0..out_w)
-        .map(|x| bilinear_taps(x, frame.width, out_w))
-        .collect();
+    let xs: Vec<(usize, usize, f32)> = (0..out_w).map(|x| bilinear_taps(x, in_w, out_w)).collect();
     let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * norm.std[c]));
     let offset: [f32; 3] = std::array::from_fn(|c| norm.mean[c] / norm.std[c]);
     let plane = out_h * out_w;
     for y in 0..out_h {
-        let (y0, y1, wy) = bilinear_taps(y, frame.height, out_h);
-        let row0 = &frame.pixels[y0 * frame.width * 3..(y0 + 1) * frame.width * 3];
-        let row1 = &frame.pixels[y1 * frame.width * 3..(y1 + 1) * frame.width * 3];
+        let (y0, y1, wy) = bilinear_taps(y, in_h, out_h);
         for (x, &(x0, x1, wx)) in xs.iter().enumerate() {
+            let (p00, p01) = (rgb_at(x0, y0), rgb_at(x1, y0));
+            let (p10, p11) = (rgb_at(x0, y1), rgb_at(x1, y1));
             for c in 0..3 {
-                let top = row0[x0 * 3 + c] as f32 * (1.0 - wx) + row0[x1 * 3 + c] as f32 * wx;
-                let bottom = row1[x0 * 3 + c] as f32 * (1.0 - wx) + row1[x1 * 3 + c] as f32 * wx;
+                let top = p00[c] * (1.0 - wx) + p01[c] * wx;
+                let bottom = p10[c] * (1.0 - wx) + p11[c] * wx;
                 let value = top * (1.0 - wy) + bottom * wy;
                 out[c * plane + y * out_w + x] = value * scale[c] - offset[c];
             }

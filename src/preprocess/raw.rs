@@ -2,7 +2,7 @@
 //! format (RGB, BGR, RGBx, BGRx, NV12, I420) → NCHW float32, with the same maths op for op. It is
 //! the reference the kernels are checked against; it does not try to be fast.
 
-use super::{Normalisation, RgbFrame, bilinear_taps};
+use super::{Normalisation, RgbFrame, resize_normalise};
 
 /// Frame layouts the GPU kernels read, named as in GStreamer caps (`video/x-raw,format=…`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -320,27 +320,9 @@ pub fn encode(frame: &RgbFrame, format: PixelFormat, align: usize) -> (PlaneLayo
 /// converted to RGB first, then interpolated; for RGB frames the result equals `frame_to_chw`'s
 /// bit for bit.
 pub fn raw_to_chw(frame: &RawFrame, size: [usize; 2], norm: &Normalisation, out: &mut [f32]) {
-    let [out_h, out_w] = size;
-    debug_assert_eq!(out.len(), 3 * out_h * out_w);
-    let xs: Vec<(usize, usize, f32)> = (0..out_w)
-        .map(|x| bilinear_taps(x, frame.width, out_w))
-        .collect();
-    let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * norm.std[c]));
-    let offset: [f32; 3] = std::array::from_fn(|c| norm.mean[c] / norm.std[c]);
-    let plane = out_h * out_w;
-    for y in 0..out_h {
-        let (y0, y1, wy) = bilinear_taps(y, frame.height, out_h);
-        for (x, &(x0, x1, wx)) in xs.iter().enumerate() {
-            let (p00, p01) = (frame.rgb_at(x0, y0), frame.rgb_at(x1, y0));
-            let (p10, p11) = (frame.rgb_at(x0, y1), frame.rgb_at(x1, y1));
-            for c in 0..3 {
-                let top = p00[c] * (1.0 - wx) + p01[c] * wx;
-                let bottom = p10[c] * (1.0 - wx) + p11[c] * wx;
-                let value = top * (1.0 - wy) + bottom * wy;
-                out[c * plane + y * out_w + x] = value * scale[c] - offset[c];
-            }
-        }
-    }
+    resize_normalise([frame.height, frame.width], size, norm, out, |x, y| {
+        frame.rgb_at(x, y)
+    });
 }
 
 #[cfg(test)]
