@@ -144,7 +144,7 @@ pub(crate) fn add_defect(image: &mut RgbImage, kind: &str, rng: &mut SplitMix) -
     mask
 }
 
-fn create_dir(path: &Path) -> Result<(), DevsetError> {
+pub(crate) fn create_dir(path: &Path) -> Result<(), DevsetError> {
     std::fs::create_dir_all(path).map_err(|source| DevsetError::Create {
         path: path.to_path_buf(),
         source,

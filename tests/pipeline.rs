@@ -158,11 +158,7 @@ fn sigterm_finishes_the_recording_and_exits_zero() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(1500));
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    common::sigterm(&child);
     let stopped = Instant::now();
     let out = child.wait_with_output().expect("wait");
     let log = text(&out);

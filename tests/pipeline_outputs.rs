@@ -212,11 +212,7 @@ fn rtsp_clients_get_annotated_frames_and_metrics_count_them() {
         "{metrics}"
     );
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    common::sigterm(&child);
     let stopped = Instant::now();
     let status = child.wait().expect("wait");
     let log = log();

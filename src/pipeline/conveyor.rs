@@ -8,7 +8,7 @@ use image::RgbImage;
 
 use std::path::{Path, PathBuf};
 
-use crate::devset::{DevsetError, DevsetSpec, SplitMix, add_defect, texture};
+use crate::devset::{DevsetError, DevsetSpec, SplitMix, add_defect, create_dir, texture};
 use crate::preprocess::RgbFrame;
 
 /// Every `DEFECT_EVERY`-th panel carries a defect.
@@ -134,24 +134,12 @@ pub fn write_conveyor_category(root: &Path, spec: &DevsetSpec) -> Result<(), Dev
     let height = spec.size as usize;
     let width = height * 4 / 3;
     let mut conveyor = Conveyor::new(width, height, spec.seed);
-    let create = |path: &Path| {
-        std::fs::create_dir_all(path).map_err(|source| DevsetError::Create {
-            path: path.to_path_buf(),
-            source,
-        })
-    };
     let save = |image: &RgbFrame, path: PathBuf| {
-        image::save_buffer(
-            &path,
-            &image.pixels,
-            image.width as u32,
-            image.height as u32,
-            image::ExtendedColorType::Rgb8,
-        )
-        .map_err(|source| DevsetError::Write { path, source })
+        crate::overlay::save_png(&path, &image.pixels, image.width, image.height)
+            .map_err(|source| DevsetError::Write { path, source })
     };
     for dir in ["train/good", "test/good"] {
-        create(&root.join(dir))?;
+        create_dir(&root.join(dir))?;
     }
     let mut index = 0u64;
     let mut train = 0;
@@ -195,8 +183,8 @@ pub fn write_conveyor_category(root: &Path, spec: &DevsetSpec) -> Result<(), Dev
                     root.join("test").join(kind),
                     root.join("ground_truth").join(kind),
                 );
-                create(&images)?;
-                create(&masks)?;
+                create_dir(&images)?;
+                create_dir(&masks)?;
                 save(&generated.frame, images.join(format!("{n:03}.png")))?;
                 let mask = image::GrayImage::from_fn(width as u32, height as u32, |x, y| {
                     image::Luma([if generated.mask[y as usize * width + x as usize] {

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::sync::OnceLock;
 
 /// A path inside the repository.
@@ -110,4 +110,13 @@ pub fn output_text(output: &Output) -> String {
 /// A path as `&str` for command lines (test paths are UTF-8).
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
+}
+
+/// Sends SIGTERM to `child` (as systemd or Docker stop a service) and insists it was delivered.
+pub fn sigterm(child: &Child) {
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "SIGTERM not delivered");
 }
