@@ -175,6 +175,8 @@ struct Message {
     topic: String,
     payload: Vec<u8>,
     retain: bool,
+    /// The broker's DUP flag: a copy the broker itself re-sent to this subscriber.
+    dup: bool,
 }
 
 impl Message {
@@ -222,6 +224,7 @@ impl Subscriber {
                             topic: publish.topic.clone(),
                             payload: publish.payload.to_vec(),
                             retain: publish.retain,
+                            dup: publish.dup,
                         };
                         if message_tx.send(message).is_err() {
                             return;
@@ -768,13 +771,18 @@ fn broker_stopped_mid_stream_loses_no_event_and_keeps_first_arrivals_in_order() 
     broker.launch();
 
     let mut first_seen: Vec<(String, String)> = Vec::new();
-    let mut duplicates = 0;
+    let (mut duplicates, mut broker_resent) = (0, 0);
     while first_seen.len() < events.len() {
-        let [received] = kinds_and_ids(&[subscriber.next()])
+        let message = subscriber.next();
+        let [received] = kinds_and_ids(std::slice::from_ref(&message))
             .try_into()
             .unwrap_or_else(|_| unreachable!());
         if first_seen.contains(&received) {
-            duplicates += 1;
+            if message.dup {
+                broker_resent += 1;
+            } else {
+                duplicates += 1;
+            }
         } else {
             first_seen.push(received);
         }
@@ -784,8 +792,14 @@ fn broker_stopped_mid_stream_loses_no_event_and_keeps_first_arrivals_in_order() 
         publisher.status().events_pending == 0
     });
     assert_eq!(spool_files(spool_dir.path()), Vec::<String>::new());
-    // QoS 1 allows a resent copy of what was in flight, never more than the window.
-    assert!(duplicates <= 16, "{duplicates} duplicates");
+    // QoS 1 allows a resent copy of what was in flight, never more than the publisher's window
+    // of 16. Copies the restarted broker re-sends to the reconnecting subscriber (DUP flag set;
+    // 0–17 of them in 10 runs) are the broker's QoS 1 duty, not the publisher's, so they are
+    // counted apart and not held to that window.
+    assert!(
+        duplicates <= 16,
+        "{duplicates} duplicates from the publisher ({broker_resent} re-sent by the broker)"
+    );
     assert_eq!(publisher.status().events_published, events.len() as u64);
 }
 
