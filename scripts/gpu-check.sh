@@ -1,24 +1,155 @@
 #!/usr/bin/env bash
-# GPU check (issue 6), for a machine with an NVIDIA GPU and driver; first increment: builds the
-# `gpu` feature, runs its tests (kernel vs CPU twin on every format, max abs diff ≤ 1e-3; CUDA
-# context), then `stpm bench --provider auto|cuda|tensorrt` on a small demo bundle, so the log shows
-# which provider ran and why. Needs ONNX Runtime with the CUDA/TensorRT providers (PyPI
-# onnxruntime-gpu; 1.31.1 is its newest release) via STPM_ORT_LIB for the provider runs.
-# A GPU-only test that finds no GPU prints SKIPPED: on this machine that is a failure, so grep says so.
+# GPU check (issue 6) for a machine with an NVIDIA GPU and driver. One run, a summary table last:
+#   1. the preprocessing kernels against their CPU twin on every frame format (max abs diff ≤ 1e-3)
+#      and the CUDA context (the `gpu::` unit tests; a SKIPPED test is a failure here);
+#   2. GPU preprocessing time per frame (640x480 RGB, 1080p and 4K NV12 -> 256x256);
+#   3. `stpm bench` with --provider auto and tensorrt (which provider ran, or why not) and cuda at
+#      batch 1, 8 and 32, each next to a plain ONNX Runtime session on the same provider;
+#   4. `stpm eval` of one small category on the CPU and on the GPU: the saved anomaly maps compared
+#      (max abs and max relative error) and both AUROCs.
+#
+# Binaries: built here with cargo (`--features gpu`), or, with STPM_PREBUILT=DIR, DIR/stpm and
+# DIR/stpm-lib-tests (the lib test binary of `cargo test --release --features gpu --lib --no-run`).
+# ONNX Runtime with the CUDA/TensorRT providers: STPM_ORT_LIB=/path/libonnxruntime.so.1.N from the
+# PyPI onnxruntime-gpu wheel (its libonnxruntime_providers_*.so beside it). The CUDA libraries those
+# need (cudart, cuBLAS, cuDNN, cuFFT, cuRAND, NVRTC) are looked up under /usr/local/cuda* and any
+# Python site-packages/nvidia folder and added to LD_LIBRARY_PATH. STPM_GPU_BUNDLE=DIR uses that
+# bundle instead of training a one-epoch one. Writes logs and summary.txt to $STPM_GPU_CHECK_OUT,
+# else $OUT/gpu-check, else /tmp/gpu-check. The map comparison needs python3 with numpy.
+# First run: 2026-11-28 on one H200 (driver 580.159, CUDA 13 libraries of PyTorch's wheels,
+# onnxruntime-gpu 1.31.1, no TensorRT there), about 30 s; its numbers are in issue 6's notes.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-out="${OUT:-/tmp}/gpu-check"
+out="${STPM_GPU_CHECK_OUT:-${OUT:-/tmp}/gpu-check}"
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-STPM_SKIP_APT="${STPM_SKIP_APT:-1}" STPM_NVRTC=1 bash scripts/setup.sh >"$out/setup.log" 2>&1 || { tail -20 "$out/setup.log"; exit 1; }
-cargo build --release --locked --features gpu 2>&1 | tail -3
-cargo test --release --locked --features gpu --lib -- gpu:: engine::provider --nocapture 2>&1 | tee "$out/tests.log"
-if grep -q SKIPPED "$out/tests.log"; then echo "FAIL: a GPU test skipped on a GPU machine"; fi
-stpm=target/release/stpm
-work="$(mktemp -d)"
-"$stpm" devset --out "$work/data" >/dev/null
-"$stpm" train --data "$work/data" --out "$work/bundle" --epochs 1 --image-size 256 --quiet
-for provider in auto cuda tensorrt; do
-    echo "== bench --provider $provider"
-    timeout 300 "$stpm" bench --model "$work/bundle" --frames 50 --provider "$provider" 2>&1 | tee "$out/bench-$provider.txt"
+summary="$out/summary.txt"
+: >"$summary"
+row() { printf '%-58s %s\n' "$1" "$2" >>"$summary"; }
+failed=0
+fail() { echo "FAIL: $*"; row "FAIL" "$*"; failed=1; }
+
+gpu="$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
+echo "GPU: $gpu"
+row "GPU (name, driver, memory)" "$gpu"
+
+# CUDA libraries for ONNX Runtime's CUDA provider and for NVRTC.
+libdirs="$(find /usr/local/cuda*/lib64 /usr/local/cuda*/targets/*/lib /usr/lib/python3*/ \
+    /usr/local/lib/python3*/ /opt/*/.venv/lib/python3*/site-packages/nvidia \
+    "${HOME:-/root}/.local/lib/python3*/" \
+    \( -name 'libcudnn.so.*' -o -name 'libcublas.so.*' -o -name 'libcudart.so.*' \
+    -o -name 'libcufft.so.*' -o -name 'libcurand.so.*' -o -name 'libnvrtc.so.*' \
+    -o -name 'libnvinfer.so.*' \) -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)"
+export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "CUDA library folders: ${libdirs:-none found}"
+if [[ -z "${STPM_NVRTC_LIB:-}" ]]; then
+    nvrtc="$(find ${libdirs//:/ } -maxdepth 1 -name 'libnvrtc.so.1[23]' 2>/dev/null | sort -r | head -1)"
+    [[ -n "$nvrtc" ]] && export STPM_NVRTC_LIB="$nvrtc"
+fi
+echo "NVRTC: ${STPM_NVRTC_LIB:-not found (the kernel tests will say so)}"
+if ls ${libdirs//:/ } 2>/dev/null | grep -q '^libnvinfer.so'; then
+    row "TensorRT library (libnvinfer)" "found"
+else
+    row "TensorRT library (libnvinfer)" "not on this machine"
+fi
+
+if [[ -n "${STPM_PREBUILT:-}" ]]; then
+    stpm="$STPM_PREBUILT/stpm"
+    tests="$STPM_PREBUILT/stpm-lib-tests"
+else
+    STPM_SKIP_APT="${STPM_SKIP_APT:-1}" STPM_NVRTC=1 bash scripts/setup.sh >"$out/setup.log" 2>&1 \
+        || { tail -20 "$out/setup.log"; exit 1; }
+    cargo build --release --locked --features gpu 2>&1 | tail -3
+    tests="$(cargo test --release --locked --features gpu --lib --no-run --message-format=json 2>/dev/null \
+        | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)"
+    stpm=target/release/stpm
+fi
+for binary in "$stpm" "$tests"; do
+    [[ -x "$binary" ]] || { echo "missing binary $binary"; exit 1; }
 done
+
+echo "== 1. kernels against the CPU twin, CUDA context, providers"
+"$tests" gpu:: engine::provider --nocapture --test-threads=1 >"$out/tests.log" 2>&1
+status=$?
+grep -E "GPU:|max abs diff|test result|SKIPPED|panicked" "$out/tests.log" | tail -60
+[[ $status -eq 0 ]] || fail "gpu:: unit tests failed (exit $status)"
+if grep -q SKIPPED "$out/tests.log"; then fail "a GPU test skipped on a GPU machine"; fi
+worst="$(grep -o 'max abs diff [0-9.e+-]*' "$out/tests.log" | awk '{print $4}' | sort -g | tail -1)"
+cases="$(grep -c 'max abs diff' "$out/tests.log")"
+row "kernels vs CPU twin: cases, worst max abs diff" "$cases cases, ${worst:-none}"
+
+echo "== 2. GPU preprocessing time"
+"$tests" preprocess_timing_on_the_gpu --ignored --nocapture >"$out/timing.log" 2>&1 \
+    || fail "preprocess timing failed"
+grep "GPU preprocess" "$out/timing.log" | while read -r line; do
+    row "$(cut -d: -f1 <<<"$line")" "$(cut -d: -f2- <<<"$line")"
+done
+
+echo "== 3. engine on the GPU"
+work="$(mktemp -d)"
+if [[ -n "${STPM_GPU_BUNDLE:-}" ]]; then
+    bundle="$STPM_GPU_BUNDLE"
+else
+    "$stpm" devset --out "$work/train" --train 40 >/dev/null
+    "$stpm" train --data "$work/train" --out "$work/bundle" --epochs 1 --quiet
+    bundle="$work/bundle"
+fi
+json() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(' '.join(str(d.get(k)) for k in sys.argv[2:]))" "$@"; }
+for provider in auto tensorrt; do
+    if timeout 300 "$stpm" bench --model "$bundle" --frames 50 --provider "$provider" --json \
+        >"$out/bench-$provider.json" 2>"$out/bench-$provider.log"; then
+        row "bench --provider $provider: provider (reason)" \
+            "$(json "$out/bench-$provider.json" provider provider_reason)"
+    else
+        row "bench --provider $provider" "refused: $(grep -v '^\s*$' "$out/bench-$provider.log" | tail -1)"
+    fi
+done
+for batch in 1 8 32; do
+    if timeout 300 "$stpm" bench --model "$bundle" --frames 60 --batch "$batch" --provider cuda \
+        --json >"$out/bench-cuda-$batch.json" 2>"$out/bench-cuda-$batch.log"; then
+        row "cuda batch $batch: images/s, p50 ms/call, plain ORT images/s, ratio" \
+            "$(json "$out/bench-cuda-$batch.json" fps p50_ms baseline_fps ratio_vs_baseline)"
+    else
+        fail "bench --provider cuda --batch $batch: $(tail -1 "$out/bench-cuda-$batch.log")"
+    fi
+done
+if timeout 300 "$stpm" bench --model "$bundle" --frames 30 --provider cpu --json \
+    >"$out/bench-cpu.json" 2>/dev/null; then
+    row "cpu batch 1 (this machine): images/s, p50 ms/call" "$(json "$out/bench-cpu.json" fps p50_ms)"
+fi
+
+echo "== 4. GPU output against the CPU"
+"$stpm" devset --out "$work/eval" --train 1 --test-good 8 --test-per-defect 4 --seed 7 >/dev/null
+for provider in cpu cuda; do
+    "$stpm" eval --model "$bundle" --data "$work/eval" --out "$work/report-$provider" \
+        --provider "$provider" --save-maps --quiet >"$out/eval-$provider.log" 2>&1 \
+        || fail "eval --provider $provider: $(tail -1 "$out/eval-$provider.log")"
+done
+if [[ -f "$work/report-cuda/report.json" && -f "$work/report-cpu/report.json" ]]; then
+    for provider in cpu cuda; do
+        row "eval $provider: image AUROC, pixel AUROC, AUPRO, provider" \
+            "$(json "$work/report-$provider/report.json" image_auroc pixel_auroc aupro provider)"
+    done
+    python3 - "$work" >>"$summary" 2>&1 <<'EOF' || fail "map comparison"
+import pathlib, sys
+import numpy as np
+work = pathlib.Path(sys.argv[1])
+worst_abs = worst_rel = 0.0
+count = 0
+for cpu in sorted((work / "report-cpu" / "maps").rglob("*.npy")):
+    gpu = work / "report-cuda" / "maps" / cpu.relative_to(work / "report-cpu" / "maps")
+    a, b = np.load(cpu), np.load(gpu)
+    diff = np.abs(a - b).max()
+    worst_abs = max(worst_abs, float(diff))
+    worst_rel = max(worst_rel, float(diff / max(np.abs(a).max(), 1e-12)))
+    count += 1
+print(f"{'cuda vs cpu anomaly maps: images, max abs, max rel (to map max)':<58} "
+      f"{count}, {worst_abs:.3e}, {worst_rel:.3e}")
+if count == 0:
+    sys.exit("no maps compared")
+EOF
+fi
+
+echo
+echo "== summary"
+cat "$summary"
+exit "$failed"

@@ -141,6 +141,9 @@ pub struct EvalArgs {
     /// Also write each raw anomaly map at mask resolution to maps/<type>/<stem>.npy (float32).
     #[arg(long)]
     pub save_maps: bool,
+    /// Execution provider: auto, cpu, cuda, tensorrt.
+    #[arg(long, default_value = "auto")]
+    pub provider: String,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -362,6 +365,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let options = stpm::eval::EvalOptions {
         save_maps: args.save_maps,
         progress: !args.quiet,
+        provider: args.provider.parse().context("--provider")?,
     };
     let report = stpm::eval::evaluate(&args.model, &args.data, &args.out, &options)
         .context("evaluation failed")?;

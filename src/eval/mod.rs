@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::bundle::{Bundle, BundleError};
 use crate::dataset::{self, LayoutError};
-use crate::engine::{Engine, EngineError, EngineOptions};
+use crate::engine::{Engine, EngineError, EngineOptions, ExecutionProvider, ProviderRequest};
 use crate::overlay;
 use crate::preprocess::{self, Normalisation, PreprocessError, RgbFrame};
 
@@ -64,6 +64,8 @@ pub struct Report {
     pub threshold: f32,
     pub n_good: usize,
     pub n_defect: usize,
+    /// The execution provider the bundle ran on.
+    pub provider: ExecutionProvider,
     /// Test images per second through preprocessing and inference.
     pub images_per_second: f64,
     /// Seconds spent on the pixel metrics (sort + sweeps), excluding inference.
@@ -78,6 +80,8 @@ pub struct EvalOptions {
     pub save_maps: bool,
     /// Show a progress bar.
     pub progress: bool,
+    /// Execution provider to run the bundle on.
+    pub provider: ProviderRequest,
 }
 
 /// Every test image's pixels at mask resolution, concatenated: scores, ground-truth region ids
@@ -172,7 +176,11 @@ pub fn evaluate(
     let norm: Normalisation = manifest.normalisation;
     let calibration = &manifest.calibration;
     let images = dataset::test_set(data)?;
-    let mut engine = Engine::open(&bundle.model_path(), size, EngineOptions::default())?;
+    let engine_options = EngineOptions {
+        provider: options.provider,
+        ..EngineOptions::default()
+    };
+    let mut engine = Engine::open(&bundle.model_path(), size, engine_options)?;
 
     let mut type_names: Vec<String> = Vec::new();
     for image in &images {
@@ -332,6 +340,7 @@ pub fn evaluate(
         threshold: calibration.threshold,
         n_good,
         n_defect: scored.len() - n_good,
+        provider: engine.provider_choice().provider,
         images_per_second: scored.len() as f64 / inference_seconds.max(1e-9),
         metrics_seconds,
         per_defect_type,
@@ -424,7 +433,7 @@ pub fn summary_table(report: &Report) -> String {
         ));
     }
     text.push_str(&format!(
-        "{:<16} {:>12} {:>12} {:>10} {:>6}\nF1-max {} · {} good + {} defect images · {:.1} images/s (preprocess + inference) · pixel metrics {:.2} s\n",
+        "{:<16} {:>12} {:>12} {:>10} {:>6}\nF1-max {} · {} good + {} defect images · {:.1} images/s (preprocess + inference, {}) · pixel metrics {:.2} s\n",
         "all",
         fmt_metric(report.image_auroc),
         fmt_metric(report.pixel_auroc),
@@ -434,6 +443,7 @@ pub fn summary_table(report: &Report) -> String {
         report.n_good,
         report.n_defect,
         report.images_per_second,
+        report.provider,
         report.metrics_seconds
     ));
     text

@@ -8,7 +8,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
 use crate::preprocess::Normalisation;
@@ -200,24 +202,101 @@ impl Preprocessor {
         })
     }
 
-    /// Preprocesses one frame into a fresh host tensor [3, H, W] (`size` = [H, W]): uploads the
-    /// frame, runs the kernel, copies the result back. A checking path (tests, the GPU check), not
-    /// the live one, which keeps the tensor on the device.
+    /// Preprocesses one frame into a fresh host tensor [3, H, W] (`size` = [H, W]): a checking
+    /// path (tests, the GPU check); the live one keeps a [`Staging`] and the tensor on the device.
     pub fn to_chw(
         &self,
         frame: &RawFrame,
         size: [usize; 2],
         norm: &Normalisation,
     ) -> Result<Vec<f32>, GpuError> {
+        let mut staging = Staging::default();
+        self.run(&mut staging, frame, size, norm)?;
+        self.download(&staging)
+    }
+
+    /// Copies `frame` into `staging`'s pinned buffer, uploads it asynchronously and queues the
+    /// kernel that writes the [3, H, W] tensor into `staging`'s device buffer. Allocates only when
+    /// the frame or output size changes (a camera's frames keep theirs), so the steady state does
+    /// no allocation; returns once the work is queued, before it has run.
+    pub fn run(
+        &self,
+        staging: &mut Staging,
+        frame: &RawFrame,
+        size: [usize; 2],
+        norm: &Normalisation,
+    ) -> Result<(), GpuError> {
+        self.upload(staging, frame)?;
+        self.launch(staging, frame, size, norm)
+    }
+
+    /// The frame's bytes into pinned memory, then an asynchronous copy to the device.
+    fn upload(&self, staging: &mut Staging, frame: &RawFrame) -> Result<(), GpuError> {
+        let len = frame.data.len();
+        if staging.pinned.as_ref().is_none_or(|p| p.len() != len) {
+            staging.pinned = None;
+            // SAFETY: the whole buffer is written below before any copy reads it.
+            let pinned = unsafe { self.stream.context().alloc_pinned::<u8>(len) }
+                .map_err(driver_error("cuMemHostAlloc"))?;
+            staging.pinned = Some(pinned);
+        }
+        if staging.frame.as_ref().is_none_or(|f| f.len() != len) {
+            staging.frame = None;
+            // SAFETY: the upload below fills the buffer before the kernel reads it.
+            let device =
+                unsafe { self.stream.alloc::<u8>(len) }.map_err(driver_error("cuMemAlloc"))?;
+            staging.frame = Some(device);
+        }
+        let (Some(pinned), Some(device)) = (staging.pinned.as_mut(), staging.frame.as_mut()) else {
+            return Err(GpuError::Driver {
+                call: "staging",
+                message: "buffers missing after allocation".into(),
+            });
+        };
+        // Waits for the previous upload from this buffer to finish before overwriting it.
+        pinned
+            .as_mut_slice()
+            .map_err(driver_error("cuEventSynchronize"))?
+            .copy_from_slice(frame.data);
+        self.stream
+            .memcpy_htod(pinned, device)
+            .map_err(driver_error("cuMemcpyHtoDAsync"))
+    }
+
+    /// Queues the kernel on the frame already uploaded to `staging`.
+    fn launch(
+        &self,
+        staging: &mut Staging,
+        frame: &RawFrame,
+        size: [usize; 2],
+        norm: &Normalisation,
+    ) -> Result<(), GpuError> {
         let [out_h, out_w] = size;
-        let bytes = self
-            .stream
-            .clone_htod(frame.data)
-            .map_err(driver_error("cuMemcpyHtoD"))?;
-        let mut out = self
-            .stream
-            .alloc_zeros::<f32>(3 * out_h * out_w)
-            .map_err(driver_error("cuMemAlloc"))?;
+        let out_len = 3 * out_h * out_w;
+        if staging.out.as_ref().is_none_or(|o| o.len() != out_len) {
+            staging.out = None;
+            let out = self
+                .stream
+                .alloc_zeros::<f32>(out_len)
+                .map_err(driver_error("cuMemAlloc"))?;
+            staging.out = Some(out);
+        }
+        let (Some(bytes), Some(out)) = (staging.frame.as_ref(), staging.out.as_mut()) else {
+            return Err(GpuError::Driver {
+                call: "staging",
+                message: "launch before upload".into(),
+            });
+        };
+        if bytes.len() != frame.data.len() {
+            return Err(GpuError::Driver {
+                call: "staging",
+                message: format!(
+                    "the uploaded frame has {} bytes, this one {}",
+                    bytes.len(),
+                    frame.data.len()
+                ),
+            });
+        }
         let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * norm.std[c]));
         let shift: [f32; 3] = std::array::from_fn(|c| norm.mean[c] / norm.std[c]);
         let format = kernels::format_code(frame.format);
@@ -243,7 +322,7 @@ impl Preprocessor {
         };
         let mut launch = self.stream.launch_builder(&self.f32_kernel);
         launch
-            .arg(&bytes)
+            .arg(bytes)
             .arg(&format)
             .arg(&width)
             .arg(&height)
@@ -252,7 +331,7 @@ impl Preprocessor {
             .arg(&strides[2])
             .arg(&offsets[0])
             .arg(&offsets[1])
-            .arg(&mut out)
+            .arg(out)
             .arg(&out_offset)
             .arg(&w)
             .arg(&h)
@@ -263,13 +342,90 @@ impl Preprocessor {
             .arg(&shift[1])
             .arg(&shift[2]);
         // SAFETY: the argument list matches stpm_preprocess_f32's signature; RawFrame::new checked
-        // that every row of every plane lies inside `bytes`, and `out` holds 3·out_h·out_w floats,
-        // the most the grid writes.
-        unsafe { launch.launch(config) }.map_err(driver_error("cuLaunchKernel"))?;
+        // that every row of every plane lies inside the frame's bytes, which `bytes` holds (same
+        // length, checked above), and `out` holds 3·out_h·out_w floats, the most the grid writes.
+        unsafe { launch.launch(config) }
+            .map(|_| ())
+            .map_err(driver_error("cuLaunchKernel"))
+    }
+
+    /// The tensor the last [`Preprocessor::run`] wrote, copied to the host (waits for it).
+    pub fn download(&self, staging: &Staging) -> Result<Vec<f32>, GpuError> {
+        let out = staging.out.as_ref().ok_or_else(|| GpuError::Driver {
+            call: "staging",
+            message: "download before any run".into(),
+        })?;
         self.stream
-            .clone_dtoh(&out)
+            .clone_dtoh(out)
             .map_err(driver_error("cuMemcpyDtoH"))
     }
+
+    /// Times the preprocessing of `frame` over `iterations` runs after a warm-up: end to end
+    /// (host copy into pinned memory, upload, kernel; the stream drained at the end) and the
+    /// kernel alone (CUDA events around back-to-back launches on the uploaded frame).
+    pub fn time(
+        &self,
+        frame: &RawFrame,
+        size: [usize; 2],
+        norm: &Normalisation,
+        iterations: usize,
+    ) -> Result<PreprocessTiming, GpuError> {
+        let mut staging = Staging::default();
+        for _ in 0..10 {
+            self.run(&mut staging, frame, size, norm)?;
+        }
+        self.stream
+            .synchronize()
+            .map_err(driver_error("cuStreamSynchronize"))?;
+        let started = std::time::Instant::now();
+        for _ in 0..iterations {
+            self.run(&mut staging, frame, size, norm)?;
+        }
+        self.stream
+            .synchronize()
+            .map_err(driver_error("cuStreamSynchronize"))?;
+        let end_to_end_ms = started.elapsed().as_secs_f64() * 1e3 / iterations.max(1) as f64;
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self
+            .stream
+            .record_event(timing)
+            .map_err(driver_error("cuEventRecord"))?;
+        for _ in 0..iterations {
+            self.launch(&mut staging, frame, size, norm)?;
+        }
+        let end = self
+            .stream
+            .record_event(timing)
+            .map_err(driver_error("cuEventRecord"))?;
+        end.synchronize()
+            .map_err(driver_error("cuEventSynchronize"))?;
+        let kernel_ms = start
+            .elapsed_ms(&end)
+            .map_err(driver_error("cuEventElapsedTime"))? as f64
+            / iterations.max(1) as f64;
+        Ok(PreprocessTiming {
+            end_to_end_ms,
+            kernel_ms,
+        })
+    }
+}
+
+/// Per-frame milliseconds from [`Preprocessor::time`].
+#[derive(Debug, Clone, Copy)]
+pub struct PreprocessTiming {
+    /// Host copy into pinned memory + upload + kernel, per frame, pipelined on one stream.
+    pub end_to_end_ms: f64,
+    /// The kernel alone.
+    pub kernel_ms: f64,
+}
+
+/// The buffers preprocessing reuses from frame to frame: the frame in pinned (page-locked) host
+/// memory, the frame on the device and the output tensor on the device.
+#[derive(Default)]
+pub struct Staging {
+    pinned: Option<PinnedHostSlice<u8>>,
+    frame: Option<CudaSlice<u8>>,
+    out: Option<CudaSlice<f32>>,
 }
 
 #[cfg(test)]
@@ -289,6 +445,47 @@ mod tests {
                 false
             }
         }
+    }
+
+    const IMAGENET: Normalisation = Normalisation {
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    };
+
+    /// The kernels loaded on device 0, or `None` (a printed skip) when there is no CUDA driver.
+    fn preprocessor_or_skip(test: &str) -> Option<Preprocessor> {
+        if let Some(why) = driver_missing() {
+            eprintln!("SKIPPED {test}: {why}");
+            return None;
+        }
+        // A machine with a GPU but no NVRTC is a broken GPU setup, not a reason to skip.
+        if let Some(why) = nvrtc_missing() {
+            panic!("the CUDA driver is here but NVRTC is not: {why}");
+        }
+        match GpuContext::try_new().and_then(|gpu| Preprocessor::new(&gpu)) {
+            Ok(preprocessor) => Some(preprocessor),
+            Err(e) => panic!("driver and NVRTC are present, yet: {e}"),
+        }
+    }
+
+    /// Max abs difference between the kernel's tensor and the CPU twin's for `frame`.
+    fn diff_to_cpu(
+        got: Result<Vec<f32>, GpuError>,
+        frame: &RawFrame,
+        size: [usize; 2],
+        norm: &Normalisation,
+    ) -> f32 {
+        let got = match got {
+            Ok(got) => got,
+            Err(e) => panic!("{}: {e}", frame.format),
+        };
+        let mut expected = vec![0.0; 3 * size[0] * size[1]];
+        raw::raw_to_chw(frame, size, norm, &mut expected);
+        assert_eq!(got.len(), expected.len());
+        got.iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
     }
 
     #[test]
@@ -356,22 +553,11 @@ mod tests {
     /// The GPU check of `scripts/gpu-check.sh`: every format, several sizes, against the CPU twin.
     #[test]
     fn kernel_matches_the_cpu_reference_on_every_format() {
-        if let Some(why) = driver_missing() {
-            eprintln!("SKIPPED kernel_matches_the_cpu_reference_on_every_format: {why}");
+        let Some(gpu) = preprocessor_or_skip("kernel_matches_the_cpu_reference_on_every_format")
+        else {
             return;
-        }
-        // A machine with a GPU but no NVRTC is a broken GPU setup, not a reason to skip.
-        if let Some(why) = nvrtc_missing() {
-            panic!("the CUDA driver is here but NVRTC is not: {why}");
-        }
-        let gpu = match GpuContext::try_new().and_then(|gpu| Preprocessor::new(&gpu)) {
-            Ok(preprocessor) => preprocessor,
-            Err(e) => panic!("driver and NVRTC are present, yet: {e}"),
         };
-        let norm = Normalisation {
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
-        };
+        let norm = IMAGENET;
         let mut state = 0x2545_F491_4F6C_DD1Du64;
         let mut random_frame = |width: usize, height: usize| RgbFrame {
             width,
@@ -385,6 +571,7 @@ mod tests {
                 })
                 .collect(),
         };
+        let mut staging = Staging::default();
         for (width, height, size) in [
             (640, 480, [256, 256]),
             (37, 23, [64, 48]),
@@ -398,23 +585,56 @@ mod tests {
                         Ok(frame) => frame,
                         Err(e) => panic!("{e}"),
                     };
-                    let mut expected = vec![0.0; 3 * size[0] * size[1]];
-                    raw::raw_to_chw(&frame, size, &norm, &mut expected);
-                    let got = match gpu.to_chw(&frame, size, &norm) {
-                        Ok(got) => got,
-                        Err(e) => panic!("{format}: {e}"),
-                    };
-                    let max_diff = got
-                        .iter()
-                        .zip(&expected)
-                        .map(|(a, b)| (a - b).abs())
-                        .fold(0.0f32, f32::max);
+                    // One staging for every case: buffers are re-made as sizes change.
+                    let got = gpu
+                        .run(&mut staging, &frame, size, &norm)
+                        .and_then(|()| gpu.download(&staging));
+                    let max_diff = diff_to_cpu(got, &frame, size, &norm);
                     eprintln!(
                         "{format} {width}x{height} align {align} -> {size:?}: max abs diff {max_diff:e}"
                     );
                     assert!(max_diff <= 1e-3, "{format} {width}x{height}: {max_diff}");
                 }
             }
+        }
+    }
+
+    /// Per-frame preprocessing time on the GPU (run by `scripts/gpu-check.sh` with `--ignored`):
+    /// a measurement, printed; it asserts only that the timed buffers still hold the right tensor.
+    #[test]
+    #[ignore = "a GPU measurement; scripts/gpu-check.sh runs it"]
+    fn preprocess_timing_on_the_gpu() {
+        let Some(gpu) = preprocessor_or_skip("preprocess_timing_on_the_gpu") else {
+            return;
+        };
+        let norm = IMAGENET;
+        for (width, height, format) in [
+            (640, 480, PixelFormat::Rgb),
+            (1920, 1080, PixelFormat::Nv12),
+            (3840, 2160, PixelFormat::Nv12),
+        ] {
+            let rgb = crate::preprocess::test_frame(width, height, |x, y, c| {
+                ((x * 7 + y * 13 + c * 61) % 256) as u8
+            });
+            let (layout, data) = raw::encode(&rgb, format, 64);
+            let frame = match RawFrame::new(format, width, height, layout, &data) {
+                Ok(frame) => frame,
+                Err(e) => panic!("{e}"),
+            };
+            let timing = match gpu.time(&frame, [256, 256], &norm, 500) {
+                Ok(timing) => timing,
+                Err(e) => panic!("{e}"),
+            };
+            eprintln!(
+                "GPU preprocess {format} {width}x{height} -> 256x256: {:.3} ms/frame with upload \
+                 ({:.0} frames/s), kernel {:.4} ms",
+                timing.end_to_end_ms,
+                1e3 / timing.end_to_end_ms,
+                timing.kernel_ms
+            );
+            let got = gpu.to_chw(&frame, [256, 256], &norm);
+            let max_diff = diff_to_cpu(got, &frame, [256, 256], &norm);
+            assert!(max_diff <= 1e-3, "{format}: {max_diff}");
         }
     }
 }
