@@ -4,7 +4,9 @@
 #      and the CUDA context (the `gpu::` unit tests; a SKIPPED test is a failure here);
 #   2. GPU preprocessing time per frame (640x480 RGB, 1080p and 4K NV12 -> 256x256);
 #   3. `stpm bench` with --provider auto and tensorrt (which provider ran, or why not) and cuda at
-#      batch 1, 8 and 32, each next to a plain ONNX Runtime session on the same provider;
+#      batch 1, 8 and 32, each next to a plain ONNX Runtime session on the same provider, and the
+#      GPU path (frames preprocessed on the GPU, read by the engine on the device) for 640x480 RGB
+#      and 1080p NV12 frames, whose maps must match the host path's within 1e-3;
 #   4. `stpm eval` of one small category on the CPU and on the GPU: the saved anomaly maps compared
 #      (max abs and max relative error) and both AUROCs.
 #
@@ -108,6 +110,19 @@ for batch in 1 8 32; do
         --json >"$out/bench-cuda-$batch.json" 2>"$out/bench-cuda-$batch.log"; then
         row "cuda batch $batch: images/s, p50 ms/call, plain ORT images/s, ratio" \
             "$(json "$out/bench-cuda-$batch.json" fps p50_ms baseline_fps ratio_vs_baseline)"
+        python3 - "$out/bench-cuda-$batch.json" >>"$summary" <<'EOF' || fail "GPU path of batch $batch"
+import json, sys
+report = json.load(open(sys.argv[1]))
+paths = report.get("gpu_path", [])
+for path in paths:
+    label = f"cuda batch {report['batch']}, GPU path {path['frame']}: images/s, p50 ms, diff"
+    print(f"{label:<58} {path['fps']:.1f} {path['call']['p50_ms']:.3f} "
+          f"{path['max_abs_diff_vs_host_path']:.2e}")
+if not paths:
+    sys.exit("no GPU path in the report")
+if any(path["max_abs_diff_vs_host_path"] > 1e-3 for path in paths):
+    sys.exit("the GPU path's map differs from the host path's by more than 1e-3")
+EOF
     else
         fail "bench --provider cuda --batch $batch: $(tail -1 "$out/bench-cuda-$batch.log")"
     fi

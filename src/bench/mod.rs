@@ -3,6 +3,9 @@
 //! default options on the same `model.onnx` (the way an exported model is usually run), so every
 //! report carries our/baseline as a ratio. Measures; never changes the bundle.
 
+#[cfg(feature = "gpu")]
+mod gpu;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -22,6 +25,15 @@ pub enum BenchError {
     Engine(#[from] EngineError),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("GPU path: {0}")]
+    Gpu(String),
+}
+
+#[cfg(feature = "gpu")]
+impl From<crate::gpu::GpuError> for BenchError {
+    fn from(error: crate::gpu::GpuError) -> Self {
+        BenchError::Gpu(error.to_string())
+    }
 }
 
 /// What to measure.
@@ -94,7 +106,18 @@ pub struct BenchReport {
     pub cpu_utilisation: f64,
     /// Peak resident memory of the process (VmHWM).
     pub peak_rss_mb: f64,
+    /// On a GPU provider: frames preprocessed on the GPU and read by the engine on the device.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gpu_path: Vec<GpuPathReport>,
 }
+
+#[cfg(feature = "gpu")]
+pub use gpu::GpuPath as GpuPathReport;
+
+/// Without the `gpu` feature there is no GPU path to report.
+#[cfg(not(feature = "gpu"))]
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuPathReport {}
 
 /// Seconds of CPU time this process has used (user + system), from /proc/self/stat.
 fn cpu_seconds() -> Option<f64> {
@@ -240,6 +263,21 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
     .map(|(name, samples)| (name.to_string(), StageStats::of(samples)))
     .collect();
 
+    #[cfg(feature = "gpu")]
+    let gpu_path = if provider.provider == ExecutionProvider::Cpu {
+        Vec::new()
+    } else {
+        gpu::measure(
+            &mut ours,
+            &frame,
+            &manifest.normalisation,
+            options.batch,
+            options.frames,
+        )?
+    };
+    #[cfg(not(feature = "gpu"))]
+    let gpu_path = Vec::new();
+
     let ours_stats = StageStats::of(&mut our_samples);
     let base_stats = StageStats::of(&mut base_samples);
     let fps = median(&mut our_fps);
@@ -262,6 +300,7 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
         stages,
         cpu_utilisation,
         peak_rss_mb: peak_rss_mb(),
+        gpu_path,
     })
 }
 
@@ -292,6 +331,14 @@ pub fn summary(report: &BenchReport) -> String {
         text.push_str(&format!(
             "{name:<32} {:>7.2}  {:>7.2}  {:>7.2}\n",
             s.p50_ms, s.p95_ms, s.p99_ms
+        ));
+    }
+    #[cfg(feature = "gpu")]
+    for path in &report.gpu_path {
+        text.push_str(&format!(
+            "GPU path, {} frames (upload + GPU preprocess + inference on the device), batch {}: \
+             {:.1} images/s, p50 {:.2} ms/call, map differs from the host path by ≤ {:.1e}\n",
+            path.frame, report.batch, path.fps, path.call.p50_ms, path.max_abs_diff_vs_host_path
         ));
     }
     text.push_str(&format!(

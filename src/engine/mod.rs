@@ -218,15 +218,78 @@ impl Engine {
             .session
             .run(ort::inputs![INPUT_NAME => input])
             .map_err(|e| EngineError::Run(e.to_string()))?;
-        let (_, maps) = outputs[MAP_OUTPUT]
-            .try_extract_tensor::<f32>()
-            .map_err(|e| EngineError::Run(e.to_string()))?;
-        let (_, scores) = outputs[SCORE_OUTPUT]
-            .try_extract_tensor::<f32>()
-            .map_err(|e| EngineError::Run(e.to_string()))?;
-        Ok(Scores {
-            maps: maps.to_vec(),
-            scores: scores.to_vec(),
-        })
+        scores_of(&outputs)
     }
+
+    /// Runs `n` images that are already on the GPU (`input`: NCHW float32 in device memory, as the
+    /// `gpu` preprocessing writes them on `stream`): ONNX Runtime's CUDA or TensorRT provider reads
+    /// them in place, with no copy through the host; the map and scores come back to the host.
+    #[cfg(feature = "gpu")]
+    pub fn run_device(
+        &mut self,
+        input: &cudarc::driver::CudaSlice<f32>,
+        stream: &cudarc::driver::CudaStream,
+        n: usize,
+    ) -> Result<Scores, EngineError> {
+        use cudarc::driver::DevicePtr;
+        use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+        use ort::value::{Shape, TensorRefMut};
+
+        if self.provider.provider == ExecutionProvider::Cpu {
+            return Err(EngineError::Run(
+                "a GPU-resident input needs a cuda or tensorrt session; this one runs on the cpu"
+                    .into(),
+            ));
+        }
+        let [h, w] = self.size;
+        let expected = n * 3 * h * w;
+        if input.len() != expected || n == 0 {
+            return Err(EngineError::InputSize {
+                got: input.len(),
+                expected,
+                n,
+                h,
+                w,
+            });
+        }
+        let run_error = |e: String| EngineError::Run(e);
+        // ONNX Runtime reads the tensor on its own stream: the preprocessing must be done first.
+        stream
+            .synchronize()
+            .map_err(|e| run_error(format!("waiting for the preprocessing: {e}")))?;
+        let (pointer, _record) = input.device_ptr(stream);
+        let info = MemoryInfo::new(
+            AllocationDevice::CUDA,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(|e| run_error(e.to_string()))?;
+        let dims = [n, 3, h, w].map(|d| d as i64);
+        // SAFETY: `pointer` addresses `expected` float32 values of device 0 (length checked above)
+        // owned by `input`, which outlives this call and so the tensor and the run that reads it.
+        let tensor = unsafe {
+            TensorRefMut::<f32>::from_raw(info, pointer as usize as *mut _, Shape::new(dims))
+        }
+        .map_err(|e| run_error(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![INPUT_NAME => tensor])
+            .map_err(|e| run_error(e.to_string()))?;
+        scores_of(&outputs)
+    }
+}
+
+/// The map and scores of a run, copied out of ONNX Runtime's outputs.
+fn scores_of(outputs: &ort::session::SessionOutputs) -> Result<Scores, EngineError> {
+    let (_, maps) = outputs[MAP_OUTPUT]
+        .try_extract_tensor::<f32>()
+        .map_err(|e| EngineError::Run(e.to_string()))?;
+    let (_, scores) = outputs[SCORE_OUTPUT]
+        .try_extract_tensor::<f32>()
+        .map_err(|e| EngineError::Run(e.to_string()))?;
+    Ok(Scores {
+        maps: maps.to_vec(),
+        scores: scores.to_vec(),
+    })
 }

@@ -226,8 +226,26 @@ impl Preprocessor {
         size: [usize; 2],
         norm: &Normalisation,
     ) -> Result<(), GpuError> {
+        self.run_at(staging, frame, size, norm, Slot { index: 0, batch: 1 })
+    }
+
+    /// [`Preprocessor::run`] for image `slot.index` of a batch of `slot.batch` images: the output
+    /// buffer holds the whole batch, for one inference call on several cameras' frames.
+    pub fn run_at(
+        &self,
+        staging: &mut Staging,
+        frame: &RawFrame,
+        size: [usize; 2],
+        norm: &Normalisation,
+        slot: Slot,
+    ) -> Result<(), GpuError> {
         self.upload(staging, frame)?;
-        self.launch(staging, frame, size, norm)
+        self.launch(staging, frame, size, norm, slot)
+    }
+
+    /// The stream the kernels run on (an engine reading their output waits for it).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
     }
 
     /// The frame's bytes into pinned memory, then an asynchronous copy to the device.
@@ -270,9 +288,17 @@ impl Preprocessor {
         frame: &RawFrame,
         size: [usize; 2],
         norm: &Normalisation,
+        slot: Slot,
     ) -> Result<(), GpuError> {
         let [out_h, out_w] = size;
-        let out_len = 3 * out_h * out_w;
+        let image_len = 3 * out_h * out_w;
+        if slot.index >= slot.batch {
+            return Err(GpuError::TooLarge {
+                what: "batch index",
+                value: slot.index,
+            });
+        }
+        let out_len = image_len * slot.batch;
         if staging.out.as_ref().is_none_or(|o| o.len() != out_len) {
             staging.out = None;
             let out = self
@@ -314,7 +340,7 @@ impl Preprocessor {
             frame.layout.offsets[2] as i64,
         ];
         let (w, h) = (kernel_int("width", out_w)?, kernel_int("height", out_h)?);
-        let out_offset = 0i64;
+        let out_offset = (slot.index * image_len) as i64;
         let config = LaunchConfig {
             grid_dim: ((out_w as u32).div_ceil(16), (out_h as u32).div_ceil(16), 1),
             block_dim: (16, 16, 1),
@@ -343,7 +369,8 @@ impl Preprocessor {
             .arg(&shift[2]);
         // SAFETY: the argument list matches stpm_preprocess_f32's signature; RawFrame::new checked
         // that every row of every plane lies inside the frame's bytes, which `bytes` holds (same
-        // length, checked above), and `out` holds 3·out_h·out_w floats, the most the grid writes.
+        // length, checked above), and `out` holds `slot.batch` images of 3·out_h·out_w floats, so
+        // image `slot.index` (< batch, checked above) fits.
         unsafe { launch.launch(config) }
             .map(|_| ())
             .map_err(driver_error("cuLaunchKernel"))
@@ -391,7 +418,7 @@ impl Preprocessor {
             .record_event(timing)
             .map_err(driver_error("cuEventRecord"))?;
         for _ in 0..iterations {
-            self.launch(&mut staging, frame, size, norm)?;
+            self.launch(&mut staging, frame, size, norm, Slot { index: 0, batch: 1 })?;
         }
         let end = self
             .stream
@@ -419,6 +446,13 @@ pub struct PreprocessTiming {
     pub kernel_ms: f64,
 }
 
+/// Where in a batch an image goes.
+#[derive(Debug, Clone, Copy)]
+pub struct Slot {
+    pub index: usize,
+    pub batch: usize,
+}
+
 /// The buffers preprocessing reuses from frame to frame: the frame in pinned (page-locked) host
 /// memory, the frame on the device and the output tensor on the device.
 #[derive(Default)]
@@ -426,6 +460,13 @@ pub struct Staging {
     pinned: Option<PinnedHostSlice<u8>>,
     frame: Option<CudaSlice<u8>>,
     out: Option<CudaSlice<f32>>,
+}
+
+impl Staging {
+    /// The output tensor on the device (all images of the batch), once a run has made it.
+    pub fn output(&self) -> Option<&CudaSlice<f32>> {
+        self.out.as_ref()
+    }
 }
 
 #[cfg(test)]
