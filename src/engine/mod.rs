@@ -199,19 +199,25 @@ impl Engine {
         &self.provider
     }
 
-    /// Runs a batch of `n` preprocessed images (NCHW, contiguous).
-    pub fn run(&mut self, batch: &[f32], n: usize) -> Result<Scores, EngineError> {
+    /// [H, W] when `len` values are `n` images of this session's input size, else the error.
+    fn check_input(&self, len: usize, n: usize) -> Result<[usize; 2], EngineError> {
         let [h, w] = self.size;
         let expected = n * 3 * h * w;
-        if batch.len() != expected || n == 0 {
+        if len != expected || n == 0 {
             return Err(EngineError::InputSize {
-                got: batch.len(),
+                got: len,
                 expected,
                 n,
                 h,
                 w,
             });
         }
+        Ok([h, w])
+    }
+
+    /// Runs a batch of `n` preprocessed images (NCHW, contiguous).
+    pub fn run(&mut self, batch: &[f32], n: usize) -> Result<Scores, EngineError> {
+        let [h, w] = self.check_input(batch.len(), n)?;
         let input = TensorRef::from_array_view(([n, 3, h, w], batch))
             .map_err(|e| EngineError::Run(e.to_string()))?;
         let outputs = self
@@ -241,17 +247,7 @@ impl Engine {
                     .into(),
             ));
         }
-        let [h, w] = self.size;
-        let expected = n * 3 * h * w;
-        if input.len() != expected || n == 0 {
-            return Err(EngineError::InputSize {
-                got: input.len(),
-                expected,
-                n,
-                h,
-                w,
-            });
-        }
+        let [h, w] = self.check_input(input.len(), n)?;
         let run_error = |e: String| EngineError::Run(e);
         // ONNX Runtime reads the tensor on its own stream: the preprocessing must be done first.
         stream
@@ -266,7 +262,7 @@ impl Engine {
         )
         .map_err(|e| run_error(e.to_string()))?;
         let dims = [n, 3, h, w].map(|d| d as i64);
-        // SAFETY: `pointer` addresses `expected` float32 values of device 0 (length checked above)
+        // SAFETY: `pointer` addresses n·3·h·w float32 values of device 0 (length checked above)
         // owned by `input`, which outlives this call and so the tensor and the run that reads it.
         let tensor = unsafe {
             TensorRefMut::<f32>::from_raw(info, pointer as usize as *mut _, Shape::new(dims))
