@@ -2,7 +2,8 @@
 # GPU check (issue 6) for a machine with an NVIDIA GPU and driver. One run, a summary table last:
 #   1. the preprocessing kernels against their CPU twin on every frame format (max abs diff ≤ 1e-3)
 #      and the CUDA context (the `gpu::` unit tests; a SKIPPED test is a failure here);
-#   2. GPU preprocessing time per frame (640x480 RGB, 1080p and 4K NV12 -> 256x256);
+#   1b. the overlay kernel (heatmap blend and anomaly mask) against its CPU twin, every format;
+#   2. GPU preprocessing and overlay time per frame (640x480 RGB, 1080p and 4K NV12; 256x256 model);
 #   3. `stpm bench` with --provider auto and tensorrt (which provider ran, or why not) and cuda at
 #      batch 1, 8 and 32, each next to a plain ONNX Runtime session on the same provider, and the
 #      GPU path (frames preprocessed on the GPU, read by the engine on the device) for 640x480 RGB
@@ -78,11 +79,16 @@ if grep -q SKIPPED "$out/tests.log"; then fail "a GPU test skipped on a GPU mach
 worst="$(grep -o 'max abs diff [0-9.e+-]*' "$out/tests.log" | awk '{print $4}' | sort -g | tail -1)"
 cases="$(grep -c 'max abs diff' "$out/tests.log")"
 row "kernels vs CPU twin: cases, worst max abs diff" "$cases cases, ${worst:-none}"
+overlay_cases="$(grep -c 'max pixel diff' "$out/tests.log")"
+overlay_worst="$(grep -o 'max pixel diff [0-9]*' "$out/tests.log" | awk '{print $4}' | sort -n | tail -1)"
+overlay_flips="$(grep -o 'mask flips [0-9]*' "$out/tests.log" | awk '{s += $3} END {print s + 0}')"
+row "overlay kernel vs CPU twin: cases, worst pixel diff, mask flips" \
+    "$overlay_cases cases, ${overlay_worst:-none}, $overlay_flips"
 
 echo "== 2. GPU preprocessing time"
 "$tests" preprocess_timing_on_the_gpu --ignored --nocapture >"$out/timing.log" 2>&1 \
     || fail "preprocess timing failed"
-grep "GPU preprocess" "$out/timing.log" | while read -r line; do
+grep -E "GPU (preprocess|overlay)" "$out/timing.log" | while read -r line; do
     row "$(cut -d: -f1 <<<"$line")" "$(cut -d: -f2- <<<"$line")"
 done
 

@@ -9,6 +9,8 @@ use crate::preprocess::raw::PixelFormat;
 pub const PREPROCESS_F32: &str = "stpm_preprocess_f32";
 /// Name of the float16 kernel (same maths, output rounded to half) for FP16 engines.
 pub const PREPROCESS_F16: &str = "stpm_preprocess_f16";
+/// Name of the overlay kernel: `overlay::heat::blend` on the GPU.
+pub const OVERLAY_RGB: &str = "stpm_overlay_rgb";
 
 /// The format code the kernels switch on.
 pub fn format_code(format: PixelFormat) -> i32 {
@@ -155,5 +157,49 @@ extern "C" __global__ void stpm_preprocess_f16(PREPROCESS_ARGS, unsigned short* 
     out[at] = to_half(value.x);
     out[at + plane] = to_half(value.y);
     out[at + 2 * plane] = to_half(value.z);
+}
+
+// overlay::heat::blend, op for op: the raw map (map_w x map_h) resized to the frame, normalised
+// with the calibration (threshold -> 0.5, floor -> 0), JET blended where the level (normalised x 255,
+// rounded) is above 127; packed RGB out and a 0/255 mask. One thread per frame pixel.
+__device__ __forceinline__ float jet_channel(float v, float offset) {
+    return roundf(fminf(fmaxf(1.5f - fabsf(4.0f * v - offset), 0.0f), 1.0f) * 255.0f);
+}
+
+__device__ __forceinline__ unsigned char to_byte(float value) {
+    return (unsigned char)fminf(fmaxf(roundf(value), 0.0f), 255.0f);
+}
+
+extern "C" __global__ void stpm_overlay_rgb(PREPROCESS_ARGS, const float* map, int map_w,
+                                            int map_h, float threshold, float floor_value,
+                                            unsigned char* out, unsigned char* mask) {
+    int x = blockIdx.x * blockDim.x + threadIdx.x;
+    int y = blockIdx.y * blockDim.y + threadIdx.y;
+    if (x >= width || y >= height) return;
+    Frame frame = {bytes, format, stride0, stride1, stride2, offset1, offset2};
+    int x0, x1, y0, y1;
+    float wx, wy;
+    bilinear_taps(x, map_w, width, &x0, &x1, &wx);
+    bilinear_taps(y, map_h, height, &y0, &y1, &wy);
+    float raw = bilinear(map[y0 * map_w + x0], map[y0 * map_w + x1], map[y1 * map_w + x0],
+                         map[y1 * map_w + x1], wx, wy);
+    float span = fmaxf(threshold - floor_value, 1.1920929e-7f);
+    float normalised = fminf(fmaxf(0.5f + 0.5f * (raw - threshold) / span, 0.0f), 1.0f);
+    int level = (int)roundf(normalised * 255.0f);
+    float3 p = rgb_at(frame, x, y);
+    long long at = (long long)y * width + x;
+    unsigned char* pixel = out + at * 3;
+    if (level > 127) {
+        float v = (float)level / 255.0f;
+        pixel[0] = to_byte(p.x * (1.0f - 0.6f) + jet_channel(v, 3.0f) * 0.6f);
+        pixel[1] = to_byte(p.y * (1.0f - 0.6f) + jet_channel(v, 2.0f) * 0.6f);
+        pixel[2] = to_byte(p.z * (1.0f - 0.6f) + jet_channel(v, 1.0f) * 0.6f);
+        mask[at] = 255;
+    } else {
+        pixel[0] = to_byte(p.x);
+        pixel[1] = to_byte(p.y);
+        pixel[2] = to_byte(p.z);
+        mask[at] = 0;
+    }
 }
 "#;

@@ -9,10 +9,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PinnedHostSlice,
+    PushKernelArg,
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
+use crate::bundle::Calibration;
+use crate::overlay::heat::Heat;
 use crate::preprocess::Normalisation;
 use crate::preprocess::raw::RawFrame;
 
@@ -172,6 +175,7 @@ impl GpuContext {
 pub struct Preprocessor {
     stream: Arc<CudaStream>,
     f32_kernel: CudaFunction,
+    overlay_kernel: CudaFunction,
 }
 
 fn driver_error(call: &'static str) -> impl Fn(cudarc::driver::DriverError) -> GpuError {
@@ -196,9 +200,13 @@ impl Preprocessor {
         let f32_kernel = module
             .load_function(kernels::PREPROCESS_F32)
             .map_err(driver_error("cuModuleGetFunction"))?;
+        let overlay_kernel = module
+            .load_function(kernels::OVERLAY_RGB)
+            .map_err(driver_error("cuModuleGetFunction"))?;
         Ok(Self {
             stream: Arc::clone(&gpu.stream),
             f32_kernel,
+            overlay_kernel,
         })
     }
 
@@ -258,17 +266,11 @@ impl Preprocessor {
                 .map_err(driver_error("cuMemHostAlloc"))?;
             staging.pinned = Some(pinned);
         }
-        if staging.frame.as_ref().is_none_or(|f| f.len() != len) {
-            staging.frame = None;
-            // SAFETY: the upload below fills the buffer before the kernel reads it.
-            let device =
-                unsafe { self.stream.alloc::<u8>(len) }.map_err(driver_error("cuMemAlloc"))?;
-            staging.frame = Some(device);
-        }
-        let (Some(pinned), Some(device)) = (staging.pinned.as_mut(), staging.frame.as_mut()) else {
+        let device = reuse(&mut staging.frame, len, &self.stream)?;
+        let Some(pinned) = staging.pinned.as_mut() else {
             return Err(GpuError::Driver {
                 call: "staging",
-                message: "buffers missing after allocation".into(),
+                message: "pinned buffer missing after allocation".into(),
             });
         };
         // Waits for the previous upload from this buffer to finish before overwriting it.
@@ -299,14 +301,7 @@ impl Preprocessor {
             });
         }
         let out_len = image_len * slot.batch;
-        if staging.out.as_ref().is_none_or(|o| o.len() != out_len) {
-            staging.out = None;
-            let out = self
-                .stream
-                .alloc_zeros::<f32>(out_len)
-                .map_err(driver_error("cuMemAlloc"))?;
-            staging.out = Some(out);
-        }
+        reuse(&mut staging.out, out_len, &self.stream)?;
         let (Some(bytes), Some(out)) = (staging.frame.as_ref(), staging.out.as_mut()) else {
             return Err(GpuError::Driver {
                 call: "staging",
@@ -325,38 +320,13 @@ impl Preprocessor {
         }
         let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * norm.std[c]));
         let shift: [f32; 3] = std::array::from_fn(|c| norm.mean[c] / norm.std[c]);
-        let format = kernels::format_code(frame.format);
-        let (width, height) = (
-            kernel_int("frame width", frame.width)?,
-            kernel_int("frame height", frame.height)?,
-        );
-        let strides = [
-            kernel_int("stride", frame.layout.strides[0])?,
-            kernel_int("stride", frame.layout.strides[1])?,
-            kernel_int("stride", frame.layout.strides[2])?,
-        ];
-        let offsets = [
-            frame.layout.offsets[1] as i64,
-            frame.layout.offsets[2] as i64,
-        ];
+        let args = FrameArgs::of(frame)?;
         let (w, h) = (kernel_int("width", out_w)?, kernel_int("height", out_h)?);
         let out_offset = (slot.index * image_len) as i64;
-        let config = LaunchConfig {
-            grid_dim: ((out_w as u32).div_ceil(16), (out_h as u32).div_ceil(16), 1),
-            block_dim: (16, 16, 1),
-            shared_mem_bytes: 0,
-        };
+        let config = pixel_grid(out_w, out_h);
         let mut launch = self.stream.launch_builder(&self.f32_kernel);
+        args.push(&mut launch, bytes);
         launch
-            .arg(bytes)
-            .arg(&format)
-            .arg(&width)
-            .arg(&height)
-            .arg(&strides[0])
-            .arg(&strides[1])
-            .arg(&strides[2])
-            .arg(&offsets[0])
-            .arg(&offsets[1])
             .arg(out)
             .arg(&out_offset)
             .arg(&w)
@@ -374,6 +344,86 @@ impl Preprocessor {
         unsafe { launch.launch(config) }
             .map(|_| ())
             .map_err(driver_error("cuLaunchKernel"))
+    }
+
+    /// `overlay::heat::blend` on the GPU for the frame the last [`Preprocessor::run`] uploaded to
+    /// `staging` (so a frame is uploaded once for both): uploads `map` (raw scores, `map_size` =
+    /// [H, W]), runs the overlay kernel and returns the blended RGB pixels and the anomaly mask.
+    pub fn overlay(
+        &self,
+        staging: &mut Staging,
+        frame: &RawFrame,
+        map: &[f32],
+        map_size: [usize; 2],
+        calibration: &Calibration,
+    ) -> Result<Heat, GpuError> {
+        let [map_h, map_w] = map_size;
+        if map.len() != map_h * map_w || map.is_empty() {
+            return Err(GpuError::TooLarge {
+                what: "anomaly map length for its size",
+                value: map.len(),
+            });
+        }
+        let pixels = frame.width * frame.height;
+        let stream = &self.stream;
+        let map_device = reuse(&mut staging.map, map.len(), stream)?;
+        stream
+            .memcpy_htod(map, map_device)
+            .map_err(driver_error("cuMemcpyHtoDAsync"))?;
+        reuse(&mut staging.heat, pixels * 3, stream)?;
+        reuse(&mut staging.mask, pixels, stream)?;
+        let (Some(bytes), Some(map_device), Some(out), Some(mask)) = (
+            staging.frame.as_ref(),
+            staging.map.as_ref(),
+            staging.heat.as_mut(),
+            staging.mask.as_mut(),
+        ) else {
+            return Err(GpuError::Driver {
+                call: "staging",
+                message: "overlay before the frame was uploaded".into(),
+            });
+        };
+        if bytes.len() != frame.data.len() {
+            return Err(GpuError::Driver {
+                call: "staging",
+                message: "the uploaded frame is not this one".into(),
+            });
+        }
+        let args = FrameArgs::of(frame)?;
+        let (map_w, map_h) = (
+            kernel_int("map width", map_w)?,
+            kernel_int("map height", map_h)?,
+        );
+        let config = pixel_grid(frame.width, frame.height);
+        let mut launch = stream.launch_builder(&self.overlay_kernel);
+        args.push(&mut launch, bytes);
+        launch
+            .arg(map_device)
+            .arg(&map_w)
+            .arg(&map_h)
+            .arg(&calibration.threshold)
+            .arg(&calibration.floor)
+            .arg(out)
+            .arg(mask);
+        // SAFETY: the arguments match stpm_overlay_rgb's signature; `bytes` holds the frame
+        // (RawFrame::new checked its planes; same length, checked above), `map_device` holds
+        // map_h·map_w floats, `out` 3 bytes and `mask` 1 byte per frame pixel, the most the grid
+        // (one thread per pixel, bounds-checked) writes.
+        unsafe { launch.launch(config) }.map_err(driver_error("cuLaunchKernel"))?;
+        let (Some(out), Some(mask)) = (staging.heat.as_ref(), staging.mask.as_ref()) else {
+            return Err(GpuError::Driver {
+                call: "staging",
+                message: "overlay buffers missing".into(),
+            });
+        };
+        Ok(Heat {
+            pixels: stream
+                .clone_dtoh(out)
+                .map_err(driver_error("cuMemcpyDtoH"))?,
+            mask: stream
+                .clone_dtoh(mask)
+                .map_err(driver_error("cuMemcpyDtoH"))?,
+        })
     }
 
     /// The tensor the last [`Preprocessor::run`] wrote, copied to the host (waits for it).
@@ -446,6 +496,62 @@ pub struct PreprocessTiming {
     pub kernel_ms: f64,
 }
 
+/// A frame's description as the kernels take it (their `PREPROCESS_ARGS` after the bytes).
+struct FrameArgs {
+    format: i32,
+    width: i32,
+    height: i32,
+    strides: [i32; 3],
+    offsets: [i64; 2],
+}
+
+impl FrameArgs {
+    fn of(frame: &RawFrame) -> Result<Self, GpuError> {
+        let strides = &frame.layout.strides;
+        Ok(Self {
+            format: kernels::format_code(frame.format),
+            width: kernel_int("frame width", frame.width)?,
+            height: kernel_int("frame height", frame.height)?,
+            strides: [
+                kernel_int("stride", strides[0])?,
+                kernel_int("stride", strides[1])?,
+                kernel_int("stride", strides[2])?,
+            ],
+            offsets: [
+                kernel_int64("plane offset", frame.layout.offsets[1])?,
+                kernel_int64("plane offset", frame.layout.offsets[2])?,
+            ],
+        })
+    }
+
+    /// Pushes the frame's bytes and this description, in the kernels' argument order.
+    fn push<'a>(&'a self, launch: &mut LaunchArgs<'a>, bytes: &'a CudaSlice<u8>) {
+        launch
+            .arg(bytes)
+            .arg(&self.format)
+            .arg(&self.width)
+            .arg(&self.height)
+            .arg(&self.strides[0])
+            .arg(&self.strides[1])
+            .arg(&self.strides[2])
+            .arg(&self.offsets[0])
+            .arg(&self.offsets[1]);
+    }
+}
+
+/// One 16×16 block per 16×16 pixels of a `width`×`height` image (one thread per pixel).
+fn pixel_grid(width: usize, height: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((width as u32).div_ceil(16), (height as u32).div_ceil(16), 1),
+        block_dim: (16, 16, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn kernel_int64(what: &'static str, value: usize) -> Result<i64, GpuError> {
+    i64::try_from(value).map_err(|_| GpuError::TooLarge { what, value })
+}
+
 /// Where in a batch an image goes.
 #[derive(Debug, Clone, Copy)]
 pub struct Slot {
@@ -460,6 +566,31 @@ pub struct Staging {
     pinned: Option<PinnedHostSlice<u8>>,
     frame: Option<CudaSlice<u8>>,
     out: Option<CudaSlice<f32>>,
+    /// The overlay's anomaly map, blended frame and mask.
+    map: Option<CudaSlice<f32>>,
+    heat: Option<CudaSlice<u8>>,
+    mask: Option<CudaSlice<u8>>,
+}
+
+/// `slot` holding a device buffer of exactly `len` elements: the one there when it has that length,
+/// else a new one (a camera's sizes do not change, so this allocates once per size).
+fn reuse<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    slot: &'a mut Option<CudaSlice<T>>,
+    len: usize,
+    stream: &Arc<CudaStream>,
+) -> Result<&'a mut CudaSlice<T>, GpuError> {
+    if slot.as_ref().is_none_or(|buffer| buffer.len() != len) {
+        *slot = None;
+        *slot = Some(
+            stream
+                .alloc_zeros::<T>(len)
+                .map_err(driver_error("cuMemAlloc"))?,
+        );
+    }
+    slot.as_mut().ok_or_else(|| GpuError::Driver {
+        call: "cuMemAlloc",
+        message: "no buffer after allocation".into(),
+    })
 }
 
 impl Staging {
@@ -492,6 +623,96 @@ mod tests {
         mean: [0.485, 0.456, 0.406],
         std: [0.229, 0.224, 0.225],
     };
+
+    /// `len` xorshift bytes.
+    fn random_bytes(state: &mut u64, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                *state ^= *state << 13;
+                *state ^= *state >> 7;
+                *state ^= *state << 17;
+                (*state >> 24) as u8
+            })
+            .collect()
+    }
+
+    /// The overlay kernel against `overlay::heat::blend` on every format, with maps smaller than,
+    /// equal to and larger than the frame.
+    #[test]
+    fn overlay_kernel_matches_the_cpu_twin_on_every_format() {
+        let Some(gpu) = preprocessor_or_skip("overlay_kernel_matches_the_cpu_twin_on_every_format")
+        else {
+            return;
+        };
+        let calibration = Calibration {
+            threshold: 0.5,
+            floor: 0.1,
+            method: "test".into(),
+            n_images: 1,
+            good_median: 0.2,
+        };
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut staging = Staging::default();
+        for (width, height, map_size) in [
+            (640, 480, [256, 256]),
+            (37, 23, [64, 48]),
+            (1920, 1080, [256, 256]),
+        ] {
+            let rgb = RgbFrame {
+                width,
+                height,
+                pixels: random_bytes(&mut state, width * height * 3),
+            };
+            let map: Vec<f32> = random_bytes(&mut state, map_size[0] * map_size[1])
+                .into_iter()
+                .map(|b| b as f32 / 255.0)
+                .collect();
+            for format in PixelFormat::ALL {
+                let (layout, data) = raw::encode(&rgb, format, 64);
+                let frame = match RawFrame::new(format, width, height, layout, &data) {
+                    Ok(frame) => frame,
+                    Err(e) => panic!("{e}"),
+                };
+                let expected =
+                    match crate::overlay::heat::blend(&frame, &map, map_size, &calibration) {
+                        Ok(heat) => heat,
+                        Err(e) => panic!("{e}"),
+                    };
+                let got = gpu
+                    .run(&mut staging, &frame, [64, 64], &IMAGENET)
+                    .and_then(|()| gpu.overlay(&mut staging, &frame, &map, map_size, &calibration));
+                let got = match got {
+                    Ok(heat) => heat,
+                    Err(e) => panic!("{format}: {e}"),
+                };
+                let max_diff = got
+                    .pixels
+                    .iter()
+                    .zip(&expected.pixels)
+                    .map(|(a, b)| a.abs_diff(*b))
+                    .max()
+                    .unwrap_or(0);
+                let mask_flips = got
+                    .mask
+                    .iter()
+                    .zip(&expected.mask)
+                    .filter(|(a, b)| a != b)
+                    .count();
+                let anomalous = expected.mask.iter().filter(|&&m| m > 0).count();
+                eprintln!(
+                    "overlay {format} {width}x{height}, map {map_size:?}: max pixel diff {max_diff}, \
+                     mask flips {mask_flips} of {} ({anomalous} anomalous)",
+                    width * height
+                );
+                assert_eq!(got.pixels.len(), expected.pixels.len());
+                assert!(anomalous > 0 && anomalous < width * height);
+                assert!(
+                    max_diff <= 1 && mask_flips == 0,
+                    "{format} {width}x{height}"
+                );
+            }
+        }
+    }
 
     /// The kernels loaded on device 0, or `None` (a printed skip) when there is no CUDA driver.
     fn preprocessor_or_skip(test: &str) -> Option<Preprocessor> {
@@ -542,7 +763,11 @@ mod tests {
             "NVRTC compiled the preprocessing kernels: {} bytes of PTX",
             ptx.len()
         );
-        for kernel in [kernels::PREPROCESS_F32, kernels::PREPROCESS_F16] {
+        for kernel in [
+            kernels::PREPROCESS_F32,
+            kernels::PREPROCESS_F16,
+            kernels::OVERLAY_RGB,
+        ] {
             assert!(
                 ptx.contains(&format!(".entry {kernel}")),
                 "{kernel} missing"
@@ -603,14 +828,7 @@ mod tests {
         let mut random_frame = |width: usize, height: usize| RgbFrame {
             width,
             height,
-            pixels: (0..width * height * 3)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    (state >> 24) as u8
-                })
-                .collect(),
+            pixels: random_bytes(&mut state, width * height * 3),
         };
         let mut staging = Staging::default();
         for (width, height, size) in [
@@ -676,6 +894,51 @@ mod tests {
             let got = gpu.to_chw(&frame, [256, 256], &norm);
             let max_diff = diff_to_cpu(got, &frame, [256, 256], &norm);
             assert!(max_diff <= 1e-3, "{format}: {max_diff}");
+
+            // The overlay: a 256x256 map blended over the frame uploaded above, results on the
+            // host, against the plain-Rust twin on this CPU (one thread).
+            let map: Vec<f32> = (0..256 * 256).map(|i| (i % 97) as f32 / 96.0).collect();
+            let calibration = Calibration {
+                threshold: 0.5,
+                floor: 0.1,
+                method: "timing".into(),
+                n_images: 1,
+                good_median: 0.2,
+            };
+            let mut staging = Staging::default();
+            if let Err(e) = gpu.run(&mut staging, &frame, [256, 256], &norm) {
+                panic!("{e}");
+            }
+            let mut overlay_ms = Vec::new();
+            let mut last = None;
+            for _ in 0..100 {
+                let started = std::time::Instant::now();
+                match gpu.overlay(&mut staging, &frame, &map, [256, 256], &calibration) {
+                    Ok(heat) => last = Some(heat),
+                    Err(e) => panic!("{e}"),
+                }
+                overlay_ms.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+            overlay_ms.sort_by(f64::total_cmp);
+            let mut cpu_ms = Vec::new();
+            let mut twin = None;
+            for _ in 0..3 {
+                let started = std::time::Instant::now();
+                twin = crate::overlay::heat::blend(&frame, &map, [256, 256], &calibration).ok();
+                cpu_ms.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+            cpu_ms.sort_by(f64::total_cmp);
+            eprintln!(
+                "GPU overlay {format} {width}x{height}: {:.3} ms/frame with map upload and results \
+                 download (median of 100); CPU twin {:.1} ms",
+                overlay_ms[overlay_ms.len() / 2],
+                cpu_ms[1]
+            );
+            let masks = (last.map(|heat| heat.mask), twin.map(|heat| heat.mask));
+            assert!(
+                masks.0.is_some() && masks.0 == masks.1,
+                "{format}: the GPU overlay's mask differs from the twin's"
+            );
         }
     }
 }

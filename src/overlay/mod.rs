@@ -1,6 +1,7 @@
 //! Drawing anomaly maps onto images: the JET colour map, alpha blending of normalised maps, region
 //! outlines and captions. Pure pixel work on RGB buffers; no I/O.
 
+pub mod heat;
 pub mod live;
 pub mod text;
 
