@@ -9,7 +9,10 @@
 #      GPU path (frames preprocessed on the GPU, read by the engine on the device) for 640x480 RGB
 #      and 1080p NV12 frames, whose maps must match the host path's within 1e-3;
 #   4. `stpm eval` of one small category on the CPU and on the GPU: the saved anomaly maps compared
-#      (max abs and max relative error) and both AUROCs.
+#      (max abs and max relative error) and both AUROCs;
+#   5. `stpm run` on generated conveyor frames (recording on, no RTSP/MQTT) with the engine on
+#      CUDA (preprocessing and overlay on the GPU) and on the CPU: analysed frames/s and mean time
+#      per stage from /metrics (STPM_GPU_RUN_BUNDLE, STPM_GPU_RUN_FRAMES to change bundle, frames).
 #
 # Binaries: built here with cargo (`--features gpu`), or, with STPM_PREBUILT=DIR, DIR/stpm and
 # DIR/stpm-lib-tests (the lib test binary of `cargo test --release --features gpu --lib --no-run`).
@@ -168,6 +171,65 @@ print(f"{'cuda vs cpu anomaly maps: images, max abs, max rel (to map max)':<58} 
 if count == 0:
     sys.exit("no maps compared")
 EOF
+fi
+
+echo "== 5. the live pipeline on the GPU"
+# Generated conveyor frames as fast as the pipeline takes them (no RTSP, no MQTT), recording on,
+# once with the engine on CUDA (preprocessing and overlay on the GPU too) and once on the CPU.
+cat >"$work/run.toml" <<EOF
+[model]
+bundle = "${STPM_GPU_RUN_BUNDLE:-$bundle}"
+[[camera]]
+name = "line1"
+source = "test://conveyor?frames=${STPM_GPU_RUN_FRAMES:-2000}"
+realtime = false
+[output.record]
+enabled = true
+dir = "$work/recordings"
+[output.rtsp]
+enabled = false
+[http]
+enabled = true
+bind = "127.0.0.1:9097"
+EOF
+for provider in cuda cpu; do
+    started=$(date +%s.%N)
+    "$stpm" run --pipeline "$work/run.toml" --set "model.provider=$provider" \
+        >"$out/run-$provider.log" 2>&1 &
+    pid=$!
+    : >"$out/metrics-$provider.txt"
+    while kill -0 "$pid" 2>/dev/null; do  # the last scrape before the run ends
+        python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9097/metrics').read().decode())" \
+            2>/dev/null | grep -E '^stpm_stage_seconds_(sum|count)' >"$out/scrape.txt" \
+            && cp "$out/scrape.txt" "$out/metrics-$provider.txt"
+        sleep 0.5
+    done
+    wait "$pid"
+    status=$?
+    ended=$(date +%s.%N)
+    grep -E "GPU|on the CPU|analysed/s|^camera|error|failed" "$out/run-$provider.log" | tail -6
+    if [[ $status -ne 0 ]]; then
+        fail "stpm run on $provider exited $status: $(tail -1 "$out/run-$provider.log")"
+        continue
+    fi
+    row "stpm run $provider: $(grep -o '^camera line1: [0-9]* frames, [0-9]* analysed' \
+        "$out/run-$provider.log" | cut -d: -f2)" \
+        "$(grep -o '[0-9.]* analysed/s' "$out/run-$provider.log" | tail -2 | head -1) (wall $(python3 -c "print(round($ended - $started, 1))") s)"
+    python3 - "$out/metrics-$provider.txt" "$provider" >>"$summary" <<'EOF'
+import re, sys
+sums, counts = {}, {}
+for line in open(sys.argv[1]):
+    m = re.match(r'stpm_stage_seconds_(sum|count)\{[^}]*stage="([a-z_]+)"[^}]*\} ([0-9.e+-]+)', line)
+    if m:
+        (sums if m[1] == "sum" else counts)[m[2]] = float(m[3])
+stages = ", ".join(f"{s} {1e3 * sums[s] / counts[s]:.2f}" for s in sums if counts.get(s))
+print(f"{'stpm run ' + sys.argv[2] + ': mean ms per stage':<58} {stages or 'no metrics read'}")
+EOF
+done
+if grep -q "preprocessing and overlay on the GPU" "$out/run-cuda.log"; then
+    row "stpm run cuda: GPU stage" "preprocessing and overlay on the GPU"
+else
+    fail "stpm run on cuda did not use the GPU stage: $(grep -m1 'GPU' "$out/run-cuda.log")"
 fi
 
 echo

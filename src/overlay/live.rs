@@ -59,9 +59,47 @@ pub fn annotate(
     let mut blended = Mat::default();
     core::add_weighted_def(&image, 0.4, &heat, 0.6, 0.0, &mut blended)?;
     blended.copy_to_masked(&mut image, &mask)?;
+    decorate(image, &mask, calibration, raw_score, caption)
+}
+
+/// The rest of the overlay on a frame whose heatmap is already blended (here, or on the GPU by
+/// `overlay::heat`): outlines and boxes of `mask`'s regions (255 = anomalous, one byte per
+/// pixel) and the caption. `pixels` is packed RGB of `width`×`height`.
+pub fn decorate_rgb(
+    pixels: &[u8],
+    mask: &[u8],
+    width: usize,
+    height: usize,
+    calibration: &Calibration,
+    raw_score: f32,
+    caption: &Caption,
+) -> Result<(Vec<u8>, Vec<[i32; 4]>), OverlayError> {
+    if pixels.len() != width * height * 3 || mask.len() != width * height {
+        return Err(OverlayError(format!(
+            "{} pixel bytes and a mask of {} for a {width}×{height} frame",
+            pixels.len(),
+            mask.len()
+        )));
+    }
+    let (w, h) = (width as i32, height as i32);
+    let mut image = Mat::new_rows_cols_with_default(h, w, core::CV_8UC3, Scalar::all(0.0))?;
+    image.data_bytes_mut()?.copy_from_slice(pixels);
+    let mut mask_mat = Mat::new_rows_cols_with_default(h, w, core::CV_8UC1, Scalar::all(0.0))?;
+    mask_mat.data_bytes_mut()?.copy_from_slice(mask);
+    decorate(image, &mask_mat, calibration, raw_score, caption)
+}
+
+fn decorate(
+    mut image: Mat,
+    mask: &Mat,
+    calibration: &Calibration,
+    raw_score: f32,
+    caption: &Caption,
+) -> Result<(Vec<u8>, Vec<[i32; 4]>), OverlayError> {
+    let h = image.rows();
     let mut contours = Vector::<Vector<Point>>::new();
     imgproc::find_contours_def(
-        &mask,
+        mask,
         &mut contours,
         imgproc::RETR_EXTERNAL,
         imgproc::CHAIN_APPROX_SIMPLE,
@@ -185,6 +223,70 @@ mod tests {
             .flat_map(|y| (0..100).map(move |x| (x, y)))
             .any(|(x, y)| at(x, y)[0] > 200);
         assert!(bright, "caption text");
+    }
+
+    /// The GPU path's overlay (heatmap blended by `overlay::heat`, whose GPU kernel equals it, then
+    /// `decorate_rgb`) draws what `annotate` draws: same boxes, colours within a JET rounding step.
+    #[test]
+    fn blend_then_decorate_matches_annotate() {
+        use crate::preprocess::raw::{PixelFormat, PlaneLayout, RawFrame};
+        let (w, h) = (120usize, 90usize);
+        let frame = RgbFrame {
+            width: w,
+            height: h,
+            pixels: (0..w * h * 3).map(|i| (i % 200) as u8).collect(),
+        };
+        let map: Vec<f32> = (0..w * h)
+            .map(|i| {
+                let (x, y) = (i % w, i / w);
+                if (30..70).contains(&x) && (20..50).contains(&y) {
+                    1.0 + (x as f32 - 30.0) / 40.0
+                } else {
+                    0.2
+                }
+            })
+            .collect();
+        let caption = Caption {
+            camera: "line1",
+            fps: 0.0,
+        };
+        let (expected, expected_boxes) =
+            annotate(&frame, &map, &calibration(), 1.5, &caption).expect("annotate");
+        let layout = PlaneLayout::packed(PixelFormat::Rgb, w, h);
+        let raw = RawFrame::new(PixelFormat::Rgb, w, h, layout, &frame.pixels).expect("frame");
+        let heat = crate::overlay::heat::blend(&raw, &map, [h, w], &calibration()).expect("blend");
+        let (got, boxes) = decorate_rgb(
+            &heat.pixels,
+            &heat.mask,
+            w,
+            h,
+            &calibration(),
+            1.5,
+            &caption,
+        )
+        .expect("decorate");
+        assert_eq!(boxes, expected_boxes);
+        assert_eq!(boxes.len(), 1);
+        let worst = got
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap_or(0);
+        assert!(worst <= 3, "largest channel difference {worst}");
+        let message = decorate_rgb(
+            &heat.pixels,
+            &heat.mask[1..],
+            w,
+            h,
+            &calibration(),
+            1.5,
+            &caption,
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(message.contains("120×90"), "{message}");
     }
 
     #[test]

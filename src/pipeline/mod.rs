@@ -5,6 +5,8 @@
 
 pub mod config;
 pub mod conveyor;
+#[cfg(feature = "gpu")]
+mod gpu;
 pub mod http;
 pub mod live;
 pub mod metrics;
@@ -23,9 +25,11 @@ use crate::alerts::{
     ZoneMask,
 };
 use crate::bundle::{Bundle, BundleError, Manifest};
-use crate::engine::{Engine, EngineError, EngineOptions, ExecutionProvider, ProviderRequest};
+use crate::engine::{
+    Engine, EngineError, EngineOptions, ExecutionProvider, ProviderRequest, Scores,
+};
 use crate::overlay;
-use crate::preprocess;
+use crate::preprocess::{self, RgbFrame};
 use config::{CameraConfig, PipelineConfig, RecordConfig, SourceUri};
 use live::{CameraOutputs, LiveError, LiveOutputs};
 use metrics::{CameraState, Stage};
@@ -203,6 +207,21 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
             queue,
             publisher: mqtt.as_ref().map(|(_, handle)| handle.clone()),
             live: live.camera(index, &camera.name),
+            #[cfg(feature = "gpu")]
+            gpu: match gpu::GpuStage::for_provider(provider) {
+                None => None,
+                Some(Ok(stage)) => {
+                    eprintln!("[{}] preprocessing and overlay on the GPU", camera.name);
+                    Some(stage)
+                }
+                Some(Err(e)) => {
+                    eprintln!(
+                        "[{}] GPU kernels unavailable ({e}): preprocessing and overlay on the CPU",
+                        camera.name
+                    );
+                    None
+                }
+            },
         };
         workers.push(
             std::thread::Builder::new()
@@ -297,6 +316,9 @@ struct Worker {
     publisher: Option<PublisherHandle>,
     /// Metrics and the RTSP feed.
     live: CameraOutputs,
+    /// Preprocessing and overlay on the GPU, when the engine runs there.
+    #[cfg(feature = "gpu")]
+    gpu: Option<gpu::GpuStage>,
 }
 
 /// What the worker keeps between frames.
@@ -485,17 +507,21 @@ impl Worker {
         let frame = &captured.frame;
         let size = self.manifest.model.input_size;
         let started = Instant::now();
-        let input = preprocess::to_chw(frame, size, &self.manifest.normalisation);
+        let host_input = (!self.preprocess_on_gpu(frame))
+            .then(|| preprocess::to_chw(frame, size, &self.manifest.normalisation));
         self.live
             .metrics
             .stage(Stage::Preprocess, started.elapsed());
         let tick = Instant::now();
-        let scored = {
-            let mut engine = self
-                .engine
-                .lock()
-                .map_err(|_| "the engine lock is poisoned".to_string())?;
-            engine.run(&input, 1).map_err(|e| e.to_string())?
+        let scored = match host_input {
+            Some(input) => {
+                let mut engine = self
+                    .engine
+                    .lock()
+                    .map_err(|_| "the engine lock is poisoned".to_string())?;
+                engine.run(&input, 1).map_err(|e| e.to_string())?
+            }
+            None => self.infer_on_gpu()?,
         };
         let inference = tick.elapsed();
         state.stats.inference += inference;
@@ -505,7 +531,8 @@ impl Worker {
         state.stats.analysed += 1;
         state.analysed_since_report += 1;
         state.last_analysed = Some(captured.pts);
-        let calibration = &self.manifest.calibration;
+        let manifest = Arc::clone(&self.manifest);
+        let calibration = &manifest.calibration;
         let raw_score = scored.scores.first().copied().unwrap_or(0.0);
         state.last_score = calibration.normalise(raw_score);
         let normalised: Vec<f32> = scored
@@ -517,25 +544,121 @@ impl Worker {
             Ok(summary) => self.tracker.observe(t, &summary),
             Err(_) => Vec::new(),
         };
-        let raw_map = preprocess::resize_plane(&scored.maps, size, [frame.height, frame.width]);
+        let camera = self.camera.name.clone();
         let caption = overlay::live::Caption {
-            camera: &self.camera.name,
+            camera: &camera,
             fps: state.fps,
         };
-        let pixels =
-            match overlay::live::annotate(frame, &raw_map, calibration, raw_score, &caption) {
-                Ok((pixels, _boxes)) => pixels,
-                Err(e) => {
-                    // The plain-Rust overlay still shows the operator the heatmap and the score.
-                    eprintln!("[{}] {e}", self.camera.name);
-                    overlay::annotate(frame, &raw_map, None, calibration, raw_score)
+        let pixels = match self.overlay_on_gpu(frame, &scored.maps, raw_score, &caption) {
+            Some(pixels) => pixels,
+            None => {
+                let raw_map =
+                    preprocess::resize_plane(&scored.maps, size, [frame.height, frame.width]);
+                match overlay::live::annotate(frame, &raw_map, calibration, raw_score, &caption) {
+                    Ok((pixels, _boxes)) => pixels,
+                    Err(e) => {
+                        // The plain-Rust overlay still shows the operator the heatmap and the score.
+                        eprintln!("[{}] {e}", self.camera.name);
+                        overlay::annotate(frame, &raw_map, None, calibration, raw_score)
+                    }
                 }
-            };
+            }
+        };
         self.emit(state, events, Some((&pixels, frame.width, frame.height)));
         self.live
             .metrics
             .stage(Stage::Overlay, overlay_started.elapsed());
         Ok(pixels)
+    }
+
+    /// Preprocesses `frame` on the GPU when this camera has a GPU stage; false means the host
+    /// path does it. A GPU failure is reported once and hands the camera to the host path.
+    #[cfg(feature = "gpu")]
+    fn preprocess_on_gpu(&mut self, frame: &RgbFrame) -> bool {
+        let Some(stage) = self.gpu.as_mut() else {
+            return false;
+        };
+        match stage.preprocess(frame, &self.manifest) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!(
+                    "[{}] GPU preprocessing failed ({e}); this camera continues on the CPU",
+                    self.camera.name
+                );
+                self.gpu = None;
+                false
+            }
+        }
+    }
+
+    #[cfg(not(feature = "gpu"))]
+    fn preprocess_on_gpu(&mut self, _frame: &RgbFrame) -> bool {
+        false
+    }
+
+    /// Inference on the input the GPU stage left on the device.
+    #[cfg(feature = "gpu")]
+    fn infer_on_gpu(&self) -> Result<Scores, String> {
+        match &self.gpu {
+            Some(stage) => stage.infer(&self.engine),
+            None => Err("no GPU stage for this camera".into()),
+        }
+    }
+
+    #[cfg(not(feature = "gpu"))]
+    fn infer_on_gpu(&self) -> Result<Scores, String> {
+        Err("this build has no GPU path".into())
+    }
+
+    /// The annotated frame from the GPU overlay (heatmap and mask on the GPU, outlines, boxes and
+    /// caption here), or `None` for the host overlay.
+    #[cfg(feature = "gpu")]
+    fn overlay_on_gpu(
+        &mut self,
+        frame: &RgbFrame,
+        map: &[f32],
+        raw_score: f32,
+        caption: &overlay::live::Caption,
+    ) -> Option<Vec<u8>> {
+        let stage = self.gpu.as_mut()?;
+        let calibration = &self.manifest.calibration;
+        let heat = stage
+            .heat(frame, map, self.manifest.model.input_size, calibration)
+            .map_err(|e| e.to_string())
+            .and_then(|heat| {
+                overlay::live::decorate_rgb(
+                    &heat.pixels,
+                    &heat.mask,
+                    frame.width,
+                    frame.height,
+                    calibration,
+                    raw_score,
+                    caption,
+                )
+                .map_err(|e| e.to_string())
+            });
+        match heat {
+            Ok((pixels, _boxes)) => Some(pixels),
+            Err(e) => {
+                eprintln!(
+                    "[{}] GPU overlay failed ({e}); this camera continues on the CPU",
+                    self.camera.name
+                );
+                self.gpu = None;
+                None
+            }
+        }
+    }
+
+    #[cfg(not(feature = "gpu"))]
+    fn overlay_on_gpu(
+        &mut self,
+        _frame: &RgbFrame,
+        _map: &[f32],
+        _raw_score: f32,
+        _caption: &overlay::live::Caption,
+    ) -> Option<Vec<u8>> {
+        None
     }
 
     fn write_recording(&self, state: &mut WorkerState, captured: &Captured, pixels: &[u8]) {

@@ -1,0 +1,96 @@
+//! A camera's analysis on the GPU (the `gpu` feature, engine on CUDA or TensorRT): each frame is
+//! uploaded once; the preprocessing kernel writes the model input on the device, where the engine
+//! reads it, and the overlay kernel blends the heatmap and makes the anomaly mask from the same
+//! uploaded frame. Outlines, boxes and the caption are drawn on the host (`overlay::live`).
+
+use std::sync::Mutex;
+
+use crate::bundle::{Calibration, Manifest};
+use crate::engine::{Engine, ExecutionProvider, Scores};
+use crate::gpu::{GpuContext, GpuError, Preprocessor, Staging};
+use crate::overlay::heat::Heat;
+use crate::preprocess::RgbFrame;
+use crate::preprocess::raw::{PixelFormat, PlaneLayout, RawFrame};
+
+/// One camera's kernels and buffers.
+pub(super) struct GpuStage {
+    kernels: Preprocessor,
+    staging: Staging,
+}
+
+impl GpuStage {
+    /// The GPU stage for a camera whose engine runs on `provider`: `None` on the CPU, else the
+    /// kernels, or the reason they cannot be used (the camera then runs on the host path).
+    pub(super) fn for_provider(provider: ExecutionProvider) -> Option<Result<Self, GpuError>> {
+        (provider != ExecutionProvider::Cpu).then(|| {
+            let kernels = GpuContext::try_new().and_then(|gpu| Preprocessor::new(&gpu))?;
+            Ok(Self {
+                kernels,
+                staging: Staging::default(),
+            })
+        })
+    }
+
+    /// Uploads `frame` and preprocesses it into the model input on the device (waits for it, so
+    /// the preprocessing stage's time is its own).
+    pub(super) fn preprocess(
+        &mut self,
+        frame: &RgbFrame,
+        manifest: &Manifest,
+    ) -> Result<(), GpuError> {
+        let raw = raw_rgb(frame)?;
+        let size = manifest.model.input_size;
+        self.kernels
+            .run(&mut self.staging, &raw, size, &manifest.normalisation)?;
+        self.kernels
+            .stream()
+            .synchronize()
+            .map_err(|e| GpuError::Driver {
+                call: "cuStreamSynchronize",
+                message: e.to_string(),
+            })
+    }
+
+    /// Runs the engine on the input [`GpuStage::preprocess`] left on the device.
+    pub(super) fn infer(&self, engine: &Mutex<Engine>) -> Result<Scores, String> {
+        let input = self
+            .staging
+            .output()
+            .ok_or_else(|| "no preprocessed input on the GPU".to_string())?;
+        let mut engine = engine
+            .lock()
+            .map_err(|_| "the engine lock is poisoned".to_string())?;
+        engine
+            .run_device(input, self.kernels.stream(), 1)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The heatmap blended over the frame uploaded by [`GpuStage::preprocess`], and its mask.
+    pub(super) fn heat(
+        &mut self,
+        frame: &RgbFrame,
+        map: &[f32],
+        map_size: [usize; 2],
+        calibration: &Calibration,
+    ) -> Result<Heat, GpuError> {
+        let raw = raw_rgb(frame)?;
+        self.kernels
+            .overlay(&mut self.staging, &raw, map, map_size, calibration)
+    }
+}
+
+/// `frame`'s packed RGB pixels as the kernels read them.
+fn raw_rgb(frame: &RgbFrame) -> Result<RawFrame<'_>, GpuError> {
+    let layout = PlaneLayout::packed(PixelFormat::Rgb, frame.width, frame.height);
+    RawFrame::new(
+        PixelFormat::Rgb,
+        frame.width,
+        frame.height,
+        layout,
+        &frame.pixels,
+    )
+    .map_err(|e| GpuError::Driver {
+        call: "frame layout",
+        message: e.to_string(),
+    })
+}
