@@ -1,7 +1,10 @@
 //! `stpm bench`: throughput and latency of a bundle on this machine, stage by stage (preprocess,
 //! inference, overlay) on a synthetic 640×480 frame, against a plain ONNX Runtime session with
 //! default options on the same `model.onnx` (the way an exported model is usually run), so every
-//! report carries our/baseline as a ratio. Measures; never changes the bundle.
+//! report carries our/baseline as a ratio. Measures; never changes the bundle. `pipeline`: the
+//! same questions asked of the whole `stpm run` path on a file.
+
+pub mod pipeline;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -22,6 +25,19 @@ pub enum BenchError {
     Engine(#[from] EngineError),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error(transparent)]
+    Config(#[from] crate::pipeline::config::ConfigError),
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+    #[error("{0}")]
+    Source(String),
+    #[error("the benchmarked pipeline failed: {0}")]
+    Run(String),
+    #[error("cannot create the bench's scratch folder {path}: {source}")]
+    Scratch {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What to measure.
@@ -38,8 +54,10 @@ pub struct BenchOptions {
 }
 
 /// Latency distribution of one stage, in milliseconds per call.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct StageStats {
+    /// Samples (calls or frames).
+    pub count: usize,
     pub p50_ms: f64,
     pub p95_ms: f64,
     pub p99_ms: f64,
@@ -56,6 +74,7 @@ impl StageStats {
         };
         let mean = samples.iter().map(|&d| ms(d)).sum::<f64>() / samples.len().max(1) as f64;
         Self {
+            count: samples.len(),
             p50_ms: at(0.5),
             p95_ms: at(0.95),
             p99_ms: at(0.99),

@@ -82,6 +82,26 @@ pub struct CameraStats {
     pub recording: Option<PathBuf>,
     /// Problems that did not stop the run (recording failures).
     pub errors: Vec<String>,
+    /// Every frame's stage durations, when [`RunOptions::keep_samples`] asked for them.
+    pub samples: Option<metrics::StageSamples>,
+}
+
+/// How `run` reports, beyond what the pipeline file says.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    /// Keep every frame's stage durations (for `stpm bench`) in [`CameraStats::samples`].
+    pub keep_samples: bool,
+    /// Print alert events as `alert {…}` lines on stdout (`stpm bench` keeps stdout for its report).
+    pub print_alerts: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            keep_samples: false,
+            print_alerts: true,
+        }
+    }
 }
 
 /// The outcome of `run`.
@@ -89,6 +109,8 @@ pub struct CameraStats {
 pub struct RunSummary {
     /// The execution provider the engine ran on.
     pub provider: ExecutionProvider,
+    /// Why that provider (what `auto` found missing, for example).
+    pub provider_reason: String,
     pub cameras: Vec<CameraStats>,
 }
 
@@ -114,12 +136,21 @@ fn unix_now() -> f64 {
 /// Runs every camera until all have ended (non-looping files) or `stop` is set; recordings are
 /// finished before it returns.
 pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary, PipelineError> {
+    run_with(config, stop, RunOptions::default())
+}
+
+/// [`run`] with reporting options.
+pub fn run_with(
+    config: &PipelineConfig,
+    stop: Arc<AtomicBool>,
+    options: RunOptions,
+) -> Result<RunSummary, PipelineError> {
     // Fails fast (before the bundle is read) on a provider this build or machine cannot run.
     let request: ProviderRequest = config.model.provider.parse()?;
     crate::engine::resolve_provider(request)?;
     let bundle = Bundle::open(&config.model.bundle)?;
     let manifest = Arc::new(bundle.manifest.clone());
-    let engine = Engine::open(
+    let mut engine = Engine::open(
         &bundle.model_path(),
         manifest.model.input_size,
         EngineOptions {
@@ -129,6 +160,8 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
         },
     )?;
     let provider = engine.provider();
+    let provider_reason = engine.provider_choice().reason.clone();
+    warm_up(&mut engine, &manifest)?;
     eprintln!(
         "engine: ONNX Runtime, provider {provider} ({}); model {} ({}, {}×{})",
         engine.provider_choice().reason,
@@ -203,7 +236,11 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
             queue,
             publisher: mqtt.as_ref().map(|(_, handle)| handle.clone()),
             live: live.camera(index, &camera.name),
+            print_alerts: options.print_alerts,
         };
+        if options.keep_samples {
+            worker.live.metrics.keep_samples();
+        }
         workers.push(
             std::thread::Builder::new()
                 .name(format!("worker-{}", camera.name))
@@ -230,7 +267,24 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
         runtime.shutdown_timeout(Duration::from_secs(1));
     }
     live.stop();
-    Ok(RunSummary { provider, cameras })
+    Ok(RunSummary {
+        provider,
+        provider_reason,
+        cameras,
+    })
+}
+
+/// One call on a mid-grey frame, so that ONNX Runtime's first-call set-up does not land on the
+/// first camera frame.
+fn warm_up(engine: &mut Engine, manifest: &Manifest) -> Result<(), EngineError> {
+    let [h, w] = manifest.model.input_size;
+    let grey = preprocess::RgbFrame {
+        width: w,
+        height: h,
+        pixels: vec![128; w * h * 3],
+    };
+    let input = preprocess::to_chw(&grey, [h, w], &manifest.normalisation);
+    engine.run(&input, 1).map(|_| ())
 }
 
 /// Starts the MQTT publisher on its own small tokio runtime, with the spool of `[alerts]`.
@@ -297,6 +351,8 @@ struct Worker {
     publisher: Option<PublisherHandle>,
     /// Metrics and the RTSP feed.
     live: CameraOutputs,
+    /// Print alert events on stdout.
+    print_alerts: bool,
 }
 
 /// What the worker keeps between frames.
@@ -361,6 +417,8 @@ impl Worker {
                 Err(message) => state.stats.errors.push(message),
             }
         }
+        // After the recorder has finished, every encoded frame has been timed.
+        state.stats.samples = self.live.metrics.take_samples();
         state.stats
     }
 
@@ -405,7 +463,8 @@ impl Worker {
             state.stats.alerts += 1;
             self.live.metrics.alert();
             match serde_json::to_string(&event) {
-                Ok(json) => println!("alert {json}"),
+                Ok(json) if self.print_alerts => println!("alert {json}"),
+                Ok(_) => {}
                 Err(e) => eprintln!("[{}] cannot encode an alert: {e}", self.camera.name),
             }
             let Some(publisher) = &self.publisher else {
@@ -436,6 +495,13 @@ impl Worker {
     fn process(&mut self, state: &mut WorkerState, captured: Captured) {
         state.stats.frames += 1;
         self.live.metrics.frame();
+        self.live.metrics.frame_in(captured.arrived);
+        if let Some(decode) = captured.decode {
+            self.live.metrics.stage(Stage::Decode, decode);
+        }
+        self.live
+            .metrics
+            .stage(Stage::Queue, captured.arrived.elapsed());
         let frame = &captured.frame;
         let t = state.epoch + captured.pts.as_secs_f64();
         state.last_t = t;
@@ -545,7 +611,8 @@ impl Worker {
                 .record
                 .dir
                 .join(format!("{}-{}.mkv", self.camera.name, state.epoch as u64));
-            match Recorder::create(&path, (frame.width, frame.height), captured.fps) {
+            let timing = Some(Arc::clone(&self.live.metrics));
+            match Recorder::create(&path, (frame.width, frame.height), captured.fps, timing) {
                 Ok(recorder) => {
                     eprintln!("[{}] recording to {}", self.camera.name, path.display());
                     state.recorder = Some(recorder);
@@ -557,7 +624,7 @@ impl Worker {
             }
         }
         if let Some(recorder) = state.recorder.as_mut()
-            && let Err(message) = recorder.push(pixels, captured.pts)
+            && let Err(message) = recorder.push(pixels, captured.pts, captured.arrived)
         {
             state.stats.errors.push(message);
             state.recorder = None;
