@@ -183,6 +183,7 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
         EngineOptions {
             threads: options.threads,
             plain: false,
+            sleep_when_idle: false,
             provider: request,
         },
     )?;
@@ -194,6 +195,7 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
         EngineOptions {
             threads: 0,
             plain: true,
+            sleep_when_idle: false,
             provider: ProviderRequest::exactly(provider.provider),
         },
     )?;

@@ -33,8 +33,11 @@ use queue::{FrameQueue, Item};
 use record::Recorder;
 use source::{Captured, SourceSpec};
 
-/// Frames waiting per camera before the oldest is dropped.
+/// Frames waiting per camera before the oldest is dropped (live and real-time sources).
 const QUEUE_FRAMES: usize = 4;
+/// Frames waiting per camera whose source waits for room instead (files and the conveyor with
+/// `realtime = false`): one frame decoded ahead keeps the worker busy, more only add latency.
+const OFFLINE_QUEUE_FRAMES: usize = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -156,6 +159,7 @@ pub fn run_with(
         EngineOptions {
             threads: config.model.threads,
             provider: request,
+            sleep_when_idle: true,
             ..EngineOptions::default()
         },
     )?;
@@ -208,7 +212,12 @@ pub fn run_with(
             camera: camera.name.clone(),
             source: std::io::Error::other(message),
         })?;
-        let queue = Arc::new(FrameQueue::new(QUEUE_FRAMES));
+        let live_source = matches!(uri, SourceUri::Rtsp(_) | SourceUri::V4l2(_));
+        let queue = Arc::new(FrameQueue::new(if camera.realtime || live_source {
+            QUEUE_FRAMES
+        } else {
+            OFFLINE_QUEUE_FRAMES
+        }));
         let spec = SourceSpec {
             camera: camera.name.clone(),
             uri,
