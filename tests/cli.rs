@@ -371,6 +371,8 @@ fn bench_pipeline_times_every_stage_of_the_run_path_on_a_generated_file() {
     assert_eq!(json["frames_dropped"], 0);
     let ratio = number("fps") / number("baseline_fps");
     assert!((number("ratio_vs_baseline") - ratio).abs() < 1e-9, "{json}");
+    let ratio = number("fps") / number("engine_fps");
+    assert!((number("ratio_vs_engine") - ratio).abs() < 1e-9, "{json}");
     assert!(
         json["ratio_meaning"]
             .as_str()

@@ -86,6 +86,15 @@ pub struct PipelineBenchReport {
     /// `fps / baseline_fps`; see `ratio_meaning`.
     pub ratio_vs_baseline: f64,
     pub ratio_meaning: &'static str,
+    /// The plain session's images/s before and after the pipeline (their spread shows how much the
+    /// machine's load changed meanwhile).
+    pub baseline_rounds_fps: [f64; 2],
+    /// Engine only with the pipeline's own session settings (`model.threads`, intra-op threads
+    /// that sleep between calls), rounds before and after: `fps / engine_fps` is what the stages
+    /// around inference cost, apart from session settings.
+    pub engine_fps: f64,
+    pub engine_p50_ms: f64,
+    pub ratio_vs_engine: f64,
     /// `p95_ms / baseline_p50_ms` (target ≤ 2).
     pub p95_vs_engine_median: f64,
     /// The same for `processing` (end to end less the wait in the queue, which in a run as fast
@@ -204,30 +213,22 @@ fn choose_source(
     Ok((path, true))
 }
 
-/// One engine-only round: a fresh plain session, 3 warm-up calls, `frames` timed calls.
-fn baseline_round(
+/// An engine-only round: a fresh session with `options`, 3 warm-up calls, `frames` timed calls.
+fn engine_round(
     bundle: &Bundle,
-    request: ProviderRequest,
+    options: EngineOptions,
     frames: usize,
 ) -> Result<(f64, Vec<Duration>), BenchError> {
     let manifest = &bundle.manifest;
     let size = manifest.model.input_size;
-    let mut plain = Engine::open(
-        &bundle.model_path(),
-        size,
-        EngineOptions {
-            threads: 0,
-            plain: true,
-            sleep_when_idle: false,
-            provider: request,
-        },
-    )?;
+    let mut engine = Engine::open(&bundle.model_path(), size, options)?;
     let frame = Conveyor::new(640, 480, 1).frame(60).frame;
     let input = preprocess::to_chw(&frame, size, &manifest.normalisation);
-    Ok(time_engine(&mut plain, &input, 1, frames)?)
+    Ok(time_engine(&mut engine, &input, 1, frames)?)
 }
 
-/// Runs the benchmark: an engine-only round, the pipeline on the file, another engine-only round.
+/// Runs the benchmark: engine-only rounds (plain session, then the pipeline's session settings),
+/// the pipeline on the file, the engine-only rounds again in reverse order.
 pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchReport, BenchError> {
     if options.frames == 0 {
         return Err(BenchError::Zero("--frames"));
@@ -267,7 +268,15 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
 
     let request: ProviderRequest = config.model.provider.parse()?;
     let bundle = Bundle::open(&config.model.bundle)?;
-    let (fps_before, mut engine_samples) = baseline_round(&bundle, request, options.frames)?;
+    let plain = EngineOptions {
+        threads: 0,
+        plain: true,
+        sleep_when_idle: false,
+        provider: request,
+    };
+    let ours = crate::pipeline::engine_options(&config, request);
+    let (plain_before, mut plain_samples) = engine_round(&bundle, plain, options.frames)?;
+    let (ours_before, mut our_samples) = engine_round(&bundle, ours, options.frames)?;
 
     reset_peak_rss();
     let sampler = CpuSampler::start();
@@ -282,8 +291,10 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
     let cpu_samples = sampler.finish();
     let peak_rss_mb = peak_rss_mb();
 
-    let (fps_after, after) = baseline_round(&bundle, request, options.frames)?;
-    engine_samples.extend(after);
+    let (ours_after, after) = engine_round(&bundle, ours, options.frames)?;
+    our_samples.extend(after);
+    let (plain_after, after) = engine_round(&bundle, plain, options.frames)?;
+    plain_samples.extend(after);
 
     let camera = summary.cameras.into_iter().next().unwrap_or_default();
     if let Some(error) = camera.errors.first() {
@@ -303,8 +314,10 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
     let stages = stage_stats(&samples);
     let end_to_end = stages.get("end_to_end").cloned().unwrap_or_default();
     let fps = encoded as f64 / seconds;
-    let baseline_fps = (fps_before + fps_after) / 2.0;
-    let baseline = StageStats::of(&mut engine_samples);
+    let baseline_fps = (plain_before + plain_after) / 2.0;
+    let baseline = StageStats::of(&mut plain_samples);
+    let engine_fps = (ours_before + ours_after) / 2.0;
+    let engine = StageStats::of(&mut our_samples);
     Ok(PipelineBenchReport {
         mode: "pipeline",
         model: config.model.bundle.display().to_string(),
@@ -328,6 +341,10 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
         baseline_p50_ms: baseline.p50_ms,
         ratio_vs_baseline: fps / baseline_fps.max(1e-9),
         ratio_meaning: RATIO_MEANING,
+        baseline_rounds_fps: [plain_before, plain_after],
+        engine_fps,
+        engine_p50_ms: engine.p50_ms,
+        ratio_vs_engine: fps / engine_fps.max(1e-9),
         p95_vs_engine_median: end_to_end.p95_ms / baseline.p50_ms.max(1e-9),
         processing_p95_vs_engine_median: stages
             .get(PROCESSING)
@@ -372,8 +389,9 @@ pub fn summary(report: &PipelineBenchReport) -> String {
          model {} ({}×{}), provider {}, threads {}\n\
          frames {} in, {} analysed, {} encoded, {} dropped in {:.1} s\n\
          end to end {:>7.1} frames/s  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  (appsink → encoded frame)\n\
-         engine only {:>6.1} images/s  p50 {:.2} ms  (plain ONNX Runtime session, default options)\n\
+         engine only {:>6.1} images/s  p50 {:.2} ms  (plain ONNX Runtime session, default options; rounds {:.1}, {:.1})\n\
          ratio vs baseline {:.3}: {}\n\
+         engine only {:>6.1} images/s  p50 {:.2} ms  (the pipeline's session settings): ratio {:.3}\n\
          p95 end to end / engine median {:.2} (target ≤ 2); without the queue wait {:.2}\n",
         report.pipeline,
         report.camera,
@@ -399,8 +417,13 @@ pub fn summary(report: &PipelineBenchReport) -> String {
         report.p99_ms,
         report.baseline_fps,
         report.baseline_p50_ms,
+        report.baseline_rounds_fps[0],
+        report.baseline_rounds_fps[1],
         report.ratio_vs_baseline,
         report.ratio_meaning,
+        report.engine_fps,
+        report.engine_p50_ms,
+        report.ratio_vs_engine,
         report.p95_vs_engine_median,
         report.processing_p95_vs_engine_median,
     );

@@ -156,12 +156,7 @@ pub fn run_with(
     let mut engine = Engine::open(
         &bundle.model_path(),
         manifest.model.input_size,
-        EngineOptions {
-            threads: config.model.threads,
-            provider: request,
-            sleep_when_idle: true,
-            ..EngineOptions::default()
-        },
+        engine_options(config, request),
     )?;
     let provider = engine.provider();
     let provider_reason = engine.provider_choice().reason.clone();
@@ -281,6 +276,17 @@ pub fn run_with(
         provider_reason,
         cameras,
     })
+}
+
+/// The session settings of a run: `[model]`'s threads, and intra-op threads that sleep between
+/// calls, since decoding, drawing and encoding share the cores.
+pub fn engine_options(config: &PipelineConfig, request: ProviderRequest) -> EngineOptions {
+    EngineOptions {
+        threads: config.model.threads,
+        provider: request,
+        sleep_when_idle: true,
+        ..EngineOptions::default()
+    }
 }
 
 /// One call on a mid-grey frame, so that ONNX Runtime's first-call set-up does not land on the
