@@ -1,8 +1,10 @@
 //! `stpm run`: the live pipeline. Per camera, a capture thread (GStreamer or the generated
-//! conveyor) feeds a bounded queue; a worker preprocesses, runs the shared engine, draws the
-//! overlay, feeds the alert tracker and writes the outputs. GStreamer types stay in `source` and
+//! conveyor) feeds a bounded queue; an analyser (`analyse`) preprocesses and runs the shared
+//! engine; a worker draws the overlay, feeds the alert tracker and writes the outputs, one frame
+//! behind the analyser. GStreamer types stay in `source` and
 //! `record`; this module passes plain frames and owns start-up, shutdown and the run summary.
 
+pub mod analyse;
 pub mod config;
 pub mod conveyor;
 pub mod http;
@@ -23,9 +25,12 @@ use crate::alerts::{
     ZoneMask,
 };
 use crate::bundle::{Bundle, BundleError, Manifest};
-use crate::engine::{Engine, EngineError, EngineOptions, ExecutionProvider, ProviderRequest};
+use crate::engine::{
+    Engine, EngineError, EngineOptions, ExecutionProvider, ProviderRequest, Scores,
+};
 use crate::overlay;
 use crate::preprocess;
+use analyse::{Analysed, Analyser};
 use config::{CameraConfig, PipelineConfig, RecordConfig, SourceUri};
 use live::{CameraOutputs, LiveError, LiveOutputs};
 use metrics::{CameraState, Stage};
@@ -197,6 +202,7 @@ pub fn run_with(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let mut workers = Vec::new();
+    let mut analysers = Vec::new();
     let mut captures = Vec::new();
     for (index, camera) in config.camera.iter().enumerate() {
         let spawn_error = |source| PipelineError::Spawn {
@@ -221,6 +227,26 @@ pub fn run_with(
         };
         captures
             .push(source::spawn(spec, Arc::clone(&queue), Arc::clone(&stop)).map_err(spawn_error)?);
+        // One frame between analyser and worker: the next frame is scored while this one is drawn.
+        let frames = Arc::new(FrameQueue::new(1));
+        let camera_outputs = live.camera(index, &camera.name);
+        if options.keep_samples {
+            camera_outputs.metrics.keep_samples();
+        }
+        let analyser = Analyser {
+            manifest: Arc::clone(&manifest),
+            engine: Arc::clone(&engine),
+            max_fps: camera.max_fps,
+            input: Arc::clone(&queue),
+            output: Arc::clone(&frames),
+            metrics: Arc::clone(&camera_outputs.metrics),
+        };
+        analysers.push(
+            std::thread::Builder::new()
+                .name(format!("analyse-{}", camera.name))
+                .spawn(move || analyser.run())
+                .map_err(spawn_error)?,
+        );
         let worker = Worker {
             camera: camera.clone(),
             tracker: AlertTracker::new(
@@ -235,16 +261,13 @@ pub fn run_with(
                 &camera.alerts.ignore,
             ),
             manifest: Arc::clone(&manifest),
-            engine: Arc::clone(&engine),
             record: config.output.record.clone(),
+            frames,
             queue,
             publisher: mqtt.as_ref().map(|(_, handle)| handle.clone()),
-            live: live.camera(index, &camera.name),
+            live: camera_outputs,
             print_alerts: options.print_alerts,
         };
-        if options.keep_samples {
-            worker.live.metrics.keep_samples();
-        }
         workers.push(
             std::thread::Builder::new()
                 .name(format!("worker-{}", camera.name))
@@ -262,8 +285,8 @@ pub fn run_with(
             }),
         }
     }
-    // Workers end only after their capture sent End, so these joins are immediate.
-    for handle in captures {
+    // Workers end only after their analyser and capture sent End, so these joins are immediate.
+    for handle in analysers.into_iter().chain(captures) {
         let _ = handle.join();
     }
     if let Some((runtime, publisher)) = mqtt {
@@ -353,14 +376,16 @@ fn stop_publisher(publisher: &PublisherHandle) {
     let _ = publisher.shutdown(Duration::from_secs(3));
 }
 
-/// One camera's processing loop.
+/// One camera's drawing, alerting and output loop.
 struct Worker {
     camera: CameraConfig,
     tracker: AlertTracker,
     zones: ZoneMask,
     manifest: Arc<Manifest>,
-    engine: Arc<Mutex<Engine>>,
     record: RecordConfig,
+    /// Frames from the camera's analyser, scored or passed through.
+    frames: Arc<FrameQueue<Analysed>>,
+    /// The capture queue (for its count of dropped frames).
     queue: Arc<FrameQueue<Captured>>,
     /// MQTT publisher, when `[mqtt]` is configured.
     publisher: Option<PublisherHandle>,
@@ -374,7 +399,6 @@ struct Worker {
 struct WorkerState {
     stats: CameraStats,
     recorder: Option<Recorder>,
-    last_analysed: Option<Duration>,
     last_score: f32,
     /// Unix time of stream time zero (alert timestamps are stream-based).
     epoch: f64,
@@ -395,7 +419,6 @@ impl Worker {
                 ..Default::default()
             },
             recorder: None,
-            last_analysed: None,
             last_score: 0.0,
             epoch: unix_now(),
             last_t: unix_now(),
@@ -405,7 +428,15 @@ impl Worker {
             published_status: None,
         };
         loop {
-            match self.queue.pop(Duration::from_millis(200)) {
+            match self.frames.pop(Duration::from_millis(200)) {
+                // The analyser hands on the end marker before it stops; gone without it, it failed.
+                None if Arc::strong_count(&self.frames) == 1 => {
+                    state
+                        .stats
+                        .errors
+                        .push("the analyser thread stopped".into());
+                    break;
+                }
                 None => {}
                 Some(Item::Online) => self.live.metrics.set_state(CameraState::Online),
                 Some(Item::End) => break,
@@ -417,7 +448,7 @@ impl Worker {
                     self.publish_state(&state);
                     eprintln!("[{}] offline: {why}", self.camera.name);
                 }
-                Some(Item::Frame(captured)) => self.process(&mut state, captured),
+                Some(Item::Frame(analysed)) => self.process(&mut state, analysed),
             }
             self.live.metrics.set_dropped(self.queue.dropped());
             self.report_progress(&mut state);
@@ -507,42 +538,37 @@ impl Worker {
         }
     }
 
-    fn process(&mut self, state: &mut WorkerState, captured: Captured) {
+    fn process(&mut self, state: &mut WorkerState, analysed: Analysed) {
+        let Analysed {
+            captured,
+            scores,
+            inference,
+        } = analysed;
         state.stats.frames += 1;
         self.live.metrics.frame();
-        self.live.metrics.frame_in(captured.arrived);
-        if let Some(decode) = captured.decode {
-            self.live.metrics.stage(Stage::Decode, decode);
-        }
-        self.live
-            .metrics
-            .stage(Stage::Queue, captured.arrived.elapsed());
         let frame = &captured.frame;
         let t = state.epoch + captured.pts.as_secs_f64();
         state.last_t = t;
-        let interval =
-            (self.camera.max_fps > 0.0).then(|| Duration::from_secs_f64(1.0 / self.camera.max_fps));
-        let due = match (interval, state.last_analysed) {
-            (Some(interval), Some(last)) => captured.pts >= last + interval,
-            _ => true,
-        };
-        let pixels = if due {
-            match self.analyse(state, &captured, t) {
-                Ok(pixels) => pixels,
-                Err(message) => {
-                    state.stats.errors.push(message);
-                    frame.pixels.clone()
-                }
+        let due = scores.is_some();
+        let pixels = match scores {
+            Some(Ok(scored)) => {
+                state.stats.inference += inference;
+                self.annotate(state, &captured, &scored, t)
             }
-        } else {
-            let mut pixels = frame.pixels.clone();
-            overlay::draw_caption(
-                &mut pixels,
-                frame.width,
-                frame.height,
-                &format!("score {:.2} (not analysed)", state.last_score),
-            );
-            pixels
+            Some(Err(message)) => {
+                state.stats.errors.push(message);
+                frame.pixels.clone()
+            }
+            None => {
+                let mut pixels = frame.pixels.clone();
+                overlay::draw_caption(
+                    &mut pixels,
+                    frame.width,
+                    frame.height,
+                    &format!("score {:.2} (not analysed)", state.last_score),
+                );
+                pixels
+            }
         };
         let outputs = Instant::now();
         if self.record.enabled {
@@ -556,36 +582,20 @@ impl Worker {
         }
     }
 
-    /// Runs the engine on one frame, updates the alert tracker, returns the annotated pixels.
-    fn analyse(
+    /// Draws the engine's result on one frame and updates the alert tracker; returns the
+    /// annotated pixels.
+    fn annotate(
         &mut self,
         state: &mut WorkerState,
         captured: &Captured,
+        scored: &Scores,
         t: f64,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Vec<u8> {
         let frame = &captured.frame;
         let size = self.manifest.model.input_size;
-        let started = Instant::now();
-        let input = preprocess::to_chw(frame, size, &self.manifest.normalisation);
-        self.live
-            .metrics
-            .stage(Stage::Preprocess, started.elapsed());
-        let tick = Instant::now();
-        let scored = {
-            let mut engine = self
-                .engine
-                .lock()
-                .map_err(|_| "the engine lock is poisoned".to_string())?;
-            engine.run(&input, 1).map_err(|e| e.to_string())?
-        };
-        let inference = tick.elapsed();
-        state.stats.inference += inference;
-        self.live.metrics.analysed(inference);
-        self.live.metrics.stage(Stage::Inference, inference);
         let overlay_started = Instant::now();
         state.stats.analysed += 1;
         state.analysed_since_report += 1;
-        state.last_analysed = Some(captured.pts);
         let calibration = &self.manifest.calibration;
         let raw_score = scored.scores.first().copied().unwrap_or(0.0);
         state.last_score = calibration.normalise(raw_score);
@@ -616,7 +626,7 @@ impl Worker {
         self.live
             .metrics
             .stage(Stage::Overlay, overlay_started.elapsed());
-        Ok(pixels)
+        pixels
     }
 
     fn write_recording(&self, state: &mut WorkerState, captured: &Captured, pixels: &[u8]) {
