@@ -226,8 +226,9 @@ stages = ", ".join(f"{s} {1e3 * sums[s] / counts[s]:.2f}" for s in sums if count
 print(f"{'stpm run ' + sys.argv[2] + ': mean ms per stage':<58} {stages or 'no metrics read'}")
 EOF
 done
-if grep -q "preprocessing and overlay on the GPU" "$out/run-cuda.log"; then
-    row "stpm run cuda: GPU stage" "preprocessing and overlay on the GPU"
+if grep -q "preprocessing on the GPU" "$out/run-cuda.log" \
+    && grep -q "overlay on the GPU" "$out/run-cuda.log"; then
+    row "stpm run cuda: GPU stages" "preprocessing and overlay on the GPU"
 else
     fail "stpm run on cuda did not use the GPU stage: $(grep -m1 'GPU' "$out/run-cuda.log")"
 fi

@@ -270,6 +270,20 @@ fn eval_names_a_missing_mask() {
     );
 }
 
+/// The keys both `stpm bench` reports share: positive numbers.
+fn assert_headline_keys(json: &serde_json::Value) {
+    for key in [
+        "fps",
+        "baseline_fps",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "peak_rss_mb",
+    ] {
+        assert!(json[key].as_f64().unwrap_or(-1.0) > 0.0, "{key}: {json}");
+    }
+}
+
 #[test]
 fn bench_reports_engine_baseline_ratio_and_stages_as_json() {
     let dir = tempfile::tempdir().expect("dir");
@@ -283,16 +297,7 @@ fn bench_reports_engine_baseline_ratio_and_stages_as_json() {
     ]);
     let json: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
     let number = |key: &str| json[key].as_f64().unwrap_or(-1.0);
-    for key in [
-        "fps",
-        "baseline_fps",
-        "p50_ms",
-        "p95_ms",
-        "p99_ms",
-        "peak_rss_mb",
-    ] {
-        assert!(number(key) > 0.0, "{key}: {json}");
-    }
+    assert_headline_keys(&json);
     assert!(number("p50_ms") <= number("p95_ms") && number("p95_ms") <= number("p99_ms"));
     let ratio = number("fps") / number("baseline_fps");
     assert!((number("ratio_vs_baseline") - ratio).abs() < 1e-9, "{json}");
@@ -316,4 +321,98 @@ fn bench_reports_engine_baseline_ratio_and_stages_as_json() {
         "{}",
         text(&out)
     );
+}
+
+#[test]
+fn bench_pipeline_times_every_stage_of_the_run_path_on_a_generated_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = dir.path().join("p.toml");
+    // RTSP and HTTP on taken ports and an inference cap in the file: the bench must serve nothing
+    // (a taken port would fail the start) and analyse every frame.
+    let taken: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("listener"))
+        .collect();
+    let port = |i: usize| taken[i].local_addr().expect("address").port();
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n[[camera]]\nname = \"line1\"\n\
+             source = \"test://conveyor\"\nmax_fps = 1\n\n[output.rtsp]\nenabled = true\nport = {}\n\n\
+             [http]\nenabled = true\nbind = \"127.0.0.1:{}\"\n",
+            path(common::tiny_conveyor_bundle()),
+            port(0),
+            port(1)
+        ),
+    )
+    .expect("pipeline file");
+    let out = stpm_ok(&[
+        "bench",
+        "--pipeline",
+        path(&pipeline),
+        "--frames",
+        "12",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(
+        out.lines()
+            .find(|l| l.starts_with('{'))
+            .expect("a JSON line"),
+    )
+    .expect("one JSON object");
+    let number = |key: &str| json[key].as_f64().unwrap_or(-1.0);
+    assert_headline_keys(&json);
+    assert!(number("cpu_utilisation") > 0.0, "{json}");
+    assert_eq!(json["provider"], "cpu");
+    assert_eq!(json["source_generated"], true);
+    // Every frame of the file analysed (max_fps ignored) and encoded, none dropped.
+    for key in ["frames", "frames_analysed", "frames_encoded"] {
+        assert_eq!(json[key], 12, "{key}: {json}");
+    }
+    assert_eq!(json["frames_dropped"], 0);
+    let ratio = number("fps") / number("baseline_fps");
+    assert!((number("ratio_vs_baseline") - ratio).abs() < 1e-9, "{json}");
+    let ratio = number("fps") / number("engine_fps");
+    assert!((number("ratio_vs_engine") - ratio).abs() < 1e-9, "{json}");
+    assert!(
+        json["ratio_meaning"]
+            .as_str()
+            .unwrap_or("")
+            .contains("engine-only")
+    );
+    for stage in [
+        "decode",
+        "queue",
+        "preprocess",
+        "inference",
+        "overlay",
+        "output",
+        "encode",
+        "end_to_end",
+    ] {
+        let stats = &json["stages"][stage];
+        let ms = |q: &str| stats[q].as_f64().unwrap_or(-1.0);
+        assert_eq!(stats["count"], 12, "{stage}: {json}");
+        assert!(
+            ms("p50_ms") > 0.0 && ms("p50_ms") <= ms("p95_ms") && ms("p95_ms") <= ms("p99_ms"),
+            "{stage}: {stats}"
+        );
+    }
+    assert_eq!(json["p95_ms"], json["stages"]["end_to_end"]["p95_ms"]);
+    // End to end spans the stages in between.
+    let e2e = json["stages"]["end_to_end"]["mean_ms"]
+        .as_f64()
+        .unwrap_or(0.0);
+    let inference = json["stages"]["inference"]["mean_ms"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(e2e > inference, "{json}");
+
+    for (source, expected) in [
+        ("rtsp://camera/line1", "measures a file source"),
+        ("file:///no/such/video.mkv", "does not exist"),
+    ] {
+        let out = stpm(&["bench", "--pipeline", path(&pipeline), "--source", source]);
+        assert!(!out.status.success(), "{source}");
+        assert!(text(&out).contains(expected), "{source}: {}", text(&out));
+    }
 }

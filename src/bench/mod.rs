@@ -1,7 +1,10 @@
 //! `stpm bench`: throughput and latency of a bundle on this machine, stage by stage (preprocess,
 //! inference, overlay) on a synthetic 640×480 frame, against a plain ONNX Runtime session with
 //! default options on the same `model.onnx` (the way an exported model is usually run), so every
-//! report carries our/baseline as a ratio. Measures; never changes the bundle.
+//! report carries our/baseline as a ratio. Measures; never changes the bundle. `pipeline`: the
+//! same questions asked of the whole `stpm run` path on a file.
+
+pub mod pipeline;
 
 #[cfg(feature = "gpu")]
 mod gpu;
@@ -27,6 +30,19 @@ pub enum BenchError {
     Zero(&'static str),
     #[error("GPU path: {0}")]
     Gpu(String),
+    #[error(transparent)]
+    Config(#[from] crate::pipeline::config::ConfigError),
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+    #[error("{0}")]
+    Source(String),
+    #[error("the benchmarked pipeline failed: {0}")]
+    Run(String),
+    #[error("cannot create the bench's scratch folder {path}: {source}")]
+    Scratch {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[cfg(feature = "gpu")]
@@ -50,8 +66,10 @@ pub struct BenchOptions {
 }
 
 /// Latency distribution of one stage, in milliseconds per call.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct StageStats {
+    /// Samples (calls or frames).
+    pub count: usize,
     pub p50_ms: f64,
     pub p95_ms: f64,
     pub p99_ms: f64,
@@ -68,6 +86,7 @@ impl StageStats {
         };
         let mean = samples.iter().map(|&d| ms(d)).sum::<f64>() / samples.len().max(1) as f64;
         Self {
+            count: samples.len(),
             p50_ms: at(0.5),
             p95_ms: at(0.95),
             p99_ms: at(0.99),
@@ -187,6 +206,7 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
         EngineOptions {
             threads: options.threads,
             plain: false,
+            sleep_when_idle: false,
             provider: request,
         },
     )?;
@@ -198,6 +218,7 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
         EngineOptions {
             threads: 0,
             plain: true,
+            sleep_when_idle: false,
             provider: ProviderRequest::exactly(provider.provider),
         },
     )?;

@@ -33,7 +33,7 @@ pub enum Command {
     Export(PassThrough),
     /// Run a live pipeline: capture, inference, overlay, recordings, alerts.
     Run(RunArgs),
-    /// Measure throughput and latency of a bundle against a plain ONNX Runtime session.
+    /// Measure throughput and latency of a bundle (or of a whole pipeline on a file) against a plain ONNX Runtime session.
     Bench(BenchArgs),
     /// Write a synthetic MVTec-layout category (textures with scratches and stains) for demos and tests.
     Devset(DevsetArgs),
@@ -94,24 +94,34 @@ pub struct TrainArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Model bundle directory.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Timed inference calls per engine and round (3 rounds, after 3 warm-up calls).
+    /// Model bundle directory (with --pipeline: instead of the file's model.bundle).
+    #[arg(long, required_unless_present = "pipeline")]
+    pub model: Option<PathBuf>,
+    /// Timed inference calls per engine and round (3 rounds, after 3 warm-up calls); with
+    /// --pipeline also the length of the generated file.
     #[arg(long, default_value_t = 60)]
     pub frames: usize,
     /// Images per inference call.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// ONNX Runtime intra-op threads of our session (0 = one per core).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// Execution provider: auto, cpu, cuda, tensorrt.
-    #[arg(long, default_value = "auto")]
-    pub provider: String,
-    /// Measure the real `stpm run` path on a pipeline file (not available yet).
+    /// ONNX Runtime intra-op threads of our session (0 = one per core; with --pipeline: the file's
+    /// model.threads unless given).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Execution provider: auto, cpu, cuda, tensorrt (with --pipeline: the file's model.provider
+    /// unless given).
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// Measure the real `stpm run` path of this pipeline file's first camera on a file source.
     #[arg(long)]
     pub pipeline: Option<PathBuf>,
+    /// With --pipeline: measure this file (file:///abs/path.mkv) instead of the camera's source.
+    /// Without it, a camera that does not read a file is measured on a generated 640×480 file.
+    #[arg(long, requires = "pipeline")]
+    pub source: Option<String>,
+    /// With --pipeline: override one key, as `stpm run --set` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE", requires = "pipeline")]
+    pub sets: Vec<String>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -266,18 +276,40 @@ fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    if args.pipeline.is_some() {
-        bail!(
-            "`stpm bench --pipeline` is not yet available in this build; without it the engine and the per-frame stages are measured"
-        );
+    if let Some(pipeline) = args.pipeline {
+        if args.batch != 1 {
+            bail!(
+                "--batch applies to the engine-only bench; the pipeline analyses one frame at a time"
+            );
+        }
+        let options = stpm::bench::pipeline::PipelineBenchOptions {
+            pipeline,
+            sets: args.sets,
+            model: args.model,
+            source: args.source,
+            frames: args.frames,
+            threads: args.threads,
+            provider: args.provider,
+        };
+        let report =
+            stpm::bench::pipeline::bench_pipeline(&options).context("pipeline benchmark failed")?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", stpm::bench::pipeline::summary(&report));
+        }
+        return Ok(());
     }
+    let Some(model) = args.model else {
+        bail!("--model is required without --pipeline");
+    };
     let options = stpm::bench::BenchOptions {
         frames: args.frames,
         batch: args.batch,
-        threads: args.threads,
-        provider: args.provider,
+        threads: args.threads.unwrap_or(0),
+        provider: args.provider.unwrap_or_else(|| "auto".into()),
     };
-    let report = stpm::bench::bench(&args.model, &options).context("benchmark failed")?;
+    let report = stpm::bench::bench(&model, &options).context("benchmark failed")?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

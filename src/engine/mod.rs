@@ -92,6 +92,10 @@ pub struct EngineOptions {
     /// the requested provider): the baseline `stpm bench` compares against, the way an exported
     /// model is usually run.
     pub plain: bool,
+    /// Intra-op threads sleep between calls instead of spin-waiting for the next one (ONNX
+    /// Runtime's default): for a session that shares the cores with other work, as `stpm run`'s
+    /// decoding, overlay and encoding threads do.
+    pub sleep_when_idle: bool,
     /// Execution provider to use. The default is `cpu`, so offline commands (train, eval, infer) give
     /// the same numbers on every machine; `stpm run` and `stpm bench` pass the user's choice.
     pub provider: ProviderRequest,
@@ -166,6 +170,11 @@ impl Engine {
         if !options.plain {
             builder = builder
                 .with_optimization_level(GraphOptimizationLevel::All)
+                .map_err(|e| open_error(e.to_string()))?;
+        }
+        if options.sleep_when_idle && !options.plain {
+            builder = builder
+                .with_intra_op_spinning(false)
                 .map_err(|e| open_error(e.to_string()))?;
         }
         if options.threads > 0 && !options.plain {

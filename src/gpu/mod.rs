@@ -256,8 +256,9 @@ impl Preprocessor {
         &self.stream
     }
 
-    /// The frame's bytes into pinned memory, then an asynchronous copy to the device.
-    fn upload(&self, staging: &mut Staging, frame: &RawFrame) -> Result<(), GpuError> {
+    /// The frame's bytes into pinned memory, then an asynchronous copy to the device (for
+    /// [`Preprocessor::overlay`] on a frame that is not preprocessed here).
+    pub fn upload(&self, staging: &mut Staging, frame: &RawFrame) -> Result<(), GpuError> {
         let len = frame.data.len();
         if staging.pinned.as_ref().is_none_or(|p| p.len() != len) {
             staging.pinned = None;
@@ -346,8 +347,8 @@ impl Preprocessor {
             .map_err(driver_error("cuLaunchKernel"))
     }
 
-    /// `overlay::heat::blend` on the GPU for the frame the last [`Preprocessor::run`] uploaded to
-    /// `staging` (so a frame is uploaded once for both): uploads `map` (raw scores, `map_size` =
+    /// `overlay::heat::blend` on the GPU for the frame the last [`Preprocessor::run`] or
+    /// [`Preprocessor::upload`] put in `staging`: uploads `map` (raw scores, `map_size` =
     /// [H, W]), runs the overlay kernel and returns the blended RGB pixels and the anomaly mask.
     pub fn overlay(
         &self,

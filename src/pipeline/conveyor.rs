@@ -126,6 +126,26 @@ impl Conveyor {
     }
 }
 
+/// Writes `frames` frames of the conveyor (640×480, `seed`) at `fps` as an H.264 Matroska file, the
+/// way recordings are written: a file source for `stpm bench --pipeline` when none is given.
+pub fn write_video(path: &Path, frames: u64, fps: f64, seed: u64) -> Result<(), String> {
+    let (width, height) = crate::pipeline::source::CONVEYOR_SIZE;
+    let mut conveyor = Conveyor::new(width, height, seed);
+    let mut recorder = crate::pipeline::record::Recorder::create(path, (width, height), fps, None)?;
+    let period = std::time::Duration::from_secs_f64(1.0 / fps.max(0.1));
+    for index in 0..frames {
+        let generated = conveyor.frame(index);
+        recorder.push(
+            &generated.frame.pixels,
+            period.mul_f64(index as f64),
+            std::time::Instant::now(),
+        )?;
+    }
+    recorder
+        .finish(std::time::Duration::from_secs(60))
+        .map(|_| ())
+}
+
 /// Writes an MVTec-layout category of conveyor frames (height `spec.size`, 4:3) for training and
 /// evaluating the live demo's model: defect-free frames in `train/good` and `test/good`, frames
 /// showing a defect under `test/<kind>` with exact masks. Every fifth frame is used, so

@@ -1,7 +1,8 @@
-//! A camera's analysis on the GPU (the `gpu` feature, engine on CUDA or TensorRT): each frame is
-//! uploaded once; the preprocessing kernel writes the model input on the device, where the engine
-//! reads it, and the overlay kernel blends the heatmap and makes the anomaly mask from the same
-//! uploaded frame. Outlines, boxes and the caption are drawn on the host (`overlay::live`).
+//! A camera's work on the GPU (the `gpu` feature, engine on CUDA or TensorRT): in the analyser,
+//! the preprocessing kernel writes the model input on the device, where the engine reads it; in
+//! the worker, the overlay kernel blends the heatmap and makes the anomaly mask (each thread has
+//! its own stage and uploads the frame itself). Outlines, boxes and the caption are drawn on the
+//! host (`overlay::live`).
 
 use std::sync::Mutex;
 
@@ -19,16 +20,29 @@ pub(super) struct GpuStage {
 }
 
 impl GpuStage {
-    /// The GPU stage for a camera whose engine runs on `provider`: `None` on the CPU, else the
-    /// kernels, or the reason they cannot be used (the camera then runs on the host path).
-    pub(super) fn for_provider(provider: ExecutionProvider) -> Option<Result<Self, GpuError>> {
-        (provider != ExecutionProvider::Cpu).then(|| {
-            let kernels = GpuContext::try_new().and_then(|gpu| Preprocessor::new(&gpu))?;
-            Ok(Self {
-                kernels,
-                staging: Staging::default(),
-            })
-        })
+    /// A GPU stage doing `what` for `camera` when the engine runs on a GPU `provider`; `None` on
+    /// the CPU, or when the kernels cannot be used (said once; the camera then uses the host path).
+    pub(super) fn for_camera(
+        provider: ExecutionProvider,
+        camera: &str,
+        what: &str,
+    ) -> Option<Self> {
+        if provider == ExecutionProvider::Cpu {
+            return None;
+        }
+        match GpuContext::try_new().and_then(|gpu| Preprocessor::new(&gpu)) {
+            Ok(kernels) => {
+                eprintln!("[{camera}] {what} on the GPU");
+                Some(Self {
+                    kernels,
+                    staging: Staging::default(),
+                })
+            }
+            Err(e) => {
+                eprintln!("[{camera}] GPU kernels unavailable ({e}): {what} on the CPU");
+                None
+            }
+        }
     }
 
     /// Uploads `frame` and preprocesses it into the model input on the device (waits for it, so
@@ -65,7 +79,7 @@ impl GpuStage {
             .map_err(|e| e.to_string())
     }
 
-    /// The heatmap blended over the frame uploaded by [`GpuStage::preprocess`], and its mask.
+    /// Uploads `frame` and blends the heatmap of `map` over it; returns the pixels and the mask.
     pub(super) fn heat(
         &mut self,
         frame: &RgbFrame,
@@ -74,6 +88,7 @@ impl GpuStage {
         calibration: &Calibration,
     ) -> Result<Heat, GpuError> {
         let raw = raw_rgb(frame)?;
+        self.kernels.upload(&mut self.staging, &raw)?;
         self.kernels
             .overlay(&mut self.staging, &raw, map, map_size, calibration)
     }

@@ -15,9 +15,15 @@ const STAGE_BUCKETS: [f64; 11] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
 ];
 
-/// The stages of an analysed frame that `stpm_stage_seconds` times.
+/// The stages of a frame that `stpm_stage_seconds` times, in the order a frame meets them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
+    /// From the compressed frame entering the decoder to the RGB frame at the appsink (decoder and
+    /// colour conversion; GStreamer sources only).
+    Decode,
+    /// From the appsink to the worker: the copy out of the GStreamer buffer and the wait in the
+    /// camera's frame queue.
+    Queue,
     /// Resize and normalise into the model's input tensor.
     Preprocess,
     /// The engine call.
@@ -26,23 +32,66 @@ pub enum Stage {
     Overlay,
     /// Handing the annotated frame to the recorder and the RTSP feed.
     Output,
+    /// From the recorder's input to the H.264 frame out of its encoder (colour conversion, x264).
+    Encode,
+    /// From the frame at the appsink to the H.264 frame out of the recorder's encoder.
+    EndToEnd,
 }
 
 impl Stage {
-    const ALL: [Stage; 4] = [
+    pub const ALL: [Stage; 8] = [
+        Stage::Decode,
+        Stage::Queue,
         Stage::Preprocess,
         Stage::Inference,
         Stage::Overlay,
         Stage::Output,
+        Stage::Encode,
+        Stage::EndToEnd,
     ];
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
+            Stage::Decode => "decode",
+            Stage::Queue => "queue",
             Stage::Preprocess => "preprocess",
             Stage::Inference => "inference",
             Stage::Overlay => "overlay",
             Stage::Output => "output",
+            Stage::Encode => "encode",
+            Stage::EndToEnd => "end_to_end",
         }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|&s| s == self).unwrap_or(0)
+    }
+}
+
+/// Every frame's duration in every stage, kept only when asked for (`stpm bench`): percentiles
+/// read off histogram buckets are too coarse to compare two runs.
+#[derive(Debug, Clone, Default)]
+pub struct StageSamples {
+    per_stage: Vec<Vec<Duration>>,
+    /// When the first frame reached the appsink.
+    pub first_in: Option<Instant>,
+    /// When the last frame left the recorder's encoder.
+    pub last_out: Option<Instant>,
+}
+
+impl StageSamples {
+    /// The durations recorded for `stage`, in the order they were observed.
+    pub fn of(&self, stage: Stage) -> &[Duration] {
+        self.per_stage
+            .get(stage.index())
+            .map_or(&[], |samples| samples.as_slice())
+    }
+
+    fn push(&mut self, stage: Stage, took: Duration) {
+        if self.per_stage.len() < Stage::ALL.len() {
+            self.per_stage.resize(Stage::ALL.len(), Vec::new());
+        }
+        self.per_stage[stage.index()].push(took);
     }
 }
 
@@ -151,6 +200,8 @@ pub struct CameraMetrics {
     suppressed: AtomicU64,
     inference: Mutex<Histogram>,
     stages: Mutex<Vec<Histogram>>,
+    /// Raw stage durations, when [`CameraMetrics::keep_samples`] asked for them.
+    samples: Mutex<Option<StageSamples>>,
     /// When recent frames were analysed (at most `FPS_WINDOW` old).
     recent: Mutex<VecDeque<Instant>>,
 }
@@ -172,6 +223,7 @@ impl CameraMetrics {
                     .map(|_| Histogram::new(&STAGE_BUCKETS))
                     .collect(),
             ),
+            samples: Mutex::new(None),
             recent: Mutex::new(VecDeque::new()),
         }
     }
@@ -195,14 +247,49 @@ impl CameraMetrics {
         }
     }
 
-    /// One analysed frame spent `took` in `stage`.
+    /// One frame spent `took` in `stage`.
     pub fn stage(&self, stage: Stage, took: Duration) {
-        let index = Stage::ALL.iter().position(|&s| s == stage).unwrap_or(0);
         if let Ok(mut stages) = self.stages.lock()
-            && let Some(histogram) = stages.get_mut(index)
+            && let Some(histogram) = stages.get_mut(stage.index())
         {
             histogram.observe(took.as_secs_f64());
         }
+        if let Ok(mut samples) = self.samples.lock()
+            && let Some(samples) = samples.as_mut()
+        {
+            samples.push(stage, took);
+        }
+    }
+
+    /// A frame arrived at the appsink at `at` (the first one starts the span of the run that frames
+    /// per second are measured over).
+    pub fn frame_in(&self, at: Instant) {
+        if let Ok(mut samples) = self.samples.lock()
+            && let Some(samples) = samples.as_mut()
+        {
+            samples.first_in.get_or_insert(at);
+        }
+    }
+
+    /// A frame left the recorder's encoder at `at`.
+    pub fn frame_out(&self, at: Instant) {
+        if let Ok(mut samples) = self.samples.lock()
+            && let Some(samples) = samples.as_mut()
+        {
+            samples.last_out = Some(at);
+        }
+    }
+
+    /// Keep every stage duration from now on (memory grows with the run: for benchmarks).
+    pub fn keep_samples(&self) {
+        if let Ok(mut samples) = self.samples.lock() {
+            samples.get_or_insert_with(StageSamples::default);
+        }
+    }
+
+    /// The raw durations kept since [`CameraMetrics::keep_samples`], if it was called.
+    pub fn take_samples(&self) -> Option<StageSamples> {
+        self.samples.lock().ok().and_then(|mut s| s.take())
     }
 
     /// An alert event (new, update or end) was emitted.
@@ -374,7 +461,7 @@ impl Metrics {
             &mut out,
             name,
             "histogram",
-            "Time per analysed frame in each stage: preprocess, inference, overlay, output.",
+            "Time per frame in each stage: decode, queue, preprocess, inference, overlay, output, encode, and end_to_end (appsink to encoded frame).",
         );
         for camera in &self.cameras {
             let Ok(stages) = camera.stages.lock() else {

@@ -1,8 +1,10 @@
 //! `stpm run`: the live pipeline. Per camera, a capture thread (GStreamer or the generated
-//! conveyor) feeds a bounded queue; a worker preprocesses, runs the shared engine, draws the
-//! overlay, feeds the alert tracker and writes the outputs. GStreamer types stay in `source` and
+//! conveyor) feeds a bounded queue; an analyser (`analyse`) preprocesses and runs the shared
+//! engine; a worker draws the overlay, feeds the alert tracker and writes the outputs, one frame
+//! behind the analyser. GStreamer types stay in `source` and
 //! `record`; this module passes plain frames and owns start-up, shutdown and the run summary.
 
+pub mod analyse;
 pub mod config;
 pub mod conveyor;
 #[cfg(feature = "gpu")]
@@ -30,6 +32,7 @@ use crate::engine::{
 };
 use crate::overlay;
 use crate::preprocess::{self, RgbFrame};
+use analyse::{Analysed, Analyser};
 use config::{CameraConfig, PipelineConfig, RecordConfig, SourceUri};
 use live::{CameraOutputs, LiveError, LiveOutputs};
 use metrics::{CameraState, Stage};
@@ -37,8 +40,11 @@ use queue::{FrameQueue, Item};
 use record::Recorder;
 use source::{Captured, SourceSpec};
 
-/// Frames waiting per camera before the oldest is dropped.
+/// Frames waiting per camera before the oldest is dropped (live and real-time sources).
 const QUEUE_FRAMES: usize = 4;
+/// Frames waiting per camera whose source waits for room instead (files and the conveyor with
+/// `realtime = false`): one frame decoded ahead keeps the worker busy, more only add latency.
+const OFFLINE_QUEUE_FRAMES: usize = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -86,6 +92,26 @@ pub struct CameraStats {
     pub recording: Option<PathBuf>,
     /// Problems that did not stop the run (recording failures).
     pub errors: Vec<String>,
+    /// Every frame's stage durations, when [`RunOptions::keep_samples`] asked for them.
+    pub samples: Option<metrics::StageSamples>,
+}
+
+/// How `run` reports, beyond what the pipeline file says.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    /// Keep every frame's stage durations (for `stpm bench`) in [`CameraStats::samples`].
+    pub keep_samples: bool,
+    /// Print alert events as `alert {…}` lines on stdout (`stpm bench` keeps stdout for its report).
+    pub print_alerts: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            keep_samples: false,
+            print_alerts: true,
+        }
+    }
 }
 
 /// The outcome of `run`.
@@ -93,6 +119,8 @@ pub struct CameraStats {
 pub struct RunSummary {
     /// The execution provider the engine ran on.
     pub provider: ExecutionProvider,
+    /// Why that provider (what `auto` found missing, for example).
+    pub provider_reason: String,
     pub cameras: Vec<CameraStats>,
 }
 
@@ -118,21 +146,28 @@ fn unix_now() -> f64 {
 /// Runs every camera until all have ended (non-looping files) or `stop` is set; recordings are
 /// finished before it returns.
 pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary, PipelineError> {
+    run_with(config, stop, RunOptions::default())
+}
+
+/// [`run`] with reporting options.
+pub fn run_with(
+    config: &PipelineConfig,
+    stop: Arc<AtomicBool>,
+    options: RunOptions,
+) -> Result<RunSummary, PipelineError> {
     // Fails fast (before the bundle is read) on a provider this build or machine cannot run.
     let request: ProviderRequest = config.model.provider.parse()?;
     crate::engine::resolve_provider(request)?;
     let bundle = Bundle::open(&config.model.bundle)?;
     let manifest = Arc::new(bundle.manifest.clone());
-    let engine = Engine::open(
+    let mut engine = Engine::open(
         &bundle.model_path(),
         manifest.model.input_size,
-        EngineOptions {
-            threads: config.model.threads,
-            provider: request,
-            ..EngineOptions::default()
-        },
+        engine_options(config, request),
     )?;
     let provider = engine.provider();
+    let provider_reason = engine.provider_choice().reason.clone();
+    warm_up(&mut engine, &manifest)?;
     eprintln!(
         "engine: ONNX Runtime, provider {provider} ({}); model {} ({}, {}×{})",
         engine.provider_choice().reason,
@@ -169,6 +204,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let mut workers = Vec::new();
+    let mut analysers = Vec::new();
     let mut captures = Vec::new();
     for (index, camera) in config.camera.iter().enumerate() {
         let spawn_error = |source| PipelineError::Spawn {
@@ -179,7 +215,12 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
             camera: camera.name.clone(),
             source: std::io::Error::other(message),
         })?;
-        let queue = Arc::new(FrameQueue::new(QUEUE_FRAMES));
+        let live_source = matches!(uri, SourceUri::Rtsp(_) | SourceUri::V4l2(_));
+        let queue = Arc::new(FrameQueue::new(if camera.realtime || live_source {
+            QUEUE_FRAMES
+        } else {
+            OFFLINE_QUEUE_FRAMES
+        }));
         let spec = SourceSpec {
             camera: camera.name.clone(),
             uri,
@@ -188,6 +229,35 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
         };
         captures
             .push(source::spawn(spec, Arc::clone(&queue), Arc::clone(&stop)).map_err(spawn_error)?);
+        // One frame between analyser and worker: the next frame is scored while this one is drawn.
+        let frames = Arc::new(FrameQueue::new(1));
+        let camera_outputs = live.camera(index, &camera.name);
+        if options.keep_samples {
+            camera_outputs.metrics.keep_samples();
+        }
+        // On a GPU provider the analyser preprocesses on the GPU and the worker blends there, each
+        // with its own kernels and buffers (the frame is uploaded by both).
+        #[cfg(feature = "gpu")]
+        let (gpu_analyse, gpu_overlay) = (
+            gpu::GpuStage::for_camera(provider, &camera.name, "preprocessing"),
+            gpu::GpuStage::for_camera(provider, &camera.name, "overlay"),
+        );
+        let analyser = Analyser {
+            manifest: Arc::clone(&manifest),
+            engine: Arc::clone(&engine),
+            max_fps: camera.max_fps,
+            input: Arc::clone(&queue),
+            output: Arc::clone(&frames),
+            metrics: Arc::clone(&camera_outputs.metrics),
+            #[cfg(feature = "gpu")]
+            gpu: gpu_analyse,
+        };
+        analysers.push(
+            std::thread::Builder::new()
+                .name(format!("analyse-{}", camera.name))
+                .spawn(move || analyser.run())
+                .map_err(spawn_error)?,
+        );
         let worker = Worker {
             camera: camera.clone(),
             tracker: AlertTracker::new(
@@ -202,26 +272,14 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
                 &camera.alerts.ignore,
             ),
             manifest: Arc::clone(&manifest),
-            engine: Arc::clone(&engine),
             record: config.output.record.clone(),
+            frames,
             queue,
             publisher: mqtt.as_ref().map(|(_, handle)| handle.clone()),
-            live: live.camera(index, &camera.name),
+            live: camera_outputs,
+            print_alerts: options.print_alerts,
             #[cfg(feature = "gpu")]
-            gpu: match gpu::GpuStage::for_provider(provider) {
-                None => None,
-                Some(Ok(stage)) => {
-                    eprintln!("[{}] preprocessing and overlay on the GPU", camera.name);
-                    Some(stage)
-                }
-                Some(Err(e)) => {
-                    eprintln!(
-                        "[{}] GPU kernels unavailable ({e}): preprocessing and overlay on the CPU",
-                        camera.name
-                    );
-                    None
-                }
-            },
+            gpu: gpu_overlay,
         };
         workers.push(
             std::thread::Builder::new()
@@ -240,8 +298,8 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
             }),
         }
     }
-    // Workers end only after their capture sent End, so these joins are immediate.
-    for handle in captures {
+    // Workers end only after their analyser and capture sent End, so these joins are immediate.
+    for handle in analysers.into_iter().chain(captures) {
         let _ = handle.join();
     }
     if let Some((runtime, publisher)) = mqtt {
@@ -249,7 +307,35 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
         runtime.shutdown_timeout(Duration::from_secs(1));
     }
     live.stop();
-    Ok(RunSummary { provider, cameras })
+    Ok(RunSummary {
+        provider,
+        provider_reason,
+        cameras,
+    })
+}
+
+/// The session settings of a run: `[model]`'s threads, and intra-op threads that sleep between
+/// calls, since decoding, drawing and encoding share the cores.
+pub fn engine_options(config: &PipelineConfig, request: ProviderRequest) -> EngineOptions {
+    EngineOptions {
+        threads: config.model.threads,
+        provider: request,
+        sleep_when_idle: true,
+        ..EngineOptions::default()
+    }
+}
+
+/// One call on a mid-grey frame, so that ONNX Runtime's first-call set-up does not land on the
+/// first camera frame.
+fn warm_up(engine: &mut Engine, manifest: &Manifest) -> Result<(), EngineError> {
+    let [h, w] = manifest.model.input_size;
+    let grey = preprocess::RgbFrame {
+        width: w,
+        height: h,
+        pixels: vec![128; w * h * 3],
+    };
+    let input = preprocess::to_chw(&grey, [h, w], &manifest.normalisation);
+    engine.run(&input, 1).map(|_| ())
 }
 
 /// Starts the MQTT publisher on its own small tokio runtime, with the spool of `[alerts]`.
@@ -303,20 +389,24 @@ fn stop_publisher(publisher: &PublisherHandle) {
     let _ = publisher.shutdown(Duration::from_secs(3));
 }
 
-/// One camera's processing loop.
+/// One camera's drawing, alerting and output loop.
 struct Worker {
     camera: CameraConfig,
     tracker: AlertTracker,
     zones: ZoneMask,
     manifest: Arc<Manifest>,
-    engine: Arc<Mutex<Engine>>,
     record: RecordConfig,
+    /// Frames from the camera's analyser, scored or passed through.
+    frames: Arc<FrameQueue<Analysed>>,
+    /// The capture queue (for its count of dropped frames).
     queue: Arc<FrameQueue<Captured>>,
     /// MQTT publisher, when `[mqtt]` is configured.
     publisher: Option<PublisherHandle>,
     /// Metrics and the RTSP feed.
     live: CameraOutputs,
-    /// Preprocessing and overlay on the GPU, when the engine runs there.
+    /// Print alert events on stdout.
+    print_alerts: bool,
+    /// The overlay on the GPU, when the engine runs there.
     #[cfg(feature = "gpu")]
     gpu: Option<gpu::GpuStage>,
 }
@@ -325,7 +415,6 @@ struct Worker {
 struct WorkerState {
     stats: CameraStats,
     recorder: Option<Recorder>,
-    last_analysed: Option<Duration>,
     last_score: f32,
     /// Unix time of stream time zero (alert timestamps are stream-based).
     epoch: f64,
@@ -346,7 +435,6 @@ impl Worker {
                 ..Default::default()
             },
             recorder: None,
-            last_analysed: None,
             last_score: 0.0,
             epoch: unix_now(),
             last_t: unix_now(),
@@ -356,7 +444,15 @@ impl Worker {
             published_status: None,
         };
         loop {
-            match self.queue.pop(Duration::from_millis(200)) {
+            match self.frames.pop(Duration::from_millis(200)) {
+                // The analyser hands on the end marker before it stops; gone without it, it failed.
+                None if Arc::strong_count(&self.frames) == 1 => {
+                    state
+                        .stats
+                        .errors
+                        .push("the analyser thread stopped".into());
+                    break;
+                }
                 None => {}
                 Some(Item::Online) => self.live.metrics.set_state(CameraState::Online),
                 Some(Item::End) => break,
@@ -368,7 +464,7 @@ impl Worker {
                     self.publish_state(&state);
                     eprintln!("[{}] offline: {why}", self.camera.name);
                 }
-                Some(Item::Frame(captured)) => self.process(&mut state, captured),
+                Some(Item::Frame(analysed)) => self.process(&mut state, analysed),
             }
             self.live.metrics.set_dropped(self.queue.dropped());
             self.report_progress(&mut state);
@@ -383,6 +479,8 @@ impl Worker {
                 Err(message) => state.stats.errors.push(message),
             }
         }
+        // After the recorder has finished, every encoded frame has been timed.
+        state.stats.samples = self.live.metrics.take_samples();
         state.stats
     }
 
@@ -427,7 +525,8 @@ impl Worker {
             state.stats.alerts += 1;
             self.live.metrics.alert();
             match serde_json::to_string(&event) {
-                Ok(json) => println!("alert {json}"),
+                Ok(json) if self.print_alerts => println!("alert {json}"),
+                Ok(_) => {}
                 Err(e) => eprintln!("[{}] cannot encode an alert: {e}", self.camera.name),
             }
             let Some(publisher) = &self.publisher else {
@@ -455,35 +554,37 @@ impl Worker {
         }
     }
 
-    fn process(&mut self, state: &mut WorkerState, captured: Captured) {
+    fn process(&mut self, state: &mut WorkerState, analysed: Analysed) {
+        let Analysed {
+            captured,
+            scores,
+            inference,
+        } = analysed;
         state.stats.frames += 1;
         self.live.metrics.frame();
         let frame = &captured.frame;
         let t = state.epoch + captured.pts.as_secs_f64();
         state.last_t = t;
-        let interval =
-            (self.camera.max_fps > 0.0).then(|| Duration::from_secs_f64(1.0 / self.camera.max_fps));
-        let due = match (interval, state.last_analysed) {
-            (Some(interval), Some(last)) => captured.pts >= last + interval,
-            _ => true,
-        };
-        let pixels = if due {
-            match self.analyse(state, &captured, t) {
-                Ok(pixels) => pixels,
-                Err(message) => {
-                    state.stats.errors.push(message);
-                    frame.pixels.clone()
-                }
+        let due = scores.is_some();
+        let pixels = match scores {
+            Some(Ok(scored)) => {
+                state.stats.inference += inference;
+                self.annotate(state, &captured, &scored, t)
             }
-        } else {
-            let mut pixels = frame.pixels.clone();
-            overlay::draw_caption(
-                &mut pixels,
-                frame.width,
-                frame.height,
-                &format!("score {:.2} (not analysed)", state.last_score),
-            );
-            pixels
+            Some(Err(message)) => {
+                state.stats.errors.push(message);
+                frame.pixels.clone()
+            }
+            None => {
+                let mut pixels = frame.pixels.clone();
+                overlay::draw_caption(
+                    &mut pixels,
+                    frame.width,
+                    frame.height,
+                    &format!("score {:.2} (not analysed)", state.last_score),
+                );
+                pixels
+            }
         };
         let outputs = Instant::now();
         if self.record.enabled {
@@ -497,40 +598,20 @@ impl Worker {
         }
     }
 
-    /// Runs the engine on one frame, updates the alert tracker, returns the annotated pixels.
-    fn analyse(
+    /// Draws the engine's result on one frame and updates the alert tracker; returns the
+    /// annotated pixels.
+    fn annotate(
         &mut self,
         state: &mut WorkerState,
         captured: &Captured,
+        scored: &Scores,
         t: f64,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Vec<u8> {
         let frame = &captured.frame;
         let size = self.manifest.model.input_size;
-        let started = Instant::now();
-        let host_input = (!self.preprocess_on_gpu(frame))
-            .then(|| preprocess::to_chw(frame, size, &self.manifest.normalisation));
-        self.live
-            .metrics
-            .stage(Stage::Preprocess, started.elapsed());
-        let tick = Instant::now();
-        let scored = match host_input {
-            Some(input) => {
-                let mut engine = self
-                    .engine
-                    .lock()
-                    .map_err(|_| "the engine lock is poisoned".to_string())?;
-                engine.run(&input, 1).map_err(|e| e.to_string())?
-            }
-            None => self.infer_on_gpu()?,
-        };
-        let inference = tick.elapsed();
-        state.stats.inference += inference;
-        self.live.metrics.analysed(inference);
-        self.live.metrics.stage(Stage::Inference, inference);
         let overlay_started = Instant::now();
         state.stats.analysed += 1;
         state.analysed_since_report += 1;
-        state.last_analysed = Some(captured.pts);
         let manifest = Arc::clone(&self.manifest);
         let calibration = &manifest.calibration;
         let raw_score = scored.scores.first().copied().unwrap_or(0.0);
@@ -568,46 +649,7 @@ impl Worker {
         self.live
             .metrics
             .stage(Stage::Overlay, overlay_started.elapsed());
-        Ok(pixels)
-    }
-
-    /// Preprocesses `frame` on the GPU when this camera has a GPU stage; false means the host
-    /// path does it. A GPU failure is reported once and hands the camera to the host path.
-    #[cfg(feature = "gpu")]
-    fn preprocess_on_gpu(&mut self, frame: &RgbFrame) -> bool {
-        let Some(stage) = self.gpu.as_mut() else {
-            return false;
-        };
-        match stage.preprocess(frame, &self.manifest) {
-            Ok(()) => true,
-            Err(e) => {
-                eprintln!(
-                    "[{}] GPU preprocessing failed ({e}); this camera continues on the CPU",
-                    self.camera.name
-                );
-                self.gpu = None;
-                false
-            }
-        }
-    }
-
-    #[cfg(not(feature = "gpu"))]
-    fn preprocess_on_gpu(&mut self, _frame: &RgbFrame) -> bool {
-        false
-    }
-
-    /// Inference on the input the GPU stage left on the device.
-    #[cfg(feature = "gpu")]
-    fn infer_on_gpu(&self) -> Result<Scores, String> {
-        match &self.gpu {
-            Some(stage) => stage.infer(&self.engine),
-            None => Err("no GPU stage for this camera".into()),
-        }
-    }
-
-    #[cfg(not(feature = "gpu"))]
-    fn infer_on_gpu(&self) -> Result<Scores, String> {
-        Err("this build has no GPU path".into())
+        pixels
     }
 
     /// The annotated frame from the GPU overlay (heatmap and mask on the GPU, outlines, boxes and
@@ -668,7 +710,8 @@ impl Worker {
                 .record
                 .dir
                 .join(format!("{}-{}.mkv", self.camera.name, state.epoch as u64));
-            match Recorder::create(&path, (frame.width, frame.height), captured.fps) {
+            let timing = Some(Arc::clone(&self.live.metrics));
+            match Recorder::create(&path, (frame.width, frame.height), captured.fps, timing) {
                 Ok(recorder) => {
                     eprintln!("[{}] recording to {}", self.camera.name, path.display());
                     state.recorder = Some(recorder);
@@ -680,7 +723,7 @@ impl Worker {
             }
         }
         if let Some(recorder) = state.recorder.as_mut()
-            && let Err(message) = recorder.push(pixels, captured.pts)
+            && let Err(message) = recorder.push(pixels, captured.pts, captured.arrived)
         {
             state.stats.errors.push(message);
             state.recorder = None;

@@ -19,6 +19,18 @@ pub enum Item<T> {
     End,
 }
 
+impl<T> Item<T> {
+    /// The same item with its frame (if it is one) turned into `f(frame)`; markers stay.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Item<U> {
+        match self {
+            Item::Frame(frame) => Item::Frame(f(frame)),
+            Item::Offline(why) => Item::Offline(why),
+            Item::Online => Item::Online,
+            Item::End => Item::End,
+        }
+    }
+}
+
 /// Frames (not markers) waiting in `items`: the capacity counts frames only.
 fn frames_in<T>(items: &VecDeque<Item<T>>) -> usize {
     items.iter().filter(|i| matches!(i, Item::Frame(_))).count()

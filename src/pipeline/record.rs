@@ -2,12 +2,19 @@
 //! stays playable up to the last written cluster if the process dies; on a clean stop the recorder
 //! sends EOS and waits for the muxer to finish the file.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
+
+use crate::pipeline::metrics::{CameraMetrics, Stage};
+
+/// Frames handed to the encoder and not out of it yet: (pushed, arrived at the appsink).
+type InFlight = Arc<Mutex<VecDeque<(Instant, Instant)>>>;
 
 /// An open recording of one camera.
 pub struct Recorder {
@@ -17,11 +24,20 @@ pub struct Recorder {
     size: (usize, usize),
     last_pts: Option<Duration>,
     frame_duration: Duration,
+    /// Frames in the encoder, when its output is timed.
+    in_flight: Option<InFlight>,
 }
 
 impl Recorder {
-    /// Starts writing `path` for frames of `size` (width, height) at about `fps` frames/s.
-    pub fn create(path: &Path, size: (usize, usize), fps: f64) -> Result<Self, String> {
+    /// Starts writing `path` for frames of `size` (width, height) at about `fps` frames/s. With
+    /// `timing`, each frame's encode time and end-to-end latency (from its arrival at the appsink)
+    /// are recorded there when the encoder puts it out.
+    pub fn create(
+        path: &Path,
+        size: (usize, usize),
+        fps: f64,
+        timing: Option<Arc<CameraMetrics>>,
+    ) -> Result<Self, String> {
         gst::init().map_err(|e| format!("GStreamer failed to initialise: {e}"))?;
         let fps = if fps.is_finite() && fps > 0.0 {
             fps
@@ -29,7 +45,7 @@ impl Recorder {
             25.0
         };
         let description = "appsrc name=src format=time ! videoconvert ! video/x-raw,format=I420 ! \
-             x264enc tune=zerolatency speed-preset=ultrafast key-int-max=30 ! h264parse ! \
+             x264enc name=encoder tune=zerolatency speed-preset=ultrafast key-int-max=30 ! h264parse ! \
              matroskamux ! filesink name=sink";
         let pipeline = gst::parse::launch(description)
             .map_err(|e| {
@@ -54,6 +70,10 @@ impl Recorder {
             .build();
         appsrc.set_caps(Some(&caps));
         appsrc.set_format(gst::Format::Time);
+        let in_flight = match (timing, pipeline.by_name("encoder")) {
+            (Some(metrics), Some(encoder)) => Some(time_encoder(&encoder, metrics)),
+            _ => None,
+        };
         pipeline
             .set_state(gst::State::Playing)
             .map_err(|e| format!("cannot start the recorder for {}: {e}", path.display()))?;
@@ -64,6 +84,7 @@ impl Recorder {
             size,
             last_pts: None,
             frame_duration: Duration::from_secs_f64(1.0 / fps),
+            in_flight,
         })
     }
 
@@ -71,9 +92,10 @@ impl Recorder {
         &self.path
     }
 
-    /// Appends one frame (interleaved RGB of the recorder's size) at stream time `pts`. Frames of
-    /// another size or with a timestamp not after the previous one are skipped.
-    pub fn push(&mut self, pixels: &[u8], pts: Duration) -> Result<(), String> {
+    /// Appends one frame (interleaved RGB of the recorder's size) at stream time `pts`, which
+    /// reached the appsink at `arrived`. Frames of another size or with a timestamp not after the
+    /// previous one are skipped.
+    pub fn push(&mut self, pixels: &[u8], pts: Duration, arrived: Instant) -> Result<(), String> {
         if pixels.len() != self.size.0 * self.size.1 * 3 {
             return Ok(());
         }
@@ -81,9 +103,15 @@ impl Recorder {
             return Ok(());
         }
         self.last_pts = Some(pts);
+        let pts_ns = pts.as_nanos() as u64;
+        if let Some(in_flight) = &self.in_flight
+            && let Ok(mut in_flight) = in_flight.lock()
+        {
+            in_flight.push_back((Instant::now(), arrived));
+        }
         let mut buffer = gst::Buffer::from_slice(pixels.to_vec());
         if let Some(buffer) = buffer.get_mut() {
-            buffer.set_pts(gst::ClockTime::from_nseconds(pts.as_nanos() as u64));
+            buffer.set_pts(gst::ClockTime::from_nseconds(pts_ns));
             buffer.set_duration(gst::ClockTime::from_nseconds(
                 self.frame_duration.as_nanos() as u64,
             ));
@@ -128,4 +156,25 @@ impl Recorder {
         let _ = self.pipeline.set_state(gst::State::Null);
         result
     }
+}
+
+/// Times frames out of `encoder`: encode = since the recorder took the frame, end to end = since it
+/// reached the appsink. x264 tuned for zero latency puts out one frame per frame, in order (its
+/// timestamps are shifted by 1000 hours to leave room for decoding times, so order is what matches).
+fn time_encoder(encoder: &gst::Element, metrics: Arc<CameraMetrics>) -> InFlight {
+    let in_flight: InFlight = Arc::default();
+    let Some(pad) = encoder.static_pad("src") else {
+        return in_flight;
+    };
+    let pending = Arc::clone(&in_flight);
+    pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+        let now = Instant::now();
+        if let Some((pushed, arrived)) = pending.lock().ok().and_then(|mut p| p.pop_front()) {
+            metrics.stage(Stage::Encode, now - pushed);
+            metrics.stage(Stage::EndToEnd, now - arrived);
+            metrics.frame_out(now);
+        }
+        gst::PadProbeReturn::Ok
+    });
+    in_flight
 }

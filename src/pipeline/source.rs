@@ -24,6 +24,10 @@ pub struct Captured {
     pub pts: Duration,
     /// Nominal frame rate of the source (0 when unknown).
     pub fps: f64,
+    /// When the frame reached the appsink (or was generated): where end-to-end latency starts.
+    pub arrived: Instant,
+    /// Decoder and colour conversion time of this frame (GStreamer sources with a decoder).
+    pub decode: Option<Duration>,
 }
 
 /// Conveyor frame size (a typical machine-vision camera mode).
@@ -100,6 +104,8 @@ fn run_conveyor(
                 frame: generated.frame,
                 pts,
                 fps,
+                arrived: Instant::now(),
+                decode: None,
             },
         );
         index += 1;
@@ -219,6 +225,39 @@ fn run_gstreamer(spec: &SourceSpec, queue: &Arc<FrameQueue<Captured>>, stop: &Ar
     }
 }
 
+/// Watches the video decoder that `decodebin` plugs into `pipeline`: the returned cell holds when
+/// the latest compressed frame (or the end of stream, which drains the decoder) entered it. The
+/// decoder, colour conversion and appsink run on one streaming thread, so at the appsink the time
+/// since then is what decoding that frame took, without waiting downstream.
+fn time_decoder(pipeline: &gst::Pipeline) -> Arc<std::sync::Mutex<Option<Instant>>> {
+    let input = Arc::new(std::sync::Mutex::new(None));
+    let cell = Arc::clone(&input);
+    pipeline.connect_deep_element_added(move |_, _, element| {
+        let is_decoder = element
+            .factory()
+            .is_some_and(|f| f.klass().contains("Decoder") && f.klass().contains("Video"));
+        let Some(pad) = element.static_pad("sink").filter(|_| is_decoder) else {
+            return;
+        };
+        let cell = Arc::clone(&cell);
+        pad.add_probe(
+            gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM,
+            move |_, info| {
+                let starts_work = match &info.data {
+                    Some(gst::PadProbeData::Buffer(_)) => true,
+                    Some(gst::PadProbeData::Event(event)) => event.type_() == gst::EventType::Eos,
+                    _ => false,
+                };
+                if starts_work && let Ok(mut input) = cell.lock() {
+                    *input = Some(Instant::now());
+                }
+                gst::PadProbeReturn::Ok
+            },
+        );
+    });
+    input
+}
+
 /// Builds, plays and tears down the source pipeline once.
 fn play_once(
     spec: &SourceSpec,
@@ -241,6 +280,7 @@ fn play_once(
         SourceUri::V4l2(device) => src.set_property("device", device.to_string_lossy().as_ref()),
         SourceUri::Conveyor { .. } => {}
     }
+    let decoder_input = time_decoder(&pipeline);
     let sink = pipeline
         .by_name("sink")
         .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
@@ -257,6 +297,11 @@ fn play_once(
         sink.set_callbacks(
             gst_app::AppSinkCallbacks::builder()
                 .new_sample(move |sink| {
+                    let arrived = Instant::now();
+                    let decode = decoder_input
+                        .lock()
+                        .ok()
+                        .and_then(|input| input.map(|t| arrived.saturating_duration_since(t)));
                     let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
                     let Some((frame, pts, fps)) = copy_frame(&sample) else {
                         return Ok(gst::FlowSuccess::Ok);
@@ -268,7 +313,13 @@ fn play_once(
                     if !online.swap(true, Ordering::Relaxed) {
                         queue.push_drop_oldest(Item::Online);
                     }
-                    let item = Item::Frame(Captured { frame, pts, fps });
+                    let item = Item::Frame(Captured {
+                        frame,
+                        pts,
+                        fps,
+                        arrived,
+                        decode,
+                    });
                     if realtime {
                         queue.push_drop_oldest(item);
                     } else if !queue.push_wait(item, &|| stop.load(Ordering::Relaxed)) {

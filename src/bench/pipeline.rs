@@ -1,0 +1,465 @@
+//! `stpm bench --pipeline`: the real `stpm run` path (decode → preprocess → inference → overlay →
+//! encode) on a file source, timed frame by frame by the pipeline's own stage timings, against the
+//! engine-only throughput of a plain ONNX Runtime session on the same model in the same run. Runs
+//! the pipeline self-contained: no RTSP, HTTP or MQTT; the recording goes to a temporary folder.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::{BenchError, StageStats, cpu_seconds, peak_rss_mb, time_engine};
+use crate::bundle::Bundle;
+use crate::engine::{Engine, EngineOptions, ExecutionProvider, ProviderRequest};
+use crate::pipeline::config::{PipelineConfig, SourceUri};
+use crate::pipeline::conveyor::{self, Conveyor};
+use crate::pipeline::metrics::{Stage, StageSamples};
+use crate::pipeline::{RunOptions, run_with};
+use crate::preprocess;
+
+/// What `ratio_vs_baseline` means here, printed with it.
+pub const RATIO_MEANING: &str = "end-to-end pipeline frames/s (decode to encoded frame) / engine-only images/s of a plain ONNX Runtime session on the same model (target >= 0.85)";
+
+/// The `stages` entry of end to end less the queue wait.
+const PROCESSING: &str = "processing";
+
+/// Frame rate of the generated conveyor file (any: the bench decodes as fast as it can).
+const GENERATED_FPS: f64 = 15.0;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct PipelineBenchOptions {
+    /// The pipeline file; its first camera is measured.
+    pub pipeline: PathBuf,
+    /// `section.key=value` overrides, as `stpm run --set`.
+    pub sets: Vec<String>,
+    /// Bundle instead of the file's `model.bundle`.
+    pub model: Option<PathBuf>,
+    /// `file:///…` instead of the camera's source.
+    pub source: Option<String>,
+    /// Frames of the generated file (when the camera has no file source) and timed calls of each
+    /// engine-only round.
+    pub frames: usize,
+    /// `model.threads` override.
+    pub threads: Option<usize>,
+    /// `model.provider` override.
+    pub provider: Option<String>,
+}
+
+/// The result; `--json` prints it as one object. Same top-level keys as the engine-only report.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineBenchReport {
+    /// `pipeline`.
+    pub mode: &'static str,
+    pub model: String,
+    pub input_size: [usize; 2],
+    pub pipeline: String,
+    pub camera: String,
+    /// The file measured (`file:///…`).
+    pub source: String,
+    /// True when the camera had no file source and a 640×480 conveyor file was generated.
+    pub source_generated: bool,
+    /// The execution provider the pipeline's engine ran on.
+    pub provider: ExecutionProvider,
+    pub provider_reason: String,
+    /// `model.threads` of the run (0 = one per core).
+    pub threads: usize,
+    /// Frames that reached the worker, went through the engine, came out of the encoder, were
+    /// dropped (always 0: the bench decodes no faster than the pipeline takes frames).
+    pub frames: u64,
+    pub frames_analysed: u64,
+    pub frames_encoded: usize,
+    pub frames_dropped: u64,
+    /// Encoded frames per second, from the first frame at the appsink to the last encoded one.
+    pub fps: f64,
+    /// End-to-end latency: frame at the appsink → encoded frame out.
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    /// Engine only: a plain ONNX Runtime session (default options) on the same model, median of a
+    /// round before and a round after the pipeline.
+    pub baseline_fps: f64,
+    pub baseline_p50_ms: f64,
+    /// `fps / baseline_fps`; see `ratio_meaning`.
+    pub ratio_vs_baseline: f64,
+    pub ratio_meaning: &'static str,
+    /// The plain session's images/s before and after the pipeline (their spread shows how much the
+    /// machine's load changed meanwhile).
+    pub baseline_rounds_fps: [f64; 2],
+    /// Engine only with the pipeline's own session settings (`model.threads`, intra-op threads
+    /// that sleep between calls), rounds before and after: `fps / engine_fps` is what the stages
+    /// around inference cost, apart from session settings.
+    pub engine_fps: f64,
+    pub engine_p50_ms: f64,
+    pub ratio_vs_engine: f64,
+    /// `p95_ms / baseline_p50_ms` (target ≤ 2).
+    pub p95_vs_engine_median: f64,
+    /// The same for `processing` (end to end less the wait in the queue, which in a run as fast
+    /// as possible is the previous frame's processing time).
+    pub processing_p95_vs_engine_median: f64,
+    /// Per stage (decode, queue, preprocess, inference, overlay, output, encode, end_to_end).
+    pub stages: BTreeMap<String, StageStats>,
+    /// Process CPU time / wall time over the measured span (2.0 = two cores busy).
+    pub cpu_utilisation: f64,
+    pub cpu_percent_of_one_core: f64,
+    pub cpu_percent_of_all_cores: f64,
+    pub cores: usize,
+    /// Peak resident memory of the process during the pipeline run (VmHWM, reset before it).
+    pub peak_rss_mb: f64,
+    /// The measured span (first frame in → last frame out), seconds.
+    pub seconds: f64,
+}
+
+/// A folder removed when the bench ends (recordings, spool, the generated source).
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn create() -> Result<Self, BenchError> {
+        let path = std::env::temp_dir().join(format!("stpm-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&path).map_err(|source| BenchError::Scratch {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Process CPU seconds sampled every 20 ms on a thread, to read CPU use over a span known only
+/// afterwards (first frame in → last frame out).
+struct CpuSampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Instant, f64)>>,
+}
+
+impl CpuSampler {
+    fn start() -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                if let Some(cpu) = cpu_seconds() {
+                    samples.push((Instant::now(), cpu));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            samples
+        });
+        Self { stop, thread }
+    }
+
+    fn finish(self) -> Vec<(Instant, f64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// CPU seconds used between `from` and `to`, from the samples nearest to them.
+fn cpu_between(samples: &[(Instant, f64)], from: Instant, to: Instant) -> Option<f64> {
+    let nearest = |at: Instant| {
+        samples
+            .iter()
+            .min_by_key(|(t, _)| if *t > at { *t - at } else { at - *t })
+            .map(|&(t, cpu)| (t, cpu))
+    };
+    let ((t0, c0), (t1, c1)) = (nearest(from)?, nearest(to)?);
+    (t1 > t0).then(|| (c1 - c0) * (to - from).as_secs_f64() / (t1 - t0).as_secs_f64())
+}
+
+/// Resets the peak RSS (VmHWM) of this process, so the next reading covers what follows.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Where the measured frames come from: the camera's file, `--source`, or a generated file.
+fn choose_source(
+    config: &PipelineConfig,
+    options: &PipelineBenchOptions,
+    scratch: &Path,
+) -> Result<(PathBuf, bool), BenchError> {
+    let camera = &config.camera[0];
+    if let Some(uri) = &options.source {
+        return match SourceUri::parse(uri) {
+            Ok(SourceUri::File(path)) if path.is_file() => Ok((path, false)),
+            Ok(SourceUri::File(path)) => Err(BenchError::Source(format!(
+                "--source {uri}: {} does not exist",
+                path.display()
+            ))),
+            Ok(_) => Err(BenchError::Source(format!(
+                "--source {uri}: the bench measures a file source (file:///abs/path.mkv|.mp4); leave --source out to measure a generated 640×480 conveyor file"
+            ))),
+            Err(message) => Err(BenchError::Source(format!("--source: {message}"))),
+        };
+    }
+    if let Ok(SourceUri::File(path)) = SourceUri::parse(&camera.source) {
+        return Ok((path, false));
+    }
+    let path = scratch.join("conveyor-640x480.mkv");
+    eprintln!(
+        "bench: camera {} reads {}, not a file; measuring a generated 640×480 conveyor file of {} frames instead (choose a file with --source file:///…)",
+        camera.name, camera.source, options.frames
+    );
+    conveyor::write_video(&path, options.frames as u64, GENERATED_FPS, 1)
+        .map_err(BenchError::Source)?;
+    Ok((path, true))
+}
+
+/// An engine-only round: a fresh session with `options`, 3 warm-up calls, `frames` timed calls.
+fn engine_round(
+    bundle: &Bundle,
+    options: EngineOptions,
+    frames: usize,
+) -> Result<(f64, Vec<Duration>), BenchError> {
+    let manifest = &bundle.manifest;
+    let size = manifest.model.input_size;
+    let mut engine = Engine::open(&bundle.model_path(), size, options)?;
+    let frame = Conveyor::new(640, 480, 1).frame(60).frame;
+    let input = preprocess::to_chw(&frame, size, &manifest.normalisation);
+    Ok(time_engine(&mut engine, &input, 1, frames)?)
+}
+
+/// Runs the benchmark: engine-only rounds (plain session, then the pipeline's session settings),
+/// the pipeline on the file, the engine-only rounds again in reverse order.
+pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchReport, BenchError> {
+    if options.frames == 0 {
+        return Err(BenchError::Zero("--frames"));
+    }
+    let mut config = PipelineConfig::load(&options.pipeline, &options.sets)?;
+    if let Some(model) = &options.model {
+        config.model.bundle = model.clone();
+    }
+    if let Some(threads) = options.threads {
+        config.model.threads = threads;
+    }
+    if let Some(provider) = &options.provider {
+        config.model.provider = provider.clone();
+    }
+    if config.camera.len() > 1 {
+        eprintln!(
+            "bench: measuring the first camera ({}) only",
+            config.camera[0].name
+        );
+        config.camera.truncate(1);
+    }
+    let scratch = ScratchDir::create()?;
+    let (video, generated) = choose_source(&config, options, &scratch.0)?;
+    let source = format!("file://{}", video.display());
+    // Self-contained and unthrottled: every frame analysed and encoded, nothing served.
+    let camera = &mut config.camera[0];
+    camera.source = source.clone();
+    camera.realtime = false;
+    camera.looping = false;
+    camera.max_fps = 0.0;
+    config.output.rtsp.enabled = false;
+    config.output.record.enabled = true;
+    config.output.record.dir = scratch.0.join("recordings");
+    config.http.enabled = false;
+    config.mqtt = None;
+    config.alerts.spool_dir = scratch.0.join("spool");
+
+    let request: ProviderRequest = config.model.provider.parse()?;
+    let bundle = Bundle::open(&config.model.bundle)?;
+    let plain = EngineOptions {
+        threads: 0,
+        plain: true,
+        sleep_when_idle: false,
+        provider: request,
+    };
+    let ours = crate::pipeline::engine_options(&config, request);
+    let (plain_before, mut plain_samples) = engine_round(&bundle, plain, options.frames)?;
+    let (ours_before, mut our_samples) = engine_round(&bundle, ours, options.frames)?;
+
+    reset_peak_rss();
+    let sampler = CpuSampler::start();
+    let summary = run_with(
+        &config,
+        Arc::new(AtomicBool::new(false)),
+        RunOptions {
+            keep_samples: true,
+            print_alerts: false,
+        },
+    )?;
+    let cpu_samples = sampler.finish();
+    let peak_rss_mb = peak_rss_mb();
+
+    let (ours_after, after) = engine_round(&bundle, ours, options.frames)?;
+    our_samples.extend(after);
+    let (plain_after, after) = engine_round(&bundle, plain, options.frames)?;
+    plain_samples.extend(after);
+
+    let camera = summary.cameras.into_iter().next().unwrap_or_default();
+    if let Some(error) = camera.errors.first() {
+        return Err(BenchError::Run(error.clone()));
+    }
+    let samples = camera.samples.unwrap_or_default();
+    let encoded = samples.of(Stage::EndToEnd).len();
+    let (seconds, cpu) = match (samples.first_in, samples.last_out) {
+        (Some(first), Some(last)) if last > first => (
+            (last - first).as_secs_f64(),
+            cpu_between(&cpu_samples, first, last),
+        ),
+        _ => return Err(BenchError::Run("no frame came out of the encoder".into())),
+    };
+    let cpu_utilisation = cpu.map_or(0.0, |cpu| cpu / seconds);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let stages = stage_stats(&samples);
+    let end_to_end = stages.get("end_to_end").cloned().unwrap_or_default();
+    let fps = encoded as f64 / seconds;
+    let baseline_fps = (plain_before + plain_after) / 2.0;
+    let baseline = StageStats::of(&mut plain_samples);
+    let engine_fps = (ours_before + ours_after) / 2.0;
+    let engine = StageStats::of(&mut our_samples);
+    Ok(PipelineBenchReport {
+        mode: "pipeline",
+        model: config.model.bundle.display().to_string(),
+        input_size: bundle.manifest.model.input_size,
+        pipeline: options.pipeline.display().to_string(),
+        camera: camera.camera,
+        source,
+        source_generated: generated,
+        provider: summary.provider,
+        provider_reason: summary.provider_reason,
+        threads: config.model.threads,
+        frames: camera.frames,
+        frames_analysed: camera.analysed,
+        frames_encoded: encoded,
+        frames_dropped: camera.dropped,
+        fps,
+        p50_ms: end_to_end.p50_ms,
+        p95_ms: end_to_end.p95_ms,
+        p99_ms: end_to_end.p99_ms,
+        baseline_fps,
+        baseline_p50_ms: baseline.p50_ms,
+        ratio_vs_baseline: fps / baseline_fps.max(1e-9),
+        ratio_meaning: RATIO_MEANING,
+        baseline_rounds_fps: [plain_before, plain_after],
+        engine_fps,
+        engine_p50_ms: engine.p50_ms,
+        ratio_vs_engine: fps / engine_fps.max(1e-9),
+        p95_vs_engine_median: end_to_end.p95_ms / baseline.p50_ms.max(1e-9),
+        processing_p95_vs_engine_median: stages
+            .get(PROCESSING)
+            .map_or(0.0, |s| s.p95_ms / baseline.p50_ms.max(1e-9)),
+        stages,
+        cpu_utilisation,
+        cpu_percent_of_one_core: cpu_utilisation * 100.0,
+        cpu_percent_of_all_cores: cpu_utilisation * 100.0 / cores as f64,
+        cores,
+        peak_rss_mb,
+        seconds,
+    })
+}
+
+/// Percentiles of every stage that has samples, and of `processing`: end to end less the time the
+/// frame waited in the queue (frame by frame; both are recorded for every frame, in order).
+fn stage_stats(samples: &StageSamples) -> BTreeMap<String, StageStats> {
+    let mut stats: BTreeMap<String, StageStats> = Stage::ALL
+        .iter()
+        .filter(|&&stage| !samples.of(stage).is_empty())
+        .map(|&stage| {
+            let mut durations = samples.of(stage).to_vec();
+            (stage.name().to_string(), StageStats::of(&mut durations))
+        })
+        .collect();
+    let (queue, end_to_end) = (samples.of(Stage::Queue), samples.of(Stage::EndToEnd));
+    if queue.len() == end_to_end.len() && !queue.is_empty() {
+        let mut processing: Vec<Duration> = end_to_end
+            .iter()
+            .zip(queue)
+            .map(|(&total, &waited)| total.saturating_sub(waited))
+            .collect();
+        stats.insert(PROCESSING.into(), StageStats::of(&mut processing));
+    }
+    stats
+}
+
+/// The human-readable report.
+pub fn summary(report: &PipelineBenchReport) -> String {
+    let mut text = format!(
+        "pipeline {} (camera {}), source {}{}\n\
+         model {} ({}×{}), provider {}, threads {}\n\
+         frames {} in, {} analysed, {} encoded, {} dropped in {:.1} s\n\
+         end to end {:>7.1} frames/s  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  (appsink → encoded frame)\n\
+         engine only {:>6.1} images/s  p50 {:.2} ms  (plain ONNX Runtime session, default options; rounds {:.1}, {:.1})\n\
+         ratio vs baseline {:.3}: {}\n\
+         engine only {:>6.1} images/s  p50 {:.2} ms  (the pipeline's session settings): ratio {:.3}\n\
+         p95 end to end / engine median {:.2} (target ≤ 2); without the queue wait {:.2}\n",
+        report.pipeline,
+        report.camera,
+        report.source,
+        if report.source_generated {
+            " (generated)"
+        } else {
+            ""
+        },
+        report.model,
+        report.input_size[1],
+        report.input_size[0],
+        report.provider,
+        report.threads,
+        report.frames,
+        report.frames_analysed,
+        report.frames_encoded,
+        report.frames_dropped,
+        report.seconds,
+        report.fps,
+        report.p50_ms,
+        report.p95_ms,
+        report.p99_ms,
+        report.baseline_fps,
+        report.baseline_p50_ms,
+        report.baseline_rounds_fps[0],
+        report.baseline_rounds_fps[1],
+        report.ratio_vs_baseline,
+        report.ratio_meaning,
+        report.engine_fps,
+        report.engine_p50_ms,
+        report.ratio_vs_engine,
+        report.p95_vs_engine_median,
+        report.processing_p95_vs_engine_median,
+    );
+    text.push_str("stage          p50 ms   p95 ms   p99 ms  mean ms\n");
+    let names = Stage::ALL.iter().map(|s| s.name()).chain([PROCESSING]);
+    for name in names {
+        if let Some(s) = report.stages.get(name) {
+            text.push_str(&format!(
+                "{:<12} {:>8.2} {:>8.2} {:>8.2} {:>8.2}\n",
+                name, s.p50_ms, s.p95_ms, s.p99_ms, s.mean_ms
+            ));
+        }
+    }
+    text.push_str(&format!(
+        "CPU {:.0} % of one core, {:.0} % of all {} cores · peak RSS {:.0} MiB\n",
+        report.cpu_percent_of_one_core,
+        report.cpu_percent_of_all_cores,
+        report.cores,
+        report.peak_rss_mb
+    ));
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_between_scales_to_the_span() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // One core busy: 1 s of CPU per second.
+        let samples: Vec<(Instant, f64)> =
+            (0..=10).map(|i| (at(i * 100), i as f64 * 0.1)).collect();
+        let cpu = cpu_between(&samples, at(200), at(700)).unwrap_or(0.0);
+        assert!((cpu - 0.5).abs() < 1e-9, "{cpu}");
+        assert_eq!(cpu_between(&samples[..1], at(0), at(100)), None);
+    }
+}
