@@ -230,3 +230,99 @@ impl Engine {
         })
     }
 }
+
+/// A CPU session on a graph held in memory that returns named intermediate tensors: how INT8
+/// calibration looks inside the fp32 graph. Not an inference path (no provider choice, no scores).
+pub struct Probe {
+    session: Session,
+    size: [usize; 2],
+}
+
+impl Probe {
+    /// Opens `model` (ONNX bytes whose graph outputs include the tensors to probe).
+    pub fn open(model: &[u8], size: [usize; 2], label: &Path) -> Result<Self, EngineError> {
+        let open_error = |e: ort::Error| EngineError::Open {
+            path: label.to_path_buf(),
+            message: e.to_string(),
+        };
+        let env = environment()?;
+        let mut builder = Session::builder(env).map_err(open_error)?;
+        let session = builder.commit_from_memory(model).map_err(open_error)?;
+        Ok(Self { session, size })
+    }
+
+    /// Runs one image (NCHW, batch 1) and hands each tensor of `names` to `visit` (index, values).
+    pub fn run(
+        &mut self,
+        image: &[f32],
+        names: &[String],
+        mut visit: impl FnMut(usize, &[f32]),
+    ) -> Result<(), EngineError> {
+        let [h, w] = self.size;
+        if image.len() != 3 * h * w {
+            return Err(EngineError::InputSize {
+                got: image.len(),
+                expected: 3 * h * w,
+                n: 1,
+                h,
+                w,
+            });
+        }
+        let input = TensorRef::from_array_view(([1, 3, h, w], image))
+            .map_err(|e| EngineError::Run(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![INPUT_NAME => input])
+            .map_err(|e| EngineError::Run(e.to_string()))?;
+        for (index, name) in names.iter().enumerate() {
+            let value = outputs
+                .get(name.as_str())
+                .ok_or_else(|| EngineError::Run(format!("the graph has no output `{name}`")))?;
+            let (_, values) = value
+                .try_extract_tensor::<f32>()
+                .map_err(|e| EngineError::Run(format!("`{name}`: {e}")))?;
+            visit(index, values);
+        }
+        Ok(())
+    }
+}
+
+/// Operator counts of `model` after ONNX Runtime's CPU graph optimisations (what the session
+/// really runs, e.g. whether QDQ pairs became QLinearConv). For diagnostics and tests.
+pub fn optimised_ops(
+    model: &Path,
+) -> Result<std::collections::BTreeMap<String, usize>, EngineError> {
+    use prost::Message;
+    let open_error = |message: String| EngineError::Open {
+        path: model.to_path_buf(),
+        message,
+    };
+    let env = environment()?;
+    let dump = std::env::temp_dir().join(format!(
+        "stpm-optimised-{}-{}.onnx",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let mut builder = Session::builder(env)
+        .map_err(|e| open_error(e.to_string()))?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|e| open_error(e.to_string()))?
+        .with_optimized_model_path(&dump)
+        .map_err(|e| open_error(e.to_string()))?;
+    let session = builder
+        .commit_from_file(model)
+        .map_err(|e| open_error(e.to_string()));
+    let bytes = std::fs::read(&dump);
+    let _ = std::fs::remove_file(&dump);
+    drop(session?);
+    let bytes = bytes.map_err(|e| open_error(format!("no optimised graph written: {e}")))?;
+    let optimised = crate::export::onnx_proto::ModelProto::decode(bytes.as_slice())
+        .map_err(|e| open_error(e.to_string()))?;
+    let mut counts = std::collections::BTreeMap::new();
+    for node in optimised.graph.iter().flat_map(|g| &g.node) {
+        *counts.entry(node.op_type.clone()).or_insert(0) += 1;
+    }
+    Ok(counts)
+}
+
+static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
