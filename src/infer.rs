@@ -63,7 +63,7 @@ pub fn infer(
     let calibration = bundle.calibration();
     let manifest = &bundle.manifest;
     let size = manifest.model.input_size;
-    let mut engine = Engine::open(&bundle.model_path(), size, EngineOptions::default())?;
+    let mut engine = Engine::for_bundle(&bundle, EngineOptions::default())?;
     std::fs::create_dir_all(out).map_err(|e| InferError::Write {
         path: out.to_path_buf(),
         message: e.to_string(),

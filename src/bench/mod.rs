@@ -165,13 +165,12 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
     let bundle = Bundle::open_as(model, options.precision)?;
     let manifest = &bundle.manifest;
     let size = manifest.model.input_size;
-    let mut ours = Engine::open(
-        &bundle.model_path(),
-        size,
+    let mut ours = Engine::for_bundle(
+        &bundle,
         EngineOptions {
             threads: options.threads,
-            plain: false,
             provider: request,
+            ..EngineOptions::default()
         },
     )?;
     let provider = ours.provider_choice().clone();
@@ -183,6 +182,7 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
             threads: 0,
             plain: true,
             provider: ProviderRequest::exactly(provider.provider),
+            int8: false,
         },
     )?;
     let frame = Conveyor::new(640, 480, 1).frame(60).frame;
@@ -271,7 +271,7 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
         cpu_utilisation,
         peak_rss_mb: peak_rss_mb(),
         optimised_ops: if provider.provider == ExecutionProvider::Cpu {
-            crate::engine::optimised_ops(&bundle.model_path())?
+            crate::engine::optimised_ops(&bundle.model_path(), bundle.precision == Precision::Int8)?
         } else {
             Default::default()
         },

@@ -12,6 +12,7 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::TensorRef;
 
+use crate::bundle::{Bundle, Precision};
 use crate::export::{INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT};
 pub use provider::{ExecutionProvider, ProviderChoice, ProviderRequest, resolve_provider};
 
@@ -50,6 +51,9 @@ pub enum EngineError {
         w: usize,
     },
 }
+
+/// ONNX Runtime graph passes turned off for INT8 graphs (see `EngineOptions::int8`).
+const INT8_DISABLED_OPTIMIZERS: &str = "NchwcTransformer";
 
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
 
@@ -95,6 +99,10 @@ pub struct EngineOptions {
     /// Execution provider to use. The default is `cpu`, so offline commands (train, eval, infer) give
     /// the same numbers on every machine; `stpm run` and `stpm bench` pass the user's choice.
     pub provider: ProviderRequest,
+    /// The model is an INT8 (QDQ) graph: ONNX Runtime's NCHWc layout pass is turned off. It speeds
+    /// up fp32 backbones, but in an INT8 graph only the stems and the 1-channel blur are fp32
+    /// Convs, and it pads the blur to 16 channels and reorders its output (about 5 ms per image).
+    pub int8: bool,
 }
 
 /// Anomaly maps [N, 1, H, W] (flattened) and image scores [N] of one batch.
@@ -148,6 +156,20 @@ impl Engine {
         })
     }
 
+    /// Opens the graph `bundle` was opened for (`Bundle::open_as`), with the session settings of its
+    /// precision.
+    pub fn for_bundle(bundle: &Bundle, options: EngineOptions) -> Result<Self, EngineError> {
+        let options = EngineOptions {
+            int8: bundle.precision == Precision::Int8,
+            ..options
+        };
+        Self::open(
+            &bundle.model_path(),
+            bundle.manifest.model.input_size,
+            options,
+        )
+    }
+
     /// One session on exactly `provider`; a GPU provider that fails to register is an error.
     fn session(
         env: &Environment,
@@ -166,6 +188,11 @@ impl Engine {
         if !options.plain {
             builder = builder
                 .with_optimization_level(GraphOptimizationLevel::All)
+                .map_err(|e| open_error(e.to_string()))?;
+        }
+        if options.int8 && !options.plain {
+            builder = builder
+                .with_disabled_optimizers(INT8_DISABLED_OPTIMIZERS)
                 .map_err(|e| open_error(e.to_string()))?;
         }
         if options.threads > 0 && !options.plain {
@@ -287,10 +314,12 @@ impl Probe {
     }
 }
 
-/// Operator counts of `model` after ONNX Runtime's CPU graph optimisations (what the session
-/// really runs, e.g. whether QDQ pairs became QLinearConv). For diagnostics and tests.
+/// Operator counts of `model` after ONNX Runtime's CPU graph optimisations as an `Engine` with
+/// `int8` applies them (what the session really runs, e.g. whether QDQ pairs became QLinearConv).
+/// For diagnostics and tests.
 pub fn optimised_ops(
     model: &Path,
+    int8: bool,
 ) -> Result<std::collections::BTreeMap<String, usize>, EngineError> {
     use prost::Message;
     let open_error = |message: String| EngineError::Open {
@@ -306,6 +335,8 @@ pub fn optimised_ops(
     let mut builder = Session::builder(env)
         .map_err(|e| open_error(e.to_string()))?
         .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|e| open_error(e.to_string()))?
+        .with_disabled_optimizers(if int8 { INT8_DISABLED_OPTIMIZERS } else { "" })
         .map_err(|e| open_error(e.to_string()))?
         .with_optimized_model_path(&dump)
         .map_err(|e| open_error(e.to_string()))?;

@@ -176,7 +176,7 @@ pub fn evaluate(
     let norm: Normalisation = manifest.normalisation;
     let calibration = bundle.calibration();
     let images = dataset::test_set(data)?;
-    let mut engine = Engine::open(&bundle.model_path(), size, EngineOptions::default())?;
+    let mut engine = Engine::for_bundle(&bundle, EngineOptions::default())?;
 
     let mut type_names: Vec<String> = Vec::new();
     for image in &images {

@@ -133,11 +133,16 @@ pub fn weight_params(weights: &[f32], out_channels: usize) -> (Vec<i8>, Vec<f32>
 /// Which tensors of a graph are quantised.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
-    /// Tensors that need a calibrated range, in graph order: the input and every backbone tensor
-    /// not consumed only by a Clip/Relu (that activation's output carries the range instead).
+    /// Tensors that need a calibrated range, in graph order: every backbone tensor not consumed
+    /// only by a Clip/Relu (that activation's output carries the range instead), and the input
+    /// when a node other than a stem Conv reads it.
     pub tensors: Vec<String>,
     /// Indices of the backbone nodes (Conv, Clip, Relu, Add, MaxPool reached from the input).
     backbone: HashSet<usize>,
+    /// Backbone Convs that stay fp32: those reading the image.
+    stems: HashSet<usize>,
+    /// The graph input.
+    input: String,
 }
 
 impl Plan {
@@ -145,7 +150,7 @@ impl Plan {
     pub fn conv_count(&self, graph: &GraphProto) -> usize {
         self.backbone
             .iter()
-            .filter(|&&i| graph.node[i].op_type == "Conv")
+            .filter(|&&i| graph.node[i].op_type == "Conv" && !self.stems.contains(&i))
             .count()
     }
 }
@@ -189,13 +194,32 @@ pub fn plan(graph: &GraphProto) -> Result<Plan, QuantizeError> {
         Some([only]) => ACTIVATION_OPS.contains(&only.op_type.as_str()),
         _ => false,
     };
-    let mut tensors = vec![input.clone()];
+    // Stems (Convs on the image itself) stay fp32: with 3 input channels an int8 GEMM has too
+    // little depth to pay off (about 6 ms each against 1-2 ms in fp32 here), and the image is the
+    // most range-sensitive tensor.
+    let stems: HashSet<usize> = backbone
+        .iter()
+        .copied()
+        .filter(|&i| graph.node[i].op_type == "Conv" && graph.node[i].input[0] == input)
+        .collect();
+    let input_quantised = backbone
+        .iter()
+        .any(|i| !stems.contains(i) && graph.node[*i].input.contains(&input));
+    let mut tensors = Vec::new();
+    if input_quantised {
+        tensors.push(input.clone());
+    }
     for (index, node) in graph.node.iter().enumerate() {
         if backbone.contains(&index) {
             tensors.extend(node.output.iter().filter(|t| !absorbed(t)).cloned());
         }
     }
-    Ok(Plan { tensors, backbone })
+    Ok(Plan {
+        tensors,
+        backbone,
+        stems,
+        input,
+    })
 }
 
 /// `model` with the plan's tensors added as graph outputs, so a session returns them.
@@ -424,11 +448,10 @@ pub fn quantise(
         params: HashMap::new(),
         activations,
     };
-    let input = &plan.tensors[0];
-    rewrite.quantise_activation(
-        input,
-        activation_params(checked(input, ranges)?, activations),
-    );
+    if planned.contains(plan.input.as_str()) {
+        let range = checked(&plan.input, ranges)?;
+        rewrite.quantise_activation(&plan.input, activation_params(range, activations));
+    }
     for (index, original) in graph.node.iter().enumerate() {
         let mut node = original.clone();
         for name in &mut node.input {
@@ -437,7 +460,7 @@ pub fn quantise(
             }
         }
         let inside = plan.backbone.contains(&index);
-        if inside && node.op_type == "Conv" {
+        if inside && node.op_type == "Conv" && !plan.stems.contains(&index) {
             let x = &original.input[0];
             let x_scale = rewrite
                 .params
@@ -534,21 +557,21 @@ mod tests {
         assert_eq!((flat.scale, flat.zero_point), (1.0, 0));
     }
 
-    /// image → Conv(w1) → Clip → Conv(w2) → Add(image) → Mul(x, x) (scoring) → Conv(blur).
-    fn small_model() -> (ModelProto, String) {
+    /// image → stem Conv → Clip → Conv(w2, b2) → Add(Clip) → Mul(x, x) (scoring) → Conv(blur).
+    fn small_model() -> (ModelProto, [String; 2]) {
         let mut g = GraphBuilder::default();
         let w1 = g.float_initializer("w1", &[2, 1, 1, 1], &[0.5, -0.25]);
         let b1 = g.float_initializer("b1", &[2], &[0.1, -0.2]);
-        let conv1 = g.node("Conv", &["image", &w1, &b1], vec![], "conv1");
+        let stem = g.node("Conv", &["image", &w1, &b1], vec![], "stem");
         let low = g.scalar("zero", 0.0);
         let high = g.scalar("six", 6.0);
-        let clip = g.node("Clip", &[&conv1, &low, &high], vec![], "relu6");
-        let w2 = g.float_initializer("w2", &[1, 2, 1, 1], &[1.0, 2.0]);
-        let b2 = g.float_initializer("b2", &[1], &[0.0]);
+        let clip = g.node("Clip", &[&stem, &low, &high], vec![], "relu6");
+        let w2 = g.float_initializer("w2", &[2, 2, 1, 1], &[0.5, -0.25, 1.0, 2.0]);
+        let b2 = g.float_initializer("b2", &[2], &[0.1, -0.2]);
         let conv2 = g.node("Conv", &[&clip, &w2, &b2], vec![], "conv2");
-        let add = g.binary("Add", &conv2, "image");
+        let add = g.binary("Add", &conv2, &clip);
         let squared = g.binary("Mul", &add, &add);
-        let w3 = g.float_initializer("blur_w", &[1, 1, 1, 1], &[1.0]);
+        let w3 = g.float_initializer("blur_w", &[1, 2, 1, 1], &[1.0, 1.0]);
         let b3 = g.float_initializer("blur_b", &[1], &[0.0]);
         g.node_named("Conv", &[&squared, &w3, &b3], vec![], "map");
         let graph = g.finish(
@@ -563,36 +586,35 @@ mod tests {
             graph: Some(graph),
             ..Default::default()
         };
-        (model, add)
+        (model, [clip, add])
+    }
+
+    fn floats(tensor: &TensorProto) -> Vec<f32> {
+        float_values(tensor).unwrap_or_default()
     }
 
     #[test]
     fn rewrite_quantises_the_backbone_only() {
-        let (model, add) = small_model();
+        let (model, [clip, add]) = small_model();
         let graph = model.graph.as_ref().expect("graph");
         let plan = plan(graph).expect("plan");
-        // The Conv before the Clip has no range of its own; the blur Conv is not backbone.
-        assert_eq!(plan.tensors.len(), 4, "{:?}", plan.tensors);
-        assert_eq!(plan.conv_count(graph), 2);
-        let ranges: HashMap<String, Range> = plan
-            .tensors
-            .iter()
-            .map(|t| {
-                (
-                    t.clone(),
-                    Range {
-                        min: -1.0,
-                        max: 3.0,
-                    },
-                )
-            })
-            .collect();
+        // The stem stays fp32, so the image needs no range; neither does the Conv output the Clip
+        // absorbs. The blur Conv is not backbone.
+        assert_eq!(plan.tensors.len(), 3, "{:?}", plan.tensors);
+        assert!(!plan.tensors.iter().any(|t| t == "image"));
+        assert_eq!(plan.conv_count(graph), 1);
+        let range = Range {
+            min: -1.0,
+            max: 3.0,
+        };
+        let ranges: HashMap<String, Range> =
+            plan.tensors.iter().map(|t| (t.clone(), range)).collect();
         let quantised = quantise(&model, &plan, &ranges, ActivationType::Uint8).expect("quantise");
         let graph = quantised.graph.as_ref().expect("graph");
         let count = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
-        assert_eq!(count("QuantizeLinear"), 4);
-        // 4 activations + 2 weights + 2 biases.
-        assert_eq!(count("DequantizeLinear"), 8);
+        assert_eq!(count("QuantizeLinear"), 3);
+        // 3 activations + the weights and bias of the one int8 Conv.
+        assert_eq!(count("DequantizeLinear"), 5);
         assert_eq!(count("Conv"), 3);
         let init = |name: &str| {
             graph
@@ -601,23 +623,32 @@ mod tests {
                 .find(|t| t.name == name)
                 .unwrap_or_else(|| panic!("no initializer {name}"))
         };
-        let conv1 = &graph
-            .node
-            .iter()
-            .find(|n| n.op_type == "Conv")
-            .expect("conv");
-        let weight = conv1.input[1].trim_end_matches("_dq");
-        // One weight per output channel: each is its channel's maximum.
-        assert_eq!(ints(init(&format!("{weight}_int8"))), vec![127, -127]);
-        let scales: Vec<f32> = init(&format!("{weight}_scale"))
-            .raw_data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        assert_eq!(scales, vec![0.5 / 127.0, 0.25 / 127.0]);
+        let convs: Vec<&NodeProto> = graph.node.iter().filter(|n| n.op_type == "Conv").collect();
+        // The stem reads the image and its fp32 weights.
+        assert_eq!(convs[0].input[0], "image");
+        assert_eq!(floats(init(&convs[0].input[1])), vec![0.5, -0.25]);
+        // conv2 reads the dequantised Clip output and int8 weights, per output channel.
+        assert_eq!(convs[1].input[0], format!("{clip}_dq"));
+        let weight = convs[1].input[1].trim_end_matches("_dq");
+        assert_eq!(
+            ints(init(&format!("{weight}_int8"))),
+            vec![127, -64, 64, 127]
+        );
+        assert_eq!(init(&format!("{weight}_int8")).dims, vec![2, 2, 1, 1]);
+        let scales = floats(init(&format!("{weight}_scale")));
+        assert_eq!(scales, vec![0.5 / 127.0, 2.0 / 127.0]);
+        assert_eq!(ints(init(&format!("{weight}_zero_point"))), vec![0, 0]);
+        // The bias is int32 at input scale × weight scale.
         let x_scale = 4.0f32 / 255.0;
-        let bias = conv1.input[2].trim_end_matches("_dq");
-        let bias_scales = [0.5 / 127.0 * x_scale, 0.25 / 127.0 * x_scale];
+        assert_eq!(floats(init(&format!("{clip}_scale"))), vec![x_scale]);
+        assert_eq!(ints(init(&format!("{clip}_zero_point"))), vec![64]);
+        assert_eq!(
+            init(&format!("{clip}_zero_point")).data_type,
+            data_type::UINT8
+        );
+        let bias = convs[1].input[2].trim_end_matches("_dq");
+        let bias_scales = [scales[0] * x_scale, scales[1] * x_scale];
+        assert_eq!(floats(init(&format!("{bias}_scale"))), bias_scales.to_vec());
         assert_eq!(
             ints(init(&format!("{bias}_int32"))),
             vec![
@@ -625,9 +656,8 @@ mod tests {
                 (-0.2f32 as f64 / bias_scales[1] as f64).round() as i32
             ]
         );
-        assert_eq!(ints(init("image_zero_point")), vec![64]);
-        assert_eq!(init("image_zero_point").data_type, data_type::UINT8);
-        // The fp32 weights are gone, the blur's stay; the scoring reads the dequantised Add.
+        // conv2's fp32 weights are gone, the stem's and blur's stay; the scoring reads the
+        // dequantised Add, the blur its fp32 input.
         assert!(graph.initializer.iter().all(|t| t.name != weight));
         assert!(
             graph
@@ -637,8 +667,7 @@ mod tests {
         );
         let mul = graph.node.iter().find(|n| n.op_type == "Mul").expect("mul");
         assert_eq!(mul.input, vec![format!("{add}_dq"), format!("{add}_dq")]);
-        let blur = graph.node.iter().rev().find(|n| n.op_type == "Conv");
-        assert!(blur.is_some_and(|b| b.input[1].starts_with("blur_w")));
+        assert!(convs[2].input[1].starts_with("blur_w"));
     }
 
     #[test]
@@ -646,7 +675,7 @@ mod tests {
         let (model, _) = small_model();
         let plan = plan(model.graph.as_ref().expect("graph")).expect("plan");
         let error = quantise(&model, &plan, &HashMap::new(), ActivationType::Uint8);
-        assert!(matches!(error, Err(QuantizeError::MissingRange(name)) if name == "image"));
+        assert!(matches!(error, Err(QuantizeError::MissingRange(name)) if name == plan.tensors[0]));
         let ranges = plan
             .tensors
             .iter()

@@ -122,9 +122,8 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunSummary,
     let mut manifest = bundle.manifest.clone();
     manifest.calibration = bundle.calibration().clone();
     let manifest = Arc::new(manifest);
-    let engine = Engine::open(
-        &bundle.model_path(),
-        manifest.model.input_size,
+    let engine = Engine::for_bundle(
+        &bundle,
         EngineOptions {
             threads: config.model.threads,
             provider: request,
