@@ -230,11 +230,6 @@ pub fn export_int8(dir: &Path, options: &Int8Options) -> Result<Int8Outcome, Int
         .graph
         .as_ref()
         .ok_or_else(|| decode_error("no graph".into()))?;
-    let plan = quantize::plan(graph)?;
-    let set = calibration_set(&bundle, options)?;
-    let ranges = observe_ranges(&bundle, &model, &plan, &set.ranges, options.progress)?;
-    let quantised = quantize::quantise(&model, &plan, &ranges, options.activations)?;
-
     let path = options
         .out
         .clone()
@@ -242,6 +237,11 @@ pub fn export_int8(dir: &Path, options: &Int8Options) -> Result<Int8Outcome, Int
     if same_dir(&path, &source) {
         return Err(Int8Error::WouldOverwrite { path });
     }
+    let plan = quantize::plan(graph)?;
+    let set = calibration_set(&bundle, options)?;
+    let ranges = observe_ranges(&bundle, &model, &plan, &set.ranges, options.progress)?;
+    let quantised = quantize::quantise(&model, &plan, &ranges, options.activations)?;
+
     let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
