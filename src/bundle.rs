@@ -14,6 +14,8 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "stpm.toml";
 pub const MODEL_FILE: &str = "model.onnx";
 pub const STUDENT_FILE: &str = "student.safetensors";
+/// The INT8 (QDQ) variant written by `stpm export --precision int8`.
+pub const INT8_MODEL_FILE: &str = "model.int8.onnx";
 /// Only for randomly initialised teachers (tests); pretrained ones are referenced by path and hash.
 pub const TEACHER_FILE: &str = "teacher.safetensors";
 
@@ -32,6 +34,16 @@ pub enum BundleError {
     Write {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("{dir} has no INT8 model: run `stpm export --model {dir} --precision int8` first")]
+    NoInt8 { dir: PathBuf },
+    #[error(
+        "the INT8 model of {dir} was made from another model.onnx (sha256 {found}, now {expected}): export it again with `stpm export --model {dir} --precision int8`"
+    )]
+    StaleInt8 {
+        dir: PathBuf,
+        expected: String,
+        found: String,
     },
     #[error("{path} is not a valid manifest: {message}")]
     Parse { path: PathBuf, message: String },
@@ -122,6 +134,55 @@ pub struct TrainingSummary {
     pub teacher_weights_sha256: String,
 }
 
+/// `[int8]`: the INT8 (QDQ) variant of `model.onnx`, written by `stpm export --precision int8`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Int8Section {
+    /// File name of the INT8 graph inside the bundle.
+    pub onnx: String,
+    /// sha256 of that file, checked when it is chosen.
+    pub onnx_sha256: String,
+    /// sha256 of the fp32 `model.onnx` it was quantised from (a retrained model invalidates it).
+    pub source_sha256: String,
+    /// Weight quantisation, e.g. "int8 symmetric per output channel".
+    pub weights: String,
+    /// Activation type ("uint8" or "int8"), per tensor.
+    pub activations: String,
+    /// How activation ranges were chosen, e.g. "min/max".
+    pub ranges: String,
+    /// Folder of the calibration images.
+    pub calibration_data: String,
+    /// Number of calibration images the ranges come from.
+    pub calibration_images: usize,
+    /// Threshold and floor for this graph's scores (held-out good images through the INT8 graph
+    /// when the training split can be reproduced, else a copy of `[calibration]`).
+    pub calibration: Calibration,
+}
+
+/// Which graph of a bundle runs: `model.onnx` (fp32) or its INT8 variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Int8,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Int8 => "int8",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// `stpm.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -131,6 +192,9 @@ pub struct Manifest {
     pub normalisation: Normalisation,
     pub calibration: Calibration,
     pub training: TrainingSummary,
+    /// The INT8 variant, once exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub int8: Option<Int8Section>,
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -151,6 +215,8 @@ pub fn sha256_file(path: &Path) -> Result<String, BundleError> {
 pub struct Bundle {
     pub dir: PathBuf,
     pub manifest: Manifest,
+    /// The graph `model_path` and `calibration` refer to.
+    pub precision: Precision,
 }
 
 impl Bundle {
@@ -193,11 +259,62 @@ impl Bundle {
         Ok(Self {
             dir: dir.to_path_buf(),
             manifest,
+            precision: Precision::Fp32,
         })
     }
 
+    /// Opens the bundle with `precision` chosen: for INT8, checks that the variant exists, was made
+    /// from this `model.onnx` and matches its hash.
+    pub fn open_as(dir: &Path, precision: Precision) -> Result<Self, BundleError> {
+        let mut bundle = Self::open(dir)?;
+        if precision == Precision::Int8 {
+            let int8 = bundle
+                .manifest
+                .int8
+                .as_ref()
+                .ok_or_else(|| BundleError::NoInt8 {
+                    dir: dir.to_path_buf(),
+                })?;
+            if int8.source_sha256 != bundle.manifest.model.onnx_sha256 {
+                return Err(BundleError::StaleInt8 {
+                    dir: dir.to_path_buf(),
+                    expected: bundle.manifest.model.onnx_sha256.clone(),
+                    found: int8.source_sha256.clone(),
+                });
+            }
+            let path = dir.join(&int8.onnx);
+            let found = sha256_file(&path)?;
+            if found != int8.onnx_sha256 {
+                return Err(BundleError::Hash {
+                    path,
+                    expected: int8.onnx_sha256.clone(),
+                    found,
+                });
+            }
+            bundle.precision = precision;
+        }
+        Ok(bundle)
+    }
+
+    /// The graph of the chosen precision.
     pub fn model_path(&self) -> PathBuf {
+        match (&self.manifest.int8, self.precision) {
+            (Some(int8), Precision::Int8) => self.dir.join(&int8.onnx),
+            _ => self.dir.join(&self.manifest.model.onnx),
+        }
+    }
+
+    /// The fp32 `model.onnx`, whatever the chosen precision (the baseline of `stpm bench`).
+    pub fn fp32_model_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.model.onnx)
+    }
+
+    /// Score calibration of the chosen graph.
+    pub fn calibration(&self) -> &Calibration {
+        match (&self.manifest.int8, self.precision) {
+            (Some(int8), Precision::Int8) => &int8.calibration,
+            _ => &self.manifest.calibration,
+        }
     }
 
     pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), BundleError> {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::bundle::{Bundle, BundleError};
+use crate::bundle::{Bundle, BundleError, Precision};
 use crate::dataset::{self, DatasetError};
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::overlay;
@@ -52,12 +52,18 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, InferError> {
     Ok(images)
 }
 
-/// Scores `images` and writes `<out>/<stem>_overlay.png` for each.
-pub fn infer(model: &Path, images: &[PathBuf], out: &Path) -> Result<Vec<ImageResult>, InferError> {
-    let bundle = Bundle::open(model)?;
+/// Scores `images` with the bundle's `precision` graph and writes `<out>/<stem>_overlay.png` for each.
+pub fn infer(
+    model: &Path,
+    precision: Precision,
+    images: &[PathBuf],
+    out: &Path,
+) -> Result<Vec<ImageResult>, InferError> {
+    let bundle = Bundle::open_as(model, precision)?;
+    let calibration = bundle.calibration();
     let manifest = &bundle.manifest;
     let size = manifest.model.input_size;
-    let mut engine = Engine::open(&bundle.model_path(), size, EngineOptions::default())?;
+    let mut engine = Engine::for_bundle(&bundle, EngineOptions::default())?;
     std::fs::create_dir_all(out).map_err(|e| InferError::Write {
         path: out.to_path_buf(),
         message: e.to_string(),
@@ -69,7 +75,7 @@ pub fn infer(model: &Path, images: &[PathBuf], out: &Path) -> Result<Vec<ImageRe
         let scored = engine.run(&input, 1)?;
         let raw_score = scored.scores[0];
         let raw_map = preprocess::resize_plane(&scored.maps, size, [frame.height, frame.width]);
-        let pixels = overlay::annotate(&frame, &raw_map, None, &manifest.calibration, raw_score);
+        let pixels = overlay::annotate(&frame, &raw_map, None, calibration, raw_score);
         let stem = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -84,7 +90,7 @@ pub fn infer(model: &Path, images: &[PathBuf], out: &Path) -> Result<Vec<ImageRe
         results.push(ImageResult {
             path: path.clone(),
             raw_score,
-            score: manifest.calibration.normalise(raw_score),
+            score: calibration.normalise(raw_score),
             overlay: overlay_path,
         });
     }

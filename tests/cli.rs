@@ -173,10 +173,29 @@ fn devset_train_eval_infer_round_trip() {
 }
 
 #[test]
-fn unimplemented_commands_say_so_and_fail() {
-    let out = stpm(&["export"]);
-    assert!(!out.status.success(), "export must fail");
-    assert!(text(&out).contains("not yet available"), "{}", text(&out));
+fn unimplemented_export_formats_say_so_and_fail() {
+    for (args, expected) in [
+        (
+            vec![
+                "export",
+                "--model",
+                "b",
+                "--format",
+                "tensorrt",
+                "--precision",
+                "fp16",
+            ],
+            "not yet available",
+        ),
+        (
+            vec!["export", "--model", "b", "--precision", "fp16"],
+            "--format tensorrt",
+        ),
+    ] {
+        let out = stpm(&args);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(text(&out).contains(expected), "{args:?}: {}", text(&out));
+    }
 }
 
 #[test]
@@ -198,6 +217,10 @@ fn user_errors_are_messages_not_panics() {
                 "--out",
                 path(dir.path()),
             ],
+            "not a model bundle",
+        ),
+        (
+            vec!["export", "--model", path(&missing), "--precision", "int8"],
             "not a model bundle",
         ),
         (

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::bundle::{Bundle, BundleError};
+use crate::bundle::{Bundle, BundleError, Precision};
 use crate::engine::{Engine, EngineError, EngineOptions, ExecutionProvider, ProviderRequest};
 use crate::overlay;
 use crate::pipeline::conveyor::Conveyor;
@@ -63,6 +63,8 @@ pub struct BenchOptions {
     pub threads: usize,
     /// `auto`, `cpu`, `cuda` or `tensorrt`.
     pub provider: String,
+    /// The graph our session runs; the baseline always runs the fp32 `model.onnx`.
+    pub precision: Precision,
 }
 
 /// Latency distribution of one stage, in milliseconds per call.
@@ -99,6 +101,8 @@ impl StageStats {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub model: String,
+    /// The graph our session ran: `fp32` (model.onnx) or `int8`.
+    pub precision: Precision,
     pub input_size: [usize; 2],
     /// The execution provider our session ran on (what ONNX Runtime registered).
     pub provider: ExecutionProvider,
@@ -113,7 +117,7 @@ pub struct BenchReport {
     pub p50_ms: f64,
     pub p95_ms: f64,
     pub p99_ms: f64,
-    /// Plain ONNX Runtime session with default options, same model and inputs.
+    /// Plain ONNX Runtime session with default options on the fp32 model.onnx, same inputs.
     pub baseline_fps: f64,
     pub baseline_p50_ms: f64,
     /// `fps / baseline_fps`.
@@ -128,6 +132,9 @@ pub struct BenchReport {
     /// On a GPU provider: frames preprocessed on the GPU and read by the engine on the device.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub gpu_path: Vec<GpuPathReport>,
+    /// Operators of our graph after ONNX Runtime's CPU optimisations (e.g. QLinearConv: INT8
+    /// kernels; DequantizeLinear left over: fp32 work). Empty on GPU providers.
+    pub optimised_ops: std::collections::BTreeMap<String, usize>,
 }
 
 #[cfg(feature = "gpu")]
@@ -197,29 +204,28 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
     }
     let request: ProviderRequest = options.provider.parse()?;
     crate::engine::resolve_provider(request)?;
-    let bundle = Bundle::open(model)?;
+    let bundle = Bundle::open_as(model, options.precision)?;
     let manifest = &bundle.manifest;
     let size = manifest.model.input_size;
-    let mut ours = Engine::open(
-        &bundle.model_path(),
-        size,
+    let mut ours = Engine::for_bundle(
+        &bundle,
         EngineOptions {
             threads: options.threads,
-            plain: false,
-            sleep_when_idle: false,
             provider: request,
+            ..EngineOptions::default()
         },
     )?;
     let provider = ours.provider_choice().clone();
     // The baseline runs on the provider ours got, so the ratio measures our session settings.
     let mut plain = Engine::open(
-        &bundle.model_path(),
+        &bundle.fp32_model_path(),
         size,
         EngineOptions {
             threads: 0,
             plain: true,
             sleep_when_idle: false,
             provider: ProviderRequest::exactly(provider.provider),
+            int8: false,
         },
     )?;
     let frame = Conveyor::new(640, 480, 1).frame(60).frame;
@@ -263,10 +269,10 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
             fps: 0.0,
         };
         let raw_score = scored.scores.first().copied().unwrap_or(0.0);
-        if overlay::live::annotate(&frame, &raw_map, &manifest.calibration, raw_score, &caption)
+        if overlay::live::annotate(&frame, &raw_map, bundle.calibration(), raw_score, &caption)
             .is_err()
         {
-            overlay::annotate(&frame, &raw_map, None, &manifest.calibration, raw_score);
+            overlay::annotate(&frame, &raw_map, None, bundle.calibration(), raw_score);
         }
         let t3 = Instant::now();
         pre.push(t1 - t0);
@@ -305,6 +311,7 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
     let baseline_fps = median(&mut base_fps);
     Ok(BenchReport {
         model: model.display().to_string(),
+        precision: options.precision,
         input_size: size,
         provider: provider.provider,
         provider_reason: provider.reason,
@@ -322,17 +329,23 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
         cpu_utilisation,
         peak_rss_mb: peak_rss_mb(),
         gpu_path,
+        optimised_ops: if provider.provider == ExecutionProvider::Cpu {
+            crate::engine::optimised_ops(&bundle.model_path(), bundle.precision == Precision::Int8)?
+        } else {
+            Default::default()
+        },
     })
 }
 
 /// The human-readable report.
 pub fn summary(report: &BenchReport) -> String {
     let mut text = format!(
-        "model {} ({}×{}), provider {} ({}), batch {}, threads {}\n\
+        "model {} ({}, {}×{}), provider {} ({}), batch {}, threads {}\n\
          engine   {:>8.1} images/s  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms\n\
-         baseline {:>8.1} images/s  p50 {:.2} ms  (plain ONNX Runtime session, default options)\n\
+         baseline {:>8.1} images/s  p50 {:.2} ms  (plain ONNX Runtime session, default options, fp32 model.onnx)\n\
          ratio vs baseline {:.3}\n",
         report.model,
+        report.precision,
         report.input_size[1],
         report.input_size[0],
         report.provider,
@@ -366,6 +379,17 @@ pub fn summary(report: &BenchReport) -> String {
         "CPU utilisation {:.2} cores · peak RSS {:.0} MiB\n",
         report.cpu_utilisation, report.peak_rss_mb
     ));
+    if !report.optimised_ops.is_empty() {
+        let ops: Vec<String> = report
+            .optimised_ops
+            .iter()
+            .map(|(op, n)| format!("{op} {n}"))
+            .collect();
+        text.push_str(&format!(
+            "operators after ONNX Runtime optimisation: {}\n",
+            ops.join(", ")
+        ));
+    }
     text
 }
 

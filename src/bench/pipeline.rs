@@ -221,7 +221,17 @@ fn engine_round(
 ) -> Result<(f64, Vec<Duration>), BenchError> {
     let manifest = &bundle.manifest;
     let size = manifest.model.input_size;
-    let mut engine = Engine::open(&bundle.model_path(), size, options)?;
+    // The plain baseline always runs the fp32 graph; ours runs the pipeline's (fp32 or INT8).
+    let model = if options.plain {
+        bundle.fp32_model_path()
+    } else {
+        bundle.model_path()
+    };
+    let options = EngineOptions {
+        int8: !options.plain && bundle.precision == crate::bundle::Precision::Int8,
+        ..options
+    };
+    let mut engine = Engine::open(&model, size, options)?;
     let frame = Conveyor::new(640, 480, 1).frame(60).frame;
     let input = preprocess::to_chw(&frame, size, &manifest.normalisation);
     Ok(time_engine(&mut engine, &input, 1, frames)?)
@@ -267,12 +277,13 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
     config.alerts.spool_dir = scratch.0.join("spool");
 
     let request: ProviderRequest = config.model.provider.parse()?;
-    let bundle = Bundle::open(&config.model.bundle)?;
+    let bundle = Bundle::open_as(&config.model.bundle, config.model.precision)?;
     let plain = EngineOptions {
         threads: 0,
         plain: true,
         sleep_when_idle: false,
         provider: request,
+        int8: false,
     };
     let ours = crate::pipeline::engine_options(&config, request);
     let (plain_before, mut plain_samples) = engine_round(&bundle, plain, options.frames)?;

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use stpm::bundle::Precision;
+use stpm::export::quantize::ActivationType;
 use stpm::model::{BackboneKind, Fusion};
 use stpm::train::{TeacherWeights, TrainConfig};
 
@@ -29,8 +31,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Score images with a bundle and write heatmap overlays.
     Infer(InferArgs),
-    /// Convert a bundle for another runtime (TensorRT engine, INT8 ONNX).
-    Export(PassThrough),
+    /// Convert a bundle's model for faster inference (INT8 ONNX; TensorRT to come).
+    Export(ExportArgs),
     /// Run a live pipeline: capture, inference, overlay, recordings, alerts.
     Run(RunArgs),
     /// Measure throughput and latency of a bundle (or of a whole pipeline on a file) against a plain ONNX Runtime session.
@@ -39,11 +41,53 @@ pub enum Command {
     Devset(DevsetArgs),
 }
 
-/// Arguments of subcommands that are not implemented yet (accepted so the message is clear).
+/// What `stpm export` produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// An ONNX graph for ONNX Runtime, stored in the bundle.
+    Onnx,
+    /// A TensorRT engine (not yet available).
+    Tensorrt,
+}
+
+/// Numeric precision of an exported model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportPrecision {
+    /// Half precision (TensorRT only; not yet available).
+    Fp16,
+    /// 8-bit integers: QDQ-quantised backbones, fp32 scoring.
+    Int8,
+}
+
 #[derive(Debug, clap::Args)]
-pub struct PassThrough {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub args: Vec<String>,
+pub struct ExportArgs {
+    /// Model bundle directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ExportFormat::Onnx)]
+    pub format: ExportFormat,
+    /// Precision of the exported model.
+    #[arg(long, value_enum)]
+    pub precision: ExportPrecision,
+    /// Good images for the INT8 activation ranges: an MVTec category (its train/good) or a folder.
+    /// Default: the training data recorded in the bundle's manifest.
+    #[arg(long)]
+    pub calib_data: Option<PathBuf>,
+    /// Number of calibration images (spread evenly over the folder).
+    #[arg(long, default_value_t = stpm::export::int8::DEFAULT_CALIBRATION_IMAGES)]
+    pub calib_images: usize,
+    /// Integer type of the quantised activations.
+    #[arg(long, value_enum, default_value_t = ActivationType::Uint8)]
+    pub activations: ActivationType,
+    /// Output file. Default: <bundle>/model.int8.onnx, recorded in the manifest so that
+    /// `--precision int8` (eval, infer, bench) and `[model] precision` (run) find it; a file outside
+    /// the bundle is only written.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -112,6 +156,11 @@ pub struct BenchArgs {
     /// unless given).
     #[arg(long)]
     pub provider: Option<String>,
+    /// Which of the bundle's graphs our session runs (int8: after `stpm export --precision
+    /// int8`); the baseline always runs the fp32 model.onnx. With --pipeline: the file's
+    /// model.precision.
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
     /// Measure the real `stpm run` path of this pipeline file's first camera on a file source.
     #[arg(long)]
     pub pipeline: Option<PathBuf>,
@@ -154,6 +203,9 @@ pub struct EvalArgs {
     /// Execution provider: auto, cpu, cuda, tensorrt.
     #[arg(long, default_value = "auto")]
     pub provider: String,
+    /// Which of the bundle's graphs to evaluate (int8: after `stpm export --precision int8`).
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -170,6 +222,9 @@ pub struct InferArgs {
     /// Where to write the overlays.
     #[arg(long)]
     pub out: PathBuf,
+    /// Which of the bundle's graphs to run (int8: after `stpm export --precision int8`).
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
 }
 
 #[derive(Debug, clap::Args)]
@@ -224,7 +279,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
         Command::Infer(args) => infer(args),
-        Command::Export(_) => not_yet("export"),
+        Command::Export(args) => export(args),
         Command::Run(args) => run_pipeline(args),
         Command::Bench(args) => bench(args),
         Command::Devset(args) => devset(args),
@@ -308,6 +363,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         batch: args.batch,
         threads: args.threads.unwrap_or(0),
         provider: args.provider.unwrap_or_else(|| "auto".into()),
+        precision: args.precision,
     };
     let report = stpm::bench::bench(&model, &options).context("benchmark failed")?;
     if args.json {
@@ -318,8 +374,53 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn not_yet(name: &str) -> anyhow::Result<()> {
-    bail!("`stpm {name}` is not yet available in this build (see the project's issue tracker)")
+fn export(args: ExportArgs) -> anyhow::Result<()> {
+    match (args.format, args.precision) {
+        (ExportFormat::Tensorrt, _) => bail!(
+            "`stpm export --format tensorrt` is not yet available in this build (GPU work, issue 6); `--format onnx --precision int8` is"
+        ),
+        (ExportFormat::Onnx, ExportPrecision::Fp16) => bail!(
+            "`--precision fp16` is planned for `--format tensorrt` only; for ONNX Runtime use `--precision int8` (the bundle's model.onnx is the fp32 model)"
+        ),
+        (ExportFormat::Onnx, ExportPrecision::Int8) => {}
+    }
+    let options = stpm::export::int8::Int8Options {
+        calibration_data: args.calib_data,
+        calibration_images: args.calib_images,
+        out: args.out,
+        activations: args.activations,
+        progress: !args.quiet,
+    };
+    let outcome = stpm::export::int8::export_int8(&args.model, &options)
+        .with_context(|| format!("INT8 export of {} failed", args.model.display()))?;
+    println!(
+        "INT8 model written to {} ({} convolutions int8 per channel, {} activations {} per tensor from {} images of {})",
+        outcome.path.display(),
+        outcome.quantised_convs,
+        outcome.quantised_tensors,
+        args.activations.name(),
+        outcome.calibration_images,
+        outcome.calibration_data.display()
+    );
+    match outcome.recalibrated_on {
+        Some(n) => println!(
+            "calibration: raw threshold {:.6} from {n} held-out good images through the INT8 graph",
+            outcome.calibration.threshold
+        ),
+        None => println!(
+            "calibration: the training split could not be reproduced from these images; the INT8 graph uses the fp32 threshold {:.6}",
+            outcome.calibration.threshold
+        ),
+    }
+    if outcome.registered {
+        println!(
+            "recorded in {}: use it with `--precision int8` (eval, infer, bench) or `[model] precision = \"int8\"` (run)",
+            args.model.join(stpm::bundle::MANIFEST_FILE).display()
+        );
+    } else {
+        println!("not inside the bundle, so not recorded in its manifest");
+    }
+    Ok(())
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
@@ -398,6 +499,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         save_maps: args.save_maps,
         progress: !args.quiet,
         provider: args.provider.parse().context("--provider")?,
+        precision: args.precision,
     };
     let report = stpm::eval::evaluate(&args.model, &args.data, &args.out, &options)
         .context("evaluation failed")?;
@@ -414,8 +516,8 @@ fn infer(args: InferArgs) -> anyhow::Result<()> {
     if images.is_empty() {
         bail!("no images found in {:?}", args.inputs);
     }
-    let results =
-        stpm::infer::infer(&args.model, &images, &args.out).context("inference failed")?;
+    let results = stpm::infer::infer(&args.model, args.precision, &images, &args.out)
+        .context("inference failed")?;
     println!("{:>10} {:>8}  image", "raw", "score");
     for result in &results {
         let flag = if result.score >= 0.5 { "  ANOMALY" } else { "" };

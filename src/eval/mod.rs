@@ -13,7 +13,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::bundle::{Bundle, BundleError};
+use crate::bundle::{Bundle, BundleError, Precision};
 use crate::dataset::{self, LayoutError};
 use crate::engine::{Engine, EngineError, EngineOptions, ExecutionProvider, ProviderRequest};
 use crate::overlay;
@@ -54,6 +54,8 @@ pub struct TypeReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub model: String,
+    /// The graph evaluated: `fp32` (model.onnx) or `int8`.
+    pub precision: Precision,
     pub data: String,
     pub image_auroc: Option<f64>,
     pub pixel_auroc: Option<f64>,
@@ -82,6 +84,8 @@ pub struct EvalOptions {
     pub progress: bool,
     /// Execution provider to run the bundle on.
     pub provider: ProviderRequest,
+    /// Which of the bundle's graphs runs.
+    pub precision: Precision,
 }
 
 /// Every test image's pixels at mask resolution, concatenated: scores, ground-truth region ids
@@ -170,17 +174,17 @@ pub fn evaluate(
     out: &Path,
     options: &EvalOptions,
 ) -> Result<Report, EvalError> {
-    let bundle = Bundle::open(model)?;
+    let bundle = Bundle::open_as(model, options.precision)?;
     let manifest = &bundle.manifest;
     let size = manifest.model.input_size;
     let norm: Normalisation = manifest.normalisation;
-    let calibration = &manifest.calibration;
+    let calibration = bundle.calibration();
     let images = dataset::test_set(data)?;
     let engine_options = EngineOptions {
         provider: options.provider,
         ..EngineOptions::default()
     };
-    let mut engine = Engine::open(&bundle.model_path(), size, engine_options)?;
+    let mut engine = Engine::for_bundle(&bundle, engine_options)?;
 
     let mut type_names: Vec<String> = Vec::new();
     for image in &images {
@@ -332,6 +336,7 @@ pub fn evaluate(
     let n_good = scored.iter().filter(|s| s.defect_type == "good").count();
     let report = Report {
         model: model.display().to_string(),
+        precision: options.precision,
         data: data.display().to_string(),
         image_auroc,
         pixel_auroc,

@@ -2,7 +2,9 @@
 //! folded, and the STPM scoring (normalise, distance, upsample, fuse, max) inside it (DESIGN §3).
 
 pub mod graph;
+pub mod int8;
 pub mod onnx_proto;
+pub mod quantize;
 
 use std::path::{Path, PathBuf};
 

@@ -44,6 +44,10 @@ pub struct ModelConfig {
     /// ONNX Runtime intra-op threads; 0 = one per core.
     #[serde(default)]
     pub threads: usize,
+    /// Which of the bundle's graphs runs: `fp32` (model.onnx) or `int8` (after
+    /// `stpm export --precision int8`).
+    #[serde(default)]
+    pub precision: crate::bundle::Precision,
 }
 
 fn default_provider() -> String {

@@ -158,21 +158,21 @@ pub fn run_with(
     // Fails fast (before the bundle is read) on a provider this build or machine cannot run.
     let request: ProviderRequest = config.model.provider.parse()?;
     crate::engine::resolve_provider(request)?;
-    let bundle = Bundle::open(&config.model.bundle)?;
-    let manifest = Arc::new(bundle.manifest.clone());
-    let mut engine = Engine::open(
-        &bundle.model_path(),
-        manifest.model.input_size,
-        engine_options(config, request),
-    )?;
+    let bundle = Bundle::open_as(&config.model.bundle, config.model.precision)?;
+    // The workers read the calibration of the graph that runs.
+    let mut manifest = bundle.manifest.clone();
+    manifest.calibration = bundle.calibration().clone();
+    let manifest = Arc::new(manifest);
+    let mut engine = Engine::for_bundle(&bundle, engine_options(config, request))?;
     let provider = engine.provider();
     let provider_reason = engine.provider_choice().reason.clone();
     warm_up(&mut engine, &manifest)?;
     eprintln!(
-        "engine: ONNX Runtime, provider {provider} ({}); model {} ({}, {}×{})",
+        "engine: ONNX Runtime, provider {provider} ({}); model {} ({}, {}, {}×{})",
         engine.provider_choice().reason,
         config.model.bundle.display(),
         manifest.model.backbone,
+        bundle.precision,
         manifest.model.input_size[1],
         manifest.model.input_size[0]
     );

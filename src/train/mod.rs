@@ -3,6 +3,7 @@
 //! the bundle. Owns the training loop; the maths lives in `model`, the file format in `bundle`.
 
 mod calibrate;
+pub use calibrate::calibration_from_scores;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -60,6 +61,10 @@ pub struct TrainConfig {
     pub progress: bool,
 }
 
+/// Share of the training images held out for checkpointing and calibration (not recorded in the
+/// manifest: `stpm export` reproduces the split from it, the image list and the seed).
+pub const DEFAULT_HOLDOUT_FRACTION: f64 = 0.2;
+
 impl TrainConfig {
     /// The paper's SGD (lr 0.4, momentum 0.9, weight decay 1e-4) with batch 8 instead of 32 and 12
     /// epochs: a 150-image category then trains in under 10 minutes on 2 cores, and the smaller
@@ -76,7 +81,7 @@ impl TrainConfig {
             learning_rate: 0.4,
             momentum: 0.9,
             weight_decay: 1e-4,
-            holdout_fraction: 0.2,
+            holdout_fraction: DEFAULT_HOLDOUT_FRACTION,
             patience: 0,
             fusion: Fusion::Product,
             blur_sigma: 4.0,
@@ -568,6 +573,7 @@ fn write_bundle(
             teacher_weights,
             teacher_weights_sha256: data.teacher_hash.clone(),
         },
+        int8: None,
     };
     // Remove the old manifest first: until the new one lands, the folder is visibly not a bundle.
     let manifest_path = config.out.join(bundle::MANIFEST_FILE);
