@@ -323,7 +323,7 @@ impl Bundle {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        let header = "# stpm model bundle manifest (written by `stpm train`; model.onnx is checked against onnx_sha256)\n";
+        let header = "# stpm model bundle manifest (written by `stpm train` and `stpm export`; each model file is checked against its sha256)\n";
         std::fs::write(&path, format!("{header}{text}"))
             .map_err(|source| BundleError::Write { path, source })
     }

@@ -269,3 +269,116 @@ fn taken_ports_fail_the_start_naming_the_key() {
     );
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// Starts `stpm run --pipeline <pipeline>` with its output in `log`.
+fn spawn_run(pipeline: &Path, log: &Path, dir: &Path) -> std::process::Child {
+    let file = std::fs::File::create(log).expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_stpm"))
+        .args(["run", "--pipeline", path(pipeline)])
+        .current_dir(dir)
+        .stdout(Stdio::from(file.try_clone().expect("log file")))
+        .stderr(Stdio::from(file))
+        .spawn()
+        .expect("spawn")
+}
+
+/// Polls `/metrics` on `port` until `done` holds for it, or panics after `timeout` with `what`.
+fn wait_metrics(port: u16, timeout: Duration, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let started = Instant::now();
+    loop {
+        if let Some((200, metrics)) = http_get(port, "/metrics")
+            && done(&metrics)
+        {
+            return metrics;
+        }
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A network camera that goes away and comes back: `stpm run` marks it offline (metrics and
+/// `/health`), keeps running, and resumes its frames once the camera serves again, without a
+/// restart. The camera is a second `stpm run` serving the generated conveyor over RTSP, killed
+/// (SIGKILL, no goodbye to its clients) and started again on the same port.
+#[test]
+fn an_rtsp_camera_that_drops_is_marked_offline_and_reconnected() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (camera_port, http_port) = (free_port(), free_port());
+    let camera_pipeline = dir.path().join("camera.toml");
+    std::fs::write(
+        &camera_pipeline,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
+             [[camera]]\nname = \"cam\"\nsource = \"test://conveyor?fps=15\"\n\n\
+             [output.rtsp]\nenabled = true\nbind = \"127.0.0.1\"\nport = {camera_port}\n",
+            path(bundle())
+        ),
+    )
+    .expect("write camera pipeline");
+    let watcher_pipeline = dir.path().join("watcher.toml");
+    std::fs::write(
+        &watcher_pipeline,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
+             [[camera]]\nname = \"line1\"\nsource = \"rtsp://127.0.0.1:{camera_port}/cam\"\n\n\
+             [http]\nenabled = true\nbind = \"127.0.0.1:{http_port}\"\n",
+            path(bundle())
+        ),
+    )
+    .expect("write watcher pipeline");
+    let (camera_log, watcher_log) = (
+        dir.path().join("camera.log"),
+        dir.path().join("watcher.log"),
+    );
+    let mut camera = spawn_run(&camera_pipeline, &camera_log, dir.path());
+    let mut watcher = spawn_run(&watcher_pipeline, &watcher_log, dir.path());
+    let logs = || {
+        format!(
+            "watcher:\n{}\ncamera:\n{}",
+            std::fs::read_to_string(&watcher_log).unwrap_or_default(),
+            std::fs::read_to_string(&camera_log).unwrap_or_default()
+        )
+    };
+    let frames =
+        |metrics: &str| sample(metrics, "stpm_frames_total{camera=\"line1\"}").unwrap_or(0.0);
+    let online = |metrics: &str| sample(metrics, "stpm_camera_online{camera=\"line1\"}");
+
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let metrics = wait_metrics(http_port, Duration::from_secs(90), "first frames", |m| {
+            frames(m) >= 5.0 && online(m) == Some(1.0)
+        });
+        let before = frames(&metrics);
+
+        let _ = camera.kill();
+        let _ = camera.wait();
+        wait_metrics(
+            http_port,
+            Duration::from_secs(60),
+            "the camera offline",
+            |m| online(m) == Some(0.0),
+        );
+        let health = http_get(http_port, "/health");
+        assert!(
+            matches!(&health, Some((503, body)) if body.contains("offline")),
+            "{health:?}"
+        );
+
+        camera = spawn_run(&camera_pipeline, &camera_log, dir.path());
+        wait_metrics(http_port, Duration::from_secs(90), "frames again", |m| {
+            online(m) == Some(1.0) && frames(m) >= before + 5.0
+        });
+    }));
+    let _ = camera.kill();
+    let _ = camera.wait();
+    common::sigterm(&watcher);
+    let status = watcher.wait().expect("wait");
+    if let Err(panic) = result {
+        eprintln!("{}", logs());
+        std::panic::resume_unwind(panic);
+    }
+    let logs = logs();
+    eprintln!("{logs}");
+    assert!(status.success(), "{logs}");
+    assert!(logs.contains("[line1] offline"), "{logs}");
+    assert!(!logs.contains("panicked"), "{logs}");
+}
