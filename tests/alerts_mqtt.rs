@@ -492,6 +492,7 @@ fn events_spooled_while_broker_is_down_arrive_in_order_after_it_returns() {
     let spool_dir = tempfile::tempdir().unwrap();
     // A persistent session: the broker queues what arrives before the subscriber is back.
     let subscriber = Subscriber::new(broker.port, "t_b/+/events", Some("t_b-subscriber"));
+    let snapshots = Subscriber::new(broker.port, "t_b/+/snapshot", Some("t_b-snapshots"));
     let runtime = runtime();
     let publisher = start_publisher(&runtime, config(broker.port, "t_b"), spool_dir.path());
     publisher.wait_connected(WAIT).unwrap();
@@ -506,6 +507,14 @@ fn events_spooled_while_broker_is_down_arrive_in_order_after_it_returns() {
     during.push(event(EventKind::End, "line1", 0, 0.2));
     for event in &during {
         publisher.event(event).unwrap();
+    }
+    // Snapshots are not spooled: the latest per camera waits in memory for the reconnect.
+    for (camera, jpeg) in [
+        ("line2", b"old".as_slice()),
+        ("line2", b"new"),
+        ("line1", b"one"),
+    ] {
+        publisher.snapshot(camera, jpeg.to_vec()).unwrap();
     }
     // They are on disk, one file each, in order, while the broker is away.
     thread::sleep(Duration::from_millis(300));
@@ -536,6 +545,23 @@ fn events_spooled_while_broker_is_down_arrive_in_order_after_it_returns() {
     assert!(status.reconnects >= 1);
     assert_eq!(retained(broker.port, "t_b/available").text(), "online");
     assert!(subscriber.silent_for(Duration::from_millis(200)));
+    let mut held: Vec<(String, Vec<u8>)> = snapshots
+        .take(2)
+        .into_iter()
+        .map(|m| (m.topic, m.payload))
+        .collect();
+    held.sort();
+    assert_eq!(
+        held,
+        vec![
+            ("t_b/line1/snapshot".to_string(), b"one".to_vec()),
+            ("t_b/line2/snapshot".to_string(), b"new".to_vec()),
+        ]
+    );
+    assert!(
+        snapshots.silent_for(Duration::from_millis(200)),
+        "the replaced snapshot came too"
+    );
 }
 
 #[test]

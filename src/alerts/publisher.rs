@@ -228,6 +228,7 @@ impl AlertPublisher {
             connected: false,
             session: Session::default(),
             states: BTreeMap::new(),
+            held_snapshots: BTreeMap::new(),
         };
         let task = runtime.spawn(publisher.run());
         Ok((
@@ -263,7 +264,8 @@ impl PublisherHandle {
     }
 
     /// Queues the annotated JPEG for `<prefix>/<camera>/snapshot` (QoS 1, not retained, not
-    /// spooled: without a connection it is dropped and counted).
+    /// spooled): without a connection the latest one per camera is held in memory and sent on
+    /// reconnect; one it replaces is dropped and counted.
     pub fn snapshot(&self, camera: &str, jpeg: Vec<u8>) -> Result<(), PublishError> {
         check_camera(camera)?;
         let topic = self.shared.config.snapshot_topic(camera);
@@ -500,6 +502,9 @@ struct Publisher {
     session: Session,
     /// Latest state payload per topic, re-sent on every connect.
     states: BTreeMap<String, Vec<u8>>,
+    /// Per snapshot topic, the latest JPEG that could not be sent while disconnected: sent on the
+    /// next connect (a newer one replaces it; in memory only, so a restart loses it).
+    held_snapshots: BTreeMap<String, Vec<u8>>,
 }
 
 impl Publisher {
@@ -661,6 +666,36 @@ impl Publisher {
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
+        for (topic, jpeg) in std::mem::take(&mut self.held_snapshots) {
+            self.send_snapshot(topic, jpeg);
+        }
+    }
+
+    /// Publishes a snapshot now if connected; otherwise holds it (the latest per topic) for the
+    /// next connect. Oversized JPEGs are dropped and counted.
+    fn send_snapshot(&mut self, topic: String, jpeg: Vec<u8>) {
+        if jpeg.len() > MAX_PAYLOAD {
+            self.shared.messages_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if self.connected
+            && self.publish(
+                topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                jpeg.clone(),
+                Tag::Other,
+            )
+        {
+            self.shared
+                .messages_published
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if self.held_snapshots.insert(topic, jpeg).is_some() {
+            // A newer snapshot replaced one that was never sent.
+            self.shared.messages_dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn on_spool_acked(&mut self, seq: u64) {
@@ -677,17 +712,7 @@ impl Publisher {
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::Snapshot { topic, jpeg } => {
-                let sent = self.connected
-                    && jpeg.len() <= MAX_PAYLOAD
-                    && self.publish(topic, QoS::AtLeastOnce, false, jpeg, Tag::Other);
-                let counter = if sent {
-                    &self.shared.messages_published
-                } else {
-                    &self.shared.messages_dropped
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
+            Command::Snapshot { topic, jpeg } => self.send_snapshot(topic, jpeg),
             Command::State { topic, payload } => {
                 self.states.insert(topic.clone(), payload.clone());
                 if self.connected
