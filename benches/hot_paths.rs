@@ -48,6 +48,13 @@ fn hot_paths(c: &mut Criterion) {
             stpm::overlay::live::annotate(&frame, black_box(&map), &calibration, 1.8, &caption)
         })
     });
+    // A good part: the map stays below the alert level everywhere (the common case on a line).
+    let quiet: Vec<f32> = map.iter().map(|&v| v.min(0.5)).collect();
+    c.bench_function("overlay opencv 640x480, nothing anomalous", |b| {
+        b.iter(|| {
+            stpm::overlay::live::annotate(&frame, black_box(&quiet), &calibration, 0.5, &caption)
+        })
+    });
     c.bench_function("overlay plain-rust 640x480", |b| {
         b.iter(|| stpm::overlay::annotate(&frame, black_box(&map), None, &calibration, 1.8))
     });

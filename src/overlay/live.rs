@@ -49,16 +49,19 @@ pub fn annotate(
     for (out, &raw) in level.data_bytes_mut()?.iter_mut().zip(raw_map) {
         *out = (calibration.normalise(raw) * 255.0).round() as u8;
     }
-    let mut heat_bgr = Mat::default();
-    imgproc::apply_color_map(&level, &mut heat_bgr, imgproc::COLORMAP_JET)?;
-    let mut heat = Mat::default();
-    imgproc::cvt_color_def(&heat_bgr, &mut heat, imgproc::COLOR_BGR2RGB)?;
     // Normalised 0.5 is the calibrated threshold: paint and outline what is above it.
     let mut mask = Mat::default();
     imgproc::threshold(&level, &mut mask, 127.0, 255.0, imgproc::THRESH_BINARY)?;
-    let mut blended = Mat::default();
-    core::add_weighted_def(&image, 0.4, &heat, 0.6, 0.0, &mut blended)?;
-    blended.copy_to_masked(&mut image, &mask)?;
+    // Most frames of a good line have nothing above it: no colour map or blend to compute.
+    if core::count_non_zero(&mask)? > 0 {
+        let mut heat_bgr = Mat::default();
+        imgproc::apply_color_map(&level, &mut heat_bgr, imgproc::COLORMAP_JET)?;
+        let mut heat = Mat::default();
+        imgproc::cvt_color_def(&heat_bgr, &mut heat, imgproc::COLOR_BGR2RGB)?;
+        let mut blended = Mat::default();
+        core::add_weighted_def(&image, 0.4, &heat, 0.6, 0.0, &mut blended)?;
+        blended.copy_to_masked(&mut image, &mask)?;
+    }
     decorate(image, &mask, calibration, raw_score, caption)
 }
 
