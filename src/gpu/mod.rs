@@ -303,22 +303,13 @@ impl Preprocessor {
         }
         let out_len = image_len * slot.batch;
         reuse(&mut staging.out, out_len, &self.stream)?;
-        let (Some(bytes), Some(out)) = (staging.frame.as_ref(), staging.out.as_mut()) else {
+        let bytes = uploaded(&staging.frame, frame)?;
+        let Some(out) = staging.out.as_mut() else {
             return Err(GpuError::Driver {
                 call: "staging",
-                message: "launch before upload".into(),
+                message: "no output buffer after allocation".into(),
             });
         };
-        if bytes.len() != frame.data.len() {
-            return Err(GpuError::Driver {
-                call: "staging",
-                message: format!(
-                    "the uploaded frame has {} bytes, this one {}",
-                    bytes.len(),
-                    frame.data.len()
-                ),
-            });
-        }
         let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * norm.std[c]));
         let shift: [f32; 3] = std::array::from_fn(|c| norm.mean[c] / norm.std[c]);
         let args = FrameArgs::of(frame)?;
@@ -373,23 +364,17 @@ impl Preprocessor {
             .map_err(driver_error("cuMemcpyHtoDAsync"))?;
         reuse(&mut staging.heat, pixels * 3, stream)?;
         reuse(&mut staging.mask, pixels, stream)?;
-        let (Some(bytes), Some(map_device), Some(out), Some(mask)) = (
-            staging.frame.as_ref(),
+        let bytes = uploaded(&staging.frame, frame)?;
+        let (Some(map_device), Some(out), Some(mask)) = (
             staging.map.as_ref(),
             staging.heat.as_mut(),
             staging.mask.as_mut(),
         ) else {
             return Err(GpuError::Driver {
                 call: "staging",
-                message: "overlay before the frame was uploaded".into(),
+                message: "overlay buffers missing after allocation".into(),
             });
         };
-        if bytes.len() != frame.data.len() {
-            return Err(GpuError::Driver {
-                call: "staging",
-                message: "the uploaded frame is not this one".into(),
-            });
-        }
         let args = FrameArgs::of(frame)?;
         let (map_w, map_h) = (
             kernel_int("map width", map_w)?,
@@ -571,6 +556,29 @@ pub struct Staging {
     map: Option<CudaSlice<f32>>,
     heat: Option<CudaSlice<u8>>,
     mask: Option<CudaSlice<u8>>,
+}
+
+/// The device copy of `frame` that an upload left in `buffer`; an error when nothing was
+/// uploaded or the upload was of a frame of another size.
+fn uploaded<'a>(
+    buffer: &'a Option<CudaSlice<u8>>,
+    frame: &RawFrame,
+) -> Result<&'a CudaSlice<u8>, GpuError> {
+    match buffer {
+        Some(bytes) if bytes.len() == frame.data.len() => Ok(bytes),
+        Some(bytes) => Err(GpuError::Driver {
+            call: "staging",
+            message: format!(
+                "the uploaded frame has {} bytes, this one {}",
+                bytes.len(),
+                frame.data.len()
+            ),
+        }),
+        None => Err(GpuError::Driver {
+            call: "staging",
+            message: "no frame uploaded".into(),
+        }),
+    }
 }
 
 /// `slot` holding a device buffer of exactly `len` elements: the one there when it has that length,

@@ -1,13 +1,13 @@
 //! The live overlay's heatmap blend in plain Rust, from a frame in its GStreamer format: the model's
-//! anomaly map resized to the frame (bilinear), normalised with the bundle's calibration, JET
+//! anomaly map resized to the frame (bilinear, `preprocess::resize_plane`), normalised with the bundle's calibration, JET
 //! colours blended over the pixels above the alert level, and the mask of those pixels for the
 //! outlines and boxes drawn afterwards. The CPU twin of the GPU overlay kernel
 //! (`stpm_overlay_rgb` in src/gpu/kernels.rs), op for op, so the two can be compared exactly.
 
 use super::jet;
 use crate::bundle::Calibration;
-use crate::preprocess::bilinear_taps;
-use crate::preprocess::raw::RawFrame;
+use crate::preprocess::raw::{RawFrame, to_byte};
+use crate::preprocess::resize_plane;
 
 /// Weight of the heatmap colour where it is drawn (the frame keeps the rest).
 pub const HEAT_WEIGHT: f32 = 0.6;
@@ -49,38 +49,26 @@ pub fn blend(
         });
     }
     let (width, height) = (frame.width, frame.height);
-    let columns: Vec<(usize, usize, f32)> =
-        (0..width).map(|x| bilinear_taps(x, map_w, width)).collect();
+    let raw_map = resize_plane(map, map_size, [height, width]);
     let mut pixels = Vec::with_capacity(width * height * 3);
     let mut mask = Vec::with_capacity(width * height);
-    for y in 0..height {
-        let (y0, y1, wy) = bilinear_taps(y, map_h, height);
-        let (row0, row1) = (&map[y0 * map_w..][..map_w], &map[y1 * map_w..][..map_w]);
-        for (x, &(x0, x1, wx)) in columns.iter().enumerate() {
-            let top = row0[x0] * (1.0 - wx) + row0[x1] * wx;
-            let bottom = row1[x0] * (1.0 - wx) + row1[x1] * wx;
-            let raw = top * (1.0 - wy) + bottom * wy;
-            let level = (calibration.normalise(raw) * 255.0).round() as u8;
-            let rgb = frame.rgb_at(x, y);
-            if level > ALERT_LEVEL {
-                let colour = jet(level as f32 / 255.0);
-                for (value, c) in rgb.into_iter().zip(colour) {
-                    pixels.push(to_byte(
-                        value * (1.0 - HEAT_WEIGHT) + c as f32 * HEAT_WEIGHT,
-                    ));
-                }
-                mask.push(255);
-            } else {
-                pixels.extend(rgb.map(to_byte));
-                mask.push(0);
+    for (i, &raw) in raw_map.iter().enumerate() {
+        let level = (calibration.normalise(raw) * 255.0).round() as u8;
+        let rgb = frame.rgb_at(i % width, i / width);
+        if level > ALERT_LEVEL {
+            let colour = jet(level as f32 / 255.0);
+            for (value, c) in rgb.into_iter().zip(colour) {
+                pixels.push(to_byte(
+                    value * (1.0 - HEAT_WEIGHT) + c as f32 * HEAT_WEIGHT,
+                ));
             }
+            mask.push(255);
+        } else {
+            pixels.extend(rgb.map(to_byte));
+            mask.push(0);
         }
     }
     Ok(Heat { pixels, mask })
-}
-
-fn to_byte(value: f32) -> u8 {
-    value.round().clamp(0.0, 255.0) as u8
 }
 
 #[cfg(test)]

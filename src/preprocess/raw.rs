@@ -254,7 +254,8 @@ pub fn rgb_to_yuv(r: f32, g: f32, b: f32) -> [f32; 3] {
     ]
 }
 
-fn to_byte(value: f32) -> u8 {
+/// Rounds and clamps a channel value to a byte.
+pub(crate) fn to_byte(value: f32) -> u8 {
     value.round().clamp(0.0, 255.0) as u8
 }
 
