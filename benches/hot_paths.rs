@@ -55,6 +55,36 @@ fn hot_paths(c: &mut Criterion) {
             stpm::overlay::live::annotate(&frame, black_box(&quiet), &calibration, 0.5, &caption)
         })
     });
+    // What the pipeline calls: the model's 256×256 map, resized only when something is above the
+    // alert level.
+    let small: Vec<f32> = (0..256 * 256)
+        .map(|i| {
+            let (x, y) = ((i % 256) as f32, (i / 256) as f32);
+            let d2 = (x - 128.0).powi(2) + (y - 128.0).powi(2);
+            0.3 + 1.5 * (-d2 / 300.0).exp()
+        })
+        .collect();
+    let small_quiet: Vec<f32> = small.iter().map(|&v| v.min(0.5)).collect();
+    for (name, model_map) in [
+        ("overlay from the 256x256 map, 640x480", &small),
+        (
+            "overlay from the 256x256 map, 640x480, nothing anomalous",
+            &small_quiet,
+        ),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                stpm::overlay::live::annotate_model_map(
+                    &frame,
+                    black_box(model_map),
+                    [256, 256],
+                    &calibration,
+                    0.5,
+                    &caption,
+                )
+            })
+        });
+    }
     c.bench_function("overlay plain-rust 640x480", |b| {
         b.iter(|| stpm::overlay::annotate(&frame, black_box(&map), None, &calibration, 1.8))
     });

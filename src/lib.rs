@@ -17,4 +17,5 @@ pub mod overlay;
 pub mod paths;
 pub mod pipeline;
 pub mod preprocess;
+pub mod process;
 pub mod train;

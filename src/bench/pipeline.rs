@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{BenchError, StageStats, cpu_seconds, peak_rss_mb, time_engine};
+use super::{BenchError, StageStats, time_engine};
 use crate::bundle::Bundle;
 use crate::engine::{Engine, EngineOptions, ExecutionProvider, ProviderRequest};
 use crate::pipeline::config::{PipelineConfig, SourceUri};
@@ -19,6 +19,7 @@ use crate::pipeline::conveyor::{self, Conveyor};
 use crate::pipeline::metrics::{Stage, StageSamples};
 use crate::pipeline::{RunOptions, run_with};
 use crate::preprocess;
+use crate::process::{cpu_seconds, peak_rss_mb};
 
 /// What `ratio_vs_baseline` means here, printed with it.
 pub const RATIO_MEANING: &str = "end-to-end pipeline frames/s (decode to encoded frame) / engine-only images/s of a plain ONNX Runtime session on the same model (target >= 0.85)";
@@ -26,8 +27,9 @@ pub const RATIO_MEANING: &str = "end-to-end pipeline frames/s (decode to encoded
 /// The `stages` entry of end to end less the queue wait.
 const PROCESSING: &str = "processing";
 
-/// Frame rate of the generated conveyor file (any: the bench decodes as fast as it can).
-const GENERATED_FPS: f64 = 15.0;
+/// Frame rate of the generated conveyor file: a typical line camera's (the bench decodes it as fast
+/// as it can unless `realtime`).
+const GENERATED_FPS: f64 = 25.0;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -47,6 +49,9 @@ pub struct PipelineBenchOptions {
     pub threads: Option<usize>,
     /// `model.provider` override.
     pub provider: Option<String>,
+    /// Play the file at its frame rate, like a camera, instead of as fast as the pipeline goes:
+    /// latency at a camera's pace rather than under full load (throughput is then the file's rate).
+    pub realtime: bool,
 }
 
 /// The result; `--json` prints it as one object. Same top-level keys as the engine-only report.
@@ -62,6 +67,8 @@ pub struct PipelineBenchReport {
     pub source: String,
     /// True when the camera had no file source and a 640×480 conveyor file was generated.
     pub source_generated: bool,
+    /// True when the file played at its frame rate (`--realtime`), false when as fast as possible.
+    pub realtime: bool,
     /// The execution provider the pipeline's engine ran on.
     pub provider: ExecutionProvider,
     pub provider_reason: String,
@@ -263,10 +270,11 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
     let scratch = ScratchDir::create()?;
     let (video, generated) = choose_source(&config, options, &scratch.0)?;
     let source = format!("file://{}", video.display());
-    // Self-contained and unthrottled: every frame analysed and encoded, nothing served.
+    // Self-contained and (unless `realtime`) unthrottled: every frame analysed and encoded, nothing
+    // served.
     let camera = &mut config.camera[0];
     camera.source = source.clone();
-    camera.realtime = false;
+    camera.realtime = options.realtime;
     camera.looping = false;
     camera.max_fps = 0.0;
     config.output.rtsp.enabled = false;
@@ -337,6 +345,7 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
         camera: camera.camera,
         source,
         source_generated: generated,
+        realtime: options.realtime,
         provider: summary.provider,
         provider_reason: summary.provider_reason,
         threads: config.model.threads,
@@ -396,7 +405,7 @@ fn stage_stats(samples: &StageSamples) -> BTreeMap<String, StageStats> {
 /// The human-readable report.
 pub fn summary(report: &PipelineBenchReport) -> String {
     let mut text = format!(
-        "pipeline {} (camera {}), source {}{}\n\
+        "pipeline {} (camera {}), source {}{}{}\n\
          model {} ({}×{}), provider {}, threads {}\n\
          frames {} in, {} analysed, {} encoded, {} dropped in {:.1} s\n\
          end to end {:>7.1} frames/s  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  (appsink → encoded frame)\n\
@@ -411,6 +420,11 @@ pub fn summary(report: &PipelineBenchReport) -> String {
             " (generated)"
         } else {
             ""
+        },
+        if report.realtime {
+            ", played at its frame rate"
+        } else {
+            ", as fast as possible"
         },
         report.model,
         report.input_size[1],

@@ -171,6 +171,10 @@ pub struct BenchArgs {
     /// With --pipeline: override one key, as `stpm run --set` (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE", requires = "pipeline")]
     pub sets: Vec<String>,
+    /// With --pipeline: play the file at its frame rate, like a camera (latency at a camera's pace;
+    /// frames/s is then the file's rate) instead of as fast as the pipeline goes.
+    #[arg(long, requires = "pipeline")]
+    pub realtime: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -316,6 +320,15 @@ fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
             mean_ms,
             summary.provider
         );
+        if let Some([p50, p95, _]) = camera.end_to_end {
+            println!(
+                "camera {}: end to end (appsink to encoded frame) p50 {:.1} ms, p95 {:.1} ms (last {} encoded frames at most)",
+                camera.camera,
+                p50 * 1e3,
+                p95 * 1e3,
+                stpm::pipeline::metrics::RECENT_FRAMES
+            );
+        }
         if let Some(path) = &camera.recording {
             println!("camera {}: recording {}", camera.camera, path.display());
         }
@@ -345,6 +358,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             frames: args.frames,
             threads: args.threads,
             provider: args.provider,
+            realtime: args.realtime,
         };
         let report =
             stpm::bench::pipeline::bench_pipeline(&options).context("pipeline benchmark failed")?;

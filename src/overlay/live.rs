@@ -27,6 +27,81 @@ impl From<opencv::Error> for OverlayError {
     }
 }
 
+/// A normalised level below this rounds to at most 127 (the alert level is above 127): a map whose
+/// largest value stays below it has nothing to paint or outline. Half a level of margin covers
+/// float rounding in the resize.
+const QUIET_BELOW: f32 = 127.0 / 255.0;
+
+/// [`annotate`] for the model's own map (`map_size` = [h, w], e.g. 256×256), resized to the frame
+/// only when something in it reaches the alert level. Bilinear resizing never exceeds the largest
+/// input value, so a map that is quiet at model size is quiet at frame size; such frames (most of a
+/// good line's) only get the caption, which is the same picture [`annotate`] draws for them.
+pub fn annotate_model_map(
+    frame: &RgbFrame,
+    model_map: &[f32],
+    map_size: [usize; 2],
+    calibration: &Calibration,
+    raw_score: f32,
+    caption: &Caption,
+) -> Result<(Vec<u8>, Vec<[i32; 4]>), OverlayError> {
+    if model_map.len() != map_size[0] * map_size[1] {
+        return Err(OverlayError(format!(
+            "map of {} values, expected {}×{}",
+            model_map.len(),
+            map_size[1],
+            map_size[0]
+        )));
+    }
+    let peak = model_map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if calibration.normalise(peak) < QUIET_BELOW {
+        if frame.pixels.len() != frame.width * frame.height * 3 {
+            return Err(OverlayError(format!(
+                "{} pixel bytes for a {}×{} frame",
+                frame.pixels.len(),
+                frame.width,
+                frame.height
+            )));
+        }
+        let mut pixels = frame.pixels.clone();
+        caption_band(
+            &mut pixels,
+            frame.width,
+            frame.height,
+            calibration,
+            raw_score,
+            caption,
+        )?;
+        return Ok((pixels, Vec::new()));
+    }
+    let full = crate::preprocess::resize_plane(model_map, map_size, [frame.height, frame.width]);
+    annotate(frame, &full, calibration, raw_score, caption)
+}
+
+/// Draws the caption into packed RGB `pixels` through a Mat of only the rows it covers.
+fn caption_band(
+    pixels: &mut [u8],
+    width: usize,
+    height: usize,
+    calibration: &Calibration,
+    raw_score: f32,
+    caption: &Caption,
+) -> Result<(), OverlayError> {
+    let text = caption_text(calibration, raw_score, caption);
+    let (scale, size, baseline) = caption_size(&text, height as i32)?;
+    let rows = ((size.height + baseline + 12).max(0) as usize).min(height);
+    let band = &mut pixels[..rows * width * 3];
+    let mut image = Mat::new_rows_cols_with_default(
+        rows as i32,
+        width as i32,
+        core::CV_8UC3,
+        Scalar::all(0.0),
+    )?;
+    image.data_bytes_mut()?.copy_from_slice(band);
+    draw_caption(&mut image, &text, scale, size, baseline)?;
+    band.copy_from_slice(image.data_bytes()?);
+    Ok(())
+}
+
 /// Annotates `frame` with `raw_map` (the model's map resized to the frame) and returns the
 /// anomalous regions' boxes in pixels alongside the RGB pixels.
 pub fn annotate(
@@ -126,6 +201,14 @@ fn decorate(
         imgproc::rectangle(&mut image, rect, red, 2, imgproc::LINE_8, 0)?;
         boxes.push([rect.x, rect.y, rect.width, rect.height]);
     }
+    let text = caption_text(calibration, raw_score, caption);
+    let (scale, size, baseline) = caption_size(&text, h)?;
+    draw_caption(&mut image, &text, scale, size, baseline)?;
+    Ok((image.data_bytes()?.to_vec(), boxes))
+}
+
+/// `<camera>  score 0.42  12.5 fps`.
+fn caption_text(calibration: &Calibration, raw_score: f32, caption: &Caption) -> String {
     let mut text = format!(
         "{}  score {:.2}",
         caption.camera,
@@ -134,17 +217,28 @@ fn decorate(
     if caption.fps > 0.0 {
         text.push_str(&format!("  {:.1} fps", caption.fps));
     }
-    let scale = (f64::from(h) / 600.0).clamp(0.4, 1.2);
+    text
+}
+
+/// Font scale for a frame `height` pixels tall, and the text's size and baseline at that scale.
+fn caption_size(text: &str, height: i32) -> Result<(f64, core::Size, i32), OverlayError> {
+    let scale = (f64::from(height) / 600.0).clamp(0.4, 1.2);
     let mut baseline = 0;
-    let size = imgproc::get_text_size(
-        &text,
-        imgproc::FONT_HERSHEY_SIMPLEX,
-        scale,
-        1,
-        &mut baseline,
-    )?;
+    let size =
+        imgproc::get_text_size(text, imgproc::FONT_HERSHEY_SIMPLEX, scale, 1, &mut baseline)?;
+    Ok((scale, size, baseline))
+}
+
+/// The caption, white on a black box in the top-left corner.
+fn draw_caption(
+    image: &mut Mat,
+    text: &str,
+    scale: f64,
+    size: core::Size,
+    baseline: i32,
+) -> Result<(), OverlayError> {
     imgproc::rectangle(
-        &mut image,
+        image,
         Rect::new(0, 0, size.width + 12, size.height + baseline + 12),
         Scalar::new(0.0, 0.0, 0.0, 0.0),
         -1,
@@ -152,17 +246,17 @@ fn decorate(
         0,
     )?;
     imgproc::put_text(
-        &mut image,
-        &text,
+        image,
+        text,
         Point::new(6, size.height + 6),
         imgproc::FONT_HERSHEY_SIMPLEX,
         scale,
-        white,
+        Scalar::new(255.0, 255.0, 255.0, 0.0),
         1,
         imgproc::LINE_AA,
         false,
     )?;
-    Ok((image.data_bytes()?.to_vec(), boxes))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -177,6 +271,41 @@ mod tests {
             n_images: 1,
             good_median: 0.1,
         }
+    }
+
+    #[test]
+    fn model_map_overlay_matches_the_full_size_overlay_quiet_or_not() {
+        let (w, h) = (160usize, 120usize);
+        let frame =
+            crate::preprocess::test_frame(w, h, |x, y, c| ((x * 3 + y * 5 + c * 40) % 256) as u8);
+        let caption = Caption {
+            camera: "line1",
+            fps: 12.5,
+        };
+        let size = [32usize, 32usize];
+        // Quiet: everything below the alert level (normalised ≤ 0.45), so nothing is resized.
+        let quiet: Vec<f32> = (0..32 * 32).map(|i| 0.9 * (i % 7) as f32 / 6.0).collect();
+        // Hot: one corner above it.
+        let hot: Vec<f32> = (0..32 * 32)
+            .map(|i| if i % 32 < 8 && i / 32 < 8 { 1.8 } else { 0.2 })
+            .collect();
+        for (map, anomalous) in [(&quiet, false), (&hot, true)] {
+            let full = crate::preprocess::resize_plane(map, size, [h, w]);
+            let expected = annotate(&frame, &full, &calibration(), 0.9, &caption).expect("full");
+            let got = annotate_model_map(&frame, map, size, &calibration(), 0.9, &caption)
+                .expect("model map");
+            assert_eq!(got.1, expected.1, "boxes");
+            assert_eq!(got.1.is_empty(), !anomalous);
+            assert!(
+                got.0 == expected.0,
+                "pixels differ (anomalous: {anomalous})"
+            );
+            assert_ne!(got.0, frame.pixels, "the caption is drawn");
+        }
+        // A map of the wrong size is an error, not a panic.
+        assert!(
+            annotate_model_map(&frame, &quiet[1..], size, &calibration(), 0.9, &caption).is_err()
+        );
     }
 
     #[test]

@@ -15,6 +15,12 @@ const STAGE_BUCKETS: [f64; 11] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
 ];
 
+/// Frames per camera and stage that the `stpm_stage_recent_seconds` quantiles are taken over.
+pub const RECENT_FRAMES: usize = 1000;
+
+/// The quantiles `stpm_stage_recent_seconds` reports.
+pub const RECENT_QUANTILES: [f64; 3] = [0.5, 0.95, 0.99];
+
 /// The stages of a frame that `stpm_stage_seconds` times, in the order a frame meets them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
@@ -200,6 +206,8 @@ pub struct CameraMetrics {
     suppressed: AtomicU64,
     inference: Mutex<Histogram>,
     stages: Mutex<Vec<Histogram>>,
+    /// The last [`RECENT_FRAMES`] durations (seconds) of each stage, for exact quantiles.
+    recent_stages: Mutex<Vec<VecDeque<f64>>>,
     /// Raw stage durations, when [`CameraMetrics::keep_samples`] asked for them.
     samples: Mutex<Option<StageSamples>>,
     /// When recent frames were analysed (at most `FPS_WINDOW` old).
@@ -223,6 +231,7 @@ impl CameraMetrics {
                     .map(|_| Histogram::new(&STAGE_BUCKETS))
                     .collect(),
             ),
+            recent_stages: Mutex::new(vec![VecDeque::new(); Stage::ALL.len()]),
             samples: Mutex::new(None),
             recent: Mutex::new(VecDeque::new()),
         }
@@ -254,6 +263,14 @@ impl CameraMetrics {
         {
             histogram.observe(took.as_secs_f64());
         }
+        if let Ok(mut recent) = self.recent_stages.lock()
+            && let Some(window) = recent.get_mut(stage.index())
+        {
+            if window.len() == RECENT_FRAMES {
+                window.pop_front();
+            }
+            window.push_back(took.as_secs_f64());
+        }
         if let Ok(mut samples) = self.samples.lock()
             && let Some(samples) = samples.as_mut()
         {
@@ -278,6 +295,21 @@ impl CameraMetrics {
         {
             samples.last_out = Some(at);
         }
+    }
+
+    /// [`RECENT_QUANTILES`] of `stage` over its last [`RECENT_FRAMES`] frames, in seconds
+    /// (nearest rank); `None` before the first frame.
+    pub fn recent_quantiles(&self, stage: Stage) -> Option<[f64; 3]> {
+        let recent = self.recent_stages.lock().ok()?;
+        let mut sorted: Vec<f64> = recent.get(stage.index())?.iter().copied().collect();
+        if sorted.is_empty() {
+            return None;
+        }
+        sorted.sort_by(f64::total_cmp);
+        Some(RECENT_QUANTILES.map(|q| {
+            let rank = (q * sorted.len() as f64).ceil() as usize;
+            sorted[rank.clamp(1, sorted.len()) - 1]
+        }))
     }
 
     /// Keep every stage duration from now on (memory grows with the run: for benchmarks).
@@ -476,6 +508,49 @@ impl Metrics {
                 histogram.render(&mut out, name, &labels);
             }
         }
+        let name = "stpm_stage_recent_seconds";
+        header(
+            &mut out,
+            name,
+            "gauge",
+            &format!(
+                "Quantiles of each stage's time per frame over the camera's last {RECENT_FRAMES} frames (exact, unlike the histogram buckets)."
+            ),
+        );
+        for camera in &self.cameras {
+            for stage in Stage::ALL {
+                let Some(values) = camera.recent_quantiles(stage) else {
+                    continue;
+                };
+                for (q, value) in RECENT_QUANTILES.iter().zip(values) {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{camera=\"{}\",stage=\"{}\",quantile=\"{q}\"}} {value}",
+                        escape(&camera.camera),
+                        stage.name()
+                    );
+                }
+            }
+        }
+        for (name, kind, help, value) in [
+            (
+                "process_cpu_seconds_total",
+                "counter",
+                "User and system CPU time of this process.",
+                crate::process::cpu_seconds(),
+            ),
+            (
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory of this process.",
+                Some((crate::process::rss_mb() * 1048576.0).round()),
+            ),
+        ] {
+            if let Some(value) = value {
+                header(&mut out, name, kind, help);
+                let _ = writeln!(out, "{name} {value}");
+            }
+        }
         if let Some(publisher) = self.publisher.get() {
             let status = publisher.status();
             for (name, kind, help, value) in [
@@ -552,6 +627,33 @@ fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recent_quantiles_are_exact_over_the_last_frames() {
+        let metrics = Metrics::new("cpu", &["line1".into()]);
+        let line1 = metrics.camera("line1").expect("line1");
+        assert_eq!(line1.recent_quantiles(Stage::EndToEnd), None);
+        // 2000 frames: the first 1000 at 1 s fall out of the window; then 1..=1000 ms.
+        for _ in 0..RECENT_FRAMES {
+            line1.stage(Stage::EndToEnd, Duration::from_secs(1));
+        }
+        for ms in 1..=RECENT_FRAMES as u64 {
+            line1.stage(Stage::EndToEnd, Duration::from_millis(ms));
+        }
+        let [p50, p95, p99] = line1.recent_quantiles(Stage::EndToEnd).expect("quantiles");
+        assert!((p50 - 0.5).abs() < 1e-9 && (p95 - 0.95).abs() < 1e-9 && (p99 - 0.99).abs() < 1e-9);
+        let text = metrics.render();
+        for expected in [
+            "# TYPE stpm_stage_recent_seconds gauge\n",
+            "stpm_stage_recent_seconds{camera=\"line1\",stage=\"end_to_end\",quantile=\"0.95\"} 0.95\n",
+            "# TYPE process_cpu_seconds_total counter\n",
+            "# TYPE process_resident_memory_bytes gauge\n",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        // Stages without frames have no quantiles.
+        assert!(!text.contains("stage=\"decode\",quantile"));
+    }
 
     #[test]
     fn counters_histogram_and_health_render() {

@@ -94,6 +94,9 @@ pub struct CameraStats {
     pub errors: Vec<String>,
     /// Every frame's stage durations, when [`RunOptions::keep_samples`] asked for them.
     pub samples: Option<metrics::StageSamples>,
+    /// End-to-end latency (appsink to encoded frame) p50/p95/p99 in seconds over the last
+    /// [`metrics::RECENT_FRAMES`] recorded frames; `None` when nothing was encoded.
+    pub end_to_end: Option<[f64; 3]>,
 }
 
 /// How `run` reports, beyond what the pipeline file says.
@@ -443,6 +446,10 @@ impl Worker {
             fps: 0.0,
             published_status: None,
         };
+        eprintln!(
+            "[{}] stream time 0 = unix {:.3} (alert times are this plus the frame's timestamp)",
+            self.camera.name, state.epoch
+        );
         loop {
             match self.frames.pop(Duration::from_millis(200)) {
                 // The analyser hands on the end marker before it stops; gone without it, it failed.
@@ -481,6 +488,7 @@ impl Worker {
         }
         // After the recorder has finished, every encoded frame has been timed.
         state.stats.samples = self.live.metrics.take_samples();
+        state.stats.end_to_end = self.live.metrics.recent_quantiles(Stage::EndToEnd);
         state.stats
     }
 
@@ -632,18 +640,23 @@ impl Worker {
         };
         let pixels = match self.overlay_on_gpu(frame, &scored.maps, raw_score, &caption) {
             Some(pixels) => pixels,
-            None => {
-                let raw_map =
-                    preprocess::resize_plane(&scored.maps, size, [frame.height, frame.width]);
-                match overlay::live::annotate(frame, &raw_map, calibration, raw_score, &caption) {
-                    Ok((pixels, _boxes)) => pixels,
-                    Err(e) => {
-                        // The plain-Rust overlay still shows the operator the heatmap and the score.
-                        eprintln!("[{}] {e}", self.camera.name);
-                        overlay::annotate(frame, &raw_map, None, calibration, raw_score)
-                    }
+            None => match overlay::live::annotate_model_map(
+                frame,
+                &scored.maps,
+                size,
+                calibration,
+                raw_score,
+                &caption,
+            ) {
+                Ok((pixels, _boxes)) => pixels,
+                Err(e) => {
+                    // The plain-Rust overlay still shows the operator the heatmap and the score.
+                    eprintln!("[{}] {e}", self.camera.name);
+                    let raw_map =
+                        preprocess::resize_plane(&scored.maps, size, [frame.height, frame.width]);
+                    overlay::annotate(frame, &raw_map, None, calibration, raw_score)
                 }
-            }
+            },
         };
         self.emit(state, events, Some((&pixels, frame.width, frame.height)));
         self.live
