@@ -12,6 +12,8 @@ in which frames its defect is visible. This script plays the video through the r
   the worker's stream-time origin, printed by `stpm run`, plus the frame timestamp);
 - recall  = defective parts with at least one true-positive event / defective parts;
 - precision = true-positive events / all events (a second event on the same part counts as true);
+  a part the sidecar's `parts` list leaves out (e.g. a clip cut from a longer video, whose defect
+  was already in view at its start) counts for precision only;
 - delay = arrival of the `new` message − the moment the part's defect became visible
   (`defect_first_visible_frame`, at least half of the defect in view), in stream time. Realtime
   playback starts a little after the stream-time origin, so the delay is if anything overstated.
@@ -127,6 +129,7 @@ def score(labels, origin, events):
                     hit = p["id"]
         if hit is not None:
             tp += 1
+        if hit in parts:
             part = parts[hit]
             visible = part["defect_first_visible_frame"]
             delay = arrival - (origin + visible / fps) if visible is not None else None
@@ -136,7 +139,12 @@ def score(labels, origin, events):
                          top_score=e.get("top_score")))
     missed = [dict(id=p["id"], type=p["defect_type"], area_px=p["area_px"], tiny=p["tiny"])
               for p in defective if p["id"] not in found]
-    return dict(defective_parts=len(defective), detected_parts=len(found), events=len(news),
+    timeline = [dict(type=e.get("type"), id=e.get("id"),
+                     frame=round(((e.get("end_time") or e["start_time"]) - origin) * fps)
+                     if e.get("type") == "end" else round((e["start_time"] - origin) * fps),
+                     arrival_frame=round((a - origin) * fps), score=e.get("score"))
+                for a, e in events]
+    return dict(timeline=timeline, defective_parts=len(defective), detected_parts=len(found), events=len(news),
                 true_events=tp, delays_s=[d for d in found.values() if d is not None],
                 missed=missed, detail=rows)
 
