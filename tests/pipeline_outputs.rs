@@ -60,19 +60,10 @@ struct Decoded {
 /// Connects an RTSP client (TCP interleaved), decodes up to `wanted` frames within `timeout`,
 /// then disconnects.
 fn watch(url: &str, wanted: usize, timeout: Duration) -> Vec<Decoded> {
-    gst::init().expect("gst init");
-    let pipeline = gst::parse::launch(&format!(
+    let (pipeline, sink) = common::appsink_pipeline(&format!(
         "rtspsrc location={url} protocols=tcp latency=0 ! rtph264depay ! avdec_h264 ! \
          videoconvert ! video/x-raw,format=RGB ! appsink name=sink sync=false"
-    ))
-    .expect("client pipeline")
-    .downcast::<gst::Pipeline>()
-    .expect("pipeline");
-    let sink = pipeline
-        .by_name("sink")
-        .expect("sink")
-        .downcast::<gstreamer_app::AppSink>()
-        .expect("appsink");
+    ));
     pipeline.set_state(gst::State::Playing).expect("play");
     let deadline = Instant::now() + timeout;
     let mut frames = Vec::new();
@@ -86,16 +77,7 @@ fn watch(url: &str, wanted: usize, timeout: Duration) -> Vec<Decoded> {
         else {
             break;
         };
-        let size = sample
-            .caps()
-            .and_then(|c| c.structure(0))
-            .map(|s| {
-                (
-                    s.get::<i32>("width").unwrap_or(0),
-                    s.get::<i32>("height").unwrap_or(0),
-                )
-            })
-            .unwrap_or((0, 0));
+        let size = common::sample_size(&sample);
         let pixels = sample
             .buffer()
             .and_then(|b| b.map_readable().ok().map(|m| m.as_slice().to_vec()))
