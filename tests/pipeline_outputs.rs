@@ -184,6 +184,20 @@ fn rtsp_clients_get_annotated_frames_and_metrics_count_them() {
         metrics.contains("stpm_engine_info{provider=\"cpu\"} 1\n"),
         "{metrics}"
     );
+    // The encoder announced at start is the one exported.
+    let encoder = log()
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("encoder: ")?
+                .split(' ')
+                .next()
+                .map(String::from)
+        })
+        .unwrap_or_default();
+    assert!(
+        metrics.contains(&format!("stpm_encoder_info{{encoder=\"{encoder}\"}} 1\n")),
+        "{encoder}: {metrics}"
+    );
     assert_eq!(
         sample(&metrics, "stpm_camera_online{camera=\"line1\"}"),
         Some(1.0),
@@ -363,4 +377,100 @@ fn an_rtsp_camera_that_drops_is_marked_offline_and_reconnected() {
     assert!(status.success(), "{logs}");
     assert!(logs.contains("[line1] offline"), "{logs}");
     assert!(!logs.contains("panicked"), "{logs}");
+}
+
+/// A pipeline recording the generated conveyor (24 frames at 12 fps, every frame analysed) into
+/// `<dir>/rec`, with `extra` appended.
+fn write_recording_pipeline(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let file = dir.join("p.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
+             [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?frames=24&fps=12\"\nrealtime = false\n\n\
+             [output.record]\nenabled = true\ndir = \"{}\"\n{extra}",
+            path(bundle()),
+            path(&dir.join("rec"))
+        ),
+    )
+    .expect("write pipeline");
+    file
+}
+
+/// The `.mkv` files under `<dir>/rec`, sorted by name.
+fn recordings(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("rec"))
+        .expect("recordings folder")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "mkv"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn openh264_records_every_frame() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = write_recording_pipeline(dir.path(), "");
+    let out = stpm(
+        &[
+            "run",
+            "--pipeline",
+            path(&pipeline),
+            "--set",
+            "output.encoder=openh264",
+        ],
+        dir.path(),
+    );
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("encoder: openh264enc (output.encoder = openh264)\n"),
+        "{log}"
+    );
+    let files = recordings(dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(common::decode_mkv(&files[0]), (24, 640, 480), "{log}");
+}
+
+/// An explicit encoder whose element is not installed stops the start, naming the key and what
+/// is installed: nvh264enc (no NVIDIA GPU here) or, where it is present, Jetson's nvv4l2h264enc.
+#[test]
+fn a_missing_encoder_fails_the_start_naming_the_key() {
+    gst::init().expect("gst init");
+    let Some((key, element)) = [("nvh264", "nvh264enc"), ("nvv4l2", "nvv4l2h264enc")]
+        .into_iter()
+        .find(|(_, element)| gst::ElementFactory::find(element).is_none())
+    else {
+        eprintln!("skipped: both NVIDIA encoders are installed");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = write_recording_pipeline(dir.path(), "");
+    let started = Instant::now();
+    let out = stpm(
+        &[
+            "run",
+            "--pipeline",
+            path(&pipeline),
+            "--set",
+            &format!("output.encoder={key}"),
+        ],
+        dir.path(),
+    );
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains(&format!(
+            "output.encoder = `{key}`: {element} is not available"
+        )),
+        "{log}"
+    );
+    assert!(log.contains("H.264 encoders found: "), "{log}");
+    assert!(
+        !log.contains("panicked") && !dir.path().join("rec").exists(),
+        "{log}"
+    );
+    // Before the model is loaded or a frame is made.
+    assert!(started.elapsed() < Duration::from_secs(10), "{log}");
 }

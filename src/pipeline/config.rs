@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::alerts::{AlertConfig, CameraAlertOverrides, MqttConfig};
+use crate::pipeline::encoder::EncoderRequest;
 
 /// The whole pipeline file.
 #[derive(Debug, Clone, Deserialize)]
@@ -84,15 +85,34 @@ fn default_true() -> bool {
 }
 
 /// `[output]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
+    /// H.264 encoder of recordings and RTSP: `auto` (the first found of nvh264, nvv4l2, x264,
+    /// openh264) or one of those, which fails the start where its element is missing. Checked
+    /// only when recordings or RTSP are enabled.
+    #[serde(default = "default_encoder")]
+    pub encoder: String,
     /// `[output.record]`
     #[serde(default)]
     pub record: RecordConfig,
     /// `[output.rtsp]`
     #[serde(default)]
     pub rtsp: RtspConfig,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            encoder: default_encoder(),
+            record: RecordConfig::default(),
+            rtsp: RtspConfig::default(),
+        }
+    }
+}
+
+fn default_encoder() -> String {
+    "auto".into()
 }
 
 /// `[output.record]`: annotated recordings, one Matroska file per camera and run (readable even
@@ -361,9 +381,12 @@ impl PipelineConfig {
         problems
     }
 
-    /// Problems of `[output.rtsp]` and `[http]` (checked only when enabled).
+    /// Problems of `[output]` and `[http]` (addresses checked only when enabled).
     fn output_problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if let Err(e) = self.output.encoder.parse::<EncoderRequest>() {
+            problems.push(e.to_string());
+        }
         let rtsp = &self.output.rtsp;
         let rtsp_ip = rtsp.bind.parse::<IpAddr>();
         if rtsp.enabled && rtsp_ip.is_err() {
@@ -437,6 +460,7 @@ mod tests {
         assert!(!config.camera[0].realtime);
         assert_eq!(config.camera[0].max_fps, 2.5);
         assert!(!config.output.record.enabled);
+        assert_eq!(config.output.encoder, "auto");
         assert_eq!(
             SourceUri::parse(&config.camera[0].source),
             Ok(SourceUri::Conveyor {
@@ -455,7 +479,8 @@ mod tests {
             "[model]\nbundle = \"b\"\nprovider = \"gpu\"\n\
              [[camera]]\nname = \"bad name\"\nsource = \"http://x\"\nmax_fps = -1\n\
              [[camera]]\nname = \"cam\"\nsource = \"file:///nowhere/x.mkv\"\n\
-             [alerts]\non_threshold = 0.5\noff_threshold = 0.7\n",
+             [alerts]\non_threshold = 0.5\noff_threshold = 0.7\n\
+             [output]\nencoder = \"x265\"\n",
         );
         let message = PipelineConfig::load(&path, &[])
             .err()
@@ -468,6 +493,7 @@ mod tests {
             "camera[0].max_fps",
             "camera[1].source: /nowhere/x.mkv does not exist",
             "alerts.off_threshold",
+            "output.encoder = `x265`",
         ] {
             assert!(message.contains(expected), "missing {expected}: {message}");
         }

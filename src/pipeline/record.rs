@@ -1,4 +1,4 @@
-//! Recordings: annotated RGB frames → appsrc → H.264 (x264, zero latency) → Matroska file. Matroska
+//! Recordings: annotated RGB frames → appsrc → H.264 (the `encoder` module's choice) → Matroska file. Matroska
 //! stays playable up to the last written cluster if the process dies; on a clean stop the recorder
 //! sends EOS and waits for the muxer to finish the file.
 
@@ -11,6 +11,7 @@ use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 
+use crate::pipeline::encoder::{Encoder, KEY_INTERVAL};
 use crate::pipeline::metrics::{CameraMetrics, Stage};
 
 /// Frames handed to the encoder and not out of it yet: (pushed, arrived at the appsink).
@@ -29,13 +30,14 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Starts writing `path` for frames of `size` (width, height) at about `fps` frames/s. With
-    /// `timing`, each frame's encode time and end-to-end latency (from its arrival at the appsink)
-    /// are recorded there when the encoder puts it out.
+    /// Starts writing `path` with `encoder` for frames of `size` (width, height) at about `fps`
+    /// frames/s. With `timing`, each frame's encode time and end-to-end latency (from its arrival
+    /// at the appsink) are recorded there when the encoder puts it out.
     pub fn create(
         path: &Path,
         size: (usize, usize),
         fps: f64,
+        encoder: &Encoder,
         timing: Option<Arc<CameraMetrics>>,
     ) -> Result<Self, String> {
         gst::init().map_err(|e| format!("GStreamer failed to initialise: {e}"))?;
@@ -44,12 +46,16 @@ impl Recorder {
         } else {
             25.0
         };
-        let description = "appsrc name=src format=time ! videoconvert ! video/x-raw,format=I420 ! \
-             x264enc name=encoder tune=zerolatency speed-preset=ultrafast key-int-max=30 ! h264parse ! \
-             matroskamux ! filesink name=sink";
-        let pipeline = gst::parse::launch(description)
+        let description = format!(
+            "appsrc name=src format=time ! {} ! h264parse ! matroskamux ! filesink name=sink",
+            encoder.chain(KEY_INTERVAL)
+        );
+        let pipeline = gst::parse::launch(&description)
             .map_err(|e| {
-                format!("cannot build the recorder (is gstreamer1.0-plugins-ugly installed?): {e}")
+                format!(
+                    "cannot build the recorder with {} (are gstreamer1.0-plugins-good and -bad installed?): {e}",
+                    encoder.element()
+                )
             })?
             .downcast::<gst::Pipeline>()
             .map_err(|_| "the recorder description is not a pipeline".to_string())?;
@@ -159,8 +165,11 @@ impl Recorder {
 }
 
 /// Times frames out of `encoder`: encode = since the recorder took the frame, end to end = since it
-/// reached the appsink. x264 tuned for zero latency puts out one frame per frame, in order (its
-/// timestamps are shifted by 1000 hours to leave room for decoding times, so order is what matches).
+/// reached the appsink. Frames are matched by order (x264's timestamps are shifted by 1000 hours
+/// to leave room for decoding times), which holds for encoders that put out one frame per frame,
+/// in order: x264 tuned for zero latency, openh264 without frame skipping (a skipped frame would
+/// shift every later time by one frame), nvh264enc with zerolatency and no B-frames.
+/// nvv4l2h264enc is assumed to behave alike (not checked on a Jetson).
 fn time_encoder(encoder: &gst::Element, metrics: Arc<CameraMetrics>) -> InFlight {
     let in_flight: InFlight = Arc::default();
     let Some(pad) = encoder.static_pad("src") else {
