@@ -11,23 +11,10 @@ use std::time::{Duration, Instant};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 
-use common::{decode_mkv as decode, output_text as text, path_str as path, stpm_in as stpm};
-
-fn bundle() -> &'static Path {
-    common::tiny_conveyor_bundle()
-}
-
-fn write_pipeline(dir: &Path, camera: &str, extra: &str) -> PathBuf {
-    let file = dir.join("p.toml");
-    let text = format!(
-        "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n[[camera]]\nname = \"line1\"\n{camera}\n\n\
-         [output.record]\nenabled = true\ndir = \"{}\"\n{extra}",
-        path(bundle()),
-        path(&dir.join("rec"))
-    );
-    std::fs::write(&file, text).expect("write pipeline");
-    file
-}
+use common::{
+    decode_mkv as decode, output_text as text, path_str as path, stpm_in as stpm,
+    write_recording_pipeline as write_pipeline,
+};
 
 fn recording(dir: &Path) -> PathBuf {
     std::fs::read_dir(dir.join("rec"))

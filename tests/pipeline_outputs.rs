@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 
-use common::{output_text as text, path_str as path, stpm_in as stpm};
+use common::{output_text as text, path_str as path, stpm_in as stpm, write_recording_pipeline};
 
 fn bundle() -> &'static Path {
     common::tiny_conveyor_bundle()
@@ -379,23 +379,8 @@ fn an_rtsp_camera_that_drops_is_marked_offline_and_reconnected() {
     assert!(!logs.contains("panicked"), "{logs}");
 }
 
-/// A pipeline recording the generated conveyor (24 frames at 12 fps, every frame analysed) into
-/// `<dir>/rec`, with `extra` appended.
-fn write_recording_pipeline(dir: &Path, extra: &str) -> std::path::PathBuf {
-    let file = dir.join("p.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
-             [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?frames=24&fps=12\"\nrealtime = false\n\n\
-             [output.record]\nenabled = true\ndir = \"{}\"\n{extra}",
-            path(bundle()),
-            path(&dir.join("rec"))
-        ),
-    )
-    .expect("write pipeline");
-    file
-}
+/// 24 conveyor frames at 12 fps, every frame analysed.
+const CONVEYOR_24: &str = "source = \"test://conveyor?frames=24&fps=12\"\nrealtime = false";
 
 /// The `.mkv` files under `<dir>/rec`, sorted by name.
 fn recordings(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -411,7 +396,7 @@ fn recordings(dir: &Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn openh264_records_every_frame() {
     let dir = tempfile::tempdir().expect("dir");
-    let pipeline = write_recording_pipeline(dir.path(), "");
+    let pipeline = write_recording_pipeline(dir.path(), CONVEYOR_24, "");
     let out = stpm(
         &[
             "run",
@@ -446,7 +431,7 @@ fn a_missing_encoder_fails_the_start_naming_the_key() {
         return;
     };
     let dir = tempfile::tempdir().expect("dir");
-    let pipeline = write_recording_pipeline(dir.path(), "");
+    let pipeline = write_recording_pipeline(dir.path(), CONVEYOR_24, "");
     let started = Instant::now();
     let out = stpm(
         &[
@@ -473,4 +458,82 @@ fn a_missing_encoder_fails_the_start_naming_the_key() {
     );
     // Before the model is loaded or a frame is made.
     assert!(started.elapsed() < Duration::from_secs(10), "{log}");
+}
+
+/// Half-second segments of a 2 s run: at least two files, each complete on its own, none longer
+/// than a segment (6 frames at 12 fps), together every frame.
+#[test]
+fn segments_are_complete_files_that_add_up_to_the_run() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = write_recording_pipeline(dir.path(), CONVEYOR_24, "segment_seconds = 0.5\n");
+    let out = stpm(&["run", "--pipeline", path(&pipeline)], dir.path());
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    let files = recordings(dir.path());
+    assert!(files.len() >= 2, "{files:?}: {log}");
+    let mut total = 0;
+    for (index, file) in files.iter().enumerate() {
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        assert!(
+            name.starts_with("line1-") && name.ends_with(&format!("-{index:05}.mkv")),
+            "{name}"
+        );
+        let (frames, width, height) = common::decode_mkv(file);
+        assert!(
+            (1..=6).contains(&frames) && (width, height) == (640, 480),
+            "{name}: {frames} frames {width}x{height}"
+        );
+        total += frames;
+    }
+    assert_eq!(total, 24, "{files:?}");
+    assert!(
+        log.contains(&format!("camera line1: {} recording segments", files.len())),
+        "{log}"
+    );
+}
+
+/// SIGTERM during a segmented recording of a live-paced source: the run exits 0 and every segment,
+/// the one open at the stop included, decodes.
+#[test]
+fn sigterm_finishes_the_open_segment() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = write_recording_pipeline(
+        dir.path(),
+        "source = \"test://conveyor?fps=20\"",
+        "segment_seconds = 0.5\n",
+    );
+    let log_path = dir.path().join("stpm.log");
+    let child = spawn_run(&pipeline, &log_path, dir.path());
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let started = Instant::now();
+    // Two closed segments and a third open.
+    while !dir.path().join("rec").is_dir() || recordings(dir.path()).len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no segments: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    common::sigterm(&child);
+    let mut child = child;
+    let status = child.wait().expect("wait");
+    let log = log();
+    assert!(status.success(), "{log}");
+    let files = recordings(dir.path());
+    for file in &files {
+        let (frames, width, height) = common::decode_mkv(file);
+        assert!(
+            frames > 0 && (width, height) == (640, 480),
+            "{}: {frames} frames {width}x{height}: {log}",
+            file.display()
+        );
+    }
+    assert!(
+        log.contains(&format!("camera line1: {} recording segments", files.len())),
+        "{files:?}: {log}"
+    );
 }

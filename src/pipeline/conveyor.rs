@@ -136,10 +136,11 @@ pub fn write_video(
     seed: u64,
     encoder: &crate::pipeline::encoder::Encoder,
 ) -> Result<(), String> {
-    use crate::pipeline::record::Recorder;
+    use crate::pipeline::record::{Destination, Recorder};
     let (width, height) = crate::pipeline::source::CONVEYOR_SIZE;
     let mut conveyor = Conveyor::new(width, height, seed);
-    let mut recorder = Recorder::create(path, (width, height), fps, encoder, None)?;
+    let destination = Destination::File(path.to_path_buf());
+    let mut recorder = Recorder::create(&destination, (width, height), fps, encoder, None)?;
     let period = std::time::Duration::from_secs_f64(1.0 / fps.max(0.1));
     for index in 0..frames {
         let generated = conveyor.frame(index);

@@ -37,7 +37,7 @@ struct Setting {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Value {
     Fixed(&'static str),
-    /// The key-frame interval in frames, the caller's choice.
+    /// The key-frame interval in frames (the recorder shortens it to fit a segment).
     KeyInterval,
 }
 
@@ -374,6 +374,19 @@ fn accepted(element: &str, settings: &[Setting]) -> (Vec<Setting>, Vec<String>) 
     (kept, rejected)
 }
 
+/// The key-frame interval of a recording cut into `segment_seconds` pieces at `fps`: at most
+/// [`KEY_INTERVAL`], and an equal share of one segment's frames, so that whole GOPs fill a segment
+/// (2 s at 25 fps: 25, not 30, which would cut after 30 frames, 1.2 s).
+pub fn key_interval_within(segment_seconds: f64, fps: f64) -> u32 {
+    let frames = (segment_seconds * fps).floor();
+    if !(frames.is_finite() && frames >= 1.0) {
+        return 1;
+    }
+    let frames = frames as u64;
+    let gops = frames.div_ceil(u64::from(KEY_INTERVAL));
+    u32::try_from(frames / gops).unwrap_or(KEY_INTERVAL)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,6 +464,18 @@ mod tests {
             message,
             "output.encoder = `x265`: use auto, nvh264, nvv4l2, x264 or openh264"
         );
+    }
+
+    #[test]
+    fn segments_get_a_key_frame_at_least_once_per_segment() {
+        assert_eq!(key_interval_within(1.0, 12.0), 12);
+        assert_eq!(key_interval_within(60.0, 25.0), KEY_INTERVAL);
+        assert_eq!(key_interval_within(2.0, 25.0), 25);
+        assert_eq!(key_interval_within(10.0, 29.97), 29);
+        assert_eq!(key_interval_within(0.5, 15.0), 7);
+        assert_eq!(key_interval_within(1e12, 30.0), KEY_INTERVAL);
+        assert_eq!(key_interval_within(0.01, 15.0), 1);
+        assert_eq!(key_interval_within(1.0, f64::NAN), 1);
     }
 
     /// Runs `frames` test frames through the encoder's chain and counts the H.264 frames out.

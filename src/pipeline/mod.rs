@@ -39,7 +39,7 @@ use encoder::{Encoder, EncoderError};
 use live::{CameraOutputs, LiveError, LiveOutputs};
 use metrics::{CameraState, Stage};
 use queue::{FrameQueue, Item};
-use record::Recorder;
+use record::{Destination, Recorder};
 use source::{Captured, SourceSpec};
 
 /// Frames waiting per camera before the oldest is dropped (live and real-time sources).
@@ -92,8 +92,8 @@ pub struct CameraStats {
     pub alerts: u64,
     /// Total engine time of analysed frames.
     pub inference: Duration,
-    /// The recording, when enabled and finished.
-    pub recording: Option<PathBuf>,
+    /// The recording's files (one, or its segments), when enabled and finished.
+    pub recordings: Vec<PathBuf>,
     /// Problems that did not stop the run (recording failures).
     pub errors: Vec<String>,
     /// Every frame's stage durations, when [`RunOptions::keep_samples`] asked for them.
@@ -495,7 +495,7 @@ impl Worker {
         state.stats.dropped = self.queue.dropped();
         if let Some(recorder) = state.recorder.take() {
             match recorder.finish(Duration::from_secs(10)) {
-                Ok(path) => state.stats.recording = Some(path),
+                Ok(files) => state.stats.recordings = files,
                 Err(message) => state.stats.errors.push(message),
             }
         }
@@ -732,15 +732,17 @@ impl Worker {
     ) {
         let frame = &captured.frame;
         if state.recorder.is_none() {
-            let path = self
-                .record
-                .dir
-                .join(format!("{}-{}.mkv", self.camera.name, state.epoch as u64));
+            let destination = Destination::for_camera(
+                &self.record.dir,
+                &self.camera.name,
+                state.epoch as u64,
+                self.record.segment_seconds,
+            );
             let timing = Some(Arc::clone(&self.live.metrics));
             let size = (frame.width, frame.height);
-            match Recorder::create(&path, size, captured.fps, encoder, timing) {
+            match Recorder::create(&destination, size, captured.fps, encoder, timing) {
                 Ok(recorder) => {
-                    eprintln!("[{}] recording to {}", self.camera.name, path.display());
+                    eprintln!("[{}] recording to {destination}", self.camera.name);
                     state.recorder = Some(recorder);
                 }
                 Err(message) => {

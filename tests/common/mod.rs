@@ -124,6 +124,20 @@ pub fn sigterm(child: &Child) {
     assert!(sent.success(), "SIGTERM not delivered");
 }
 
+/// `<dir>/p.toml`: the tiny conveyor bundle on the CPU, camera `line1` (`camera`: its source
+/// lines) recorded into `<dir>/rec`, then `extra` (more `[output.record]` keys or sections).
+pub fn write_recording_pipeline(dir: &Path, camera: &str, extra: &str) -> PathBuf {
+    let file = dir.join("p.toml");
+    let text = format!(
+        "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n[[camera]]\nname = \"line1\"\n{camera}\n\n\
+         [output.record]\nenabled = true\ndir = \"{}\"\n{extra}",
+        path_str(tiny_conveyor_bundle()),
+        path_str(&dir.join("rec"))
+    );
+    std::fs::write(&file, text).expect("write pipeline");
+    file
+}
+
 /// `description`, a pipeline ending in `appsink name=sink`, parsed (not started), with its appsink.
 pub fn appsink_pipeline(description: &str) -> (gst::Pipeline, gstreamer_app::AppSink) {
     gst::init().expect("gst init");
