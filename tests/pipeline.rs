@@ -11,60 +11,10 @@ use std::time::{Duration, Instant};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 
-use common::{output_text as text, path_str as path, stpm_in as stpm};
-
-fn bundle() -> &'static Path {
-    common::tiny_conveyor_bundle()
-}
-
-fn write_pipeline(dir: &Path, camera: &str, extra: &str) -> PathBuf {
-    let file = dir.join("p.toml");
-    let text = format!(
-        "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n[[camera]]\nname = \"line1\"\n{camera}\n\n\
-         [output.record]\nenabled = true\ndir = \"{}\"\n{extra}",
-        path(bundle()),
-        path(&dir.join("rec"))
-    );
-    std::fs::write(&file, text).expect("write pipeline");
-    file
-}
-
-/// Decodes a Matroska/H.264 file and returns (frames, width, height).
-fn decode(file: &Path) -> (usize, i32, i32) {
-    gst::init().expect("gst init");
-    let pipeline = gst::parse::launch(
-        "filesrc name=src ! matroskademux ! h264parse ! avdec_h264 ! videoconvert ! \
-         video/x-raw,format=RGB ! appsink name=sink sync=false",
-    )
-    .expect("decoder")
-    .downcast::<gst::Pipeline>()
-    .expect("pipeline");
-    pipeline
-        .by_name("src")
-        .expect("src")
-        .set_property("location", path(file));
-    let sink = pipeline
-        .by_name("sink")
-        .expect("sink")
-        .downcast::<gstreamer_app::AppSink>()
-        .expect("appsink");
-    pipeline.set_state(gst::State::Playing).expect("play");
-    let (mut frames, mut size) = (0, (0, 0));
-    while let Ok(sample) = sink.pull_sample() {
-        if let Some(s) = sample
-            .caps()
-            .and_then(|c| c.structure(0).map(|s| s.to_owned()))
-        {
-            size = (
-                s.get::<i32>("width").unwrap_or(0),
-                s.get::<i32>("height").unwrap_or(0),
-            );
-        }
-        frames += 1;
-    }
-    let _ = pipeline.set_state(gst::State::Null);
-    (frames, size.0, size.1)
-}
+use common::{
+    decode_mkv as decode, output_text as text, path_str as path, stpm_in as stpm,
+    write_recording_pipeline as write_pipeline,
+};
 
 fn recording(dir: &Path) -> PathBuf {
     std::fs::read_dir(dir.join("rec"))

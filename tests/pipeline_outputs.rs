@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 
-use common::{output_text as text, path_str as path, stpm_in as stpm};
+use common::{output_text as text, path_str as path, stpm_in as stpm, write_recording_pipeline};
 
 fn bundle() -> &'static Path {
     common::tiny_conveyor_bundle()
@@ -60,19 +60,10 @@ struct Decoded {
 /// Connects an RTSP client (TCP interleaved), decodes up to `wanted` frames within `timeout`,
 /// then disconnects.
 fn watch(url: &str, wanted: usize, timeout: Duration) -> Vec<Decoded> {
-    gst::init().expect("gst init");
-    let pipeline = gst::parse::launch(&format!(
+    let (pipeline, sink) = common::appsink_pipeline(&format!(
         "rtspsrc location={url} protocols=tcp latency=0 ! rtph264depay ! avdec_h264 ! \
          videoconvert ! video/x-raw,format=RGB ! appsink name=sink sync=false"
-    ))
-    .expect("client pipeline")
-    .downcast::<gst::Pipeline>()
-    .expect("pipeline");
-    let sink = pipeline
-        .by_name("sink")
-        .expect("sink")
-        .downcast::<gstreamer_app::AppSink>()
-        .expect("appsink");
+    ));
     pipeline.set_state(gst::State::Playing).expect("play");
     let deadline = Instant::now() + timeout;
     let mut frames = Vec::new();
@@ -86,16 +77,7 @@ fn watch(url: &str, wanted: usize, timeout: Duration) -> Vec<Decoded> {
         else {
             break;
         };
-        let size = sample
-            .caps()
-            .and_then(|c| c.structure(0))
-            .map(|s| {
-                (
-                    s.get::<i32>("width").unwrap_or(0),
-                    s.get::<i32>("height").unwrap_or(0),
-                )
-            })
-            .unwrap_or((0, 0));
+        let size = common::sample_size(&sample);
         let pixels = sample
             .buffer()
             .and_then(|b| b.map_readable().ok().map(|m| m.as_slice().to_vec()))
@@ -201,6 +183,20 @@ fn rtsp_clients_get_annotated_frames_and_metrics_count_them() {
     assert!(
         metrics.contains("stpm_engine_info{provider=\"cpu\"} 1\n"),
         "{metrics}"
+    );
+    // The encoder announced at start is the one exported.
+    let encoder = log()
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("encoder: ")?
+                .split(' ')
+                .next()
+                .map(String::from)
+        })
+        .unwrap_or_default();
+    assert!(
+        metrics.contains(&format!("stpm_encoder_info{{encoder=\"{encoder}\"}} 1\n")),
+        "{encoder}: {metrics}"
     );
     assert_eq!(
         sample(&metrics, "stpm_camera_online{camera=\"line1\"}"),
@@ -381,4 +377,163 @@ fn an_rtsp_camera_that_drops_is_marked_offline_and_reconnected() {
     assert!(status.success(), "{logs}");
     assert!(logs.contains("[line1] offline"), "{logs}");
     assert!(!logs.contains("panicked"), "{logs}");
+}
+
+/// 24 conveyor frames at 12 fps, every frame analysed.
+const CONVEYOR_24: &str = "source = \"test://conveyor?frames=24&fps=12\"\nrealtime = false";
+
+/// The `.mkv` files under `<dir>/rec`, sorted by name.
+fn recordings(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("rec"))
+        .expect("recordings folder")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "mkv"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn openh264_records_every_frame() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = write_recording_pipeline(dir.path(), CONVEYOR_24, "");
+    let out = stpm(
+        &[
+            "run",
+            "--pipeline",
+            path(&pipeline),
+            "--set",
+            "output.encoder=openh264",
+        ],
+        dir.path(),
+    );
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("encoder: openh264enc (output.encoder = openh264)\n"),
+        "{log}"
+    );
+    let files = recordings(dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(common::decode_mkv(&files[0]), (24, 640, 480), "{log}");
+}
+
+/// An explicit encoder whose element is not installed stops the start, naming the key and what
+/// is installed: nvh264enc (no NVIDIA GPU here) or, where it is present, Jetson's nvv4l2h264enc.
+#[test]
+fn a_missing_encoder_fails_the_start_naming_the_key() {
+    gst::init().expect("gst init");
+    let Some((key, element)) = [("nvh264", "nvh264enc"), ("nvv4l2", "nvv4l2h264enc")]
+        .into_iter()
+        .find(|(_, element)| gst::ElementFactory::find(element).is_none())
+    else {
+        eprintln!("skipped: both NVIDIA encoders are installed");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = write_recording_pipeline(dir.path(), CONVEYOR_24, "");
+    let started = Instant::now();
+    let out = stpm(
+        &[
+            "run",
+            "--pipeline",
+            path(&pipeline),
+            "--set",
+            &format!("output.encoder={key}"),
+        ],
+        dir.path(),
+    );
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains(&format!(
+            "output.encoder = `{key}`: {element} is not available"
+        )),
+        "{log}"
+    );
+    assert!(log.contains("H.264 encoders found: "), "{log}");
+    assert!(
+        !log.contains("panicked") && !dir.path().join("rec").exists(),
+        "{log}"
+    );
+    // Before the model is loaded or a frame is made.
+    assert!(started.elapsed() < Duration::from_secs(10), "{log}");
+}
+
+/// Half-second segments of a 2 s run: at least two files, each complete on its own, none longer
+/// than a segment (6 frames at 12 fps), together every frame.
+#[test]
+fn segments_are_complete_files_that_add_up_to_the_run() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = write_recording_pipeline(dir.path(), CONVEYOR_24, "segment_seconds = 0.5\n");
+    let out = stpm(&["run", "--pipeline", path(&pipeline)], dir.path());
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    let files = recordings(dir.path());
+    assert!(files.len() >= 2, "{files:?}: {log}");
+    let mut total = 0;
+    for (index, file) in files.iter().enumerate() {
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        assert!(
+            name.starts_with("line1-") && name.ends_with(&format!("-{index:05}.mkv")),
+            "{name}"
+        );
+        let (frames, width, height) = common::decode_mkv(file);
+        assert!(
+            (1..=6).contains(&frames) && (width, height) == (640, 480),
+            "{name}: {frames} frames {width}x{height}"
+        );
+        total += frames;
+    }
+    assert_eq!(total, 24, "{files:?}");
+    assert!(
+        log.contains(&format!("camera line1: {} recording segments", files.len())),
+        "{log}"
+    );
+}
+
+/// SIGTERM during a segmented recording of a live-paced source: the run exits 0 and every segment,
+/// the one open at the stop included, decodes.
+#[test]
+fn sigterm_finishes_the_open_segment() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = write_recording_pipeline(
+        dir.path(),
+        "source = \"test://conveyor?fps=20\"",
+        "segment_seconds = 0.5\n",
+    );
+    let log_path = dir.path().join("stpm.log");
+    let child = spawn_run(&pipeline, &log_path, dir.path());
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let started = Instant::now();
+    // Two closed segments and a third open.
+    while !dir.path().join("rec").is_dir() || recordings(dir.path()).len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no segments: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    common::sigterm(&child);
+    let mut child = child;
+    let status = child.wait().expect("wait");
+    let log = log();
+    assert!(status.success(), "{log}");
+    let files = recordings(dir.path());
+    for file in &files {
+        let (frames, width, height) = common::decode_mkv(file);
+        assert!(
+            frames > 0 && (width, height) == (640, 480),
+            "{}: {frames} frames {width}x{height}: {log}",
+            file.display()
+        );
+    }
+    assert!(
+        log.contains(&format!("camera line1: {} recording segments", files.len())),
+        "{files:?}: {log}"
+    );
 }

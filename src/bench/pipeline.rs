@@ -16,6 +16,7 @@ use crate::bundle::Bundle;
 use crate::engine::{Engine, EngineOptions, ExecutionProvider, ProviderRequest};
 use crate::pipeline::config::{PipelineConfig, SourceUri};
 use crate::pipeline::conveyor::{self, Conveyor};
+use crate::pipeline::encoder::Encoder;
 use crate::pipeline::metrics::{Stage, StageSamples};
 use crate::pipeline::{RunOptions, run_with};
 use crate::preprocess;
@@ -215,7 +216,13 @@ fn choose_source(
         "bench: camera {} reads {}, not a file; measuring a generated 640×480 conveyor file of {} frames instead (choose a file with --source file:///…)",
         camera.name, camera.source, options.frames
     );
-    conveyor::write_video(&path, options.frames as u64, GENERATED_FPS, 1)
+    let encoder = config
+        .output
+        .encoder
+        .parse()
+        .and_then(Encoder::resolve)
+        .map_err(|e| BenchError::Source(e.to_string()))?;
+    conveyor::write_video(&path, options.frames as u64, GENERATED_FPS, 1, &encoder)
         .map_err(BenchError::Source)?;
     Ok((path, true))
 }

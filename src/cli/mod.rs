@@ -329,8 +329,16 @@ fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
                 stpm::pipeline::metrics::RECENT_FRAMES
             );
         }
-        if let Some(path) = &camera.recording {
-            println!("camera {}: recording {}", camera.camera, path.display());
+        match camera.recordings.as_slice() {
+            [] => {}
+            [file] => println!("camera {}: recording {}", camera.camera, file.display()),
+            [first, .., last] => println!(
+                "camera {}: {} recording segments, {} … {}",
+                camera.camera,
+                camera.recordings.len(),
+                first.display(),
+                last.display()
+            ),
         }
         for error in &camera.errors {
             eprintln!("camera {}: {error}", camera.camera);

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::alerts::{AlertConfig, CameraAlertOverrides, MqttConfig};
+use crate::pipeline::encoder::EncoderRequest;
 
 /// The whole pipeline file.
 #[derive(Debug, Clone, Deserialize)]
@@ -84,9 +85,14 @@ fn default_true() -> bool {
 }
 
 /// `[output]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
+    /// H.264 encoder of recordings and RTSP: `auto` (the first found of nvh264, nvv4l2, x264,
+    /// openh264) or one of those, which fails the start where its element is missing. Checked
+    /// only when recordings or RTSP are enabled.
+    #[serde(default = "default_encoder")]
+    pub encoder: String,
     /// `[output.record]`
     #[serde(default)]
     pub record: RecordConfig,
@@ -95,17 +101,36 @@ pub struct OutputConfig {
     pub rtsp: RtspConfig,
 }
 
-/// `[output.record]`: annotated recordings, one Matroska file per camera and run (readable even
-/// after a crash: Matroska needs no index written at the end).
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            encoder: default_encoder(),
+            record: RecordConfig::default(),
+            rtsp: RtspConfig::default(),
+        }
+    }
+}
+
+fn default_encoder() -> String {
+    "auto".into()
+}
+
+/// `[output.record]`: annotated recordings, one Matroska file per camera and run, or one per
+/// segment (readable even after a crash: Matroska needs no index written at the end).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecordConfig {
     /// Write recordings.
     #[serde(default)]
     pub enabled: bool,
-    /// Folder for `<camera>-<unix seconds>.mkv`.
+    /// Folder for `<camera>-<unix seconds>.mkv`, or `<camera>-<unix seconds>-<00000…>.mkv` with
+    /// segments.
     #[serde(default = "default_record_dir")]
     pub dir: PathBuf,
+    /// 0: one file per camera and run. More: a new file at least every this many seconds
+    /// (fractions allowed), each closed and complete when the next starts.
+    #[serde(default)]
+    pub segment_seconds: f64,
 }
 
 impl Default for RecordConfig {
@@ -113,6 +138,7 @@ impl Default for RecordConfig {
         Self {
             enabled: false,
             dir: default_record_dir(),
+            segment_seconds: 0.0,
         }
     }
 }
@@ -361,9 +387,18 @@ impl PipelineConfig {
         problems
     }
 
-    /// Problems of `[output.rtsp]` and `[http]` (checked only when enabled).
+    /// Problems of `[output]` and `[http]` (addresses checked only when enabled).
     fn output_problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if let Err(e) = self.output.encoder.parse::<EncoderRequest>() {
+            problems.push(e.to_string());
+        }
+        let segment = self.output.record.segment_seconds;
+        if !segment.is_finite() || segment < 0.0 {
+            problems.push(format!(
+                "output.record.segment_seconds = {segment}: use 0 (one file per run) or a length in seconds"
+            ));
+        }
         let rtsp = &self.output.rtsp;
         let rtsp_ip = rtsp.bind.parse::<IpAddr>();
         if rtsp.enabled && rtsp_ip.is_err() {
@@ -437,6 +472,8 @@ mod tests {
         assert!(!config.camera[0].realtime);
         assert_eq!(config.camera[0].max_fps, 2.5);
         assert!(!config.output.record.enabled);
+        assert_eq!(config.output.encoder, "auto");
+        assert_eq!(config.output.record.segment_seconds, 0.0);
         assert_eq!(
             SourceUri::parse(&config.camera[0].source),
             Ok(SourceUri::Conveyor {
@@ -455,7 +492,8 @@ mod tests {
             "[model]\nbundle = \"b\"\nprovider = \"gpu\"\n\
              [[camera]]\nname = \"bad name\"\nsource = \"http://x\"\nmax_fps = -1\n\
              [[camera]]\nname = \"cam\"\nsource = \"file:///nowhere/x.mkv\"\n\
-             [alerts]\non_threshold = 0.5\noff_threshold = 0.7\n",
+             [alerts]\non_threshold = 0.5\noff_threshold = 0.7\n\
+             [output]\nencoder = \"x265\"\n[output.record]\nsegment_seconds = -1\n",
         );
         let message = PipelineConfig::load(&path, &[])
             .err()
@@ -468,6 +506,8 @@ mod tests {
             "camera[0].max_fps",
             "camera[1].source: /nowhere/x.mkv does not exist",
             "alerts.off_threshold",
+            "output.encoder = `x265`",
+            "output.record.segment_seconds = -1",
         ] {
             assert!(message.contains(expected), "missing {expected}: {message}");
         }

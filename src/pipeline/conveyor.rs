@@ -126,12 +126,21 @@ impl Conveyor {
     }
 }
 
-/// Writes `frames` frames of the conveyor (640×480, `seed`) at `fps` as an H.264 Matroska file, the
-/// way recordings are written: a file source for `stpm bench --pipeline` when none is given.
-pub fn write_video(path: &Path, frames: u64, fps: f64, seed: u64) -> Result<(), String> {
+/// Writes `frames` frames of the conveyor (640×480, `seed`) at `fps` as an H.264 Matroska file with
+/// `encoder`, the way recordings are written: a file source for `stpm bench --pipeline` when none
+/// is given.
+pub fn write_video(
+    path: &Path,
+    frames: u64,
+    fps: f64,
+    seed: u64,
+    encoder: &crate::pipeline::encoder::Encoder,
+) -> Result<(), String> {
+    use crate::pipeline::record::{Destination, Recorder};
     let (width, height) = crate::pipeline::source::CONVEYOR_SIZE;
     let mut conveyor = Conveyor::new(width, height, seed);
-    let mut recorder = crate::pipeline::record::Recorder::create(path, (width, height), fps, None)?;
+    let destination = Destination::File(path.to_path_buf());
+    let mut recorder = Recorder::create(&destination, (width, height), fps, encoder, None)?;
     let period = std::time::Duration::from_secs_f64(1.0 / fps.max(0.1));
     for index in 0..frames {
         let generated = conveyor.frame(index);

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::pipeline::config::PipelineConfig;
+use crate::pipeline::encoder::Encoder;
 use crate::pipeline::http::{HttpError, HttpServer};
 use crate::pipeline::metrics::{CameraMetrics, Metrics};
 use crate::pipeline::rtsp::{RtspError, RtspOutput, RtspServer};
@@ -32,10 +33,18 @@ pub enum LiveError {
 }
 
 impl LiveOutputs {
-    /// Starts what `config` enables; `provider` is the execution provider reported in /metrics.
-    pub fn start(config: &PipelineConfig, provider: &str) -> Result<Self, LiveError> {
+    /// Starts what `config` enables; `provider` is the execution provider reported in /metrics,
+    /// `encoder` the H.264 encoder of the video outputs (RTSP starts only with one).
+    pub fn start(
+        config: &PipelineConfig,
+        provider: &str,
+        encoder: Option<&Encoder>,
+    ) -> Result<Self, LiveError> {
         let cameras: Vec<String> = config.camera.iter().map(|c| c.name.clone()).collect();
         let metrics = Arc::new(Metrics::new(provider, &cameras));
+        if let Some(encoder) = encoder {
+            metrics.set_encoder(encoder.element());
+        }
         let http = if config.http.enabled {
             let server = HttpServer::start(&config.http.bind, Arc::clone(&metrics))?;
             eprintln!(
@@ -46,8 +55,9 @@ impl LiveOutputs {
         } else {
             None
         };
-        let (rtsp, feeds) = if config.output.rtsp.enabled {
-            let (server, feeds) = RtspServer::start(&config.output.rtsp, &cameras)?;
+        let rtsp_encoder = encoder.filter(|_| config.output.rtsp.enabled);
+        let (rtsp, feeds) = if let Some(encoder) = rtsp_encoder {
+            let (server, feeds) = RtspServer::start(&config.output.rtsp, &cameras, encoder)?;
             for camera in &cameras {
                 eprintln!(
                     "rtsp: camera {camera} at rtsp://{}:{}/{camera}",

@@ -380,6 +380,8 @@ pub struct Metrics {
     cameras: Vec<std::sync::Arc<CameraMetrics>>,
     /// The MQTT publisher, when `[mqtt]` is configured (its link and spool counters).
     publisher: std::sync::OnceLock<crate::alerts::PublisherHandle>,
+    /// The H.264 encoder element, when recordings or RTSP are enabled.
+    encoder: std::sync::OnceLock<String>,
 }
 
 impl Metrics {
@@ -392,7 +394,13 @@ impl Metrics {
                 .map(|name| std::sync::Arc::new(CameraMetrics::new(name)))
                 .collect(),
             publisher: std::sync::OnceLock::new(),
+            encoder: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Exports the H.264 encoder element of the video outputs.
+    pub fn set_encoder(&self, element: &str) {
+        let _ = self.encoder.set(element.to_string());
     }
 
     /// Exports the publisher's counters from now on.
@@ -419,6 +427,19 @@ impl Metrics {
             "stpm_engine_info{{provider=\"{}\"}} 1",
             escape(&self.provider)
         );
+        if let Some(encoder) = self.encoder.get() {
+            header(
+                &mut out,
+                "stpm_encoder_info",
+                "gauge",
+                "The H.264 encoder element of recordings and RTSP.",
+            );
+            let _ = writeln!(
+                out,
+                "stpm_encoder_info{{encoder=\"{}\"}} 1",
+                escape(encoder)
+            );
+        }
         type Value<'a> = &'a dyn Fn(&CameraMetrics) -> f64;
         let per_camera: [(&str, &str, &str, Value); 7] = [
             (
@@ -706,8 +727,13 @@ mod tests {
         let sample = text.find("stpm_fps{camera=\"line1\"}").expect("fps sample");
         assert!(header < sample);
         assert!(metrics.camera("line3").is_none());
-        // Without [mqtt] there is no publisher to report on.
+        // Without [mqtt] there is no publisher to report on, without video outputs no encoder.
         assert!(!text.contains("stpm_mqtt_connected"));
+        assert!(!text.contains("stpm_encoder_info"));
+        metrics.set_encoder("x264enc");
+        assert!(metrics.render().contains(
+            "# TYPE stpm_encoder_info gauge\nstpm_encoder_info{encoder=\"x264enc\"} 1\n"
+        ));
 
         let (healthy, body) = metrics.health();
         assert!(!healthy, "line2 is still starting: {body}");

@@ -1,12 +1,13 @@
 //! `stpm run`: the live pipeline. Per camera, a capture thread (GStreamer or the generated
 //! conveyor) feeds a bounded queue; an analyser (`analyse`) preprocesses and runs the shared
 //! engine; a worker draws the overlay, feeds the alert tracker and writes the outputs, one frame
-//! behind the analyser. GStreamer types stay in `source` and
-//! `record`; this module passes plain frames and owns start-up, shutdown and the run summary.
+//! behind the analyser. GStreamer types stay in `source`, `record`, `rtsp` and
+//! `encoder`; this module passes plain frames and owns start-up, shutdown and the run summary.
 
 pub mod analyse;
 pub mod config;
 pub mod conveyor;
+pub mod encoder;
 #[cfg(feature = "gpu")]
 mod gpu;
 pub mod http;
@@ -34,10 +35,11 @@ use crate::overlay;
 use crate::preprocess::{self, RgbFrame};
 use analyse::{Analysed, Analyser};
 use config::{CameraConfig, PipelineConfig, RecordConfig, SourceUri};
+use encoder::{Encoder, EncoderError};
 use live::{CameraOutputs, LiveError, LiveOutputs};
 use metrics::{CameraState, Stage};
 use queue::{FrameQueue, Item};
-use record::Recorder;
+use record::{Destination, Recorder};
 use source::{Captured, SourceSpec};
 
 /// Frames waiting per camera before the oldest is dropped (live and real-time sources).
@@ -54,6 +56,8 @@ pub enum PipelineError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Live(#[from] LiveError),
+    #[error(transparent)]
+    Encoder(#[from] EncoderError),
     #[error("cannot start a thread for camera {camera}: {source}")]
     Spawn {
         camera: String,
@@ -88,8 +92,8 @@ pub struct CameraStats {
     pub alerts: u64,
     /// Total engine time of analysed frames.
     pub inference: Duration,
-    /// The recording, when enabled and finished.
-    pub recording: Option<PathBuf>,
+    /// The recording's files (one, or its segments), when enabled and finished.
+    pub recordings: Vec<PathBuf>,
     /// Problems that did not stop the run (recording failures).
     pub errors: Vec<String>,
     /// Every frame's stage durations, when [`RunOptions::keep_samples`] asked for them.
@@ -161,6 +165,7 @@ pub fn run_with(
     // Fails fast (before the bundle is read) on a provider this build or machine cannot run.
     let request: ProviderRequest = config.model.provider.parse()?;
     crate::engine::resolve_provider(request)?;
+    let encoder = output_encoder(config)?;
     let bundle = Bundle::open_as(&config.model.bundle, config.model.precision)?;
     // The workers read the calibration of the graph that runs.
     let mut manifest = bundle.manifest.clone();
@@ -179,7 +184,7 @@ pub fn run_with(
         manifest.model.input_size[1],
         manifest.model.input_size[0]
     );
-    let mut live = LiveOutputs::start(config, &provider.to_string())?;
+    let mut live = LiveOutputs::start(config, &provider.to_string(), encoder.as_ref())?;
     if config.output.record.enabled {
         std::fs::create_dir_all(&config.output.record.dir).map_err(|source| {
             PipelineError::RecordDir {
@@ -276,6 +281,7 @@ pub fn run_with(
             ),
             manifest: Arc::clone(&manifest),
             record: config.output.record.clone(),
+            encoder: encoder.clone(),
             frames,
             queue,
             publisher: mqtt.as_ref().map(|(_, handle)| handle.clone()),
@@ -315,6 +321,18 @@ pub fn run_with(
         provider_reason,
         cameras,
     })
+}
+
+/// The encoder of the enabled video outputs (`None` when neither recordings nor RTSP are on),
+/// announced once.
+fn output_encoder(config: &PipelineConfig) -> Result<Option<Encoder>, EncoderError> {
+    let output = &config.output;
+    if !output.record.enabled && !output.rtsp.enabled {
+        return Ok(None);
+    }
+    let encoder = Encoder::resolve(output.encoder.parse()?)?;
+    eprintln!("encoder: {} ({})", encoder.element(), encoder.reason());
+    Ok(Some(encoder))
 }
 
 /// The session settings of a run: `[model]`'s threads, and intra-op threads that sleep between
@@ -399,6 +417,8 @@ struct Worker {
     zones: ZoneMask,
     manifest: Arc<Manifest>,
     record: RecordConfig,
+    /// The H.264 encoder, when recordings or RTSP are enabled.
+    encoder: Option<Encoder>,
     /// Frames from the camera's analyser, scored or passed through.
     frames: Arc<FrameQueue<Analysed>>,
     /// The capture queue (for its count of dropped frames).
@@ -482,7 +502,7 @@ impl Worker {
         state.stats.dropped = self.queue.dropped();
         if let Some(recorder) = state.recorder.take() {
             match recorder.finish(Duration::from_secs(10)) {
-                Ok(path) => state.stats.recording = Some(path),
+                Ok(files) => state.stats.recordings = files,
                 Err(message) => state.stats.errors.push(message),
             }
         }
@@ -595,8 +615,8 @@ impl Worker {
             }
         };
         let outputs = Instant::now();
-        if self.record.enabled {
-            self.write_recording(state, &captured, &pixels);
+        if let (true, Some(encoder)) = (self.record.enabled, &self.encoder) {
+            self.write_recording(state, &captured, &pixels, encoder);
         }
         if let Some(rtsp) = &self.live.rtsp {
             rtsp.push(&pixels, frame.width, frame.height, captured.fps);
@@ -716,17 +736,26 @@ impl Worker {
         None
     }
 
-    fn write_recording(&self, state: &mut WorkerState, captured: &Captured, pixels: &[u8]) {
+    fn write_recording(
+        &self,
+        state: &mut WorkerState,
+        captured: &Captured,
+        pixels: &[u8],
+        encoder: &Encoder,
+    ) {
         let frame = &captured.frame;
         if state.recorder.is_none() {
-            let path = self
-                .record
-                .dir
-                .join(format!("{}-{}.mkv", self.camera.name, state.epoch as u64));
+            let destination = Destination::for_camera(
+                &self.record.dir,
+                &self.camera.name,
+                state.epoch as u64,
+                self.record.segment_seconds,
+            );
             let timing = Some(Arc::clone(&self.live.metrics));
-            match Recorder::create(&path, (frame.width, frame.height), captured.fps, timing) {
+            let size = (frame.width, frame.height);
+            match Recorder::create(&destination, size, captured.fps, encoder, timing) {
                 Ok(recorder) => {
-                    eprintln!("[{}] recording to {}", self.camera.name, path.display());
+                    eprintln!("[{}] recording to {destination}", self.camera.name);
                     state.recorder = Some(recorder);
                 }
                 Err(message) => {

@@ -1,8 +1,10 @@
-//! Recordings: annotated RGB frames → appsrc → H.264 (x264, zero latency) → Matroska file. Matroska
-//! stays playable up to the last written cluster if the process dies; on a clean stop the recorder
-//! sends EOS and waits for the muxer to finish the file.
+//! Recordings: annotated RGB frames → appsrc → H.264 (the `encoder` module's choice) → Matroska,
+//! one file per run or one per segment (splitmuxsink). Matroska stays playable up to the last
+//! written cluster if the process dies, and a finished segment is complete; on a clean stop the
+//! recorder sends EOS and waits for the muxer to finish the (last) file.
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,7 +13,83 @@ use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 
+use crate::pipeline::encoder::{Encoder, KEY_INTERVAL, key_interval_within};
 use crate::pipeline::metrics::{CameraMetrics, Stage};
+
+/// Where a recording goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Destination {
+    /// One Matroska file.
+    File(PathBuf),
+    /// Matroska files of at most `length` each (unless one GOP is longer), named by splitmuxsink's
+    /// `location` pattern: `%05d` numbers them from 00000.
+    Segments { pattern: String, length: Duration },
+}
+
+impl Destination {
+    /// `<dir>/<camera>-<started>.mkv`, or with `segment_seconds` > 0
+    /// `<dir>/<camera>-<started>-%05d.mkv`.
+    pub fn for_camera(dir: &Path, camera: &str, started: u64, segment_seconds: f64) -> Self {
+        let stem = dir.join(format!("{camera}-{started}"));
+        match Duration::try_from_secs_f64(segment_seconds) {
+            Ok(length) if !length.is_zero() => Self::Segments {
+                // splitmuxsink formats the location printf-style: a `%` of the folder is doubled.
+                pattern: format!("{}-%05d.mkv", stem.to_string_lossy().replace('%', "%%")),
+                length,
+            },
+            // A length past Duration's range is no segmenting in practice either.
+            _ => Self::File(dir.join(format!("{camera}-{started}.mkv"))),
+        }
+    }
+
+    /// What the sink's `location` property gets.
+    fn location(&self) -> String {
+        match self {
+            Self::File(path) => path.to_string_lossy().into_owned(),
+            Self::Segments { pattern, .. } => pattern.clone(),
+        }
+    }
+
+    /// Frames between key frames: splitmuxsink cuts only before a key frame, so a segment of N
+    /// frames needs one at least every N frames (counted in frames at the source's rate: frames
+    /// dropped before the recorder stretch a segment in time, not in frames).
+    fn key_interval(&self, fps: f64) -> u32 {
+        match self {
+            Self::File(_) => KEY_INTERVAL,
+            Self::Segments { length, .. } => key_interval_within(length.as_secs_f64(), fps),
+        }
+    }
+
+    /// The muxer and file sink, named `sink` (its `location` is set apart: a path is no
+    /// description text).
+    fn sink(&self) -> String {
+        match self {
+            Self::File(_) => "matroskamux ! filesink name=sink".into(),
+            // No send-keyframe-requests: a requested key frame lands a frame late when the encoder
+            // is ahead of the muxer, which beside the regular ones made 1-frame segments (6, 1,
+            // 6, 1, … frames instead of 6, 6, … at 0.5 s and 12 fps); `key_interval` aligns instead.
+            Self::Segments { length, .. } => format!(
+                "splitmuxsink name=sink muxer-factory=matroskamux max-size-time={}",
+                u64::try_from(length.as_nanos()).unwrap_or(u64::MAX)
+            ),
+        }
+    }
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "{}", path.display()),
+            Self::Segments { pattern, length } => {
+                write!(f, "{pattern} (segments of {} s)", length.as_secs_f64())
+            }
+        }
+    }
+}
+
+/// How long after the last segment closed, with none opened since, a segmented recording counts
+/// as finished without its EOS (see [`Recorder::segments_settled`]).
+const SEGMENT_SETTLE: Duration = Duration::from_secs(1);
 
 /// Frames handed to the encoder and not out of it yet: (pushed, arrived at the appsink).
 type InFlight = Arc<Mutex<VecDeque<(Instant, Instant)>>>;
@@ -20,7 +98,12 @@ type InFlight = Arc<Mutex<VecDeque<(Instant, Instant)>>>;
 pub struct Recorder {
     pipeline: gst::Pipeline,
     appsrc: gst_app::AppSrc,
-    path: PathBuf,
+    destination: Destination,
+    /// Segments splitmuxsink has closed so far.
+    closed: Vec<PathBuf>,
+    /// Whether a segment is open, and when the last one closed.
+    segment_open: bool,
+    last_closed: Option<Instant>,
     size: (usize, usize),
     last_pts: Option<Duration>,
     frame_duration: Duration,
@@ -29,13 +112,14 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Starts writing `path` for frames of `size` (width, height) at about `fps` frames/s. With
-    /// `timing`, each frame's encode time and end-to-end latency (from its arrival at the appsink)
-    /// are recorded there when the encoder puts it out.
+    /// Starts writing `destination` with `encoder` for frames of `size` (width, height) at about
+    /// `fps` frames/s. With `timing`, each frame's encode time and end-to-end latency (from its
+    /// arrival at the appsink) are recorded there when the encoder puts it out.
     pub fn create(
-        path: &Path,
+        destination: &Destination,
         size: (usize, usize),
         fps: f64,
+        encoder: &Encoder,
         timing: Option<Arc<CameraMetrics>>,
     ) -> Result<Self, String> {
         gst::init().map_err(|e| format!("GStreamer failed to initialise: {e}"))?;
@@ -44,12 +128,17 @@ impl Recorder {
         } else {
             25.0
         };
-        let description = "appsrc name=src format=time ! videoconvert ! video/x-raw,format=I420 ! \
-             x264enc name=encoder tune=zerolatency speed-preset=ultrafast key-int-max=30 ! h264parse ! \
-             matroskamux ! filesink name=sink";
-        let pipeline = gst::parse::launch(description)
+        let description = format!(
+            "appsrc name=src format=time ! {} ! h264parse ! {}",
+            encoder.chain(destination.key_interval(fps)),
+            destination.sink()
+        );
+        let pipeline = gst::parse::launch(&description)
             .map_err(|e| {
-                format!("cannot build the recorder (is gstreamer1.0-plugins-ugly installed?): {e}")
+                format!(
+                    "cannot build the recorder with {} (are gstreamer1.0-plugins-good and -bad installed?): {e}",
+                    encoder.element()
+                )
             })?
             .downcast::<gst::Pipeline>()
             .map_err(|_| "the recorder description is not a pipeline".to_string())?;
@@ -59,8 +148,8 @@ impl Recorder {
             .ok_or_else(|| "appsrc missing".to_string())?;
         let sink = pipeline
             .by_name("sink")
-            .ok_or_else(|| "filesink missing".to_string())?;
-        sink.set_property("location", path.to_string_lossy().as_ref());
+            .ok_or_else(|| "the recorder's sink is missing".to_string())?;
+        sink.set_property("location", destination.location());
         let rate = gst::Fraction::approximate_f64(fps).unwrap_or(gst::Fraction::new(25, 1));
         let caps = gst::Caps::builder("video/x-raw")
             .field("format", "RGB")
@@ -76,20 +165,19 @@ impl Recorder {
         };
         pipeline
             .set_state(gst::State::Playing)
-            .map_err(|e| format!("cannot start the recorder for {}: {e}", path.display()))?;
+            .map_err(|e| format!("cannot start the recorder for {destination}: {e}"))?;
         Ok(Self {
             pipeline,
             appsrc,
-            path: path.to_path_buf(),
+            destination: destination.clone(),
+            closed: Vec::new(),
+            segment_open: false,
+            last_closed: None,
             size,
             last_pts: None,
             frame_duration: Duration::from_secs_f64(1.0 / fps),
             in_flight,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Appends one frame (interleaved RGB of the recorder's size) at stream time `pts`, which
@@ -118,38 +206,90 @@ impl Recorder {
         }
         self.appsrc
             .push_buffer(buffer)
-            .map(|_| ())
-            .map_err(|e| format!("recording {} failed: {e:?}", self.path.display()))
+            .map_err(|e| format!("recording {} failed: {e:?}", self.destination))?;
+        // Read as it goes: closed segments, and an error (a file that cannot be opened) now.
+        while let Some(message) = self.pipeline.bus().and_then(|bus| bus.pop()) {
+            self.note(&message)?;
+        }
+        Ok(())
     }
 
-    /// Sends EOS and waits (up to `timeout`) until the file is complete.
-    pub fn finish(self, timeout: Duration) -> Result<PathBuf, String> {
+    /// Follows splitmuxsink's segments (opened, closed: its path kept); an error message becomes
+    /// the error.
+    fn note(&mut self, message: &gst::Message) -> Result<(), String> {
+        match message.view() {
+            gst::MessageView::Error(err) => {
+                Err(format!("recording {}: {}", self.destination, err.error()))
+            }
+            gst::MessageView::Element(element) => {
+                let Some(structure) = element.structure() else {
+                    return Ok(());
+                };
+                match structure.name().as_str() {
+                    "splitmuxsink-fragment-opened" => self.segment_open = true,
+                    "splitmuxsink-fragment-closed" => {
+                        self.segment_open = false;
+                        self.last_closed = Some(Instant::now());
+                        if let Ok(location) = structure.get::<String>("location") {
+                            self.closed.push(PathBuf::from(location));
+                        }
+                    }
+                    _ => {}
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The files written, once the pipeline has ended.
+    fn files(&mut self) -> Vec<PathBuf> {
+        match &self.destination {
+            Destination::File(path) => vec![path.clone()],
+            Destination::Segments { .. } => std::mem::take(&mut self.closed),
+        }
+    }
+
+    /// Whether at `now`, EOS having been sent at `eos_sent`, the last segment has closed and
+    /// nothing opened for [`SEGMENT_SETTLE`]. GStreamer 1.22.0's splitmuxsink sometimes drops the
+    /// final EOS as if it ended a segment ("Caught EOS at end of fragment, dropping") after
+    /// closing the last file completely, and the pipeline never posts EOS: up to half of 16 runs
+    /// of `gst-launch-1.0 videotestsrc num-buffers=24 ! … ! x264enc key-int-max=6 ! h264parse !
+    /// splitmuxsink max-size-time=500000000` hung so here (none of 12 `stpm run`s did).
+    fn segments_settled(&self, eos_sent: Instant, now: Instant) -> bool {
+        let quiet_since = |t: Instant| now.saturating_duration_since(t) >= SEGMENT_SETTLE;
+        matches!(self.destination, Destination::Segments { .. })
+            && !self.segment_open
+            && quiet_since(eos_sent)
+            && self.last_closed.is_some_and(quiet_since)
+    }
+
+    /// Sends EOS and waits (up to `timeout`) until the file, or the last segment, is complete;
+    /// returns the files written.
+    pub fn finish(mut self, timeout: Duration) -> Result<Vec<PathBuf>, String> {
         let _ = self.appsrc.end_of_stream();
+        let eos_sent = Instant::now();
         let mut result = Err(format!(
             "recording {} did not finish within {:.0} s",
-            self.path.display(),
+            self.destination,
             timeout.as_secs_f64()
         ));
         if let Some(bus) = self.pipeline.bus() {
-            let deadline = std::time::Instant::now() + timeout;
-            while std::time::Instant::now() < deadline {
+            while eos_sent.elapsed() < timeout {
+                if self.segments_settled(eos_sent, Instant::now()) {
+                    result = Ok(self.files());
+                    break;
+                }
                 let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
                     continue;
                 };
-                match message.view() {
-                    gst::MessageView::Eos(_) => {
-                        result = Ok(self.path.clone());
-                        break;
-                    }
-                    gst::MessageView::Error(err) => {
-                        result = Err(format!(
-                            "recording {}: {}",
-                            self.path.display(),
-                            err.error()
-                        ));
-                        break;
-                    }
-                    _ => {}
+                if let gst::MessageView::Eos(_) = message.view() {
+                    result = Ok(self.files());
+                    break;
+                }
+                if let Err(message) = self.note(&message) {
+                    result = Err(message);
+                    break;
                 }
             }
         }
@@ -158,9 +298,20 @@ impl Recorder {
     }
 }
 
+impl Drop for Recorder {
+    /// A recorder dropped unfinished (its push failed) stops its pipeline; GStreamer warns about
+    /// disposing a playing one.
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
 /// Times frames out of `encoder`: encode = since the recorder took the frame, end to end = since it
-/// reached the appsink. x264 tuned for zero latency puts out one frame per frame, in order (its
-/// timestamps are shifted by 1000 hours to leave room for decoding times, so order is what matches).
+/// reached the appsink. Frames are matched by order (x264's timestamps are shifted by 1000 hours
+/// to leave room for decoding times), which holds for encoders that put out one frame per frame,
+/// in order: x264 tuned for zero latency, openh264 without frame skipping (a skipped frame would
+/// shift every later time by one frame), nvh264enc with zerolatency and no B-frames.
+/// nvv4l2h264enc is assumed to behave alike (not checked on a Jetson).
 fn time_encoder(encoder: &gst::Element, metrics: Arc<CameraMetrics>) -> InFlight {
     let in_flight: InFlight = Arc::default();
     let Some(pad) = encoder.static_pad("src") else {
@@ -177,4 +328,78 @@ fn time_encoder(encoder: &gst::Element, metrics: Arc<CameraMetrics>) -> InFlight
         gst::PadProbeReturn::Ok
     });
     in_flight
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::encoder::{EncoderKind, EncoderRequest};
+
+    #[test]
+    fn destinations_name_files_and_segments() {
+        let dir = Path::new("/rec/100%");
+        assert_eq!(
+            Destination::for_camera(dir, "line1", 1700000000, 0.0),
+            Destination::File(PathBuf::from("/rec/100%/line1-1700000000.mkv"))
+        );
+        let segments = Destination::for_camera(dir, "line1", 1700000000, 0.5);
+        assert_eq!(
+            segments,
+            Destination::Segments {
+                pattern: "/rec/100%%/line1-1700000000-%05d.mkv".into(),
+                length: Duration::from_millis(500),
+            }
+        );
+        assert_eq!(segments.key_interval(12.0), 6);
+        assert!(segments.sink().ends_with("max-size-time=500000000"));
+        assert_eq!(
+            segments.to_string(),
+            "/rec/100%%/line1-1700000000-%05d.mkv (segments of 0.5 s)"
+        );
+        // Past Duration's range: one file.
+        assert!(matches!(
+            Destination::for_camera(dir, "a", 1, 1e300),
+            Destination::File(_)
+        ));
+    }
+
+    /// A splitmuxsink message as the bus carries it.
+    fn fragment(name: &str, location: &str) -> gst::Message {
+        gst::message::Element::new(
+            gst::Structure::builder(name)
+                .field("location", location)
+                .build(),
+        )
+    }
+
+    #[test]
+    fn a_segmented_recording_settles_after_its_last_segment_closed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let destination = Destination::for_camera(dir.path(), "line1", 1, 0.5);
+        let encoder = Encoder::resolve(EncoderRequest::Only(EncoderKind::X264)).expect("x264");
+        let mut recorder =
+            Recorder::create(&destination, (64, 48), 12.0, &encoder, None).expect("recorder");
+        let eos_sent = Instant::now();
+        let later = eos_sent + SEGMENT_SETTLE * 2;
+        assert!(
+            !recorder.segments_settled(eos_sent, later),
+            "nothing closed"
+        );
+        for message in [
+            fragment("splitmuxsink-fragment-opened", "a-00000.mkv"),
+            fragment("splitmuxsink-fragment-closed", "a-00000.mkv"),
+        ] {
+            recorder.note(&message).expect("no error");
+        }
+        assert!(recorder.segments_settled(eos_sent, later));
+        assert!(!recorder.segments_settled(eos_sent, eos_sent + SEGMENT_SETTLE / 2));
+        recorder
+            .note(&fragment("splitmuxsink-fragment-opened", "a-00001.mkv"))
+            .expect("no error");
+        assert!(
+            !recorder.segments_settled(eos_sent, later),
+            "a segment is open"
+        );
+        assert_eq!(recorder.files(), [PathBuf::from("a-00000.mkv")]);
+    }
 }

@@ -1,5 +1,5 @@
 //! `[output.rtsp]`: one gst-rtsp-server whose glib main loop runs on its own thread; per camera a
-//! shared media factory at `/<camera>` (appsrc → x264 zero latency → RTP). Workers hand annotated
+//! shared media factory at `/<camera>` (appsrc → the `encoder` module's H.264 → RTP). Workers hand annotated
 //! frames to [`RtspOutput::push`], which never blocks and does nothing while no client watches.
 
 use std::sync::{Arc, Mutex};
@@ -13,12 +13,17 @@ use gstreamer_rtsp_server as rtsp_server;
 use gstreamer_rtsp_server::prelude::*;
 
 use crate::pipeline::config::RtspConfig;
+use crate::pipeline::encoder::{Encoder, KEY_INTERVAL};
 
 /// The media of one mount point. `config-interval=1` repeats SPS/PPS so a client joining a shared
-/// stream decodes from the next key frame (at most `key-int-max` frames away).
-const LAUNCH: &str = "( appsrc name=src is-live=true format=time do-timestamp=false \
-     ! videoconvert ! video/x-raw,format=I420 ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=30 \
-     ! rtph264pay name=pay0 pt=96 config-interval=1 )";
+/// stream decodes from the next key frame (at most [`KEY_INTERVAL`] frames away).
+fn launch(encoder: &Encoder) -> String {
+    format!(
+        "( appsrc name=src is-live=true format=time do-timestamp=false ! {} \
+         ! rtph264pay name=pay0 pt=96 config-interval=1 )",
+        encoder.chain(KEY_INTERVAL)
+    )
+}
 
 /// Frames waiting in a media's appsrc before the oldest is dropped (the encoder is behind).
 const APPSRC_FRAMES: u64 = 2;
@@ -140,21 +145,23 @@ pub struct RtspServer {
 
 impl RtspServer {
     /// Listens on `config.bind`:`config.port` (a taken port fails here) and mounts each camera at
-    /// `/<camera>`; returns the feeds in the order of `cameras`.
+    /// `/<camera>`, encoded with `encoder`; returns the feeds in the order of `cameras`.
     pub fn start(
         config: &RtspConfig,
         cameras: &[String],
+        encoder: &Encoder,
     ) -> Result<(Self, Vec<RtspOutput>), RtspError> {
         gst::init().map_err(|e| RtspError::Init(e.to_string()))?;
         let server = rtsp_server::RTSPServer::new();
         server.set_address(&config.bind);
         server.set_service(&config.port.to_string());
         let mounts = server.mount_points().ok_or(RtspError::MountPoints)?;
+        let launch = launch(encoder);
         let mut outputs = Vec::new();
         for camera in cameras {
             let slot = Arc::new(Mutex::new(Slot::default()));
             let factory = rtsp_server::RTSPMediaFactory::new();
-            factory.set_launch(LAUNCH);
+            factory.set_launch(&launch);
             factory.set_shared(true);
             let configure_slot = Arc::clone(&slot);
             let name = camera.clone();
@@ -286,8 +293,10 @@ mod tests {
             bind: "127.0.0.1".into(),
             port: 0,
         };
+        let encoder = Encoder::resolve(crate::pipeline::encoder::EncoderRequest::Auto)
+            .expect("an H.264 encoder");
         let (server, outputs) =
-            RtspServer::start(&config, &["line1".into(), "line2".into()]).expect("start");
+            RtspServer::start(&config, &["line1".into(), "line2".into()], &encoder).expect("start");
         assert_ne!(server.port(), 0);
         assert_eq!(outputs.len(), 2);
         let frame = vec![128u8; 8 * 6 * 3];
@@ -307,7 +316,7 @@ mod tests {
             port: server.port(),
             ..config
         };
-        let message = RtspServer::start(&taken, &["line1".into()])
+        let message = RtspServer::start(&taken, &["line1".into()], &encoder)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

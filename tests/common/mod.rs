@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::sync::OnceLock;
 
+use gstreamer as gst;
+use gstreamer::prelude::*;
+
 /// A path inside the repository.
 pub fn repo(relative: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
@@ -119,4 +122,67 @@ pub fn sigterm(child: &Child) {
         .status()
         .expect("kill");
     assert!(sent.success(), "SIGTERM not delivered");
+}
+
+/// `<dir>/p.toml`: the tiny conveyor bundle on the CPU, camera `line1` (`camera`: its source
+/// lines) recorded into `<dir>/rec`, then `extra` (more `[output.record]` keys or sections).
+pub fn write_recording_pipeline(dir: &Path, camera: &str, extra: &str) -> PathBuf {
+    let file = dir.join("p.toml");
+    let text = format!(
+        "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n[[camera]]\nname = \"line1\"\n{camera}\n\n\
+         [output.record]\nenabled = true\ndir = \"{}\"\n{extra}",
+        path_str(tiny_conveyor_bundle()),
+        path_str(&dir.join("rec"))
+    );
+    std::fs::write(&file, text).expect("write pipeline");
+    file
+}
+
+/// `description`, a pipeline ending in `appsink name=sink`, parsed (not started), with its appsink.
+pub fn appsink_pipeline(description: &str) -> (gst::Pipeline, gstreamer_app::AppSink) {
+    gst::init().expect("gst init");
+    let pipeline = gst::parse::launch(description)
+        .expect(description)
+        .downcast::<gst::Pipeline>()
+        .expect("pipeline");
+    let sink = pipeline
+        .by_name("sink")
+        .expect("sink")
+        .downcast::<gstreamer_app::AppSink>()
+        .expect("appsink");
+    (pipeline, sink)
+}
+
+/// Width and height of a decoded sample (0, 0 without caps).
+pub fn sample_size(sample: &gst::Sample) -> (i32, i32) {
+    sample
+        .caps()
+        .and_then(|c| c.structure(0))
+        .map(|s| {
+            (
+                s.get::<i32>("width").unwrap_or(0),
+                s.get::<i32>("height").unwrap_or(0),
+            )
+        })
+        .unwrap_or((0, 0))
+}
+
+/// Decodes a Matroska/H.264 file and returns (frames, width, height).
+pub fn decode_mkv(file: &Path) -> (usize, i32, i32) {
+    let (pipeline, sink) = appsink_pipeline(
+        "filesrc name=src ! matroskademux ! h264parse ! avdec_h264 ! videoconvert ! \
+         video/x-raw,format=RGB ! appsink name=sink sync=false",
+    );
+    pipeline
+        .by_name("src")
+        .expect("src")
+        .set_property("location", path_str(file));
+    pipeline.set_state(gst::State::Playing).expect("play");
+    let (mut frames, mut size) = (0, (0, 0));
+    while let Ok(sample) = sink.pull_sample() {
+        size = sample_size(&sample);
+        frames += 1;
+    }
+    let _ = pipeline.set_state(gst::State::Null);
+    (frames, size.0, size.1)
 }
