@@ -379,6 +379,70 @@ fn an_rtsp_camera_that_drops_is_marked_offline_and_reconnected() {
     assert!(!logs.contains("panicked"), "{logs}");
 }
 
+/// A USB camera (V4L2) that is not plugged in: its camera retries with backoff and is reported
+/// offline, while the other camera of the same process is analysed; SIGTERM still exits 0. (This
+/// machine has no /dev/video*; the source is the real v4l2src element failing on a missing device.)
+#[test]
+fn a_missing_usb_camera_retries_while_another_camera_runs() {
+    let dir = tempfile::tempdir().expect("dir");
+    let http_port = free_port();
+    let missing = "/dev/video-stpm-test-missing";
+    assert!(!Path::new(missing).exists());
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
+             [[camera]]\nname = \"usb\"\nsource = \"v4l2://{missing}\"\n\n\
+             [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?fps=15\"\n\n\
+             [http]\nenabled = true\nbind = \"127.0.0.1:{http_port}\"\n",
+            path(bundle())
+        ),
+    )
+    .expect("write pipeline");
+    let log = dir.path().join("run.log");
+    let run = spawn_run(&pipeline, &log, dir.path());
+    let result = std::panic::catch_unwind(|| {
+        wait_metrics(http_port, Duration::from_secs(90), "line1 analysed", |m| {
+            sample(m, "stpm_frames_analysed_total{camera=\"line1\"}").unwrap_or(0.0) >= 5.0
+                && sample(m, "stpm_camera_online{camera=\"line1\"}") == Some(1.0)
+                && sample(m, "stpm_camera_online{camera=\"usb\"}") == Some(0.0)
+                && sample(m, "stpm_frames_total{camera=\"usb\"}") == Some(0.0)
+        });
+        let health = http_get(http_port, "/health");
+        assert!(
+            matches!(&health, Some((503, body)) if body.contains(r#"{"camera":"line1","state":"online"}"#)),
+            "{health:?}"
+        );
+        // Backoff starts at 0.5 s: a second failed attempt comes within a few seconds.
+        let started = Instant::now();
+        while std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("[usb] offline (")
+            .count()
+            < 2
+        {
+            assert!(started.elapsed() < Duration::from_secs(20), "no retry");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    common::sigterm(&run);
+    let status = run.wait_with_output().expect("wait").status;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    if let Err(panic) = result {
+        eprintln!("{text}");
+        std::panic::resume_unwind(panic);
+    }
+    assert!(status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "[usb] offline (cannot start: Cannot identify device '{missing}'"
+        )),
+        "the error says why: {text}"
+    );
+    assert!(!text.contains("panicked"), "{text}");
+}
+
 /// 24 conveyor frames at 12 fps, every frame analysed.
 const CONVEYOR_24: &str = "source = \"test://conveyor?frames=24&fps=12\"\nrealtime = false";
 

@@ -37,6 +37,12 @@ pub struct AlertConfig {
     /// Send an `update` when the top box centre moved more than this (fraction of the frame).
     #[serde(default = "default_update_min_move")]
     pub update_min_move: f32,
+    /// An event follows its region (the box nearest to where it last was, within this distance, in
+    /// fractions of the frame); when the region is gone for `m` frames while another region far from
+    /// it stays anomalous (the next part on a belt), the event ends and that region starts a new
+    /// one. 0 turns this off (one event lasts while anything is anomalous).
+    #[serde(default = "default_new_region_distance")]
+    pub new_region_distance: f32,
     /// At most one `update` per this many seconds per event (a part moving along a belt moves
     /// its box every frame); changes in between are sent when the interval has passed.
     #[serde(default = "default_update_min_seconds")]
@@ -76,6 +82,9 @@ fn default_update_min_rise() -> f32 {
 fn default_update_min_move() -> f32 {
     0.1
 }
+fn default_new_region_distance() -> f32 {
+    0.3
+}
 fn default_update_min_seconds() -> f64 {
     1.0
 }
@@ -98,6 +107,7 @@ impl Default for AlertConfig {
             max_events_per_hour: default_max_events_per_hour(),
             update_min_rise: default_update_min_rise(),
             update_min_move: default_update_min_move(),
+            new_region_distance: default_new_region_distance(),
             update_min_seconds: default_update_min_seconds(),
             spool_dir: default_spool_dir(),
             spool_max_events: default_spool_max_events(),
@@ -180,6 +190,12 @@ impl AlertConfig {
                 ));
             }
         }
+        if !(self.new_region_distance.is_finite() && self.new_region_distance >= 0.0) {
+            problems.push(format!(
+                "{section}.new_region_distance ({}) must be a finite fraction of the frame, at least 0 (0 = off)",
+                self.new_region_distance
+            ));
+        }
         if self.spool_dir.as_os_str().is_empty() {
             problems.push(format!("{section}.spool_dir must not be empty"));
         }
@@ -221,6 +237,9 @@ pub struct CameraAlertOverrides {
     /// Overrides `alerts.update_min_move`.
     #[serde(default)]
     pub update_min_move: Option<f32>,
+    /// Overrides `alerts.new_region_distance`.
+    #[serde(default)]
+    pub new_region_distance: Option<f32>,
     /// Overrides `alerts.update_min_seconds`.
     #[serde(default)]
     pub update_min_seconds: Option<f64>,
@@ -248,6 +267,9 @@ impl CameraAlertOverrides {
                 .unwrap_or(global.max_events_per_hour),
             update_min_rise: self.update_min_rise.unwrap_or(global.update_min_rise),
             update_min_move: self.update_min_move.unwrap_or(global.update_min_move),
+            new_region_distance: self
+                .new_region_distance
+                .unwrap_or(global.new_region_distance),
             update_min_seconds: self.update_min_seconds.unwrap_or(global.update_min_seconds),
             spool_dir: global.spool_dir.clone(),
             spool_max_events: global.spool_max_events,

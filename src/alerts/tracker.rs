@@ -91,9 +91,41 @@ struct ActiveEvent {
     sent_centre: Option<(f32, f32)>,
     /// When the last message of this event was sent.
     sent_at: f64,
+    /// Centre of the region this event follows (its box nearest to where it last was).
+    region: Option<(f32, f32)>,
+    /// Frames in a row with anomalous boxes, none of them near `region`, and when that began.
+    lost: usize,
+    lost_since: Option<f64>,
 }
 
 impl ActiveEvent {
+    /// Follows the event's region into this frame's `boxes`: the nearest box within `distance`
+    /// continues it; boxes that are all farther count one more frame of the region being gone.
+    /// A frame without boxes changes nothing (the clear timer handles quiet frames).
+    fn follow(&mut self, t: f64, boxes: &[BoxN], distance: f32) {
+        let Some((x, y)) = self.region else {
+            self.region = boxes.first().map(BoxN::centre);
+            return;
+        };
+        let nearest = boxes
+            .iter()
+            .map(BoxN::centre)
+            .map(|(bx, by)| ((bx - x).hypot(by - y), (bx, by)))
+            .min_by(|a, b| a.0.total_cmp(&b.0));
+        match nearest {
+            None => {}
+            Some((d, centre)) if d <= distance => {
+                self.region = Some(centre);
+                self.lost = 0;
+                self.lost_since = None;
+            }
+            Some(_) => {
+                self.lost += 1;
+                self.lost_since.get_or_insert(t);
+            }
+        }
+    }
+
     fn message(
         &self,
         camera: &str,
@@ -203,6 +235,21 @@ impl AlertTracker {
                     let end_time = event.below_since.unwrap_or(t);
                     return self.finish(t, end_time, EndReason::Cleared);
                 }
+                let distance = self.config.new_region_distance;
+                if distance > 0.0 {
+                    event.follow(t, &summary.boxes, distance);
+                    if event.lost >= self.config.m.max(1) {
+                        // The event's region has gone (off the belt) while another one, far from
+                        // it, stays anomalous: end this event; the other starts its own, from the
+                        // same debounce window.
+                        let end_time = event.lost_since.unwrap_or(t);
+                        let window = std::mem::take(&mut self.recent);
+                        let mut events = self.finish(t, end_time, EndReason::Cleared);
+                        self.recent = window;
+                        events.extend(self.try_start(t, score, &summary.boxes));
+                        return events;
+                    }
+                }
                 let is_top = score > event.top_score;
                 if is_top {
                     event.top_score = score;
@@ -305,6 +352,9 @@ impl AlertTracker {
             sent_top_score: score,
             sent_centre: boxes.first().map(BoxN::centre),
             sent_at: t,
+            region: boxes.first().map(BoxN::centre),
+            lost: 0,
+            lost_since: None,
         };
         self.events_started += 1;
         let message = event.message(&self.camera, &self.model, EventKind::New, true, None);
@@ -565,6 +615,143 @@ mod tests {
         assert!(tracker.observe(time(5), &boxed(0.9, 0.55, 0.2)).is_empty());
         // Frames without boxes never count as a move.
         assert!(tracker.observe(time(6), &frame(0.9)).is_empty());
+    }
+
+    fn boxes(score: f32, centres: &[(f32, f32)]) -> FrameSummary {
+        FrameSummary {
+            score,
+            boxes: centres
+                .iter()
+                .map(|&(x, y)| BoxN {
+                    x: x - 0.05,
+                    y: y - 0.05,
+                    w: 0.1,
+                    h: 0.1,
+                })
+                .collect(),
+        }
+    }
+
+    /// A belt: defect A moves right and leaves the frame while defect B, on the next part, has
+    /// entered at the left. The score never drops, yet A's event ends once its region has been gone
+    /// for `m` frames, and B gets its own event at once (no cooldown here).
+    #[test]
+    fn a_region_that_leaves_while_another_stays_ends_its_event_and_starts_one() {
+        let config = AlertConfig {
+            cooldown_seconds: 0.0,
+            ..unthrottled()
+        };
+        let m = config.m;
+        let mut tracker = tracker(config);
+        let mut events = Vec::new();
+        let mut i = 0;
+        // A alone, moving 0.02 per frame: one event, no split.
+        while i < 15 {
+            let x = 0.6 + 0.02 * i as f32;
+            events.extend(tracker.observe(time(i), &boxes(0.9, &[(x, 0.5)])));
+            i += 1;
+        }
+        // B enters at the left; A still in view for 3 frames, then gone.
+        for j in 0..3 {
+            let (a, b) = (0.6 + 0.02 * (i + j) as f32, 0.1 + 0.02 * j as f32);
+            events.extend(tracker.observe(time(i + j), &boxes(0.9, &[(b, 0.5), (a, 0.5)])));
+        }
+        i += 3;
+        let gone = i;
+        for j in 0..m + 2 {
+            let b = 0.16 + 0.02 * j as f32;
+            events.extend(tracker.observe(time(i + j), &boxes(0.9, &[(b, 0.5)])));
+        }
+        let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+        let news: Vec<&AlertEvent> = events.iter().filter(|e| e.kind == EventKind::New).collect();
+        let ends: Vec<&AlertEvent> = events.iter().filter(|e| e.kind == EventKind::End).collect();
+        assert_eq!((news.len(), ends.len()), (2, 1), "{kinds:?}");
+        assert_eq!(ends[0].id, news[0].id);
+        assert_ne!(news[1].id, news[0].id);
+        assert_eq!(ends[0].end_reason, Some(EndReason::Cleared));
+        assert_eq!(
+            ends[0].end_time,
+            Some(time(gone)),
+            "A was last seen the frame before"
+        );
+        // The end comes first, then B's new in the same frame.
+        let end_at = kinds.iter().position(|k| *k == EventKind::End);
+        assert_eq!(
+            kinds.get(end_at.map_or(0, |p| p + 1)),
+            Some(&EventKind::New)
+        );
+        let (x, _) = news[1].boxes[0].centre();
+        assert!(x < 0.4, "B's event is about B: {x}");
+        assert_eq!(tracker.status(), CameraStatus::Anomaly);
+    }
+
+    #[test]
+    fn jitter_a_second_region_or_a_zero_distance_keep_one_event() {
+        type Centres = Vec<(f32, f32)>;
+        let here = || vec![(0.5, 0.5)];
+        // (new_region_distance, the frames' box centres).
+        let cases: [(f32, Vec<Centres>); 3] = [
+            // The region jitters by up to 0.1 around its place: it is followed.
+            (
+                0.3,
+                (0..40)
+                    .map(|i| vec![(0.5 + 0.1 * (i % 2) as f32, 0.5 - 0.08 * (i % 3) as f32)])
+                    .collect(),
+            ),
+            // A second region far away comes and stays while the first stays too.
+            (
+                0.3,
+                (0..40)
+                    .map(|i| {
+                        if i < 3 {
+                            here()
+                        } else {
+                            vec![(0.1, 0.1), (0.5, 0.5)]
+                        }
+                    })
+                    .collect(),
+            ),
+            // Off: the region jumps far for good, still one event.
+            (
+                0.0,
+                (0..40)
+                    .map(|i| if i < 3 { here() } else { vec![(0.1, 0.1)] })
+                    .collect(),
+            ),
+        ];
+        for (distance, frames) in cases {
+            let config = AlertConfig {
+                cooldown_seconds: 0.0,
+                new_region_distance: distance,
+                ..unthrottled()
+            };
+            let mut tracker = tracker(config);
+            let mut kinds = Vec::new();
+            for (i, centres) in frames.iter().enumerate() {
+                for event in tracker.observe(time(i), &boxes(0.9, centres)) {
+                    kinds.push(event.kind);
+                }
+            }
+            let not_updates: Vec<_> = kinds.iter().filter(|k| **k != EventKind::Update).collect();
+            assert_eq!(
+                not_updates,
+                [&EventKind::New],
+                "distance {distance}: {kinds:?}"
+            );
+        }
+        // The same permanent jump with the distance on does split: the case above is not vacuous.
+        let mut tracker = tracker(AlertConfig {
+            cooldown_seconds: 0.0,
+            ..unthrottled()
+        });
+        let news = (0..40)
+            .flat_map(|i| {
+                let centres = if i < 3 { here() } else { vec![(0.1, 0.1)] };
+                tracker.observe(time(i), &boxes(0.9, &centres))
+            })
+            .filter(|e| e.kind == EventKind::New)
+            .count();
+        assert_eq!(news, 2);
     }
 
     #[test]

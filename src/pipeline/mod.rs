@@ -43,7 +43,7 @@ use record::{Destination, Recorder};
 use source::{Captured, SourceSpec};
 
 /// Frames waiting per camera before the oldest is dropped (live and real-time sources).
-const QUEUE_FRAMES: usize = 4;
+const QUEUE_FRAMES: usize = 2;
 /// Frames waiting per camera whose source waits for room instead (files and the conveyor with
 /// `realtime = false`): one frame decoded ahead keeps the worker busy, more only add latency.
 const OFFLINE_QUEUE_FRAMES: usize = 1;

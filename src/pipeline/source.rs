@@ -333,9 +333,20 @@ fn play_once(
     let bus = pipeline
         .bus()
         .ok_or_else(|| "source pipeline has no bus".to_string())?;
-    pipeline
-        .set_state(gst::State::Playing)
-        .map_err(|e| format!("cannot start: {e}"))?;
+    if let Err(e) = pipeline.set_state(gst::State::Playing) {
+        // The element that refused says why on the bus (e.g. v4l2src: "Cannot identify device").
+        let why = bus
+            .iter_filtered(&[gst::MessageType::Error])
+            .find_map(|message| match message.view() {
+                gst::MessageView::Error(err) => Some(err.error().to_string()),
+                _ => None,
+            });
+        let _ = pipeline.set_state(gst::State::Null);
+        return Err(match why {
+            Some(why) => format!("cannot start: {why}"),
+            None => format!("cannot start: {e}"),
+        });
+    }
     let ending = loop {
         if stop.load(Ordering::Relaxed) {
             break Ending::Stopped;
