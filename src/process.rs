@@ -15,9 +15,9 @@ pub fn peak_rss_mb() -> f64 {
     status_kb("VmHWM:").map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Current resident set size in MiB (VmRSS).
-pub fn rss_mb() -> f64 {
-    status_kb("VmRSS:").map_or(0.0, |kb| kb / 1024.0)
+/// Current resident set size in bytes (VmRSS).
+pub fn rss_bytes() -> f64 {
+    status_kb("VmRSS:").map_or(0.0, |kb| kb * 1024.0)
 }
 
 /// A `kB` field of /proc/self/status.
@@ -45,7 +45,7 @@ mod tests {
         std::hint::black_box(x);
         let after = cpu_seconds().expect("/proc/self/stat");
         assert!(after >= before + 0.05, "{before} -> {after}");
-        let (rss, peak) = (rss_mb(), peak_rss_mb());
+        let (rss, peak) = (rss_bytes() / 1048576.0, peak_rss_mb());
         assert!(rss > 1.0 && peak >= rss, "rss {rss} MiB, peak {peak} MiB");
     }
 }

@@ -246,20 +246,14 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
             fps: 0.0,
         };
         let raw_score = scored.scores.first().copied().unwrap_or(0.0);
-        let calibration = bundle.calibration();
-        if overlay::live::annotate_model_map(
+        overlay::annotate_live(
             &frame,
             &scored.maps,
             size,
-            calibration,
+            bundle.calibration(),
             raw_score,
             &caption,
-        )
-        .is_err()
-        {
-            let raw_map = preprocess::resize_plane(&scored.maps, size, [frame.height, frame.width]);
-            overlay::annotate(&frame, &raw_map, None, calibration, raw_score);
-        }
+        );
         let t3 = Instant::now();
         pre.push(t1 - t0);
         infer.push(t2 - t1);

@@ -103,6 +103,28 @@ pub fn annotate(
     pixels
 }
 
+/// The live view of one frame from the model's own map (`map_size` = [h, w]):
+/// [`live::annotate_model_map`], or, if OpenCV fails, the plain-Rust [`annotate`], which still
+/// shows the heatmap and the score; the OpenCV error comes back for the caller to report.
+pub fn annotate_live(
+    frame: &RgbFrame,
+    model_map: &[f32],
+    map_size: [usize; 2],
+    calibration: &Calibration,
+    raw_score: f32,
+    caption: &live::Caption,
+) -> (Vec<u8>, Option<live::OverlayError>) {
+    match live::annotate_model_map(frame, model_map, map_size, calibration, raw_score, caption) {
+        Ok((pixels, _boxes)) => (pixels, None),
+        Err(e) => {
+            let raw_map =
+                crate::preprocess::resize_plane(model_map, map_size, [frame.height, frame.width]);
+            let pixels = annotate(frame, &raw_map, None, calibration, raw_score);
+            (pixels, Some(e))
+        }
+    }
+}
+
 /// Writes an interleaved RGB buffer as PNG.
 pub fn save_png(
     path: &Path,

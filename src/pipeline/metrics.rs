@@ -564,7 +564,7 @@ impl Metrics {
                 "process_resident_memory_bytes",
                 "gauge",
                 "Resident memory of this process.",
-                Some((crate::process::rss_mb() * 1048576.0).round()),
+                Some(crate::process::rss_bytes()),
             ),
         ] {
             if let Some(value) = value {

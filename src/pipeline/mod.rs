@@ -660,23 +660,20 @@ impl Worker {
         };
         let pixels = match self.overlay_on_gpu(frame, &scored.maps, raw_score, &caption) {
             Some(pixels) => pixels,
-            None => match overlay::live::annotate_model_map(
-                frame,
-                &scored.maps,
-                size,
-                calibration,
-                raw_score,
-                &caption,
-            ) {
-                Ok((pixels, _boxes)) => pixels,
-                Err(e) => {
-                    // The plain-Rust overlay still shows the operator the heatmap and the score.
+            None => {
+                let (pixels, error) = overlay::annotate_live(
+                    frame,
+                    &scored.maps,
+                    size,
+                    calibration,
+                    raw_score,
+                    &caption,
+                );
+                if let Some(e) = error {
                     eprintln!("[{}] {e}", self.camera.name);
-                    let raw_map =
-                        preprocess::resize_plane(&scored.maps, size, [frame.height, frame.width]);
-                    overlay::annotate(frame, &raw_map, None, calibration, raw_score)
                 }
-            },
+                pixels
+            }
         };
         self.emit(state, events, Some((&pixels, frame.width, frame.height)));
         self.live
