@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::model::features::{MapOptions, MapStats};
 use crate::model::{BackboneKind, Fusion};
 use crate::preprocess::Normalisation;
 
@@ -76,10 +77,24 @@ pub struct ModelSection {
     /// σ in pixels of the Gaussian blur of the fused map (0: none).
     #[serde(default)]
     pub blur_sigma: f32,
+    /// Per-term mean and standard deviation over held-out good images (`standardised` fusion only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_stats: Option<MapStats>,
     /// File name of the graph inside the bundle.
     pub onnx: String,
     /// sha256 of the graph file, checked on load.
     pub onnx_sha256: String,
+}
+
+impl ModelSection {
+    /// How the graph turns the pyramids into the map (to rebuild it, or to check it).
+    pub fn map_options(&self) -> MapOptions {
+        MapOptions {
+            fusion: self.fusion,
+            blur_sigma: self.blur_sigma,
+            stats: self.map_stats.unwrap_or_default(),
+        }
+    }
 }
 
 /// Raw score → normalised score: `threshold` maps to 0.5, `floor` to 0; clamped to [0, 1].

@@ -457,29 +457,46 @@ fn recordings(dir: &Path) -> Vec<std::path::PathBuf> {
     files
 }
 
-#[test]
-fn openh264_records_every_frame() {
+/// Runs the 24-frame conveyor with one `--set`, checks that it exits 0 with one recording that
+/// decodes to all 24 frames at 640×480, and returns the log.
+fn record_24_frames_with(set: &str) -> String {
     let dir = tempfile::tempdir().expect("dir");
     let pipeline = write_recording_pipeline(dir.path(), CONVEYOR_24, "");
     let out = stpm(
-        &[
-            "run",
-            "--pipeline",
-            path(&pipeline),
-            "--set",
-            "output.encoder=openh264",
-        ],
+        &["run", "--pipeline", path(&pipeline), "--set", set],
         dir.path(),
     );
     let log = text(&out);
     assert!(out.status.success(), "{log}");
+    let files = recordings(dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(common::decode_mkv(&files[0]), (24, 640, 480), "{log}");
+    log
+}
+
+#[test]
+fn openh264_records_every_frame() {
+    let log = record_24_frames_with("output.encoder=openh264");
     assert!(
         log.contains("encoder: openh264enc (output.encoder = openh264)\n"),
         "{log}"
     );
-    let files = recordings(dir.path());
-    assert_eq!(files.len(), 1, "{files:?}");
-    assert_eq!(common::decode_mkv(&files[0]), (24, 640, 480), "{log}");
+}
+
+/// Two sessions: a camera's frames are scored by two analysers in turn and still all reach the
+/// recording (their order is unit-tested in `pipeline::analyse`).
+#[test]
+fn two_sessions_analyse_and_record_every_frame() {
+    let log = record_24_frames_with("model.sessions=2");
+    let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1);
+    assert!(
+        log.contains(&format!("; 2 session(s) × {threads} intra-op thread(s)\n")),
+        "{log}"
+    );
+    assert!(
+        log.contains("camera line1: 24 frames, 24 analysed, 0 dropped"),
+        "{log}"
+    );
 }
 
 /// An explicit encoder whose element is not installed stops the start, naming the key and what

@@ -10,7 +10,7 @@ use burn::prelude::*;
 use stpm::bundle::Bundle;
 use stpm::devset::{DevsetSpec, SplitMix, write_category};
 use stpm::engine::{Engine, EngineOptions};
-use stpm::model::features::{MapOptions, anomaly_map, image_score};
+use stpm::model::features::{anomaly_map, image_score};
 use stpm::model::{BackboneKind, Fusion, compute_device, weights};
 use stpm::train::{TeacherWeights, TrainConfig, train};
 
@@ -59,6 +59,15 @@ fn check_parity(backbone: BackboneKind, teacher: TeacherWeights, fusion: Fusion,
     let manifest = &outcome.bundle.manifest;
     assert_eq!(manifest.model.input_size, [SIZE, SIZE]);
     assert_eq!(
+        (manifest.model.fusion, manifest.model.blur_sigma),
+        (fusion, blur_sigma)
+    );
+    assert_eq!(
+        manifest.model.map_stats.is_some(),
+        fusion == Fusion::Standardised,
+        "term statistics are recorded exactly for the standardised fusion"
+    );
+    assert_eq!(
         (manifest.training.n_train, manifest.training.n_holdout),
         (8, 2)
     );
@@ -105,7 +114,7 @@ fn check_parity(backbone: BackboneKind, teacher: TeacherWeights, fusion: Fusion,
         &teacher_net.pyramid(image.clone()),
         &student.pyramid(image),
         [SIZE, SIZE],
-        MapOptions { fusion, blur_sigma },
+        manifest.model.map_options(),
     );
     let burn_scores = stpm::model::to_vec(image_score(map.clone()));
     let burn_map = stpm::model::to_vec(map);
@@ -134,6 +143,16 @@ fn lite0_bundle_matches_burn_forward() {
         BackboneKind::EfficientNetLite0,
         TeacherWeights::File(common::lite0_weights()),
         Fusion::Product,
+        4.0,
+    );
+}
+
+#[test]
+fn lite0_bundle_matches_burn_forward_with_standardised_fusion() {
+    check_parity(
+        BackboneKind::EfficientNetLite0,
+        TeacherWeights::File(common::lite0_weights()),
+        Fusion::Standardised,
         4.0,
     );
 }

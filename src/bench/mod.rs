@@ -60,8 +60,11 @@ pub struct BenchOptions {
     pub frames: usize,
     /// Images per inference call.
     pub batch: usize,
-    /// Intra-op threads of our session (0 = one per core).
+    /// Intra-op threads of each of our sessions (0 = the cores shared out between the sessions).
     pub threads: usize,
+    /// Our sessions, each called from its own thread at once (frame-level parallelism, as
+    /// `[model] sessions` in a pipeline); the baseline stays one plain session.
+    pub sessions: usize,
     /// `auto`, `cpu`, `cuda` or `tensorrt`.
     pub provider: String,
     /// The graph our session runs; the baseline always runs the fp32 `model.onnx`.
@@ -110,9 +113,12 @@ pub struct BenchReport {
     /// Why that provider (e.g. what `auto` found missing).
     pub provider_reason: String,
     pub batch: usize,
+    /// Intra-op threads of each of our sessions (0: ONNX Runtime's choice).
     pub threads: usize,
+    /// Our sessions running at once, one calling thread each.
+    pub sessions: usize,
     pub frames: usize,
-    /// Our engine: images per second (median over rounds).
+    /// Our engine: images per second (median over rounds), all sessions together.
     pub fps: f64,
     /// Our engine: latency of one inference call.
     pub p50_ms: f64,
@@ -146,6 +152,9 @@ pub use gpu::GpuPath as GpuPathReport;
 #[derive(Debug, Clone, Serialize)]
 pub struct GpuPathReport {}
 
+/// Untimed calls before each timed series.
+const WARM_UP_CALLS: usize = 3;
+
 /// Times `frames` calls of `engine` on `input` (after 3 warm-up calls).
 fn time_engine(
     engine: &mut Engine,
@@ -153,7 +162,7 @@ fn time_engine(
     batch: usize,
     frames: usize,
 ) -> Result<(f64, Vec<Duration>), EngineError> {
-    for _ in 0..3 {
+    for _ in 0..WARM_UP_CALLS {
         engine.run(input, batch)?;
     }
     let mut samples = Vec::with_capacity(frames);
@@ -165,6 +174,43 @@ fn time_engine(
     }
     let fps = (frames * batch) as f64 / start.elapsed().as_secs_f64().max(1e-9);
     Ok((fps, samples))
+}
+
+/// Times `frames` calls on each of `engines` at once, one thread each; images/s of them together
+/// and every call's latency.
+fn time_engines(
+    engines: &mut [Engine],
+    input: &[f32],
+    batch: usize,
+    frames: usize,
+) -> Result<(f64, Vec<Duration>), BenchError> {
+    if let [engine] = engines {
+        return Ok(time_engine(engine, input, batch, frames)?);
+    }
+    let start = Instant::now();
+    let results: Vec<Result<(f64, Vec<Duration>), BenchError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = engines
+            .iter_mut()
+            .map(|engine| scope.spawn(move || time_engine(engine, input, batch, frames)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| {
+                handle
+                    .join()
+                    .map_err(|_| BenchError::Run("a bench thread panicked".into()))
+                    .and_then(|timed| Ok(timed?))
+            })
+            .collect()
+    });
+    let wall = start.elapsed().as_secs_f64().max(1e-9);
+    let mut samples = Vec::with_capacity(frames * engines.len());
+    for result in results {
+        samples.extend(result?.1);
+    }
+    // Each thread's warm-up overlaps the others' timed calls, so the wall clock covers them all.
+    let calls = (samples.len() + WARM_UP_CALLS * engines.len()) as f64;
+    Ok((calls * batch as f64 / wall, samples))
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -180,20 +226,28 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
     if options.batch == 0 {
         return Err(BenchError::Zero("--batch"));
     }
+    if options.sessions == 0 {
+        return Err(BenchError::Zero("--sessions"));
+    }
     let request: ProviderRequest = options.provider.parse()?;
     crate::engine::resolve_provider(request)?;
     let bundle = Bundle::open_as(model, options.precision)?;
     let manifest = &bundle.manifest;
     let size = manifest.model.input_size;
-    let mut ours = Engine::for_bundle(
-        &bundle,
-        EngineOptions {
-            threads: options.threads,
-            provider: request,
-            ..EngineOptions::default()
-        },
-    )?;
-    let provider = ours.provider_choice().clone();
+    let threads = crate::engine::threads_per_session(options.threads, options.sessions);
+    let mut engines = (0..options.sessions)
+        .map(|_| {
+            Engine::for_bundle(
+                &bundle,
+                EngineOptions {
+                    threads,
+                    provider: request,
+                    ..EngineOptions::default()
+                },
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let provider = engines[0].provider_choice().clone();
     // The baseline runs on the provider ours got, so the ratio measures our session settings.
     let mut plain = Engine::open(
         &bundle.fp32_model_path(),
@@ -220,7 +274,7 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
     let (mut our_fps, mut base_fps) = (Vec::new(), Vec::new());
     let (mut our_samples, mut base_samples) = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        let (fps, samples) = time_engine(&mut ours, &input, options.batch, options.frames)?;
+        let (fps, samples) = time_engines(&mut engines, &input, options.batch, options.frames)?;
         our_fps.push(fps);
         our_samples.extend(samples);
         let (fps, samples) = time_engine(&mut plain, &input, options.batch, options.frames)?;
@@ -232,7 +286,8 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
         _ => 0.0,
     };
 
-    // Stages on one frame (batch 1), as the live pipeline runs them.
+    let ours = &mut engines[0];
+    // Stages on one frame (batch 1), as the live pipeline runs them (one session).
     let (mut pre, mut infer, mut draw, mut total) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..options.frames {
@@ -275,7 +330,7 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
         Vec::new()
     } else {
         gpu::measure(
-            &mut ours,
+            ours,
             &frame,
             &manifest.normalisation,
             options.batch,
@@ -296,7 +351,8 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
         provider: provider.provider,
         provider_reason: provider.reason,
         batch: options.batch,
-        threads: options.threads,
+        threads,
+        sessions: options.sessions,
         frames: options.frames,
         fps,
         p50_ms: ours_stats.p50_ms,
@@ -320,7 +376,7 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
 /// The human-readable report.
 pub fn summary(report: &BenchReport) -> String {
     let mut text = format!(
-        "model {} ({}, {}×{}), provider {} ({}), batch {}, threads {}\n\
+        "model {} ({}, {}×{}), provider {} ({}), batch {}, {} session(s) × {} threads\n\
          engine   {:>8.1} images/s  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms\n\
          baseline {:>8.1} images/s  p50 {:.2} ms  (plain ONNX Runtime session, default options, fp32 model.onnx)\n\
          ratio vs baseline {:.3}\n",
@@ -331,6 +387,7 @@ pub fn summary(report: &BenchReport) -> String {
         report.provider,
         report.provider_reason,
         report.batch,
+        report.sessions,
         report.threads,
         report.fps,
         report.p50_ms,

@@ -73,8 +73,10 @@ pub struct PipelineBenchReport {
     /// The execution provider the pipeline's engine ran on.
     pub provider: ExecutionProvider,
     pub provider_reason: String,
-    /// `model.threads` of the run (0 = one per core).
+    /// `model.threads` of the run (0 = one per core, shared out between the sessions).
     pub threads: usize,
+    /// `model.sessions` of the run (analysers per camera, each on its own session).
+    pub sessions: usize,
     /// Frames that reached the worker, went through the engine, came out of the encoder, were
     /// dropped (always 0: the bench decodes no faster than the pipeline takes frames).
     pub frames: u64,
@@ -300,7 +302,7 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
         provider: request,
         int8: false,
     };
-    let ours = crate::pipeline::engine_options(&config, request);
+    let ours = crate::pipeline::engine_options(&config, request, 1);
     let (plain_before, mut plain_samples) = engine_round(&bundle, plain, options.frames)?;
     let (ours_before, mut our_samples) = engine_round(&bundle, ours, options.frames)?;
 
@@ -356,6 +358,7 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
         provider: summary.provider,
         provider_reason: summary.provider_reason,
         threads: config.model.threads,
+        sessions: config.model.sessions,
         frames: camera.frames,
         frames_analysed: camera.analysed,
         frames_encoded: encoded,
@@ -413,7 +416,7 @@ fn stage_stats(samples: &StageSamples) -> BTreeMap<String, StageStats> {
 pub fn summary(report: &PipelineBenchReport) -> String {
     let mut text = format!(
         "pipeline {} (camera {}), source {}{}{}\n\
-         model {} ({}×{}), provider {}, threads {}\n\
+         model {} ({}×{}), provider {}, threads {}, sessions {}\n\
          frames {} in, {} analysed, {} encoded, {} dropped in {:.1} s\n\
          end to end {:>7.1} frames/s  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  (appsink → encoded frame)\n\
          engine only {:>6.1} images/s  p50 {:.2} ms  (plain ONNX Runtime session, default options; rounds {:.1}, {:.1})\n\
@@ -438,6 +441,7 @@ pub fn summary(report: &PipelineBenchReport) -> String {
         report.input_size[0],
         report.provider,
         report.threads,
+        report.sessions,
         report.frames,
         report.frames_analysed,
         report.frames_encoded,

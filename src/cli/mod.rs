@@ -123,7 +123,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub patience: usize,
     /// How per-scale maps are combined.
-    #[arg(long, value_enum, default_value_t = Fusion::Product)]
+    #[arg(long, value_enum, default_value_t = Fusion::Standardised)]
     pub fusion: Fusion,
     /// Gaussian blur of the anomaly map, σ in pixels (0: none).
     #[arg(long, default_value_t = 4.0)]
@@ -152,6 +152,11 @@ pub struct BenchArgs {
     /// model.threads unless given).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Engine-only: this many of our sessions run at once, each called from its own thread
+    /// (frame-level parallelism; threads default to the cores shared out between them). The
+    /// baseline stays one plain session.
+    #[arg(long, default_value_t = 1)]
+    pub sessions: usize,
     /// Execution provider: auto, cpu, cuda, tensorrt (with --pipeline: the file's model.provider
     /// unless given).
     #[arg(long)]
@@ -358,6 +363,12 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 "--batch applies to the engine-only bench; the pipeline analyses one frame at a time"
             );
         }
+        if args.sessions != 1 {
+            bail!(
+                "--sessions applies to the engine-only bench; for the pipeline use --set model.sessions={}",
+                args.sessions
+            );
+        }
         let options = stpm::bench::pipeline::PipelineBenchOptions {
             pipeline,
             sets: args.sets,
@@ -384,6 +395,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         frames: args.frames,
         batch: args.batch,
         threads: args.threads.unwrap_or(0),
+        sessions: args.sessions,
         provider: args.provider.unwrap_or_else(|| "auto".into()),
         precision: args.precision,
     };

@@ -87,6 +87,17 @@ pub fn environment() -> Result<&'static Environment, EngineError> {
     })
 }
 
+/// Intra-op threads for each of `sessions` sessions that run at once: `threads` when given, else
+/// the cores shared out between them (at least 1 each). One session with 0 keeps ONNX Runtime's
+/// own choice (one per core).
+pub fn threads_per_session(threads: usize, sessions: usize) -> usize {
+    if threads > 0 || sessions <= 1 {
+        return threads;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / sessions).max(1)
+}
+
 /// Session settings; defaults are ONNX Runtime's own unless stated.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EngineOptions {

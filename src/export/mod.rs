@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 
 use crate::model::efficientnet::{EfficientNetLite, TAP_BLOCKS};
-use crate::model::features::{MapOptions, NORM_EPS, gaussian_kernel};
+use crate::model::features::{
+    MAGNITUDE_EPS, MapOptions, NORM_EPS, STANDARDISED_STRIDES, STANDARDISED_TERMS, gaussian_kernel,
+};
 use crate::model::resnet::ResNet18;
 use crate::model::{Backbone, Fusion};
 use graph::{GraphBuilder, float_value_info};
@@ -114,6 +116,72 @@ fn pyramid(g: &mut GraphBuilder, net: &Backbone, input: &str, tag: &str) -> [Str
     }
 }
 
+/// The low-resolution terms of the map, each with its stride: ½‖t̂ − ŝ‖² per scale, plus (for
+/// [`Fusion::Standardised`]) the stride-4 (½ ln Σs² − ½ ln Σt²)² (as `features::standardised_terms`).
+fn distance_terms(
+    g: &mut GraphBuilder,
+    teacher_taps: &[String; 3],
+    student_taps: &[String; 3],
+    fusion: Fusion,
+) -> Vec<(String, usize)> {
+    let mut terms = Vec::with_capacity(STANDARDISED_TERMS);
+    for (scale, (t, s)) in teacher_taps.iter().zip(student_taps.iter()).enumerate() {
+        let t_hat = g.l2_normalize(t, NORM_EPS as f32);
+        let s_hat = g.l2_normalize(s, NORM_EPS as f32);
+        let diff = g.binary("Sub", &t_hat, &s_hat);
+        let squared = g.binary("Mul", &diff, &diff);
+        let sum = g.reduce_sum(&squared, &[1]);
+        let half = g.scalar("half", 0.5);
+        terms.push((g.binary("Mul", &sum, &half), STANDARDISED_STRIDES[scale]));
+    }
+    if fusion == Fusion::Standardised {
+        let mut log_energy = |x: &str| {
+            let squared = g.binary("Mul", x, x);
+            let sum = g.reduce_sum(&squared, &[1]);
+            let eps = g.scalar("eps", MAGNITUDE_EPS as f32);
+            let clamped = g.binary("Max", &sum, &eps);
+            g.node("Log", &[&clamped], vec![], "log")
+        };
+        let t_log = log_energy(&teacher_taps[0]);
+        let s_log = log_energy(&student_taps[0]);
+        let diff = g.binary("Sub", &s_log, &t_log);
+        let squared = g.binary("Mul", &diff, &diff);
+        let quarter = g.scalar("quarter", 0.25);
+        terms.push((g.binary("Mul", &squared, &quarter), STANDARDISED_STRIDES[3]));
+    }
+    terms
+}
+
+/// Upsamples the terms to the input size and combines them as `options.fusion` says.
+fn fuse_terms(g: &mut GraphBuilder, terms: Vec<(String, usize)>, options: MapOptions) -> String {
+    let mut fused: Option<String> = None;
+    for (index, (term, stride)) in terms.into_iter().enumerate() {
+        let mut map = g.upsample(&term, stride);
+        if options.fusion == Fusion::Standardised {
+            let scale = g.scalar("inv_std", 1.0 / options.stats.divisor(index));
+            let shift = g.scalar(
+                "shift",
+                -options.stats.mean[index] / options.stats.divisor(index),
+            );
+            let scaled = g.binary("Mul", &map, &scale);
+            map = g.binary("Add", &scaled, &shift);
+        }
+        fused = Some(match fused {
+            None => map,
+            Some(acc) => g.binary(
+                if options.fusion == Fusion::Product {
+                    "Mul"
+                } else {
+                    "Add"
+                },
+                &acc,
+                &map,
+            ),
+        });
+    }
+    fused.unwrap_or_default()
+}
+
 /// Builds the whole STPM graph for `[N, 3, size[0], size[1]]` inputs.
 pub fn stpm_model(
     teacher: &Backbone,
@@ -131,30 +199,8 @@ pub fn stpm_model(
     let mut g = GraphBuilder::default();
     let teacher_taps = pyramid(&mut g, teacher, INPUT_NAME, "t");
     let student_taps = pyramid(&mut g, student, INPUT_NAME, "s");
-    let mut fused: Option<String> = None;
-    for (scale, (t, s)) in teacher_taps.iter().zip(student_taps.iter()).enumerate() {
-        let t_hat = g.l2_normalize(t, NORM_EPS as f32);
-        let s_hat = g.l2_normalize(s, NORM_EPS as f32);
-        let diff = g.binary("Sub", &t_hat, &s_hat);
-        let squared = g.binary("Mul", &diff, &diff);
-        let sum = g.reduce_sum(&squared, &[1]);
-        let half = g.scalar("half", 0.5);
-        let distance = g.binary("Mul", &sum, &half);
-        let map = g.upsample(&distance, 4 << scale);
-        fused = Some(match fused {
-            None => map,
-            Some(acc) => g.binary(
-                if options.fusion == Fusion::Product {
-                    "Mul"
-                } else {
-                    "Add"
-                },
-                &acc,
-                &map,
-            ),
-        });
-    }
-    let fused = fused.unwrap_or_default();
+    let terms = distance_terms(&mut g, &teacher_taps, &student_taps, options.fusion);
+    let fused = fuse_terms(&mut g, terms, options);
     let fused = g.gaussian_blur(&fused, &gaussian_kernel(options.blur_sigma));
     g.node_named("Identity", &[&fused], vec![], MAP_OUTPUT);
     let max_attrs = vec![

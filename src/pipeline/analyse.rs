@@ -1,8 +1,10 @@
 //! The inference stage of a camera: takes frames from the capture queue, preprocesses and scores
-//! those due (`max_fps`) on the shared engine, and hands every frame on, in order, to the camera's
-//! worker, which draws and writes the previous frame meanwhile. Never draws, alerts or writes.
+//! those due (`max_fps`) on an engine session, and hands every frame on, in order, to the camera's
+//! worker, which draws and writes the previous frame meanwhile. With `model.sessions = N` a camera
+//! has N analysers on N sessions, taking frames in turn and handing them on in the order taken.
+//! Never draws, alerts or writes.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::bundle::Manifest;
@@ -22,16 +24,123 @@ pub struct Analysed {
     pub inference: Duration,
 }
 
-/// One camera's inference loop.
+/// What a camera's analysers share: the queues at both ends and the order frames were taken in.
+pub struct Intake {
+    /// From the capture thread.
+    input: Arc<FrameQueue<Captured>>,
+    /// To the worker (which holds the only other reference).
+    output: Arc<FrameQueue<Analysed>>,
+    /// Inference rate cap interval (`None`: every frame).
+    interval: Option<Duration>,
+    taken: Mutex<Taken>,
+    /// Ticket of the next item to hand on.
+    turn: Mutex<u64>,
+    turn_changed: Condvar,
+}
+
+#[derive(Default)]
+struct Taken {
+    /// Ticket of the next item taken.
+    next: u64,
+    /// Stream time of the last frame due for inference.
+    last_analysed: Option<Duration>,
+    /// The end marker has been taken: the other analysers stop.
+    ended: bool,
+}
+
+/// An item taken from the capture queue, with its place in the order.
+struct Ticket {
+    number: u64,
+    item: Item<Captured>,
+    due: bool,
+}
+
+impl Intake {
+    pub fn new(
+        input: Arc<FrameQueue<Captured>>,
+        output: Arc<FrameQueue<Analysed>>,
+        max_fps: f64,
+    ) -> Self {
+        Self {
+            input,
+            output,
+            interval: (max_fps > 0.0).then(|| Duration::from_secs_f64(1.0 / max_fps)),
+            taken: Mutex::new(Taken::default()),
+            turn: Mutex::new(0),
+            turn_changed: Condvar::new(),
+        }
+    }
+
+    fn worker_gone(&self) -> bool {
+        Arc::strong_count(&self.output) == 1
+    }
+
+    /// The next item with its ticket; `None` once the end was taken (by any analyser) or the
+    /// worker is gone. The lock makes taking and numbering one step.
+    fn take(&self) -> Option<Ticket> {
+        let Ok(mut taken) = self.taken.lock() else {
+            return None;
+        };
+        loop {
+            if taken.ended || self.worker_gone() {
+                return None;
+            }
+            let Some(item) = self.input.pop(Duration::from_millis(200)) else {
+                continue;
+            };
+            let due = match &item {
+                Item::Frame(captured) => {
+                    let due = match (self.interval, taken.last_analysed) {
+                        (Some(interval), Some(last)) => captured.pts >= last + interval,
+                        _ => true,
+                    };
+                    if due {
+                        taken.last_analysed = Some(captured.pts);
+                    }
+                    due
+                }
+                Item::End => {
+                    taken.ended = true;
+                    false
+                }
+                _ => false,
+            };
+            let number = taken.next;
+            taken.next += 1;
+            return Some(Ticket { number, item, due });
+        }
+    }
+
+    /// Hands `item` on once every earlier ticket has been; false when the worker is gone.
+    fn hand_on(&self, number: u64, item: Item<Analysed>) -> bool {
+        let Ok(mut turn) = self.turn.lock() else {
+            return false;
+        };
+        while *turn != number {
+            if self.worker_gone() {
+                return false;
+            }
+            turn = match self
+                .turn_changed
+                .wait_timeout(turn, Duration::from_millis(200))
+            {
+                Ok((turn, _)) => turn,
+                Err(_) => return false,
+            };
+        }
+        let pushed = self.output.push_wait(item, &|| self.worker_gone());
+        *turn += 1;
+        self.turn_changed.notify_all();
+        pushed
+    }
+}
+
+/// One inference loop of a camera (one of `model.sessions`).
 pub struct Analyser {
     pub manifest: Arc<Manifest>,
+    /// This analyser's session (shared with the same-numbered analyser of other cameras).
     pub engine: Arc<Mutex<Engine>>,
-    /// Inference rate cap (0: every frame).
-    pub max_fps: f64,
-    /// From the capture thread.
-    pub input: Arc<FrameQueue<Captured>>,
-    /// To the worker.
-    pub output: Arc<FrameQueue<Analysed>>,
+    pub intake: Arc<Intake>,
     pub metrics: Arc<CameraMetrics>,
     /// Preprocessing on the GPU, when the engine runs there.
     #[cfg(feature = "gpu")]
@@ -39,21 +148,11 @@ pub struct Analyser {
 }
 
 impl Analyser {
-    /// Runs until the capture thread's end marker has been handed on, or the worker is gone.
+    /// Runs until the capture thread's end marker has been taken (and, by this analyser, handed
+    /// on), or the worker is gone.
     pub fn run(mut self) {
-        let interval = (self.max_fps > 0.0).then(|| Duration::from_secs_f64(1.0 / self.max_fps));
-        let mut last_analysed: Option<Duration> = None;
-        // Once the worker has gone, only our two references (`self.output` and this clone) are
-        // left, and nobody would take what we hand on.
-        let output = Arc::clone(&self.output);
-        let worker_gone = move || Arc::strong_count(&output) == 2;
-        loop {
-            let Some(item) = self.input.pop(Duration::from_millis(200)) else {
-                if worker_gone() {
-                    return;
-                }
-                continue;
-            };
+        let intake = Arc::clone(&self.intake);
+        while let Some(Ticket { number, item, due }) = intake.take() {
             let end = matches!(item, Item::End);
             let item = item.map(|captured| {
                 self.metrics.frame_in(captured.arrived);
@@ -61,10 +160,6 @@ impl Analyser {
                     self.metrics.stage(Stage::Decode, decode);
                 }
                 self.metrics.stage(Stage::Queue, captured.arrived.elapsed());
-                let due = match (interval, last_analysed) {
-                    (Some(interval), Some(last)) => captured.pts >= last + interval,
-                    _ => true,
-                };
                 if !due {
                     return Analysed {
                         captured,
@@ -72,7 +167,6 @@ impl Analyser {
                         inference: Duration::ZERO,
                     };
                 }
-                last_analysed = Some(captured.pts);
                 let (scores, inference) = self.score(&captured);
                 Analysed {
                     captured,
@@ -80,7 +174,7 @@ impl Analyser {
                     inference,
                 }
             });
-            if !self.output.push_wait(item, &worker_gone) || end {
+            if !intake.hand_on(number, item) || end {
                 return;
             }
         }
@@ -148,5 +242,117 @@ impl Analyser {
     #[cfg(not(feature = "gpu"))]
     fn infer_on_gpu(&self) -> Result<Scores, String> {
         Err("this build has no GPU path".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::preprocess::RgbFrame;
+
+    fn captured(index: u64) -> Captured {
+        Captured {
+            frame: RgbFrame {
+                width: 1,
+                height: 1,
+                pixels: vec![0; 3],
+            },
+            pts: Duration::from_millis(40 * index),
+            fps: 25.0,
+            arrived: Instant::now(),
+            decode: None,
+        }
+    }
+
+    fn intake_of(frames: u64, end: bool, max_fps: f64) -> (Arc<Intake>, Arc<FrameQueue<Analysed>>) {
+        let input = Arc::new(FrameQueue::new(frames as usize + 1));
+        for index in 0..frames {
+            input.push_drop_oldest(Item::Frame(captured(index)));
+        }
+        if end {
+            input.push_drop_oldest(Item::End);
+        }
+        let output = Arc::new(FrameQueue::new(1));
+        let intake = Arc::new(Intake::new(input, Arc::clone(&output), max_fps));
+        (intake, output)
+    }
+
+    /// What an analyser does with a ticket, less the engine: a varying delay, then hand it on.
+    fn analyse_slowly(intake: Arc<Intake>, seed: u64) {
+        while let Some(Ticket { number, item, due }) = intake.take() {
+            let end = matches!(item, Item::End);
+            std::thread::sleep(Duration::from_millis((number * 7 + seed) % 5));
+            let item = item.map(|captured| Analysed {
+                captured,
+                scores: due.then(|| Err("no engine in this test".to_string())),
+                inference: Duration::ZERO,
+            });
+            if !intake.hand_on(number, item) || end {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn analysers_hand_frames_on_in_the_order_they_were_taken() {
+        let (intake, output) = intake_of(40, true, 0.0);
+        let analysers: Vec<_> = (0..3)
+            .map(|seed| {
+                let intake = Arc::clone(&intake);
+                std::thread::spawn(move || analyse_slowly(intake, seed))
+            })
+            .collect();
+        let mut seen = Vec::new();
+        loop {
+            match output.pop(Duration::from_secs(5)) {
+                Some(Item::Frame(analysed)) => {
+                    assert!(
+                        analysed.scores.is_some(),
+                        "every frame is due without max_fps"
+                    );
+                    seen.push(analysed.captured.pts);
+                }
+                Some(Item::End) => break,
+                Some(_) => {}
+                None => panic!("the analysers stalled after {} frames", seen.len()),
+            }
+        }
+        for analyser in analysers {
+            assert!(
+                analyser.join().is_ok(),
+                "every analyser ends after the end marker"
+            );
+        }
+        let expected: Vec<Duration> = (0..40).map(|i| Duration::from_millis(40 * i)).collect();
+        assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn max_fps_is_kept_across_analysers() {
+        // 25 frames/s in, at most 12.5 analysed: every other frame is due.
+        let (intake, _output) = intake_of(10, true, 12.5);
+        let due: Vec<bool> = std::iter::from_fn(|| intake.take())
+            .filter(|ticket| matches!(ticket.item, Item::Frame(_)))
+            .map(|ticket| ticket.due)
+            .collect();
+        assert_eq!(
+            due,
+            [
+                true, false, true, false, true, false, true, false, true, false
+            ]
+        );
+    }
+
+    #[test]
+    fn analysers_stop_when_the_worker_is_gone() {
+        let (intake, output) = intake_of(3, false, 0.0);
+        drop(output);
+        let started = Instant::now();
+        let analyser = {
+            let intake = Arc::clone(&intake);
+            std::thread::spawn(move || analyse_slowly(intake, 0))
+        };
+        assert!(analyser.join().is_ok());
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 }

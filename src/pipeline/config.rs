@@ -42,9 +42,15 @@ pub struct ModelConfig {
     /// Execution provider: `auto`, `cpu`, `cuda` or `tensorrt`.
     #[serde(default = "default_provider")]
     pub provider: String,
-    /// ONNX Runtime intra-op threads; 0 = one per core.
+    /// ONNX Runtime intra-op threads of each session; 0 = the cores shared out between the
+    /// sessions (one session: one per core).
     #[serde(default)]
     pub threads: usize,
+    /// Inference sessions, each with its own analyser thread per camera: with 2, a camera's next
+    /// frame is scored while the previous one still is (frame-level parallelism), and two cameras
+    /// are scored at once. More throughput on the CPU, more latency per frame. GPU providers use 1.
+    #[serde(default = "default_sessions")]
+    pub sessions: usize,
     /// Which of the bundle's graphs runs: `fp32` (model.onnx) or `int8` (after
     /// `stpm export --precision int8`).
     #[serde(default)]
@@ -54,6 +60,13 @@ pub struct ModelConfig {
 fn default_provider() -> String {
     "auto".into()
 }
+
+fn default_sessions() -> usize {
+    1
+}
+
+/// Upper bound of `model.sessions` (each session holds its own copy of the weights).
+pub const MAX_SESSIONS: usize = 16;
 
 /// `[[camera]]`
 #[derive(Debug, Clone, Deserialize)]
@@ -341,6 +354,12 @@ impl PipelineConfig {
                 self.model.provider
             ));
         }
+        if !(1..=MAX_SESSIONS).contains(&self.model.sessions) {
+            problems.push(format!(
+                "model.sessions = {}: use 1 to {MAX_SESSIONS}",
+                self.model.sessions
+            ));
+        }
         if self.camera.is_empty() {
             problems.push("no [[camera]]: add at least one".into());
         }
@@ -462,6 +481,7 @@ mod tests {
         );
         let config = PipelineConfig::load(&path, &["model.provider=cpu".into()]).expect("load");
         assert_eq!(config.model.provider, "cpu");
+        assert_eq!((config.model.sessions, config.model.threads), (1, 0));
         assert_eq!(config.camera[0].max_fps, 0.0);
         assert!(config.camera[0].realtime);
         let sets = [
@@ -489,7 +509,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let path = write(
             dir.path(),
-            "[model]\nbundle = \"b\"\nprovider = \"gpu\"\n\
+            "[model]\nbundle = \"b\"\nprovider = \"gpu\"\nsessions = 0\n\
              [[camera]]\nname = \"bad name\"\nsource = \"http://x\"\nmax_fps = -1\n\
              [[camera]]\nname = \"cam\"\nsource = \"file:///nowhere/x.mkv\"\n\
              [alerts]\non_threshold = 0.5\noff_threshold = 0.7\n\
@@ -501,6 +521,7 @@ mod tests {
             .unwrap_or_default();
         for expected in [
             "model.provider",
+            "model.sessions = 0: use 1 to 16",
             "camera[0].name",
             "camera[0].source",
             "camera[0].max_fps",

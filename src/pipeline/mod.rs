@@ -33,7 +33,7 @@ use crate::engine::{
 };
 use crate::overlay;
 use crate::preprocess::{self, RgbFrame};
-use analyse::{Analysed, Analyser};
+use analyse::{Analysed, Analyser, Intake};
 use config::{CameraConfig, PipelineConfig, RecordConfig, SourceUri};
 use encoder::{Encoder, EncoderError};
 use live::{CameraOutputs, LiveError, LiveOutputs};
@@ -164,25 +164,57 @@ pub fn run_with(
 ) -> Result<RunSummary, PipelineError> {
     // Fails fast (before the bundle is read) on a provider this build or machine cannot run.
     let request: ProviderRequest = config.model.provider.parse()?;
-    crate::engine::resolve_provider(request)?;
+    let plan = crate::engine::resolve_provider(request)?;
+    let cpu_only = plan.candidates == [ExecutionProvider::Cpu];
     let encoder = output_encoder(config)?;
     let bundle = Bundle::open_as(&config.model.bundle, config.model.precision)?;
     // The workers read the calibration of the graph that runs.
     let mut manifest = bundle.manifest.clone();
     manifest.calibration = bundle.calibration().clone();
     let manifest = Arc::new(manifest);
-    let mut engine = Engine::for_bundle(&bundle, engine_options(config, request))?;
+    // Sessions share out the cores only on the CPU, so size the first one for that when known.
+    let first_sessions = if cpu_only { config.model.sessions } else { 1 };
+    let mut engine = Engine::for_bundle(&bundle, engine_options(config, request, first_sessions))?;
     let provider = engine.provider();
     let provider_reason = engine.provider_choice().reason.clone();
-    warm_up(&mut engine, &manifest)?;
+    let sessions = if provider == ExecutionProvider::Cpu {
+        config.model.sessions
+    } else {
+        if config.model.sessions > 1 {
+            eprintln!(
+                "model.sessions = {}: the {provider} provider runs one session (frame-level parallelism is for the CPU)",
+                config.model.sessions
+            );
+        }
+        1
+    };
+    let mut engines = Vec::with_capacity(sessions);
+    if sessions != first_sessions {
+        // `auto` fell back to the CPU: re-open with the cores shared out between the sessions.
+        engine = Engine::for_bundle(&bundle, engine_options(config, request, sessions))?;
+    }
+    engines.push(engine);
+    for _ in 1..sessions {
+        engines.push(Engine::for_bundle(
+            &bundle,
+            engine_options(config, request, sessions),
+        )?);
+    }
+    for engine in &mut engines {
+        warm_up(engine, &manifest)?;
+    }
     eprintln!(
-        "engine: ONNX Runtime, provider {provider} ({}); model {} ({}, {}, {}×{})",
-        engine.provider_choice().reason,
+        "engine: ONNX Runtime, provider {provider} ({}); model {} ({}, {}, {}×{}); {}",
+        provider_reason,
         config.model.bundle.display(),
         manifest.model.backbone,
         bundle.precision,
         manifest.model.input_size[1],
-        manifest.model.input_size[0]
+        manifest.model.input_size[0],
+        match crate::engine::threads_per_session(config.model.threads, sessions) {
+            0 => format!("{sessions} session(s), intra-op threads: one per core"),
+            threads => format!("{sessions} session(s) × {threads} intra-op thread(s)"),
+        }
     );
     let mut live = LiveOutputs::start(config, &provider.to_string(), encoder.as_ref())?;
     if config.output.record.enabled {
@@ -204,7 +236,10 @@ pub fn run_with(
             None
         }
     };
-    let engine = Arc::new(Mutex::new(engine));
+    let engines: Vec<Arc<Mutex<Engine>>> = engines
+        .into_iter()
+        .map(|engine| Arc::new(Mutex::new(engine)))
+        .collect();
     let model_name = config
         .model
         .bundle
@@ -250,22 +285,30 @@ pub fn run_with(
             gpu::GpuStage::for_camera(provider, &camera.name, "preprocessing"),
             gpu::GpuStage::for_camera(provider, &camera.name, "overlay"),
         );
-        let analyser = Analyser {
-            manifest: Arc::clone(&manifest),
-            engine: Arc::clone(&engine),
-            max_fps: camera.max_fps,
-            input: Arc::clone(&queue),
-            output: Arc::clone(&frames),
-            metrics: Arc::clone(&camera_outputs.metrics),
-            #[cfg(feature = "gpu")]
-            gpu: gpu_analyse,
-        };
-        analysers.push(
-            std::thread::Builder::new()
-                .name(format!("analyse-{}", camera.name))
-                .spawn(move || analyser.run())
-                .map_err(spawn_error)?,
-        );
+        let intake = Arc::new(Intake::new(
+            Arc::clone(&queue),
+            Arc::clone(&frames),
+            camera.max_fps,
+        ));
+        #[cfg(feature = "gpu")]
+        let mut gpu_analyse = gpu_analyse;
+        for (number, engine) in engines.iter().enumerate() {
+            let analyser = Analyser {
+                manifest: Arc::clone(&manifest),
+                engine: Arc::clone(engine),
+                intake: Arc::clone(&intake),
+                metrics: Arc::clone(&camera_outputs.metrics),
+                // GPU providers run one session, so one analyser per camera.
+                #[cfg(feature = "gpu")]
+                gpu: gpu_analyse.take(),
+            };
+            analysers.push(
+                std::thread::Builder::new()
+                    .name(format!("analyse{number}-{}", camera.name))
+                    .spawn(move || analyser.run())
+                    .map_err(spawn_error)?,
+            );
+        }
         let worker = Worker {
             camera: camera.clone(),
             tracker: AlertTracker::new(
@@ -337,9 +380,14 @@ fn output_encoder(config: &PipelineConfig) -> Result<Option<Encoder>, EncoderErr
 
 /// The session settings of a run: `[model]`'s threads, and intra-op threads that sleep between
 /// calls, since decoding, drawing and encoding share the cores.
-pub fn engine_options(config: &PipelineConfig, request: ProviderRequest) -> EngineOptions {
+/// Session settings of one of `sessions` sessions.
+pub fn engine_options(
+    config: &PipelineConfig,
+    request: ProviderRequest,
+    sessions: usize,
+) -> EngineOptions {
     EngineOptions {
-        threads: config.model.threads,
+        threads: crate::engine::threads_per_session(config.model.threads, sessions),
         provider: request,
         sleep_when_idle: true,
         ..EngineOptions::default()

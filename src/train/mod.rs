@@ -21,7 +21,7 @@ use crate::bundle::{self, Bundle, Manifest, ModelSection, TrainingSummary};
 use crate::dataset;
 use crate::devset::SplitMix;
 use crate::export;
-use crate::model::features::{self, MapOptions, Pyramid};
+use crate::model::features::{self, MapOptions, MapStats, MapStatsAccumulator, Pyramid};
 use crate::model::weights::{self, WeightsError};
 use crate::model::{Backbone, BackboneKind, Fusion, compute_device, to_vec};
 use crate::preprocess::{self, Normalisation, RgbFrame};
@@ -83,7 +83,7 @@ impl TrainConfig {
             weight_decay: 1e-4,
             holdout_fraction: DEFAULT_HOLDOUT_FRACTION,
             patience: 0,
-            fusion: Fusion::Product,
+            fusion: Fusion::Standardised,
             blur_sigma: 4.0,
             seed: 0,
             progress: true,
@@ -95,6 +95,7 @@ impl TrainConfig {
         MapOptions {
             fusion: self.fusion,
             blur_sigma: self.blur_sigma,
+            stats: MapStats::default(),
         }
     }
 }
@@ -359,6 +360,19 @@ impl Prepared {
         }
         total / self.holdout_idx.len().max(1) as f32
     }
+
+    /// Mean and standard deviation of the `standardised` fusion's terms over the held-out images.
+    fn map_stats(&self, student: &Backbone, config: &TrainConfig) -> MapStats {
+        let mut stats = MapStatsAccumulator::default();
+        for chunk in self.holdout_idx.chunks(8) {
+            let images = self.images.batch(chunk, config.image_size, &self.device);
+            stats.add(features::standardised_terms(
+                &self.cache.batch(chunk, &self.device),
+                &student.pyramid(images),
+            ));
+        }
+        stats.finish()
+    }
 }
 
 /// The checkpoint kept: the epoch with the lowest held-out loss.
@@ -509,14 +523,20 @@ fn write_bundle(
     })?;
     let metadata = [
         ("stpm.backbone", config.backbone.name().to_string()),
-        ("stpm.fusion", format!("{:?}", config.fusion).to_lowercase()),
+        ("stpm.fusion", config.fusion.name().to_string()),
         ("stpm.blur_sigma", config.blur_sigma.to_string()),
     ];
+    let mut map_options = config.map_options();
+    let map_stats = (config.fusion == Fusion::Standardised).then(|| {
+        let stats = data.map_stats(&fitted.student, config);
+        map_options.stats = stats;
+        stats
+    });
     let onnx = export::stpm_model(
         &data.teacher,
         &fitted.student,
         [size, size],
-        config.map_options(),
+        map_options,
         &metadata,
     )?;
     let bytes = export::write_model(&onnx, &staging.join(bundle::MODEL_FILE))?;
@@ -551,6 +571,7 @@ fn write_bundle(
             input_size: [size, size],
             fusion: config.fusion,
             blur_sigma: config.blur_sigma,
+            map_stats,
             onnx: bundle::MODEL_FILE.to_string(),
             onnx_sha256: bundle::sha256_hex(&bytes),
         },
