@@ -49,6 +49,7 @@ source = "test://conveyor?seed={i + 1}&fps={args.fps}"
 bundle = "{os.path.abspath(args.model)}"
 provider = "{args.provider}"
 precision = "{args.precision}"
+sessions = {args.sessions}
 {cams}
 [output.record]
 enabled = {str(not args.no_record).lower()}
@@ -76,6 +77,7 @@ def main():
     ap.add_argument("--fps", type=float, default=25, help="frames/s of each generated camera")
     ap.add_argument("--provider", default="cpu")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--sessions", type=int, default=1, help="model.sessions")
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--warmup", type=float, default=10)
     ap.add_argument("--no-record", action="store_true")
