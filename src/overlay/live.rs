@@ -77,6 +77,29 @@ pub fn annotate_model_map(
     annotate(frame, &full, calibration, raw_score, caption)
 }
 
+/// A `rows`×`cols` Mat of element type `typ` holding a copy of `bytes` (which must fill it).
+pub(crate) fn mat_from_bytes(
+    rows: usize,
+    cols: usize,
+    typ: i32,
+    bytes: &[u8],
+) -> Result<Mat, opencv::Error> {
+    let mut mat = Mat::new_rows_cols_with_default(rows as i32, cols as i32, typ, Scalar::all(0.0))?;
+    let data = mat.data_bytes_mut()?;
+    if data.len() != bytes.len() {
+        return Err(opencv::Error::new(
+            core::StsBadSize,
+            format!(
+                "{} bytes for a {rows}×{cols} Mat of {}",
+                bytes.len(),
+                data.len()
+            ),
+        ));
+    }
+    data.copy_from_slice(bytes);
+    Ok(mat)
+}
+
 /// Draws the caption into packed RGB `pixels` through a Mat of only the rows it covers.
 fn caption_band(
     pixels: &mut [u8],
@@ -90,13 +113,7 @@ fn caption_band(
     let (scale, size, baseline) = caption_size(&text, height as i32)?;
     let rows = ((size.height + baseline + 12).max(0) as usize).min(height);
     let band = &mut pixels[..rows * width * 3];
-    let mut image = Mat::new_rows_cols_with_default(
-        rows as i32,
-        width as i32,
-        core::CV_8UC3,
-        Scalar::all(0.0),
-    )?;
-    image.data_bytes_mut()?.copy_from_slice(band);
+    let mut image = mat_from_bytes(rows, width, core::CV_8UC3, band)?;
     draw_caption(&mut image, &text, scale, size, baseline)?;
     band.copy_from_slice(image.data_bytes()?);
     Ok(())
@@ -118,8 +135,7 @@ pub fn annotate(
             raw_map.len()
         )));
     }
-    let mut image = Mat::new_rows_cols_with_default(h, w, core::CV_8UC3, Scalar::all(0.0))?;
-    image.data_bytes_mut()?.copy_from_slice(&frame.pixels);
+    let mut image = mat_from_bytes(frame.height, frame.width, core::CV_8UC3, &frame.pixels)?;
     let mut level = Mat::new_rows_cols_with_default(h, w, core::CV_8UC1, Scalar::all(0.0))?;
     for (out, &raw) in level.data_bytes_mut()?.iter_mut().zip(raw_map) {
         *out = (calibration.normalise(raw) * 255.0).round() as u8;
@@ -159,11 +175,8 @@ pub fn decorate_rgb(
             mask.len()
         )));
     }
-    let (w, h) = (width as i32, height as i32);
-    let mut image = Mat::new_rows_cols_with_default(h, w, core::CV_8UC3, Scalar::all(0.0))?;
-    image.data_bytes_mut()?.copy_from_slice(pixels);
-    let mut mask_mat = Mat::new_rows_cols_with_default(h, w, core::CV_8UC1, Scalar::all(0.0))?;
-    mask_mat.data_bytes_mut()?.copy_from_slice(mask);
+    let image = mat_from_bytes(height, width, core::CV_8UC3, pixels)?;
+    let mask_mat = mat_from_bytes(height, width, core::CV_8UC1, mask)?;
     decorate(image, &mask_mat, calibration, raw_score, caption)
 }
 

@@ -140,16 +140,31 @@ pub fn write_video(
     let (width, height) = crate::pipeline::source::CONVEYOR_SIZE;
     let mut conveyor = Conveyor::new(width, height, seed);
     let destination = Destination::File(path.to_path_buf());
-    let mut recorder = Recorder::create(&destination, (width, height), fps, encoder, None)?;
     let period = std::time::Duration::from_secs_f64(1.0 / fps.max(0.1));
+    let mut recorder = None;
     for index in 0..frames {
         let generated = conveyor.frame(index);
+        let out = crate::pipeline::yuv::for_encoder(generated.frame.pixels, width, height);
+        let recorder = match &mut recorder {
+            Some(recorder) => recorder,
+            None => recorder.insert(Recorder::create(
+                &destination,
+                (width, height),
+                out.format,
+                fps,
+                encoder,
+                None,
+            )?),
+        };
         recorder.push(
-            &generated.frame.pixels,
+            &out.data,
             period.mul_f64(index as f64),
             std::time::Instant::now(),
         )?;
     }
+    let Some(recorder) = recorder else {
+        return Err(format!("no frames to write to {}", path.display()));
+    };
     recorder
         .finish(std::time::Duration::from_secs(60))
         .map(|_| ())

@@ -17,6 +17,7 @@ pub mod queue;
 pub mod record;
 pub mod rtsp;
 pub mod source;
+pub mod yuv;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -41,6 +42,7 @@ use metrics::{CameraState, Stage};
 use queue::{FrameQueue, Item};
 use record::{Destination, Recorder};
 use source::{Captured, SourceSpec};
+use yuv::OutputFrame;
 
 /// Frames waiting per camera before the oldest is dropped (live and real-time sources).
 const QUEUE_FRAMES: usize = 2;
@@ -663,11 +665,17 @@ impl Worker {
             }
         };
         let outputs = Instant::now();
-        if let (true, Some(encoder)) = (self.record.enabled, &self.encoder) {
-            self.write_recording(state, &captured, &pixels, encoder);
-        }
-        if let Some(rtsp) = &self.live.rtsp {
-            rtsp.push(&pixels, frame.width, frame.height, captured.fps);
+        let recording = self.record.enabled && self.encoder.is_some();
+        let rtsp = self.live.rtsp.as_ref().filter(|rtsp| rtsp.is_watched());
+        if recording || rtsp.is_some() {
+            // One conversion for both encoders (each would otherwise run videoconvert from RGB).
+            let out = yuv::for_encoder(pixels, frame.width, frame.height);
+            if let (true, Some(encoder)) = (recording, &self.encoder) {
+                self.write_recording(state, &captured, &out, encoder);
+            }
+            if let Some(rtsp) = rtsp {
+                rtsp.push(&out, captured.fps);
+            }
         }
         if due {
             self.live.metrics.stage(Stage::Output, outputs.elapsed());
@@ -785,10 +793,9 @@ impl Worker {
         &self,
         state: &mut WorkerState,
         captured: &Captured,
-        pixels: &[u8],
+        out: &OutputFrame,
         encoder: &Encoder,
     ) {
-        let frame = &captured.frame;
         if state.recorder.is_none() {
             let destination = Destination::for_camera(
                 &self.record.dir,
@@ -797,8 +804,15 @@ impl Worker {
                 self.record.segment_seconds,
             );
             let timing = Some(Arc::clone(&self.live.metrics));
-            let size = (frame.width, frame.height);
-            match Recorder::create(&destination, size, captured.fps, encoder, timing) {
+            let size = (out.width, out.height);
+            match Recorder::create(
+                &destination,
+                size,
+                out.format,
+                captured.fps,
+                encoder,
+                timing,
+            ) {
                 Ok(recorder) => {
                     eprintln!("[{}] recording to {destination}", self.camera.name);
                     state.recorder = Some(recorder);
@@ -810,7 +824,7 @@ impl Worker {
             }
         }
         if let Some(recorder) = state.recorder.as_mut()
-            && let Err(message) = recorder.push(pixels, captured.pts, captured.arrived)
+            && let Err(message) = recorder.push(&out.data, captured.pts, captured.arrived)
         {
             state.stats.errors.push(message);
             state.recorder = None;

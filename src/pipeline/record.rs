@@ -1,4 +1,4 @@
-//! Recordings: annotated RGB frames → appsrc → H.264 (the `encoder` module's choice) → Matroska,
+//! Recordings: annotated frames (I420, or RGB at odd sizes) → appsrc → H.264 (the `encoder` module's choice) → Matroska,
 //! one file per run or one per segment (splitmuxsink). Matroska stays playable up to the last
 //! written cluster if the process dies, and a finished segment is complete; on a clean stop the
 //! recorder sends EOS and waits for the muxer to finish the (last) file.
@@ -15,6 +15,7 @@ use gstreamer_app as gst_app;
 
 use crate::pipeline::encoder::{Encoder, KEY_INTERVAL, key_interval_within};
 use crate::pipeline::metrics::{CameraMetrics, Stage};
+use crate::pipeline::yuv::PixelFormat;
 
 /// Where a recording goes.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,6 +106,7 @@ pub struct Recorder {
     segment_open: bool,
     last_closed: Option<Instant>,
     size: (usize, usize),
+    format: PixelFormat,
     last_pts: Option<Duration>,
     frame_duration: Duration,
     /// Frames in the encoder, when its output is timed.
@@ -118,6 +120,7 @@ impl Recorder {
     pub fn create(
         destination: &Destination,
         size: (usize, usize),
+        format: PixelFormat,
         fps: f64,
         encoder: &Encoder,
         timing: Option<Arc<CameraMetrics>>,
@@ -152,7 +155,7 @@ impl Recorder {
         sink.set_property("location", destination.location());
         let rate = gst::Fraction::approximate_f64(fps).unwrap_or(gst::Fraction::new(25, 1));
         let caps = gst::Caps::builder("video/x-raw")
-            .field("format", "RGB")
+            .field("format", format.caps_name())
             .field("width", size.0 as i32)
             .field("height", size.1 as i32)
             .field("framerate", rate)
@@ -174,17 +177,18 @@ impl Recorder {
             segment_open: false,
             last_closed: None,
             size,
+            format,
             last_pts: None,
             frame_duration: Duration::from_secs_f64(1.0 / fps),
             in_flight,
         })
     }
 
-    /// Appends one frame (interleaved RGB of the recorder's size) at stream time `pts`, which
-    /// reached the appsink at `arrived`. Frames of another size or with a timestamp not after the
-    /// previous one are skipped.
+    /// Appends one frame (of the recorder's format and size) at stream time `pts`, which reached
+    /// the appsink at `arrived`. Frames of another format or size, or with a timestamp not after
+    /// the previous one, are skipped.
     pub fn push(&mut self, pixels: &[u8], pts: Duration, arrived: Instant) -> Result<(), String> {
-        if pixels.len() != self.size.0 * self.size.1 * 3 {
+        if pixels.len() != self.format.frame_len(self.size.0, self.size.1) {
             return Ok(());
         }
         if self.last_pts.is_some_and(|last| pts <= last) {
@@ -377,8 +381,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let destination = Destination::for_camera(dir.path(), "line1", 1, 0.5);
         let encoder = Encoder::resolve(EncoderRequest::Only(EncoderKind::X264)).expect("x264");
-        let mut recorder =
-            Recorder::create(&destination, (64, 48), 12.0, &encoder, None).expect("recorder");
+        let mut recorder = Recorder::create(
+            &destination,
+            (64, 48),
+            PixelFormat::I420,
+            12.0,
+            &encoder,
+            None,
+        )
+        .expect("recorder");
         let eos_sent = Instant::now();
         let later = eos_sent + SEGMENT_SETTLE * 2;
         assert!(

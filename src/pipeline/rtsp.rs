@@ -1,6 +1,6 @@
 //! `[output.rtsp]`: one gst-rtsp-server whose glib main loop runs on its own thread; per camera a
 //! shared media factory at `/<camera>` (appsrc → the `encoder` module's H.264 → RTP). Workers hand annotated
-//! frames to [`RtspOutput::push`], which never blocks and does nothing while no client watches.
+//! frames (I420, or RGB at odd sizes) to [`RtspOutput::push`], which never blocks and does nothing while no client watches.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use gstreamer_rtsp_server::prelude::*;
 
 use crate::pipeline::config::RtspConfig;
 use crate::pipeline::encoder::{Encoder, KEY_INTERVAL};
+use crate::pipeline::yuv::{OutputFrame, PixelFormat};
 
 /// The media of one mount point. `config-interval=1` repeats SPS/PPS so a client joining a shared
 /// stream decodes from the next key frame (at most [`KEY_INTERVAL`] frames away).
@@ -49,6 +50,7 @@ pub enum RtspError {
 /// The size and rate of the frames a camera pushes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Format {
+    pixel: PixelFormat,
     width: usize,
     height: usize,
     fps: f64,
@@ -62,7 +64,7 @@ impl Format {
             25.0
         };
         gst::Caps::builder("video/x-raw")
-            .field("format", "RGB")
+            .field("format", self.pixel.caps_name())
             .field("width", self.width as i32)
             .field("height", self.height as i32)
             .field(
@@ -96,16 +98,22 @@ pub struct RtspOutput {
 }
 
 impl RtspOutput {
-    /// Offers one annotated frame (interleaved RGB, `width`×`height`) to the camera's clients:
-    /// a copy when someone watches, nothing otherwise; never waits (a full appsrc drops its oldest).
-    pub fn push(&self, pixels: &[u8], width: usize, height: usize, fps: f64) {
-        if width == 0 || height == 0 || pixels.len() != width * height * 3 {
+    /// Offers one annotated frame to the camera's clients: a copy when someone watches, nothing
+    /// otherwise; never waits (a full appsrc drops its oldest).
+    pub fn push(&self, frame: &OutputFrame, fps: f64) {
+        let (width, height) = (frame.width, frame.height);
+        if width == 0 || height == 0 || frame.data.len() != frame.format.frame_len(width, height) {
             return;
         }
         let Ok(mut slot) = self.slot.lock() else {
             return;
         };
-        let format = Format { width, height, fps };
+        let format = Format {
+            pixel: frame.format,
+            width,
+            height,
+            fps,
+        };
         slot.format = Some(format);
         let Some(live) = slot.live.as_mut() else {
             return;
@@ -119,7 +127,7 @@ impl RtspOutput {
             return;
         }
         live.last_pts = Some(pts);
-        let mut buffer = gst::Buffer::from_slice(pixels.to_vec());
+        let mut buffer = gst::Buffer::from_slice(frame.data.clone());
         if let Some(buffer) = buffer.get_mut() {
             buffer.set_pts(gst::ClockTime::from_nseconds(pts.as_nanos() as u64));
         }
@@ -299,14 +307,17 @@ mod tests {
             RtspServer::start(&config, &["line1".into(), "line2".into()], &encoder).expect("start");
         assert_ne!(server.port(), 0);
         assert_eq!(outputs.len(), 2);
-        let frame = vec![128u8; 8 * 6 * 3];
-        outputs[0].push(&frame, 8, 6, 15.0);
+        let frame = crate::pipeline::yuv::for_encoder(vec![128u8; 8 * 6 * 3], 8, 6);
+        outputs[0].push(&frame, 15.0);
         // A frame of the wrong length is ignored, not a panic.
-        outputs[1].push(&frame[1..], 8, 6, 15.0);
+        let mut short = frame.clone();
+        short.data.pop();
+        outputs[1].push(&short, 15.0);
         assert!(!outputs[0].is_watched() && !outputs[1].is_watched());
         assert_eq!(
             outputs[0].slot.lock().ok().and_then(|slot| slot.format),
             Some(Format {
+                pixel: PixelFormat::I420,
                 width: 8,
                 height: 6,
                 fps: 15.0
