@@ -73,8 +73,39 @@ pub fn annotate_model_map(
         )?;
         return Ok((pixels, Vec::new()));
     }
-    let full = crate::preprocess::resize_plane(model_map, map_size, [frame.height, frame.width]);
-    annotate(frame, &full, calibration, raw_score, caption)
+    // Only the frame pixels interpolated from a model pixel at the alert level can reach it:
+    // resize, colour and blend just that rectangle.
+    // (first row, last row, first column, last column) of the model pixels at the alert level.
+    let mut hot: Option<(usize, usize, usize, usize)> = None;
+    for (index, &value) in model_map.iter().enumerate() {
+        if calibration.normalise(value) >= QUIET_BELOW {
+            let (row, col) = (index / map_size[1], index % map_size[1]);
+            hot = Some(match hot {
+                None => (row, row, col, col),
+                Some((r0, r1, c0, c1)) => (r0.min(row), r1.max(row), c0.min(col), c1.max(col)),
+            });
+        }
+    }
+    let Some((r0, r1, c0, c1)) = hot else {
+        return annotate_region(frame, &[], Rect::default(), calibration, raw_score, caption);
+    };
+    let (rows, cols) = (r0..=r1, c0..=c1);
+    let rows = crate::preprocess::bilinear_reach(rows, map_size[0], frame.height);
+    let cols = crate::preprocess::bilinear_reach(cols, map_size[1], frame.width);
+    let region = crate::preprocess::resize_plane_region(
+        model_map,
+        map_size,
+        [frame.height, frame.width],
+        rows.clone(),
+        cols.clone(),
+    );
+    let rect = Rect::new(
+        cols.start as i32,
+        rows.start as i32,
+        cols.len() as i32,
+        rows.len() as i32,
+    );
+    annotate_region(frame, &region, rect, calibration, raw_score, caption)
 }
 
 /// A `rows`×`cols` Mat of element type `typ` holding a copy of `bytes` (which must fill it).
@@ -129,29 +160,86 @@ pub fn annotate(
     caption: &Caption,
 ) -> Result<(Vec<u8>, Vec<[i32; 4]>), OverlayError> {
     let (w, h) = (frame.width as i32, frame.height as i32);
-    if raw_map.len() != frame.width * frame.height || frame.pixels.len() != raw_map.len() * 3 {
+    if raw_map.len() != frame.width * frame.height {
         return Err(OverlayError(format!(
             "map of {} values for a {w}×{h} frame",
             raw_map.len()
         )));
     }
-    let mut image = mat_from_bytes(frame.height, frame.width, core::CV_8UC3, &frame.pixels)?;
-    let mut level = Mat::new_rows_cols_with_default(h, w, core::CV_8UC1, Scalar::all(0.0))?;
-    for (out, &raw) in level.data_bytes_mut()?.iter_mut().zip(raw_map) {
-        *out = (calibration.normalise(raw) * 255.0).round() as u8;
+    annotate_region(
+        frame,
+        raw_map,
+        Rect::new(0, 0, w, h),
+        calibration,
+        raw_score,
+        caption,
+    )
+}
+
+/// [`annotate`] with the map given only inside `rect` (row-major, `rect`'s size), where the
+/// caller knows nothing outside reaches the alert level.
+fn annotate_region(
+    frame: &RgbFrame,
+    region_map: &[f32],
+    rect: Rect,
+    calibration: &Calibration,
+    raw_score: f32,
+    caption: &Caption,
+) -> Result<(Vec<u8>, Vec<[i32; 4]>), OverlayError> {
+    let (w, h) = (frame.width as i32, frame.height as i32);
+    let inside = rect.x >= 0
+        && rect.y >= 0
+        && rect.width >= 0
+        && rect.height >= 0
+        && rect.x + rect.width <= w
+        && rect.y + rect.height <= h;
+    if !inside
+        || region_map.len() != (rect.width * rect.height) as usize
+        || frame.pixels.len() != frame.width * frame.height * 3
+    {
+        return Err(OverlayError(format!(
+            "map of {} values in {}×{} at ({}, {}) for a {w}×{h} frame of {} bytes",
+            region_map.len(),
+            rect.width,
+            rect.height,
+            rect.x,
+            rect.y,
+            frame.pixels.len()
+        )));
     }
-    // Normalised 0.5 is the calibrated threshold: paint and outline what is above it.
-    let mut mask = Mat::default();
-    imgproc::threshold(&level, &mut mask, 127.0, 255.0, imgproc::THRESH_BINARY)?;
-    // Most frames of a good line have nothing above it: no colour map or blend to compute.
-    if core::count_non_zero(&mask)? > 0 {
-        let mut heat_bgr = Mat::default();
-        imgproc::apply_color_map(&level, &mut heat_bgr, imgproc::COLORMAP_JET)?;
-        let mut heat = Mat::default();
-        imgproc::cvt_color_def(&heat_bgr, &mut heat, imgproc::COLOR_BGR2RGB)?;
-        let mut blended = Mat::default();
-        core::add_weighted_def(&image, 0.4, &heat, 0.6, 0.0, &mut blended)?;
-        blended.copy_to_masked(&mut image, &mask)?;
+    let mut image = mat_from_bytes(frame.height, frame.width, core::CV_8UC3, &frame.pixels)?;
+    let mut mask = Mat::new_rows_cols_with_default(h, w, core::CV_8UC1, Scalar::all(0.0))?;
+    if rect.width > 0 && rect.height > 0 {
+        let levels: Vec<u8> = region_map
+            .iter()
+            .map(|&raw| (calibration.normalise(raw) * 255.0).round() as u8)
+            .collect();
+        let level = mat_from_bytes(
+            rect.height as usize,
+            rect.width as usize,
+            core::CV_8UC1,
+            &levels,
+        )?;
+        // Normalised 0.5 is the calibrated threshold: paint and outline what is above it.
+        let mut region_mask = Mat::default();
+        imgproc::threshold(
+            &level,
+            &mut region_mask,
+            127.0,
+            255.0,
+            imgproc::THRESH_BINARY,
+        )?;
+        // Most frames of a good line have nothing above it: no colour map or blend to compute.
+        if core::count_non_zero(&region_mask)? > 0 {
+            let mut heat_bgr = Mat::default();
+            imgproc::apply_color_map(&level, &mut heat_bgr, imgproc::COLORMAP_JET)?;
+            let mut heat = Mat::default();
+            imgproc::cvt_color_def(&heat_bgr, &mut heat, imgproc::COLOR_BGR2RGB)?;
+            let mut blended = Mat::default();
+            core::add_weighted_def(&Mat::roi(&image, rect)?, 0.4, &heat, 0.6, 0.0, &mut blended)?;
+            blended.copy_to_masked(&mut Mat::roi_mut(&mut image, rect)?, &region_mask)?;
+            region_mask.copy_to(&mut Mat::roi_mut(&mut mask, rect)?)?;
+        }
     }
     decorate(image, &mask, calibration, raw_score, caption)
 }
@@ -302,7 +390,16 @@ mod tests {
         let hot: Vec<f32> = (0..32 * 32)
             .map(|i| if i % 32 < 8 && i / 32 < 8 { 1.8 } else { 0.2 })
             .collect();
-        for (map, anomalous) in [(&quiet, false), (&hot, true)] {
+        // Soft spots in the middle and near the far corner: the alert level is crossed gradually,
+        // so pixels just outside the painted rectangle interpolate values just below it.
+        let spots: Vec<f32> = (0..32 * 32)
+            .map(|i| {
+                let (x, y) = ((i % 32) as f32, (i / 32) as f32);
+                let spot = |cx: f32, cy: f32| (-((x - cx).powi(2) + (y - cy).powi(2)) / 6.0).exp();
+                1.6 * spot(14.0, 15.0) + 1.2 * spot(28.5, 26.0)
+            })
+            .collect();
+        for (map, anomalous) in [(&quiet, false), (&hot, true), (&spots, true)] {
             let full = crate::preprocess::resize_plane(map, size, [h, w]);
             let expected = annotate(&frame, &full, &calibration(), 0.9, &caption).expect("full");
             let got = annotate_model_map(&frame, map, size, &calibration(), 0.9, &caption)

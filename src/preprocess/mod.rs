@@ -110,14 +110,25 @@ pub(crate) fn resize_normalise(
 
 /// Bilinearly resizes one f32 plane (an anomaly map) from `from` = [h, w] to `to` = [h, w].
 pub fn resize_plane(plane: &[f32], from: [usize; 2], to: [usize; 2]) -> Vec<f32> {
-    let [in_h, in_w] = from;
-    let [out_h, out_w] = to;
     if from == to {
         return plane.to_vec();
     }
-    let xs: Vec<(usize, usize, f32)> = (0..out_w).map(|x| bilinear_taps(x, in_w, out_w)).collect();
-    let mut out = Vec::with_capacity(out_h * out_w);
-    for y in 0..out_h {
+    resize_plane_region(plane, from, to, 0..to[0], 0..to[1])
+}
+
+/// Only `rows` × `cols` of [`resize_plane`]'s output (row-major, the same values).
+pub fn resize_plane_region(
+    plane: &[f32],
+    from: [usize; 2],
+    to: [usize; 2],
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) -> Vec<f32> {
+    let [in_h, in_w] = from;
+    let [out_h, out_w] = to;
+    let xs: Vec<(usize, usize, f32)> = cols.map(|x| bilinear_taps(x, in_w, out_w)).collect();
+    let mut out = Vec::with_capacity(rows.len() * xs.len());
+    for y in rows {
         let (y0, y1, wy) = bilinear_taps(y, in_h, out_h);
         let (row0, row1) = (
             &plane[y0 * in_w..(y0 + 1) * in_w],
@@ -130,6 +141,25 @@ pub fn resize_plane(plane: &[f32], from: [usize; 2], to: [usize; 2]) -> Vec<f32>
         }
     }
     out
+}
+
+/// The output indices (of `out_size`) whose bilinear taps reach into `inputs` (of `in_size`):
+/// outside them, every value is interpolated from inputs outside `inputs` only.
+pub fn bilinear_reach(
+    inputs: std::ops::RangeInclusive<usize>,
+    in_size: usize,
+    out_size: usize,
+) -> std::ops::Range<usize> {
+    let touches = |o: usize| {
+        let (low, high, _) = bilinear_taps(o, in_size, out_size);
+        inputs.contains(&low) || inputs.contains(&high)
+    };
+    let first = (0..out_size).find(|&o| touches(o));
+    let last = (0..out_size).rev().find(|&o| touches(o));
+    match (first, last) {
+        (Some(first), Some(last)) => first..last + 1,
+        _ => 0..0,
+    }
 }
 
 /// Convenience: one frame → a fresh CHW buffer.
