@@ -380,9 +380,9 @@ fn output_encoder(config: &PipelineConfig) -> Result<Option<Encoder>, EncoderErr
     Ok(Some(encoder))
 }
 
-/// The session settings of a run: `[model]`'s threads, and intra-op threads that sleep between
-/// calls, since decoding, drawing and encoding share the cores.
-/// Session settings of one of `sessions` sessions.
+/// The settings of one of a run's `sessions` sessions: `[model]`'s threads (0: the cores shared
+/// out between the sessions), and intra-op threads that sleep between calls, since decoding,
+/// drawing and encoding share the cores.
 pub fn engine_options(
     config: &PipelineConfig,
     request: ProviderRequest,
@@ -665,12 +665,12 @@ impl Worker {
             }
         };
         let outputs = Instant::now();
-        let recording = self.record.enabled && self.encoder.is_some();
+        let recording = self.encoder.as_ref().filter(|_| self.record.enabled);
         let rtsp = self.live.rtsp.as_ref().filter(|rtsp| rtsp.is_watched());
-        if recording || rtsp.is_some() {
+        if recording.is_some() || rtsp.is_some() {
             // One conversion for both encoders (each would otherwise run videoconvert from RGB).
             let out = yuv::for_encoder(pixels, frame.width, frame.height);
-            if let (true, Some(encoder)) = (recording, &self.encoder) {
+            if let Some(encoder) = recording {
                 self.write_recording(state, &captured, &out, encoder);
             }
             if let Some(rtsp) = rtsp {
