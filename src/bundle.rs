@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::features::{MapOptions, MapStats};
+use crate::model::features::{FUSION_STRIDES, MapOptions, MapStats, ScaleWhitening, Whitening};
 use crate::model::{BackboneKind, Fusion};
 use crate::preprocess::Normalisation;
 
@@ -19,6 +19,8 @@ pub const STUDENT_FILE: &str = "student.safetensors";
 pub const INT8_MODEL_FILE: &str = "model.int8.onnx";
 /// Only for randomly initialised teachers (tests); pretrained ones are referenced by path and hash.
 pub const TEACHER_FILE: &str = "teacher.safetensors";
+/// The residual whitening of the `whitened` fusion (also baked into `model.onnx`).
+pub const WHITENING_FILE: &str = "whitening.safetensors";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -48,6 +50,8 @@ pub enum BundleError {
     },
     #[error("{path} is not a valid manifest: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("{path} is not a valid whitening file: {message}")]
+    Whitening { path: PathBuf, message: String },
     #[error(
         "{path} has format version {found}; this stpm reads version {FORMAT_VERSION} (retrain or use a matching stpm)"
     )]
@@ -77,22 +81,119 @@ pub struct ModelSection {
     /// σ in pixels of the Gaussian blur of the fused map (0: none).
     #[serde(default)]
     pub blur_sigma: f32,
-    /// Per-term mean and standard deviation over held-out good images (`standardised` fusion only).
+    /// Per-term mean and standard deviation over held-out good images (`standardised` and
+    /// `whitened` fusions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map_stats: Option<MapStats>,
+    /// The residual whitening (`whitened` fusion only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whitening: Option<WhiteningSection>,
+    /// The map is fused and blurred at 1/`fusion_stride` of the input size, then upsampled (1 for
+    /// bundles made before this was recorded).
+    #[serde(default = "full_resolution")]
+    pub fusion_stride: usize,
     /// File name of the graph inside the bundle.
     pub onnx: String,
     /// sha256 of the graph file, checked on load.
     pub onnx_sha256: String,
 }
 
+fn full_resolution() -> usize {
+    1
+}
+
+/// `[model.whitening]`: where the `whitened` fusion's per-scale μ and W are kept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WhiteningSection {
+    /// File name inside the bundle (safetensors: `mean.<scale>` [C] and `matrix.<scale>` [C, C]).
+    pub file: String,
+    /// sha256 of that file, checked when it is read.
+    pub sha256: String,
+}
+
+/// Writes a whitening as safetensors (f32, `mean.<scale>` and `matrix.<scale>`); returns the bytes.
+pub fn write_whitening(whitening: &Whitening, path: &Path) -> Result<Vec<u8>, BundleError> {
+    let bytes_of =
+        |values: &[f32]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    let mut buffers = Vec::new();
+    for (scale, w) in whitening.0.iter().enumerate() {
+        let c = w.channels();
+        buffers.push((format!("mean.{scale}"), vec![c], bytes_of(&w.mean)));
+        buffers.push((format!("matrix.{scale}"), vec![c, c], bytes_of(&w.matrix)));
+    }
+    let invalid = |message: String| BundleError::Whitening {
+        path: path.to_path_buf(),
+        message,
+    };
+    let views = buffers
+        .iter()
+        .map(|(name, shape, data)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|view| (name.clone(), view))
+                .map_err(|e| invalid(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| invalid(e.to_string()))?;
+    std::fs::write(path, &bytes).map_err(|source| BundleError::Write {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(bytes)
+}
+
+/// Reads a file written by [`write_whitening`], checking names, types and shapes.
+pub fn read_whitening(bytes: &[u8], path: &Path) -> Result<Whitening, BundleError> {
+    let invalid = |message: String| BundleError::Whitening {
+        path: path.to_path_buf(),
+        message,
+    };
+    let tensors =
+        safetensors::SafeTensors::deserialize(bytes).map_err(|e| invalid(e.to_string()))?;
+    let read = |name: &str, shape: Option<&[usize]>| -> Result<Vec<f32>, BundleError> {
+        let view = tensors
+            .tensor(name)
+            .map_err(|_| invalid(format!("tensor `{name}` is missing")))?;
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(invalid(format!("`{name}` is {:?}, not F32", view.dtype())));
+        }
+        if let Some(shape) = shape
+            && view.shape() != shape
+        {
+            return Err(invalid(format!(
+                "`{name}` has shape {:?}, expected {shape:?}",
+                view.shape()
+            )));
+        }
+        Ok(view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    };
+    let mut scales = Vec::with_capacity(3);
+    for scale in 0..3 {
+        let mean = read(&format!("mean.{scale}"), None)?;
+        let c = mean.len();
+        let matrix = read(&format!("matrix.{scale}"), Some(&[c, c]))?;
+        scales.push(ScaleWhitening { mean, matrix });
+    }
+    let scales: [ScaleWhitening; 3] = scales
+        .try_into()
+        .map_err(|_| invalid("expected three scales".to_string()))?;
+    Ok(Whitening(scales))
+}
+
 impl ModelSection {
-    /// How the graph turns the pyramids into the map (to rebuild it, or to check it).
+    /// How the graph turns the pyramids into the map, without the whitening (which lives in its
+    /// own file: [`Bundle::map_options`] reads it).
     pub fn map_options(&self) -> MapOptions {
         MapOptions {
             fusion: self.fusion,
             blur_sigma: self.blur_sigma,
             stats: self.map_stats.unwrap_or_default(),
+            whitening: None,
+            fusion_stride: self.fusion_stride,
         }
     }
 }
@@ -262,6 +363,15 @@ impl Bundle {
             path: path.clone(),
             message: e.to_string(),
         })?;
+        if !FUSION_STRIDES.contains(&manifest.model.fusion_stride) {
+            return Err(BundleError::Parse {
+                path,
+                message: format!(
+                    "[model] fusion_stride = {} (must be one of {FUSION_STRIDES:?})",
+                    manifest.model.fusion_stride
+                ),
+            });
+        }
         let model = dir.join(&manifest.model.onnx);
         let found = sha256_file(&model)?;
         if found != manifest.model.onnx_sha256 {
@@ -319,6 +429,29 @@ impl Bundle {
         }
     }
 
+    /// How the graph turns the pyramids into the map (to rebuild it, or to check it), with the
+    /// whitening read from its file (hash checked) when the manifest names one.
+    pub fn map_options(&self) -> Result<MapOptions, BundleError> {
+        let mut options = self.manifest.model.map_options();
+        if let Some(section) = &self.manifest.model.whitening {
+            let path = self.dir.join(&section.file);
+            let bytes = std::fs::read(&path).map_err(|source| BundleError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let found = sha256_hex(&bytes);
+            if found != section.sha256 {
+                return Err(BundleError::Hash {
+                    path,
+                    expected: section.sha256.clone(),
+                    found,
+                });
+            }
+            options.whitening = Some(read_whitening(&bytes, &path)?);
+        }
+        Ok(options)
+    }
+
     /// The fp32 `model.onnx`, whatever the chosen precision (the baseline of `stpm bench`).
     pub fn fp32_model_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.model.onnx)
@@ -341,5 +474,52 @@ impl Bundle {
         let header = "# stpm model bundle manifest (written by `stpm train` and `stpm export`; each model file is checked against its sha256)\n";
         std::fs::write(&path, format!("{header}{text}"))
             .map_err(|source| BundleError::Write { path, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whitening_file_round_trips_and_reports_what_is_wrong() {
+        let scale = |c: usize, offset: f32| ScaleWhitening {
+            mean: (0..c).map(|i| offset + i as f32).collect(),
+            matrix: (0..c * c).map(|i| offset - i as f32 * 0.5).collect(),
+        };
+        let whitening = Whitening([scale(2, 1.0), scale(3, -2.0), scale(1, 0.25)]);
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join(WHITENING_FILE);
+        let bytes = write_whitening(&whitening, &path).expect("write");
+        assert_eq!(std::fs::read(&path).expect("read"), bytes);
+        assert_eq!(read_whitening(&bytes, &path).expect("read back"), whitening);
+
+        let error = read_whitening(b"not safetensors", &path).expect_err("garbage");
+        assert!(
+            error.to_string().contains("not a valid whitening file"),
+            "{error}"
+        );
+        let two_scales = Whitening([scale(2, 1.0), scale(3, -2.0), scale(1, 0.25)]);
+        let mut views = Vec::new();
+        let mut buffers = Vec::new();
+        for (index, w) in two_scales.0.iter().enumerate().take(2) {
+            let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+            buffers.push((format!("mean.{index}"), vec![w.channels()], bytes(&w.mean)));
+            buffers.push((
+                format!("matrix.{index}"),
+                vec![w.channels(), w.channels()],
+                bytes(&w.matrix),
+            ));
+        }
+        for (name, shape, data) in &buffers {
+            views.push((
+                name.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .expect("view"),
+            ));
+        }
+        let partial = safetensors::serialize(views, None).expect("serialise");
+        let error = read_whitening(&partial, &path).expect_err("scale 2 missing");
+        assert!(error.to_string().contains("`mean.2` is missing"), "{error}");
     }
 }

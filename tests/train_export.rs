@@ -10,7 +10,7 @@ use burn::prelude::*;
 use stpm::bundle::Bundle;
 use stpm::devset::{DevsetSpec, SplitMix, write_category};
 use stpm::engine::{Engine, EngineOptions};
-use stpm::model::features::{anomaly_map, image_score};
+use stpm::model::features::{FUSION_STRIDE, anomaly_map, image_score};
 use stpm::model::{BackboneKind, Fusion, compute_device, weights};
 use stpm::train::{TeacherWeights, TrainConfig, train};
 
@@ -47,6 +47,16 @@ fn tiny_config(
 
 /// Trains, reloads teacher and student, and compares ORT's map and score with burn's.
 fn check_parity(backbone: BackboneKind, teacher: TeacherWeights, fusion: Fusion, blur_sigma: f32) {
+    check_parity_at(backbone, teacher, fusion, blur_sigma, FUSION_STRIDE);
+}
+
+fn check_parity_at(
+    backbone: BackboneKind,
+    teacher: TeacherWeights,
+    fusion: Fusion,
+    blur_sigma: f32,
+    fusion_stride: usize,
+) {
     let dir = tempfile::tempdir().expect("dir");
     let data = good_images(dir.path(), 10, 80, 11);
     let out = dir.path().join("bundle");
@@ -54,18 +64,28 @@ fn check_parity(backbone: BackboneKind, teacher: TeacherWeights, fusion: Fusion,
     config.teacher = teacher.clone();
     config.fusion = fusion;
     config.blur_sigma = blur_sigma;
+    config.fusion_stride = fusion_stride;
     let outcome = train(&config, Arc::new(AtomicBool::new(false))).expect("train");
 
     let manifest = &outcome.bundle.manifest;
     assert_eq!(manifest.model.input_size, [SIZE, SIZE]);
     assert_eq!(
-        (manifest.model.fusion, manifest.model.blur_sigma),
-        (fusion, blur_sigma)
+        (
+            manifest.model.fusion,
+            manifest.model.blur_sigma,
+            manifest.model.fusion_stride
+        ),
+        (fusion, blur_sigma, fusion_stride)
     );
     assert_eq!(
         manifest.model.map_stats.is_some(),
-        fusion == Fusion::Standardised,
-        "term statistics are recorded exactly for the standardised fusion"
+        fusion.standardises(),
+        "term statistics are recorded exactly for the standardising fusions"
+    );
+    assert_eq!(
+        manifest.model.whitening.is_some(),
+        fusion == Fusion::Whitened,
+        "a whitening file is recorded exactly for the whitened fusion"
     );
     assert_eq!(
         (manifest.training.n_train, manifest.training.n_holdout),
@@ -110,11 +130,26 @@ fn check_parity(backbone: BackboneKind, teacher: TeacherWeights, fusion: Fusion,
         .map(|_| rng.range(-2.0, 2.0))
         .collect();
     let image = Tensor::<4>::from_data(TensorData::new(input.clone(), [n, 3, SIZE, SIZE]), &device);
+    let map_options = Bundle::open(&out)
+        .expect("bundle")
+        .map_options()
+        .expect("map options");
+    if fusion == Fusion::Whitened {
+        let whitening = map_options.whitening.as_ref().expect("whitening read");
+        let channels = backbone.tap_channels();
+        for (scale, w) in whitening.0.iter().enumerate() {
+            assert_eq!(w.channels(), channels[scale]);
+            assert!(
+                w.matrix.iter().all(|v| v.is_finite()) && w.matrix[0] > 0.0,
+                "scale {scale}: W = L⁻¹ has a positive diagonal"
+            );
+        }
+    }
     let map = anomaly_map(
         &teacher_net.pyramid(image.clone()),
         &student.pyramid(image),
         [SIZE, SIZE],
-        manifest.model.map_options(),
+        &map_options,
     );
     let burn_scores = stpm::model::to_vec(image_score(map.clone()));
     let burn_map = stpm::model::to_vec(map);
@@ -157,6 +192,38 @@ fn lite0_bundle_matches_burn_forward_with_standardised_fusion() {
     );
 }
 
+/// The full-resolution graph of bundles made before the fusion stride was recorded.
+#[test]
+fn lite0_bundle_matches_burn_forward_fused_at_full_resolution() {
+    check_parity_at(
+        BackboneKind::EfficientNetLite0,
+        TeacherWeights::File(common::lite0_weights()),
+        Fusion::Whitened,
+        4.0,
+        1,
+    );
+}
+
+#[test]
+fn lite0_bundle_matches_burn_forward_with_whitened_fusion() {
+    check_parity(
+        BackboneKind::EfficientNetLite0,
+        TeacherWeights::File(common::lite0_weights()),
+        Fusion::Whitened,
+        4.0,
+    );
+}
+
+#[test]
+fn resnet18_bundle_matches_burn_forward_with_whitened_fusion_unblurred() {
+    check_parity(
+        BackboneKind::ResNet18,
+        TeacherWeights::Random,
+        Fusion::Whitened,
+        0.0,
+    );
+}
+
 #[test]
 fn resnet18_bundle_matches_burn_forward_with_sum_fusion_unblurred() {
     check_parity(
@@ -176,6 +243,31 @@ fn tampered_model_is_rejected_by_hash() {
     config.teacher = TeacherWeights::Random;
     config.epochs = 1;
     train(&config, Arc::new(AtomicBool::new(false))).expect("train");
+    // The whitening file of the default (whitened) fusion is checked when it is read.
+    let bundle = Bundle::open(&out).expect("bundle");
+    assert!(bundle.map_options().expect("intact").whitening.is_some());
+    let whitening = out.join("whitening.safetensors");
+    let mut bytes = std::fs::read(&whitening).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xFF;
+    std::fs::write(&whitening, bytes).expect("write");
+    let error = bundle.map_options().expect_err("tampered whitening");
+    assert!(
+        error.to_string().contains("sha256") && error.to_string().contains("whitening"),
+        "{error}"
+    );
+    // A fusion stride the graph cannot be built with is named.
+    let manifest_path = out.join("stpm.toml");
+    let manifest = std::fs::read_to_string(&manifest_path).expect("manifest");
+    assert!(manifest.contains("fusion_stride = 4"), "{manifest}");
+    std::fs::write(
+        &manifest_path,
+        manifest.replace("fusion_stride = 4", "fusion_stride = 3"),
+    )
+    .expect("write");
+    let error = Bundle::open(&out).expect_err("fusion stride 3");
+    assert!(error.to_string().contains("fusion_stride = 3"), "{error}");
+    std::fs::write(&manifest_path, manifest).expect("restore");
     let model = out.join("model.onnx");
     let mut bytes = std::fs::read(&model).expect("read");
     let last = bytes.len() - 1;

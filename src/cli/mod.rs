@@ -123,7 +123,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub patience: usize,
     /// How per-scale maps are combined.
-    #[arg(long, value_enum, default_value_t = Fusion::Standardised)]
+    #[arg(long, value_enum, default_value_t = Fusion::Whitened)]
     pub fusion: Fusion,
     /// Gaussian blur of the anomaly map, σ in pixels (0: none).
     #[arg(long, default_value_t = 4.0)]

@@ -234,8 +234,12 @@ impl GraphBuilder {
         self.binary("Div", input, &clamped)
     }
 
-    /// Bilinear, half-pixel (PyTorch align_corners=False) up-sampling by an integer factor.
+    /// Bilinear, half-pixel (PyTorch align_corners=False) up-sampling by an integer factor (no
+    /// node for a factor of 1).
     pub fn upsample(&mut self, input: &str, factor: usize) -> String {
+        if factor <= 1 {
+            return input.to_string();
+        }
         let roi = self.float_initializer("roi", &[0], &[]);
         let scales =
             self.float_initializer("scales", &[4], &[1.0, 1.0, factor as f32, factor as f32]);

@@ -12,7 +12,8 @@ use prost::Message;
 
 use crate::model::efficientnet::{EfficientNetLite, TAP_BLOCKS};
 use crate::model::features::{
-    MAGNITUDE_EPS, MapOptions, NORM_EPS, STANDARDISED_STRIDES, STANDARDISED_TERMS, gaussian_kernel,
+    MAGNITUDE_EPS, MapOptions, NORM_EPS, STANDARDISED_STRIDES, STANDARDISED_TERMS, ScaleWhitening,
+    Whitening, gaussian_kernel,
 };
 use crate::model::resnet::ResNet18;
 use crate::model::{Backbone, Fusion};
@@ -116,25 +117,37 @@ fn pyramid(g: &mut GraphBuilder, net: &Backbone, input: &str, tag: &str) -> [Str
     }
 }
 
-/// The low-resolution terms of the map, each with its stride: ½‖t̂ − ŝ‖² per scale, plus (for
-/// [`Fusion::Standardised`]) the stride-4 (½ ln Σs² − ½ ln Σt²)² (as `features::standardised_terms`).
+/// The low-resolution terms of the map, each with its stride: per scale ½‖t̂ − ŝ‖² (or, with
+/// `whitening`, ‖W(t̂ − ŝ) − Wμ‖² as a 1×1 Conv), plus for the standardising fusions the stride-4
+/// (½ ln Σs² − ½ ln Σt²)² (as `features::standardised_terms`).
 fn distance_terms(
     g: &mut GraphBuilder,
     teacher_taps: &[String; 3],
     student_taps: &[String; 3],
     fusion: Fusion,
+    whitening: Option<&Whitening>,
 ) -> Vec<(String, usize)> {
     let mut terms = Vec::with_capacity(STANDARDISED_TERMS);
     for (scale, (t, s)) in teacher_taps.iter().zip(student_taps.iter()).enumerate() {
         let t_hat = g.l2_normalize(t, NORM_EPS as f32);
         let s_hat = g.l2_normalize(s, NORM_EPS as f32);
         let diff = g.binary("Sub", &t_hat, &s_hat);
-        let squared = g.binary("Mul", &diff, &diff);
-        let sum = g.reduce_sum(&squared, &[1]);
-        let half = g.scalar("half", 0.5);
-        terms.push((g.binary("Mul", &sum, &half), STANDARDISED_STRIDES[scale]));
+        let term = match whitening {
+            Some(w) => {
+                let whitened = whiten(g, &diff, &w.0[scale]);
+                let squared = g.binary("Mul", &whitened, &whitened);
+                g.reduce_sum(&squared, &[1])
+            }
+            None => {
+                let squared = g.binary("Mul", &diff, &diff);
+                let sum = g.reduce_sum(&squared, &[1]);
+                let half = g.scalar("half", 0.5);
+                g.binary("Mul", &sum, &half)
+            }
+        };
+        terms.push((term, STANDARDISED_STRIDES[scale]));
     }
-    if fusion == Fusion::Standardised {
+    if fusion.standardises() {
         let mut log_energy = |x: &str| {
             let squared = g.binary("Mul", x, x);
             let sum = g.reduce_sum(&squared, &[1]);
@@ -152,12 +165,21 @@ fn distance_terms(
     terms
 }
 
+/// W(r − μ) as a 1×1 Conv with weight W and bias −Wμ.
+fn whiten(g: &mut GraphBuilder, residual: &str, whitening: &ScaleWhitening) -> String {
+    let c = whitening.channels();
+    let weight = g.float_initializer("whiten_w", &[c, c, 1, 1], &whitening.matrix);
+    let bias = g.float_initializer("whiten_b", &[c], &whitening.bias());
+    let attributes = vec![graph::attr_ints("kernel_shape", &[1, 1])];
+    g.node("Conv", &[residual, &weight, &bias], attributes, "whiten")
+}
+
 /// Upsamples the terms to the input size and combines them as `options.fusion` says.
-fn fuse_terms(g: &mut GraphBuilder, terms: Vec<(String, usize)>, options: MapOptions) -> String {
+fn fuse_terms(g: &mut GraphBuilder, terms: Vec<(String, usize)>, options: &MapOptions) -> String {
     let mut fused: Option<String> = None;
     for (index, (term, stride)) in terms.into_iter().enumerate() {
-        let mut map = g.upsample(&term, stride);
-        if options.fusion == Fusion::Standardised {
+        let mut map = g.upsample(&term, stride / options.fusion_stride.max(1));
+        if options.fusion.standardises() {
             let scale = g.scalar("inv_std", 1.0 / options.stats.divisor(index));
             let shift = g.scalar(
                 "shift",
@@ -187,7 +209,7 @@ pub fn stpm_model(
     teacher: &Backbone,
     student: &Backbone,
     size: [usize; 2],
-    options: MapOptions,
+    options: &MapOptions,
     metadata: &[(&str, String)],
 ) -> Result<ModelProto, ExportError> {
     if teacher.kind() != student.kind() {
@@ -199,9 +221,21 @@ pub fn stpm_model(
     let mut g = GraphBuilder::default();
     let teacher_taps = pyramid(&mut g, teacher, INPUT_NAME, "t");
     let student_taps = pyramid(&mut g, student, INPUT_NAME, "s");
-    let terms = distance_terms(&mut g, &teacher_taps, &student_taps, options.fusion);
+    let whitening = options.term_whitening(student.kind().tap_channels());
+    let terms = distance_terms(
+        &mut g,
+        &teacher_taps,
+        &student_taps,
+        options.fusion,
+        whitening.as_ref(),
+    );
     let fused = fuse_terms(&mut g, terms, options);
-    let fused = g.gaussian_blur(&fused, &gaussian_kernel(options.blur_sigma));
+    let fusion_stride = options.fusion_stride.max(1);
+    let blurred = g.gaussian_blur(
+        &fused,
+        &gaussian_kernel(options.blur_sigma / fusion_stride as f32),
+    );
+    let fused = g.upsample(&blurred, fusion_stride);
     g.node_named("Identity", &[&fused], vec![], MAP_OUTPUT);
     let max_attrs = vec![
         graph::attr_ints("axes", &[1, 2, 3]),

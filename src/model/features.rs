@@ -13,6 +13,13 @@ pub const NORM_EPS: f64 = 1e-12;
 #[derive(Debug, Clone)]
 pub struct Pyramid(pub [Tensor<4>; 3]);
 
+impl Pyramid {
+    /// Channels of each scale.
+    pub fn channels(&self) -> [usize; 3] {
+        std::array::from_fn(|scale| self.0[scale].dims()[1])
+    }
+}
+
 /// How the per-scale maps are combined into one anomaly map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -23,9 +30,13 @@ pub enum Fusion {
     Sum,
     /// Sum of four terms, each standardised with its mean and standard deviation over the held-out
     /// good images: the three scale distances and, at stride 4, the squared log-ratio of student
-    /// and teacher feature norms (the magnitude that L2 normalisation discards). The default.
-    #[default]
+    /// and teacher feature norms (the magnitude that L2 normalisation discards).
     Standardised,
+    /// As `Standardised`, but each scale's distance is the Mahalanobis distance of the residual
+    /// t̂ − ŝ under its mean and covariance over the held-out good images ([`Whitening`]), so that
+    /// channels that always disagree a little count less than ones that never do. The default.
+    #[default]
+    Whitened,
 }
 
 impl Fusion {
@@ -35,12 +46,18 @@ impl Fusion {
             Self::Product => "product",
             Self::Sum => "sum",
             Self::Standardised => "standardised",
+            Self::Whitened => "whitened",
         }
+    }
+
+    /// Whether the map standardises its terms with [`MapStats`] measured at training.
+    pub fn standardises(self) -> bool {
+        matches!(self, Self::Standardised | Self::Whitened)
     }
 }
 
-/// Number of raw terms [`Fusion::Standardised`] combines: distances at strides 4, 8, 16 and the
-/// stride-4 log-magnitude term.
+/// Number of raw terms [`Fusion::Standardised`] and [`Fusion::Whitened`] combine: distances at
+/// strides 4, 8, 16 and the stride-4 log-magnitude term.
 pub const STANDARDISED_TERMS: usize = 4;
 
 /// Mean and standard deviation of each standardised term over every position of the held-out good
@@ -137,16 +154,232 @@ pub fn magnitude_distance(teacher: Tensor<4>, student: Tensor<4>) -> Tensor<4> {
 /// Floor of the squared feature norm before its logarithm (all-zero feature vectors).
 pub const MAGNITUDE_EPS: f64 = 1e-12;
 
-/// The low-resolution terms [`Fusion::Standardised`] combines, before standardisation.
-pub fn standardised_terms(teacher: &Pyramid, student: &Pyramid) -> [Tensor<4>; STANDARDISED_TERMS] {
+/// t̂ − ŝ: the L2-normalised residual whose squared length is twice the scale distance.
+pub fn residual(teacher: Tensor<4>, student: Tensor<4>) -> Tensor<4> {
+    l2_normalize(teacher) - l2_normalize(student)
+}
+
+/// Least shrinkage of a residual covariance towards its mean variance times the identity
+/// (Σ + λ·tr Σ/C·I), so that it stays well conditioned when channels are nearly collinear. With
+/// fewer than 100 positions per channel, λ = C / positions instead: a handful of held-out images
+/// must not make directions they happen not to span look infinitely anomalous.
+pub const WHITENING_SHRINKAGE: f64 = 0.01;
+
+/// One scale's whitening: the mean μ of the residual t̂ − ŝ over held-out good positions and the
+/// lower-triangular W = L⁻¹ of the Cholesky factor of its (shrunk) covariance Σ = LLᵀ, so that
+/// ‖W(r − μ)‖² = (r − μ)ᵀ Σ⁻¹ (r − μ).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleWhitening {
+    pub mean: Vec<f32>,
+    /// Row-major C×C.
+    pub matrix: Vec<f32>,
+}
+
+impl ScaleWhitening {
+    /// μ = 0, W = I: the whitened distance is ‖r‖² (twice the scale distance).
+    pub fn identity(channels: usize) -> Self {
+        let mut matrix = vec![0.0; channels * channels];
+        for c in 0..channels {
+            matrix[c * channels + c] = 1.0;
+        }
+        Self {
+            mean: vec![0.0; channels],
+            matrix,
+        }
+    }
+
+    pub fn channels(&self) -> usize {
+        self.mean.len()
+    }
+
+    /// −Wμ: the bias of the 1×1 convolution that computes W(r − μ).
+    pub fn bias(&self) -> Vec<f32> {
+        let c = self.channels();
+        (0..c)
+            .map(|row| {
+                -(0..c)
+                    .map(|col| f64::from(self.matrix[row * c + col]) * f64::from(self.mean[col]))
+                    .sum::<f64>() as f32
+            })
+            .collect()
+    }
+}
+
+/// The whitening of the three scales of [`Fusion::Whitened`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Whitening(pub [ScaleWhitening; 3]);
+
+/// (r − μ)ᵀ Σ⁻¹ (r − μ) of the residual at every position: [N, 1, h, w].
+pub fn whitened_distance(
+    teacher: Tensor<4>,
+    student: Tensor<4>,
+    whitening: &ScaleWhitening,
+) -> Tensor<4> {
+    let r = residual(teacher, student);
+    let device = r.device();
+    let c = whitening.channels();
+    let weight = Tensor::<4>::from_data(
+        TensorData::new(whitening.matrix.clone(), [c, c, 1, 1]),
+        &device,
+    );
+    let bias = Tensor::<1>::from_data(TensorData::new(whitening.bias(), [c]), &device);
+    let options = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
+    conv2d(r, weight, Some(bias), options).square().sum_dim(1)
+}
+
+/// Running first and second moments of one scale's residual, per channel pair (f64).
+#[derive(Debug, Clone, Default)]
+struct Moments {
+    count: f64,
+    sum: Vec<f64>,
+    /// Lower triangle of Σ r rᵀ, row-major C×C.
+    outer: Vec<f64>,
+}
+
+impl Moments {
+    /// Adds every position of an [N, C, h, w] residual.
+    fn add(&mut self, residual: Tensor<4>) {
+        let [n, c, h, w] = residual.dims();
+        let plane = h * w;
+        if self.sum.len() != c {
+            *self = Self {
+                count: 0.0,
+                sum: vec![0.0; c],
+                outer: vec![0.0; c * c],
+            };
+        }
+        let values = crate::model::to_vec(residual);
+        for image in values.chunks_exact(c * plane).take(n) {
+            for i in 0..c {
+                let a = &image[i * plane..(i + 1) * plane];
+                self.sum[i] += a.iter().map(|&v| f64::from(v)).sum::<f64>();
+                for j in 0..=i {
+                    let b = &image[j * plane..(j + 1) * plane];
+                    self.outer[i * c + j] += a
+                        .iter()
+                        .zip(b)
+                        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                        .sum::<f64>();
+                }
+            }
+            self.count += plane as f64;
+        }
+    }
+
+    /// μ and W = L⁻¹ for the shrunk covariance; the identity when nothing (or only a constant)
+    /// was observed.
+    fn finish(&self) -> ScaleWhitening {
+        let c = self.sum.len();
+        if self.count == 0.0 {
+            return ScaleWhitening::identity(c);
+        }
+        let mean: Vec<f64> = self.sum.iter().map(|s| s / self.count).collect();
+        let mut cov = vec![0.0f64; c * c];
+        for i in 0..c {
+            for j in 0..=i {
+                let v = self.outer[i * c + j] / self.count - mean[i] * mean[j];
+                cov[i * c + j] = v;
+                cov[j * c + i] = v;
+            }
+        }
+        let trace: f64 = (0..c).map(|i| cov[i * c + i]).sum();
+        let shrinkage = WHITENING_SHRINKAGE.max(c as f64 / self.count);
+        let ridge = shrinkage * trace / c as f64;
+        let mean32 = mean.iter().map(|&m| m as f32).collect();
+        if ridge.is_nan() || ridge <= 1e-30 || ridge.is_infinite() {
+            return ScaleWhitening {
+                mean: mean32,
+                ..ScaleWhitening::identity(c)
+            };
+        }
+        for i in 0..c {
+            cov[i * c + i] += ridge;
+        }
+        match cholesky_inverse(&cov, c) {
+            Some(inverse) => ScaleWhitening {
+                mean: mean32,
+                matrix: inverse.iter().map(|&v| v as f32).collect(),
+            },
+            None => ScaleWhitening {
+                mean: mean32,
+                ..ScaleWhitening::identity(c)
+            },
+        }
+    }
+}
+
+/// L⁻¹ for the Cholesky factor L of a symmetric positive definite row-major `n`×`n` matrix
+/// (None when it is not positive definite).
+fn cholesky_inverse(a: &[f64], n: usize) -> Option<Vec<f64>> {
+    let mut l = vec![0.0f64; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            let dot: f64 = (0..j).map(|k| l[i * n + k] * l[j * n + k]).sum();
+            if i == j {
+                let d = a[i * n + i] - dot;
+                if d.is_nan() || d <= 0.0 {
+                    return None;
+                }
+                l[i * n + i] = d.sqrt();
+            } else {
+                l[i * n + j] = (a[i * n + j] - dot) / l[j * n + j];
+            }
+        }
+    }
+    // Forward substitution, column by column of the identity.
+    let mut inverse = vec![0.0f64; n * n];
+    for col in 0..n {
+        for i in col..n {
+            let target = if i == col { 1.0 } else { 0.0 };
+            let dot: f64 = (col..i).map(|k| l[i * n + k] * inverse[k * n + col]).sum();
+            inverse[i * n + col] = (target - dot) / l[i * n + i];
+        }
+    }
+    Some(inverse)
+}
+
+/// Running moments of the three scales' residuals over batches of held-out good images.
+#[derive(Debug, Clone, Default)]
+pub struct WhiteningAccumulator {
+    scales: [Moments; 3],
+}
+
+impl WhiteningAccumulator {
+    pub fn add(&mut self, teacher: &Pyramid, student: &Pyramid) {
+        for ((moments, t), s) in self.scales.iter_mut().zip(&teacher.0).zip(&student.0) {
+            moments.add(residual(t.clone(), s.clone()));
+        }
+    }
+
+    pub fn finish(&self) -> Whitening {
+        Whitening(std::array::from_fn(|scale| self.scales[scale].finish()))
+    }
+}
+
+/// The low-resolution terms [`Fusion::Standardised`] combines (no whitening) or
+/// [`Fusion::Whitened`] (with it), before standardisation.
+pub fn standardised_terms(
+    teacher: &Pyramid,
+    student: &Pyramid,
+    whitening: Option<&Whitening>,
+) -> [Tensor<4>; STANDARDISED_TERMS] {
     let [t0, t1, t2] = teacher.0.clone();
     let [s0, s1, s2] = student.0.clone();
-    [
-        scale_distance(t0.clone(), s0.clone()),
-        scale_distance(t1, s1),
-        scale_distance(t2, s2),
-        magnitude_distance(t0, s0),
-    ]
+    let magnitude = magnitude_distance(t0.clone(), s0.clone());
+    match whitening {
+        None => [
+            scale_distance(t0, s0),
+            scale_distance(t1, s1),
+            scale_distance(t2, s2),
+            magnitude,
+        ],
+        Some(Whitening([w0, w1, w2])) => [
+            whitened_distance(t0, s0, w0),
+            whitened_distance(t1, s1, w1),
+            whitened_distance(t2, s2, w2),
+            magnitude,
+        ],
+    }
 }
 
 /// Stride of each standardised term relative to the input.
@@ -165,8 +398,13 @@ pub fn loss(teacher: &Pyramid, student: &Pyramid) -> Tensor<1> {
     total.expect("a pyramid has three scales")
 }
 
-/// Bilinear (half-pixel, as PyTorch's align_corners=False) resize of [N, C, h, w] maps.
+/// Bilinear (half-pixel, as PyTorch's align_corners=False) resize of [N, C, h, w] maps (none when
+/// they already have `size`).
 pub fn upsample(map: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
+    let [_, _, h, w] = map.dims();
+    if [h, w] == size {
+        return map;
+    }
     let options = InterpolateOptions {
         mode: InterpolateMode::Bilinear,
         align_corners: false,
@@ -177,13 +415,41 @@ pub fn upsample(map: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
 }
 
 /// How the per-scale distances become one anomaly map.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MapOptions {
     pub fusion: Fusion,
     /// Standard deviation in pixels of the Gaussian blur applied to the fused map (0: none).
     pub blur_sigma: f32,
-    /// Term statistics for [`Fusion::Standardised`] (ignored by the other fusions).
+    /// Term statistics for [`Fusion::Standardised`] and [`Fusion::Whitened`] (ignored by the
+    /// other fusions).
     pub stats: MapStats,
+    /// The residual whitening of [`Fusion::Whitened`] (ignored by the other fusions; when absent,
+    /// the identity for each scale's channel count).
+    pub whitening: Option<Whitening>,
+    /// Terms are fused and blurred at 1/`fusion_stride` of the input size, then upsampled once: 1
+    /// (bundles before it was recorded) or [`FUSION_STRIDE`] (1, 2 or 4: it must divide the
+    /// smallest term stride).
+    pub fusion_stride: usize,
+}
+
+/// Where new bundles fuse and blur the map: at stride 4, the finest feature map, so that the
+/// blur and the sums run on 1/16 of the pixels (the map is the same to within the bilinear
+/// interpolation; AUROCs in the issue note).
+pub const FUSION_STRIDE: usize = 4;
+
+/// Fusion strides a graph can be built with (divisors of the smallest term stride, 4).
+pub const FUSION_STRIDES: [usize; 3] = [1, 2, 4];
+
+impl MapOptions {
+    /// The whitening the terms use: `None` unless the fusion is [`Fusion::Whitened`], the identity
+    /// for `channels` when that fusion has none.
+    pub fn term_whitening(&self, channels: [usize; 3]) -> Option<Whitening> {
+        (self.fusion == Fusion::Whitened).then(|| {
+            self.whitening
+                .clone()
+                .unwrap_or_else(|| Whitening(channels.map(ScaleWhitening::identity)))
+        })
+    }
 }
 
 /// Normalised 1-D Gaussian taps for `sigma`, radius ⌈3σ⌉ (empty for σ ≤ 0).
@@ -216,18 +482,26 @@ pub fn gaussian_blur(map: Tensor<4>, sigma: f32) -> Tensor<4> {
     conv2d(blurred, horizontal, None, pad_h)
 }
 
-/// The anomaly map [N, 1, H, W]: per-scale distances upsampled to `size`, fused, and blurred.
+/// The anomaly map [N, 1, H, W]: per-scale distances upsampled to `size / fusion_stride`, fused,
+/// blurred there (σ / fusion_stride) and upsampled to `size`.
 pub fn anomaly_map(
     teacher: &Pyramid,
     student: &Pyramid,
     size: [usize; 2],
-    options: MapOptions,
+    options: &MapOptions,
 ) -> Tensor<4> {
-    let fused = match options.fusion {
-        Fusion::Standardised => standardise(teacher, student, size, &options.stats),
-        fusion => fuse(teacher, student, size, fusion),
+    let stride = options.fusion_stride.max(1);
+    let low = [size[0] / stride, size[1] / stride];
+    let fused = if options.fusion.standardises() {
+        let whitening = options.term_whitening(teacher.channels());
+        standardise(teacher, student, low, &options.stats, whitening.as_ref())
+    } else {
+        fuse(teacher, student, low, options.fusion)
     };
-    gaussian_blur(fused, options.blur_sigma)
+    upsample(
+        gaussian_blur(fused, options.blur_sigma / stride as f32),
+        size,
+    )
 }
 
 fn standardise(
@@ -235,9 +509,13 @@ fn standardise(
     student: &Pyramid,
     size: [usize; 2],
     stats: &MapStats,
+    whitening: Option<&Whitening>,
 ) -> Tensor<4> {
     let mut fused: Option<Tensor<4>> = None;
-    for (index, term) in standardised_terms(teacher, student).into_iter().enumerate() {
+    for (index, term) in standardised_terms(teacher, student, whitening)
+        .into_iter()
+        .enumerate()
+    {
         let z = upsample(term, size)
             .sub_scalar(stats.mean[index])
             .div_scalar(stats.divisor(index));
@@ -298,6 +576,105 @@ mod tests {
         );
         let same = crate::model::to_vec(magnitude_distance(t.clone(), t));
         assert!(same.iter().all(|m| m.abs() < 1e-9), "{same:?}");
+    }
+
+    #[test]
+    fn cholesky_inverse_whitens_its_matrix() {
+        // A = B Bᵀ + I is symmetric positive definite; W = L⁻¹ must give W A Wᵀ = I.
+        let n = 5;
+        let b: Vec<f64> = (0..n * n)
+            .map(|i| ((i * 7 % 11) as f64 - 5.0) / 3.0)
+            .collect();
+        let mut a = vec![0.0; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                a[i * n + j] = (0..n).map(|k| b[i * n + k] * b[j * n + k]).sum::<f64>()
+                    + if i == j { 1.0 } else { 0.0 };
+            }
+        }
+        let w = cholesky_inverse(&a, n).expect("positive definite");
+        for i in 0..n {
+            for j in 0..n {
+                if j > i {
+                    assert_eq!(w[i * n + j], 0.0, "lower triangular");
+                }
+                let waw: f64 = (0..n)
+                    .flat_map(|k| (0..n).map(move |l| (k, l)))
+                    .map(|(k, l)| w[i * n + k] * a[k * n + l] * w[j * n + l])
+                    .sum();
+                let expected = if i == j { 1.0 } else { 0.0 };
+                assert!((waw - expected).abs() < 1e-9, "({i},{j}): {waw}");
+            }
+        }
+        let mut not_pd = a.clone();
+        not_pd[0] = -1.0;
+        assert!(cholesky_inverse(&not_pd, n).is_none());
+    }
+
+    #[test]
+    fn whitening_centres_and_decorrelates_the_residual() {
+        // Two strongly correlated channels with different means and spreads over 2 images of 8×8.
+        let (c, plane) = (2, 64);
+        let mut values = Vec::new();
+        let mut rng = crate::devset::SplitMix::new(5);
+        let mut samples = Vec::new();
+        for _ in 0..2 {
+            let (mut x, mut y) = (Vec::new(), Vec::new());
+            for _ in 0..plane {
+                let u = rng.range(-1.0, 1.0);
+                let v = rng.range(-1.0, 1.0);
+                x.push(0.3 + 2.0 * u);
+                y.push(-0.1 + 1.5 * u + v);
+            }
+            for p in 0..plane {
+                samples.push([x[p], y[p]]);
+            }
+            values.extend(x);
+            values.extend(y);
+        }
+        let mut moments = Moments::default();
+        moments.add(tensor(values, [2, c, 8, 8]));
+        let w = moments.finish();
+        assert!((w.mean[0] - mean_of(&samples, 0)).abs() < 1e-5);
+        let bias = w.bias();
+        let whitened: Vec<[f64; 2]> = samples
+            .iter()
+            .map(|s| {
+                let f = |row: usize| {
+                    (0..c)
+                        .map(|k| f64::from(w.matrix[row * c + k]) * f64::from(s[k]))
+                        .sum::<f64>()
+                        + f64::from(bias[row])
+                };
+                [f(0), f(1)]
+            })
+            .collect();
+        let n = whitened.len() as f64;
+        let mean = |k: usize| whitened.iter().map(|v| v[k]).sum::<f64>() / n;
+        let cov = |a: usize, b: usize| whitened.iter().map(|v| v[a] * v[b]).sum::<f64>() / n;
+        assert!(mean(0).abs() < 1e-5 && mean(1).abs() < 1e-5, "centred");
+        // Shrinkage (λ = 2/128 of the mean variance) keeps the variances just under 1.
+        for k in 0..c {
+            assert!(
+                (0.9..=1.0).contains(&cov(k, k)),
+                "variance {k}: {}",
+                cov(k, k)
+            );
+        }
+        assert!(cov(0, 1).abs() < 0.05, "decorrelated: {}", cov(0, 1));
+        // The raw channels were correlated; the whitening is not the identity.
+        assert!(w.matrix[c] != 0.0);
+        // Nothing observed: the identity.
+        let nothing = Moments {
+            count: 0.0,
+            sum: vec![0.0; 3],
+            outer: vec![0.0; 9],
+        };
+        assert_eq!(nothing.finish(), ScaleWhitening::identity(3));
+    }
+
+    fn mean_of(samples: &[[f32; 2]], k: usize) -> f32 {
+        samples.iter().map(|s| s[k]).sum::<f32>() / samples.len() as f32
     }
 
     #[test]

@@ -21,7 +21,9 @@ use crate::bundle::{self, Bundle, Manifest, ModelSection, TrainingSummary};
 use crate::dataset;
 use crate::devset::SplitMix;
 use crate::export;
-use crate::model::features::{self, MapOptions, MapStats, MapStatsAccumulator, Pyramid};
+use crate::model::features::{
+    self, MapOptions, MapStats, MapStatsAccumulator, Pyramid, Whitening, WhiteningAccumulator,
+};
 use crate::model::weights::{self, WeightsError};
 use crate::model::{Backbone, BackboneKind, Fusion, compute_device, to_vec};
 use crate::preprocess::{self, Normalisation, RgbFrame};
@@ -57,6 +59,9 @@ pub struct TrainConfig {
     pub fusion: Fusion,
     /// Gaussian blur (σ in pixels) of the anomaly map inside the graph; 0 disables it.
     pub blur_sigma: f32,
+    /// Resolution of the fusion and blur, as a stride of the input (`features::FUSION_STRIDE`
+    /// by default; 1 rebuilds the full-resolution graph of older bundles).
+    pub fusion_stride: usize,
     pub seed: u64,
     pub progress: bool,
 }
@@ -83,8 +88,9 @@ impl TrainConfig {
             weight_decay: 1e-4,
             holdout_fraction: DEFAULT_HOLDOUT_FRACTION,
             patience: 0,
-            fusion: Fusion::Standardised,
+            fusion: Fusion::Whitened,
             blur_sigma: 4.0,
+            fusion_stride: features::FUSION_STRIDE,
             seed: 0,
             progress: true,
         }
@@ -96,6 +102,8 @@ impl TrainConfig {
             fusion: self.fusion,
             blur_sigma: self.blur_sigma,
             stats: MapStats::default(),
+            whitening: None,
+            fusion_stride: self.fusion_stride,
         }
     }
 }
@@ -157,6 +165,13 @@ fn validate(config: &TrainConfig) -> Result<(), TrainError> {
     }
     if config.epochs == 0 {
         problems.push("--epochs must be at least 1".to_string());
+    }
+    if !features::FUSION_STRIDES.contains(&config.fusion_stride) {
+        problems.push(format!(
+            "fusion stride must be one of {:?} (got {})",
+            features::FUSION_STRIDES,
+            config.fusion_stride
+        ));
     }
     if !(0.0..1.0).contains(&config.holdout_fraction) {
         problems.push(format!(
@@ -361,17 +376,37 @@ impl Prepared {
         total / self.holdout_idx.len().max(1) as f32
     }
 
-    /// Mean and standard deviation of the `standardised` fusion's terms over the held-out images.
-    fn map_stats(&self, student: &Backbone, config: &TrainConfig) -> MapStats {
+    /// Mean and standard deviation of the standardising fusions' terms over the held-out images
+    /// (whitened with `whitening` when given).
+    fn map_stats(
+        &self,
+        student: &Backbone,
+        config: &TrainConfig,
+        whitening: Option<&Whitening>,
+    ) -> MapStats {
         let mut stats = MapStatsAccumulator::default();
         for chunk in self.holdout_idx.chunks(8) {
             let images = self.images.batch(chunk, config.image_size, &self.device);
             stats.add(features::standardised_terms(
                 &self.cache.batch(chunk, &self.device),
                 &student.pyramid(images),
+                whitening,
             ));
         }
         stats.finish()
+    }
+
+    /// The `whitened` fusion's per-scale residual mean and covariance over the held-out images.
+    fn whitening(&self, student: &Backbone, config: &TrainConfig) -> Whitening {
+        let mut moments = WhiteningAccumulator::default();
+        for chunk in self.holdout_idx.chunks(8) {
+            let images = self.images.batch(chunk, config.image_size, &self.device);
+            moments.add(
+                &self.cache.batch(chunk, &self.device),
+                &student.pyramid(images),
+            );
+        }
+        moments.finish()
     }
 }
 
@@ -525,10 +560,13 @@ fn write_bundle(
         ("stpm.backbone", config.backbone.name().to_string()),
         ("stpm.fusion", config.fusion.name().to_string()),
         ("stpm.blur_sigma", config.blur_sigma.to_string()),
+        ("stpm.fusion_stride", config.fusion_stride.to_string()),
     ];
     let mut map_options = config.map_options();
-    let map_stats = (config.fusion == Fusion::Standardised).then(|| {
-        let stats = data.map_stats(&fitted.student, config);
+    map_options.whitening =
+        (config.fusion == Fusion::Whitened).then(|| data.whitening(&fitted.student, config));
+    let map_stats = config.fusion.standardises().then(|| {
+        let stats = data.map_stats(&fitted.student, config, map_options.whitening.as_ref());
         map_options.stats = stats;
         stats
     });
@@ -536,11 +574,23 @@ fn write_bundle(
         &data.teacher,
         &fitted.student,
         [size, size],
-        map_options,
+        &map_options,
         &metadata,
     )?;
     let bytes = export::write_model(&onnx, &staging.join(bundle::MODEL_FILE))?;
     let mut files = vec![bundle::MODEL_FILE, bundle::STUDENT_FILE];
+    let whitening = match &map_options.whitening {
+        Some(whitening) => {
+            let path = staging.join(bundle::WHITENING_FILE);
+            let bytes = bundle::write_whitening(whitening, &path)?;
+            files.push(bundle::WHITENING_FILE);
+            Some(bundle::WhiteningSection {
+                file: bundle::WHITENING_FILE.to_string(),
+                sha256: bundle::sha256_hex(&bytes),
+            })
+        }
+        None => None,
+    };
     weights::save_safetensors(&fitted.student, &staging.join(bundle::STUDENT_FILE))?;
     let teacher_weights = match &config.teacher {
         // A random teacher cannot be re-created from a file the user has: keep its weights.
@@ -572,6 +622,8 @@ fn write_bundle(
             fusion: config.fusion,
             blur_sigma: config.blur_sigma,
             map_stats,
+            whitening,
+            fusion_stride: map_options.fusion_stride,
             onnx: bundle::MODEL_FILE.to_string(),
             onnx_sha256: bundle::sha256_hex(&bytes),
         },
