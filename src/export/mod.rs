@@ -174,7 +174,8 @@ fn whiten(g: &mut GraphBuilder, residual: &str, whitening: &ScaleWhitening) -> S
     g.node("Conv", &[residual, &weight, &bias], attributes, "whiten")
 }
 
-/// Upsamples the terms to the input size and combines them as `options.fusion` says.
+/// Upsamples the terms to 1/`fusion_stride` of the input size and combines them as
+/// `options.fusion` says.
 fn fuse_terms(g: &mut GraphBuilder, terms: Vec<(String, usize)>, options: &MapOptions) -> String {
     let mut fused: Option<String> = None;
     for (index, (term, stride)) in terms.into_iter().enumerate() {
