@@ -32,9 +32,10 @@ pub enum Fusion {
     /// good images: the three scale distances and, at stride 4, the squared log-ratio of student
     /// and teacher feature norms (the magnitude that L2 normalisation discards).
     Standardised,
-    /// As `Standardised`, but each scale's distance is the Mahalanobis distance of the residual
-    /// t̂ − ŝ under its mean and covariance over the held-out good images ([`Whitening`]), so that
-    /// channels that always disagree a little count less than ones that never do. The default.
+    /// As standardised, but each scale's distance is the Mahalanobis distance of the residual
+    /// t̂ − ŝ under its mean and covariance over the held-out good images (kept in the bundle's
+    /// whitening.safetensors), so that channels in which student and teacher always disagree a
+    /// little count less than those in which they never do. The default.
     #[default]
     Whitened,
 }
