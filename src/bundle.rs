@@ -326,6 +326,23 @@ pub fn sha256_file(path: &Path) -> Result<String, BundleError> {
     Ok(sha256_hex(&bytes))
 }
 
+/// The bytes of a bundle file whose sha256 must be `expected` (a [`BundleError::Hash`] otherwise).
+fn read_verified(path: &Path, expected: &str) -> Result<Vec<u8>, BundleError> {
+    let bytes = std::fs::read(path).map_err(|source| BundleError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let found = sha256_hex(&bytes);
+    if found != expected {
+        return Err(BundleError::Hash {
+            path: path.to_path_buf(),
+            expected: expected.to_string(),
+            found,
+        });
+    }
+    Ok(bytes)
+}
+
 /// A bundle directory whose manifest has been read and whose graph hash has been checked.
 #[derive(Debug, Clone)]
 pub struct Bundle {
@@ -372,15 +389,7 @@ impl Bundle {
                 ),
             });
         }
-        let model = dir.join(&manifest.model.onnx);
-        let found = sha256_file(&model)?;
-        if found != manifest.model.onnx_sha256 {
-            return Err(BundleError::Hash {
-                path: model,
-                expected: manifest.model.onnx_sha256.clone(),
-                found,
-            });
-        }
+        read_verified(&dir.join(&manifest.model.onnx), &manifest.model.onnx_sha256)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             manifest,
@@ -407,15 +416,7 @@ impl Bundle {
                     found: int8.source_sha256.clone(),
                 });
             }
-            let path = dir.join(&int8.onnx);
-            let found = sha256_file(&path)?;
-            if found != int8.onnx_sha256 {
-                return Err(BundleError::Hash {
-                    path,
-                    expected: int8.onnx_sha256.clone(),
-                    found,
-                });
-            }
+            read_verified(&dir.join(&int8.onnx), &int8.onnx_sha256)?;
             bundle.precision = precision;
         }
         Ok(bundle)
@@ -435,18 +436,7 @@ impl Bundle {
         let mut options = self.manifest.model.map_options();
         if let Some(section) = &self.manifest.model.whitening {
             let path = self.dir.join(&section.file);
-            let bytes = std::fs::read(&path).map_err(|source| BundleError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            let found = sha256_hex(&bytes);
-            if found != section.sha256 {
-                return Err(BundleError::Hash {
-                    path,
-                    expected: section.sha256.clone(),
-                    found,
-                });
-            }
+            let bytes = read_verified(&path, &section.sha256)?;
             options.whitening = Some(read_whitening(&bytes, &path)?);
         }
         Ok(options)
