@@ -137,7 +137,7 @@ pub fn l2_normalize(features: Tensor<4>) -> Tensor<4> {
 
 /// ½‖t̂ − ŝ‖² at every position: [N, 1, h, w].
 pub fn scale_distance(teacher: Tensor<4>, student: Tensor<4>) -> Tensor<4> {
-    (l2_normalize(teacher) - l2_normalize(student))
+    residual(teacher, student)
         .square()
         .sum_dim(1)
         .mul_scalar(0.5)
@@ -286,24 +286,19 @@ impl Moments {
         let trace: f64 = (0..c).map(|i| cov[i * c + i]).sum();
         let shrinkage = WHITENING_SHRINKAGE.max(c as f64 / self.count);
         let ridge = shrinkage * trace / c as f64;
-        let mean32 = mean.iter().map(|&m| m as f32).collect();
-        if ridge.is_nan() || ridge <= 1e-30 || ridge.is_infinite() {
-            return ScaleWhitening {
-                mean: mean32,
-                ..ScaleWhitening::identity(c)
-            };
-        }
-        for i in 0..c {
-            cov[i * c + i] += ridge;
-        }
-        match cholesky_inverse(&cov, c) {
-            Some(inverse) => ScaleWhitening {
-                mean: mean32,
-                matrix: inverse.iter().map(|&v| v as f32).collect(),
-            },
-            None => ScaleWhitening {
-                mean: mean32,
-                ..ScaleWhitening::identity(c)
+        let inverse = (ridge.is_finite() && ridge > 1e-30)
+            .then(|| {
+                for i in 0..c {
+                    cov[i * c + i] += ridge;
+                }
+                cholesky_inverse(&cov, c)
+            })
+            .flatten();
+        ScaleWhitening {
+            mean: mean.iter().map(|&m| m as f32).collect(),
+            matrix: match inverse {
+                Some(inverse) => inverse.iter().map(|&v| v as f32).collect(),
+                None => ScaleWhitening::identity(c).matrix,
             },
         }
     }
