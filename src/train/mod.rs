@@ -376,38 +376,43 @@ impl Prepared {
         total / self.holdout_idx.len().max(1) as f32
     }
 
-    /// Mean and standard deviation of the standardising fusions' terms over the held-out images
-    /// (whitened with `whitening` when given).
-    fn map_stats(
+    /// Teacher and student pyramids of the held-out images, in batches of 8: what the map's
+    /// statistics are measured on (computed once for the whitening and the term statistics).
+    fn holdout_pyramids(
         &self,
         student: &Backbone,
         config: &TrainConfig,
-        whitening: Option<&Whitening>,
-    ) -> MapStats {
-        let mut stats = MapStatsAccumulator::default();
-        for chunk in self.holdout_idx.chunks(8) {
-            let images = self.images.batch(chunk, config.image_size, &self.device);
-            stats.add(features::standardised_terms(
-                &self.cache.batch(chunk, &self.device),
-                &student.pyramid(images),
-                whitening,
-            ));
-        }
-        stats.finish()
+    ) -> Vec<(Pyramid, Pyramid)> {
+        self.holdout_idx
+            .chunks(8)
+            .map(|chunk| {
+                let images = self.images.batch(chunk, config.image_size, &self.device);
+                (
+                    self.cache.batch(chunk, &self.device),
+                    student.pyramid(images),
+                )
+            })
+            .collect()
     }
+}
 
-    /// The `whitened` fusion's per-scale residual mean and covariance over the held-out images.
-    fn whitening(&self, student: &Backbone, config: &TrainConfig) -> Whitening {
-        let mut moments = WhiteningAccumulator::default();
-        for chunk in self.holdout_idx.chunks(8) {
-            let images = self.images.batch(chunk, config.image_size, &self.device);
-            moments.add(
-                &self.cache.batch(chunk, &self.device),
-                &student.pyramid(images),
-            );
-        }
-        moments.finish()
+/// Mean and standard deviation of the standardising fusions' terms over the held-out pyramids
+/// (whitened with `whitening` when given).
+fn term_stats(pyramids: &[(Pyramid, Pyramid)], whitening: Option<&Whitening>) -> MapStats {
+    let mut stats = MapStatsAccumulator::default();
+    for (teacher, student) in pyramids {
+        stats.add(features::standardised_terms(teacher, student, whitening));
     }
+    stats.finish()
+}
+
+/// The `whitened` fusion's per-scale residual mean and covariance over the held-out pyramids.
+fn residual_whitening(pyramids: &[(Pyramid, Pyramid)]) -> Whitening {
+    let mut moments = WhiteningAccumulator::default();
+    for (teacher, student) in pyramids {
+        moments.add(teacher, student);
+    }
+    moments.finish()
 }
 
 /// The checkpoint kept: the epoch with the lowest held-out loss.
@@ -563,10 +568,11 @@ fn write_bundle(
         ("stpm.fusion_stride", config.fusion_stride.to_string()),
     ];
     let mut map_options = config.map_options();
-    map_options.whitening =
-        (config.fusion == Fusion::Whitened).then(|| data.whitening(&fitted.student, config));
     let map_stats = config.fusion.standardises().then(|| {
-        let stats = data.map_stats(&fitted.student, config, map_options.whitening.as_ref());
+        let pyramids = data.holdout_pyramids(&fitted.student, config);
+        map_options.whitening =
+            (config.fusion == Fusion::Whitened).then(|| residual_whitening(&pyramids));
+        let stats = term_stats(&pyramids, map_options.whitening.as_ref());
         map_options.stats = stats;
         stats
     });
@@ -582,11 +588,11 @@ fn write_bundle(
     let whitening = match &map_options.whitening {
         Some(whitening) => {
             let path = staging.join(bundle::WHITENING_FILE);
-            let bytes = bundle::write_whitening(whitening, &path)?;
+            let whitening_bytes = bundle::write_whitening(whitening, &path)?;
             files.push(bundle::WHITENING_FILE);
             Some(bundle::WhiteningSection {
                 file: bundle::WHITENING_FILE.to_string(),
-                sha256: bundle::sha256_hex(&bytes),
+                sha256: bundle::sha256_hex(&whitening_bytes),
             })
         }
         None => None,
