@@ -1,7 +1,8 @@
-//! Recordings: annotated frames (I420, or RGB at odd sizes) → appsrc → H.264 (the `encoder` module's choice) → Matroska,
-//! one file per run or one per segment (splitmuxsink). Matroska stays playable up to the last
-//! written cluster if the process dies, and a finished segment is complete; on a clean stop the
-//! recorder sends EOS and waits for the muxer to finish the (last) file.
+//! Recordings: annotated frames (I420, or RGB at odd sizes) → appsrc → H.264 (the `encoder`
+//! module's choice) → Matroska, one file per run or one per segment (splitmuxsink). Matroska stays
+//! playable up to the last written cluster if the process dies, and a finished segment is
+//! complete; on a clean stop the recorder sends EOS and waits for the muxer to finish the (last)
+//! file.
 
 use std::collections::VecDeque;
 use std::fmt;

@@ -1,6 +1,7 @@
 //! `[output.rtsp]`: one gst-rtsp-server whose glib main loop runs on its own thread; per camera a
-//! shared media factory at `/<camera>` (appsrc → the `encoder` module's H.264 → RTP). Workers hand annotated
-//! frames (I420, or RGB at odd sizes) to [`RtspOutput::push`], which never blocks and does nothing while no client watches.
+//! shared media factory at `/<camera>` (appsrc → the `encoder` module's H.264 → RTP). Workers hand
+//! annotated frames (I420, or RGB at odd sizes) to [`RtspOutput::push`], which never blocks and
+//! does nothing while no client watches.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
