@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded defaults, from a fresh Debian/Ubuntu machine: setup, a small demo
-# model trained on frames of the generated conveyor, its evaluation, then the live pipeline
-# (pipelines/demo.toml: conveyor → CPU engine → annotated recording + alert events) until Ctrl-C.
+# model trained on frames of the generated conveyor, its evaluation and INT8 export, then the live
+# pipeline (pipelines/demo.toml: conveyor → CPU engine → annotated recording + alert events) until
+# Ctrl-C.
 #   STPM_DEMO_FRAMES=N bash scripts/demo.sh   # stop the live part after N frames
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +18,8 @@ if [ ! -d "$data/train/good" ]; then
 fi
 "$stpm" train --data "$data" --out "$bundle" --epochs 4 --seed 1
 "$stpm" eval --model "$bundle" --data "$data" --out "$repo/engines/demo-report"
+# The INT8 graph (a few seconds): `precision = "auto"` runs it on the CPU.
+"$stpm" export --model "$bundle" --precision int8 --quiet
 
 # The local MQTT broker the demo publishes to (installed by setup; systemd usually runs it already).
 if ! (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then

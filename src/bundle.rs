@@ -293,6 +293,17 @@ impl Precision {
     }
 }
 
+/// `[model] precision` of a pipeline: one of the bundle's graphs, or `auto` (see
+/// [`Bundle::open_choosing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionChoice {
+    #[default]
+    Auto,
+    Fp32,
+    Int8,
+}
+
 impl std::fmt::Display for Precision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -402,24 +413,64 @@ impl Bundle {
     pub fn open_as(dir: &Path, precision: Precision) -> Result<Self, BundleError> {
         let mut bundle = Self::open(dir)?;
         if precision == Precision::Int8 {
-            let int8 = bundle
-                .manifest
-                .int8
-                .as_ref()
-                .ok_or_else(|| BundleError::NoInt8 {
-                    dir: dir.to_path_buf(),
-                })?;
-            if int8.source_sha256 != bundle.manifest.model.onnx_sha256 {
-                return Err(BundleError::StaleInt8 {
-                    dir: dir.to_path_buf(),
-                    expected: bundle.manifest.model.onnx_sha256.clone(),
-                    found: int8.source_sha256.clone(),
-                });
-            }
-            read_verified(&dir.join(&int8.onnx), &int8.onnx_sha256)?;
+            bundle.check_int8()?;
             bundle.precision = precision;
         }
         Ok(bundle)
+    }
+
+    /// Opens the bundle for a pipeline's `[model] precision`, and says why that graph: `auto`
+    /// takes the INT8 graph when the engine runs on the CPU and the bundle has a current one, the
+    /// fp32 `model.onnx` otherwise (an INT8 graph that cannot be used is named in the reason).
+    pub fn open_choosing(
+        dir: &Path,
+        choice: PrecisionChoice,
+        on_cpu: bool,
+    ) -> Result<(Self, String), BundleError> {
+        let precision = match choice {
+            PrecisionChoice::Fp32 => Precision::Fp32,
+            PrecisionChoice::Int8 => Precision::Int8,
+            PrecisionChoice::Auto => {
+                let mut bundle = Self::open(dir)?;
+                if !on_cpu {
+                    return Ok((bundle, "auto: the fp32 model.onnx on a GPU provider".into()));
+                }
+                return Ok(match bundle.check_int8() {
+                    Ok(()) => {
+                        bundle.precision = Precision::Int8;
+                        (bundle, "auto: the bundle's INT8 graph, on the CPU".into())
+                    }
+                    Err(BundleError::NoInt8 { .. }) => (
+                        bundle,
+                        format!(
+                            "auto: the bundle has no INT8 graph; `stpm export --model {} --precision int8` makes one, faster on the CPU",
+                            dir.display()
+                        ),
+                    ),
+                    Err(e) => (bundle, format!("auto: the INT8 graph is not used: {e}")),
+                });
+            }
+        };
+        Ok((Self::open_as(dir, precision)?, "requested".into()))
+    }
+
+    /// Whether the INT8 variant exists, was made from this `model.onnx` and matches its hash.
+    fn check_int8(&self) -> Result<(), BundleError> {
+        let int8 = self
+            .manifest
+            .int8
+            .as_ref()
+            .ok_or_else(|| BundleError::NoInt8 {
+                dir: self.dir.clone(),
+            })?;
+        if int8.source_sha256 != self.manifest.model.onnx_sha256 {
+            return Err(BundleError::StaleInt8 {
+                dir: self.dir.clone(),
+                expected: self.manifest.model.onnx_sha256.clone(),
+                found: int8.source_sha256.clone(),
+            });
+        }
+        read_verified(&self.dir.join(&int8.onnx), &int8.onnx_sha256).map(|_| ())
     }
 
     /// The graph of the chosen precision.

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::{output_text, path_str, stpm_in, tiny_conveyor_bundle};
-use stpm::bundle::{Bundle, BundleError, Precision};
+use stpm::bundle::{Bundle, BundleError, Precision, PrecisionChoice};
 use stpm::engine::{Engine, EngineOptions};
 use stpm::preprocess::{self, RgbFrame};
 
@@ -67,6 +67,11 @@ fn int8_export_runs_int8_kernels_and_follows_fp32() {
         matches!(&missing, Err(BundleError::NoInt8 { .. })),
         "{missing:?}"
     );
+    // `precision = "auto"` runs the fp32 graph then, and says how to make the INT8 one.
+    let (auto, reason) =
+        Bundle::open_choosing(&bundle_dir, PrecisionChoice::Auto, true).expect("auto");
+    assert_eq!(auto.precision, Precision::Fp32);
+    assert!(reason.contains("stpm export"), "{reason}");
 
     let out = stpm_in(
         &[
@@ -94,6 +99,15 @@ fn int8_export_runs_int8_kernels_and_follows_fp32() {
         int8.manifest.training.n_holdout
     );
     assert!(int8.model_path().ends_with("model.int8.onnx"));
+    // `auto` takes it on the CPU, not for a GPU provider; `fp32` stays fp32.
+    let (auto, reason) =
+        Bundle::open_choosing(&bundle_dir, PrecisionChoice::Auto, true).expect("auto");
+    assert_eq!(auto.precision, Precision::Int8, "{reason}");
+    assert_eq!(auto.calibration(), &section.calibration);
+    let (gpu, _) = Bundle::open_choosing(&bundle_dir, PrecisionChoice::Auto, false).expect("gpu");
+    assert_eq!(gpu.precision, Precision::Fp32);
+    let (fp32, _) = Bundle::open_choosing(&bundle_dir, PrecisionChoice::Fp32, true).expect("fp32");
+    assert_eq!(fp32.precision, Precision::Fp32);
 
     // ONNX Runtime fuses every QDQ convolution of both backbones into QLinearConv; the only fp32
     // convolutions left are the two stems, the three 1×1 whitenings of the residuals (scoring)
@@ -150,4 +164,20 @@ fn int8_export_runs_int8_kernels_and_follows_fp32() {
         serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).expect("report"))
             .expect("json");
     assert_eq!(json["precision"], "int8");
+
+    // A changed INT8 file: `int8` refuses it, `auto` runs fp32 and names the file.
+    let int8_path = int8.model_path();
+    let mut bytes = std::fs::read(&int8_path).expect("int8 graph");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&int8_path, bytes).expect("tamper");
+    let refused = Bundle::open_as(&bundle_dir, Precision::Int8);
+    assert!(
+        matches!(&refused, Err(BundleError::Hash { .. })),
+        "{refused:?}"
+    );
+    let (auto, reason) =
+        Bundle::open_choosing(&bundle_dir, PrecisionChoice::Auto, true).expect("auto");
+    assert_eq!(auto.precision, Precision::Fp32);
+    assert!(reason.contains("model.int8.onnx"), "{reason}");
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{BenchError, StageStats, time_engine};
-use crate::bundle::Bundle;
+use super::{BenchError, StageStats, time_engines};
+use crate::bundle::{Bundle, Precision, PrecisionChoice};
 use crate::engine::{Engine, EngineOptions, ExecutionProvider, ProviderRequest};
 use crate::pipeline::config::{PipelineConfig, SourceUri};
 use crate::pipeline::conveyor::{self, Conveyor};
@@ -23,7 +23,7 @@ use crate::preprocess;
 use crate::process::{cpu_seconds, peak_rss_mb};
 
 /// What `ratio_vs_baseline` means here, printed with it.
-pub const RATIO_MEANING: &str = "end-to-end pipeline frames/s (decode to encoded frame) / engine-only images/s of a plain ONNX Runtime session on the same model (target >= 0.85)";
+pub const RATIO_MEANING: &str = "end-to-end pipeline frames/s (decode to encoded frame) / engine-only images/s of a plain ONNX Runtime session on the bundle's fp32 model.onnx (target >= 0.85)";
 
 /// The `stages` entry of end to end less the queue wait.
 const PROCESSING: &str = "processing";
@@ -73,6 +73,10 @@ pub struct PipelineBenchReport {
     /// The execution provider the pipeline's engine ran on.
     pub provider: ExecutionProvider,
     pub provider_reason: String,
+    /// The bundle's graph the pipeline and the `engine_fps` rounds ran (`model.precision`; the
+    /// baseline always runs the fp32 `model.onnx`), and why (what `auto` chose).
+    pub precision: Precision,
+    pub precision_reason: String,
     /// `model.threads` of the run (0 = one per core, shared out between the sessions).
     pub threads: usize,
     /// `model.sessions` of the run (analysers per camera, each on its own session).
@@ -229,10 +233,12 @@ fn choose_source(
     Ok((path, true))
 }
 
-/// An engine-only round: a fresh session with `options`, 3 warm-up calls, `frames` timed calls.
+/// An engine-only round: `sessions` fresh sessions with `options`, 3 warm-up calls, `frames` timed
+/// calls on each, the sessions at once from threads of their own (images/s of them all).
 fn engine_round(
     bundle: &Bundle,
     options: EngineOptions,
+    sessions: usize,
     frames: usize,
 ) -> Result<(f64, Vec<Duration>), BenchError> {
     let manifest = &bundle.manifest;
@@ -247,10 +253,12 @@ fn engine_round(
         int8: !options.plain && bundle.precision == crate::bundle::Precision::Int8,
         ..options
     };
-    let mut engine = Engine::open(&model, size, options)?;
+    let mut engines = (0..sessions.max(1))
+        .map(|_| Engine::open(&model, size, options))
+        .collect::<Result<Vec<_>, _>>()?;
     let frame = Conveyor::new(640, 480, 1).frame(60).frame;
     let input = preprocess::to_chw(&frame, size, &manifest.normalisation);
-    Ok(time_engine(&mut engine, &input, 1, frames)?)
+    time_engines(&mut engines, &input, 1, frames)
 }
 
 /// Runs the benchmark: engine-only rounds (plain session, then the pipeline's session settings),
@@ -294,7 +302,16 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
     config.alerts.spool_dir = scratch.0.join("spool");
 
     let request: ProviderRequest = config.model.provider.parse()?;
-    let bundle = Bundle::open_as(&config.model.bundle, config.model.precision)?;
+    let cpu_only = crate::engine::resolve_provider(request)?.candidates == [ExecutionProvider::Cpu];
+    let (bundle, precision_reason) =
+        Bundle::open_choosing(&config.model.bundle, config.model.precision, cpu_only)?;
+    // The run takes the graph the engine rounds measure.
+    config.model.precision = match bundle.precision {
+        Precision::Fp32 => PrecisionChoice::Fp32,
+        Precision::Int8 => PrecisionChoice::Int8,
+    };
+    // The pipeline's sessions run at once on the CPU (one per analyser thread).
+    let our_sessions = if cpu_only { config.model.sessions } else { 1 };
     let plain = EngineOptions {
         threads: 0,
         plain: true,
@@ -302,9 +319,9 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
         provider: request,
         int8: false,
     };
-    let ours = crate::pipeline::engine_options(&config, request, 1);
-    let (plain_before, mut plain_samples) = engine_round(&bundle, plain, options.frames)?;
-    let (ours_before, mut our_samples) = engine_round(&bundle, ours, options.frames)?;
+    let ours = crate::pipeline::engine_options(&config, request, our_sessions);
+    let (plain_before, mut plain_samples) = engine_round(&bundle, plain, 1, options.frames)?;
+    let (ours_before, mut our_samples) = engine_round(&bundle, ours, our_sessions, options.frames)?;
 
     reset_peak_rss();
     let sampler = CpuSampler::start();
@@ -319,9 +336,9 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
     let cpu_samples = sampler.finish();
     let peak_rss_mb = peak_rss_mb();
 
-    let (ours_after, after) = engine_round(&bundle, ours, options.frames)?;
+    let (ours_after, after) = engine_round(&bundle, ours, our_sessions, options.frames)?;
     our_samples.extend(after);
-    let (plain_after, after) = engine_round(&bundle, plain, options.frames)?;
+    let (plain_after, after) = engine_round(&bundle, plain, 1, options.frames)?;
     plain_samples.extend(after);
 
     let camera = summary.cameras.into_iter().next().unwrap_or_default();
@@ -357,6 +374,8 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
         realtime: options.realtime,
         provider: summary.provider,
         provider_reason: summary.provider_reason,
+        precision: bundle.precision,
+        precision_reason,
         threads: config.model.threads,
         sessions: config.model.sessions,
         frames: camera.frames,
@@ -416,12 +435,12 @@ fn stage_stats(samples: &StageSamples) -> BTreeMap<String, StageStats> {
 pub fn summary(report: &PipelineBenchReport) -> String {
     let mut text = format!(
         "pipeline {} (camera {}), source {}{}{}\n\
-         model {} ({}×{}), provider {}, threads {}, sessions {}\n\
+         model {} ({}×{}, {} ({})), provider {}, threads {}, sessions {}\n\
          frames {} in, {} analysed, {} encoded, {} dropped in {:.1} s\n\
          end to end {:>7.1} frames/s  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  (appsink → encoded frame)\n\
          engine only {:>6.1} images/s  p50 {:.2} ms  (plain ONNX Runtime session, default options; rounds {:.1}, {:.1})\n\
          ratio vs baseline {:.3}: {}\n\
-         engine only {:>6.1} images/s  p50 {:.2} ms  (the pipeline's session settings): ratio {:.3}\n\
+         engine only {:>6.1} images/s  p50 {:.2} ms  (the pipeline's graph and session settings): ratio {:.3}\n\
          p95 end to end / engine median {:.2} (target ≤ 2); without the queue wait {:.2}\n",
         report.pipeline,
         report.camera,
@@ -439,6 +458,8 @@ pub fn summary(report: &PipelineBenchReport) -> String {
         report.model,
         report.input_size[1],
         report.input_size[0],
+        report.precision,
+        report.precision_reason,
         report.provider,
         report.threads,
         report.sessions,

@@ -51,10 +51,10 @@ pub struct ModelConfig {
     /// are scored at once. More throughput on the CPU, more latency per frame. GPU providers use 1.
     #[serde(default = "default_sessions")]
     pub sessions: usize,
-    /// Which of the bundle's graphs runs: `fp32` (model.onnx) or `int8` (after
-    /// `stpm export --precision int8`).
+    /// Which of the bundle's graphs runs: `auto` (the INT8 graph on the CPU when the bundle has
+    /// one, else fp32), `fp32` (model.onnx) or `int8` (after `stpm export --precision int8`).
     #[serde(default)]
-    pub precision: crate::bundle::Precision,
+    pub precision: crate::bundle::PrecisionChoice,
 }
 
 fn default_provider() -> String {

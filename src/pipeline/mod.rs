@@ -169,16 +169,25 @@ pub fn run_with(
     let plan = crate::engine::resolve_provider(request)?;
     let cpu_only = plan.candidates == [ExecutionProvider::Cpu];
     let encoder = output_encoder(config)?;
-    let bundle = Bundle::open_as(&config.model.bundle, config.model.precision)?;
-    // The workers read the calibration of the graph that runs.
-    let mut manifest = bundle.manifest.clone();
-    manifest.calibration = bundle.calibration().clone();
-    let manifest = Arc::new(manifest);
+    let (mut bundle, mut precision_reason) =
+        Bundle::open_choosing(&config.model.bundle, config.model.precision, cpu_only)?;
     // Sessions share out the cores only on the CPU, so size the first one for that when known.
     let first_sessions = if cpu_only { config.model.sessions } else { 1 };
     let mut engine = Engine::for_bundle(&bundle, engine_options(config, request, first_sessions))?;
     let provider = engine.provider();
     let provider_reason = engine.provider_choice().reason.clone();
+    let mut reopen = false;
+    if !cpu_only && provider == ExecutionProvider::Cpu {
+        // `auto` fell back to the CPU: `precision = "auto"` now chooses for the CPU.
+        let (chosen, reason) =
+            Bundle::open_choosing(&config.model.bundle, config.model.precision, true)?;
+        reopen = chosen.precision != bundle.precision;
+        (bundle, precision_reason) = (chosen, reason);
+    }
+    // The workers read the calibration of the graph that runs.
+    let mut manifest = bundle.manifest.clone();
+    manifest.calibration = bundle.calibration().clone();
+    let manifest = Arc::new(manifest);
     let sessions = if provider == ExecutionProvider::Cpu {
         config.model.sessions
     } else {
@@ -191,8 +200,9 @@ pub fn run_with(
         1
     };
     let mut engines = Vec::with_capacity(sessions);
-    if sessions != first_sessions {
-        // `auto` fell back to the CPU: re-open with the cores shared out between the sessions.
+    if sessions != first_sessions || reopen {
+        // `auto` fell back to the CPU: re-open with the cores shared out between the sessions
+        // (and the graph `precision = "auto"` chose for the CPU).
         engine = Engine::for_bundle(&bundle, engine_options(config, request, sessions))?;
     }
     engines.push(engine);
@@ -206,7 +216,7 @@ pub fn run_with(
         warm_up(engine, &manifest)?;
     }
     eprintln!(
-        "engine: ONNX Runtime, provider {provider} ({}); model {} ({}, {}, {}×{}); {}",
+        "engine: ONNX Runtime, provider {provider} ({}); model {} ({}, {} ({precision_reason}), {}×{}); {}",
         provider_reason,
         config.model.bundle.display(),
         manifest.model.backbone,
