@@ -248,6 +248,13 @@ pub struct TrainingSummary {
     pub teacher_weights: String,
     /// sha256 of the teacher weights file ("random" for a randomly initialised teacher).
     pub teacher_weights_sha256: String,
+    /// Training-image augmentation (`stpm train --augment`): "none" or "flips".
+    #[serde(default = "no_augmentation")]
+    pub augment: String,
+}
+
+fn no_augmentation() -> String {
+    "none".into()
 }
 
 /// `[int8]`: the INT8 (QDQ) variant of `model.onnx`, written by `stpm export --precision int8`.

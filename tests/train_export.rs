@@ -12,7 +12,7 @@ use stpm::devset::{DevsetSpec, SplitMix, write_category};
 use stpm::engine::{Engine, EngineOptions};
 use stpm::model::features::{FUSION_STRIDE, anomaly_map, image_score};
 use stpm::model::{BackboneKind, Fusion, compute_device, weights};
-use stpm::train::{TeacherWeights, TrainConfig, train};
+use stpm::train::{Augment, TeacherWeights, TrainConfig, train};
 
 const SIZE: usize = 64;
 
@@ -286,6 +286,29 @@ fn resnet18_without_weights_asks_for_them() {
     assert!(error.to_string().contains("--teacher-weights"), "{error}");
 }
 
+/// A tiny ResNet-18 student of a random teacher (`seed`, `augment`) and its map of `input`.
+fn train_random_resnet(
+    data: &std::path::Path,
+    out: &std::path::Path,
+    seed: u64,
+    augment: Augment,
+    input: &[f32],
+) -> (Bundle, Vec<f32>) {
+    let mut config = tiny_config(data, out, BackboneKind::ResNet18);
+    config.teacher = TeacherWeights::Random;
+    config.seed = seed;
+    config.augment = augment;
+    let outcome = train(&config, Arc::new(AtomicBool::new(false))).expect("train");
+    let mut engine = Engine::open(
+        &outcome.bundle.model_path(),
+        [SIZE, SIZE],
+        EngineOptions::default(),
+    )
+    .expect("engine");
+    let map = engine.run(input, 1).expect("run").maps;
+    (outcome.bundle, map)
+}
+
 #[test]
 fn same_seed_gives_the_same_student() {
     // Bit-identical weights are not promised: burn's multi-threaded kernels may sum in a different
@@ -299,17 +322,7 @@ fn same_seed_gives_the_same_student() {
     };
     for seed in [17, 17, 18] {
         let out = dir.path().join(format!("bundle{}", maps.len()));
-        let mut config = tiny_config(&data, &out, BackboneKind::ResNet18);
-        config.teacher = TeacherWeights::Random;
-        config.seed = seed;
-        let outcome = train(&config, Arc::new(AtomicBool::new(false))).expect("train");
-        let mut engine = Engine::open(
-            &outcome.bundle.model_path(),
-            [SIZE, SIZE],
-            EngineOptions::default(),
-        )
-        .expect("engine");
-        maps.push(engine.run(&input, 1).expect("run").maps);
+        maps.push(train_random_resnet(&data, &out, seed, Augment::None, &input).1);
     }
     let (same_seed, scale) = common::max_abs_diff(&maps[1], &maps[0]);
     let (other_seed, _) = common::max_abs_diff(&maps[2], &maps[0]);
@@ -323,6 +336,37 @@ fn same_seed_gives_the_same_student() {
     assert!(
         other_seed > 1e-2 * scale,
         "seeds 17 and 18 should give different models"
+    );
+}
+
+#[test]
+fn flip_augmentation_is_recorded_and_changes_what_is_learnt() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = good_images(dir.path(), 7, 64, 4);
+    let input: Vec<f32> = {
+        let mut rng = SplitMix::new(5);
+        (0..3 * SIZE * SIZE).map(|_| rng.range(-2.0, 2.0)).collect()
+    };
+    let mut maps = Vec::new();
+    for augment in [Augment::None, Augment::Flips] {
+        let out = dir.path().join(augment.name());
+        let (bundle, map) = train_random_resnet(&data, &out, 17, augment, &input);
+        let training = &bundle.manifest.training;
+        assert_eq!(training.augment, augment.name());
+        // As many training images (and steps) as without augmentation.
+        assert_eq!((training.n_train, training.n_holdout), (6, 1));
+        let losses = &training.epoch_losses;
+        assert!(
+            losses[1] < losses[0],
+            "{augment:?}: epoch losses {losses:?}"
+        );
+        maps.push(map);
+    }
+    // Same seed, same images: only the mirrored copies drawn can make the students differ.
+    let (difference, scale) = common::max_abs_diff(&maps[1], &maps[0]);
+    assert!(
+        difference > 1e-2 * scale,
+        "augmented and plain students should differ: {difference:e} (map max {scale:e})"
     );
 }
 

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use stpm::bundle::Precision;
 use stpm::export::quantize::ActivationType;
 use stpm::model::{BackboneKind, Fusion};
-use stpm::train::{TeacherWeights, TrainConfig};
+use stpm::train::{Augment, TeacherWeights, TrainConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -128,6 +128,11 @@ pub struct TrainArgs {
     /// Gaussian blur of the anomaly map, σ in pixels (0: none).
     #[arg(long, default_value_t = 4.0)]
     pub blur_sigma: f32,
+    /// Also learn from mirror images of the training images (flips: left-right, top-bottom and
+    /// both; one drawn per image and epoch, so training takes as long). For textures and parts
+    /// whose mirror image is normal too; not where orientation is what a defect changes.
+    #[arg(long, value_enum, default_value_t = Augment::None)]
+    pub augment: Augment,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
@@ -472,6 +477,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     config.patience = args.patience;
     config.fusion = args.fusion;
     config.blur_sigma = args.blur_sigma;
+    config.augment = args.augment;
     config.seed = args.seed;
     config.progress = !args.quiet;
 

@@ -276,6 +276,40 @@ pub fn stpm_model(
     })
 }
 
+/// The teacher alone: input `image` [N,3,H,W], outputs its raw (not normalised) stride-4, 8 and 16
+/// features under the returned names. Training computes its cached teacher features with it, in
+/// ONNX Runtime (several times faster than the training framework's forward on the CPU).
+pub fn teacher_model(teacher: &Backbone, size: [usize; 2]) -> (ModelProto, [String; 3]) {
+    let mut g = GraphBuilder::default();
+    let taps = pyramid(&mut g, teacher, INPUT_NAME, "t");
+    let [h, w] = size;
+    let outputs = taps
+        .iter()
+        .map(|name| float_value_info(name, &[None, None, None, None]))
+        .collect();
+    let graph = g.finish(
+        "stpm_teacher",
+        vec![float_value_info(
+            INPUT_NAME,
+            &[None, Some(3), Some(h), Some(w)],
+        )],
+        outputs,
+    );
+    let model = ModelProto {
+        ir_version: IR_VERSION,
+        producer_name: "stpm-stream".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        doc_string: "STPM teacher pyramid (training cache)".into(),
+        graph: Some(graph),
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
+        metadata_props: Vec::new(),
+    };
+    (model, taps)
+}
+
 /// Serialises `model` to `path`; returns the bytes written (for hashing).
 pub fn write_model(model: &ModelProto, path: &Path) -> Result<Vec<u8>, ExportError> {
     let bytes = model.encode_to_vec();

@@ -16,6 +16,7 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
+use prost::Message;
 
 use crate::bundle::{self, Bundle, Manifest, ModelSection, TrainingSummary};
 use crate::dataset;
@@ -25,7 +26,7 @@ use crate::model::features::{
     self, MapOptions, MapStats, MapStatsAccumulator, Pyramid, Whitening, WhiteningAccumulator,
 };
 use crate::model::weights::{self, WeightsError};
-use crate::model::{Backbone, BackboneKind, Fusion, compute_device, to_vec};
+use crate::model::{Backbone, BackboneKind, Fusion, compute_device};
 use crate::preprocess::{self, Normalisation, RgbFrame};
 
 /// Where `scripts/setup.sh` installs the default teacher's weights.
@@ -62,8 +63,30 @@ pub struct TrainConfig {
     /// Resolution of the fusion and blur, as a stride of the input (`features::FUSION_STRIDE`
     /// by default; 1 rebuilds the full-resolution graph of older bundles).
     pub fusion_stride: usize,
+    /// Mirror images of the training images the student also learns from.
+    pub augment: Augment,
     pub seed: u64,
     pub progress: bool,
+}
+
+/// Training-image augmentation. With `Flips` every training image also comes mirrored left-right,
+/// top-bottom and both (teacher features cached for each); each epoch draws one of the four per
+/// image, so an epoch takes as many steps as without. Held-out images are never augmented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Augment {
+    #[default]
+    None,
+    Flips,
+}
+
+impl Augment {
+    /// The name `--augment` takes and the manifest records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Augment::None => "none",
+            Augment::Flips => "flips",
+        }
+    }
 }
 
 /// Share of the training images held out for checkpointing and calibration (not recorded in the
@@ -91,6 +114,7 @@ impl TrainConfig {
             fusion: Fusion::Whitened,
             blur_sigma: 4.0,
             fusion_stride: features::FUSION_STRIDE,
+            augment: Augment::None,
             seed: 0,
             progress: true,
         }
@@ -244,6 +268,40 @@ impl ImageSet {
         Ok(Self { pixels })
     }
 
+    /// Appends the left-right, top-bottom and both-ways mirror images of image `index` (CHW,
+    /// `size`²); returns their indices.
+    fn add_flips(&mut self, index: usize, size: usize) -> [usize; 3] {
+        let flip = |source: &[f32], horizontal: bool, vertical: bool| {
+            let mut out = vec![0.0; source.len()];
+            for (plane_out, plane_in) in out
+                .chunks_exact_mut(size * size)
+                .zip(source.chunks_exact(size * size))
+            {
+                for y in 0..size {
+                    let from_y = if vertical { size - 1 - y } else { y };
+                    let row_in = &plane_in[from_y * size..(from_y + 1) * size];
+                    let row_out = &mut plane_out[y * size..(y + 1) * size];
+                    row_out.copy_from_slice(row_in);
+                    if horizontal {
+                        row_out.reverse();
+                    }
+                }
+            }
+            out
+        };
+        let mut added = [0; 3];
+        for (slot, (horizontal, vertical)) in
+            added
+                .iter_mut()
+                .zip([(true, false), (false, true), (true, true)])
+        {
+            let flipped = flip(&self.pixels[index], horizontal, vertical);
+            *slot = self.pixels.len();
+            self.pixels.push(flipped);
+        }
+        added
+    }
+
     fn batch(&self, indices: &[usize], size: usize, device: &Device) -> Tensor<4> {
         let mut flat = Vec::with_capacity(indices.len() * 3 * size * size);
         for &i in indices {
@@ -256,7 +314,7 @@ impl ImageSet {
     }
 }
 
-/// Frozen-teacher features of every image, computed once (no augmentation, so they never change).
+/// Frozen-teacher features of every image (augmented copies included), computed once.
 struct FeatureCache {
     /// Per scale: per image, the flattened [C, h, w] features.
     scales: [Vec<Vec<f32>>; 3],
@@ -264,23 +322,37 @@ struct FeatureCache {
 }
 
 impl FeatureCache {
-    fn compute(teacher: &Backbone, images: &ImageSet, size: usize, device: &Device) -> Self {
+    /// Runs the teacher alone through ONNX Runtime (its part of the bundle's graph, from the same
+    /// exporter; 150 images at 256² took 0.9–1.2 s against 5.8 s with burn's forward on 2 cores).
+    fn compute(teacher: &Backbone, images: &ImageSet, size: usize) -> Result<Self, TrainError> {
+        let (model, taps) = export::teacher_model(teacher, [size, size]);
+        let mut probe = crate::engine::Probe::open(
+            &model.encode_to_vec(),
+            [size, size],
+            Path::new("the teacher graph"),
+        )?;
+        let channels = teacher.kind().tap_channels();
+        let dims: [[usize; 3]; 3] = std::array::from_fn(|scale| {
+            [channels[scale], size >> (scale + 2), size >> (scale + 2)]
+        });
         let mut scales: [Vec<Vec<f32>>; 3] = Default::default();
-        let mut dims = [[0; 3]; 3];
-        let indices: Vec<usize> = (0..images.pixels.len()).collect();
-        for chunk in indices.chunks(8) {
-            let pyramid = teacher.pyramid(images.batch(chunk, size, device));
-            for (scale, tensor) in pyramid.0.into_iter().enumerate() {
-                let [n, c, h, w] = tensor.dims();
-                dims[scale] = [c, h, w];
-                let values = to_vec(tensor);
-                let per_image = c * h * w;
-                for image in 0..n {
-                    scales[scale].push(values[image * per_image..(image + 1) * per_image].to_vec());
+        let mut wrong_size = None;
+        for image in &images.pixels {
+            probe.run(image, &taps, |scale, values| {
+                let [c, h, w] = dims[scale];
+                if values.len() != c * h * w {
+                    wrong_size = Some((scale, values.len(), c * h * w));
                 }
-            }
+                scales[scale].push(values.to_vec());
+            })?;
         }
-        Self { scales, dims }
+        if let Some((scale, got, expected)) = wrong_size {
+            return Err(TrainError::Invalid(format!(
+                "the teacher graph's stride-{} features have {got} values, expected {expected}",
+                4 << scale
+            )));
+        }
+        Ok(Self { scales, dims })
     }
 
     fn batch(&self, indices: &[usize], device: &Device) -> Pyramid {
@@ -329,6 +401,9 @@ struct Prepared {
     cache: FeatureCache,
     train_idx: Vec<usize>,
     holdout_idx: Vec<usize>,
+    /// Per image index: the indices of its augmented copies in `images` (empty without
+    /// augmentation and for held-out images).
+    variants: Vec<Vec<usize>>,
 }
 
 impl Prepared {
@@ -346,8 +421,22 @@ impl Prepared {
         let (teacher, teacher_hash, teacher_path) = load_teacher(config, &device)?;
         let (train_idx, holdout_idx) =
             split_holdout(paths.len(), config.holdout_fraction, config.seed);
-        let images = ImageSet::load(&paths, config.image_size, &norm)?;
-        let cache = FeatureCache::compute(&teacher, &images, config.image_size, &device);
+        let mut images = ImageSet::load(&paths, config.image_size, &norm)?;
+        let mut variants = vec![Vec::new(); paths.len()];
+        if config.augment == Augment::Flips {
+            for &i in &train_idx {
+                variants[i] = images.add_flips(i, config.image_size).to_vec();
+            }
+        }
+        let cache_started = Instant::now();
+        let cache = FeatureCache::compute(&teacher, &images, config.image_size)?;
+        if config.progress {
+            eprintln!(
+                "teacher features of {} images cached in {:.1} s",
+                images.pixels.len(),
+                cache_started.elapsed().as_secs_f64()
+            );
+        }
         Ok(Self {
             folder,
             norm,
@@ -359,7 +448,19 @@ impl Prepared {
             cache,
             train_idx,
             holdout_idx,
+            variants,
         })
+    }
+
+    /// The image a training step uses for image `index`: itself or one of its augmented copies.
+    fn draw_variant(&self, index: usize, rng: &mut SplitMix) -> usize {
+        match self.variants.get(index) {
+            Some(copies) if !copies.is_empty() => {
+                let pick = (rng.next_u64() % (copies.len() as u64 + 1)) as usize;
+                copies.get(pick).copied().unwrap_or(index)
+            }
+            _ => index,
+        }
     }
 
     /// The STPM loss over the held-out images (mean over images): the checkpoint criterion. The mean
@@ -475,6 +576,9 @@ fn fit(config: &TrainConfig, data: &Prepared, stop: &AtomicBool) -> Fitted {
     'epochs: for epoch in 1..=config.epochs {
         let mut order = data.train_idx.clone();
         shuffle(&mut order, &mut rng);
+        for index in &mut order {
+            *index = data.draw_variant(*index, &mut rng);
+        }
         let mut epoch_loss = 0.0;
         for (step, chunk) in order.chunks(config.batch_size).enumerate() {
             if stop.load(Ordering::SeqCst) {
@@ -651,6 +755,7 @@ fn write_bundle(
             interrupted: fitted.interrupted,
             teacher_weights,
             teacher_weights_sha256: data.teacher_hash.clone(),
+            augment: config.augment.name().to_string(),
         },
         int8: None,
     };
@@ -698,6 +803,24 @@ mod tests {
         assert!(held.iter().all(|i| !train.contains(i)));
         assert_eq!(split_holdout(150, 0.2, 5), (train, held.clone()));
         assert_ne!(split_holdout(150, 0.2, 6).1, held);
+    }
+
+    #[test]
+    fn flips_mirror_every_channel_and_compose_to_a_half_turn() {
+        // Two channels of a 2×2 image: a b / c d and 10 a, ….
+        let image: Vec<f32> = vec![1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0];
+        let mut set = ImageSet {
+            pixels: vec![image],
+        };
+        let [h, v, both] = set.add_flips(0, 2);
+        assert_eq!([h, v, both], [1, 2, 3]);
+        assert_eq!(set.pixels[h], [2.0, 1.0, 4.0, 3.0, 20.0, 10.0, 40.0, 30.0]);
+        assert_eq!(set.pixels[v], [3.0, 4.0, 1.0, 2.0, 30.0, 40.0, 10.0, 20.0]);
+        assert_eq!(
+            set.pixels[both],
+            [4.0, 3.0, 2.0, 1.0, 40.0, 30.0, 20.0, 10.0]
+        );
+        assert_eq!(set.pixels[0], [1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0]);
     }
 
     #[test]
