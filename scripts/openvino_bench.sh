@@ -17,6 +17,11 @@ fi
 echo "== OpenVINO $("$venv/bin/pip" show openvino | awk '/^Version/{print $2}') benchmark_app, latency hint (batch 1)"
 "$venv/bin/benchmark_app" -m "$model" -d CPU -hint latency -niter 300 -shape "image[1,3,${size}]" 2>&1 \
     | grep -E "Median|Average|Throughput"
+# On CPUs with AMX or avx512_bf16 OpenVINO runs an fp32 model in bf16 unless told otherwise; this
+# row is the like-for-like fp32 comparison with ONNX Runtime.
+echo "== OpenVINO benchmark_app, latency hint, -infer_precision f32"
+"$venv/bin/benchmark_app" -m "$model" -d CPU -hint latency -niter 300 -infer_precision f32 \
+    -shape "image[1,3,${size}]" 2>&1 | grep -E "Median|Average|Throughput"
 echo "== OpenVINO benchmark_app, throughput hint (parallel requests)"
 "$venv/bin/benchmark_app" -m "$model" -d CPU -hint throughput -t 15 -shape "image[1,3,${size}]" 2>&1 \
     | grep -E "Median|Throughput"
