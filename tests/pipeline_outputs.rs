@@ -181,7 +181,8 @@ fn rtsp_clients_get_annotated_frames_and_metrics_count_them() {
         );
     }
     assert!(
-        metrics.contains("stpm_engine_info{provider=\"cpu\"} 1\n"),
+        // `precision = "auto"` on a bundle without an INT8 graph runs model.onnx.
+        metrics.contains("stpm_engine_info{provider=\"cpu\",precision=\"fp32\"} 1\n"),
         "{metrics}"
     );
     // The encoder announced at start is the one exported.

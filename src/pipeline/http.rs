@@ -228,14 +228,14 @@ mod tests {
 
     #[test]
     fn routes_metrics_health_and_errors() {
-        let metrics = Metrics::new("cpu", &["line1".into()]);
+        let metrics = Metrics::new("cpu", "fp32", &["line1".into()]);
         let get = |head: &str| route(head, &metrics);
         let response = get("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
         assert_eq!(response.status, 200);
         assert!(
             response
                 .body
-                .contains("stpm_engine_info{provider=\"cpu\"} 1")
+                .contains("stpm_engine_info{provider=\"cpu\",precision=\"fp32\"} 1")
         );
         let response = get("GET /health HTTP/1.0\r\n\r\n");
         assert_eq!(response.status, 503);
@@ -261,7 +261,7 @@ mod tests {
 
     #[test]
     fn a_taken_port_is_a_start_error_naming_the_key() {
-        let metrics = Arc::new(Metrics::new("cpu", &[]));
+        let metrics = Arc::new(Metrics::new("cpu", "fp32", &[]));
         let server = HttpServer::start("127.0.0.1:0", Arc::clone(&metrics)).expect("start");
         let taken = server.address().to_string();
         let message = HttpServer::start(&taken, metrics)

@@ -33,15 +33,17 @@ pub enum LiveError {
 }
 
 impl LiveOutputs {
-    /// Starts what `config` enables; `provider` is the execution provider reported in /metrics,
-    /// `encoder` the H.264 encoder of the video outputs (RTSP starts only with one).
+    /// Starts what `config` enables; `provider` and `precision` are the execution provider and the
+    /// bundle's graph reported in /metrics, `encoder` the H.264 encoder of the video outputs (RTSP
+    /// starts only with one).
     pub fn start(
         config: &PipelineConfig,
         provider: &str,
+        precision: &str,
         encoder: Option<&Encoder>,
     ) -> Result<Self, LiveError> {
         let cameras: Vec<String> = config.camera.iter().map(|c| c.name.clone()).collect();
-        let metrics = Arc::new(Metrics::new(provider, &cameras));
+        let metrics = Arc::new(Metrics::new(provider, precision, &cameras));
         if let Some(encoder) = encoder {
             metrics.set_encoder(encoder.element());
         }

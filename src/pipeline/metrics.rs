@@ -376,6 +376,8 @@ fn trim(recent: &mut VecDeque<Instant>, now: Instant) {
 #[derive(Debug)]
 pub struct Metrics {
     provider: String,
+    /// The bundle's graph that runs (`fp32` or `int8`).
+    precision: String,
     started: Instant,
     cameras: Vec<std::sync::Arc<CameraMetrics>>,
     /// The MQTT publisher, when `[mqtt]` is configured (its link and spool counters).
@@ -385,9 +387,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(provider: &str, cameras: &[String]) -> Self {
+    pub fn new(provider: &str, precision: &str, cameras: &[String]) -> Self {
         Self {
             provider: provider.to_string(),
+            precision: precision.to_string(),
             started: Instant::now(),
             cameras: cameras
                 .iter()
@@ -420,12 +423,13 @@ impl Metrics {
             &mut out,
             "stpm_engine_info",
             "gauge",
-            "The execution provider that runs the model.",
+            "The execution provider that runs the model, and which of the bundle's graphs (fp32 or int8).",
         );
         let _ = writeln!(
             out,
-            "stpm_engine_info{{provider=\"{}\"}} 1",
-            escape(&self.provider)
+            "stpm_engine_info{{provider=\"{}\",precision=\"{}\"}} 1",
+            escape(&self.provider),
+            escape(&self.precision)
         );
         if let Some(encoder) = self.encoder.get() {
             header(
@@ -651,7 +655,7 @@ mod tests {
 
     #[test]
     fn recent_quantiles_are_exact_over_the_last_frames() {
-        let metrics = Metrics::new("cpu", &["line1".into()]);
+        let metrics = Metrics::new("cpu", "int8", &["line1".into()]);
         let line1 = metrics.camera("line1").expect("line1");
         assert_eq!(line1.recent_quantiles(Stage::EndToEnd), None);
         // 2000 frames: the first 1000 at 1 s fall out of the window; then 1..=1000 ms.
@@ -678,7 +682,7 @@ mod tests {
 
     #[test]
     fn counters_histogram_and_health_render() {
-        let metrics = Metrics::new("cpu", &["line1".into(), "line2".into()]);
+        let metrics = Metrics::new("cpu", "int8", &["line1".into(), "line2".into()]);
         let line1 = metrics.camera("line1").expect("line1");
         let line2 = metrics.camera("line2").expect("line2");
         for _ in 0..3 {
@@ -695,7 +699,7 @@ mod tests {
         line1.set_suppressed(4);
         let text = metrics.render();
         for expected in [
-            "stpm_engine_info{provider=\"cpu\"} 1\n",
+            "stpm_engine_info{provider=\"cpu\",precision=\"int8\"} 1\n",
             "# TYPE stpm_frames_total counter\n",
             "stpm_frames_total{camera=\"line1\"} 3\n",
             "stpm_frames_total{camera=\"line2\"} 0\n",
@@ -751,7 +755,7 @@ mod tests {
 
     #[test]
     fn fps_counts_the_recent_window_only() {
-        let metrics = Metrics::new("cpu", &["a".into()]);
+        let metrics = Metrics::new("cpu", "int8", &["a".into()]);
         let camera = metrics.camera("a").expect("a");
         let long_ago = Instant::now() - Duration::from_secs(60);
         for _ in 0..10 {

@@ -228,7 +228,12 @@ pub fn run_with(
             threads => format!("{sessions} session(s) × {threads} intra-op thread(s)"),
         }
     );
-    let mut live = LiveOutputs::start(config, &provider.to_string(), encoder.as_ref())?;
+    let mut live = LiveOutputs::start(
+        config,
+        &provider.to_string(),
+        bundle.precision.name(),
+        encoder.as_ref(),
+    )?;
     if config.output.record.enabled {
         std::fs::create_dir_all(&config.output.record.dir).map_err(|source| {
             PipelineError::RecordDir {
