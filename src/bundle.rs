@@ -426,39 +426,53 @@ impl Bundle {
         Ok(bundle)
     }
 
-    /// Opens the bundle for a pipeline's `[model] precision`, and says why that graph: `auto`
-    /// takes the INT8 graph when the engine runs on the CPU and the bundle has a current one, the
-    /// fp32 `model.onnx` otherwise (an INT8 graph that cannot be used is named in the reason).
+    /// Opens the bundle for a pipeline's `[model] precision` (see [`Bundle::choosing`]).
     pub fn open_choosing(
         dir: &Path,
         choice: PrecisionChoice,
         on_cpu: bool,
     ) -> Result<(Self, String), BundleError> {
-        let precision = match choice {
-            PrecisionChoice::Fp32 => Precision::Fp32,
-            PrecisionChoice::Int8 => Precision::Int8,
-            PrecisionChoice::Auto => {
-                let mut bundle = Self::open(dir)?;
-                if !on_cpu {
-                    return Ok((bundle, "auto: the fp32 model.onnx on a GPU provider".into()));
-                }
-                return Ok(match bundle.check_int8() {
-                    Ok(()) => {
-                        bundle.precision = Precision::Int8;
-                        (bundle, "auto: the bundle's INT8 graph, on the CPU".into())
-                    }
-                    Err(BundleError::NoInt8 { .. }) => (
-                        bundle,
-                        format!(
-                            "auto: the bundle has no INT8 graph; `stpm export --model {} --precision int8` makes one, faster on the CPU",
-                            dir.display()
-                        ),
-                    ),
-                    Err(e) => (bundle, format!("auto: the INT8 graph is not used: {e}")),
-                });
+        Self::open(dir)?.choosing(choice, on_cpu)
+    }
+
+    /// This bundle with the graph a pipeline's `[model] precision` chooses, and why: `auto` takes
+    /// the INT8 graph when the engine runs on the CPU and the bundle has a current one, the fp32
+    /// `model.onnx` otherwise (an INT8 graph that cannot be used is named in the reason).
+    pub fn choosing(
+        mut self,
+        choice: PrecisionChoice,
+        on_cpu: bool,
+    ) -> Result<(Self, String), BundleError> {
+        let (precision, reason) = match choice {
+            PrecisionChoice::Fp32 => (Precision::Fp32, "requested".to_string()),
+            PrecisionChoice::Int8 => {
+                self.check_int8()?;
+                (Precision::Int8, "requested".to_string())
             }
+            PrecisionChoice::Auto if !on_cpu => (
+                Precision::Fp32,
+                "auto: the fp32 model.onnx on a GPU provider".to_string(),
+            ),
+            PrecisionChoice::Auto => match self.check_int8() {
+                Ok(()) => (
+                    Precision::Int8,
+                    "auto: the bundle's INT8 graph, on the CPU".to_string(),
+                ),
+                Err(BundleError::NoInt8 { .. }) => (
+                    Precision::Fp32,
+                    format!(
+                        "auto: the bundle has no INT8 graph; `stpm export --model {} --precision int8` makes one, faster on the CPU",
+                        self.dir.display()
+                    ),
+                ),
+                Err(e) => (
+                    Precision::Fp32,
+                    format!("auto: the INT8 graph is not used: {e}"),
+                ),
+            },
         };
-        Ok((Self::open_as(dir, precision)?, "requested".into()))
+        self.precision = precision;
+        Ok((self, reason))
     }
 
     /// Whether the INT8 variant exists, was made from this `model.onnx` and matches its hash.

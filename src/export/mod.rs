@@ -18,7 +18,7 @@ use crate::model::features::{
 use crate::model::resnet::ResNet18;
 use crate::model::{Backbone, Fusion};
 use graph::{GraphBuilder, float_value_info};
-use onnx_proto::{ModelProto, OperatorSetIdProto, StringStringEntryProto};
+use onnx_proto::{GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto};
 
 /// ONNX opset of the exported graph (ReduceMax still takes `axes` as an attribute here).
 pub const OPSET: i64 = 17;
@@ -256,11 +256,20 @@ pub fn stpm_model(
             float_value_info(SCORE_OUTPUT, &[None]),
         ],
     );
-    Ok(ModelProto {
+    Ok(model_proto(
+        graph,
+        "STPM teacher + student with anomaly-map scoring",
+        metadata,
+    ))
+}
+
+/// A model of ours around `graph`: our IR and opset versions, producer and `metadata`.
+fn model_proto(graph: GraphProto, doc: &str, metadata: &[(&str, String)]) -> ModelProto {
+    ModelProto {
         ir_version: IR_VERSION,
         producer_name: "stpm-stream".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
-        doc_string: "STPM teacher + student with anomaly-map scoring".into(),
+        doc_string: doc.into(),
         graph: Some(graph),
         opset_import: vec![OperatorSetIdProto {
             domain: String::new(),
@@ -273,7 +282,7 @@ pub fn stpm_model(
                 value: value.clone(),
             })
             .collect(),
-    })
+    }
 }
 
 /// The teacher alone: input `image` [N,3,H,W], outputs its raw (not normalised) stride-4, 8 and 16
@@ -295,19 +304,10 @@ pub fn teacher_model(teacher: &Backbone, size: [usize; 2]) -> (ModelProto, [Stri
         )],
         outputs,
     );
-    let model = ModelProto {
-        ir_version: IR_VERSION,
-        producer_name: "stpm-stream".into(),
-        producer_version: env!("CARGO_PKG_VERSION").into(),
-        doc_string: "STPM teacher pyramid (training cache)".into(),
-        graph: Some(graph),
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: OPSET,
-        }],
-        metadata_props: Vec::new(),
-    };
-    (model, taps)
+    (
+        model_proto(graph, "STPM teacher pyramid (training cache)", &[]),
+        taps,
+    )
 }
 
 /// Serialises `model` to `path`; returns the bytes written (for hashing).

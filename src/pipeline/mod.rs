@@ -179,8 +179,7 @@ pub fn run_with(
     let mut reopen = false;
     if !cpu_only && provider == ExecutionProvider::Cpu {
         // `auto` fell back to the CPU: `precision = "auto"` now chooses for the CPU.
-        let (chosen, reason) =
-            Bundle::open_choosing(&config.model.bundle, config.model.precision, true)?;
+        let (chosen, reason) = bundle.clone().choosing(config.model.precision, true)?;
         reopen = chosen.precision != bundle.precision;
         (bundle, precision_reason) = (chosen, reason);
     }
