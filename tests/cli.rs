@@ -35,6 +35,41 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// One line of `stpm eval`'s scores.csv.
+struct ScoreRow {
+    kind: String,
+    image: String,
+    raw: f32,
+    score: f32,
+    alert: bool,
+}
+
+fn scores_csv(text: &str) -> Vec<ScoreRow> {
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("defect_type,image,raw_score,score,alert"),
+        "{text}"
+    );
+    lines
+        .map(|line| {
+            let f: Vec<&str> = line.split(',').collect();
+            assert_eq!(f.len(), 5, "{line}");
+            ScoreRow {
+                kind: f[0].to_string(),
+                image: f[1].to_string(),
+                raw: f[2].parse().expect("raw"),
+                score: f[3].parse().expect("score"),
+                alert: match f[4] {
+                    "1" => true,
+                    "0" => false,
+                    other => panic!("alert {other}"),
+                },
+            }
+        })
+        .collect()
+}
+
 #[test]
 fn devset_train_eval_infer_round_trip() {
     let dir = tempfile::tempdir().expect("dir");
@@ -114,6 +149,80 @@ fn devset_train_eval_infer_round_trip() {
         assert!((0.0..=1.0).contains(&aupro), "{defect} aupro = {aupro}");
     }
     assert!(json["threshold"].as_f64().unwrap_or(0.0) > 0.0);
+    let csv = std::fs::read_to_string(report.join("scores.csv")).expect("scores.csv");
+    let rows = scores_csv(&csv);
+    assert_eq!(rows.len(), 10, "{csv}");
+    let threshold = json["threshold"].as_f64().expect("threshold") as f32;
+    for row in &rows {
+        assert_eq!(row.alert, row.raw >= threshold, "{csv}");
+        assert!((0.0..=1.0).contains(&row.score), "{csv}");
+    }
+    let alerts = |of: &dyn Fn(&str) -> bool| rows.iter().filter(|r| of(&r.kind) && r.alert).count();
+    assert_eq!(
+        json["at_threshold"]["good_flagged"],
+        alerts(&|k| k == "good"),
+        "{csv}"
+    );
+    assert_eq!(
+        json["at_threshold"]["defects_caught"],
+        alerts(&|k| k != "good"),
+        "{csv}"
+    );
+    assert_eq!(json["at_threshold"]["good"], 4);
+    assert_eq!(json["at_threshold"]["defects"], 6);
+    for defect in ["scratch", "stain"] {
+        assert_eq!(
+            json["per_defect_type"][defect]["caught"],
+            alerts(&|k| k == defect),
+            "{defect}: {csv}"
+        );
+    }
+    assert!(out.contains("at the bundle's threshold"), "{out}");
+
+    // A threshold among the test scores splits them: the counts follow the raw scores above.
+    let mut raws: Vec<f32> = rows.iter().map(|r| r.raw).collect();
+    raws.sort_by(f32::total_cmp);
+    let middle = raws[raws.len() / 2];
+    let manifest_path = bundle.join("stpm.toml");
+    let manifest = std::fs::read_to_string(&manifest_path).expect("manifest");
+    let (head, calibration) = manifest.split_once("[calibration]").expect("calibration");
+    let line = calibration
+        .lines()
+        .find(|l| l.starts_with("threshold = "))
+        .expect("threshold line");
+    let moved = calibration.replacen(line, &format!("threshold = {middle}"), 1);
+    std::fs::write(&manifest_path, format!("{head}[calibration]{moved}")).expect("write manifest");
+    let split_report = dir.path().join("split_report");
+    stpm_ok(&[
+        "eval",
+        "--model",
+        path(&bundle),
+        "--data",
+        path(&data),
+        "--out",
+        path(&split_report),
+        "--quiet",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(split_report.join("report.json")).expect("report"),
+    )
+    .expect("json");
+    let expect = |of: &dyn Fn(&str) -> bool| {
+        rows.iter()
+            .filter(|r| of(&r.kind) && r.raw >= middle)
+            .count()
+    };
+    let at = &json["at_threshold"];
+    assert_eq!(at["good_flagged"], expect(&|k| k == "good"), "{at}");
+    assert_eq!(at["defects_caught"], expect(&|k| k != "good"), "{at}");
+    let split_rows =
+        scores_csv(&std::fs::read_to_string(split_report.join("scores.csv")).expect("scores.csv"));
+    let alerting = split_rows.iter().filter(|r| r.alert).count();
+    assert!(
+        alerting > 0 && alerting < split_rows.len(),
+        "{alerting} of {} alert at the median",
+        split_rows.len()
+    );
     for plot in ["roc.png", "pro.png"] {
         let img = image::open(report.join(plot)).expect(plot);
         assert_eq!((img.width(), img.height()), (640, 480), "{plot}");
@@ -156,8 +265,25 @@ fn devset_train_eval_infer_round_trip() {
         "--out",
         path(&overlays),
     ]);
-    let lines = out.lines().filter(|l| l.contains("test/stain/")).count();
-    assert_eq!(lines, 3, "{out}");
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains("test/stain/")).collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    // infer and eval run the same engine: the raw scores agree image by image.
+    for line in lines {
+        let mut fields = line.split_whitespace();
+        let raw: f32 = fields
+            .next()
+            .and_then(|f| f.parse().ok())
+            .expect("raw score");
+        let row = rows
+            .iter()
+            .find(|r| r.kind == "stain" && line.contains(&format!("test/stain/{}", r.image)))
+            .unwrap_or_else(|| panic!("{line} not in scores.csv"));
+        assert!(
+            (raw - row.raw).abs() <= 1e-4 * row.raw.abs().max(1.0),
+            "infer {raw} vs eval {}",
+            row.raw
+        );
+    }
     let written = std::fs::read_dir(&overlays).expect("overlays").count();
     assert_eq!(written, 3);
     let overlay = image::open(

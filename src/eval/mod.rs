@@ -1,5 +1,5 @@
 //! `stpm eval`: scores a bundle on an MVTec-layout category through the runtime engine and writes
-//! `report.json`, overlays, ROC/PRO plots and optionally the raw maps. Owns the evaluation
+//! `report.json`, `scores.csv`, overlays, ROC/PRO plots and optionally the raw maps. Owns the evaluation
 //! protocol; the metric maths is in `metrics`.
 
 pub mod metrics;
@@ -13,7 +13,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::bundle::{Bundle, BundleError, Precision};
+use crate::bundle::{Bundle, BundleError, Calibration, Precision};
 use crate::dataset::{self, LayoutError};
 use crate::engine::{Engine, EngineError, EngineOptions, ExecutionProvider, ProviderRequest};
 use crate::overlay;
@@ -48,6 +48,19 @@ pub struct TypeReport {
     pub pixel_auroc: Option<f64>,
     pub aupro: Option<f64>,
     pub n: usize,
+    /// Images of this type at or above the bundle's calibrated threshold (they would alert).
+    pub caught: usize,
+}
+
+/// What the bundle's calibrated threshold does on the test set: the images that would alert.
+#[derive(Debug, Clone, Serialize)]
+pub struct ThresholdOutcome {
+    /// Good images at or above the threshold (false alarms).
+    pub good_flagged: usize,
+    pub good: usize,
+    /// Defective images at or above the threshold.
+    pub defects_caught: usize,
+    pub defects: usize,
 }
 
 /// `report.json`.
@@ -64,6 +77,8 @@ pub struct Report {
     pub f1_max: Option<f64>,
     /// The bundle's calibrated raw threshold (normalised 0.5).
     pub threshold: f32,
+    /// Alerts at `threshold`: false alarms on good images and defects caught.
+    pub at_threshold: ThresholdOutcome,
     pub n_good: usize,
     pub n_defect: usize,
     /// The execution provider the bundle ran on.
@@ -122,7 +137,39 @@ impl PixelTable {
 /// One test image's outcome.
 struct Scored {
     defect_type: String,
+    /// The image's file name.
+    name: String,
     score: f32,
+}
+
+/// A CSV field, quoted when it holds a comma, quote or line break.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
+/// `scores.csv`: one line per test image with its raw and normalised score and whether it would
+/// alert at the bundle's threshold.
+fn write_scores(
+    path: &Path,
+    scored: &[Scored],
+    calibration: &Calibration,
+) -> Result<(), EvalError> {
+    let mut text = String::from("defect_type,image,raw_score,score,alert\n");
+    for s in scored {
+        text.push_str(&format!(
+            "{},{},{},{:.4},{}\n",
+            csv_field(&s.defect_type),
+            csv_field(&s.name),
+            s.score,
+            calibration.normalise(s.score),
+            u8::from(s.score >= calibration.threshold)
+        ));
+    }
+    std::fs::write(path, text).map_err(write_error(path))
 }
 
 fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> EvalError + '_ {
@@ -264,6 +311,11 @@ pub fn evaluate(
         table.add_image(map, &truth, mask_size[1], type_index);
         scored.push(Scored {
             defect_type: test.defect_type.clone(),
+            name: test
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             score: result.scores[0],
         });
         bar.inc(1);
@@ -313,6 +365,12 @@ pub fn evaluate(
     let pixel_roc = pixel_roc.map(|c| c.thinned(2000));
     let pro = pro.map(|c| c.thinned(4000));
 
+    let alerting = |members: &dyn Fn(&Scored) -> bool| {
+        scored
+            .iter()
+            .filter(|s| members(s) && s.score >= calibration.threshold)
+            .count()
+    };
     let mut per_defect_type = BTreeMap::new();
     for (index, defect_type) in type_names.iter().enumerate() {
         if defect_type == "good" {
@@ -328,12 +386,19 @@ pub fn evaluate(
                 pixel_auroc: roc.map(|c| c.area_to(1.0)),
                 aupro: pro.map(|c| metrics::aupro(&c, metrics::AUPRO_FPR_LIMIT)),
                 n: labels.iter().filter(|&&l| l).count(),
+                caught: alerting(&|s: &Scored| s.defect_type == *defect_type),
             },
         );
     }
     let metrics_seconds = tick.elapsed().as_secs_f64();
 
     let n_good = scored.iter().filter(|s| s.defect_type == "good").count();
+    let at_threshold = ThresholdOutcome {
+        good_flagged: alerting(&|s: &Scored| s.defect_type == "good"),
+        good: n_good,
+        defects_caught: alerting(&|s: &Scored| s.defect_type != "good"),
+        defects: scored.len() - n_good,
+    };
     let report = Report {
         model: model.display().to_string(),
         precision: options.precision,
@@ -343,6 +408,7 @@ pub fn evaluate(
         aupro,
         f1_max,
         threshold: calibration.threshold,
+        at_threshold,
         n_good,
         n_defect: scored.len() - n_good,
         provider: engine.provider_choice().provider,
@@ -354,6 +420,7 @@ pub fn evaluate(
     let path = out.join("report.json");
     let json = serde_json::to_string_pretty(&report).unwrap_or_default();
     std::fs::write(&path, json).map_err(write_error(&path))?;
+    write_scores(&out.join("scores.csv"), &scored, calibration)?;
     write_plots(
         out,
         &report,
@@ -450,6 +517,11 @@ pub fn summary_table(report: &Report) -> String {
         report.images_per_second,
         report.provider,
         report.metrics_seconds
+    ));
+    let t = &report.at_threshold;
+    text.push_str(&format!(
+        "at the bundle's threshold (raw {:.4}): {}/{} good images would alert, {}/{} defective images caught (per image: scores.csv)\n",
+        report.threshold, t.good_flagged, t.good, t.defects_caught, t.defects
     ));
     text
 }
