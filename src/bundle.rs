@@ -533,9 +533,17 @@ impl Bundle {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        let header = "# stpm model bundle manifest (written by `stpm train` and `stpm export`; each model file is checked against its sha256)\n";
-        std::fs::write(&path, format!("{header}{text}"))
-            .map_err(|source| BundleError::Write { path, source })
+        let header = "# stpm model bundle manifest (written by `stpm train`, `stpm export` and `stpm calibrate`; each model file is checked against its sha256)\n";
+        // Written beside and renamed over the old one, so an interrupted write leaves the old
+        // manifest, never half of the new one.
+        let staged = dir.join(format!("{MANIFEST_FILE}.new"));
+        std::fs::write(&staged, format!("{header}{text}")).map_err(|source| {
+            BundleError::Write {
+                path: staged.clone(),
+                source,
+            }
+        })?;
+        std::fs::rename(&staged, &path).map_err(|source| BundleError::Write { path, source })
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod alerts;
 pub mod bench;
 pub mod bundle;
+pub mod calibrate;
 pub mod dataset;
 pub mod devset;
 pub mod engine;

@@ -565,3 +565,170 @@ fn bench_pipeline_times_every_stage_of_the_run_path_on_a_generated_file() {
         assert!(text(&out).contains(expected), "{source}: {}", text(&out));
     }
 }
+
+/// Raw scores `stpm infer` prints for `images` with the bundle's `precision` graph, in order.
+fn infer_scores(bundle: &Path, images: &Path, precision: &str, out: &Path) -> Vec<f32> {
+    let text = stpm_ok(&[
+        "infer",
+        "--model",
+        path(bundle),
+        "--precision",
+        precision,
+        path(images),
+        "--out",
+        path(out),
+    ]);
+    text.lines()
+        .filter(|l| l.contains(".png"))
+        .map(|l| {
+            l.split_whitespace()
+                .next()
+                .and_then(|f| f.parse().ok())
+                .unwrap_or_else(|| panic!("raw score in {l}"))
+        })
+        .collect()
+}
+
+/// `[calibration]` (or `[int8.calibration]`) threshold and floor of a bundle's manifest.
+fn manifest_calibration(bundle: &Path, int8: bool) -> (f64, f64, String) {
+    let text = std::fs::read_to_string(bundle.join("stpm.toml")).expect("manifest");
+    let table: toml::Table = toml::from_str(&text).expect("toml");
+    let section = if int8 {
+        &table["int8"]["calibration"]
+    } else {
+        &table["calibration"]
+    };
+    let number = |key: &str| section[key].as_float().expect(key);
+    let method = section["method"].as_str().expect("method").to_string();
+    (number("threshold"), number("floor"), method)
+}
+
+#[test]
+fn calibrate_sets_each_graphs_threshold_from_good_images() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let bundle = dir.path().join("bundle");
+    stpm_ok(&[
+        "devset",
+        "--out",
+        path(&data),
+        "--size",
+        "64",
+        "--train",
+        "8",
+        "--test-good",
+        "6",
+        "--test-per-defect",
+        "1",
+        "--seed",
+        "3",
+    ]);
+    stpm_ok(&[
+        "train",
+        "--data",
+        path(&data),
+        "--out",
+        path(&bundle),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "64",
+        "--quiet",
+    ]);
+    stpm_ok(&[
+        "export",
+        "--model",
+        path(&bundle),
+        "--precision",
+        "int8",
+        "--quiet",
+    ]);
+    let good = data.join("test/good");
+    let fp32 = infer_scores(&bundle, &good, "fp32", &dir.path().join("o1"));
+    let int8 = infer_scores(&bundle, &good, "int8", &dir.path().join("o2"));
+    assert_eq!((fp32.len(), int8.len()), (6, 6));
+    let max = |s: &[f32]| s.iter().copied().fold(f32::MIN, f32::max) as f64;
+    let min = |s: &[f32]| s.iter().copied().fold(f32::MAX, f32::min) as f64;
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1.0);
+
+    // A dry run reports and leaves the manifest byte for byte.
+    let before = std::fs::read(bundle.join("stpm.toml")).expect("manifest");
+    let out = stpm_ok(&[
+        "calibrate",
+        "--model",
+        path(&bundle),
+        path(&good),
+        "--dry-run",
+    ]);
+    assert!(out.contains("dry run"), "{out}");
+    assert!(
+        out.contains("fp32: threshold") && out.contains("int8: threshold"),
+        "{out}"
+    );
+    assert!(out.contains("warning: 6 good images only"), "{out}");
+    assert_eq!(
+        std::fs::read(bundle.join("stpm.toml")).expect("manifest"),
+        before
+    );
+
+    // The default: each graph's threshold is the highest of its own scores, the floor the lowest.
+    stpm_ok(&[
+        "calibrate",
+        "--model",
+        path(&bundle),
+        path(&good),
+        "--quiet",
+    ]);
+    let (threshold, floor, method) = manifest_calibration(&bundle, false);
+    assert!(close(threshold, max(&fp32)), "{threshold} vs {fp32:?}");
+    assert!(close(floor, min(&fp32)), "{floor} vs {fp32:?}");
+    assert!(method.contains("stpm calibrate"), "{method}");
+    let (threshold8, floor8, _) = manifest_calibration(&bundle, true);
+    assert!(close(threshold8, max(&int8)), "{threshold8} vs {int8:?}");
+    assert!(close(floor8, min(&int8)), "{floor8} vs {int8:?}");
+    // Normalised scores follow: the best-scoring good image sits at 0.5, none above.
+    let out = stpm_ok(&[
+        "infer",
+        "--model",
+        path(&bundle),
+        path(&good),
+        "--out",
+        path(&dir.path().join("o3")),
+    ]);
+    assert_eq!(out.matches("ANOMALY").count(), 1, "{out}");
+
+    // A quantile: the nearest-rank median of six scores is the third lowest.
+    stpm_ok(&[
+        "calibrate",
+        "--model",
+        path(&bundle),
+        path(&good),
+        "--quantile",
+        "0.5",
+        "--quiet",
+    ]);
+    let mut sorted = fp32.clone();
+    sorted.sort_by(f32::total_cmp);
+    let (threshold, _, method) = manifest_calibration(&bundle, false);
+    assert!(
+        close(threshold, sorted[2] as f64),
+        "{threshold} vs {sorted:?}"
+    );
+    assert!(method.contains("0.5 quantile"), "{method}");
+
+    for (args, expected) in [
+        (vec!["--quantile", "0"], "--quantile must be in (0, 1]"),
+        (vec!["--quantile", "1.5"], "--quantile must be in (0, 1]"),
+    ] {
+        let mut all = vec!["calibrate", "--model", path(&bundle), path(&good)];
+        all.extend(args);
+        let out = stpm(&all);
+        assert!(!out.status.success());
+        assert!(text(&out).contains(expected), "{}", text(&out));
+    }
+    let out = stpm(&["calibrate", "--model", path(&good), path(&good)]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("not a model bundle"), "{}", text(&out));
+}

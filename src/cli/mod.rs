@@ -31,6 +31,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Score images with a bundle and write heatmap overlays.
     Infer(InferArgs),
+    /// Set a bundle's alert threshold from good images of the deployment (its own camera and parts).
+    Calibrate(CalibrateArgs),
     /// Convert a bundle's model for faster inference (INT8 ONNX; TensorRT to come).
     Export(ExportArgs),
     /// Run a live pipeline: capture, inference, overlay, recordings, alerts.
@@ -226,6 +228,26 @@ pub struct EvalArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct CalibrateArgs {
+    /// Model bundle directory (its stpm.toml is updated).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Good (defect-free) image files and/or folders of them, as the line's camera sees them.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// The threshold is this quantile of their scores; 1.0 (default) is the highest score, so
+    /// none of them alerts; 0.99 lets 1 % alert for a threshold less set by one outlier.
+    #[arg(long, default_value_t = 1.0)]
+    pub quantile: f64,
+    /// Print the new thresholds without writing them.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct InferArgs {
     /// Model bundle directory.
     #[arg(long)]
@@ -293,6 +315,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
         Command::Infer(args) => infer(args),
+        Command::Calibrate(args) => calibrate(args),
         Command::Export(args) => export(args),
         Command::Run(args) => run_pipeline(args),
         Command::Bench(args) => bench(args),
@@ -548,6 +571,54 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         "report written to {}",
         args.out.join("report.json").display()
     );
+    Ok(())
+}
+
+/// Fewer good images than this make a noisy maximum; `stpm calibrate` says so.
+const FEW_CALIBRATION_IMAGES: usize = 20;
+
+fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
+    let images = stpm::infer::expand_inputs(&args.inputs)?;
+    if images.is_empty() {
+        bail!("no images found in {:?}", args.inputs);
+    }
+    if images.len() < FEW_CALIBRATION_IMAGES {
+        eprintln!(
+            "warning: {} good images only; a threshold from fewer than {FEW_CALIBRATION_IMAGES} is noisy",
+            images.len()
+        );
+    }
+    let options = stpm::calibrate::CalibrateOptions {
+        quantile: args.quantile,
+        dry_run: args.dry_run,
+        progress: !args.quiet,
+    };
+    let outcome =
+        stpm::calibrate::calibrate(&args.model, &images, &options).context("calibration failed")?;
+    for graph in &outcome.graphs {
+        println!(
+            "{}: threshold {:.4} -> {:.4} (floor {:.4} -> {:.4}); of these {} good images, at or above the threshold: {} before, {} after",
+            graph.precision.name(),
+            graph.before.threshold,
+            graph.after.threshold,
+            graph.before.floor,
+            graph.after.floor,
+            graph.scores.len(),
+            graph.alerting_before,
+            graph.alerting_after
+        );
+    }
+    if let Some(why) = &outcome.int8_skipped {
+        println!("int8: not calibrated ({why})");
+    }
+    if outcome.written {
+        println!(
+            "written to {}",
+            args.model.join(stpm::bundle::MANIFEST_FILE).display()
+        );
+    } else {
+        println!("dry run: the bundle is unchanged");
+    }
     Ok(())
 }
 

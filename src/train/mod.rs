@@ -3,7 +3,7 @@
 //! the bundle. Owns the training loop; the maths lives in `model`, the file format in `bundle`.
 
 mod calibrate;
-pub use calibrate::calibration_from_scores;
+pub use calibrate::{calibration_at_quantile, calibration_from_scores};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
