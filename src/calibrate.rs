@@ -85,29 +85,39 @@ pub fn calibrate(
         return Err(CalibrateError::Quantile(options.quantile));
     }
     let bundle = Bundle::open(model)?;
-    let mut precisions = vec![Precision::Fp32];
+    let mut graphs = vec![bundle.clone()];
     let mut int8_skipped = None;
     if bundle.manifest.int8.is_some() {
         match Bundle::open_as(model, Precision::Int8) {
-            Ok(_) => precisions.push(Precision::Int8),
+            Ok(int8) => graphs.push(int8),
             Err(e) => int8_skipped = Some(e.to_string()),
         }
     }
-    let frames = images
+    let mut engines = graphs
         .iter()
-        .map(|path| RgbFrame::open(path))
+        .map(|graph| Engine::for_bundle(graph, EngineOptions::default()))
         .collect::<Result<Vec<_>, _>>()?;
-
     let bar = if options.progress {
-        ProgressBar::new((frames.len() * precisions.len()) as u64)
+        ProgressBar::new(images.len() as u64)
     } else {
         ProgressBar::hidden()
     };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} calibrate [{bar:30}] {pos}/{len} {msg}")
+        ProgressStyle::with_template("{spinner} calibrate [{bar:30}] {pos}/{len} images")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
+    let size = bundle.manifest.model.input_size;
+    // One pass over the images, each scored by every graph: one image in memory at a time.
+    let mut scores = vec![Vec::with_capacity(images.len()); graphs.len()];
+    for path in images {
+        let frame = RgbFrame::open(path)?;
+        let input = preprocess::to_chw(&frame, size, &bundle.manifest.normalisation);
+        for (engine, graph_scores) in engines.iter_mut().zip(scores.iter_mut()) {
+            graph_scores.extend(engine.run(&input, 1)?.scores);
+        }
+        bar.inc(1);
+    }
     let folders: std::collections::BTreeSet<&Path> =
         images.iter().filter_map(|p| p.parent()).collect();
     let source = match folders.iter().next() {
@@ -115,18 +125,9 @@ pub fn calibrate(
         _ => format!("{} folders", folders.len()),
     };
     let mut manifest = bundle.manifest.clone();
-    let mut graphs = Vec::new();
-    for precision in precisions {
-        bar.set_message(precision.name());
-        let graph = Bundle::open_as(model, precision)?;
-        let size = graph.manifest.model.input_size;
-        let mut engine = Engine::for_bundle(&graph, EngineOptions::default())?;
-        let mut scores = Vec::with_capacity(frames.len());
-        for frame in &frames {
-            let input = preprocess::to_chw(frame, size, &graph.manifest.normalisation);
-            scores.extend(engine.run(&input, 1)?.scores);
-            bar.inc(1);
-        }
+    let mut outcomes = Vec::new();
+    for (graph, scores) in graphs.iter().zip(scores) {
+        let precision = graph.precision;
         let before = graph.calibration().clone();
         let method = if options.quantile >= 1.0 {
             format!(
@@ -146,7 +147,7 @@ pub fn calibrate(
             (Precision::Int8, Some(int8)) => int8.calibration = after.clone(),
             _ => manifest.calibration = after.clone(),
         }
-        graphs.push(GraphCalibration {
+        outcomes.push(GraphCalibration {
             precision,
             alerting_before: alerting(before.threshold),
             alerting_after: alerting(after.threshold),
@@ -160,7 +161,7 @@ pub fn calibrate(
         Bundle::write_manifest(model, &manifest)?;
     }
     Ok(Outcome {
-        graphs,
+        graphs: outcomes,
         int8_skipped,
         written: !options.dry_run,
     })
