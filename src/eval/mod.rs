@@ -1,6 +1,6 @@
 //! `stpm eval`: scores a bundle on an MVTec-layout category through the runtime engine and writes
-//! `report.json`, `scores.csv`, overlays, ROC/PRO plots and optionally the raw maps. Owns the evaluation
-//! protocol; the metric maths is in `metrics`.
+//! `report.json`, `scores.csv`, overlays, ROC/PRO plots and optionally the raw maps. Owns the
+//! evaluation protocol; the metric maths is in `metrics`.
 
 pub mod metrics;
 pub mod npy;
@@ -524,4 +524,17 @@ pub fn summary_table(report: &Report) -> String {
         report.threshold, t.good_flagged, t.good, t.defects_caught, t.defects
     ));
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv_field;
+
+    #[test]
+    fn csv_fields_are_quoted_only_when_they_need_it() {
+        assert_eq!(csv_field("000.png"), "000.png");
+        assert_eq!(csv_field("a,b.png"), "\"a,b.png\"");
+        assert_eq!(csv_field("say \"hi\".png"), "\"say \"\"hi\"\".png\"");
+        assert_eq!(csv_field("two\nlines"), "\"two\nlines\"");
+    }
 }
