@@ -130,15 +130,11 @@ pub fn calibrate(
         let precision = graph.precision;
         let before = graph.calibration().clone();
         let method = if options.quantile >= 1.0 {
-            format!(
-                "max of {} good images (stpm calibrate, {source})",
-                scores.len()
-            )
+            format!("max of good images (stpm calibrate, {source})")
         } else {
             format!(
-                "{} quantile of {} good images (stpm calibrate, {source})",
-                options.quantile,
-                scores.len()
+                "{} quantile of good images (stpm calibrate, {source})",
+                options.quantile
             )
         };
         let after = calibration_at_quantile(&scores, options.quantile, method);

@@ -40,6 +40,20 @@ fn conveyor_frames_are_all_analysed_and_recorded() {
         "{log}"
     );
     assert!(log.contains("provider cpu"), "{log}");
+    // The start line names the threshold of the bundle's manifest and where it came from.
+    let manifest: toml::Table = toml::from_str(
+        &std::fs::read_to_string(common::tiny_conveyor_bundle().join("stpm.toml"))
+            .expect("manifest"),
+    )
+    .expect("toml");
+    let calibration = &manifest["calibration"];
+    let expected = format!(
+        "threshold: raw {:.4} = 0.5 normalised ({}, {} images)",
+        calibration["threshold"].as_float().expect("threshold"),
+        calibration["method"].as_str().expect("method"),
+        calibration["n_images"].as_integer().expect("n_images")
+    );
+    assert!(log.contains(&expected), "{expected} not in {log}");
     assert_eq!(decode(&recording(dir.path())), (24, 640, 480));
 }
 

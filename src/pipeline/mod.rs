@@ -227,6 +227,12 @@ pub fn run_with(
             threads => format!("{sessions} session(s) × {threads} intra-op thread(s)"),
         }
     );
+    // Which threshold alerts, and where it came from (`stpm train`'s held-out images or
+    // `stpm calibrate`'s images of the line).
+    eprintln!(
+        "threshold: raw {:.4} = 0.5 normalised ({}, {} images)",
+        manifest.calibration.threshold, manifest.calibration.method, manifest.calibration.n_images
+    );
     let mut live = LiveOutputs::start(
         config,
         &provider.to_string(),
