@@ -415,15 +415,19 @@ impl Bundle {
         })
     }
 
-    /// Opens the bundle with `precision` chosen: for INT8, checks that the variant exists, was made
-    /// from this `model.onnx` and matches its hash.
+    /// Opens the bundle with `precision` chosen (see [`Bundle::with_precision`]).
     pub fn open_as(dir: &Path, precision: Precision) -> Result<Self, BundleError> {
-        let mut bundle = Self::open(dir)?;
+        Self::open(dir)?.with_precision(precision)
+    }
+
+    /// This bundle with `precision` chosen: for INT8, checks that the variant exists, was made
+    /// from this `model.onnx` and matches its hash (without re-reading the manifest or `model.onnx`).
+    pub fn with_precision(mut self, precision: Precision) -> Result<Self, BundleError> {
         if precision == Precision::Int8 {
-            bundle.check_int8()?;
-            bundle.precision = precision;
+            self.check_int8()?;
         }
-        Ok(bundle)
+        self.precision = precision;
+        Ok(self)
     }
 
     /// Opens the bundle for a pipeline's `[model] precision` (see [`Bundle::choosing`]).

@@ -88,7 +88,7 @@ pub fn calibrate(
     let mut graphs = vec![bundle.clone()];
     let mut int8_skipped = None;
     if bundle.manifest.int8.is_some() {
-        match Bundle::open_as(model, Precision::Int8) {
+        match bundle.clone().with_precision(Precision::Int8) {
             Ok(int8) => graphs.push(int8),
             Err(e) => int8_skipped = Some(e.to_string()),
         }
