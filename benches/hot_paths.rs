@@ -93,6 +93,19 @@ fn hot_paths(c: &mut Criterion) {
         b.iter(|| preprocess::resize_plane(black_box(&small), [256, 256], [480, 640]))
     });
 
+    // The alert summary of every analysed frame: top score and the boxes of the hot regions of
+    // the model's 256×256 map (normalised), on a quiet frame and on one with a hot blob.
+    let zones = stpm::alerts::ZoneMask::new(256, 256, &[], &[]);
+    let below: Vec<f32> = small.iter().map(|&v| v.min(0.45)).collect();
+    for (name, model_map) in [
+        ("alert zones summary 256x256, one hot region", &small),
+        ("alert zones summary 256x256, nothing anomalous", &below),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter(|| zones.summarise(black_box(model_map), 0.5))
+        });
+    }
+
     // One million pixels with a few thousand distinct values and 2 % defect pixels.
     let n = 1 << 20;
     let scores: Vec<f32> = (0..n)

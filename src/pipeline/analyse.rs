@@ -142,6 +142,9 @@ pub struct Analyser {
     pub engine: Arc<Mutex<Engine>>,
     pub intake: Arc<Intake>,
     pub metrics: Arc<CameraMetrics>,
+    /// The model input of the host path, written in place for every frame (no 3×H×W float
+    /// allocation per frame).
+    pub input: Vec<f32>,
     /// Preprocessing on the GPU, when the engine runs there.
     #[cfg(feature = "gpu")]
     pub(super) gpu: Option<super::gpu::GpuStage>,
@@ -184,23 +187,36 @@ impl Analyser {
     fn score(&mut self, captured: &Captured) -> (Result<Scores, String>, Duration) {
         let started = Instant::now();
         let on_gpu = self.preprocess_on_gpu(captured);
-        let input = (!on_gpu).then(|| {
-            preprocess::to_chw(
+        if !on_gpu {
+            let size = self.manifest.model.input_size;
+            self.input.resize(3 * size[0] * size[1], 0.0);
+            preprocess::frame_to_chw(
                 &captured.frame,
-                self.manifest.model.input_size,
+                size,
                 &self.manifest.normalisation,
-            )
-        });
+                &mut self.input,
+            );
+        }
         self.metrics.stage(Stage::Preprocess, started.elapsed());
-        let tick = Instant::now();
-        let scores = match input {
-            Some(input) => match self.engine.lock() {
-                Ok(mut engine) => engine.run(&input, 1).map_err(|e| e.to_string()),
-                Err(_) => Err("the engine lock is poisoned".to_string()),
-            },
-            None => self.infer_on_gpu(),
+        // Inference time starts once the session is this analyser's (another analyser, or
+        // another camera's, may hold it meanwhile).
+        let (scores, inference) = if on_gpu {
+            let tick = Instant::now();
+            let scores = self.infer_on_gpu();
+            (scores, tick.elapsed())
+        } else {
+            match self.engine.lock() {
+                Ok(mut engine) => {
+                    let tick = Instant::now();
+                    let scores = engine.run(&self.input, 1).map_err(|e| e.to_string());
+                    (scores, tick.elapsed())
+                }
+                Err(_) => (
+                    Err("the engine lock is poisoned".to_string()),
+                    Duration::ZERO,
+                ),
+            }
         };
-        let inference = tick.elapsed();
         if scores.is_ok() {
             self.metrics.analysed(inference);
             self.metrics.stage(Stage::Inference, inference);

@@ -320,6 +320,7 @@ pub fn run_with(
                 engine: Arc::clone(engine),
                 intake: Arc::clone(&intake),
                 metrics: Arc::clone(&camera_outputs.metrics),
+                input: Vec::new(),
                 // GPU providers run one session, so one analyser per camera.
                 #[cfg(feature = "gpu")]
                 gpu: gpu_analyse.take(),
