@@ -77,7 +77,7 @@ def main():
     ap.add_argument("--fps", type=float, default=25, help="frames/s of each generated camera")
     ap.add_argument("--provider", default="cpu")
     ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--sessions", type=int, default=1, help="model.sessions")
+    ap.add_argument("--sessions", type=int, default=0, help="model.sessions (0: auto, 2 on the CPU)")
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--warmup", type=float, default=10)
     ap.add_argument("--no-record", action="store_true")

@@ -79,7 +79,8 @@ pub struct PipelineBenchReport {
     pub precision_reason: String,
     /// `model.threads` of the run (0 = one per core, shared out between the sessions).
     pub threads: usize,
-    /// `model.sessions` of the run (analysers per camera, each on its own session).
+    /// Sessions of the run (`model.sessions`, 0 resolved; analysers per camera, each on its own
+    /// session).
     pub sessions: usize,
     /// Frames that reached the worker, went through the engine, came out of the encoder, were
     /// dropped (always 0: the bench decodes no faster than the pipeline takes frames).
@@ -311,7 +312,7 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
         Precision::Int8 => PrecisionChoice::Int8,
     };
     // The pipeline's sessions run at once on the CPU (one per analyser thread).
-    let our_sessions = if cpu_only { config.model.sessions } else { 1 };
+    let our_sessions = config.model.sessions_on(cpu_only);
     let plain = EngineOptions {
         threads: 0,
         plain: true,
@@ -377,7 +378,7 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
         precision: bundle.precision,
         precision_reason,
         threads: config.model.threads,
-        sessions: config.model.sessions,
+        sessions: our_sessions,
         frames: camera.frames,
         frames_analysed: camera.analysed,
         frames_encoded: encoded,

@@ -48,8 +48,9 @@ pub struct ModelConfig {
     pub threads: usize,
     /// Inference sessions, each with its own analyser thread per camera: with 2, a camera's next
     /// frame is scored while the previous one still is (frame-level parallelism), and two cameras
-    /// are scored at once. More throughput on the CPU, more latency per frame. GPU providers use 1.
-    #[serde(default = "default_sessions")]
+    /// are scored at once. 0 (the default) is [`AUTO_CPU_SESSIONS`] on the CPU; GPU providers
+    /// use 1 (see [`ModelConfig::sessions_on`]).
+    #[serde(default)]
     pub sessions: usize,
     /// Which of the bundle's graphs runs: `auto` (the INT8 graph on the CPU when the bundle has
     /// one, else fp32), `fp32` (model.onnx) or `int8` (after `stpm export --precision int8`).
@@ -61,12 +62,26 @@ fn default_provider() -> String {
     "auto".into()
 }
 
-fn default_sessions() -> usize {
-    1
-}
-
 /// Upper bound of `model.sessions` (each session holds its own copy of the weights).
 pub const MAX_SESSIONS: usize = 16;
+
+/// Sessions of `model.sessions = 0` on the CPU. On 2 cores, two single-threaded sessions kept
+/// the cores busier than one with two threads: `stpm bench --pipeline` on the INT8 demo bundle
+/// and a 640×480 file, 114–118 against 90–97 frames/s, with the same latency at 25 frames/s
+/// (p95 17.6–20.3 against 18.1–18.7 ms); see README.
+pub const AUTO_CPU_SESSIONS: usize = 2;
+
+impl ModelConfig {
+    /// The sessions a run opens: on the CPU `sessions`, or [`AUTO_CPU_SESSIONS`] for 0; on a GPU
+    /// provider one (it runs batches, not frames side by side).
+    pub fn sessions_on(&self, cpu: bool) -> usize {
+        match (cpu, self.sessions) {
+            (false, _) => 1,
+            (true, 0) => AUTO_CPU_SESSIONS,
+            (true, n) => n,
+        }
+    }
+}
 
 /// `[[camera]]`
 #[derive(Debug, Clone, Deserialize)]
@@ -354,9 +369,9 @@ impl PipelineConfig {
                 self.model.provider
             ));
         }
-        if !(1..=MAX_SESSIONS).contains(&self.model.sessions) {
+        if self.model.sessions > MAX_SESSIONS {
             problems.push(format!(
-                "model.sessions = {}: use 1 to {MAX_SESSIONS}",
+                "model.sessions = {}: use 1 to {MAX_SESSIONS}, or 0 for {AUTO_CPU_SESSIONS} on the CPU",
                 self.model.sessions
             ));
         }
@@ -481,7 +496,9 @@ mod tests {
         );
         let config = PipelineConfig::load(&path, &["model.provider=cpu".into()]).expect("load");
         assert_eq!(config.model.provider, "cpu");
-        assert_eq!((config.model.sessions, config.model.threads), (1, 0));
+        assert_eq!((config.model.sessions, config.model.threads), (0, 0));
+        assert_eq!(config.model.sessions_on(true), AUTO_CPU_SESSIONS);
+        assert_eq!(config.model.sessions_on(false), 1);
         assert_eq!(config.camera[0].max_fps, 0.0);
         assert!(config.camera[0].realtime);
         let sets = [
@@ -509,7 +526,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let path = write(
             dir.path(),
-            "[model]\nbundle = \"b\"\nprovider = \"gpu\"\nsessions = 0\n\
+            "[model]\nbundle = \"b\"\nprovider = \"gpu\"\nsessions = 17\n\
              [[camera]]\nname = \"bad name\"\nsource = \"http://x\"\nmax_fps = -1\n\
              [[camera]]\nname = \"cam\"\nsource = \"file:///nowhere/x.mkv\"\n\
              [alerts]\non_threshold = 0.5\noff_threshold = 0.7\n\
@@ -521,7 +538,7 @@ mod tests {
             .unwrap_or_default();
         for expected in [
             "model.provider",
-            "model.sessions = 0: use 1 to 16",
+            "model.sessions = 17: use 1 to 16, or 0 for 2 on the CPU",
             "camera[0].name",
             "camera[0].source",
             "camera[0].max_fps",

@@ -172,7 +172,7 @@ pub fn run_with(
     let (mut bundle, mut precision_reason) =
         Bundle::open_choosing(&config.model.bundle, config.model.precision, cpu_only)?;
     // Sessions share out the cores only on the CPU, so size the first one for that when known.
-    let first_sessions = if cpu_only { config.model.sessions } else { 1 };
+    let first_sessions = config.model.sessions_on(cpu_only);
     let mut engine = Engine::for_bundle(&bundle, engine_options(config, request, first_sessions))?;
     let provider = engine.provider();
     let provider_reason = engine.provider_choice().reason.clone();
@@ -188,7 +188,7 @@ pub fn run_with(
     manifest.calibration = bundle.calibration().clone();
     let manifest = Arc::new(manifest);
     let sessions = if provider == ExecutionProvider::Cpu {
-        config.model.sessions
+        config.model.sessions_on(true)
     } else {
         if config.model.sessions > 1 {
             eprintln!(
