@@ -67,8 +67,8 @@ pub const MAX_SESSIONS: usize = 16;
 
 /// Sessions of `model.sessions = 0` on the CPU. On 2 cores, two single-threaded sessions kept
 /// the cores busier than one with two threads: `stpm bench --pipeline` on the INT8 demo bundle
-/// and a 640×480 file, 114–118 against 90–97 frames/s, with the same latency at 25 frames/s
-/// (p95 17.6–20.3 against 18.1–18.7 ms); see README.
+/// and a 640×480 file, 114–118 against 90–97 frames/s, with about the same latency at 25
+/// frames/s (p95 median 19.7 against 18.7 ms over 5 runs); see README.
 pub const AUTO_CPU_SESSIONS: usize = 2;
 
 impl ModelConfig {
