@@ -120,25 +120,20 @@ impl ZoneMask {
         // when nothing is hot, 125 µs with one hot blob).
         // `value > best` is false for NaN, so NaN never wins; the maxima start at 0.
         let mut lanes = [0.0f32; 8];
-        let mut values = map.chunks_exact(8);
-        let mut allowed = self.allowed.chunks_exact(8);
-        for (values, allowed) in values.by_ref().zip(allowed.by_ref()) {
+        let mut raise = |values: &[f32], allowed: &[bool]| {
             for ((best, &value), &allowed) in lanes.iter_mut().zip(values).zip(allowed) {
                 let value = if allowed { value } else { 0.0 };
                 if value > *best {
                     *best = value;
                 }
             }
+        };
+        let mut values = map.chunks_exact(8);
+        let mut allowed = self.allowed.chunks_exact(8);
+        for (values, allowed) in values.by_ref().zip(allowed.by_ref()) {
+            raise(values, allowed);
         }
-        for ((best, &value), &allowed) in lanes
-            .iter_mut()
-            .zip(values.remainder())
-            .zip(allowed.remainder())
-        {
-            if allowed && value > *best {
-                *best = value;
-            }
-        }
+        raise(values.remainder(), allowed.remainder());
         let score = lanes.iter().fold(0.0f32, |best, &lane| best.max(lane));
         // Every allowed value is at most `score` (or 0): below the threshold nothing is hot, which
         // is every frame of a good part.

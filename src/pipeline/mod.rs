@@ -187,17 +187,14 @@ pub fn run_with(
     let mut manifest = bundle.manifest.clone();
     manifest.calibration = bundle.calibration().clone();
     let manifest = Arc::new(manifest);
-    let sessions = if provider == ExecutionProvider::Cpu {
-        config.model.sessions_on(true)
-    } else {
-        if config.model.sessions > 1 {
-            eprintln!(
-                "model.sessions = {}: the {provider} provider runs one session (frame-level parallelism is for the CPU)",
-                config.model.sessions
-            );
-        }
-        1
-    };
+    let on_cpu = provider == ExecutionProvider::Cpu;
+    if !on_cpu && config.model.sessions > 1 {
+        eprintln!(
+            "model.sessions = {}: the {provider} provider runs one session (frame-level parallelism is for the CPU)",
+            config.model.sessions
+        );
+    }
+    let sessions = config.model.sessions_on(on_cpu);
     let mut engines = Vec::with_capacity(sessions);
     if sessions != first_sessions || reopen {
         // `auto` fell back to the CPU: re-open with the cores shared out between the sessions
