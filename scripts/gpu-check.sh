@@ -4,12 +4,14 @@
 #      and the CUDA context (the `gpu::` unit tests; a SKIPPED test is a failure here);
 #   1b. the overlay kernel (heatmap blend and anomaly mask) against its CPU twin, every format;
 #   2. GPU preprocessing and overlay time per frame (640x480 RGB, 1080p and 4K NV12; 256x256 model);
-#   3. `stpm bench` with --provider auto and tensorrt (which provider ran, or why not) and cuda at
-#      batch 1, 8 and 32, each next to a plain ONNX Runtime session on the same provider, and the
+#   3. `stpm bench` with --provider auto and tensorrt (which provider ran, or why not); where
+#      TensorRT is installed, `stpm export --format tensorrt` FP16 and INT8 and their engines at batch
+#      1, 8 and 32; cuda at batch 1, 8 and 32, each next to a plain ONNX Runtime session on the same provider, and the
 #      GPU path (frames preprocessed on the GPU, read by the engine on the device) for 640x480 RGB
 #      and 1080p NV12 frames, whose maps must match the host path's within 1e-3;
-#   4. `stpm eval` of one small category on the CPU and on the GPU: the saved anomaly maps compared
-#      (max abs and max relative error) and both AUROCs;
+#   4. `stpm eval` of one small category on the CPU and on the GPU (CUDA; TensorRT FP16 and INT8
+#      where installed): the saved anomaly maps compared with the CPU's on the same graph (max abs
+#      and max relative error) and the AUROCs;
 #   5. `stpm run` on generated conveyor frames (recording on, no RTSP/MQTT) with the engine on
 #      CUDA (preprocessing and overlay on the GPU) and on the CPU: analysed frames/s and mean time
 #      per stage from /metrics (STPM_GPU_RUN_BUNDLE, STPM_GPU_RUN_FRAMES to change bundle, frames).
@@ -52,7 +54,9 @@ if [[ -z "${STPM_NVRTC_LIB:-}" ]]; then
     [[ -n "$nvrtc" ]] && export STPM_NVRTC_LIB="$nvrtc"
 fi
 echo "NVRTC: ${STPM_NVRTC_LIB:-not found (the kernel tests will say so)}"
+trt=0
 if ls ${libdirs//:/ } 2>/dev/null | grep -q '^libnvinfer.so'; then
+    trt=1
     row "TensorRT library (libnvinfer)" "found"
 else
     row "TensorRT library (libnvinfer)" "not on this machine"
@@ -74,7 +78,7 @@ for binary in "$stpm" "$tests"; do
 done
 
 echo "== 1. kernels against the CPU twin, CUDA context, providers"
-"$tests" gpu:: engine::provider --nocapture --test-threads=1 >"$out/tests.log" 2>&1
+"$tests" gpu:: engine:: export::tensorrt --nocapture --test-threads=1 >"$out/tests.log" 2>&1
 status=$?
 grep -E "GPU:|max abs diff|test result|SKIPPED|panicked" "$out/tests.log" | tail -60
 [[ $status -eq 0 ]] || fail "gpu:: unit tests failed (exit $status)"
@@ -114,6 +118,31 @@ for provider in auto tensorrt; do
         row "bench --provider $provider" "refused: $(grep -v '^\s*$' "$out/bench-$provider.log" | tail -1)"
     fi
 done
+if [[ $trt -eq 1 ]]; then
+    # Engines built ahead of time (`stpm export --format tensorrt`), then timed at batch 1/8/32.
+    for precision in fp16 int8; do
+        if timeout 400 "$stpm" export --model "$bundle" --format tensorrt --precision "$precision" \
+            --quiet >"$out/export-trt-$precision.log" 2>&1; then
+            row "export --format tensorrt --precision $precision" \
+                "$(grep -o 'built or loaded in [0-9.]* s' "$out/export-trt-$precision.log")"
+        else
+            fail "export --format tensorrt --precision $precision: $(tail -1 "$out/export-trt-$precision.log")"
+            continue
+        fi
+        graph=fp32
+        [[ $precision == int8 ]] && graph=int8
+        for batch in 1 8 32; do
+            if timeout 300 "$stpm" bench --model "$bundle" --frames 60 --batch "$batch" \
+                --provider tensorrt --precision "$graph" --json \
+                >"$out/bench-trt-$precision-$batch.json" 2>"$out/bench-trt-$precision-$batch.log"; then
+                row "tensorrt $precision batch $batch: images/s, p50 ms, plain ORT images/s, ratio" \
+                    "$(json "$out/bench-trt-$precision-$batch.json" fps p50_ms baseline_fps ratio_vs_baseline)"
+            else
+                fail "bench tensorrt $precision batch $batch: $(tail -1 "$out/bench-trt-$precision-$batch.log")"
+            fi
+        done
+    done
+fi
 for batch in 1 8 32; do
     if timeout 300 "$stpm" bench --model "$bundle" --frames 60 --batch "$batch" --provider cuda \
         --json >"$out/bench-cuda-$batch.json" 2>"$out/bench-cuda-$batch.log"; then
@@ -143,35 +172,37 @@ fi
 
 echo "== 4. GPU output against the CPU"
 "$stpm" devset --out "$work/eval" --train 1 --test-good 8 --test-per-defect 4 --seed 7 >/dev/null
-for provider in cpu cuda; do
-    "$stpm" eval --model "$bundle" --data "$work/eval" --out "$work/report-$provider" \
-        --provider "$provider" --save-maps --quiet >"$out/eval-$provider.log" 2>&1 \
-        || fail "eval --provider $provider: $(tail -1 "$out/eval-$provider.log")"
-done
-if [[ -f "$work/report-cuda/report.json" && -f "$work/report-cpu/report.json" ]]; then
-    for provider in cpu cuda; do
-        row "eval $provider: image AUROC, pixel AUROC, AUPRO, provider" \
-            "$(json "$work/report-$provider/report.json" image_auroc pixel_auroc aupro provider)"
-    done
-    python3 - "$work" >>"$summary" 2>&1 <<'EOF' || fail "map comparison"
+# Each run: provider and graph; each GPU run is compared with the CPU run of the same graph.
+runs="cpu:fp32 cuda:fp32"
+[[ $trt -eq 1 ]] && runs="$runs tensorrt:fp32 cpu:int8 tensorrt:int8"
+for run in $runs; do
+    provider="${run%%:*}" graph="${run##*:}"
+    "$stpm" eval --model "$bundle" --data "$work/eval" --out "$work/report-$provider-$graph" \
+        --provider "$provider" --precision "$graph" --save-maps --quiet \
+        >"$out/eval-$provider-$graph.log" 2>&1 \
+        || { fail "eval --provider $provider --precision $graph: $(tail -1 "$out/eval-$provider-$graph.log")"; continue; }
+    row "eval $provider $graph: image AUROC, pixel AUROC, AUPRO, provider" \
+        "$(json "$work/report-$provider-$graph/report.json" image_auroc pixel_auroc aupro provider)"
+    [[ $provider == cpu ]] && continue
+    python3 - "$work/report-cpu-$graph" "$work/report-$provider-$graph" "$provider $graph" \
+        >>"$summary" 2>&1 <<'EOF' || fail "map comparison $provider $graph"
 import pathlib, sys
 import numpy as np
-work = pathlib.Path(sys.argv[1])
+cpu_dir, gpu_dir = pathlib.Path(sys.argv[1]) / "maps", pathlib.Path(sys.argv[2]) / "maps"
 worst_abs = worst_rel = 0.0
 count = 0
-for cpu in sorted((work / "report-cpu" / "maps").rglob("*.npy")):
-    gpu = work / "report-cuda" / "maps" / cpu.relative_to(work / "report-cpu" / "maps")
-    a, b = np.load(cpu), np.load(gpu)
+for cpu in sorted(cpu_dir.rglob("*.npy")):
+    a, b = np.load(cpu), np.load(gpu_dir / cpu.relative_to(cpu_dir))
     diff = np.abs(a - b).max()
     worst_abs = max(worst_abs, float(diff))
     worst_rel = max(worst_rel, float(diff / max(np.abs(a).max(), 1e-12)))
     count += 1
-print(f"{'cuda vs cpu anomaly maps: images, max abs, max rel (to map max)':<58} "
-      f"{count}, {worst_abs:.3e}, {worst_rel:.3e}")
+label = f"{sys.argv[3]} vs cpu anomaly maps: images, max abs, max rel"
+print(f"{label:<58} {count}, {worst_abs:.3e}, {worst_rel:.3e}")
 if count == 0:
     sys.exit("no maps compared")
 EOF
-fi
+done
 
 echo "== 5. the live pipeline on the GPU"
 # Generated conveyor frames as fast as the pipeline takes them (no RTSP, no MQTT), recording on,

@@ -17,6 +17,8 @@ pub const MODEL_FILE: &str = "model.onnx";
 pub const STUDENT_FILE: &str = "student.safetensors";
 /// The INT8 (QDQ) variant written by `stpm export --precision int8`.
 pub const INT8_MODEL_FILE: &str = "model.int8.onnx";
+/// `[int8] activations` of an INT8 graph TensorRT can build (`--activations int8-symmetric`).
+pub const TENSORRT_INT8_ACTIVATIONS: &str = "int8-symmetric";
 /// Only for randomly initialised teachers (tests); pretrained ones are referenced by path and hash.
 pub const TEACHER_FILE: &str = "teacher.safetensors";
 /// The residual whitening of the `whitened` fusion (also baked into `model.onnx`).
@@ -440,8 +442,10 @@ impl Bundle {
     }
 
     /// This bundle with the graph a pipeline's `[model] precision` chooses, and why: `auto` takes
-    /// the INT8 graph when the engine runs on the CPU and the bundle has a current one, the fp32
-    /// `model.onnx` otherwise (an INT8 graph that cannot be used is named in the reason).
+    /// the INT8 graph when the engine runs on the CPU and the bundle has a current one of the CPU's
+    /// kind (uint8 or int8 activations; the symmetric one made for TensorRT ran at 0.5× fp32 on the
+    /// CPU), the fp32 `model.onnx` otherwise (an INT8 graph that cannot be used is named in the
+    /// reason).
     pub fn choosing(
         mut self,
         choice: PrecisionChoice,
@@ -458,6 +462,13 @@ impl Bundle {
                 "auto: the fp32 model.onnx on a GPU provider".to_string(),
             ),
             PrecisionChoice::Auto => match self.check_int8() {
+                Ok(()) if self.int8_is_for_tensorrt() => (
+                    Precision::Fp32,
+                    format!(
+                        "auto: the bundle's INT8 graph is TensorRT's kind (int8-symmetric activations), slower than fp32 on the CPU; `stpm export --model {} --precision int8` makes the CPU's",
+                        self.dir.display()
+                    ),
+                ),
                 Ok(()) => (
                     Precision::Int8,
                     "auto: the bundle's INT8 graph, on the CPU".to_string(),
@@ -496,6 +507,15 @@ impl Bundle {
             });
         }
         read_verified(&self.dir.join(&int8.onnx), &int8.onnx_sha256).map(|_| ())
+    }
+
+    /// Whether the bundle's INT8 graph is TensorRT's kind (symmetric int8 activations, from `stpm
+    /// export --format tensorrt --precision int8`), which TensorRT can build an engine from.
+    pub fn int8_is_for_tensorrt(&self) -> bool {
+        self.manifest
+            .int8
+            .as_ref()
+            .is_some_and(|int8| int8.activations.starts_with(TENSORRT_INT8_ACTIVATIONS))
     }
 
     /// The graph of the chosen precision.

@@ -56,6 +56,28 @@ fn maps(bundle: &Bundle, images: &[std::path::PathBuf]) -> (Vec<Vec<f32>>, Vec<f
     (maps, scores)
 }
 
+/// `stpm export --model <bundle_dir> <args>` in `dir`: success and its output.
+fn export(bundle_dir: &Path, args: &[&str], dir: &Path) -> (bool, String) {
+    let mut all = vec!["export", "--model", path_str(bundle_dir)];
+    all.extend_from_slice(args);
+    let out = stpm_in(&all, dir);
+    (out.status.success(), output_text(&out))
+}
+
+/// The test images of the category the tiny bundle was trained on.
+fn test_images(bundle: &Bundle) -> (std::path::PathBuf, Vec<std::path::PathBuf>) {
+    let data = Path::new(&bundle.manifest.training.data)
+        .parent()
+        .and_then(Path::parent)
+        .expect("category")
+        .join("test");
+    let mut images = Vec::new();
+    for kind in std::fs::read_dir(&data).expect("test dir") {
+        images.extend(stpm::dataset::images_in(&kind.expect("entry").path()).expect("images"));
+    }
+    (data, images)
+}
+
 #[test]
 fn int8_export_runs_int8_kernels_and_follows_fp32() {
     let source = tiny_conveyor_bundle();
@@ -73,21 +95,12 @@ fn int8_export_runs_int8_kernels_and_follows_fp32() {
     assert_eq!(auto.precision, Precision::Fp32);
     assert!(reason.contains("stpm export"), "{reason}");
 
-    let out = stpm_in(
-        &[
-            "export",
-            "--model",
-            path_str(&bundle_dir),
-            "--precision",
-            "int8",
-            "--calib-images",
-            "4",
-            "--quiet",
-        ],
+    let (ok, text) = export(
+        &bundle_dir,
+        &["--precision", "int8", "--calib-images", "4", "--quiet"],
         dir.path(),
     );
-    let text = output_text(&out);
-    assert!(out.status.success(), "{text}");
+    assert!(ok, "{text}");
     assert!(text.contains("held-out good images"), "{text}");
 
     let int8 = Bundle::open_as(&bundle_dir, Precision::Int8).expect("int8 bundle");
@@ -122,15 +135,7 @@ fn int8_export_runs_int8_kernels_and_follows_fp32() {
     // other machines' kernels and training noise. (Inconsistent scales, e.g. weight scales ×1.3 or
     // activation scales ×0.5 as tried, already fail the fusion check above.)
     let fp32 = Bundle::open(&bundle_dir).expect("fp32 bundle");
-    let data = Path::new(&fp32.manifest.training.data)
-        .parent()
-        .and_then(Path::parent)
-        .expect("category")
-        .join("test");
-    let mut images = Vec::new();
-    for kind in std::fs::read_dir(&data).expect("test dir") {
-        images.extend(stpm::dataset::images_in(&kind.expect("entry").path()).expect("images"));
-    }
+    let (data, images) = test_images(&fp32);
     assert!(images.len() >= 3, "{images:?}");
     let (fp32_maps, fp32_scores) = maps(&fp32, &images);
     let (int8_maps, int8_scores) = maps(&int8, &images);
@@ -180,4 +185,89 @@ fn int8_export_runs_int8_kernels_and_follows_fp32() {
         Bundle::open_choosing(&bundle_dir, PrecisionChoice::Auto, true).expect("auto");
     assert_eq!(auto.precision, Precision::Fp32);
     assert!(reason.contains("model.int8.onnx"), "{reason}");
+}
+
+/// The INT8 graph for TensorRT (`--activations int8-symmetric`, what `--format tensorrt --precision
+/// int8` makes): recorded as TensorRT's kind, still a valid graph whose maps follow fp32's on the CPU,
+/// and never what `auto` runs on the CPU. Without a GPU build, `--format tensorrt` stops at once.
+#[test]
+fn tensorrt_int8_graph_is_symmetric_and_skipped_by_auto_on_the_cpu() {
+    let source = tiny_conveyor_bundle();
+    let dir = tempfile::tempdir().expect("dir");
+    let bundle_dir = dir.path().join("bundle");
+    copy_bundle(source, &bundle_dir);
+    let (ok, text) = export(
+        &bundle_dir,
+        &[
+            "--precision",
+            "int8",
+            "--activations",
+            "int8-symmetric",
+            "--calib-images",
+            "4",
+            "--quiet",
+        ],
+        dir.path(),
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("int8-symmetric"), "{text}");
+
+    let int8 = Bundle::open_as(&bundle_dir, Precision::Int8).expect("int8 bundle");
+    assert!(int8.int8_is_for_tensorrt());
+    let section = int8.manifest.int8.as_ref().expect("[int8]");
+    assert_eq!(section.activations, "int8-symmetric per tensor");
+    let (auto, reason) =
+        Bundle::open_choosing(&bundle_dir, PrecisionChoice::Auto, true).expect("auto");
+    assert_eq!(auto.precision, Precision::Fp32, "{reason}");
+    assert!(
+        reason.contains("TensorRT") && reason.contains("--precision int8"),
+        "{reason}"
+    );
+    // Asked for explicitly, the CPU runs it, and its maps follow the fp32 graph's.
+    let (explicit, _) =
+        Bundle::open_choosing(&bundle_dir, PrecisionChoice::Int8, true).expect("int8");
+    assert_eq!(explicit.precision, Precision::Int8);
+    let fp32 = Bundle::open(&bundle_dir).expect("fp32 bundle");
+    let (_, images) = test_images(&fp32);
+    let images = &images[..3.min(images.len())];
+    let (fp32_maps, _) = maps(&fp32, images);
+    let (int8_maps, _) = maps(&int8, images);
+    for (index, (a, b)) in fp32_maps.iter().zip(&int8_maps).enumerate() {
+        let r = correlation(a, b);
+        assert!(r > 0.98, "image {index}: map correlation {r:.4}");
+    }
+
+    // A TensorRT engine needs a GPU build, a GPU and TensorRT: without them the export stops before
+    // any work and says what is missing; `--out` is refused for an engine.
+    if stpm::engine::resolve_provider(stpm::engine::ProviderRequest::TensorRt).is_err() {
+        let manifest = || std::fs::read_to_string(bundle_dir.join("stpm.toml")).expect("manifest");
+        let before = manifest();
+        let (ok, text) = export(
+            &bundle_dir,
+            &["--format", "tensorrt", "--precision", "fp16"],
+            dir.path(),
+        );
+        assert!(!ok, "{text}");
+        assert!(
+            text.contains("TensorRT export") && text.contains("gpu"),
+            "{text}"
+        );
+        assert_eq!(manifest(), before);
+    } else {
+        println!("not checked: the missing-GPU message (this build and machine can run TensorRT)");
+    }
+    let (ok, text) = export(
+        &bundle_dir,
+        &[
+            "--format",
+            "tensorrt",
+            "--precision",
+            "int8",
+            "--out",
+            "x.plan",
+        ],
+        dir.path(),
+    );
+    assert!(!ok, "{text}");
+    assert!(text.contains("--out is for `--format onnx`"), "{text}");
 }

@@ -258,6 +258,7 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
             sleep_when_idle: false,
             provider: ProviderRequest::exactly(provider.provider),
             int8: false,
+            int8_tensorrt: false,
         },
     )?;
     let frame = Conveyor::new(640, 480, 1).frame(60).frame;

@@ -319,6 +319,7 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
         sleep_when_idle: false,
         provider: request,
         int8: false,
+        int8_tensorrt: false,
     };
     let ours = crate::pipeline::engine_options(&config, request, our_sessions);
     let (plain_before, mut plain_samples) = engine_round(&bundle, plain, 1, options.frames)?;

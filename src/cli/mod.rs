@@ -33,7 +33,7 @@ pub enum Command {
     Infer(InferArgs),
     /// Set a bundle's alert threshold from good images of the deployment (its own camera and parts).
     Calibrate(CalibrateArgs),
-    /// Convert a bundle's model for faster inference (INT8 ONNX; TensorRT to come).
+    /// Convert a bundle's model for faster inference: INT8 ONNX, or a TensorRT engine (FP16/INT8).
     Export(ExportArgs),
     /// Run a live pipeline: capture, inference, overlay, recordings, alerts.
     Run(RunArgs),
@@ -48,14 +48,14 @@ pub enum Command {
 pub enum ExportFormat {
     /// An ONNX graph for ONNX Runtime, stored in the bundle.
     Onnx,
-    /// A TensorRT engine (not yet available).
+    /// A TensorRT engine in the bundle's engine cache (`--features gpu` build, NVIDIA GPU, TensorRT).
     Tensorrt,
 }
 
 /// Numeric precision of an exported model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportPrecision {
-    /// Half precision (TensorRT only; not yet available).
+    /// Half precision (TensorRT only).
     Fp16,
     /// 8-bit integers: QDQ-quantised backbones, fp32 scoring.
     Int8,
@@ -79,7 +79,8 @@ pub struct ExportArgs {
     /// Number of calibration images (spread evenly over the folder).
     #[arg(long, default_value_t = stpm::export::int8::DEFAULT_CALIBRATION_IMAGES)]
     pub calib_images: usize,
-    /// Integer type of the quantised activations.
+    /// Integer type of the quantised activations (int8-symmetric: TensorRT's kind, which
+    /// `--format tensorrt --precision int8` always makes).
     #[arg(long, value_enum, default_value_t = ActivationType::Uint8)]
     pub activations: ActivationType,
     /// Output file. Default: <bundle>/model.int8.onnx, recorded in the manifest so that
@@ -437,22 +438,20 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn export(args: ExportArgs) -> anyhow::Result<()> {
-    match (args.format, args.precision) {
-        (ExportFormat::Tensorrt, _) => bail!(
-            "`stpm export --format tensorrt` is not yet available in this build (GPU work, issue 6); `--format onnx --precision int8` is"
-        ),
-        (ExportFormat::Onnx, ExportPrecision::Fp16) => bail!(
-            "`--precision fp16` is planned for `--format tensorrt` only; for ONNX Runtime use `--precision int8` (the bundle's model.onnx is the fp32 model)"
-        ),
-        (ExportFormat::Onnx, ExportPrecision::Int8) => {}
-    }
     let options = stpm::export::int8::Int8Options {
-        calibration_data: args.calib_data,
+        calibration_data: args.calib_data.clone(),
         calibration_images: args.calib_images,
-        out: args.out,
+        out: args.out.clone(),
         activations: args.activations,
         progress: !args.quiet,
     };
+    match (args.format, args.precision) {
+        (ExportFormat::Tensorrt, precision) => return export_tensorrt(&args, precision, options),
+        (ExportFormat::Onnx, ExportPrecision::Fp16) => bail!(
+            "`--precision fp16` is for `--format tensorrt` (a TensorRT engine); for ONNX Runtime use `--precision int8` (the bundle's model.onnx is the fp32 model)"
+        ),
+        (ExportFormat::Onnx, ExportPrecision::Int8) => {}
+    }
     let outcome = stpm::export::int8::export_int8(&args.model, &options)
         .with_context(|| format!("INT8 export of {} failed", args.model.display()))?;
     println!(
@@ -481,6 +480,48 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
         );
     } else {
         println!("not inside the bundle, so not recorded in its manifest");
+    }
+    Ok(())
+}
+
+fn export_tensorrt(
+    args: &ExportArgs,
+    precision: ExportPrecision,
+    options: stpm::export::int8::Int8Options,
+) -> anyhow::Result<()> {
+    use stpm::export::tensorrt::{self, TensorRtPrecision};
+    if args.out.is_some() {
+        bail!(
+            "--out is for `--format onnx`: a TensorRT engine goes to the bundle's engine cache ({}/{})",
+            args.model.display(),
+            tensorrt::CACHE_DIR
+        );
+    }
+    let precision = match precision {
+        ExportPrecision::Fp16 => TensorRtPrecision::Fp16,
+        ExportPrecision::Int8 => TensorRtPrecision::Int8,
+    };
+    let outcome = tensorrt::export_tensorrt(&args.model, precision, &options)
+        .with_context(|| format!("TensorRT export of {} failed", args.model.display()))?;
+    if let Some(int8) = &outcome.quantised {
+        println!(
+            "INT8 graph for TensorRT written to {} ({} convolutions int8 per channel, {} activations int8-symmetric per tensor from {} images of {}); it is now the bundle's INT8 graph",
+            int8.path.display(),
+            int8.quantised_convs,
+            int8.quantised_tensors,
+            int8.calibration_images,
+            int8.calibration_data.display()
+        );
+    }
+    println!(
+        "TensorRT engine for {} built or loaded in {:.1} s ({}); cache {}:",
+        outcome.model.display(),
+        outcome.build_seconds,
+        outcome.reason,
+        outcome.cache_dir.display()
+    );
+    for file in &outcome.cache_files {
+        println!("  {}", file.display());
     }
     Ok(())
 }

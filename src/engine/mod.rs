@@ -120,6 +120,10 @@ pub struct EngineOptions {
     /// bundle (1 thread, CPU time per image): 12.2 ms off, 12.5 ms on; a small gain, kept as the
     /// place for INT8-specific session settings.
     pub int8: bool,
+    /// The INT8 graph is TensorRT's kind (int8 activations with zero point 0, float biases; `stpm
+    /// export --format tensorrt --precision int8`). A TensorRT session on an INT8 graph of any other
+    /// kind is refused (TensorRT cannot build uint8 Q/DQ pairs), so `auto` moves on to CUDA.
+    pub int8_tensorrt: bool,
 }
 
 /// Anomaly maps [N, 1, H, W] (flattened) and image scores [N] of one batch.
@@ -151,7 +155,8 @@ impl Engine {
         for provider in plan.candidates {
             match Self::session(env, model, options, provider) {
                 Ok(session) => {
-                    let reason = provider::describe(options.provider, provider, &skipped);
+                    let reason =
+                        provider::describe(options.provider, provider, &skipped, options.int8);
                     return Ok(Self {
                         session,
                         size,
@@ -176,8 +181,10 @@ impl Engine {
     /// Opens the graph `bundle` was opened for (`Bundle::open_as`), with the session settings of its
     /// precision.
     pub fn for_bundle(bundle: &Bundle, options: EngineOptions) -> Result<Self, EngineError> {
+        let int8 = bundle.precision == Precision::Int8;
         let options = EngineOptions {
-            int8: bundle.precision == Precision::Int8,
+            int8,
+            int8_tensorrt: int8 && bundle.int8_is_for_tensorrt(),
             ..options
         };
         Self::open(
@@ -198,9 +205,22 @@ impl Engine {
             path: model.to_path_buf(),
             message,
         };
+        if provider == ExecutionProvider::TensorRt && options.int8 && !options.int8_tensorrt {
+            let bundle = model.parent().unwrap_or(Path::new("."));
+            return Err(EngineError::ProviderUnavailable {
+                requested: options.provider,
+                reason: format!(
+                    "tensorrt: the INT8 graph {} has uint8 or asymmetric activations, which TensorRT \
+                     cannot build; `stpm export --model {} --format tensorrt --precision int8` \
+                     makes a symmetric one",
+                    model.display(),
+                    bundle.display()
+                ),
+            });
+        }
         let mut builder = Session::builder(env).map_err(|e| open_error(e.to_string()))?;
         if provider != ExecutionProvider::Cpu {
-            builder = provider::register(builder, provider, model, options.provider)?;
+            builder = provider::register(builder, provider, model, options)?;
         }
         if !options.plain {
             builder = builder
@@ -438,3 +458,34 @@ pub fn optimised_ops(
 }
 
 static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensorrt_refuses_an_int8_graph_of_the_cpu_kind() {
+        let env = environment().expect("ONNX Runtime");
+        let options = EngineOptions {
+            provider: ProviderRequest::Auto,
+            int8: true,
+            int8_tensorrt: false,
+            ..EngineOptions::default()
+        };
+        let model = Path::new("/nonexistent/bundle/model.int8.onnx");
+        let refused = Engine::session(env, model, options, ExecutionProvider::TensorRt);
+        match refused {
+            Err(EngineError::ProviderUnavailable { reason, .. }) => {
+                assert!(
+                    reason.contains("--format tensorrt --precision int8"),
+                    "{reason}"
+                );
+                assert!(reason.contains("/nonexistent/bundle "), "{reason}");
+            }
+            other => panic!(
+                "expected a refusal naming the export, got {:?}",
+                other.err()
+            ),
+        }
+    }
+}

@@ -170,13 +170,18 @@ pub(super) fn describe(
     request: ProviderRequest,
     chosen: ExecutionProvider,
     skipped: &[(ExecutionProvider, String)],
+    int8: bool,
 ) -> String {
     let mut reason = match request {
         ProviderRequest::Auto => format!("auto: {chosen} is the best provider that opened"),
         _ => "requested".to_string(),
     };
     if chosen == ExecutionProvider::TensorRt {
-        reason.push_str(", FP16, engine cache in <bundle>/trt");
+        reason.push_str(if int8 {
+            ", INT8 (the graph's Q/DQ) and FP16, engine cache in <bundle>/trt"
+        } else {
+            ", FP16, engine cache in <bundle>/trt"
+        });
     }
     if !skipped.is_empty() {
         reason.push_str("; not used: ");
@@ -191,27 +196,28 @@ pub(super) fn register(
     _builder: ort::session::builder::SessionBuilder,
     provider: ExecutionProvider,
     _model: &std::path::Path,
-    request: ProviderRequest,
+    options: super::EngineOptions,
 ) -> Result<ort::session::builder::SessionBuilder, EngineError> {
     Err(EngineError::ProviderUnavailable {
-        requested: request,
+        requested: options.provider,
         reason: gpu_unavailable().unwrap_or_else(|| format!("{provider} is not compiled in")),
     })
 }
 
-/// Adds `provider` to `builder` with `error_on_failure`: TensorRT (FP16, engine and timing cache
-/// in `<bundle>/trt/`) with CUDA behind it for the nodes TensorRT does not take, or CUDA alone.
+/// Adds `provider` to `builder` with `error_on_failure`: TensorRT (FP16, and INT8 for an INT8
+/// graph's Q/DQ pairs; engine and timing cache in `<bundle>/trt/`) with CUDA behind it for the nodes
+/// TensorRT does not take, or CUDA alone.
 #[cfg(feature = "gpu")]
 pub(super) fn register(
     builder: ort::session::builder::SessionBuilder,
     provider: ExecutionProvider,
     model: &std::path::Path,
-    request: ProviderRequest,
+    options: super::EngineOptions,
 ) -> Result<ort::session::builder::SessionBuilder, EngineError> {
     use ort::ep::{self, ExecutionProvider as _};
 
     let unavailable = |reason: String| EngineError::ProviderUnavailable {
-        requested: request,
+        requested: options.provider,
         reason,
     };
     let compiled_in = |name: &str, available: ort::Result<bool>| match available {
@@ -242,6 +248,7 @@ pub(super) fn register(
             let tensorrt = ep::TensorRT::default()
                 .with_device_id(0)
                 .with_fp16(true)
+                .with_int8(options.int8)
                 .with_engine_cache(true)
                 .with_engine_cache_path(&cache)
                 .with_timing_cache(true)
@@ -295,7 +302,12 @@ mod tests {
             Some(why) => {
                 eprintln!("no GPU provider possible here ({why}): checking the CPU-only answers");
                 assert_eq!(auto.candidates, vec![ExecutionProvider::Cpu]);
-                let reason = describe(ProviderRequest::Auto, ExecutionProvider::Cpu, &auto.skipped);
+                let reason = describe(
+                    ProviderRequest::Auto,
+                    ExecutionProvider::Cpu,
+                    &auto.skipped,
+                    false,
+                );
                 assert!(reason.contains("tensorrt, cuda: "), "{reason}");
                 for request in [ProviderRequest::Cuda, ProviderRequest::TensorRt] {
                     let message = resolve_provider(request)
@@ -331,14 +343,36 @@ mod tests {
             (ExecutionProvider::Cuda, "no driver".to_string()),
         ];
         assert_eq!(skipped_text(&skipped), "tensorrt, cuda: no driver");
-        let reason = describe(ProviderRequest::Auto, ExecutionProvider::Cpu, &skipped);
+        let reason = describe(
+            ProviderRequest::Auto,
+            ExecutionProvider::Cpu,
+            &skipped,
+            false,
+        );
         assert_eq!(
             reason,
             "auto: cpu is the best provider that opened; not used: tensorrt, cuda: no driver"
         );
         assert_eq!(
-            describe(ProviderRequest::Cpu, ExecutionProvider::Cpu, &[]),
+            describe(ProviderRequest::Cpu, ExecutionProvider::Cpu, &[], false),
             "requested"
         );
+        let fp16 = describe(
+            ProviderRequest::Auto,
+            ExecutionProvider::TensorRt,
+            &[],
+            false,
+        );
+        assert!(
+            fp16.contains(", FP16, engine cache") && !fp16.contains("INT8"),
+            "{fp16}"
+        );
+        let int8 = describe(
+            ProviderRequest::TensorRt,
+            ExecutionProvider::TensorRt,
+            &[],
+            true,
+        );
+        assert!(int8.starts_with("requested, INT8"), "{int8}");
     }
 }

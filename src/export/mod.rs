@@ -5,6 +5,7 @@ pub mod graph;
 pub mod int8;
 pub mod onnx_proto;
 pub mod quantize;
+pub mod tensorrt;
 
 use std::path::{Path, PathBuf};
 

@@ -39,6 +39,10 @@ pub enum ActivationType {
     Uint8,
     /// int8 (S8S8; ONNX Runtime converts it to U8S8 on x86).
     Int8,
+    /// int8 with zero point 0, scale = max |x| / 127: TensorRT's scheme (its explicit quantisation
+    /// takes only symmetric int8 Q/DQ pairs), made by `stpm export --format tensorrt --precision int8`.
+    #[value(name = "int8-symmetric")]
+    Int8Symmetric,
 }
 
 impl ActivationType {
@@ -46,20 +50,26 @@ impl ActivationType {
         match self {
             ActivationType::Uint8 => "uint8",
             ActivationType::Int8 => "int8",
+            ActivationType::Int8Symmetric => "int8-symmetric",
         }
+    }
+
+    /// Whether TensorRT can build an engine from Q/DQ pairs of this type.
+    pub fn tensorrt_compatible(self) -> bool {
+        self == ActivationType::Int8Symmetric
     }
 
     fn bounds(self) -> (i32, i32) {
         match self {
             ActivationType::Uint8 => (0, 255),
-            ActivationType::Int8 => (-128, 127),
+            ActivationType::Int8 | ActivationType::Int8Symmetric => (-128, 127),
         }
     }
 
     fn data_type(self) -> i32 {
         match self {
             ActivationType::Uint8 => data_type::UINT8,
-            ActivationType::Int8 => data_type::INT8,
+            ActivationType::Int8 | ActivationType::Int8Symmetric => data_type::INT8,
         }
     }
 }
@@ -98,6 +108,14 @@ pub struct Affine {
 
 /// Per-tensor parameters covering `range` (widened to include 0, so zero padding stays exact).
 pub fn activation_params(range: Range, activations: ActivationType) -> Affine {
+    if activations == ActivationType::Int8Symmetric {
+        let largest = range.min.abs().max(range.max.abs());
+        let scale = if largest > 0.0 { largest / 127.0 } else { 1.0 };
+        return Affine {
+            scale,
+            zero_point: 0,
+        };
+    }
     let (qmin, qmax) = activations.bounds();
     let low = range.min.min(0.0);
     let high = range.max.max(0.0);
@@ -297,7 +315,9 @@ impl Rewrite {
         ));
         let zp_bytes = match self.activations {
             ActivationType::Uint8 => vec![affine.zero_point as u8],
-            ActivationType::Int8 => vec![affine.zero_point as i8 as u8],
+            ActivationType::Int8 | ActivationType::Int8Symmetric => {
+                vec![affine.zero_point as i8 as u8]
+            }
         };
         self.initializers.push(tensor(
             zero_point.clone(),
@@ -363,7 +383,8 @@ impl Rewrite {
     }
 
     /// Weights → int8 per output channel and bias → int32 at scale x_scale·w_scale, each behind a
-    /// DequantizeLinear (axis 0); returns the names the Conv reads instead.
+    /// DequantizeLinear (axis 0); returns the names the Conv reads instead. For TensorRT the bias
+    /// stays float.
     fn quantise_conv(
         &mut self,
         conv: &NodeProto,
@@ -387,6 +408,11 @@ impl Rewrite {
             &scales,
         )];
         if let Some(bias_name) = conv.input.get(2).filter(|b| !b.is_empty()) {
+            if self.activations.tensorrt_compatible() {
+                // TensorRT takes no int32 DequantizeLinear: it keeps a float bias and fuses it.
+                inputs.push(bias_name.clone());
+                return Ok(inputs);
+            }
             let bias = float_inits
                 .get(bias_name.as_str())
                 .and_then(|t| float_values(t))
@@ -557,6 +583,43 @@ mod tests {
         assert_eq!((flat.scale, flat.zero_point), (1.0, 0));
     }
 
+    #[test]
+    fn tensorrt_activations_are_symmetric_around_zero() {
+        let sym = |min, max| activation_params(Range { min, max }, ActivationType::Int8Symmetric);
+        // The larger side sets the scale; zero maps to 0 whatever the range.
+        assert_eq!(
+            sym(-1.0, 3.0),
+            Affine {
+                scale: 3.0 / 127.0,
+                zero_point: 0
+            }
+        );
+        assert_eq!(
+            sym(-4.0, 2.0),
+            Affine {
+                scale: 4.0 / 127.0,
+                zero_point: 0
+            }
+        );
+        assert_eq!(
+            sym(0.0, 6.0),
+            Affine {
+                scale: 6.0 / 127.0,
+                zero_point: 0
+            }
+        );
+        assert_eq!(
+            sym(0.0, 0.0),
+            Affine {
+                scale: 1.0,
+                zero_point: 0
+            }
+        );
+        assert!(ActivationType::Int8Symmetric.tensorrt_compatible());
+        assert!(!ActivationType::Int8.tensorrt_compatible());
+        assert!(!ActivationType::Uint8.tensorrt_compatible());
+    }
+
     /// image → stem Conv → Clip → Conv(w2, b2) → Add(Clip) → Mul(x, x) (scoring) → Conv(blur).
     fn small_model() -> (ModelProto, [String; 2]) {
         let mut g = GraphBuilder::default();
@@ -593,6 +656,27 @@ mod tests {
         float_values(tensor).unwrap_or_default()
     }
 
+    /// `small_model` quantised with every planned tensor in [-1, 3].
+    fn quantised_small_model(activations: ActivationType) -> ModelProto {
+        let (model, _) = small_model();
+        let plan = plan(model.graph.as_ref().expect("graph")).expect("plan");
+        let range = Range {
+            min: -1.0,
+            max: 3.0,
+        };
+        let ranges: HashMap<String, Range> =
+            plan.tensors.iter().map(|t| (t.clone(), range)).collect();
+        quantise(&model, &plan, &ranges, activations).expect("quantise")
+    }
+
+    fn initializer<'a>(graph: &'a GraphProto, name: &str) -> &'a TensorProto {
+        graph
+            .initializer
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("no initializer {name}"))
+    }
+
     #[test]
     fn rewrite_quantises_the_backbone_only() {
         let (model, [clip, add]) = small_model();
@@ -603,26 +687,14 @@ mod tests {
         assert_eq!(plan.tensors.len(), 3, "{:?}", plan.tensors);
         assert!(!plan.tensors.iter().any(|t| t == "image"));
         assert_eq!(plan.conv_count(graph), 1);
-        let range = Range {
-            min: -1.0,
-            max: 3.0,
-        };
-        let ranges: HashMap<String, Range> =
-            plan.tensors.iter().map(|t| (t.clone(), range)).collect();
-        let quantised = quantise(&model, &plan, &ranges, ActivationType::Uint8).expect("quantise");
+        let quantised = quantised_small_model(ActivationType::Uint8);
         let graph = quantised.graph.as_ref().expect("graph");
         let count = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
         assert_eq!(count("QuantizeLinear"), 3);
         // 3 activations + the weights and bias of the one int8 Conv.
         assert_eq!(count("DequantizeLinear"), 5);
         assert_eq!(count("Conv"), 3);
-        let init = |name: &str| {
-            graph
-                .initializer
-                .iter()
-                .find(|t| t.name == name)
-                .unwrap_or_else(|| panic!("no initializer {name}"))
-        };
+        let init = |name: &str| initializer(graph, name);
         let convs: Vec<&NodeProto> = graph.node.iter().filter(|n| n.op_type == "Conv").collect();
         // The stem reads the image and its fp32 weights.
         assert_eq!(convs[0].input[0], "image");
@@ -668,6 +740,42 @@ mod tests {
         let mul = graph.node.iter().find(|n| n.op_type == "Mul").expect("mul");
         assert_eq!(mul.input, vec![format!("{add}_dq"), format!("{add}_dq")]);
         assert!(convs[2].input[1].starts_with("blur_w"));
+    }
+
+    #[test]
+    fn tensorrt_graph_has_int8_zero_points_and_a_float_bias() {
+        let quantised = quantised_small_model(ActivationType::Int8Symmetric);
+        let graph = quantised.graph.as_ref().expect("graph");
+        let init = |name: &str| initializer(graph, name);
+        // Every Q/DQ pair is int8 with zero point 0; no int32 anywhere.
+        for node in graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "QuantizeLinear" || n.op_type == "DequantizeLinear")
+        {
+            let zero_point = init(&node.input[2]);
+            assert_eq!(zero_point.data_type, data_type::INT8, "{}", node.input[2]);
+            assert!(
+                ints(zero_point).iter().all(|&z| z == 0),
+                "{}",
+                node.input[2]
+            );
+        }
+        assert!(
+            graph
+                .initializer
+                .iter()
+                .all(|t| t.data_type != data_type::INT32)
+        );
+        // 3 activations + the weights of the one int8 Conv; its bias is the original float one.
+        let count = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
+        assert_eq!(count("QuantizeLinear"), 3);
+        assert_eq!(count("DequantizeLinear"), 4);
+        let convs: Vec<&NodeProto> = graph.node.iter().filter(|n| n.op_type == "Conv").collect();
+        let bias = &convs[1].input[2];
+        assert_eq!(floats(init(bias)), vec![0.1, -0.2]);
+        let clip = convs[1].input[0].trim_end_matches("_dq");
+        assert_eq!(floats(init(&format!("{clip}_scale"))), vec![3.0 / 127.0]);
     }
 
     #[test]
