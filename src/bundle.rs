@@ -275,6 +275,10 @@ pub struct Int8Section {
     pub activations: String,
     /// How activation ranges were chosen, e.g. "min/max".
     pub ranges: String,
+    /// How the `whitened` map's residual whitening of this graph was fitted (empty: the fp32
+    /// graph's, as INT8 exports before it was fitted again did).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub whitening: String,
     /// Folder of the calibration images.
     pub calibration_data: String,
     /// Number of calibration images the ranges come from.

@@ -112,6 +112,45 @@ fn int8_export_runs_int8_kernels_and_follows_fp32() {
         int8.manifest.training.n_holdout
     );
     assert!(int8.model_path().ends_with("model.int8.onnx"));
+    // The whitened map's whitening was fitted again on the INT8 graph's own residuals (held-out
+    // images): same Convs, other weights.
+    assert!(int8.manifest.model.whitening.is_some());
+    assert_eq!(
+        section.whitening,
+        format!(
+            "fitted on {} images through the INT8 graph",
+            int8.manifest.training.n_holdout
+        )
+    );
+    assert!(text.contains("whitening fitted again"), "{text}");
+    let whitening_weights = |path: &Path| {
+        use prost::Message;
+        let bytes = std::fs::read(path).expect("graph");
+        let model = stpm::export::onnx_proto::ModelProto::decode(bytes.as_slice()).expect("onnx");
+        let graph = model.graph.expect("graph");
+        let convs = stpm::export::quantize::whitening_convs(&graph);
+        assert_eq!(convs.len(), 3, "{convs:?}");
+        convs
+            .iter()
+            .map(|conv| {
+                let init = graph
+                    .initializer
+                    .iter()
+                    .find(|t| t.name == conv.weight)
+                    .expect("weight");
+                assert_eq!(init.raw_data.len(), conv.channels * conv.channels * 4);
+                init.raw_data.clone()
+            })
+            .collect::<Vec<_>>()
+    };
+    let fp32_whitening = whitening_weights(&int8.fp32_model_path());
+    let int8_whitening = whitening_weights(&int8.model_path());
+    for (scale, (a, b)) in fp32_whitening.iter().zip(&int8_whitening).enumerate() {
+        assert_ne!(
+            a, b,
+            "scale {scale}: the INT8 graph kept the fp32 whitening"
+        );
+    }
     // `auto` takes it on the CPU, not for a GPU provider; `fp32` stays fp32.
     let (auto, reason) =
         Bundle::open_choosing(&bundle_dir, PrecisionChoice::Auto, true).expect("auto");

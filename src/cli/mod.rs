@@ -463,6 +463,9 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
         outcome.calibration_images,
         outcome.calibration_data.display()
     );
+    if let Some(n) = outcome.rewhitened_on {
+        println!("residual whitening fitted again on {n} images through the INT8 graph");
+    }
     match outcome.recalibrated_on {
         Some(n) => println!(
             "calibration: raw threshold {:.6} from {n} held-out good images through the INT8 graph",

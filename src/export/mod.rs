@@ -29,6 +29,9 @@ pub const IR_VERSION: i64 = 8;
 pub const INPUT_NAME: &str = "image";
 pub const MAP_OUTPUT: &str = "anomaly_map";
 pub const SCORE_OUTPUT: &str = "score";
+/// Name prefix of the weight of each scale's whitening Conv (`whitened` fusion), by which the INT8
+/// export finds those Convs to fit them again.
+pub const WHITEN_WEIGHT: &str = "whiten_w";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -169,7 +172,7 @@ fn distance_terms(
 /// W(r − μ) as a 1×1 Conv with weight W and bias −Wμ.
 fn whiten(g: &mut GraphBuilder, residual: &str, whitening: &ScaleWhitening) -> String {
     let c = whitening.channels();
-    let weight = g.float_initializer("whiten_w", &[c, c, 1, 1], &whitening.matrix);
+    let weight = g.float_initializer(WHITEN_WEIGHT, &[c, c, 1, 1], &whitening.matrix);
     let bias = g.float_initializer("whiten_b", &[c], &whitening.bias());
     let attributes = vec![graph::attr_ints("kernel_shape", &[1, 1])];
     g.node("Conv", &[residual, &weight, &bias], attributes, "whiten")

@@ -242,10 +242,15 @@ pub fn plan(graph: &GraphProto) -> Result<Plan, QuantizeError> {
 
 /// `model` with the plan's tensors added as graph outputs, so a session returns them.
 pub fn with_probe_outputs(model: &ModelProto, plan: &Plan) -> ModelProto {
+    with_outputs(model, &plan.tensors)
+}
+
+/// `model` with the float tensors `names` added as graph outputs, so a session returns them.
+pub fn with_outputs(model: &ModelProto, names: &[String]) -> ModelProto {
     let mut probed = model.clone();
     if let Some(graph) = probed.graph.as_mut() {
         let existing: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
-        for name in plan.tensors.iter().filter(|t| !existing.contains(*t)) {
+        for name in names.iter().filter(|t| !existing.contains(*t)) {
             graph.output.push(ValueInfoProto {
                 name: name.clone(),
                 r#type: Some(TypeProto {
@@ -432,6 +437,62 @@ impl Rewrite {
         }
         Ok(inputs)
     }
+}
+
+/// One scale's whitening Conv in a graph's scoring: W(r − μ) as a 1×1 Conv.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WhiteningConv {
+    /// The residual t̂ − ŝ it reads.
+    pub residual: String,
+    pub weight: String,
+    pub bias: String,
+    pub channels: usize,
+}
+
+/// The whitening Convs of a `whitened` graph in scale order (graph order), or none.
+pub fn whitening_convs(graph: &GraphProto) -> Vec<WhiteningConv> {
+    let dims: HashMap<&str, &[i64]> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t.dims.as_slice()))
+        .collect();
+    graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Conv" && n.input.len() == 3)
+        .filter(|n| n.input[1].starts_with(super::WHITEN_WEIGHT))
+        .filter_map(|n| {
+            let channels = *dims.get(n.input[1].as_str())?.first()? as usize;
+            Some(WhiteningConv {
+                residual: n.input[0].clone(),
+                weight: n.input[1].clone(),
+                bias: n.input[2].clone(),
+                channels,
+            })
+        })
+        .collect()
+}
+
+/// Writes `whitening` into the Convs `convs` of `model` (matrix as the weight, −Wμ as the bias).
+pub fn set_whitening(
+    model: &mut ModelProto,
+    convs: &[WhiteningConv],
+    whitening: &crate::model::features::Whitening,
+) -> Result<(), QuantizeError> {
+    let graph = model.graph.as_mut().ok_or(QuantizeError::NoInput)?;
+    for (conv, scale) in convs.iter().zip(&whitening.0) {
+        for (name, values) in [(&conv.weight, &scale.matrix), (&conv.bias, &scale.bias())] {
+            let init = graph
+                .initializer
+                .iter_mut()
+                .find(|t| &t.name == name)
+                .filter(|t| t.data_type == FLOAT)
+                .filter(|t| t.dims.iter().product::<i64>() == values.len() as i64)
+                .ok_or_else(|| QuantizeError::BadInitializer { name: name.clone() })?;
+            init.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        }
+    }
+    Ok(())
 }
 
 fn checked(name: &str, ranges: &HashMap<String, Range>) -> Result<Range, QuantizeError> {

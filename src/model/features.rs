@@ -241,7 +241,11 @@ impl Moments {
     /// Adds every position of an [N, C, h, w] residual.
     fn add(&mut self, residual: Tensor<4>) {
         let [n, c, h, w] = residual.dims();
-        let plane = h * w;
+        self.add_values(&crate::model::to_vec(residual), n, c, h * w);
+    }
+
+    /// Adds every position of `n` residuals of `c` channels of `plane` positions each (NCHW).
+    fn add_values(&mut self, values: &[f32], n: usize, c: usize, plane: usize) {
         if self.sum.len() != c {
             *self = Self {
                 count: 0.0,
@@ -249,7 +253,6 @@ impl Moments {
                 outer: vec![0.0; c * c],
             };
         }
-        let values = crate::model::to_vec(residual);
         for image in values.chunks_exact(c * plane).take(n) {
             for i in 0..c {
                 let a = &image[i * plane..(i + 1) * plane];
@@ -344,6 +347,17 @@ impl WhiteningAccumulator {
     pub fn add(&mut self, teacher: &Pyramid, student: &Pyramid) {
         for ((moments, t), s) in self.scales.iter_mut().zip(&teacher.0).zip(&student.0) {
             moments.add(residual(t.clone(), s.clone()));
+        }
+    }
+
+    /// Adds one image's residual t̂ − ŝ of `scale` as a graph computes it: `channels` × positions,
+    /// flattened NCHW (batch 1). Values that are not a whole number of positions are ignored.
+    pub fn add_residual(&mut self, scale: usize, values: &[f32], channels: usize) {
+        if let Some(moments) = self.scales.get_mut(scale)
+            && channels > 0
+            && values.len().is_multiple_of(channels)
+        {
+            moments.add_values(values, 1, channels, values.len() / channels);
         }
     }
 
@@ -605,6 +619,30 @@ mod tests {
         let mut not_pd = a.clone();
         not_pd[0] = -1.0;
         assert!(cholesky_inverse(&not_pd, n).is_none());
+    }
+
+    #[test]
+    fn residuals_from_a_graph_accumulate_like_the_training_tensors() {
+        let mut rng = crate::devset::SplitMix::new(9);
+        let mut values = |n: usize| (0..n).map(|_| rng.range(-1.0, 1.0)).collect::<Vec<f32>>();
+        let scales = [(3, 16), (4, 4), (2, 1)];
+        let images: Vec<Vec<Vec<f32>>> = (0..2)
+            .map(|_| scales.iter().map(|&(c, plane)| values(c * plane)).collect())
+            .collect();
+        let mut from_tensors: [Moments; 3] = Default::default();
+        let mut from_values = WhiteningAccumulator::default();
+        for image in &images {
+            for (scale, (&(c, plane), residual)) in scales.iter().zip(image).enumerate() {
+                let side = (plane as f64).sqrt() as usize;
+                from_tensors[scale].add(tensor(residual.clone(), [1, c, side, side]));
+                from_values.add_residual(scale, residual, c);
+            }
+        }
+        // A length that is not a whole number of positions is ignored.
+        from_values.add_residual(0, &[1.0, 2.0], 3);
+        let expected = Whitening(std::array::from_fn(|scale| from_tensors[scale].finish()));
+        assert_eq!(from_values.finish(), expected);
+        assert_ne!(expected.0[0], ScaleWhitening::identity(3));
     }
 
     #[test]
