@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Comparison only (not used by CI or the product): OpenVINO's benchmark_app (PyPI `openvino`) on a
 # bundle's model.onnx, batch 1, next to `stpm bench` on the same file, so a report can say how our
-# ONNX Runtime path compares with OpenVINO on this machine.
+# ONNX Runtime path compares with OpenVINO on this machine (and, when the bundle has one, on its INT8
+# graph).
 #   bash scripts/openvino_bench.sh [engines/demo]
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,5 +26,18 @@ echo "== OpenVINO benchmark_app, latency hint, -infer_precision f32"
 echo "== OpenVINO benchmark_app, throughput hint (parallel requests)"
 "$venv/bin/benchmark_app" -m "$model" -d CPU -hint throughput -t 15 -shape "image[1,3,${size}]" 2>&1 \
     | grep -E "Median|Throughput"
+if [ -f "$bundle/model.int8.onnx" ]; then
+    # The bundle's INT8 (QDQ) graph, as `stpm bench --precision int8` runs it.
+    for hint in latency throughput; do
+        echo "== OpenVINO benchmark_app on model.int8.onnx, $hint hint"
+        "$venv/bin/benchmark_app" -m "$bundle/model.int8.onnx" -d CPU -hint "$hint" -t 15 \
+            -shape "image[1,3,${size}]" 2>&1 | grep -E "Median|Throughput"
+    done
+fi
 echo "== stpm bench (our ONNX Runtime session and a plain one)"
 "$repo/target/release/stpm" bench --model "$bundle" --frames 60
+if [ -f "$bundle/model.int8.onnx" ]; then
+    echo "== stpm bench --precision int8, one session and two single-thread sessions"
+    "$repo/target/release/stpm" bench --model "$bundle" --frames 60 --precision int8
+    "$repo/target/release/stpm" bench --model "$bundle" --frames 60 --precision int8 --sessions 2 --threads 1
+fi

@@ -162,11 +162,13 @@ fn int8_export_runs_int8_kernels_and_follows_fp32() {
     assert_eq!(fp32.precision, Precision::Fp32);
 
     // ONNX Runtime fuses every QDQ convolution of both backbones into QLinearConv; the only fp32
-    // convolutions left are the two stems, the three 1×1 whitenings of the residuals (scoring)
-    // and the two of the Gaussian blur on the fused map.
+    // convolutions left are the two stems, the three 1×1 whitenings of the residuals (scoring),
+    // the two of the Gaussian blur on the fused map and the scoring's 11 channel sums (6 L2 norms,
+    // 3 whitened distances, 2 feature energies).
     let ops = stpm::engine::optimised_ops(&int8.model_path(), true).expect("optimised graph");
     assert_eq!(ops.get("QLinearConv"), Some(&INT8_CONVS), "{ops:?}");
-    assert_eq!(ops.get("Conv"), Some(&7), "{ops:?}");
+    assert_eq!(ops.get("Conv"), Some(&18), "{ops:?}");
+    assert_eq!(ops.get("ReduceSum"), None, "{ops:?}");
 
     // The maps of test images through both graphs. INT8 rounding adds noise to both feature
     // pyramids; on this bundle the maps correlate at 0.9994-0.9998 with fp32 and the image scores

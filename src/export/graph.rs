@@ -213,21 +213,19 @@ impl GraphBuilder {
         self.node(op, &[a, b], vec![], &op.to_lowercase())
     }
 
-    /// Sum over `axes`, keeping them as size-1 dimensions (opset 13+: axes is an input).
-    pub fn reduce_sum(&mut self, input: &str, axes: &[i64]) -> String {
-        let axes = self.int64_initializer("axes", axes);
-        self.node(
-            "ReduceSum",
-            &[input, &axes],
-            vec![attr_int("keepdims", 1)],
-            "sum",
-        )
+    /// The sum over the `channels` channels of an NCHW tensor, keeping the axis: [N, 1, H, W], as a
+    /// 1×1 Conv with all-one weights. ONNX Runtime's ReduceSum over axis 1 is a strided reduction;
+    /// the Conv is a GEMV (INT8 graph, 1 thread: 10.3 against 10.9 ms per image, same map within
+    /// 3e-5 of a maximum of 126).
+    pub fn channel_sum(&mut self, input: &str, channels: usize) -> String {
+        let ones = self.float_initializer("ones", &[1, channels, 1, 1], &vec![1.0; channels]);
+        self.node("Conv", &[input, &ones], vec![], "sum")
     }
 
-    /// Channel-wise L2 normalisation: x / max(‖x‖₂, eps).
-    pub fn l2_normalize(&mut self, input: &str, eps: f32) -> String {
+    /// Channel-wise L2 normalisation of `channels` channels: x / max(‖x‖₂, eps).
+    pub fn l2_normalize(&mut self, input: &str, channels: usize, eps: f32) -> String {
         let squared = self.binary("Mul", input, input);
-        let sum = self.reduce_sum(&squared, &[1]);
+        let sum = self.channel_sum(&squared, channels);
         let norm = self.node("Sqrt", &[&sum], vec![], "norm");
         let eps = self.scalar("eps", eps);
         let clamped = self.binary("Max", &norm, &eps);

@@ -128,23 +128,25 @@ fn distance_terms(
     g: &mut GraphBuilder,
     teacher_taps: &[String; 3],
     student_taps: &[String; 3],
+    channels: [usize; 3],
     fusion: Fusion,
     whitening: Option<&Whitening>,
 ) -> Vec<(String, usize)> {
     let mut terms = Vec::with_capacity(STANDARDISED_TERMS);
     for (scale, (t, s)) in teacher_taps.iter().zip(student_taps.iter()).enumerate() {
-        let t_hat = g.l2_normalize(t, NORM_EPS as f32);
-        let s_hat = g.l2_normalize(s, NORM_EPS as f32);
+        let c = channels[scale];
+        let t_hat = g.l2_normalize(t, c, NORM_EPS as f32);
+        let s_hat = g.l2_normalize(s, c, NORM_EPS as f32);
         let diff = g.binary("Sub", &t_hat, &s_hat);
         let term = match whitening {
             Some(w) => {
                 let whitened = whiten(g, &diff, &w.0[scale]);
                 let squared = g.binary("Mul", &whitened, &whitened);
-                g.reduce_sum(&squared, &[1])
+                g.channel_sum(&squared, c)
             }
             None => {
                 let squared = g.binary("Mul", &diff, &diff);
-                let sum = g.reduce_sum(&squared, &[1]);
+                let sum = g.channel_sum(&squared, c);
                 let half = g.scalar("half", 0.5);
                 g.binary("Mul", &sum, &half)
             }
@@ -154,7 +156,7 @@ fn distance_terms(
     if fusion.standardises() {
         let mut log_energy = |x: &str| {
             let squared = g.binary("Mul", x, x);
-            let sum = g.reduce_sum(&squared, &[1]);
+            let sum = g.channel_sum(&squared, channels[0]);
             let eps = g.scalar("eps", MAGNITUDE_EPS as f32);
             let clamped = g.binary("Max", &sum, &eps);
             g.node("Log", &[&clamped], vec![], "log")
@@ -226,11 +228,13 @@ pub fn stpm_model(
     let mut g = GraphBuilder::default();
     let teacher_taps = pyramid(&mut g, teacher, INPUT_NAME, "t");
     let student_taps = pyramid(&mut g, student, INPUT_NAME, "s");
-    let whitening = options.term_whitening(student.kind().tap_channels());
+    let channels = student.kind().tap_channels();
+    let whitening = options.term_whitening(channels);
     let terms = distance_terms(
         &mut g,
         &teacher_taps,
         &student_taps,
+        channels,
         options.fusion,
         whitening.as_ref(),
     );

@@ -174,7 +174,8 @@ impl Plan {
 }
 
 /// Finds the backbones: nodes of `BACKBONE_OPS` whose inputs are all the image, backbone outputs
-/// or initializers. The scoring (Mul/ReduceSum/…, and the blur Conv on the fused map) is not.
+/// or initializers. The scoring is not: its Convs (channel sums, whitening, blur) read what its
+/// Mul/Sub/Div nodes made.
 pub fn plan(graph: &GraphProto) -> Result<Plan, QuantizeError> {
     let input = graph
         .input
