@@ -29,6 +29,10 @@ pub enum TensorRtError {
         "TensorRT builds INT8 engines from symmetric int8 activations only; drop --activations {0} (the TensorRT export uses int8-symmetric)"
     )]
     Activations(&'static str),
+    #[error(
+        "a TensorRT engine needs a `--features gpu` build, an NVIDIA GPU with its driver and ONNX Runtime with TensorRT: {0}"
+    )]
+    Unavailable(String),
     #[error("cannot list the engine cache {path}: {source}")]
     Cache {
         path: PathBuf,
@@ -64,8 +68,13 @@ pub struct TensorRtOutcome {
 /// Checks up front that this build and machine can run TensorRT at all, so that an INT8 export does
 /// not calibrate for a minute before failing.
 pub fn check_available() -> Result<(), TensorRtError> {
-    resolve_provider(ProviderRequest::TensorRt)?;
-    Ok(())
+    match resolve_provider(ProviderRequest::TensorRt) {
+        Ok(_) => Ok(()),
+        Err(EngineError::ProviderUnavailable { reason, .. }) => Err(TensorRtError::Unavailable(
+            reason.trim_end_matches("; use cpu or auto").to_string(),
+        )),
+        Err(other) => Err(other.into()),
+    }
 }
 
 /// Builds (or refreshes) the bundle's TensorRT engine for `precision`; `int8` sets the calibration
@@ -167,7 +176,8 @@ mod tests {
         )
         .expect_err("no GPU");
         let text = error.to_string();
-        assert!(matches!(error, TensorRtError::Engine(_)), "{text}");
+        assert!(matches!(error, TensorRtError::Unavailable(_)), "{text}");
+        assert!(!text.contains("use cpu or auto"), "{text}");
         assert!(
             text.contains("gpu") || text.contains("driver") || text.contains("CUDA"),
             "{text}"
