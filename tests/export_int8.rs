@@ -311,4 +311,31 @@ fn tensorrt_int8_graph_is_symmetric_and_skipped_by_auto_on_the_cpu() {
     );
     assert!(!ok, "{text}");
     assert!(text.contains("--out is for `--format onnx`"), "{text}");
+
+    // Calibrated on other images (the held-out split cannot be reproduced), the INT8 graph keeps
+    // the fp32 whitening and threshold, and says so.
+    let (data, _) = test_images(&fp32);
+    let (ok, text) = export(
+        &bundle_dir,
+        &[
+            "--precision",
+            "int8",
+            "--calib-data",
+            path_str(&data.join("good")),
+            "--calib-images",
+            "2",
+            "--quiet",
+        ],
+        dir.path(),
+    );
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("fp32 threshold") && text.contains("and whitening"),
+        "{text}"
+    );
+    assert!(!text.contains("whitening fitted again"), "{text}");
+    let other = Bundle::open_as(&bundle_dir, Precision::Int8).expect("int8 bundle");
+    let section = other.manifest.int8.as_ref().expect("[int8]");
+    assert_eq!(section.whitening, "");
+    assert_eq!(section.calibration, fp32.manifest.calibration);
 }

@@ -472,7 +472,7 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
             outcome.calibration.threshold
         ),
         None => println!(
-            "calibration: the training split could not be reproduced from these images; the INT8 graph uses the fp32 threshold {:.6}",
+            "calibration: the training split could not be reproduced from these images; the INT8 graph uses the fp32 threshold {:.6} and whitening",
             outcome.calibration.threshold
         ),
     }

@@ -192,7 +192,7 @@ fn observe_ranges(
 
 /// Fits the residual whitening of a `whitened` map again, on the residuals the INT8 graph itself
 /// computes for `images`, and writes it into `quantised`; returns how many images (`None` when the
-/// map has no whitening). Quantisation shifts the residual t̂ − ŝ, and the whitening divides by its
+/// map has no whitening or there are no images). Quantisation shifts the residual t̂ − ŝ, and the whitening divides by its
 /// spread in directions where good images barely vary, so the fp32 whitening turns that shift into
 /// anomaly: on the seed-2 dev set's grass bundle image AUROC went 0.7625 (fp32) → 0.6944 (INT8
 /// with the fp32 whitening) → 0.7569 (fitted again here; README has all six bundles). Fitting the
@@ -286,14 +286,10 @@ pub fn export_int8(dir: &Path, options: &Int8Options) -> Result<Int8Outcome, Int
     let set = calibration_set(&bundle, options)?;
     let ranges = observe_ranges(&bundle, &model, &plan, &set.ranges, options.progress)?;
     let mut quantised = quantize::quantise(&model, &plan, &ranges, options.activations)?;
-    // The whitening is fitted like `stpm train` fits it: on the held-out images when the training
-    // split can be reproduced, else on the calibration images.
-    let fit_images = if set.holdout.is_empty() {
-        &set.ranges
-    } else {
-        &set.holdout
-    };
-    let rewhitened_on = refit_whitening(&bundle, &mut quantised, fit_images, options.progress)?;
+    // The whitening is fitted like `stpm train` fits it, on the held-out images, when the training
+    // split can be reproduced (as for the threshold below). Otherwise the graph keeps the fp32
+    // whitening: other images may be ones the student learnt, whose residuals are smaller.
+    let rewhitened_on = refit_whitening(&bundle, &mut quantised, &set.holdout, options.progress)?;
 
     let parent = path
         .parent()
