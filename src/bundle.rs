@@ -17,7 +17,8 @@ pub const MODEL_FILE: &str = "model.onnx";
 pub const STUDENT_FILE: &str = "student.safetensors";
 /// The INT8 (QDQ) variant written by `stpm export --precision int8`.
 pub const INT8_MODEL_FILE: &str = "model.int8.onnx";
-/// `[int8] activations` of an INT8 graph TensorRT can build (`--activations int8-symmetric`).
+/// `[int8] activations` of an INT8 graph TensorRT can build (`--activations int8-symmetric`; the
+/// name `ActivationType::Int8Symmetric` writes there).
 pub const TENSORRT_INT8_ACTIVATIONS: &str = "int8-symmetric";
 /// Only for randomly initialised teachers (tests); pretrained ones are referenced by path and hash.
 pub const TEACHER_FILE: &str = "teacher.safetensors";

@@ -455,13 +455,9 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
     let outcome = stpm::export::int8::export_int8(&args.model, &options)
         .with_context(|| format!("INT8 export of {} failed", args.model.display()))?;
     println!(
-        "INT8 model written to {} ({} convolutions int8 per channel, {} activations {} per tensor from {} images of {})",
+        "INT8 model written to {} ({})",
         outcome.path.display(),
-        outcome.quantised_convs,
-        outcome.quantised_tensors,
-        args.activations.name(),
-        outcome.calibration_images,
-        outcome.calibration_data.display()
+        int8_contents(&outcome, args.activations)
     );
     if let Some(n) = outcome.rewhitened_on {
         println!("residual whitening fitted again on {n} images through the INT8 graph");
@@ -487,6 +483,18 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What an INT8 export quantised and from what, for its summary line.
+fn int8_contents(outcome: &stpm::export::int8::Int8Outcome, activations: ActivationType) -> String {
+    format!(
+        "{} convolutions int8 per channel, {} activations {} per tensor from {} images of {}",
+        outcome.quantised_convs,
+        outcome.quantised_tensors,
+        activations.name(),
+        outcome.calibration_images,
+        outcome.calibration_data.display()
+    )
+}
+
 fn export_tensorrt(
     args: &ExportArgs,
     precision: ExportPrecision,
@@ -508,12 +516,9 @@ fn export_tensorrt(
         .with_context(|| format!("TensorRT export of {} failed", args.model.display()))?;
     if let Some(int8) = &outcome.quantised {
         println!(
-            "INT8 graph for TensorRT written to {} ({} convolutions int8 per channel, {} activations int8-symmetric per tensor from {} images of {}); it is now the bundle's INT8 graph",
+            "INT8 graph for TensorRT written to {} ({}); it is now the bundle's INT8 graph",
             int8.path.display(),
-            int8.quantised_convs,
-            int8.quantised_tensors,
-            int8.calibration_images,
-            int8.calibration_data.display()
+            int8_contents(int8, ActivationType::Int8Symmetric)
         );
     }
     println!(

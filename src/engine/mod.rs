@@ -210,7 +210,7 @@ impl Engine {
             return Err(EngineError::ProviderUnavailable {
                 requested: options.provider,
                 reason: format!(
-                    "tensorrt: the INT8 graph {} has uint8 or asymmetric activations, which TensorRT \
+                    "the INT8 graph {} has uint8 or asymmetric activations, which TensorRT \
                      cannot build; `stpm export --model {} --format tensorrt --precision int8` \
                      makes a symmetric one",
                     model.display(),

@@ -50,7 +50,7 @@ impl ActivationType {
         match self {
             ActivationType::Uint8 => "uint8",
             ActivationType::Int8 => "int8",
-            ActivationType::Int8Symmetric => "int8-symmetric",
+            ActivationType::Int8Symmetric => crate::bundle::TENSORRT_INT8_ACTIVATIONS,
         }
     }
 
@@ -239,11 +239,6 @@ pub fn plan(graph: &GraphProto) -> Result<Plan, QuantizeError> {
         stems,
         input,
     })
-}
-
-/// `model` with the plan's tensors added as graph outputs, so a session returns them.
-pub fn with_probe_outputs(model: &ModelProto, plan: &Plan) -> ModelProto {
-    with_outputs(model, &plan.tensors)
 }
 
 /// `model` with the float tensors `names` added as graph outputs, so a session returns them.

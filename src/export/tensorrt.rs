@@ -91,17 +91,20 @@ pub fn export_tensorrt(
     let mut bundle = Bundle::open(dir)?;
     let mut quantised = None;
     if precision == TensorRtPrecision::Int8 {
-        let current = bundle.clone().with_precision(Precision::Int8).is_ok();
-        if !(current && bundle.int8_is_for_tensorrt()) {
-            let options = Int8Options {
-                activations: ActivationType::Int8Symmetric,
-                out: None,
-                ..int8.clone()
-            };
-            quantised = Some(export_int8(dir, &options)?);
-            bundle = Bundle::open(dir)?;
-        }
-        bundle = bundle.with_precision(Precision::Int8)?;
+        // A current INT8 graph of TensorRT's kind is used as it is (checked once); any other is
+        // quantised again.
+        bundle = match bundle.with_precision(Precision::Int8) {
+            Ok(current) if current.int8_is_for_tensorrt() => current,
+            _ => {
+                let options = Int8Options {
+                    activations: ActivationType::Int8Symmetric,
+                    out: None,
+                    ..int8.clone()
+                };
+                quantised = Some(export_int8(dir, &options)?);
+                Bundle::open_as(dir, Precision::Int8)?
+            }
+        };
     }
     let options = EngineOptions {
         provider: ProviderRequest::TensorRt,
