@@ -14,7 +14,10 @@
 #      and max relative error) and the AUROCs;
 #   5. `stpm run` on generated conveyor frames (recording on, no RTSP/MQTT) with the engine on
 #      CUDA (preprocessing and overlay on the GPU) and on the CPU: analysed frames/s and mean time
-#      per stage from /metrics (STPM_GPU_RUN_BUNDLE, STPM_GPU_RUN_FRAMES to change bundle, frames).
+#      per stage from /metrics (STPM_GPU_RUN_BUNDLE, STPM_GPU_RUN_FRAMES to change bundle, frames);
+#   6. batched inference across cameras: four generated cameras on the GPU session (`auto`), with
+#      `model.batch = 1` and with the default (one per camera): frames/s, frames that went in
+#      batches (none is a failure), and the alert events per camera, which must not change.
 #
 # Binaries: built here with cargo (`--features gpu`), or, with STPM_PREBUILT=DIR, DIR/stpm and
 # DIR/stpm-lib-tests (the lib test binary of `cargo test --release --features gpu --lib --no-run`).
@@ -262,6 +265,52 @@ if grep -q "preprocessing on the GPU" "$out/run-cuda.log" \
     row "stpm run cuda: GPU stages" "preprocessing and overlay on the GPU"
 else
     fail "stpm run on cuda did not use the GPU stage: $(grep -m1 'GPU' "$out/run-cuda.log")"
+fi
+
+echo "== 6. batched inference across cameras"
+# Four cameras of different seeds, as fast as the pipeline takes them, no outputs but alerts.
+{
+    printf '[model]\nbundle = "%s"\nprovider = "auto"\n' "${STPM_GPU_RUN_BUNDLE:-$bundle}"
+    for seed in 1 2 3 4; do
+        printf '[[camera]]\nname = "cam%s"\nsource = "test://conveyor?frames=%s&seed=%s"\nrealtime = false\n' \
+            "$seed" "${STPM_GPU_BATCH_FRAMES:-600}" "$seed"
+    done
+    printf '[output.record]\nenabled = false\n[output.rtsp]\nenabled = false\n'
+} >"$work/batch.toml"
+for batch in 1 0; do
+    started=$(date +%s.%N)
+    "$stpm" run --pipeline "$work/batch.toml" --set "model.batch=$batch" >"$out/batch-$batch.log" 2>&1
+    status=$?
+    ended=$(date +%s.%N)
+    grep -E "^engine|^camera|error|failed" "$out/batch-$batch.log" | tail -6
+    if [[ $status -ne 0 ]]; then
+        fail "stpm run with model.batch=$batch exited $status: $(tail -1 "$out/batch-$batch.log")"
+        continue
+    fi
+    frames=$(grep -o '^camera cam[0-9]: [0-9]* frames' "$out/batch-$batch.log" | awk '{s += $3} END {print s + 0}')
+    batched=$(grep -o '[0-9]* in batches with' "$out/batch-$batch.log" | awk '{s += $1} END {print s + 0}')
+    row "stpm run, 4 cameras, model.batch=$batch (0: one per camera)" \
+        "$frames frames in $(python3 -c "print(round($ended - $started, 1))") s ($(python3 -c "print(round($frames / ($ended - $started), 1))") frames/s with start-up), $batched in batches"
+    grep -o '^camera cam[0-9]: .* alert events' "$out/batch-$batch.log" | sed 's/ [0-9]* frames.* offline, / /' >"$out/alerts-$batch.txt"
+done
+if [[ -s "$out/alerts-0.txt" ]]; then
+    if ! grep -q '[1-9][0-9]* in batches with' "$out/batch-0.log"; then
+        fail "four cameras on one GPU session ran no frame in a batch"
+    fi
+    # Batch sizes change the GPU's kernels and so the last bits of a score: a frame right at the
+    # threshold may flip, so only a larger difference fails.
+    row "alert events per camera, one by one | batched" \
+        "$(tr '\n' ';' <"$out/alerts-1.txt") | $(tr '\n' ';' <"$out/alerts-0.txt")"
+    if ! python3 - "$out/alerts-1.txt" "$out/alerts-0.txt" <<'EOF'
+import re, sys
+def counts(path):
+    return {m[1]: int(m[2]) for m in re.finditer(r"camera (\S+): (\d+) alert events", open(path).read())}
+one, batched = counts(sys.argv[1]), counts(sys.argv[2])
+sys.exit(one.keys() != batched.keys() or any(abs(one[c] - batched[c]) > 2 for c in one))
+EOF
+    then
+        fail "batching changed the alert events by more than 2 on a camera"
+    fi
 fi
 
 echo

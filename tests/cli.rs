@@ -324,6 +324,30 @@ fn export_formats_this_build_or_machine_cannot_make_say_why_and_fail() {
     let out = stpm(&args);
     assert!(!out.status.success(), "{args:?} must fail");
     assert!(text(&out).contains("--format tensorrt"), "{}", text(&out));
+    // The batch an engine is tuned for is TensorRT's, and within its profile.
+    let args = [
+        "export",
+        "--model",
+        "b",
+        "--precision",
+        "int8",
+        "--batch",
+        "4",
+    ];
+    let out = stpm(&args);
+    assert!(!out.status.success(), "{args:?} must fail");
+    assert!(
+        text(&out).contains("--batch is for `--format tensorrt`"),
+        "{}",
+        text(&out)
+    );
+    let out = stpm(&[&tensorrt[..], &["--batch", "33"]].concat());
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("--batch 33: use 1 to 32"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]

@@ -169,3 +169,132 @@ fn pipeline_errors_name_the_key() {
     assert!(!out.status.success(), "{log}");
     assert!(log.contains("`tensorrt` is not available"), "{log}");
 }
+
+/// Random model inputs of the tiny bundle's size.
+fn noise_inputs(count: usize, len: usize) -> Vec<Vec<f32>> {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    (0..count)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state % 2001) as f32 / 1000.0 - 1.0
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn tiny_engine() -> (stpm::engine::Engine, usize) {
+    let bundle = stpm::bundle::Bundle::open(common::tiny_conveyor_bundle()).expect("bundle");
+    let [h, w] = bundle.manifest.model.input_size;
+    let engine = stpm::engine::Engine::for_bundle(&bundle, stpm::engine::EngineOptions::default())
+        .expect("cpu session");
+    (engine, 3 * h * w)
+}
+
+#[test]
+fn a_shared_session_runs_the_cameras_frames_in_one_call_and_hands_each_its_own() {
+    use stpm::engine::batch::{Input, SharedSession};
+    let (mut engine, len) = tiny_engine();
+    let inputs = noise_inputs(3, len);
+    let alone: Vec<_> = inputs
+        .iter()
+        .map(|input| engine.run(input, 1).expect("one image"))
+        .collect();
+    let session = SharedSession::new(engine, 3, Duration::from_secs(10));
+    let participants: Vec<_> = (0..3).map(|_| session.join()).collect();
+    let started = Instant::now();
+    let outcomes: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = participants
+            .iter()
+            .zip(&inputs)
+            .map(|(participant, input)| {
+                scope.spawn(move || participant.score(Input::Host(input.clone())))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("caller"))
+            .collect()
+    });
+    // The leader waited for all three (not the 10 s limit), and they shared one call.
+    assert!(started.elapsed() < Duration::from_secs(5));
+    for ((outcome, expected), input) in outcomes.into_iter().zip(&alone).zip(&inputs) {
+        assert_eq!(outcome.batch, 3);
+        let scores = outcome.scores.expect("scores");
+        let (diff, scale) = common::max_abs_diff(&scores.maps, &expected.maps);
+        assert!(diff <= 1e-4 * scale, "map differs by {diff} (max {scale})");
+        assert_eq!(scores.scores.len(), 1);
+        assert!((scores.scores[0] - expected.scores[0]).abs() <= 1e-4 * scale);
+        // The caller's buffer comes back for its next frame.
+        assert_eq!(outcome.input.into_host().as_ref(), Some(input));
+    }
+}
+
+#[test]
+fn a_leader_stops_waiting_for_a_camera_that_has_gone() {
+    use stpm::engine::batch::{Input, SharedSession};
+    let (engine, len) = tiny_engine();
+    let input = noise_inputs(1, len).remove(0);
+    let session = SharedSession::new(engine, 4, Duration::from_secs(30));
+    let present = session.join();
+    let gone = session.join();
+    let started = Instant::now();
+    let outcome = std::thread::scope(|scope| {
+        let caller = scope.spawn(|| present.score(Input::Host(input.clone())));
+        std::thread::sleep(Duration::from_millis(200));
+        drop(gone);
+        caller.join().expect("caller")
+    });
+    assert!(outcome.scores.is_ok());
+    assert_eq!(outcome.batch, 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the leader waited {:?} for a camera that had left",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn two_cameras_on_one_session_are_batched() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("p.toml");
+    let camera = |name: &str, seed: u32| {
+        format!(
+            "[[camera]]\nname = \"{name}\"\nsource = \"test://conveyor?frames=16&fps=12&seed={seed}\"\n\
+             realtime = false\n"
+        )
+    };
+    std::fs::write(
+        &file,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\nsessions = 1\nbatch = 2\nbatch_wait_ms = 500\n\n{}\n{}",
+            path(common::tiny_conveyor_bundle()),
+            camera("line1", 1),
+            camera("line2", 2)
+        ),
+    )
+    .expect("write pipeline");
+    let out = stpm(&["run", "--pipeline", path(&file)], dir.path());
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("batches of up to 2 frames across cameras"),
+        "{log}"
+    );
+    for name in ["line1", "line2"] {
+        let line = log
+            .lines()
+            .find(|l| l.starts_with(&format!("camera {name}: 16 frames, 16 analysed")))
+            .unwrap_or_else(|| panic!("no summary of {name} in {log}"));
+        let batched: u64 = line
+            .split(", ")
+            .find_map(|part| part.strip_suffix(" in batches with other cameras' frames"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{name} had no frames in batches: {line}"));
+        assert!(batched >= 8, "{line}");
+    }
+}

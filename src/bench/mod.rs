@@ -242,6 +242,7 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
                 EngineOptions {
                     threads,
                     provider: request,
+                    batch: options.batch,
                     ..EngineOptions::default()
                 },
             )
@@ -259,6 +260,7 @@ pub fn bench(model: &Path, options: &BenchOptions) -> Result<BenchReport, BenchE
             provider: ProviderRequest::exactly(provider.provider),
             int8: false,
             int8_tensorrt: false,
+            batch: options.batch,
         },
     )?;
     let frame = Conveyor::new(640, 480, 1).frame(60).frame;

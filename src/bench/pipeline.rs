@@ -320,6 +320,7 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
         provider: request,
         int8: false,
         int8_tensorrt: false,
+        batch: 1,
     };
     let ours = crate::pipeline::engine_options(&config, request, our_sessions);
     let (plain_before, mut plain_samples) = engine_round(&bundle, plain, 1, options.frames)?;

@@ -83,6 +83,10 @@ pub struct ExportArgs {
     /// `--format tensorrt --precision int8` always makes).
     #[arg(long, value_enum, default_value_t = ActivationType::Uint8)]
     pub activations: ActivationType,
+    /// `--format tensorrt`: the images per call the engine is optimised for (a pipeline's
+    /// `model.batch`, by default one per camera on a GPU); it runs 1 to 32 either way.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// Output file. Default: <bundle>/model.int8.onnx, recorded in the manifest so that
     /// `--precision int8` (eval, infer, bench) and `[model] precision` (run) find it; a file outside
     /// the bundle is only written.
@@ -344,7 +348,7 @@ fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
             0.0
         };
         println!(
-            "camera {}: {} frames, {} analysed, {} dropped, {} offline, {} alert events, inference {:.1} ms/frame ({})",
+            "camera {}: {} frames, {} analysed, {} dropped, {} offline, {} alert events, inference {:.1} ms/frame ({}){}",
             camera.camera,
             camera.frames,
             camera.analysed,
@@ -352,7 +356,11 @@ fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
             camera.offline,
             camera.alerts,
             mean_ms,
-            summary.provider
+            summary.provider,
+            match camera.batched {
+                0 => String::new(),
+                n => format!(", {n} in batches with other cameras' frames"),
+            }
         );
         if let Some([p50, p95, _]) = camera.end_to_end {
             println!(
@@ -445,6 +453,11 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
         activations: args.activations,
         progress: !args.quiet,
     };
+    if args.format == ExportFormat::Onnx && args.batch != 1 {
+        bail!(
+            "--batch is for `--format tensorrt` (the batch a TensorRT engine is tuned for); an ONNX model takes any batch"
+        );
+    }
     match (args.format, args.precision) {
         (ExportFormat::Tensorrt, precision) => return export_tensorrt(&args, precision, options),
         (ExportFormat::Onnx, ExportPrecision::Fp16) => bail!(
@@ -512,7 +525,14 @@ fn export_tensorrt(
         ExportPrecision::Fp16 => TensorRtPrecision::Fp16,
         ExportPrecision::Int8 => TensorRtPrecision::Int8,
     };
-    let outcome = tensorrt::export_tensorrt(&args.model, precision, &options)
+    if !(1..=stpm::engine::batch::MAX_BATCH).contains(&args.batch) {
+        bail!(
+            "--batch {}: use 1 to {}",
+            args.batch,
+            stpm::engine::batch::MAX_BATCH
+        );
+    }
+    let outcome = tensorrt::export_tensorrt(&args.model, precision, &options, args.batch)
         .with_context(|| format!("TensorRT export of {} failed", args.model.display()))?;
     if let Some(int8) = &outcome.quantised {
         println!(

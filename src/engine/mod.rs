@@ -2,6 +2,7 @@
 //! on an execution provider (`provider`: the one place that decides CPU, CUDA or TensorRT), and
 //! turning input batches into anomaly maps and scores. The one inference path every command uses.
 
+pub mod batch;
 pub mod provider;
 
 use std::path::{Path, PathBuf};
@@ -124,6 +125,9 @@ pub struct EngineOptions {
     /// export --format tensorrt --precision int8`). A TensorRT session on an INT8 graph of any other
     /// kind is refused (TensorRT cannot build uint8 Q/DQ pairs), so `auto` moves on to CUDA.
     pub int8_tensorrt: bool,
+    /// The batch size a TensorRT engine is optimised for (0 or 1: single images); every engine
+    /// takes 1 to [`batch::MAX_BATCH`] images (its optimisation profile).
+    pub batch: usize,
 }
 
 /// Anomaly maps [N, 1, H, W] (flattened) and image scores [N] of one batch.
@@ -153,7 +157,7 @@ impl Engine {
         let plan = resolve_provider(options.provider)?;
         let mut skipped = plan.skipped;
         for provider in plan.candidates {
-            match Self::session(env, model, options, provider) {
+            match Self::session(env, model, size, options, provider) {
                 Ok(session) => {
                     let reason =
                         provider::describe(options.provider, provider, &skipped, options.int8);
@@ -198,6 +202,7 @@ impl Engine {
     fn session(
         env: &Environment,
         model: &Path,
+        size: [usize; 2],
         options: EngineOptions,
         provider: ExecutionProvider,
     ) -> Result<Session, EngineError> {
@@ -220,7 +225,7 @@ impl Engine {
         }
         let mut builder = Session::builder(env).map_err(|e| open_error(e.to_string()))?;
         if provider != ExecutionProvider::Cpu {
-            builder = provider::register(builder, provider, model, options)?;
+            builder = provider::register(builder, provider, model, size, options)?;
         }
         if !options.plain {
             builder = builder
@@ -307,6 +312,30 @@ impl Engine {
         n: usize,
     ) -> Result<Scores, EngineError> {
         use cudarc::driver::DevicePtr;
+
+        // ONNX Runtime reads the tensor on its own stream: the preprocessing must be done first.
+        stream
+            .synchronize()
+            .map_err(|e| EngineError::Run(format!("waiting for the preprocessing: {e}")))?;
+        let (pointer, _record) = input.device_ptr(stream);
+        // SAFETY: `pointer` addresses `input.len()` float32 values of device 0, owned by `input`,
+        // which outlives this call; the stream that wrote them has finished.
+        unsafe { self.run_device_at(pointer, input.len(), n) }
+    }
+
+    /// [`Engine::run_device`] on `len` float32 values at the device address `pointer` (the
+    /// batcher's gathered batch, or one camera's own input).
+    ///
+    /// # Safety
+    /// `pointer` must address at least `len` float32 values in device 0's memory, written by
+    /// work that has finished, and stay valid and unchanged until this returns.
+    #[cfg(feature = "gpu")]
+    pub unsafe fn run_device_at(
+        &mut self,
+        pointer: u64,
+        len: usize,
+        n: usize,
+    ) -> Result<Scores, EngineError> {
         use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
         use ort::value::{Shape, TensorRefMut};
 
@@ -316,13 +345,8 @@ impl Engine {
                     .into(),
             ));
         }
-        let [h, w] = self.check_input(input.len(), n)?;
+        let [h, w] = self.check_input(len, n)?;
         let run_error = |e: String| EngineError::Run(e);
-        // ONNX Runtime reads the tensor on its own stream: the preprocessing must be done first.
-        stream
-            .synchronize()
-            .map_err(|e| run_error(format!("waiting for the preprocessing: {e}")))?;
-        let (pointer, _record) = input.device_ptr(stream);
         let info = MemoryInfo::new(
             AllocationDevice::CUDA,
             0,
@@ -331,8 +355,8 @@ impl Engine {
         )
         .map_err(|e| run_error(e.to_string()))?;
         let dims = [n, 3, h, w].map(|d| d as i64);
-        // SAFETY: `pointer` addresses n·3·h·w float32 values of device 0 (length checked above)
-        // owned by `input`, which outlives this call and so the tensor and the run that reads it.
+        // SAFETY: the caller guarantees `pointer` addresses n·3·h·w float32 values of device 0
+        // (length checked above) that stay valid for the run that reads them.
         let tensor = unsafe {
             TensorRefMut::<f32>::from_raw(info, pointer as usize as *mut _, Shape::new(dims))
         }
@@ -473,7 +497,7 @@ mod tests {
             ..EngineOptions::default()
         };
         let model = Path::new("/nonexistent/bundle/model.int8.onnx");
-        let refused = Engine::session(env, model, options, ExecutionProvider::TensorRt);
+        let refused = Engine::session(env, model, [8, 8], options, ExecutionProvider::TensorRt);
         match refused {
             Err(EngineError::ProviderUnavailable { reason, .. }) => {
                 assert!(

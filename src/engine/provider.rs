@@ -196,12 +196,24 @@ pub(super) fn register(
     _builder: ort::session::builder::SessionBuilder,
     provider: ExecutionProvider,
     _model: &std::path::Path,
+    _size: [usize; 2],
     options: super::EngineOptions,
 ) -> Result<ort::session::builder::SessionBuilder, EngineError> {
     Err(EngineError::ProviderUnavailable {
         requested: options.provider,
         reason: gpu_unavailable().unwrap_or_else(|| format!("{provider} is not compiled in")),
     })
+}
+
+/// The TensorRT optimisation profile of the `image` input (`name:NxCxHxW`, min/opt/max): 1 to
+/// [`super::batch::MAX_BATCH`] images, optimised for `batch`. One fixed range, so that any batch
+/// a pipeline gathers runs on the engine built (and cached) once, instead of TensorRT building a
+/// new one for each new batch size.
+pub fn tensorrt_profile(size: [usize; 2], batch: usize) -> [String; 3] {
+    let [h, w] = size;
+    let max = super::batch::MAX_BATCH;
+    let shape = |n: usize| format!("{}:{n}x3x{h}x{w}", crate::export::INPUT_NAME);
+    [shape(1), shape(batch.clamp(1, max)), shape(max)]
 }
 
 /// Adds `provider` to `builder` with `error_on_failure`: TensorRT (FP16, and INT8 for an INT8
@@ -212,6 +224,7 @@ pub(super) fn register(
     builder: ort::session::builder::SessionBuilder,
     provider: ExecutionProvider,
     model: &std::path::Path,
+    size: [usize; 2],
     options: super::EngineOptions,
 ) -> Result<ort::session::builder::SessionBuilder, EngineError> {
     use ort::ep::{self, ExecutionProvider as _};
@@ -245,7 +258,11 @@ pub(super) fn register(
                 ))
             })?;
             let cache = cache.display().to_string();
+            let [min, opt, max] = tensorrt_profile(size, options.batch);
             let tensorrt = ep::TensorRT::default()
+                .with_profile_min_shapes(min)
+                .with_profile_opt_shapes(opt)
+                .with_profile_max_shapes(max)
                 .with_device_id(0)
                 .with_fp16(true)
                 .with_int8(options.int8)
@@ -285,6 +302,20 @@ mod tests {
             serde_json::to_value(ExecutionProvider::TensorRt).ok(),
             Some(serde_json::json!("tensorrt"))
         );
+    }
+
+    #[test]
+    fn the_tensorrt_profile_spans_one_to_the_largest_batch() {
+        assert_eq!(
+            tensorrt_profile([256, 320], 4),
+            [
+                "image:1x3x256x320".to_string(),
+                "image:4x3x256x320".to_string(),
+                "image:32x3x256x320".to_string()
+            ]
+        );
+        assert_eq!(tensorrt_profile([8, 8], 0)[1], "image:1x3x8x8");
+        assert_eq!(tensorrt_profile([8, 8], 99)[1], "image:32x3x8x8");
     }
 
     #[test]

@@ -77,12 +77,15 @@ pub fn check_available() -> Result<(), TensorRtError> {
     }
 }
 
-/// Builds (or refreshes) the bundle's TensorRT engine for `precision`; `int8` sets the calibration
-/// of a new INT8 graph (its `activations` must be the default or `int8-symmetric`).
+/// Builds (or refreshes) the bundle's TensorRT engine for `precision`, optimised for `batch`
+/// images per call (it takes 1 to [`crate::engine::batch::MAX_BATCH`] either way); `int8` sets
+/// the calibration of a new INT8 graph (its `activations` must be the default or
+/// `int8-symmetric`).
 pub fn export_tensorrt(
     dir: &Path,
     precision: TensorRtPrecision,
     int8: &Int8Options,
+    batch: usize,
 ) -> Result<TensorRtOutcome, TensorRtError> {
     if int8.activations == ActivationType::Int8 {
         return Err(TensorRtError::Activations(int8.activations.name()));
@@ -108,6 +111,7 @@ pub fn export_tensorrt(
     }
     let options = EngineOptions {
         provider: ProviderRequest::TensorRt,
+        batch,
         ..EngineOptions::default()
     };
     let started = Instant::now();
@@ -120,7 +124,8 @@ pub fn export_tensorrt(
         .into());
     }
     let [h, w] = bundle.manifest.model.input_size;
-    // TensorRT builds the engine for the first input shape it sees; one image is the pipeline's.
+    // TensorRT builds the engine (for the session's profile of 1 to MAX_BATCH images) by the
+    // first call at the latest.
     engine.run(&vec![0.0; 3 * h * w], 1)?;
     let build_seconds = started.elapsed().as_secs_f64();
     let cache_dir = dir.join(CACHE_DIR);
@@ -156,6 +161,7 @@ mod tests {
             Path::new("/nonexistent/bundle"),
             TensorRtPrecision::Int8,
             &options,
+            1,
         )
         .expect_err("int8 asymmetric activations");
         assert!(
@@ -176,6 +182,7 @@ mod tests {
             Path::new("/nonexistent/bundle"),
             TensorRtPrecision::Fp16,
             &Int8Options::default(),
+            1,
         )
         .expect_err("no GPU");
         let text = error.to_string();

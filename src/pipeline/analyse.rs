@@ -8,7 +8,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::bundle::Manifest;
-use crate::engine::{Engine, Scores};
+use crate::engine::Scores;
+use crate::engine::batch::{Input, Participant, SharedSession};
 use crate::pipeline::metrics::{CameraMetrics, Stage};
 use crate::pipeline::queue::{FrameQueue, Item};
 use crate::pipeline::source::Captured;
@@ -20,8 +21,11 @@ pub struct Analysed {
     /// The engine's maps and score for a frame that was due; `Err` when inference failed; `None`
     /// for a frame above `max_fps`, passed through un-analysed.
     pub scores: Option<Result<Scores, String>>,
-    /// Engine time of this frame (zero when not analysed).
+    /// Engine time of this frame's call (zero when not analysed).
     pub inference: Duration,
+    /// Images in that call (other cameras' frames beside this one when more than 1; 0 when not
+    /// analysed).
+    pub batch: usize,
 }
 
 /// What a camera's analysers share: the queues at both ends and the order frames were taken in.
@@ -138,8 +142,9 @@ impl Intake {
 /// One inference loop of a camera (one of `model.sessions`).
 pub struct Analyser {
     pub manifest: Arc<Manifest>,
-    /// This analyser's session (shared with the same-numbered analyser of other cameras).
-    pub engine: Arc<Mutex<Engine>>,
+    /// This analyser's session (shared with the same-numbered analyser of other cameras, whose
+    /// frames it may run in the same call).
+    pub engine: Arc<SharedSession>,
     pub intake: Arc<Intake>,
     pub metrics: Arc<CameraMetrics>,
     /// The model input of the host path, written in place for every frame (no 3×H×W float
@@ -155,6 +160,8 @@ impl Analyser {
     /// on), or the worker is gone.
     pub fn run(mut self) {
         let intake = Arc::clone(&self.intake);
+        let session = Arc::clone(&self.engine);
+        let participant = session.join();
         while let Some(Ticket { number, item, due }) = intake.take() {
             let end = matches!(item, Item::End);
             let item = item.map(|captured| {
@@ -168,13 +175,15 @@ impl Analyser {
                         captured,
                         scores: None,
                         inference: Duration::ZERO,
+                        batch: 0,
                     };
                 }
-                let (scores, inference) = self.score(&captured);
+                let (scores, inference, batch) = self.score(&captured, &participant);
                 Analysed {
                     captured,
                     scores: Some(scores),
                     inference,
+                    batch,
                 }
             });
             if !intake.hand_on(number, item) || end {
@@ -183,8 +192,12 @@ impl Analyser {
         }
     }
 
-    /// Preprocesses and scores one frame; returns the engine time with the result.
-    fn score(&mut self, captured: &Captured) -> (Result<Scores, String>, Duration) {
+    /// Preprocesses and scores one frame; returns the engine time and batch size with the result.
+    fn score(
+        &mut self,
+        captured: &Captured,
+        participant: &Participant,
+    ) -> (Result<Scores, String>, Duration, usize) {
         let started = Instant::now();
         let on_gpu = self.preprocess_on_gpu(captured);
         if !on_gpu {
@@ -198,30 +211,23 @@ impl Analyser {
             );
         }
         self.metrics.stage(Stage::Preprocess, started.elapsed());
-        // Inference time starts once the session is this analyser's (another analyser, or
-        // another camera's, may hold it meanwhile).
-        let (scores, inference) = if on_gpu {
-            let tick = Instant::now();
-            let scores = self.infer_on_gpu();
-            (scores, tick.elapsed())
-        } else {
-            match self.engine.lock() {
-                Ok(mut engine) => {
-                    let tick = Instant::now();
-                    let scores = engine.run(&self.input, 1).map_err(|e| e.to_string());
-                    (scores, tick.elapsed())
-                }
-                Err(_) => (
-                    Err("the engine lock is poisoned".to_string()),
-                    Duration::ZERO,
-                ),
-            }
+        // The engine time is the call's (this frame's and the others in its batch), from when
+        // the session was free: another analyser, or another camera's, may hold it meanwhile.
+        let input = match self.device_input(on_gpu) {
+            Ok(Some(input)) => input,
+            Ok(None) => Input::Host(std::mem::take(&mut self.input)),
+            Err(e) => return (Err(e), Duration::ZERO, 0),
         };
+        let outcome = participant.score(input);
+        let (scores, inference, batch) = (outcome.scores, outcome.inference, outcome.batch);
+        if let Some(values) = outcome.input.into_host() {
+            self.input = values;
+        }
         if scores.is_ok() {
-            self.metrics.analysed(inference);
+            self.metrics.analysed(inference, batch);
             self.metrics.stage(Stage::Inference, inference);
         }
-        (scores, inference)
+        (scores, inference, batch)
     }
 
     /// Preprocesses the frame on the GPU when this camera has a GPU stage; false means the host
@@ -246,18 +252,19 @@ impl Analyser {
         false
     }
 
-    /// Inference on the input the GPU stage left on the device.
+    /// The input the GPU stage left on the device, when the frame was preprocessed there.
     #[cfg(feature = "gpu")]
-    fn infer_on_gpu(&self) -> Result<Scores, String> {
-        match &self.gpu {
-            Some(stage) => stage.infer(&self.engine),
-            None => Err("no GPU stage for this camera".into()),
+    fn device_input(&self, on_gpu: bool) -> Result<Option<Input>, String> {
+        match (&self.gpu, on_gpu) {
+            (Some(stage), true) => stage.device_input().map(|input| Some(Input::Device(input))),
+            (None, true) => Err("no GPU stage for this camera".into()),
+            (_, false) => Ok(None),
         }
     }
 
     #[cfg(not(feature = "gpu"))]
-    fn infer_on_gpu(&self) -> Result<Scores, String> {
-        Err("this build has no GPU path".into())
+    fn device_input(&self, _on_gpu: bool) -> Result<Option<Input>, String> {
+        Ok(None)
     }
 }
 
@@ -302,6 +309,7 @@ mod tests {
                 captured,
                 scores: due.then(|| Err("no engine in this test".to_string())),
                 inference: Duration::ZERO,
+                batch: 0,
             });
             if !intake.hand_on(number, item) || end {
                 return;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::alerts::{AlertConfig, CameraAlertOverrides, MqttConfig};
+use crate::engine::batch::MAX_BATCH;
 use crate::pipeline::encoder::EncoderRequest;
 
 /// The whole pipeline file.
@@ -56,6 +57,19 @@ pub struct ModelConfig {
     /// one, else fp32), `fp32` (model.onnx) or `int8` (after `stpm export --precision int8`).
     #[serde(default)]
     pub precision: crate::bundle::PrecisionChoice,
+    /// Most images per inference call, gathered from the cameras' frames that wait for the same
+    /// session (batched inference across cameras). 0 (the default) is one per camera, up to
+    /// [`MAX_BATCH`], on a GPU provider, and 1 on the CPU (see [`ModelConfig::batch_on`]).
+    #[serde(default)]
+    pub batch: usize,
+    /// How long the first frame of a batch waits for the other cameras' frames (milliseconds);
+    /// a batch goes as soon as every camera on the session has a frame in it.
+    #[serde(default = "default_batch_wait_ms")]
+    pub batch_wait_ms: u64,
+}
+
+fn default_batch_wait_ms() -> u64 {
+    10
 }
 
 fn default_provider() -> String {
@@ -72,6 +86,17 @@ pub const MAX_SESSIONS: usize = 16;
 pub const AUTO_CPU_SESSIONS: usize = 2;
 
 impl ModelConfig {
+    /// The most images per inference call: `batch`, or for 0 one per camera (at most
+    /// [`MAX_BATCH`]) on a GPU provider and 1 on the CPU, where a batch of N costs N times one
+    /// image (measured; README) and only adds the wait.
+    pub fn batch_on(&self, cpu: bool, cameras: usize) -> usize {
+        match (cpu, self.batch) {
+            (true, 0) => 1,
+            (false, 0) => cameras.clamp(1, MAX_BATCH),
+            (_, n) => n.min(MAX_BATCH),
+        }
+    }
+
     /// The sessions a run opens: on the CPU `sessions`, or [`AUTO_CPU_SESSIONS`] for 0; on a GPU
     /// provider one (it runs batches, not frames side by side).
     pub fn sessions_on(&self, cpu: bool) -> usize {
@@ -375,6 +400,18 @@ impl PipelineConfig {
                 self.model.sessions
             ));
         }
+        if self.model.batch > MAX_BATCH {
+            problems.push(format!(
+                "model.batch = {}: use 1 to {MAX_BATCH}, or 0 for one per camera on a GPU (1 on the CPU)",
+                self.model.batch
+            ));
+        }
+        if self.model.batch_wait_ms > 1000 {
+            problems.push(format!(
+                "model.batch_wait_ms = {}: use 0 to 1000",
+                self.model.batch_wait_ms
+            ));
+        }
         if self.camera.is_empty() {
             problems.push("no [[camera]]: add at least one".into());
         }
@@ -499,6 +536,16 @@ mod tests {
         assert_eq!((config.model.sessions, config.model.threads), (0, 0));
         assert_eq!(config.model.sessions_on(true), AUTO_CPU_SESSIONS);
         assert_eq!(config.model.sessions_on(false), 1);
+        // Batches across cameras: one per camera on a GPU, none on the CPU, unless asked.
+        assert_eq!(config.model.batch, 0);
+        assert_eq!(config.model.batch_on(true, 4), 1);
+        assert_eq!(config.model.batch_on(false, 4), 4);
+        assert_eq!(config.model.batch_on(false, 100), MAX_BATCH);
+        let asked = ModelConfig {
+            batch: 3,
+            ..config.model.clone()
+        };
+        assert_eq!((asked.batch_on(true, 1), asked.batch_on(false, 8)), (3, 3));
         assert_eq!(config.camera[0].max_fps, 0.0);
         assert!(config.camera[0].realtime);
         let sets = [
@@ -526,7 +573,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let path = write(
             dir.path(),
-            "[model]\nbundle = \"b\"\nprovider = \"gpu\"\nsessions = 17\n\
+            "[model]\nbundle = \"b\"\nprovider = \"gpu\"\nsessions = 17\nbatch = 33\nbatch_wait_ms = 5000\n\
              [[camera]]\nname = \"bad name\"\nsource = \"http://x\"\nmax_fps = -1\n\
              [[camera]]\nname = \"cam\"\nsource = \"file:///nowhere/x.mkv\"\n\
              [alerts]\non_threshold = 0.5\noff_threshold = 0.7\n\
@@ -539,6 +586,8 @@ mod tests {
         for expected in [
             "model.provider",
             "model.sessions = 17: use 1 to 16, or 0 for 2 on the CPU",
+            "model.batch = 33: use 1 to 32",
+            "model.batch_wait_ms = 5000: use 0 to 1000",
             "camera[0].name",
             "camera[0].source",
             "camera[0].max_fps",

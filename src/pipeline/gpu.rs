@@ -4,10 +4,9 @@
 //! its own stage and uploads the frame itself). Outlines, boxes and the caption are drawn on the
 //! host (`overlay::live`).
 
-use std::sync::Mutex;
-
 use crate::bundle::{Calibration, Manifest};
-use crate::engine::{Engine, ExecutionProvider, Scores};
+use crate::engine::ExecutionProvider;
+use crate::engine::batch::DeviceInput;
 use crate::gpu::{GpuContext, GpuError, Preprocessor, Staging};
 use crate::overlay::heat::Heat;
 use crate::preprocess::RgbFrame;
@@ -65,18 +64,22 @@ impl GpuStage {
             })
     }
 
-    /// Runs the engine on the input [`GpuStage::preprocess`] left on the device.
-    pub(super) fn infer(&self, engine: &Mutex<Engine>) -> Result<Scores, String> {
+    /// Where [`GpuStage::preprocess`] left the model input on the device, for the session (which
+    /// reads it in place, or gathers it into a batch with other cameras' inputs). The buffer stays
+    /// this stage's and unchanged until the next `preprocess`, which this camera's analyser only
+    /// calls after its inference call has returned.
+    pub(super) fn device_input(&self) -> Result<DeviceInput, String> {
+        use cudarc::driver::DevicePtr;
+
         let input = self
             .staging
             .output()
             .ok_or_else(|| "no preprocessed input on the GPU".to_string())?;
-        let mut engine = engine
-            .lock()
-            .map_err(|_| "the engine lock is poisoned".to_string())?;
-        engine
-            .run_device(input, self.kernels.stream(), 1)
-            .map_err(|e| e.to_string())
+        let (pointer, _record) = input.device_ptr(self.kernels.stream());
+        Ok(DeviceInput {
+            pointer,
+            len: input.len(),
+        })
     }
 
     /// Uploads `frame` and blends the heatmap of `map` over it; returns the pixels and the mask.

@@ -200,6 +200,8 @@ pub struct CameraMetrics {
     pub camera: String,
     frames: AtomicU64,
     analysed: AtomicU64,
+    /// Analysed frames that shared their inference call with other cameras' frames.
+    batched: AtomicU64,
     dropped: AtomicU64,
     state: AtomicU8,
     alerts: AtomicU64,
@@ -220,6 +222,7 @@ impl CameraMetrics {
             camera: camera.to_string(),
             frames: AtomicU64::new(0),
             analysed: AtomicU64::new(0),
+            batched: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             state: AtomicU8::new(CameraState::Starting.to_u8()),
             alerts: AtomicU64::new(0),
@@ -243,9 +246,13 @@ impl CameraMetrics {
         self.set_state(CameraState::Online);
     }
 
-    /// A frame went through the engine in `inference`.
-    pub fn analysed(&self, inference: Duration) {
+    /// A frame went through the engine in `inference`, in a call of `batch` images (other
+    /// cameras' frames beside it when more than 1).
+    pub fn analysed(&self, inference: Duration, batch: usize) {
         self.analysed.fetch_add(1, Ordering::Relaxed);
+        if batch > 1 {
+            self.batched.fetch_add(1, Ordering::Relaxed);
+        }
         if let Ok(mut histogram) = self.inference.lock() {
             histogram.observe(inference.as_secs_f64());
         }
@@ -445,7 +452,7 @@ impl Metrics {
             );
         }
         type Value<'a> = &'a dyn Fn(&CameraMetrics) -> f64;
-        let per_camera: [(&str, &str, &str, Value); 7] = [
+        let per_camera: [(&str, &str, &str, Value); 8] = [
             (
                 "stpm_frames_total",
                 "counter",
@@ -457,6 +464,12 @@ impl Metrics {
                 "counter",
                 "Frames that went through the engine.",
                 &|c| c.analysed.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "stpm_frames_batched_total",
+                "counter",
+                "Analysed frames that shared their inference call with other cameras' frames.",
+                &|c| c.batched.load(Ordering::Relaxed) as f64,
             ),
             (
                 "stpm_frames_dropped_total",
@@ -688,9 +701,9 @@ mod tests {
         for _ in 0..3 {
             line1.frame();
         }
-        line1.analysed(Duration::from_millis(3));
-        line1.analysed(Duration::from_millis(30));
-        line1.analysed(Duration::from_secs(9));
+        line1.analysed(Duration::from_millis(3), 1);
+        line1.analysed(Duration::from_millis(30), 1);
+        line1.analysed(Duration::from_secs(9), 1);
         line1.set_dropped(2);
         line1.stage(Stage::Preprocess, Duration::from_micros(700));
         line1.stage(Stage::Overlay, Duration::from_millis(3));
@@ -759,7 +772,7 @@ mod tests {
         let camera = metrics.camera("a").expect("a");
         let long_ago = Instant::now() - Duration::from_secs(60);
         for _ in 0..10 {
-            camera.analysed(Duration::from_millis(1));
+            camera.analysed(Duration::from_millis(1), 1);
         }
         // Ten frames within a 5 s window (the run started a minute ago).
         assert!((camera.fps(long_ago) - 2.0).abs() < 1e-9);

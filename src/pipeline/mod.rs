@@ -20,8 +20,8 @@ pub mod source;
 pub mod yuv;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::alerts::{
@@ -29,6 +29,7 @@ use crate::alerts::{
     ZoneMask,
 };
 use crate::bundle::{Bundle, BundleError, Manifest};
+use crate::engine::batch::SharedSession;
 use crate::engine::{
     Engine, EngineError, EngineOptions, ExecutionProvider, ProviderRequest, Scores,
 };
@@ -92,7 +93,10 @@ pub struct CameraStats {
     pub offline: u64,
     /// Alert events (new, update, end) emitted.
     pub alerts: u64,
-    /// Total engine time of analysed frames.
+    /// Analysed frames that shared their inference call with other cameras' frames
+    /// (`model.batch`).
+    pub batched: u64,
+    /// Total engine time of analysed frames (each frame counts its call's time).
     pub inference: Duration,
     /// The recording's files (one, or its segments), when enabled and finished.
     pub recordings: Vec<PathBuf>,
@@ -208,11 +212,12 @@ pub fn run_with(
             engine_options(config, request, sessions),
         )?);
     }
+    let batch = config.model.batch_on(on_cpu, config.camera.len());
     for engine in &mut engines {
-        warm_up(engine, &manifest)?;
+        warm_up(engine, &manifest, batch)?;
     }
     eprintln!(
-        "engine: ONNX Runtime, provider {provider} ({}); model {} ({}, {} ({precision_reason}), {}×{}); {}",
+        "engine: ONNX Runtime, provider {provider} ({}); model {} ({}, {} ({precision_reason}), {}×{}); {}{}",
         provider_reason,
         config.model.bundle.display(),
         manifest.model.backbone,
@@ -222,6 +227,13 @@ pub fn run_with(
         match crate::engine::threads_per_session(config.model.threads, sessions) {
             0 => format!("{sessions} session(s), intra-op threads: one per core"),
             threads => format!("{sessions} session(s) × {threads} intra-op thread(s)"),
+        },
+        match batch {
+            1 => String::new(),
+            n => format!(
+                "; batches of up to {n} frames across cameras (waiting at most {} ms)",
+                config.model.batch_wait_ms
+            ),
         }
     );
     // Which threshold alerts, and where it came from (`stpm train`'s held-out images or
@@ -255,9 +267,10 @@ pub fn run_with(
             None
         }
     };
-    let engines: Vec<Arc<Mutex<Engine>>> = engines
+    let wait = Duration::from_millis(config.model.batch_wait_ms);
+    let engines: Vec<Arc<SharedSession>> = engines
         .into_iter()
-        .map(|engine| Arc::new(Mutex::new(engine)))
+        .map(|engine| Arc::new(SharedSession::new(engine, batch, wait)))
         .collect();
     let model_name = config
         .model
@@ -410,13 +423,15 @@ pub fn engine_options(
         threads: crate::engine::threads_per_session(config.model.threads, sessions),
         provider: request,
         sleep_when_idle: true,
+        // What TensorRT optimises for, should the session be on a GPU.
+        batch: config.model.batch_on(false, config.camera.len()),
         ..EngineOptions::default()
     }
 }
 
-/// One call on a mid-grey frame, so that ONNX Runtime's first-call set-up does not land on the
-/// first camera frame.
-fn warm_up(engine: &mut Engine, manifest: &Manifest) -> Result<(), EngineError> {
+/// One call on a mid-grey frame (and one of a full batch, when batching), so that ONNX Runtime's
+/// first-call set-up does not land on the first camera frames.
+fn warm_up(engine: &mut Engine, manifest: &Manifest, batch: usize) -> Result<(), EngineError> {
     let [h, w] = manifest.model.input_size;
     let grey = preprocess::RgbFrame {
         width: w,
@@ -424,7 +439,11 @@ fn warm_up(engine: &mut Engine, manifest: &Manifest) -> Result<(), EngineError> 
         pixels: vec![128; w * h * 3],
     };
     let input = preprocess::to_chw(&grey, [h, w], &manifest.normalisation);
-    engine.run(&input, 1).map(|_| ())
+    engine.run(&input, 1)?;
+    if batch > 1 {
+        engine.run(&input.repeat(batch), batch)?;
+    }
+    Ok(())
 }
 
 /// Starts the MQTT publisher on its own small tokio runtime, with the spool of `[alerts]`.
@@ -655,6 +674,7 @@ impl Worker {
             captured,
             scores,
             inference,
+            batch,
         } = analysed;
         state.stats.frames += 1;
         self.live.metrics.frame();
@@ -665,6 +685,9 @@ impl Worker {
         let pixels = match scores {
             Some(Ok(scored)) => {
                 state.stats.inference += inference;
+                if batch > 1 {
+                    state.stats.batched += 1;
+                }
                 self.annotate(state, &captured, &scored, t)
             }
             Some(Err(message)) => {

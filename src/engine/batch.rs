@@ -1,0 +1,459 @@
+//! Batched inference across callers: one session shared by several cameras' analysers, which runs
+//! the frames waiting for it in one call of up to `max_batch` images. There is no batching thread:
+//! the first caller to find the session free leads, waits up to `wait` for the other participants'
+//! frames (never longer than it takes all of them to arrive), runs the batch and hands each caller
+//! its own map and score. With `max_batch = 1` it is a plain lock around the session.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::{Engine, Scores};
+
+/// Most images one call may hold (`model.batch`; also the TensorRT profile's largest batch).
+pub const MAX_BATCH: usize = 32;
+
+/// One image's model input, as a caller hands it over.
+pub enum Input {
+    /// NCHW float32 [3, H, W] on the host; handed back with the outcome, for reuse.
+    Host(Vec<f32>),
+    /// [3, H, W] float32 already on the GPU (the `gpu` preprocessing's output).
+    #[cfg(feature = "gpu")]
+    Device(DeviceInput),
+}
+
+/// A device address of one preprocessed image.
+#[cfg(feature = "gpu")]
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceInput {
+    pub pointer: u64,
+    pub len: usize,
+}
+
+/// What a caller gets back.
+pub struct Outcome {
+    /// The input it handed over (a host buffer comes back for the next frame).
+    pub input: Input,
+    /// Its image's map [1, 1, H, W] and score [1], or why the call failed.
+    pub scores: Result<Scores, String>,
+    /// Engine time of the call its image was in.
+    pub inference: Duration,
+    /// Images in that call.
+    pub batch: usize,
+}
+
+struct Request {
+    id: u64,
+    input: Input,
+}
+
+#[derive(Default)]
+struct Queue {
+    next_id: u64,
+    pending: VecDeque<Request>,
+    done: HashMap<u64, Outcome>,
+    /// A leader is gathering or running a batch.
+    running: bool,
+    /// Callers that may send a frame (a leader waits for at most this many).
+    participants: usize,
+}
+
+/// What the leader holds while it runs a batch.
+struct Runner {
+    engine: Engine,
+    /// The host batch, reused from call to call.
+    host: Vec<f32>,
+    #[cfg(feature = "gpu")]
+    device: Option<DeviceBatch>,
+}
+
+/// A session shared by several callers, batching their images.
+pub struct SharedSession {
+    runner: Mutex<Runner>,
+    queue: Mutex<Queue>,
+    changed: Condvar,
+    max_batch: usize,
+    wait: Duration,
+}
+
+/// One caller's place at a [`SharedSession`]; dropping it tells a waiting leader not to wait for
+/// this caller's frames any more.
+pub struct Participant<'a> {
+    session: &'a SharedSession,
+}
+
+impl SharedSession {
+    /// `engine` shared by callers whose images are run `max_batch` at a time (clamped to
+    /// 1..=[`MAX_BATCH`]), waiting at most `wait` for a batch to fill.
+    pub fn new(engine: Engine, max_batch: usize, wait: Duration) -> Self {
+        Self {
+            runner: Mutex::new(Runner {
+                engine,
+                host: Vec::new(),
+                #[cfg(feature = "gpu")]
+                device: None,
+            }),
+            queue: Mutex::new(Queue::default()),
+            changed: Condvar::new(),
+            max_batch: max_batch.clamp(1, MAX_BATCH),
+            wait,
+        }
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// Registers a caller: a leader waits for the frames of every registered caller (up to
+    /// `max_batch`), so each camera's analyser on this session joins once.
+    pub fn join(&self) -> Participant<'_> {
+        self.queue().participants += 1;
+        Participant { session: self }
+    }
+
+    /// Runs `f` on the session alone (warm-up, start-up facts); waits for a running batch.
+    pub fn with_engine<T>(&self, f: impl FnOnce(&mut Engine) -> T) -> Result<T, String> {
+        let mut runner = self.runner.lock().map_err(|_| POISONED.to_string())?;
+        Ok(f(&mut runner.engine))
+    }
+
+    /// The queue; a poisoned lock is taken over (the queue is only pushed to and drained, never
+    /// left half-changed, so no caller's frame is lost to another caller's panic).
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Scores `input` (alone or with other callers' images) and returns its outcome.
+    fn submit(&self, input: Input) -> Outcome {
+        let mut queue = self.queue();
+        let id = queue.next_id;
+        queue.next_id += 1;
+        queue.pending.push_back(Request { id, input });
+        self.changed.notify_all();
+        loop {
+            if let Some(outcome) = queue.done.remove(&id) {
+                return outcome;
+            }
+            if !queue.running {
+                queue.running = true;
+                let (gathered, batch) = self.gather(queue);
+                drop(gathered);
+                let outcomes = self.run(batch);
+                queue = self.queue();
+                queue.done.extend(outcomes);
+                queue.running = false;
+                self.changed.notify_all();
+                continue;
+            }
+            queue = self
+                .changed
+                .wait(queue)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// As the leader: waits until the batch is full, every participant has a frame waiting, or
+    /// `wait` has passed; then takes the batch out of the queue.
+    fn gather<'q>(
+        &self,
+        mut queue: MutexGuard<'q, Queue>,
+    ) -> (MutexGuard<'q, Queue>, Vec<Request>) {
+        let deadline = Instant::now() + self.wait;
+        loop {
+            let wanted = self.max_batch.min(queue.participants.max(1));
+            let now = Instant::now();
+            if queue.pending.len() >= wanted || now >= deadline {
+                break;
+            }
+            queue = match self.changed.wait_timeout(queue, deadline - now) {
+                Ok((queue, _)) => queue,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        let take = queue.pending.len().min(self.max_batch);
+        let batch = queue.pending.drain(..take).collect();
+        (queue, batch)
+    }
+
+    /// Runs one batch: host images in one call, device images in another (a camera whose GPU
+    /// stage failed sends host images beside the others' device ones).
+    fn run(&self, batch: Vec<Request>) -> Vec<(u64, Outcome)> {
+        let mut runner = match self.runner.lock() {
+            Ok(runner) => runner,
+            Err(_) => {
+                return batch
+                    .into_iter()
+                    .map(|r| (r.id, Outcome::failed(r.input, POISONED)))
+                    .collect();
+            }
+        };
+        let (host, device): (Vec<Request>, Vec<Request>) =
+            batch.into_iter().partition(|r| r.input.host().is_some());
+        let mut outcomes = runner.run_host(host);
+        outcomes.extend(runner.run_device(device));
+        outcomes
+    }
+}
+
+const POISONED: &str = "the engine lock is poisoned";
+
+impl Participant<'_> {
+    /// Scores one image; see [`SharedSession`].
+    pub fn score(&self, input: Input) -> Outcome {
+        self.session.submit(input)
+    }
+}
+
+impl Drop for Participant<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.session.queue();
+        queue.participants = queue.participants.saturating_sub(1);
+        drop(queue);
+        self.session.changed.notify_all();
+    }
+}
+
+impl Input {
+    /// The host buffer back, for a host input.
+    pub fn into_host(self) -> Option<Vec<f32>> {
+        match self {
+            Input::Host(values) => Some(values),
+            #[cfg(feature = "gpu")]
+            Input::Device(_) => None,
+        }
+    }
+
+    /// The host values, for a host input.
+    pub fn host(&self) -> Option<&[f32]> {
+        match self {
+            Input::Host(values) => Some(values),
+            #[cfg(feature = "gpu")]
+            Input::Device(_) => None,
+        }
+    }
+}
+
+impl Outcome {
+    fn failed(input: Input, why: &str) -> Self {
+        Self {
+            input,
+            scores: Err(why.to_string()),
+            inference: Duration::ZERO,
+            batch: 0,
+        }
+    }
+}
+
+/// Each image's share of a batch's `scores` (maps [N, 1, H, W] and scores [N]).
+fn split(scores: Scores, n: usize) -> Result<Vec<Scores>, String> {
+    if n == 1 {
+        return Ok(vec![scores]);
+    }
+    if scores.scores.len() != n || !scores.maps.len().is_multiple_of(n) {
+        return Err(format!(
+            "a batch of {n} gave {} scores and {} map values",
+            scores.scores.len(),
+            scores.maps.len()
+        ));
+    }
+    let per_map = scores.maps.len() / n;
+    Ok(scores
+        .maps
+        .chunks_exact(per_map)
+        .zip(&scores.scores)
+        .map(|(map, &score)| Scores {
+            maps: map.to_vec(),
+            scores: vec![score],
+        })
+        .collect())
+}
+
+/// Hands each request its share of a call's result (or the call's error).
+fn hand_out(
+    requests: Vec<Request>,
+    result: Result<Scores, String>,
+    inference: Duration,
+) -> Vec<(u64, Outcome)> {
+    let n = requests.len();
+    match result.and_then(|scores| split(scores, n)) {
+        Ok(shares) => requests
+            .into_iter()
+            .zip(shares)
+            .map(|(r, scores)| {
+                let outcome = Outcome {
+                    input: r.input,
+                    scores: Ok(scores),
+                    inference,
+                    batch: n,
+                };
+                (r.id, outcome)
+            })
+            .collect(),
+        Err(why) => requests
+            .into_iter()
+            .map(|r| {
+                let outcome = Outcome {
+                    input: r.input,
+                    scores: Err(why.clone()),
+                    inference,
+                    batch: n,
+                };
+                (r.id, outcome)
+            })
+            .collect(),
+    }
+}
+
+impl Runner {
+    fn run_host(&mut self, requests: Vec<Request>) -> Vec<(u64, Outcome)> {
+        let n = requests.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let started = Instant::now();
+        let result = match requests.as_slice() {
+            // One image: straight from the caller's buffer.
+            [one] => self.engine.run(one.input.host().unwrap_or_default(), 1),
+            _ => {
+                self.host.clear();
+                for request in &requests {
+                    self.host
+                        .extend_from_slice(request.input.host().unwrap_or_default());
+                }
+                self.engine.run(&self.host, n)
+            }
+        };
+        hand_out(
+            requests,
+            result.map_err(|e| e.to_string()),
+            started.elapsed(),
+        )
+    }
+}
+
+/// Without the `gpu` feature there are no device inputs.
+#[cfg(not(feature = "gpu"))]
+impl Runner {
+    fn run_device(&mut self, requests: Vec<Request>) -> Vec<(u64, Outcome)> {
+        debug_assert!(requests.is_empty());
+        Vec::new()
+    }
+}
+
+/// The device buffer a batch of GPU-resident images is gathered into, and the stream that copies.
+#[cfg(feature = "gpu")]
+struct DeviceBatch {
+    stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    buffer: cudarc::driver::CudaSlice<f32>,
+}
+
+#[cfg(feature = "gpu")]
+impl Runner {
+    fn run_device(&mut self, requests: Vec<Request>) -> Vec<(u64, Outcome)> {
+        let n = requests.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let inputs: Vec<DeviceInput> = requests
+            .iter()
+            .filter_map(|r| match r.input {
+                Input::Device(input) => Some(input),
+                Input::Host(_) => None,
+            })
+            .collect();
+        let started = Instant::now();
+        let result = match inputs.as_slice() {
+            // One image: in place, where its camera's preprocessing left it.
+            // SAFETY: the caller blocks in `submit` until its outcome is handed out, so its
+            // buffer (finished: the stage synchronised its stream) outlives this call.
+            [one] => unsafe { self.engine.run_device_at(one.pointer, one.len, 1) }
+                .map_err(|e| e.to_string()),
+            _ => self.gather_on_device(&inputs),
+        };
+        hand_out(requests, result, started.elapsed())
+    }
+
+    /// Copies `inputs` one after another into the batch buffer, then runs them in one call.
+    fn gather_on_device(&mut self, inputs: &[DeviceInput]) -> Result<Scores, String> {
+        use cudarc::driver::{DevicePtr, result};
+
+        let len = inputs.first().map_or(0, |i| i.len);
+        if inputs.iter().any(|i| i.len != len) {
+            return Err("the cameras' device inputs differ in size".into());
+        }
+        let total = len * inputs.len();
+        if self
+            .device
+            .as_ref()
+            .is_none_or(|batch| batch.buffer.len() < total)
+        {
+            self.device = None;
+            let gpu = crate::gpu::GpuContext::try_new().map_err(|e| e.to_string())?;
+            let stream = std::sync::Arc::clone(gpu.stream());
+            let buffer = stream
+                .alloc_zeros::<f32>(len * MAX_BATCH)
+                .map_err(|e| format!("allocating the batch buffer: {e}"))?;
+            self.device = Some(DeviceBatch { stream, buffer });
+        }
+        let Some(batch) = self.device.as_ref() else {
+            return Err("no batch buffer".into());
+        };
+        batch
+            .stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| format!("binding the CUDA context: {e}"))?;
+        let (base, record) = batch.buffer.device_ptr(&batch.stream);
+        let bytes = len * std::mem::size_of::<f32>();
+        for (index, input) in inputs.iter().enumerate() {
+            // SAFETY: the destination is image `index` of a buffer of MAX_BATCH ≥ inputs.len()
+            // images of `len` values; each source holds `len` finished values that its caller
+            // keeps alive until the outcomes are handed out.
+            unsafe {
+                result::memcpy_dtod_async(
+                    base + (index * bytes) as u64,
+                    input.pointer,
+                    bytes,
+                    batch.stream.cu_stream(),
+                )
+            }
+            .map_err(|e| format!("gathering the batch on the GPU: {e}"))?;
+        }
+        drop(record);
+        batch
+            .stream
+            .synchronize()
+            .map_err(|e| format!("gathering the batch on the GPU: {e}"))?;
+        // SAFETY: `base` holds `total` values just copied (the stream has finished), owned by
+        // `self.device`, which this call does not touch.
+        unsafe { self.engine.run_device_at(base, total, inputs.len()) }.map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_result_is_split_per_image_in_order() {
+        let scores = Scores {
+            maps: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            scores: vec![0.1, 0.2, 0.3],
+        };
+        let shares = split(scores, 3).expect("three shares");
+        let maps: Vec<Vec<f32>> = shares.iter().map(|s| s.maps.clone()).collect();
+        assert_eq!(maps, [vec![1.0, 2.0], vec![3.0, 4.0], vec![5.0, 6.0]]);
+        let each: Vec<Vec<f32>> = shares.iter().map(|s| s.scores.clone()).collect();
+        assert_eq!(each, [vec![0.1], vec![0.2], vec![0.3]]);
+    }
+
+    #[test]
+    fn a_batch_result_of_the_wrong_size_is_an_error() {
+        let scores = Scores {
+            maps: vec![1.0; 6],
+            scores: vec![0.1, 0.2],
+        };
+        let error = split(scores, 3).err().unwrap_or_default();
+        assert!(error.contains("a batch of 3 gave 2 scores"), "{error}");
+    }
+}
