@@ -32,7 +32,9 @@ apt_packages=(build-essential pkg-config ca-certificates curl unzip python3 pyth
     # OpenCV 4.6 for the live overlay; the opencv crate generates its bindings with libclang
     libopencv-dev clang libclang-dev
     # the RTSP output ([output.rtsp]: gst-rtsp-server) and the rtspsrc client used by the tests
-    libgstrtspserver-1.0-dev gstreamer1.0-rtsp)
+    libgstrtspserver-1.0-dev gstreamer1.0-rtsp
+    # systemd-analyze, which checks deploy/stpm.service (the service runs under systemd)
+    systemd)
 if [ -z "${STPM_SKIP_APT:-}" ]; then
     missing=()
     for p in "${apt_packages[@]}"; do

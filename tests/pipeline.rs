@@ -298,3 +298,76 @@ fn two_cameras_on_one_session_are_batched() {
         assert!(batched >= 8, "{line}");
     }
 }
+
+/// `deploy/stpm.service`: its `ExecStart` runs a pipeline (with the repository's binary and a test
+/// pipeline in place of the installed paths), and `systemd-analyze verify` accepts the unit.
+#[test]
+fn the_systemd_unit_runs_the_pipeline_it_names() {
+    let unit = std::fs::read_to_string(common::repo("deploy/stpm.service")).expect("unit file");
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    let installed_binary = "/opt/stpm-stream/target/release/stpm";
+    let installed_pipeline = "/etc/stpm/pipeline.toml";
+    assert!(
+        exec.starts_with(installed_binary) && exec.contains(installed_pipeline),
+        "{exec}"
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = write_pipeline(
+        dir.path(),
+        "source = \"test://conveyor?frames=12&fps=12\"\nrealtime = false",
+        "",
+    );
+    let mut args = exec.split_whitespace();
+    assert_eq!(args.next(), Some(installed_binary));
+    let args: Vec<&str> = args
+        .map(|a| {
+            if a == installed_pipeline {
+                path(&pipeline)
+            } else {
+                a
+            }
+        })
+        .collect();
+    let out = stpm(&args, dir.path());
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("camera line1: 12 frames, 12 analysed"),
+        "{log}"
+    );
+
+    let Ok(analyse) = which("systemd-analyze") else {
+        println!("SKIPPED systemd-analyze verify: systemd-analyze is not installed");
+        return;
+    };
+    let local = dir.path().join("stpm.service");
+    std::fs::write(
+        &local,
+        unit.replace(installed_binary, env!("CARGO_BIN_EXE_stpm"))
+            .replace("/opt/stpm-stream", path(dir.path())),
+    )
+    .expect("write unit");
+    let verify = Command::new(analyse)
+        .arg("verify")
+        .arg(&local)
+        .output()
+        .expect("systemd-analyze");
+    let said = text(&verify);
+    assert!(verify.status.success(), "{said}");
+    // Unknown keys and bad values are only warnings for systemd; here they are failures.
+    assert!(!said.contains("stpm.service"), "{said}");
+}
+
+/// The first `name` on PATH.
+fn which(name: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .find(|candidate| candidate.is_file())
+        })
+        .ok_or(())
+}
