@@ -5,6 +5,7 @@
 //! its own map and score. With `max_batch = 1` it is a plain lock around the session.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -100,21 +101,11 @@ impl SharedSession {
         }
     }
 
-    pub fn max_batch(&self) -> usize {
-        self.max_batch
-    }
-
     /// Registers a caller: a leader waits for the frames of every registered caller (up to
     /// `max_batch`), so each camera's analyser on this session joins once.
     pub fn join(&self) -> Participant<'_> {
         self.queue().participants += 1;
         Participant { session: self }
-    }
-
-    /// Runs `f` on the session alone (warm-up, start-up facts); waits for a running batch.
-    pub fn with_engine<T>(&self, f: impl FnOnce(&mut Engine) -> T) -> Result<T, String> {
-        let mut runner = self.runner.lock().map_err(|_| POISONED.to_string())?;
-        Ok(f(&mut runner.engine))
     }
 
     /// The queue; a poisoned lock is taken over (the queue is only pushed to and drained, never
@@ -138,7 +129,15 @@ impl SharedSession {
                 queue.running = true;
                 let (gathered, batch) = self.gather(queue);
                 drop(gathered);
-                let outcomes = self.run(batch);
+                // A panic in the run (ONNX Runtime, a driver) must not leave `running` set and
+                // every other camera waiting: the batch's callers get an error instead.
+                let ids: Vec<u64> = batch.iter().map(|r| r.id).collect();
+                let outcomes = std::panic::catch_unwind(AssertUnwindSafe(|| self.run(batch)))
+                    .unwrap_or_else(|_| {
+                        ids.into_iter()
+                            .map(|id| (id, Outcome::failed(Input::Host(Vec::new()), PANICKED)))
+                            .collect()
+                    });
                 queue = self.queue();
                 queue.done.extend(outcomes);
                 queue.running = false;
@@ -196,6 +195,7 @@ impl SharedSession {
 }
 
 const POISONED: &str = "the engine lock is poisoned";
+const PANICKED: &str = "the inference call panicked";
 
 impl Participant<'_> {
     /// Scores one image; see [`SharedSession`].
