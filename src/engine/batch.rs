@@ -1,11 +1,13 @@
 //! Batched inference across callers: one session shared by several cameras' analysers, which runs
 //! the frames waiting for it in one call of up to `max_batch` images. There is no batching thread:
-//! the first caller to find the session free leads, waits up to `wait` for the other participants'
-//! frames (never longer than it takes all of them to arrive), runs the batch and hands each caller
-//! its own map and score. With `max_batch = 1` it is a plain lock around the session.
+//! the first caller to find the session free leads, waits up to `wait` for the frames of the other
+//! participants that have one in hand (not those still waiting for their camera's next frame),
+//! runs the batch and hands each caller its own map and score. With `max_batch = 1` it is a plain
+//! lock around the session.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -13,6 +15,9 @@ use super::{Engine, Scores};
 
 /// Most images one call may hold (`model.batch`; also the TensorRT profile's largest batch).
 pub const MAX_BATCH: usize = 32;
+
+/// Longest a leader waits for a batch to fill (`model.batch_wait_ms` is checked against it).
+pub const MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// One image's model input, as a caller hands it over.
 pub enum Input {
@@ -27,8 +32,21 @@ pub enum Input {
 #[cfg(feature = "gpu")]
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceInput {
-    pub pointer: u64,
-    pub len: usize,
+    pointer: u64,
+    len: usize,
+}
+
+#[cfg(feature = "gpu")]
+impl DeviceInput {
+    /// `len` float32 values at the device address `pointer`.
+    ///
+    /// # Safety
+    /// `pointer` must address at least `len` float32 values in device 0's memory, written by work
+    /// that has finished, and they must stay valid and unchanged until the
+    /// [`Participant::score`] call they are handed to returns.
+    pub unsafe fn new(pointer: u64, len: usize) -> Self {
+        Self { pointer, len }
+    }
 }
 
 /// What a caller gets back.
@@ -55,8 +73,11 @@ struct Queue {
     done: HashMap<u64, Outcome>,
     /// A leader is gathering or running a batch.
     running: bool,
-    /// Callers that may send a frame (a leader waits for at most this many).
+    /// Callers that may send a frame.
     participants: usize,
+    /// Of those, the ones waiting for their camera's next frame (a leader does not wait for
+    /// them: an offline camera, or one between frames, would hold every batch up).
+    idle: usize,
 }
 
 /// What the leader holds while it runs a batch.
@@ -81,11 +102,13 @@ pub struct SharedSession {
 /// this caller's frames any more.
 pub struct Participant<'a> {
     session: &'a SharedSession,
+    /// Counted in the queue's `idle`.
+    idle: AtomicBool,
 }
 
 impl SharedSession {
     /// `engine` shared by callers whose images are run `max_batch` at a time (clamped to
-    /// 1..=[`MAX_BATCH`]), waiting at most `wait` for a batch to fill.
+    /// 1..=[`MAX_BATCH`]), waiting at most `wait` (at most [`MAX_WAIT`]) for a batch to fill.
     pub fn new(engine: Engine, max_batch: usize, wait: Duration) -> Self {
         Self {
             runner: Mutex::new(Runner {
@@ -97,15 +120,19 @@ impl SharedSession {
             queue: Mutex::new(Queue::default()),
             changed: Condvar::new(),
             max_batch: max_batch.clamp(1, MAX_BATCH),
-            wait,
+            wait: wait.min(MAX_WAIT),
         }
     }
 
-    /// Registers a caller: a leader waits for the frames of every registered caller (up to
-    /// `max_batch`), so each camera's analyser on this session joins once.
+    /// Registers a caller: a leader waits for the frames of every registered caller that is not
+    /// [`Participant::waiting_for_frame`] (up to `max_batch`), so each camera's analyser on this
+    /// session joins once.
     pub fn join(&self) -> Participant<'_> {
         self.queue().participants += 1;
-        Participant { session: self }
+        Participant {
+            session: self,
+            idle: AtomicBool::new(false),
+        }
     }
 
     /// The queue; a poisoned lock is taken over (the queue is only pushed to and drained, never
@@ -159,7 +186,8 @@ impl SharedSession {
     ) -> (MutexGuard<'q, Queue>, Vec<Request>) {
         let deadline = Instant::now() + self.wait;
         loop {
-            let wanted = self.max_batch.min(queue.participants.max(1));
+            let busy = queue.participants.saturating_sub(queue.idle);
+            let wanted = self.max_batch.min(busy.max(1));
             let now = Instant::now();
             if queue.pending.len() >= wanted || now >= deadline {
                 break;
@@ -177,15 +205,12 @@ impl SharedSession {
     /// Runs one batch: host images in one call, device images in another (a camera whose GPU
     /// stage failed sends host images beside the others' device ones).
     fn run(&self, batch: Vec<Request>) -> Vec<(u64, Outcome)> {
-        let mut runner = match self.runner.lock() {
-            Ok(runner) => runner,
-            Err(_) => {
-                return batch
-                    .into_iter()
-                    .map(|r| (r.id, Outcome::failed(r.input, POISONED)))
-                    .collect();
-            }
-        };
+        // A panic in an earlier run poisoned the lock; the session and buffers are still usable
+        // (that run's callers got an error), so the next batches run.
+        let mut runner = self.runner.lock().unwrap_or_else(|poisoned| {
+            self.runner.clear_poison();
+            poisoned.into_inner()
+        });
         let (host, device): (Vec<Request>, Vec<Request>) =
             batch.into_iter().partition(|r| r.input.host().is_some());
         let mut outcomes = runner.run_host(host);
@@ -194,13 +219,29 @@ impl SharedSession {
     }
 }
 
-const POISONED: &str = "the engine lock is poisoned";
 const PANICKED: &str = "the inference call panicked";
 
 impl Participant<'_> {
     /// Scores one image; see [`SharedSession`].
     pub fn score(&self, input: Input) -> Outcome {
+        self.waiting_for_frame(false);
         self.session.submit(input)
+    }
+
+    /// Says whether this caller is waiting for its camera's next frame (a leader does not wait
+    /// for its frame then) or has one in hand, which a leader waits for (up to its `wait`).
+    pub fn waiting_for_frame(&self, waiting: bool) {
+        if self.idle.swap(waiting, Ordering::Relaxed) == waiting {
+            return;
+        }
+        let mut queue = self.session.queue();
+        if waiting {
+            queue.idle += 1;
+        } else {
+            queue.idle = queue.idle.saturating_sub(1);
+        }
+        drop(queue);
+        self.session.changed.notify_all();
     }
 }
 
@@ -208,6 +249,9 @@ impl Drop for Participant<'_> {
     fn drop(&mut self) {
         let mut queue = self.session.queue();
         queue.participants = queue.participants.saturating_sub(1);
+        if self.idle.load(Ordering::Relaxed) {
+            queue.idle = queue.idle.saturating_sub(1);
+        }
         drop(queue);
         self.session.changed.notify_all();
     }
@@ -257,6 +301,9 @@ fn split(scores: Scores, n: usize) -> Result<Vec<Scores>, String> {
         ));
     }
     let per_map = scores.maps.len() / n;
+    if per_map == 0 {
+        return Err(format!("a batch of {n} gave no map values"));
+    }
     Ok(scores
         .maps
         .chunks_exact(per_map)
@@ -375,7 +422,7 @@ impl Runner {
 
     /// Copies `inputs` one after another into the batch buffer, then runs them in one call.
     fn gather_on_device(&mut self, inputs: &[DeviceInput]) -> Result<Scores, String> {
-        use cudarc::driver::{DevicePtr, result};
+        use cudarc::driver::{DevicePtrMut, result};
 
         let len = inputs.first().map_or(0, |i| i.len);
         if inputs.iter().any(|i| i.len != len) {
@@ -395,7 +442,7 @@ impl Runner {
                 .map_err(|e| format!("allocating the batch buffer: {e}"))?;
             self.device = Some(DeviceBatch { stream, buffer });
         }
-        let Some(batch) = self.device.as_ref() else {
+        let Some(batch) = self.device.as_mut() else {
             return Err("no batch buffer".into());
         };
         batch
@@ -403,27 +450,32 @@ impl Runner {
             .context()
             .bind_to_thread()
             .map_err(|e| format!("binding the CUDA context: {e}"))?;
-        let (base, record) = batch.buffer.device_ptr(&batch.stream);
+        let stream = std::sync::Arc::clone(&batch.stream);
+        let (base, record) = batch.buffer.device_ptr_mut(&stream);
         let bytes = len * std::mem::size_of::<f32>();
+        let mut copied = Ok(());
         for (index, input) in inputs.iter().enumerate() {
             // SAFETY: the destination is image `index` of a buffer of MAX_BATCH ≥ inputs.len()
             // images of `len` values; each source holds `len` finished values that its caller
-            // keeps alive until the outcomes are handed out.
-            unsafe {
+            // keeps alive until the outcomes are handed out (`DeviceInput::new`'s contract).
+            copied = unsafe {
                 result::memcpy_dtod_async(
                     base + (index * bytes) as u64,
                     input.pointer,
                     bytes,
-                    batch.stream.cu_stream(),
+                    stream.cu_stream(),
                 )
+            };
+            if copied.is_err() {
+                break;
             }
-            .map_err(|e| format!("gathering the batch on the GPU: {e}"))?;
         }
         drop(record);
-        batch
-            .stream
-            .synchronize()
-            .map_err(|e| format!("gathering the batch on the GPU: {e}"))?;
+        // Wait for the copies queued so far even when one failed: their sources are the
+        // cameras' buffers, which may change once the outcomes are handed out.
+        let finished = stream.synchronize();
+        copied.map_err(|e| format!("gathering the batch on the GPU: {e}"))?;
+        finished.map_err(|e| format!("gathering the batch on the GPU: {e}"))?;
         // SAFETY: `base` holds `total` values just copied (the stream has finished), owned by
         // `self.device`, which this call does not touch.
         unsafe { self.engine.run_device_at(base, total, inputs.len()) }.map_err(|e| e.to_string())
@@ -455,5 +507,11 @@ mod tests {
         };
         let error = split(scores, 3).err().unwrap_or_default();
         assert!(error.contains("a batch of 3 gave 2 scores"), "{error}");
+        let empty = Scores {
+            maps: Vec::new(),
+            scores: vec![0.1, 0.2],
+        };
+        let error = split(empty, 2).err().unwrap_or_default();
+        assert!(error.contains("a batch of 2 gave no map values"), "{error}");
     }
 }

@@ -162,7 +162,16 @@ impl Analyser {
         let intake = Arc::clone(&self.intake);
         let session = Arc::clone(&self.engine);
         let participant = session.join();
-        while let Some(Ticket { number, item, due }) = intake.take() {
+        loop {
+            // While it waits for its camera's next frame (an offline camera, a live one between
+            // frames), a batch leader on the session does not wait for it. Handing on counts as
+            // busy: a file or a backlog has the next frame ready at once.
+            participant.waiting_for_frame(true);
+            let Some(Ticket { number, item, due }) = intake.take() else {
+                return;
+            };
+            // Only a frame due for inference is one a batch leader should wait for.
+            participant.waiting_for_frame(!due);
             let end = matches!(item, Item::End);
             let item = item.map(|captured| {
                 self.metrics.frame_in(captured.arrived);

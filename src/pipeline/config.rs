@@ -62,8 +62,9 @@ pub struct ModelConfig {
     /// [`MAX_BATCH`], on a GPU provider, and 1 on the CPU (see [`ModelConfig::batch_on`]).
     #[serde(default)]
     pub batch: usize,
-    /// How long the first frame of a batch waits for the other cameras' frames (milliseconds);
-    /// a batch goes as soon as every camera on the session has a frame in it.
+    /// How long the first frame of a batch waits for the frames other cameras on its session have
+    /// in hand (milliseconds; cameras waiting for their next frame are not waited for); a batch
+    /// goes as soon as those are in.
     #[serde(default = "default_batch_wait_ms")]
     pub batch_wait_ms: u64,
 }
@@ -406,9 +407,10 @@ impl PipelineConfig {
                 self.model.batch
             ));
         }
-        if self.model.batch_wait_ms > 1000 {
+        let max_wait = crate::engine::batch::MAX_WAIT.as_millis();
+        if u128::from(self.model.batch_wait_ms) > max_wait {
             problems.push(format!(
-                "model.batch_wait_ms = {}: use 0 to 1000",
+                "model.batch_wait_ms = {}: use 0 to {max_wait}",
                 self.model.batch_wait_ms
             ));
         }

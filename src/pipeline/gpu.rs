@@ -76,10 +76,10 @@ impl GpuStage {
             .output()
             .ok_or_else(|| "no preprocessed input on the GPU".to_string())?;
         let (pointer, _record) = input.device_ptr(self.kernels.stream());
-        Ok(DeviceInput {
-            pointer,
-            len: input.len(),
-        })
+        // SAFETY: `preprocess` synchronised the stream that wrote the buffer, and the buffer is
+        // this stage's: only the next `preprocess` changes or frees it, and this camera's analyser
+        // calls that only after the inference call this input is handed to has returned.
+        Ok(unsafe { DeviceInput::new(pointer, input.len()) })
     }
 
     /// Uploads `frame` and blends the heatmap of `map` over it; returns the pixels and the mask.
