@@ -154,8 +154,7 @@ impl SharedSession {
             }
             if !queue.running {
                 queue.running = true;
-                let (gathered, batch) = self.gather(queue);
-                drop(gathered);
+                let batch = self.gather(queue);
                 // A panic in the run (ONNX Runtime, a driver) must not leave `running` set and
                 // every other camera waiting: the batch's callers get an error instead.
                 let ids: Vec<u64> = batch.iter().map(|r| r.id).collect();
@@ -178,12 +177,10 @@ impl SharedSession {
         }
     }
 
-    /// As the leader: waits until the batch is full, every participant has a frame waiting, or
-    /// `wait` has passed; then takes the batch out of the queue.
-    fn gather<'q>(
-        &self,
-        mut queue: MutexGuard<'q, Queue>,
-    ) -> (MutexGuard<'q, Queue>, Vec<Request>) {
+    /// As the leader: waits until the batch is full, the frames of every participant with one in
+    /// hand are in, or `wait` has passed; then takes the batch out of the queue (and lets the
+    /// queue go for the run).
+    fn gather(&self, mut queue: MutexGuard<'_, Queue>) -> Vec<Request> {
         let deadline = Instant::now() + self.wait;
         loop {
             let busy = queue.participants.saturating_sub(queue.idle);
@@ -198,8 +195,7 @@ impl SharedSession {
             };
         }
         let take = queue.pending.len().min(self.max_batch);
-        let batch = queue.pending.drain(..take).collect();
-        (queue, batch)
+        queue.pending.drain(..take).collect()
     }
 
     /// Runs one batch: host images in one call, device images in another (a camera whose GPU
@@ -322,33 +318,23 @@ fn hand_out(
     inference: Duration,
 ) -> Vec<(u64, Outcome)> {
     let n = requests.len();
-    match result.and_then(|scores| split(scores, n)) {
-        Ok(shares) => requests
-            .into_iter()
-            .zip(shares)
-            .map(|(r, scores)| {
-                let outcome = Outcome {
-                    input: r.input,
-                    scores: Ok(scores),
-                    inference,
-                    batch: n,
-                };
-                (r.id, outcome)
-            })
-            .collect(),
-        Err(why) => requests
-            .into_iter()
-            .map(|r| {
-                let outcome = Outcome {
-                    input: r.input,
-                    scores: Err(why.clone()),
-                    inference,
-                    batch: n,
-                };
-                (r.id, outcome)
-            })
-            .collect(),
-    }
+    let shares: Vec<Result<Scores, String>> = match result.and_then(|scores| split(scores, n)) {
+        Ok(shares) => shares.into_iter().map(Ok).collect(),
+        Err(why) => vec![Err(why); n],
+    };
+    requests
+        .into_iter()
+        .zip(shares)
+        .map(|(r, scores)| {
+            let outcome = Outcome {
+                input: r.input,
+                scores,
+                inference,
+                batch: n,
+            };
+            (r.id, outcome)
+        })
+        .collect()
 }
 
 impl Runner {
