@@ -84,7 +84,7 @@ pub struct ExportArgs {
     #[arg(long, value_enum, default_value_t = ActivationType::Uint8)]
     pub activations: ActivationType,
     /// `--format tensorrt`: the images per call the engine is optimised for (a pipeline's
-    /// `model.batch`, by default one per camera on a GPU); it runs 1 to 32 either way.
+    /// `model.batch`; 1 by default); it runs 1 to 32 either way.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// Output file. Default: <bundle>/model.int8.onnx, recorded in the manifest so that

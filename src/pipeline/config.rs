@@ -58,8 +58,8 @@ pub struct ModelConfig {
     #[serde(default)]
     pub precision: crate::bundle::PrecisionChoice,
     /// Most images per inference call, gathered from the cameras' frames that wait for the same
-    /// session (batched inference across cameras). 0 (the default) is one per camera, up to
-    /// [`MAX_BATCH`], on a GPU provider, and 1 on the CPU (see [`ModelConfig::batch_on`]).
+    /// session (batched inference across cameras). 0 (the default) is 1 for now, on every provider
+    /// (see [`ModelConfig::batch_on`]).
     #[serde(default)]
     pub batch: usize,
     /// How long the first frame of a batch waits for the frames other cameras on its session have
@@ -87,14 +87,14 @@ pub const MAX_SESSIONS: usize = 16;
 pub const AUTO_CPU_SESSIONS: usize = 2;
 
 impl ModelConfig {
-    /// The most images per inference call: `batch`, or for 0 one per camera (at most
-    /// [`MAX_BATCH`]) on a GPU provider and 1 on the CPU, where a batch of N costs N times one
-    /// image (measured; README) and only adds the wait.
-    pub fn batch_on(&self, cpu: bool, cameras: usize) -> usize {
-        match (cpu, self.batch) {
-            (true, 0) => 1,
-            (false, 0) => cameras.clamp(1, MAX_BATCH),
-            (_, n) => n.min(MAX_BATCH),
+    /// The most images per inference call: `batch`, or 1 for 0 (auto). On the CPU a batch of N
+    /// costs N times one image and only adds the wait, and on a GPU batching across cameras was
+    /// measured slower than one by one (README, GPU section), so auto batches nowhere until that
+    /// is fixed. An explicit value still batches.
+    pub fn batch_on(&self, _cpu: bool, _cameras: usize) -> usize {
+        match self.batch {
+            0 => 1,
+            n => n.min(MAX_BATCH),
         }
     }
 
@@ -403,7 +403,7 @@ impl PipelineConfig {
         }
         if self.model.batch > MAX_BATCH {
             problems.push(format!(
-                "model.batch = {}: use 1 to {MAX_BATCH}, or 0 for one per camera on a GPU (1 on the CPU)",
+                "model.batch = {}: use 1 to {MAX_BATCH}, or 0 for auto (1)",
                 self.model.batch
             ));
         }
@@ -538,11 +538,16 @@ mod tests {
         assert_eq!((config.model.sessions, config.model.threads), (0, 0));
         assert_eq!(config.model.sessions_on(true), AUTO_CPU_SESSIONS);
         assert_eq!(config.model.sessions_on(false), 1);
-        // Batches across cameras: one per camera on a GPU, none on the CPU, unless asked.
+        // Batches across cameras: none by default on any provider, unless asked.
         assert_eq!(config.model.batch, 0);
         assert_eq!(config.model.batch_on(true, 4), 1);
-        assert_eq!(config.model.batch_on(false, 4), 4);
-        assert_eq!(config.model.batch_on(false, 100), MAX_BATCH);
+        assert_eq!(config.model.batch_on(false, 4), 1);
+        assert_eq!(config.model.batch_on(false, 100), 1);
+        let many = ModelConfig {
+            batch: 100,
+            ..config.model.clone()
+        };
+        assert_eq!(many.batch_on(false, 4), MAX_BATCH);
         let asked = ModelConfig {
             batch: 3,
             ..config.model.clone()
