@@ -34,6 +34,23 @@ pub fn auroc(scores: &[f32], labels: &[bool]) -> Option<f64> {
     Some((rank_sum_pos - p * (p + 1.0) / 2.0) / (p * n))
 }
 
+/// The operating point that lets at most `fpr` of the good images alert: the threshold is the
+/// good score that ⌊fpr · n_good⌋ good scores lie above, and an image alerts when its score is
+/// above it (so ties with that good image do not). Returns (threshold, good images above it,
+/// defective images above it); `None` without good images or for a non-finite `fpr`.
+pub fn at_false_alarm_rate(good: &[f32], defects: &[f32], fpr: f64) -> Option<(f32, usize, usize)> {
+    if good.is_empty() || !fpr.is_finite() {
+        return None;
+    }
+    let mut sorted = good.to_vec();
+    sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+    let allowed =
+        ((fpr.clamp(0.0, 1.0) * sorted.len() as f64 + 1e-9).floor() as usize).min(sorted.len() - 1);
+    let threshold = sorted[allowed];
+    let above = |scores: &[f32]| scores.iter().filter(|&&s| s > threshold).count();
+    Some((threshold, above(good), above(defects)))
+}
+
 /// The highest F1 over all thresholds "anomalous if score ≥ t", and the threshold reaching it.
 pub fn f1_max(scores: &[f32], labels: &[bool]) -> Option<(f64, f32)> {
     let positives = labels.iter().filter(|&&l| l).count();
@@ -249,6 +266,39 @@ pub fn aupro(curve: &Curve, fpr_limit: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_false_alarm_operating_point_allows_that_share_of_good_images() {
+        let good: Vec<f32> = (1..=100).map(|i| i as f32).collect();
+        let defects = [99.5, 98.5, 95.5, 50.0, 101.0];
+        // 1 %: one good image (100) may alert; the threshold is 99, and 101, 99.5 pass it.
+        assert_eq!(
+            at_false_alarm_rate(&good, &defects, 0.01),
+            Some((99.0, 1, 2))
+        );
+        // 5 %: 96..=100 may alert; threshold 95.
+        assert_eq!(
+            at_false_alarm_rate(&good, &defects, 0.05),
+            Some((95.0, 5, 4))
+        );
+        // 0 %: above every good image.
+        assert_eq!(
+            at_false_alarm_rate(&good, &defects, 0.0),
+            Some((100.0, 0, 1))
+        );
+        // Ties with the threshold's good image do not alert, so fewer may be flagged than allowed.
+        assert_eq!(
+            at_false_alarm_rate(&[1.0, 1.0, 1.0], &[1.0, 2.0], 0.5),
+            Some((1.0, 0, 1))
+        );
+        // 30 good images at 1 %: none may alert.
+        let thirty: Vec<f32> = (0..30).map(|i| i as f32).collect();
+        assert_eq!(
+            at_false_alarm_rate(&thirty, &[29.5], 0.01),
+            Some((29.0, 0, 1))
+        );
+        assert_eq!(at_false_alarm_rate(&[], &[1.0], 0.01), None);
+    }
     use crate::devset::SplitMix;
 
     fn brute_force_auroc(scores: &[f32], labels: &[bool]) -> f64 {

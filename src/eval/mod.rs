@@ -63,6 +63,25 @@ pub struct ThresholdOutcome {
     pub defects: usize,
 }
 
+/// Recall at a fixed false-alarm rate on the good test images: an operating point an operator
+/// could choose instead of the bundle's threshold.
+#[derive(Debug, Clone, Serialize)]
+pub struct FprOutcome {
+    /// The largest share of good images allowed to alert.
+    pub fpr: f64,
+    /// Raw threshold of that point (an image alerts above it).
+    pub threshold: f32,
+    pub good_flagged: usize,
+    pub good: usize,
+    pub defects_caught: usize,
+    pub defects: usize,
+    /// `defects_caught / defects` (None without defective images).
+    pub recall: Option<f64>,
+}
+
+/// The false-alarm rates `stpm eval` reports recall at.
+pub const REPORTED_FPRS: [f64; 2] = [0.01, 0.05];
+
 /// `report.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -79,6 +98,9 @@ pub struct Report {
     pub threshold: f32,
     /// Alerts at `threshold`: false alarms on good images and defects caught.
     pub at_threshold: ThresholdOutcome,
+    /// Recall at 1 % and 5 % false alarms on the good test images (thresholds from the test set
+    /// itself: what the model could reach, not what its calibration does).
+    pub at_fpr: Vec<FprOutcome>,
     pub n_good: usize,
     pub n_defect: usize,
     /// The execution provider the bundle ran on.
@@ -399,6 +421,33 @@ pub fn evaluate(
         defects_caught: alerting(&|s: &Scored| s.defect_type != "good"),
         defects: scored.len() - n_good,
     };
+    let good_scores: Vec<f32> = scored
+        .iter()
+        .filter(|s| s.defect_type == "good")
+        .map(|s| s.score)
+        .collect();
+    let defect_scores: Vec<f32> = scored
+        .iter()
+        .filter(|s| s.defect_type != "good")
+        .map(|s| s.score)
+        .collect();
+    let at_fpr = REPORTED_FPRS
+        .iter()
+        .filter_map(|&fpr| {
+            let (threshold, good_flagged, defects_caught) =
+                metrics::at_false_alarm_rate(&good_scores, &defect_scores, fpr)?;
+            Some(FprOutcome {
+                fpr,
+                threshold,
+                good_flagged,
+                good: good_scores.len(),
+                defects_caught,
+                defects: defect_scores.len(),
+                recall: (!defect_scores.is_empty())
+                    .then(|| defects_caught as f64 / defect_scores.len() as f64),
+            })
+        })
+        .collect();
     let report = Report {
         model: model.display().to_string(),
         precision: options.precision,
@@ -409,6 +458,7 @@ pub fn evaluate(
         f1_max,
         threshold: calibration.threshold,
         at_threshold,
+        at_fpr,
         n_good,
         n_defect: scored.len() - n_good,
         provider: engine.provider_choice().provider,
@@ -523,6 +573,18 @@ pub fn summary_table(report: &Report) -> String {
         "at the bundle's threshold (raw {:.4}): {}/{} good images would alert, {}/{} defective images caught (per image: scores.csv)\n",
         report.threshold, t.good_flagged, t.good, t.defects_caught, t.defects
     ));
+    for point in &report.at_fpr {
+        text.push_str(&format!(
+            "at {:.0} % false alarms (raw {:.4}): {}/{} good images would alert, {}/{} defective images caught (recall {})\n",
+            point.fpr * 100.0,
+            point.threshold,
+            point.good_flagged,
+            point.good,
+            point.defects_caught,
+            point.defects,
+            fmt_metric(point.recall)
+        ));
+    }
     text
 }
 
