@@ -279,6 +279,52 @@ fn a_leader_does_not_wait_for_cameras_without_a_frame() {
     assert!(started.elapsed() >= Duration::from_millis(900));
 }
 
+/// On the H200 `batch_wait_ms = 0` cost about a second per call (the 1 s cap on a batch's wait).
+/// The host side of the batching does not: four cameras that keep their frames coming, batches of
+/// up to 4, no wait. Every call returns long before the cap, with its own result.
+#[test]
+fn a_wait_of_zero_never_holds_a_batch_back() {
+    use stpm::engine::batch::{Input, SharedSession};
+    let (engine, len) = tiny_engine();
+    let inputs = noise_inputs(4, len);
+    let session = SharedSession::new(engine, 4, Duration::ZERO);
+    let cameras: Vec<_> = (0..4).map(|_| session.join()).collect();
+    let calls: Vec<(Duration, usize, usize)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = cameras
+            .iter()
+            .zip(&inputs)
+            .map(|(camera, input)| {
+                scope.spawn(move || {
+                    (0..8)
+                        .map(|_| {
+                            let started = Instant::now();
+                            let outcome = camera.score(Input::Host(input.clone()));
+                            let map = outcome.scores.expect("scored").maps.len();
+                            (started.elapsed(), outcome.batch, map)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("camera"))
+            .collect()
+    });
+    assert_eq!(calls.len(), 32);
+    let map_len = calls[0].2;
+    assert!(
+        calls
+            .iter()
+            .all(|&(_, batch, map)| (1..=4).contains(&batch) && map == map_len)
+    );
+    let slowest = calls.iter().map(|c| c.0).max().unwrap_or_default();
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a call with batch_wait_ms = 0 took {slowest:?}"
+    );
+}
+
 #[test]
 fn two_cameras_on_one_session_are_batched() {
     let dir = tempfile::tempdir().expect("dir");
