@@ -254,6 +254,17 @@ pub struct TrainingSummary {
     /// Training-image augmentation (`stpm train --augment`): "none" or "flips".
     #[serde(default = "no_augmentation")]
     pub augment: String,
+    /// Raw scores of the held-out good images through the exported graph, in the split's order:
+    /// what the threshold was fitted on (kept so another rule can be applied without rescoring).
+    #[serde(default)]
+    pub holdout_scores: Vec<f32>,
+    /// SGD steps each epoch took (fewer than a full pass when the step budget capped the run;
+    /// 0 in bundles written before the budget existed).
+    #[serde(default)]
+    pub steps_per_epoch: usize,
+    /// The step budget (`stpm train --max-steps`; 0: none).
+    #[serde(default)]
+    pub max_steps: usize,
 }
 
 fn no_augmentation() -> String {

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::bundle::{Bundle, BundleError, Calibration, Precision};
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::preprocess::{self, PreprocessError, RgbFrame};
-use crate::train::calibration_at_quantile;
+use crate::train::{calibration_at_quantile, calibration_from_scores};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CalibrateError {
@@ -52,27 +52,18 @@ pub struct Outcome {
 }
 
 /// Options of [`calibrate`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct CalibrateOptions {
-    /// The threshold is this quantile of the good images' scores (1.0: their maximum).
-    pub quantile: f64,
+    /// The threshold is this quantile of the good images' scores (1.0: their maximum); `None`
+    /// fits their tail as `stpm train` does (`train::calibration_from_scores`).
+    pub quantile: Option<f64>,
     /// Compute and report, but leave the manifest as it is.
     pub dry_run: bool,
     pub progress: bool,
 }
 
-impl Default for CalibrateOptions {
-    fn default() -> Self {
-        Self {
-            quantile: 1.0,
-            dry_run: false,
-            progress: false,
-        }
-    }
-}
-
 /// Scores `images` (all good) through the bundle's fp32 graph, and through its INT8 graph when it
-/// has a current one, and sets each graph's threshold to the `quantile` of its scores.
+/// has a current one, and sets each graph's threshold from its scores (the tail fit, or `quantile`).
 pub fn calibrate(
     model: &Path,
     images: &[PathBuf],
@@ -81,8 +72,8 @@ pub fn calibrate(
     if images.is_empty() {
         return Err(CalibrateError::NoImages);
     }
-    if !(options.quantile > 0.0 && options.quantile <= 1.0) {
-        return Err(CalibrateError::Quantile(options.quantile));
+    if let Some(q) = options.quantile.filter(|q| !(*q > 0.0 && *q <= 1.0)) {
+        return Err(CalibrateError::Quantile(q));
     }
     let bundle = Bundle::open(model)?;
     let mut graphs = vec![bundle.clone()];
@@ -129,15 +120,21 @@ pub fn calibrate(
     for (graph, scores) in graphs.iter().zip(scores) {
         let precision = graph.precision;
         let before = graph.calibration().clone();
-        let method = if options.quantile >= 1.0 {
-            format!("max of good images (stpm calibrate, {source})")
-        } else {
-            format!(
-                "{} quantile of good images (stpm calibrate, {source})",
-                options.quantile
-            )
+        let after = match options.quantile {
+            None => {
+                calibration_from_scores(&scores, &format!("good images (stpm calibrate, {source})"))
+            }
+            Some(q) if q >= 1.0 => calibration_at_quantile(
+                &scores,
+                1.0,
+                format!("max of good images (stpm calibrate, {source})"),
+            ),
+            Some(q) => calibration_at_quantile(
+                &scores,
+                q,
+                format!("{q} quantile of good images (stpm calibrate, {source})"),
+            ),
         };
-        let after = calibration_at_quantile(&scores, options.quantile, method);
         let alerting = |threshold: f32| scores.iter().filter(|&&s| s >= threshold).count();
         match (precision, manifest.int8.as_mut()) {
             (Precision::Int8, Some(int8)) => int8.calibration = after.clone(),

@@ -98,6 +98,14 @@ fn check_parity_at(
         "the student learns: epoch losses {losses:?}"
     );
     assert_eq!(outcome.holdout_scores.len(), 2);
+    // The manifest keeps what the threshold was fitted on, and the schedule (8 images in
+    // batches of the test's size, under the default step budget: every batch each epoch).
+    assert_eq!(manifest.training.holdout_scores, outcome.holdout_scores);
+    assert_eq!(manifest.training.max_steps, stpm::train::DEFAULT_MAX_STEPS);
+    assert_eq!(
+        manifest.training.steps_per_epoch,
+        8usize.div_ceil(manifest.training.batch_size)
+    );
     assert!(
         (manifest
             .calibration

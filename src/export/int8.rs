@@ -265,7 +265,7 @@ fn recalibrate(
         let input = preprocess::to_chw(&frame, size, &manifest.normalisation);
         scores.extend(engine.run(&input, 1)?.scores);
     }
-    let mut calibration = calibration_from_scores(&scores);
+    let mut calibration = calibration_from_scores(&scores, "held-out good images");
     calibration.method = format!("{} (INT8 graph)", calibration.method);
     Ok(calibration)
 }

@@ -7,7 +7,8 @@ use super::{ImageSet, TrainError};
 use crate::bundle::Calibration;
 use crate::engine::{Engine, EngineOptions};
 
-/// Threshold = the highest held-out good score (DESIGN §5: thresholds come from good images only).
+/// Threshold from the held-out good images' scores ([`calibration_from_scores`]; thresholds come
+/// from good images only).
 pub(super) fn from_holdout(
     model: &Path,
     images: &ImageSet,
@@ -19,12 +20,79 @@ pub(super) fn from_holdout(
     for &index in holdout {
         scores.extend(engine.run(&images.pixels[index], 1)?.scores);
     }
-    Ok((calibration_from_scores(&scores), scores))
+    Ok((
+        calibration_from_scores(&scores, "held-out good images"),
+        scores,
+    ))
 }
 
-/// The held-out rule of `stpm train`: the threshold is the highest score.
-pub fn calibration_from_scores(scores: &[f32]) -> Calibration {
-    calibration_at_quantile(scores, 1.0, "max of held-out good images".to_string())
+/// Fewest good images whose tail [`calibration_from_scores`] fits; with fewer it takes their maximum.
+pub const MIN_TAIL_FIT_IMAGES: usize = 20;
+
+/// The false-alarm rate on good images that the default threshold aims at.
+pub const TARGET_FALSE_ALARM_RATE: f64 = 0.01;
+
+/// The default rule of `stpm train` and `stpm calibrate`: a Gumbel distribution (the law of a
+/// maximum, which an image score is: the maximum of its anomaly map) fitted to the good images'
+/// scores by their median and 90th percentile, and the threshold at its
+/// [`TARGET_FALSE_ALARM_RATE`] upper quantile. Unlike the maximum, one unusual good image does not
+/// lift it over every defect, and with a few dozen images it still sits above their typical
+/// maximum. With fewer than [`MIN_TAIL_FIT_IMAGES`] scores it is their maximum.
+pub fn calibration_from_scores(scores: &[f32], source: &str) -> Calibration {
+    match gumbel_threshold(scores, TARGET_FALSE_ALARM_RATE) {
+        Some(threshold) => {
+            let mut calibration = calibration_at_quantile(
+                scores,
+                1.0,
+                format!(
+                    "Gumbel fit to {source}, {} % false alarms",
+                    TARGET_FALSE_ALARM_RATE * 100.0
+                ),
+            );
+            calibration.threshold = threshold;
+            calibration.floor = calibration.floor.min(threshold);
+            let median = quantile(&sorted_finite(scores), 0.5).unwrap_or(threshold);
+            calibration.good_median = calibration.normalise(median);
+            calibration
+        }
+        None => calibration_at_quantile(scores, 1.0, format!("max of {source}")),
+    }
+}
+
+fn sorted_finite(scores: &[f32]) -> Vec<f32> {
+    let mut sorted: Vec<f32> = scores.iter().copied().filter(|s| s.is_finite()).collect();
+    sorted.sort_by(f32::total_cmp);
+    sorted
+}
+
+/// The `q` quantile of sorted values, interpolated linearly between ranks.
+fn quantile(sorted: &[f32], q: f64) -> Option<f32> {
+    let last = sorted.len().checked_sub(1)?;
+    let position = q.clamp(0.0, 1.0) * last as f64;
+    let below = position.floor() as usize;
+    let above = (below + 1).min(last);
+    let weight = position - below as f64;
+    Some((f64::from(sorted[below]) * (1.0 - weight) + f64::from(sorted[above]) * weight) as f32)
+}
+
+/// The upper `rate` quantile of a Gumbel law matched to the scores' median and 90th percentile,
+/// or `None` with too few finite scores or no spread between those two.
+pub fn gumbel_threshold(scores: &[f32], rate: f64) -> Option<f32> {
+    let sorted = sorted_finite(scores);
+    if sorted.len() < MIN_TAIL_FIT_IMAGES || !(rate > 0.0 && rate < 1.0) {
+        return None;
+    }
+    let median = f64::from(quantile(&sorted, 0.5)?);
+    let q90 = f64::from(quantile(&sorted, 0.9)?);
+    // Gumbel(μ, β): the quantile at p is μ − β ln(−ln p).
+    let reduced = |p: f64| -(-p.ln()).ln();
+    let beta = (q90 - median) / (reduced(0.9) - reduced(0.5));
+    if !(beta.is_finite() && beta > 0.0) {
+        return None;
+    }
+    let location = median - beta * reduced(0.5);
+    let threshold = location + beta * reduced(1.0 - rate);
+    threshold.is_finite().then_some(threshold as f32)
 }
 
 /// Threshold = the `quantile` of the good images' finite scores (nearest rank; 1.0 is their
@@ -56,8 +124,10 @@ mod tests {
 
     #[test]
     fn threshold_maps_to_half_and_good_scores_sit_below() {
-        let calibration = calibration_from_scores(&[0.2, 0.25, 0.3, 0.4, 0.6]);
+        // Five scores are too few for a tail fit: the maximum.
+        let calibration = calibration_from_scores(&[0.2, 0.25, 0.3, 0.4, 0.6], "five");
         assert_eq!(calibration.threshold, 0.6);
+        assert_eq!(calibration.method, "max of five");
         assert!((calibration.normalise(0.6) - 0.5).abs() < 1e-6);
         assert_eq!(calibration.normalise(0.2), 0.0);
         assert_eq!(calibration.normalise(10.0), 1.0);
@@ -66,6 +136,62 @@ mod tests {
             (calibration.normalise(1.0) - 1.0).abs() < 1e-6,
             "twice the span above floor is 1.0"
         );
+    }
+
+    /// Gumbel(μ = 10, β = 2) quantiles at evenly spaced probabilities: an ideal sample.
+    fn gumbel_sample(n: usize) -> Vec<f32> {
+        (1..=n)
+            .map(|i| {
+                let p = i as f64 / (n + 1) as f64;
+                (10.0 - 2.0 * (-p.ln()).ln()) as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_tail_fit_recovers_a_gumbel_law_and_ignores_one_outlier() {
+        let sample = gumbel_sample(199);
+        // The 1 % upper quantile of Gumbel(10, 2): 10 − 2 ln(−ln 0.99) = 19.2.
+        let expected = 10.0 - 2.0 * (-(0.99f64).ln()).ln();
+        let threshold = f64::from(gumbel_threshold(&sample, 0.01).expect("fit"));
+        // (The sample's interpolated 90th percentile sits a little low: 19.0, not 19.2. Its
+        // maximum, 20.6, is far off.)
+        assert!(
+            (threshold - expected).abs() < 0.3,
+            "{threshold} vs {expected}"
+        );
+        // One good image far out moves the maximum, not the fit.
+        let mut with_outlier = sample.clone();
+        with_outlier[0] = 1000.0;
+        let calibration = calibration_from_scores(&with_outlier, "held-out good images");
+        assert!(
+            (f64::from(calibration.threshold) - expected).abs() < 0.4,
+            "{}",
+            calibration.threshold
+        );
+        assert!(
+            calibration
+                .method
+                .starts_with("Gumbel fit to held-out good images")
+        );
+        assert!((calibration.normalise(calibration.threshold) - 0.5).abs() < 1e-6);
+        assert!(calibration.good_median < 0.5);
+        // Thirty scores: above their own maximum (the rate is below 1/30).
+        let thirty = gumbel_sample(30);
+        let top = thirty.iter().copied().fold(f32::MIN, f32::max);
+        assert!(gumbel_threshold(&thirty, 0.01).expect("fit") > top);
+    }
+
+    #[test]
+    fn the_tail_fit_falls_back_to_the_maximum() {
+        let constant = vec![3.0; 40];
+        assert_eq!(gumbel_threshold(&constant, 0.01), None);
+        assert_eq!(calibration_from_scores(&constant, "x").threshold, 3.0);
+        assert_eq!(gumbel_threshold(&gumbel_sample(19), 0.01), None);
+        assert_eq!(gumbel_threshold(&gumbel_sample(40), 0.0), None);
+        let mut with_nan = gumbel_sample(19);
+        with_nan.push(f32::NAN);
+        assert_eq!(gumbel_threshold(&with_nan, 0.01), None);
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct TrainConfig {
     pub backbone: BackboneKind,
     pub teacher: TeacherWeights,
     pub epochs: usize,
+    /// Most SGD steps in all (0: no cap): when `epochs` full passes would take more, each epoch
+    /// trains on a random share of the images so the run stays within this budget.
+    pub max_steps: usize,
     pub batch_size: usize,
     pub image_size: usize,
     pub learning_rate: f64,
@@ -89,6 +92,14 @@ impl Augment {
     }
 }
 
+/// Default step budget: 400 steps of 8 images at 256² take about 10 minutes on 2 cores, so a
+/// large folder trains in about that time (a 150-image folder needs 180 steps for its 12 epochs).
+pub const DEFAULT_MAX_STEPS: usize = 400;
+
+/// Most held-out images the per-epoch checkpoint loss is measured on (all of them still
+/// calibrate the threshold and fit the map's statistics).
+const CHECKPOINT_IMAGES: usize = 64;
+
 /// Share of the training images held out for checkpointing and calibration (not recorded in the
 /// manifest: `stpm export` reproduces the split from it, the image list and the seed).
 pub const DEFAULT_HOLDOUT_FRACTION: f64 = 0.2;
@@ -104,6 +115,7 @@ impl TrainConfig {
             backbone: BackboneKind::EfficientNetLite0,
             teacher: TeacherWeights::File(PathBuf::from(DEFAULT_TEACHER)),
             epochs: 12,
+            max_steps: DEFAULT_MAX_STEPS,
             batch_size: 8,
             image_size: 256,
             learning_rate: 0.4,
@@ -469,12 +481,13 @@ impl Prepared {
     fn holdout_loss(&self, student: &Backbone, config: &TrainConfig) -> f32 {
         let size = config.image_size;
         let mut total = 0.0;
-        for chunk in self.holdout_idx.chunks(8) {
+        let images = &self.holdout_idx[..self.holdout_idx.len().min(CHECKPOINT_IMAGES)];
+        for chunk in images.chunks(8) {
             let student_pyramid = student.pyramid(self.images.batch(chunk, size, &self.device));
             let loss = features::loss(&self.cache.batch(chunk, &self.device), &student_pyramid);
             total += loss.into_scalar::<f32>() * chunk.len() as f32;
         }
-        total / self.holdout_idx.len().max(1) as f32
+        total / images.len().max(1) as f32
     }
 
     /// Teacher and student pyramids of the held-out images, in batches of 8: what the map's
@@ -525,6 +538,7 @@ struct Fitted {
     best_epoch: usize,
     best_loss: f32,
     epochs_run: usize,
+    steps_per_epoch: usize,
     interrupted: bool,
 }
 
@@ -550,6 +564,43 @@ fn report(progress: &ProgressBar, config: &TrainConfig, line: String) {
     }
 }
 
+/// How many steps each epoch takes: all of the training images' batches, or, when `epochs` full
+/// passes would exceed the step budget, a random share of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    pub epochs: usize,
+    /// Batches in one full pass over the training images.
+    pub batches_per_pass: usize,
+    /// Batches each epoch trains on (`batches_per_pass` unless capped).
+    pub steps_per_epoch: usize,
+}
+
+impl Schedule {
+    pub fn new(train_images: usize, batch_size: usize, epochs: usize, max_steps: usize) -> Self {
+        let batches_per_pass = train_images.div_ceil(batch_size.max(1)).max(1);
+        let epochs = epochs.max(1);
+        let steps_per_epoch = if max_steps == 0 || epochs * batches_per_pass <= max_steps {
+            batches_per_pass
+        } else {
+            (max_steps / epochs).clamp(1, batches_per_pass)
+        };
+        Self {
+            epochs,
+            batches_per_pass,
+            steps_per_epoch,
+        }
+    }
+
+    /// Whether each epoch sees only part of the images.
+    pub fn capped(&self) -> bool {
+        self.steps_per_epoch < self.batches_per_pass
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.epochs * self.steps_per_epoch
+    }
+}
+
 /// The SGD loop on the cached teacher features.
 fn fit(config: &TrainConfig, data: &Prepared, stop: &AtomicBool) -> Fitted {
     let size = config.image_size;
@@ -566,8 +617,35 @@ fn fit(config: &TrainConfig, data: &Prepared, stop: &AtomicBool) -> Fitted {
         }))
         .init();
 
-    let batches_per_epoch = data.train_idx.len().div_ceil(config.batch_size);
-    let progress = progress_bar(config, config.epochs * batches_per_epoch);
+    let schedule = Schedule::new(
+        data.train_idx.len(),
+        config.batch_size,
+        config.epochs,
+        config.max_steps,
+    );
+    let batches_per_epoch = schedule.steps_per_epoch;
+    if config.progress {
+        let plan = if schedule.capped() {
+            format!(
+                "{} epochs of all {} images would take {} steps, over the {}-step budget (--max-steps): each epoch trains on a random {} of them",
+                schedule.epochs,
+                data.train_idx.len(),
+                schedule.epochs * schedule.batches_per_pass,
+                config.max_steps,
+                (schedule.steps_per_epoch * config.batch_size).min(data.train_idx.len()),
+            )
+        } else {
+            format!("each epoch trains on all {} images", data.train_idx.len())
+        };
+        eprintln!(
+            "training {} steps of {} images: {} epochs × {} steps ({plan})",
+            schedule.total_steps(),
+            config.batch_size,
+            schedule.epochs,
+            schedule.steps_per_epoch,
+        );
+    }
+    let progress = progress_bar(config, schedule.total_steps());
     let mut rng = SplitMix::new(config.seed.wrapping_add(1));
     let mut best: Option<(usize, f32, Backbone)> = None;
     let mut epochs_run = 0;
@@ -576,6 +654,7 @@ fn fit(config: &TrainConfig, data: &Prepared, stop: &AtomicBool) -> Fitted {
     'epochs: for epoch in 1..=config.epochs {
         let mut order = data.train_idx.clone();
         shuffle(&mut order, &mut rng);
+        order.truncate(batches_per_epoch * config.batch_size);
         for index in &mut order {
             *index = data.draw_variant(*index, &mut rng);
         }
@@ -647,6 +726,7 @@ fn fit(config: &TrainConfig, data: &Prepared, stop: &AtomicBool) -> Fitted {
         best_epoch,
         best_loss,
         epochs_run,
+        steps_per_epoch: batches_per_epoch,
         interrupted,
     }
 }
@@ -756,6 +836,9 @@ fn write_bundle(
             teacher_weights,
             teacher_weights_sha256: data.teacher_hash.clone(),
             augment: config.augment.name().to_string(),
+            holdout_scores: holdout_scores.clone(),
+            steps_per_epoch: fitted.steps_per_epoch,
+            max_steps: config.max_steps,
         },
         int8: None,
     };
@@ -821,6 +904,22 @@ mod tests {
             [4.0, 3.0, 2.0, 1.0, 40.0, 30.0, 20.0, 10.0]
         );
         assert_eq!(set.pixels[0], [1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0]);
+    }
+
+    #[test]
+    fn the_step_budget_caps_large_folders_only() {
+        // 120 images: 15 batches of 8, 12 epochs = 180 steps, under the budget: unchanged.
+        let small = Schedule::new(120, 8, 12, DEFAULT_MAX_STEPS);
+        assert_eq!((small.steps_per_epoch, small.total_steps()), (15, 180));
+        assert!(!small.capped());
+        // 610 images: 77 batches, 12 epochs = 924 steps: capped to 33 per epoch (396 in all).
+        let large = Schedule::new(610, 8, 12, DEFAULT_MAX_STEPS);
+        assert_eq!(large.batches_per_pass, 77);
+        assert_eq!((large.steps_per_epoch, large.total_steps()), (33, 396));
+        assert!(large.capped() && large.total_steps() <= DEFAULT_MAX_STEPS);
+        // 0 lifts the cap; a budget under one step per epoch still takes one.
+        assert_eq!(Schedule::new(610, 8, 12, 0).total_steps(), 924);
+        assert_eq!(Schedule::new(610, 8, 12, 5).steps_per_epoch, 1);
     }
 
     #[test]
