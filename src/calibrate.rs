@@ -1,7 +1,7 @@
 //! `stpm calibrate`: sets a bundle's alert threshold from good images of the deployment (the line's
 //! own camera, lighting and parts), replacing the one `stpm train` took from its held-out training
 //! images. Owns the scoring of those images through each of the bundle's graphs and the manifest
-//! update; the threshold rule itself is `train::calibration_from_scores`.
+//! update; the threshold rule itself is `threshold::calibration_from_scores`.
 
 use std::path::{Path, PathBuf};
 
@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::bundle::{Bundle, BundleError, Calibration, Precision};
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::preprocess::{self, PreprocessError, RgbFrame};
-use crate::train::{calibration_at_quantile, calibration_from_scores};
+use crate::threshold::{calibration_at_quantile, calibration_from_scores};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CalibrateError {
@@ -55,7 +55,7 @@ pub struct Outcome {
 #[derive(Debug, Clone, Default)]
 pub struct CalibrateOptions {
     /// The threshold is this quantile of the good images' scores (1.0: their maximum); `None`
-    /// fits their tail as `stpm train` does (`train::calibration_from_scores`).
+    /// fits their tail as `stpm train` does (`threshold::calibration_from_scores`).
     pub quantile: Option<f64>,
     /// Compute and report, but leave the manifest as it is.
     pub dry_run: bool,

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::rng::SplitMix;
+
 /// File extensions read as images (lower-case).
 pub const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
 
@@ -148,9 +150,50 @@ pub fn test_set(dir: &Path) -> Result<Vec<TestImage>, LayoutError> {
     Ok(images)
 }
 
+/// Share of the training images held out for checkpointing and calibration (not recorded in the
+/// manifest: `stpm export` reproduces the split from it, the image list and the seed).
+pub const DEFAULT_HOLDOUT_FRACTION: f64 = 0.2;
+
+/// Splits `count` items into (train, holdout) index lists, shuffled with `seed`.
+pub fn split_holdout(count: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..count).collect();
+    shuffle(&mut order, &mut SplitMix::new(seed));
+    let holdout =
+        ((count as f64 * fraction).round() as usize).clamp(1, count.saturating_sub(1).max(1));
+    let (held, train) = order.split_at(holdout);
+    let (mut train, mut held) = (train.to_vec(), held.to_vec());
+    train.sort_unstable();
+    held.sort_unstable();
+    (train, held)
+}
+
+/// Fisher–Yates with our own generator (stable across dependency versions).
+pub fn shuffle(indices: &mut [usize], rng: &mut SplitMix) {
+    for i in (1..indices.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        indices.swap(i, j);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holdout_split_is_deterministic_disjoint_and_twenty_percent() {
+        let (train, held) = split_holdout(150, 0.2, 5);
+        assert_eq!(held.len(), 30);
+        assert_eq!(train.len(), 120);
+        assert!(held.iter().all(|i| !train.contains(i)));
+        assert_eq!(split_holdout(150, 0.2, 5), (train, held.clone()));
+        assert_ne!(split_holdout(150, 0.2, 6).1, held);
+    }
+
+    #[test]
+    fn holdout_keeps_one_image_each_side_for_tiny_sets() {
+        let (train, held) = split_holdout(2, 0.2, 0);
+        assert_eq!((train.len(), held.len()), (1, 1));
+    }
 
     #[test]
     fn prefers_mvtec_train_good_and_sorts() {

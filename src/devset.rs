@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use image::{GrayImage, Luma, Rgb, RgbImage};
 
+use crate::rng::SplitMix;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DevsetError {
     #[error("cannot create {path}: {source}")]
@@ -32,33 +34,6 @@ pub struct DevsetSpec {
 
 /// The defect types written under `test/` and `ground_truth/`.
 pub const DEFECT_TYPES: [&str; 2] = ["scratch", "stain"];
-
-/// SplitMix64: a tiny, well-mixed generator, so the data never change with a dependency's version.
-#[derive(Debug, Clone)]
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    pub fn range(&mut self, low: f32, high: f32) -> f32 {
-        low + (high - low) * self.unit()
-    }
-}
 
 /// A woven-fabric-like texture with per-image phase, slight rotation and smooth noise.
 pub(crate) fn texture(size: u32, rng: &mut SplitMix) -> RgbImage {

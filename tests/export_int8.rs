@@ -126,7 +126,7 @@ fn int8_export_runs_int8_kernels_and_follows_fp32() {
     let whitening_weights = |path: &Path| {
         use prost::Message;
         let bytes = std::fs::read(path).expect("graph");
-        let model = stpm::export::onnx_proto::ModelProto::decode(bytes.as_slice()).expect("onnx");
+        let model = stpm::onnx::proto::ModelProto::decode(bytes.as_slice()).expect("onnx");
         let graph = model.graph.expect("graph");
         let convs = stpm::export::quantize::whitening_convs(&graph);
         assert_eq!(convs.len(), 3, "{convs:?}");

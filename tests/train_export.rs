@@ -8,10 +8,11 @@ use std::sync::atomic::AtomicBool;
 
 use burn::prelude::*;
 use stpm::bundle::Bundle;
-use stpm::devset::{DevsetSpec, SplitMix, write_category};
+use stpm::devset::{DevsetSpec, write_category};
 use stpm::engine::{Engine, EngineOptions};
 use stpm::model::features::{FUSION_STRIDE, anomaly_map, image_score};
 use stpm::model::{BackboneKind, Fusion, compute_device, weights};
+use stpm::rng::SplitMix;
 use stpm::train::{Augment, TeacherWeights, TrainConfig, train};
 
 const SIZE: usize = 64;

@@ -14,7 +14,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::value::TensorRef;
 
 use crate::bundle::{Bundle, Precision};
-use crate::export::{INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT};
+use crate::onnx::{INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT};
 pub use provider::{ExecutionProvider, ProviderChoice, ProviderRequest, resolve_provider};
 
 /// Environment variable naming the ONNX Runtime shared library explicitly.
@@ -472,7 +472,7 @@ pub fn optimised_ops(
     let _ = std::fs::remove_file(&dump);
     drop(session?);
     let bytes = bytes.map_err(|e| open_error(format!("no optimised graph written: {e}")))?;
-    let optimised = crate::export::onnx_proto::ModelProto::decode(bytes.as_slice())
+    let optimised = crate::onnx::proto::ModelProto::decode(bytes.as_slice())
         .map_err(|e| open_error(e.to_string()))?;
     let mut counts = std::collections::BTreeMap::new();
     for node in optimised.graph.iter().flat_map(|g| &g.node) {

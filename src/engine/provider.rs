@@ -212,7 +212,7 @@ pub(super) fn register(
 pub fn tensorrt_profile(size: [usize; 2], batch: usize) -> [String; 3] {
     let [h, w] = size;
     let max = super::batch::MAX_BATCH;
-    let shape = |n: usize| format!("{}:{n}x3x{h}x{w}", crate::export::INPUT_NAME);
+    let shape = |n: usize| format!("{}:{n}x3x{h}x{w}", crate::onnx::INPUT_NAME);
     [shape(1), shape(batch.clamp(1, max)), shape(max)]
 }
 

@@ -299,7 +299,7 @@ mod tests {
         );
         assert_eq!(at_false_alarm_rate(&[], &[1.0], 0.01), None);
     }
-    use crate::devset::SplitMix;
+    use crate::rng::SplitMix;
 
     fn brute_force_auroc(scores: &[f32], labels: &[bool]) -> f64 {
         let (mut wins, mut pairs) = (0.0, 0.0);

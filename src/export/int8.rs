@@ -8,15 +8,16 @@ use std::path::{Path, PathBuf};
 use indicatif::{ProgressBar, ProgressStyle};
 use prost::Message;
 
-use super::ExportError;
-use super::onnx_proto::ModelProto;
 use super::quantize::{self, ActivationType, QuantizeError, Range};
 use crate::bundle::{self, Bundle, BundleError, Calibration, Int8Section};
 use crate::dataset::{self, DatasetError};
+use crate::dataset::{DEFAULT_HOLDOUT_FRACTION, split_holdout};
 use crate::engine::{Engine, EngineError, EngineOptions, Probe};
 use crate::model::features::WhiteningAccumulator;
+use crate::onnx::OnnxError;
+use crate::onnx::proto::ModelProto;
 use crate::preprocess::{self, PreprocessError, RgbFrame};
-use crate::train::{DEFAULT_HOLDOUT_FRACTION, calibration_from_scores, split_holdout};
+use crate::threshold::calibration_from_scores;
 
 /// Default number of calibration images. Min/max ranges over 32 images clipped rare large
 /// activations and cost up to 0.026 image AUROC on the dev set; 64 stayed within 0.002 of fp32 on
@@ -36,7 +37,7 @@ pub enum Int8Error {
     #[error(transparent)]
     Image(#[from] PreprocessError),
     #[error(transparent)]
-    Write(#[from] ExportError),
+    Write(#[from] OnnxError),
     #[error("{path} is not an ONNX model we can read: {message}")]
     Decode { path: PathBuf, message: String },
     #[error(
@@ -311,7 +312,7 @@ pub fn export_int8(dir: &Path, options: &Int8Options) -> Result<Int8Outcome, Int
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let registered = same_dir(parent, dir);
-    let written = super::write_model(&quantised, &path)?;
+    let written = crate::onnx::write_model(&quantised, &path)?;
     let (calibration, recalibrated_on) = if set.holdout.is_empty() {
         (bundle.manifest.calibration.clone(), None)
     } else {

@@ -5,11 +5,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::graph::attr_int;
-use super::onnx_proto::{
+use crate::onnx::graph::attr_int;
+use crate::onnx::proto::{
     GraphProto, ModelProto, NodeProto, TensorProto, TypeProto, ValueInfoProto, data_type,
 };
-use super::onnx_proto::{TensorTypeProto, data_type::FLOAT};
+use crate::onnx::proto::{TensorTypeProto, data_type::FLOAT};
 
 /// Operators of the convolution backbones: everything between the image and the feature taps.
 const BACKBONE_OPS: [&str; 5] = ["Conv", "Clip", "Relu", "Add", "MaxPool"];
@@ -456,7 +456,7 @@ pub fn whitening_convs(graph: &GraphProto) -> Vec<WhiteningConv> {
         .node
         .iter()
         .filter(|n| n.op_type == "Conv" && n.input.len() == 3)
-        .filter(|n| n.input[1].starts_with(super::WHITEN_WEIGHT))
+        .filter(|n| n.input[1].starts_with(crate::onnx::WHITEN_WEIGHT))
         .filter_map(|n| {
             let channels = *dims.get(n.input[1].as_str())?.first()? as usize;
             Some(WhiteningConv {
@@ -599,7 +599,7 @@ pub fn quantise(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::graph::{GraphBuilder, float_value_info};
+    use crate::onnx::graph::{GraphBuilder, float_value_info};
 
     fn ints(tensor: &TensorProto) -> Vec<i32> {
         match tensor.data_type {

@@ -5,7 +5,7 @@ use burn::module::{ModuleMapper, Param};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::devset::SplitMix;
+use crate::rng::SplitMix;
 
 use super::efficientnet::{self, EfficientNetLite};
 use super::features::Pyramid;

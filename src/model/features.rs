@@ -623,7 +623,7 @@ mod tests {
 
     #[test]
     fn residuals_from_a_graph_accumulate_like_the_training_tensors() {
-        let mut rng = crate::devset::SplitMix::new(9);
+        let mut rng = crate::rng::SplitMix::new(9);
         let mut values = |n: usize| (0..n).map(|_| rng.range(-1.0, 1.0)).collect::<Vec<f32>>();
         let scales = [(3, 16), (4, 4), (2, 1)];
         let images: Vec<Vec<Vec<f32>>> = (0..2)
@@ -650,7 +650,7 @@ mod tests {
         // Two strongly correlated channels with different means and spreads over 2 images of 8×8.
         let (c, plane) = (2, 64);
         let mut values = Vec::new();
-        let mut rng = crate::devset::SplitMix::new(5);
+        let mut rng = crate::rng::SplitMix::new(5);
         let mut samples = Vec::new();
         for _ in 0..2 {
             let (mut x, mut y) = (Vec::new(), Vec::new());

@@ -8,8 +8,9 @@ use image::RgbImage;
 
 use std::path::{Path, PathBuf};
 
-use crate::devset::{DevsetError, DevsetSpec, SplitMix, add_defect, create_dir, texture};
+use crate::devset::{DevsetError, DevsetSpec, add_defect, create_dir, texture};
 use crate::preprocess::RgbFrame;
+use crate::rng::SplitMix;
 
 /// Every `DEFECT_EVERY`-th panel carries a defect.
 pub const DEFECT_EVERY: u64 = 3;

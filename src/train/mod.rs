@@ -2,8 +2,7 @@
 //! the STPM loss, checkpoint chosen on held-out good images), then exports, calibrates and writes
 //! the bundle. Owns the training loop; the maths lives in `model`, the file format in `bundle`.
 
-mod calibrate;
-pub use calibrate::{calibration_at_quantile, calibration_from_scores};
+mod holdout;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,15 +18,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use prost::Message;
 
 use crate::bundle::{self, Bundle, Manifest, ModelSection, TrainingSummary};
-use crate::dataset;
-use crate::devset::SplitMix;
-use crate::export;
+use crate::dataset::{self, DEFAULT_HOLDOUT_FRACTION, shuffle, split_holdout};
 use crate::model::features::{
     self, MapOptions, MapStats, MapStatsAccumulator, Pyramid, Whitening, WhiteningAccumulator,
 };
 use crate::model::weights::{self, WeightsError};
 use crate::model::{Backbone, BackboneKind, Fusion, compute_device};
+use crate::onnx;
 use crate::preprocess::{self, Normalisation, RgbFrame};
+use crate::rng::SplitMix;
 
 /// Where `scripts/setup.sh` installs the default teacher's weights.
 pub const DEFAULT_TEACHER: &str = "engines/teachers/efficientnet-lite0.pth";
@@ -100,10 +99,6 @@ pub const DEFAULT_MAX_STEPS: usize = 400;
 /// calibrate the threshold and fit the map's statistics).
 const CHECKPOINT_IMAGES: usize = 64;
 
-/// Share of the training images held out for checkpointing and calibration (not recorded in the
-/// manifest: `stpm export` reproduces the split from it, the image list and the seed).
-pub const DEFAULT_HOLDOUT_FRACTION: f64 = 0.2;
-
 impl TrainConfig {
     /// The paper's SGD (lr 0.4, momentum 0.9, weight decay 1e-4) with batch 8 instead of 32 and 12
     /// epochs: a 150-image category then trains in under 10 minutes on 2 cores, and the smaller
@@ -168,7 +163,7 @@ pub enum TrainError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Export(#[from] export::ExportError),
+    Export(#[from] onnx::OnnxError),
     #[error(transparent)]
     Bundle(#[from] bundle::BundleError),
     #[error(transparent)]
@@ -337,7 +332,7 @@ impl FeatureCache {
     /// Runs the teacher alone through ONNX Runtime (its part of the bundle's graph, from the same
     /// exporter; 150 images at 256² took 0.9–1.2 s against 5.8 s with burn's forward on 2 cores).
     fn compute(teacher: &Backbone, images: &ImageSet, size: usize) -> Result<Self, TrainError> {
-        let (model, taps) = export::teacher_model(teacher, [size, size]);
+        let (model, taps) = onnx::teacher_model(teacher, [size, size]);
         let mut probe = crate::engine::Probe::open(
             &model.encode_to_vec(),
             [size, size],
@@ -377,27 +372,6 @@ impl FeatureCache {
             Tensor::from_data(TensorData::new(flat, [indices.len(), c, h, w]), device)
         };
         Pyramid([tensor(0), tensor(1), tensor(2)])
-    }
-}
-
-/// Splits `count` items into (train, holdout) index lists, shuffled with `seed`.
-pub fn split_holdout(count: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
-    let mut order: Vec<usize> = (0..count).collect();
-    shuffle(&mut order, &mut SplitMix::new(seed));
-    let holdout =
-        ((count as f64 * fraction).round() as usize).clamp(1, count.saturating_sub(1).max(1));
-    let (held, train) = order.split_at(holdout);
-    let (mut train, mut held) = (train.to_vec(), held.to_vec());
-    train.sort_unstable();
-    held.sort_unstable();
-    (train, held)
-}
-
-/// Fisher–Yates with our own generator (stable across dependency versions).
-fn shuffle(indices: &mut [usize], rng: &mut SplitMix) {
-    for i in (1..indices.len()).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        indices.swap(i, j);
     }
 }
 
@@ -760,14 +734,14 @@ fn write_bundle(
         map_options.stats = stats;
         stats
     });
-    let onnx = export::stpm_model(
+    let onnx = onnx::stpm_model(
         &data.teacher,
         &fitted.student,
         [size, size],
         &map_options,
         &metadata,
     )?;
-    let bytes = export::write_model(&onnx, &staging.join(bundle::MODEL_FILE))?;
+    let bytes = onnx::write_model(&onnx, &staging.join(bundle::MODEL_FILE))?;
     let mut files = vec![bundle::MODEL_FILE, bundle::STUDENT_FILE];
     let whitening = match &map_options.whitening {
         Some(whitening) => {
@@ -792,7 +766,7 @@ fn write_bundle(
         TeacherWeights::File(_) => data.teacher_path.display().to_string(),
     };
 
-    let (calibration, holdout_scores) = calibrate::from_holdout(
+    let (calibration, holdout_scores) = holdout::from_holdout(
         &staging.join(bundle::MODEL_FILE),
         &data.images,
         &data.holdout_idx,
@@ -879,16 +853,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn holdout_split_is_deterministic_disjoint_and_twenty_percent() {
-        let (train, held) = split_holdout(150, 0.2, 5);
-        assert_eq!(held.len(), 30);
-        assert_eq!(train.len(), 120);
-        assert!(held.iter().all(|i| !train.contains(i)));
-        assert_eq!(split_holdout(150, 0.2, 5), (train, held.clone()));
-        assert_ne!(split_holdout(150, 0.2, 6).1, held);
-    }
-
-    #[test]
     fn flips_mirror_every_channel_and_compose_to_a_half_turn() {
         // Two channels of a 2×2 image: a b / c d and 10 a, ….
         let image: Vec<f32> = vec![1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0];
@@ -920,11 +884,5 @@ mod tests {
         // 0 lifts the cap; a budget under one step per epoch still takes one.
         assert_eq!(Schedule::new(610, 8, 12, 0).total_steps(), 924);
         assert_eq!(Schedule::new(610, 8, 12, 5).steps_per_epoch, 1);
-    }
-
-    #[test]
-    fn holdout_keeps_one_image_each_side_for_tiny_sets() {
-        let (train, held) = split_holdout(2, 0.2, 0);
-        assert_eq!((train.len(), held.len()), (1, 1));
     }
 }

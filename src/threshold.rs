@@ -1,30 +1,8 @@
-//! Calibration: raw scores of held-out good images, through the exported graph itself (the same
-//! engine the runtime uses), → the threshold that normalises to 0.5.
+//! The alert threshold from good images' raw scores: the default tail fit (a Gumbel law at a
+//! target false-alarm rate), a plain quantile, and the normalisation they imply. Pure functions;
+//! `stpm train`, `stpm calibrate` and the INT8 export choose which images to score.
 
-use std::path::Path;
-
-use super::{ImageSet, TrainError};
 use crate::bundle::Calibration;
-use crate::engine::{Engine, EngineOptions};
-
-/// Threshold from the held-out good images' scores ([`calibration_from_scores`]; thresholds come
-/// from good images only).
-pub(super) fn from_holdout(
-    model: &Path,
-    images: &ImageSet,
-    holdout: &[usize],
-    size: usize,
-) -> Result<(Calibration, Vec<f32>), TrainError> {
-    let mut engine = Engine::open(model, [size, size], EngineOptions::default())?;
-    let mut scores = Vec::with_capacity(holdout.len());
-    for &index in holdout {
-        scores.extend(engine.run(&images.pixels[index], 1)?.scores);
-    }
-    Ok((
-        calibration_from_scores(&scores, "held-out good images"),
-        scores,
-    ))
-}
 
 /// Fewest good images whose tail [`calibration_from_scores`] fits; with fewer it takes their maximum.
 pub const MIN_TAIL_FIT_IMAGES: usize = 20;
