@@ -1,5 +1,5 @@
 //! The `[mqtt]` settings, the topics of DESIGN §6 and the rumqttc options built from them.
-//! Owns no connection: `publisher.rs` runs it.
+//! Owns no connection: `publisher.rs` runs it (and holds `MqttConfig::build`).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -7,9 +7,6 @@ use std::time::Duration;
 
 use rumqttc::{LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
 use serde::{Deserialize, Serialize};
-
-use super::publisher::{AlertPublisher, PublisherHandle};
-use super::spool::Spool;
 
 /// How to reach the MQTT broker that receives alerts.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -253,16 +250,6 @@ impl MqttConfig {
         } else {
             Err(MqttConfigError { problems })
         }
-    }
-
-    /// Where the settings become behaviour: validates them and starts the publisher on
-    /// `runtime`, draining `spool` (see `AlertPublisher::start`).
-    pub fn build(
-        self,
-        spool: Spool,
-        runtime: &tokio::runtime::Handle,
-    ) -> Result<(PublisherHandle, tokio::task::JoinHandle<()>), MqttSetupError> {
-        AlertPublisher::start(self, spool, runtime)
     }
 
     /// `<prefix>/available`: `online` / `offline`, retained; also the last will.

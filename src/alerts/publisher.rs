@@ -29,6 +29,18 @@ use super::mqtt::{MqttConfig, MqttSetupError, is_publish_topic, is_topic_level};
 use super::spool::{Spool, SpoolError};
 use super::tracker::{AlertEvent, CameraState};
 
+impl MqttConfig {
+    /// Where the settings become behaviour: validates them and starts the publisher on
+    /// `runtime`, draining `spool` (see `AlertPublisher::start`).
+    pub fn build(
+        self,
+        spool: Spool,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<(PublisherHandle, tokio::task::JoinHandle<()>), MqttSetupError> {
+        AlertPublisher::start(self, spool, runtime)
+    }
+}
+
 /// Spool entries handed to rumqttc and not yet acknowledged, at most.
 const SPOOL_WINDOW: usize = 16;
 /// rumqttc's request channel and its in-flight limit.

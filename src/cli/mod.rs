@@ -333,17 +333,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
-    let config = stpm::pipeline::config::PipelineConfig::load(&args.pipeline, &args.sets)?;
+/// A flag that the first Ctrl-C or SIGTERM sets (saying `message`); a second one exits at once
+/// with status 130.
+fn stop_on_interrupt(message: &'static str) -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let handler_flag = Arc::clone(&stop);
     ctrlc::set_handler(move || {
         if handler_flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\nstopping: finishing recordings and pending alerts (again to abort)");
+        eprintln!("{message}");
     })
     .context("cannot install the Ctrl-C/SIGTERM handler")?;
+    Ok(stop)
+}
+
+fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
+    let config = stpm::pipeline::config::PipelineConfig::load(&args.pipeline, &args.sets)?;
+    let stop =
+        stop_on_interrupt("\nstopping: finishing recordings and pending alerts (again to abort)")?;
     let summary = stpm::pipeline::run(&config, stop).context("the pipeline failed")?;
     let mut failed = false;
     for camera in &summary.cameras {
@@ -579,16 +587,9 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     config.seed = args.seed;
     config.progress = !args.quiet;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let handler_flag = Arc::clone(&stop);
-    ctrlc::set_handler(move || {
-        if handler_flag.swap(true, Ordering::SeqCst) {
-            // Second Ctrl-C: the user really wants out.
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupted: finishing the current step and saving the best checkpoint (Ctrl-C again to abort)");
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    let stop = stop_on_interrupt(
+        "\ninterrupted: finishing the current step and saving the best checkpoint (Ctrl-C again to abort)",
+    )?;
 
     let outcome = stpm::train::train(&config, stop).context("training failed")?;
     let manifest = &outcome.bundle.manifest;

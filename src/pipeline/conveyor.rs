@@ -12,6 +12,9 @@ use crate::devset::{DevsetError, DevsetSpec, add_defect, create_dir, texture};
 use crate::preprocess::RgbFrame;
 use crate::rng::SplitMix;
 
+/// Conveyor frame size (a typical machine-vision camera mode).
+pub const CONVEYOR_SIZE: (usize, usize) = (640, 480);
+
 /// Every `DEFECT_EVERY`-th panel carries a defect.
 pub const DEFECT_EVERY: u64 = 3;
 
@@ -138,7 +141,7 @@ pub fn write_video(
     encoder: &crate::pipeline::encoder::Encoder,
 ) -> Result<(), String> {
     use crate::pipeline::record::{Destination, Recorder};
-    let (width, height) = crate::pipeline::source::CONVEYOR_SIZE;
+    let (width, height) = CONVEYOR_SIZE;
     let mut conveyor = Conveyor::new(width, height, seed);
     let destination = Destination::File(path.to_path_buf());
     let period = std::time::Duration::from_secs_f64(1.0 / fps.max(0.1));

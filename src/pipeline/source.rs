@@ -30,9 +30,6 @@ pub struct Captured {
     pub decode: Option<Duration>,
 }
 
-/// Conveyor frame size (a typical machine-vision camera mode).
-pub const CONVEYOR_SIZE: (usize, usize) = (640, 480);
-
 /// How a camera's frames reach its queue.
 pub struct SourceSpec {
     pub camera: String,
@@ -83,7 +80,7 @@ fn run_conveyor(
     queue: &FrameQueue<Captured>,
     stop: &AtomicBool,
 ) {
-    let (w, h) = CONVEYOR_SIZE;
+    let (w, h) = crate::pipeline::conveyor::CONVEYOR_SIZE;
     let mut conveyor = Conveyor::new(w, h, seed);
     let period = Duration::from_secs_f64(1.0 / fps.max(0.1));
     let start = Instant::now();
