@@ -6,7 +6,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use stpm::bundle::Calibration;
-use stpm::eval::metrics;
+use stpm::eval::detection;
 use stpm::pipeline::conveyor::Conveyor;
 use stpm::preprocess::{self, Normalisation};
 
@@ -114,8 +114,8 @@ fn hot_paths(c: &mut Criterion) {
     let labels: Vec<bool> = (0..n).map(|i| i % 50 == 0).collect();
     c.bench_function("pixel AUROC sort + sweep, 1M pixels", |b| {
         b.iter(|| {
-            let order = metrics::descending_order(black_box(&scores));
-            metrics::roc_curve(&scores, &order, &labels, |_| true).map(|c| c.area_to(1.0))
+            let order = detection::descending_order(black_box(&scores));
+            detection::roc_curve(&scores, &order, &labels, |_| true).map(|c| c.area_to(1.0))
         })
     });
 }

@@ -2,7 +2,7 @@
 //! `report.json`, `scores.csv`, overlays, ROC/PRO plots and optionally the raw maps. Owns the
 //! evaluation protocol; the metric maths is in `metrics`.
 
-pub mod metrics;
+pub mod detection;
 pub mod npy;
 pub mod plots;
 
@@ -138,7 +138,7 @@ struct PixelTable {
 
 impl PixelTable {
     fn add_image(&mut self, scores: Vec<f32>, truth: &[bool], width: usize, type_index: u16) {
-        let (labels, n) = metrics::label_regions(truth, width);
+        let (labels, n) = detection::label_regions(truth, width);
         let base = self.region_sizes.len() as u32;
         self.region_sizes.extend(std::iter::repeat_n(0, n as usize));
         self.region_types
@@ -345,21 +345,21 @@ pub fn evaluate(
     bar.finish_and_clear();
 
     let tick = Instant::now();
-    let order = metrics::descending_order(&table.scores);
+    let order = detection::descending_order(&table.scores);
     let pixel_labels: Vec<bool> = table.regions.iter().map(|&r| r != 0).collect();
     let good_index = type_names.iter().position(|t| t == "good").unwrap_or(0) as u16;
     // Pixel ROC and PRO of the good images plus the defect type `only` (all types when None).
     let pixel_curves = |only: Option<u16>| {
         let include =
             |i: usize| only.is_none_or(|t| table.types[i] == t || table.types[i] == good_index);
-        let roc = metrics::roc_curve(&table.scores, &order, &pixel_labels, include);
+        let roc = detection::roc_curve(&table.scores, &order, &pixel_labels, include);
         let sizes: Vec<u32> = table
             .region_sizes
             .iter()
             .zip(&table.region_types)
             .map(|(&size, &t)| if only.is_none_or(|o| o == t) { size } else { 0 })
             .collect();
-        let pro = metrics::pro_curve(&table.scores, &order, &table.regions, &sizes, include);
+        let pro = detection::pro_curve(&table.scores, &order, &table.regions, &sizes, include);
         (roc, pro)
     };
     let image_roc = |members: &dyn Fn(&Scored) -> bool| {
@@ -371,18 +371,18 @@ pub fn evaluate(
 
     let (pixel_roc, pro) = pixel_curves(None);
     let (scores, labels) = image_roc(&|_| true);
-    let image_auroc = metrics::auroc(&scores, &labels);
-    let f1_max = metrics::f1_max(&scores, &labels).map(|(f1, _)| f1);
-    let image_curve = metrics::roc_curve(
+    let image_auroc = detection::auroc(&scores, &labels);
+    let f1_max = detection::f1_max(&scores, &labels).map(|(f1, _)| f1);
+    let image_curve = detection::roc_curve(
         &scores,
-        &metrics::descending_order(&scores),
+        &detection::descending_order(&scores),
         &labels,
         |_| true,
     );
     let pixel_auroc = pixel_roc.as_ref().map(|c| c.area_to(1.0));
     let aupro = pro
         .as_ref()
-        .map(|c| metrics::aupro(c, metrics::AUPRO_FPR_LIMIT));
+        .map(|c| detection::aupro(c, detection::AUPRO_FPR_LIMIT));
     // Full-resolution curves have a point per distinct pixel score; plots need a few thousand.
     let pixel_roc = pixel_roc.map(|c| c.thinned(2000));
     let pro = pro.map(|c| c.thinned(4000));
@@ -404,9 +404,9 @@ pub fn evaluate(
         per_defect_type.insert(
             defect_type.clone(),
             TypeReport {
-                image_auroc: metrics::auroc(&scores, &labels),
+                image_auroc: detection::auroc(&scores, &labels),
                 pixel_auroc: roc.map(|c| c.area_to(1.0)),
-                aupro: pro.map(|c| metrics::aupro(&c, metrics::AUPRO_FPR_LIMIT)),
+                aupro: pro.map(|c| detection::aupro(&c, detection::AUPRO_FPR_LIMIT)),
                 n: labels.iter().filter(|&&l| l).count(),
                 caught: alerting(&|s: &Scored| s.defect_type == *defect_type),
             },
@@ -435,7 +435,7 @@ pub fn evaluate(
         .iter()
         .filter_map(|&fpr| {
             let (threshold, good_flagged, defects_caught) =
-                metrics::at_false_alarm_rate(&good_scores, &defect_scores, fpr)?;
+                detection::at_false_alarm_rate(&good_scores, &defect_scores, fpr)?;
             Some(FprOutcome {
                 fpr,
                 threshold,
@@ -485,9 +485,9 @@ pub fn evaluate(
 fn write_plots(
     out: &Path,
     report: &Report,
-    image_curve: Option<&metrics::Curve>,
-    pixel_roc: Option<&metrics::Curve>,
-    pro: Option<&metrics::Curve>,
+    image_curve: Option<&detection::Curve>,
+    pixel_roc: Option<&detection::Curve>,
+    pro: Option<&detection::Curve>,
 ) -> Result<(), EvalError> {
     use plotters::style::{BLUE, RED};
     let plot_error = |path: PathBuf| {
@@ -528,7 +528,7 @@ fn write_plots(
         &path,
         "Per-region overlap",
         "PRO (mean region coverage)",
-        metrics::AUPRO_FPR_LIMIT,
+        detection::AUPRO_FPR_LIMIT,
         &pro_series,
         false,
     )

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::eval::metrics::Curve;
+use crate::eval::detection::Curve;
 use crate::overlay::text::{FONT_FAMILY, ensure_font};
 
 const SIZE: (u32, u32) = (640, 480);

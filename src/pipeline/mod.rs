@@ -11,11 +11,11 @@ pub mod encoder;
 #[cfg(feature = "gpu")]
 mod gpu;
 pub mod http;
-pub mod live;
 pub mod metrics;
 pub mod queue;
 pub mod record;
 pub mod rtsp;
+pub mod servers;
 pub mod source;
 pub mod yuv;
 
@@ -38,10 +38,10 @@ use crate::preprocess::{self, RgbFrame};
 use analyse::{Analysed, Analyser, Intake};
 use config::{CameraConfig, PipelineConfig, RecordConfig, SourceUri};
 use encoder::{Encoder, EncoderError};
-use live::{CameraOutputs, LiveError, LiveOutputs};
 use metrics::{CameraState, Stage};
 use queue::{FrameQueue, Item};
 use record::{Destination, Recorder};
+use servers::{CameraOutputs, LiveError, LiveOutputs};
 use source::{Captured, SourceSpec};
 use yuv::OutputFrame;
 
