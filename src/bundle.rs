@@ -1,4 +1,4 @@
-//! The model bundle on disk (DESIGN §3): `model.onnx`, the `stpm.toml` manifest and the student's
+//! The model bundle on disk (docs/model.md): `model.onnx`, the `stpm.toml` manifest and the student's
 //! weights. Owns reading, writing and validating the manifest; not training or inference.
 
 use std::path::{Path, PathBuf};

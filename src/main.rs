@@ -24,6 +24,6 @@ fn main() -> ExitCode {
 }
 
 // glibc's malloc returns large buffers to the OS on free, so every training step page-faults its
-// tensors in again; mimalloc keeps them (measured in the issue note).
+// tensors in again; mimalloc keeps them.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

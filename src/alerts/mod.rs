@@ -1,4 +1,4 @@
-//! Alerts (DESIGN §6): per-camera zones, debounce and event state, the event JSON and the on-disk
+//! Alerts (docs/alerts.md): per-camera zones, debounce and event state, the event JSON and the on-disk
 //! spool that keeps events while the broker is away, and the MQTT publisher that drains it. Fed
 //! plain frame summaries with their times; only `mqtt`/`publisher` touch the network, none GStreamer.
 

@@ -1,4 +1,4 @@
-//! The `[mqtt]` settings, the topics of DESIGN §6 and the rumqttc options built from them.
+//! The `[mqtt]` settings, the topics (docs/alerts.md) and the rumqttc options built from them.
 //! Owns no connection: `publisher.rs` runs it (and holds `MqttConfig::build`).
 
 use std::fmt;

@@ -242,7 +242,7 @@ impl Spool {
         Ok(Pushed { seq, dropped })
     }
 
-    /// Spools an alert event as its DESIGN §6 JSON.
+    /// Spools an alert event as its event JSON (docs/alerts.md).
     pub fn push_event(&mut self, topic: &str, event: &AlertEvent) -> Result<Pushed, SpoolError> {
         let payload = serde_json::to_vec(event).map_err(|source| SpoolError::Encode {
             dir: self.dir.clone(),

@@ -1,5 +1,5 @@
 //! One camera's alert state machine: K-of-M debounce, hysteresis, cooldown and an hourly cap turn
-//! per-frame summaries into `new` / `update` / `end` events (DESIGN §6). Pure: time comes in.
+//! per-frame summaries into `new` / `update` / `end` events (docs/alerts.md). Pure: time comes in.
 
 use std::collections::VecDeque;
 
@@ -31,7 +31,7 @@ pub enum EndReason {
     Shutdown,
 }
 
-/// One message on `<prefix>/<camera>/events`, serialised exactly as DESIGN §6 specifies.
+/// One message on `<prefix>/<camera>/events`, serialised exactly as docs/alerts.md specifies.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlertEvent {
     #[serde(rename = "type")]

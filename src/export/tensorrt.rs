@@ -1,5 +1,5 @@
 //! `stpm export --format tensorrt`: builds a bundle's TensorRT engine ahead of time, through ONNX
-//! Runtime's TensorRT execution provider (DESIGN §4), into the engine cache `<bundle>/trt/` that
+//! Runtime's TensorRT execution provider, into the engine cache `<bundle>/trt/` that
 //! `stpm run`, `bench` and `eval` on `tensorrt` then load instead of building it at start. FP16
 //! builds from `model.onnx`; INT8 from a Q/DQ graph TensorRT accepts (symmetric int8 activations,
 //! float biases), quantised here on the bundle's good images when the bundle has none.

@@ -444,7 +444,7 @@ pub struct MapOptions {
 
 /// Where new bundles fuse and blur the map: at stride 4, the finest feature map, so that the
 /// blur and the sums run on 1/16 of the pixels (the map is the same to within the bilinear
-/// interpolation; AUROCs in the issue note).
+/// interpolation; AUROCs in docs/results.md).
 pub const FUSION_STRIDE: usize = 4;
 
 /// Fusion strides a graph can be built with (divisors of the smallest term stride, 4).

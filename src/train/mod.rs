@@ -451,7 +451,7 @@ impl Prepared {
 
     /// The STPM loss over the held-out images (mean over images): the checkpoint criterion. The mean
     /// distance tracks how well the student has converged everywhere; an image's maximum, by contrast,
-    /// is dominated by a few positions and rose while the loss fell in our runs (see the issue notes).
+    /// is dominated by a few positions and rose while the loss fell in our runs.
     fn holdout_loss(&self, student: &Backbone, config: &TrainConfig) -> f32 {
         let size = config.image_size;
         let mut total = 0.0;

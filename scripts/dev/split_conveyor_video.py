@@ -1,16 +1,16 @@
 #!/usr/bin/env python3
-"""Split a make_devset --video clip into training frames and a test clip, for alert measurements.
+"""Split a labelled conveyor clip into training frames and a test clip, for alert measurements.
 
-A line is trained on its own good images, then watched: this cuts a `make_devset.py --video` MP4
+A line is trained on its own good images, then watched: this cuts a labelled conveyor MP4
 (with its JSON sidecar) at CUT seconds. Frames before the cut that show no defective part become
 `OUT/train/good/*.png` (every STEP-th frame), the rest is re-encoded as `OUT/test.mp4` with
 `OUT/test.json`, the sidecar shifted to the clip's frame numbers (parts whose defect was already in
-view at the cut are left out of `parts`, so scripts/alert_recall.py scores them for precision
+view at the cut are left out of `parts`, so scripts/dev/alert_recall.py scores them for precision
 only). Needs ffmpeg.
 
-    python3 scripts/split_conveyor_video.py DIR/video/brick_conveyor.mp4 OUT 45 3
+    python3 scripts/dev/split_conveyor_video.py DIR/video/brick_conveyor.mp4 OUT 45 3
     stpm train --data OUT --out engines/line --epochs 8
-    python3 scripts/alert_recall.py --model engines/line --video OUT/test.mp4
+    python3 scripts/dev/alert_recall.py --model engines/line --video OUT/test.mp4
 """
 
 import json

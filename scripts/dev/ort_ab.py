@@ -6,7 +6,7 @@ gets one session with THREADS intra-op threads; after a warm-up, ROUNDS rounds o
 same random 256x256 image alternate between the graphs, so a machine whose speed drifts affects
 them alike. Prints the minimum, first quartile and median milliseconds per call.
 
-    python3 scripts/ort_ab.py THREADS a/model.onnx b/model.onnx [...] [--rounds 12]
+    python3 scripts/dev/ort_ab.py THREADS a/model.onnx b/model.onnx [...] [--rounds 12]
 """
 
 import argparse

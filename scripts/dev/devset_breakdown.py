@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Image AUROC per kind of defect, for an `stpm eval` of a dev set made by make_devset.py.
+"""Image AUROC per kind of defect, for an `stpm eval` of a dev set whose manifest.json
+describes each defective image (tiny, patch donor, stain tint).
 
 `stpm eval` reports AUROC per defect type (stain, cut_patch, ...). The dev set's manifest.json
 knows more about each defective image: whether it is "tiny", which photo a cut patch came from,
 the stain's tint. This splits the eval's scores.csv by those, each group against all good test
 images (ties count 1/2, as in stpm eval):
 
-    python3 scripts/devset_breakdown.py --devset DEVSET --category grass --eval REPORT_DIR
+    python3 scripts/dev/devset_breakdown.py --devset DEVSET --category grass --eval REPORT_DIR
 
 Standard library only.
 """
@@ -40,7 +41,7 @@ def kind(info, defect_type):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--devset", required=True, help="folder written by make_devset.py")
+    ap.add_argument("--devset", required=True, help="dev set folder with its manifest.json")
     ap.add_argument("--category", required=True)
     ap.add_argument("--eval", required=True, help="stpm eval --out folder (holds scores.csv)")
     args = ap.parse_args(argv)

@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """Alert recall, precision and delay of `stpm run` on a labelled conveyor video.
 
-The video and its labels come from `make_devset.py --video` (shared dev tooling, not part of the
-product): an MP4 plus a JSON sidecar that says, per part on the belt, whether it is defective and
+The input is a labelled conveyor clip (made with development tooling outside the product): an MP4 plus a JSON sidecar that says, per part on the belt, whether it is defective and
 in which frames its defect is visible. This script plays the video through the real `stpm run`
 (file source at the file's frame rate, like a camera; alerts to a real MQTT broker), records every
 `<prefix>/<camera>/events` message with its arrival time (mosquitto_sub), and scores them:
@@ -20,7 +19,7 @@ in which frames its defect is visible. This script plays the video through the r
 
 Standard library only. Needs `mosquitto_sub` and a broker (default 127.0.0.1:1883).
 
-    python3 scripts/alert_recall.py --stpm target/release/stpm --model engines/X \\
+    python3 scripts/dev/alert_recall.py --stpm target/release/stpm --model engines/X \\
         --video DIR/video/brick_conveyor.mp4 [--video ...] [--set alerts.k=2 ...] [--json out.json]
 """
 
@@ -154,7 +153,7 @@ def main():
     ap.add_argument("--stpm", default="target/release/stpm")
     ap.add_argument("--model", required=True, help="bundle directory")
     ap.add_argument("--video", action="append", required=True,
-                    help="make_devset --video MP4 (its .json sidecar next to it); repeatable")
+                    help="labelled conveyor MP4 (its .json sidecar next to it); repeatable")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=1883)
     ap.add_argument("--set", action="append", default=[], help="passed to stpm run --set")

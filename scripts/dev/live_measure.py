@@ -11,7 +11,7 @@ dropped, and the end-to-end latency quantiles (appsink to encoded frame, the
 
 Standard library only; needs gst-launch-1.0 with rtspsrc (gstreamer1.0-plugins-good).
 
-    python3 scripts/live_measure.py --model engines/demo --cameras 1 [--seconds 60] [--json F]
+    python3 scripts/dev/live_measure.py --model engines/demo --cameras 1 [--seconds 60] [--json F]
 """
 
 import argparse
