@@ -1,5 +1,5 @@
 //! The Rust EfficientNet-Lite0 teacher against the PyTorch reference (tests/fixtures, made by
-//! scripts/make_golden.py): intermediate features and the ImageNet classifier's top-5.
+//! scripts/dev/make_golden.py): intermediate features and the ImageNet classifier's top-5.
 
 mod common;
 
