@@ -171,10 +171,12 @@ fn int8_export_runs_int8_kernels_and_follows_fp32() {
     assert_eq!(ops.get("ReduceSum"), None, "{ops:?}");
 
     // The maps of test images through both graphs. INT8 rounding adds noise to both feature
-    // pyramids; on this bundle the maps correlate at 0.9994-0.9998 with fp32 and the image scores
-    // differ by 0.2-0.5 % (measured). The bounds (0.98, 5 %) leave about ten times that error for
-    // other machines' kernels and training noise. (Inconsistent scales, e.g. weight scales ×1.3 or
-    // activation scales ×0.5 as tried, already fail the fusion check above.)
+    // pyramids; on this one-epoch 64-pixel bundle the maps correlated at 0.9994-0.9998 with fp32
+    // and the scores within 0.5 % on a CPU with VNNI (full-range weights). On an AVX2-only CPU
+    // (AMD EPYC, no VNNI) with the 7-bit weights that its kernels need (`WEIGHT_QMAX`), 0.977-0.99
+    // and up to 9 %; full-range weights saturated there and gave 0.77. The bounds (0.95, 15 %)
+    // hold on both kinds of CPU and still fail that. (Inconsistent scales, e.g. weight scales ×1.3
+    // or activation scales ×0.5 as tried, already fail the fusion check above.)
     let fp32 = Bundle::open(&bundle_dir).expect("fp32 bundle");
     let (data, images) = test_images(&fp32);
     assert!(images.len() >= 3, "{images:?}");
@@ -182,10 +184,10 @@ fn int8_export_runs_int8_kernels_and_follows_fp32() {
     let (int8_maps, int8_scores) = maps(&int8, &images);
     for (index, (a, b)) in fp32_maps.iter().zip(&int8_maps).enumerate() {
         let r = correlation(a, b);
-        assert!(r > 0.98, "image {index}: map correlation {r:.4}");
+        assert!(r > 0.95, "image {index}: map correlation {r:.4}");
     }
     for (a, b) in fp32_scores.iter().zip(&int8_scores) {
-        assert!((a - b).abs() <= 0.05 * a.abs(), "scores {a} vs {b}");
+        assert!((a - b).abs() <= 0.15 * a.abs(), "scores {a} vs {b}");
     }
 
     // `stpm eval --precision int8` runs it and says so in the report.
@@ -273,9 +275,10 @@ fn tensorrt_int8_graph_is_symmetric_and_skipped_by_auto_on_the_cpu() {
     let images = &images[..3.min(images.len())];
     let (fp32_maps, _) = maps(&fp32, images);
     let (int8_maps, _) = maps(&int8, images);
+    // (Bounds as above: full-range weights gave 0.77 on an AVX2-only CPU, 7-bit ones 0.977.)
     for (index, (a, b)) in fp32_maps.iter().zip(&int8_maps).enumerate() {
         let r = correlation(a, b);
-        assert!(r > 0.98, "image {index}: map correlation {r:.4}");
+        assert!(r > 0.95, "image {index}: map correlation {r:.4}");
     }
 
     // A TensorRT engine needs a GPU build, a GPU and TensorRT: without them the export stops before
