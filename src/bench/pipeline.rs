@@ -219,9 +219,11 @@ fn choose_source(
         return Ok((path, false));
     }
     let path = scratch.join("conveyor-640x480.mkv");
-    eprintln!(
+    log::info!(
         "bench: camera {} reads {}, not a file; measuring a generated 640×480 conveyor file of {} frames instead (choose a file with --source file:///…)",
-        camera.name, camera.source, options.frames
+        camera.name,
+        camera.source,
+        options.frames
     );
     let encoder = config
         .output
@@ -279,7 +281,7 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
         config.model.provider = provider.clone();
     }
     if config.camera.len() > 1 {
-        eprintln!(
+        log::info!(
             "bench: measuring the first camera ({}) only",
             config.camera[0].name
         );

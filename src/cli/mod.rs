@@ -294,32 +294,44 @@ pub struct DevsetArgs {
     pub conveyor: bool,
 }
 
-/// Library log records (`log` crate: the MQTT link, for example) as `<level>: <message>` on stderr.
+/// The one logger: every library record (`log` crate) on stderr, set up once here. Information
+/// (start lines, summaries) is printed as it is; warnings and errors carry `warning: ` / `error: `.
+/// `STPM_LOG` (error, warn, info, debug, trace) sets how much; the default is info.
 struct StderrLog;
 
 impl log::Log for StderrLog {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::Level::Info
+        metadata.level() <= log::max_level()
     }
 
     fn log(&self, record: &log::Record) {
-        if self.enabled(record.metadata()) {
-            eprintln!(
-                "{}: {}",
-                record.level().as_str().to_lowercase(),
-                record.args()
-            );
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        match record.level() {
+            log::Level::Info => eprintln!("{}", record.args()),
+            log::Level::Warn => eprintln!("warning: {}", record.args()),
+            log::Level::Error => eprintln!("error: {}", record.args()),
+            level => eprintln!("{}: {}", level.as_str().to_lowercase(), record.args()),
         }
     }
 
     fn flush(&self) {}
 }
 
+/// `STPM_LOG`'s level, or info when it is unset or not a level name.
+fn log_level() -> log::LevelFilter {
+    std::env::var("STPM_LOG")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(log::LevelFilter::Info)
+}
+
 static LOGGER: StderrLog = StderrLog;
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     if log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(log::LevelFilter::Info);
+        log::set_max_level(log_level());
     }
     match cli.command {
         Command::Train(args) => train(args),

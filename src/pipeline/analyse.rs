@@ -249,7 +249,7 @@ impl Analyser {
         match stage.preprocess(&captured.frame, &self.manifest) {
             Ok(()) => true,
             Err(e) => {
-                eprintln!("GPU preprocessing failed ({e}); this camera continues on the CPU");
+                log::warn!("GPU preprocessing failed ({e}); this camera continues on the CPU");
                 self.gpu = None;
                 false
             }

@@ -31,14 +31,14 @@ impl GpuStage {
         }
         match GpuContext::try_new().and_then(|gpu| Preprocessor::new(&gpu)) {
             Ok(kernels) => {
-                eprintln!("[{camera}] {what} on the GPU");
+                log::info!("[{camera}] {what} on the GPU");
                 Some(Self {
                     kernels,
                     staging: Staging::default(),
                 })
             }
             Err(e) => {
-                eprintln!("[{camera}] GPU kernels unavailable ({e}): {what} on the CPU");
+                log::warn!("[{camera}] GPU kernels unavailable ({e}): {what} on the CPU");
                 None
             }
         }

@@ -96,7 +96,7 @@ async fn serve(
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(e) => {
-            eprintln!("http: cannot serve: {e}");
+            log::warn!("http: cannot serve: {e}");
             return;
         }
     };
@@ -109,7 +109,7 @@ async fn serve(
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
-                    eprintln!("http: accept failed: {e}");
+                    log::warn!("http: accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             },

@@ -193,7 +193,7 @@ pub fn run_with(
     let manifest = Arc::new(manifest);
     let on_cpu = provider == ExecutionProvider::Cpu;
     if !on_cpu && config.model.sessions > 1 {
-        eprintln!(
+        log::warn!(
             "model.sessions = {}: the {provider} provider runs one session (frame-level parallelism is for the CPU)",
             config.model.sessions
         );
@@ -216,7 +216,7 @@ pub fn run_with(
     for engine in &mut engines {
         warm_up(engine, &manifest, batch)?;
     }
-    eprintln!(
+    log::info!(
         "engine: ONNX Runtime, provider {provider} ({}); model {} ({}, {} ({precision_reason}), {}×{}); {}{}",
         provider_reason,
         config.model.bundle.display(),
@@ -238,9 +238,11 @@ pub fn run_with(
     );
     // Which threshold alerts, and where it came from (`stpm train`'s held-out images or
     // `stpm calibrate`'s images of the line).
-    eprintln!(
+    log::info!(
         "threshold: raw {:.4} = 0.5 normalised ({}, {} images)",
-        manifest.calibration.threshold, manifest.calibration.method, manifest.calibration.n_images
+        manifest.calibration.threshold,
+        manifest.calibration.method,
+        manifest.calibration.n_images
     );
     let mut live = LiveOutputs::start(
         config,
@@ -263,7 +265,7 @@ pub fn run_with(
             Some((runtime, handle))
         }
         None => {
-            eprintln!("alerts: no [mqtt] section, events are printed only");
+            log::info!("alerts: no [mqtt] section, events are printed only");
             None
         }
     };
@@ -407,7 +409,7 @@ fn output_encoder(config: &PipelineConfig) -> Result<Option<Encoder>, EncoderErr
         return Ok(None);
     }
     let encoder = Encoder::resolve(output.encoder.parse()?)?;
-    eprintln!("encoder: {} ({})", encoder.element(), encoder.reason());
+    log::info!("encoder: {} ({})", encoder.element(), encoder.reason());
     Ok(Some(encoder))
 }
 
@@ -461,7 +463,7 @@ fn start_publisher(
     let pending = spool.len();
     let (handle, _task) = mqtt.clone().build(spool, runtime.handle())?;
     match handle.wait_connected(Duration::from_secs(3)) {
-        Ok(()) => eprintln!(
+        Ok(()) => log::info!(
             "alerts: MQTT {} connected, topics {}/…{}",
             mqtt.broker(),
             mqtt.prefix,
@@ -471,7 +473,7 @@ fn start_publisher(
                 String::new()
             }
         ),
-        Err(e) => eprintln!(
+        Err(e) => log::warn!(
             "alerts: MQTT {} not reachable yet ({e}); events are spooled in {} and sent when it is",
             mqtt.broker(),
             config.alerts.spool_dir.display()
@@ -492,7 +494,7 @@ fn stop_publisher(publisher: &PublisherHandle) {
     }
     let left = publisher.status().events_pending;
     if left > 0 {
-        eprintln!("alerts: {left} event(s) stay in the spool for the next run");
+        log::warn!("alerts: {left} event(s) stay in the spool for the next run");
     }
     let _ = publisher.shutdown(Duration::from_secs(3));
 }
@@ -553,9 +555,10 @@ impl Worker {
             fps: 0.0,
             published_status: None,
         };
-        eprintln!(
+        log::info!(
             "[{}] stream time 0 = unix {:.3} (alert times are this plus the frame's timestamp)",
-            self.camera.name, state.epoch
+            self.camera.name,
+            state.epoch
         );
         loop {
             match self.frames.pop(Duration::from_millis(200)) {
@@ -576,7 +579,7 @@ impl Worker {
                     let events = self.tracker.camera_offline(state.last_t);
                     self.emit(&mut state, events, None);
                     self.publish_state(&state);
-                    eprintln!("[{}] offline: {why}", self.camera.name);
+                    log::warn!("[{}] offline: {why}", self.camera.name);
                 }
                 Some(Item::Frame(analysed)) => self.process(&mut state, analysed),
             }
@@ -604,7 +607,7 @@ impl Worker {
         if let Some(publisher) = &self.publisher {
             let camera_state = self.tracker.state(state.fps);
             if let Err(e) = publisher.state(&self.camera.name, &camera_state) {
-                eprintln!("[{}] state not published: {e}", self.camera.name);
+                log::warn!("[{}] state not published: {e}", self.camera.name);
             }
         }
     }
@@ -612,7 +615,7 @@ impl Worker {
     fn report_progress(&self, state: &mut WorkerState) {
         let elapsed = state.last_report.elapsed();
         if elapsed >= Duration::from_secs(5) {
-            eprintln!(
+            log::info!(
                 "[{}] {} frames, {:.1} analysed/s, {} dropped, last score {:.2}",
                 self.camera.name,
                 state.stats.frames,
@@ -642,23 +645,23 @@ impl Worker {
             match serde_json::to_string(&event) {
                 Ok(json) if self.print_alerts => println!("alert {json}"),
                 Ok(_) => {}
-                Err(e) => eprintln!("[{}] cannot encode an alert: {e}", self.camera.name),
+                Err(e) => log::warn!("[{}] cannot encode an alert: {e}", self.camera.name),
             }
             let Some(publisher) = &self.publisher else {
                 continue;
             };
             if let Err(e) = publisher.event(&event) {
-                eprintln!("[{}] alert not spooled: {e}", self.camera.name);
+                log::warn!("[{}] alert not spooled: {e}", self.camera.name);
                 state.stats.errors.push(format!("alert not spooled: {e}"));
             }
             if let (true, Some((pixels, width, height))) = (event.snapshot, annotated) {
                 match jpeg(pixels, width, height) {
                     Ok(bytes) => {
                         if let Err(e) = publisher.snapshot(&self.camera.name, bytes) {
-                            eprintln!("[{}] snapshot not published: {e}", self.camera.name);
+                            log::warn!("[{}] snapshot not published: {e}", self.camera.name);
                         }
                     }
-                    Err(e) => eprintln!("[{}] cannot encode a snapshot: {e}", self.camera.name),
+                    Err(e) => log::warn!("[{}] cannot encode a snapshot: {e}", self.camera.name),
                 }
             }
         }
@@ -767,7 +770,7 @@ impl Worker {
                     &caption,
                 );
                 if let Some(e) = error {
-                    eprintln!("[{}] {e}", self.camera.name);
+                    log::warn!("[{}] {e}", self.camera.name);
                 }
                 pixels
             }
@@ -809,7 +812,7 @@ impl Worker {
         match heat {
             Ok((pixels, _boxes)) => Some(pixels),
             Err(e) => {
-                eprintln!(
+                log::warn!(
                     "[{}] GPU overlay failed ({e}); this camera continues on the CPU",
                     self.camera.name
                 );
@@ -855,7 +858,7 @@ impl Worker {
                 timing,
             ) {
                 Ok(recorder) => {
-                    eprintln!("[{}] recording to {destination}", self.camera.name);
+                    log::info!("[{}] recording to {destination}", self.camera.name);
                     state.recorder = Some(recorder);
                 }
                 Err(message) => {

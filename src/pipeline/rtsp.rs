@@ -256,7 +256,7 @@ fn attach_media(camera: &str, media: &rtsp_server::RTSPMedia, slot: &Arc<Mutex<S
         .and_then(|bin| bin.by_name("src"))
         .and_then(|element| element.downcast::<gst_app::AppSrc>().ok());
     let Some(appsrc) = appsrc else {
-        eprintln!("[{camera}] RTSP: the media has no appsrc named src");
+        log::warn!("[{camera}] RTSP: the media has no appsrc named src");
         return;
     };
     appsrc.set_format(gst::Format::Time);
@@ -278,7 +278,7 @@ fn attach_media(camera: &str, media: &rtsp_server::RTSPMedia, slot: &Arc<Mutex<S
         last_pts: None,
     });
     drop(guard);
-    eprintln!("[{camera}] RTSP: streaming to clients");
+    log::info!("[{camera}] RTSP: streaming to clients");
     let unprepared_slot = Arc::clone(slot);
     let name = camera.to_string();
     media.connect_unprepared(move |_| {
@@ -286,7 +286,7 @@ fn attach_media(camera: &str, media: &rtsp_server::RTSPMedia, slot: &Arc<Mutex<S
             && slot.live.as_ref().is_some_and(|live| live.appsrc == appsrc)
         {
             slot.live = None;
-            eprintln!("[{name}] RTSP: no client left");
+            log::info!("[{name}] RTSP: no client left");
         }
     });
 }

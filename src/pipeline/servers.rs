@@ -49,7 +49,7 @@ impl LiveOutputs {
         }
         let http = if config.http.enabled {
             let server = HttpServer::start(&config.http.bind, Arc::clone(&metrics))?;
-            eprintln!(
+            log::info!(
                 "http: metrics at http://{0}/metrics, health at http://{0}/health",
                 server.address()
             );
@@ -61,7 +61,7 @@ impl LiveOutputs {
         let (rtsp, feeds) = if let Some(encoder) = rtsp_encoder {
             let (server, feeds) = RtspServer::start(&config.output.rtsp, &cameras, encoder)?;
             for camera in &cameras {
-                eprintln!(
+                log::info!(
                     "rtsp: camera {camera} at rtsp://{}:{}/{camera}",
                     config.output.rtsp.bind,
                     server.port()

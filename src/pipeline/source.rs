@@ -183,12 +183,12 @@ fn run_gstreamer(spec: &SourceSpec, queue: &Arc<FrameQueue<Captured>>, stop: &Ar
                 continue;
             }
             Ending::Eos if !spec.is_live() => {
-                eprintln!("[{}] end of file", spec.camera);
+                log::info!("[{}] end of file", spec.camera);
                 return;
             }
             Ending::Eos | Ending::Error(_) if !spec.is_live() => {
                 if let Ending::Error(message) = ending {
-                    eprintln!("[{}] source failed: {message}", spec.camera);
+                    log::warn!("[{}] source failed: {message}", spec.camera);
                 }
                 return;
             }
@@ -200,7 +200,7 @@ fn run_gstreamer(spec: &SourceSpec, queue: &Arc<FrameQueue<Captured>>, stop: &Ar
                 if started.elapsed() > Duration::from_secs(10) {
                     backoff = Duration::from_millis(500);
                 }
-                eprintln!(
+                log::warn!(
                     "[{}] offline ({why}); reconnecting in {:.1} s",
                     spec.camera,
                     backoff.as_secs_f64()

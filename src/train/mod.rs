@@ -417,7 +417,7 @@ impl Prepared {
         let cache_started = Instant::now();
         let cache = FeatureCache::compute(&teacher, &images, config.image_size)?;
         if config.progress {
-            eprintln!(
+            log::info!(
                 "teacher features of {} images cached in {:.1} s",
                 images.pixels.len(),
                 cache_started.elapsed().as_secs_f64()
@@ -534,7 +534,7 @@ fn progress_bar(config: &TrainConfig, steps: usize) -> ProgressBar {
 /// Prints a line above the progress bar (also when stderr is no terminal and the bar is hidden).
 fn report(progress: &ProgressBar, config: &TrainConfig, line: String) {
     if config.progress {
-        progress.suspend(|| eprintln!("{line}"));
+        progress.suspend(|| log::info!("{line}"));
     }
 }
 
@@ -611,7 +611,7 @@ fn fit(config: &TrainConfig, data: &Prepared, stop: &AtomicBool) -> Fitted {
         } else {
             format!("each epoch trains on all {} images", data.train_idx.len())
         };
-        eprintln!(
+        log::info!(
             "training {} steps of {} images: {} epochs × {} steps ({plan})",
             schedule.total_steps(),
             config.batch_size,
