@@ -1,0 +1,75 @@
+//! `stpm run`: its arguments and the per-camera summary printed at the end.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+
+use super::stop_on_interrupt;
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Pipeline file, e.g. pipelines/demo.toml.
+    #[arg(long)]
+    pub pipeline: PathBuf,
+    /// Override one key, e.g. `--set model.provider=cpu` (repeatable; after STPM__… variables).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+pub(super) fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = stpm::pipeline::config::PipelineConfig::load(&args.pipeline, &args.sets)?;
+    let stop =
+        stop_on_interrupt("\nstopping: finishing recordings and pending alerts (again to abort)")?;
+    let summary = stpm::pipeline::run(&config, stop).context("the pipeline failed")?;
+    let mut failed = false;
+    for camera in &summary.cameras {
+        let mean_ms = if camera.analysed > 0 {
+            camera.inference.as_secs_f64() * 1e3 / camera.analysed as f64
+        } else {
+            0.0
+        };
+        println!(
+            "camera {}: {} frames, {} analysed, {} dropped, {} offline, {} alert events, inference {:.1} ms/frame ({}){}",
+            camera.camera,
+            camera.frames,
+            camera.analysed,
+            camera.dropped,
+            camera.offline,
+            camera.alerts,
+            mean_ms,
+            summary.provider,
+            match camera.batched {
+                0 => String::new(),
+                n => format!(", {n} in batches with other cameras' frames"),
+            }
+        );
+        if let Some([p50, p95, _]) = camera.end_to_end {
+            println!(
+                "camera {}: end to end (appsink to encoded frame) p50 {:.1} ms, p95 {:.1} ms (last {} encoded frames at most)",
+                camera.camera,
+                p50 * 1e3,
+                p95 * 1e3,
+                stpm::pipeline::metrics::RECENT_FRAMES
+            );
+        }
+        match camera.recordings.as_slice() {
+            [] => {}
+            [file] => println!("camera {}: recording {}", camera.camera, file.display()),
+            [first, .., last] => println!(
+                "camera {}: {} recording segments, {} … {}",
+                camera.camera,
+                camera.recordings.len(),
+                first.display(),
+                last.display()
+            ),
+        }
+        for error in &camera.errors {
+            eprintln!("camera {}: {error}", camera.camera);
+            failed = true;
+        }
+    }
+    if failed {
+        bail!("the pipeline finished with errors (see above)");
+    }
+    Ok(())
+}
