@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod provider;
+pub mod select;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::alerts::{AlertConfig, CameraAlertOverrides, MqttConfig};
 use crate::engine::batch::MAX_BATCH;
+pub use crate::engine::select::{AUTO_CPU_SESSIONS, MAX_SESSIONS, ModelConfig};
 use crate::pipeline::encoder::EncoderRequest;
 
 /// The whole pipeline file.
@@ -32,81 +33,6 @@ pub struct PipelineConfig {
     /// `/metrics` and `/health`.
     #[serde(default)]
     pub http: HttpConfig,
-}
-
-/// `[model]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    /// Bundle directory written by `stpm train`, e.g. `engines/demo`.
-    pub bundle: PathBuf,
-    /// Execution provider: `auto`, `cpu`, `cuda` or `tensorrt`.
-    #[serde(default = "default_provider")]
-    pub provider: String,
-    /// ONNX Runtime intra-op threads of each session; 0 = the cores shared out between the
-    /// sessions (one session: one per core).
-    #[serde(default)]
-    pub threads: usize,
-    /// Inference sessions, each with its own analyser thread per camera: with 2, a camera's next
-    /// frame is scored while the previous one still is (frame-level parallelism), and two cameras
-    /// are scored at once. 0 (the default) is [`AUTO_CPU_SESSIONS`] on the CPU; GPU providers
-    /// use 1 (see [`ModelConfig::sessions_on`]).
-    #[serde(default)]
-    pub sessions: usize,
-    /// Which of the bundle's graphs runs: `auto` (the INT8 graph on the CPU when the bundle has
-    /// one, else fp32), `fp32` (model.onnx) or `int8` (after `stpm export --precision int8`).
-    #[serde(default)]
-    pub precision: crate::bundle::PrecisionChoice,
-    /// Most images per inference call, gathered from the cameras' frames that wait for the same
-    /// session (batched inference across cameras). 0 (the default) is 1 for now, on every provider
-    /// (see [`ModelConfig::batch_on`]).
-    #[serde(default)]
-    pub batch: usize,
-    /// How long the first frame of a batch waits for the frames other cameras on its session have
-    /// in hand (milliseconds; cameras waiting for their next frame are not waited for); a batch
-    /// goes as soon as those are in.
-    #[serde(default = "default_batch_wait_ms")]
-    pub batch_wait_ms: u64,
-}
-
-fn default_batch_wait_ms() -> u64 {
-    10
-}
-
-fn default_provider() -> String {
-    "auto".into()
-}
-
-/// Upper bound of `model.sessions` (each session holds its own copy of the weights).
-pub const MAX_SESSIONS: usize = 16;
-
-/// Sessions of `model.sessions = 0` on the CPU. On 2 cores, two single-threaded sessions kept
-/// the cores busier than one with two threads: `stpm bench --pipeline` on the INT8 demo bundle
-/// and a 640×480 file, 114–118 against 90–97 frames/s, with about the same latency at 25
-/// frames/s (p95 median 19.7 against 18.7 ms over 5 runs); see README.
-pub const AUTO_CPU_SESSIONS: usize = 2;
-
-impl ModelConfig {
-    /// The most images per inference call: `batch`, or 1 for 0 (auto). On the CPU a batch of N
-    /// costs N times one image and only adds the wait, and on a GPU batching across cameras was
-    /// measured slower than one by one (README, GPU section), so auto batches nowhere until that
-    /// is fixed. An explicit value still batches.
-    pub fn batch_on(&self, _cpu: bool, _cameras: usize) -> usize {
-        match self.batch {
-            0 => 1,
-            n => n.min(MAX_BATCH),
-        }
-    }
-
-    /// The sessions a run opens: on the CPU `sessions`, or [`AUTO_CPU_SESSIONS`] for 0; on a GPU
-    /// provider one (it runs batches, not frames side by side).
-    pub fn sessions_on(&self, cpu: bool) -> usize {
-        match (cpu, self.sessions) {
-            (false, _) => 1,
-            (true, 0) => AUTO_CPU_SESSIONS,
-            (true, n) => n,
-        }
-    }
 }
 
 /// `[[camera]]`

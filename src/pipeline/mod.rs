@@ -27,10 +27,10 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::alerts::{AlertTracker, MqttSetupError, PublisherHandle, Spool, SpoolError, ZoneMask};
-use crate::bundle::{Bundle, BundleError, Manifest};
+use crate::bundle::BundleError;
 use crate::engine::batch::SharedSession;
-use crate::engine::{Engine, EngineError, EngineOptions, ExecutionProvider, ProviderRequest};
-use crate::preprocess;
+use crate::engine::select::{SelectError, Sessions};
+use crate::engine::{EngineError, ExecutionProvider};
 use analyse::{Analyser, Intake};
 use config::{PipelineConfig, SourceUri};
 use encoder::{Encoder, EncoderError};
@@ -49,6 +49,8 @@ const OFFLINE_QUEUE_FRAMES: usize = 1;
 pub enum PipelineError {
     #[error(transparent)]
     Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Sessions(#[from] SelectError),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -162,54 +164,17 @@ pub fn run_with(
     stop: Arc<AtomicBool>,
     options: RunOptions,
 ) -> Result<RunSummary, PipelineError> {
-    // Fails fast (before the bundle is read) on a provider this build or machine cannot run.
-    let request: ProviderRequest = config.model.provider.parse()?;
-    let plan = crate::engine::resolve_provider(request)?;
-    let cpu_only = plan.candidates == [ExecutionProvider::Cpu];
     let encoder = output_encoder(config)?;
-    let (mut bundle, mut precision_reason) =
-        Bundle::open_choosing(&config.model.bundle, config.model.precision, cpu_only)?;
-    // Sessions share out the cores only on the CPU, so size the first one for that when known.
-    let first_sessions = config.model.sessions_on(cpu_only);
-    let mut engine = Engine::for_bundle(&bundle, engine_options(config, request, first_sessions))?;
-    let provider = engine.provider();
-    let provider_reason = engine.provider_choice().reason.clone();
-    let mut reopen = false;
-    if !cpu_only && provider == ExecutionProvider::Cpu {
-        // `auto` fell back to the CPU: `precision = "auto"` now chooses for the CPU.
-        let (chosen, reason) = bundle.clone().choosing(config.model.precision, true)?;
-        reopen = chosen.precision != bundle.precision;
-        (bundle, precision_reason) = (chosen, reason);
-    }
-    // The workers read the calibration of the graph that runs.
-    let mut manifest = bundle.manifest.clone();
-    manifest.calibration = bundle.calibration().clone();
-    let manifest = Arc::new(manifest);
-    let on_cpu = provider == ExecutionProvider::Cpu;
-    if !on_cpu && config.model.sessions > 1 {
-        log::warn!(
-            "model.sessions = {}: the {provider} provider runs one session (frame-level parallelism is for the CPU)",
-            config.model.sessions
-        );
-    }
-    let sessions = config.model.sessions_on(on_cpu);
-    let mut engines = Vec::with_capacity(sessions);
-    if sessions != first_sessions || reopen {
-        // `auto` fell back to the CPU: re-open with the cores shared out between the sessions
-        // (and the graph `precision = "auto"` chose for the CPU).
-        engine = Engine::for_bundle(&bundle, engine_options(config, request, sessions))?;
-    }
-    engines.push(engine);
-    for _ in 1..sessions {
-        engines.push(Engine::for_bundle(
-            &bundle,
-            engine_options(config, request, sessions),
-        )?);
-    }
-    let batch = config.model.batch_on(on_cpu, config.camera.len());
-    for engine in &mut engines {
-        warm_up(engine, &manifest, batch)?;
-    }
+    let Sessions {
+        bundle,
+        manifest,
+        engines,
+        provider,
+        provider_reason,
+        precision_reason,
+        batch,
+    } = Sessions::open(&config.model, config.camera.len())?;
+    let sessions = engines.len();
     log::info!(
         "engine: ONNX Runtime, provider {provider} ({}); model {} ({}, {} ({precision_reason}), {}×{}); {}{}",
         provider_reason,
@@ -405,41 +370,6 @@ fn output_encoder(config: &PipelineConfig) -> Result<Option<Encoder>, EncoderErr
     let encoder = Encoder::resolve(output.encoder.parse()?)?;
     log::info!("encoder: {} ({})", encoder.element(), encoder.reason());
     Ok(Some(encoder))
-}
-
-/// The settings of one of a run's `sessions` sessions: `[model]`'s threads (0: the cores shared
-/// out between the sessions), and intra-op threads that sleep between calls, since decoding,
-/// drawing and encoding share the cores.
-pub fn engine_options(
-    config: &PipelineConfig,
-    request: ProviderRequest,
-    sessions: usize,
-) -> EngineOptions {
-    EngineOptions {
-        threads: crate::engine::threads_per_session(config.model.threads, sessions),
-        provider: request,
-        sleep_when_idle: true,
-        // What TensorRT optimises for, should the session be on a GPU.
-        batch: config.model.batch_on(false, config.camera.len()),
-        ..EngineOptions::default()
-    }
-}
-
-/// One call on a mid-grey frame (and one of a full batch, when batching), so that ONNX Runtime's
-/// first-call set-up does not land on the first camera frames.
-fn warm_up(engine: &mut Engine, manifest: &Manifest, batch: usize) -> Result<(), EngineError> {
-    let [h, w] = manifest.model.input_size;
-    let grey = preprocess::RgbFrame {
-        width: w,
-        height: h,
-        pixels: vec![128; w * h * 3],
-    };
-    let input = preprocess::to_chw(&grey, [h, w], &manifest.normalisation);
-    engine.run(&input, 1)?;
-    if batch > 1 {
-        engine.run(&input.repeat(batch), batch)?;
-    }
-    Ok(())
 }
 
 /// Starts the MQTT publisher on its own small tokio runtime, with the spool of `[alerts]`.
