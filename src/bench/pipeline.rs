@@ -232,7 +232,7 @@ fn choose_source(
         .and_then(Encoder::resolve)
         .map_err(|e| BenchError::Source(e.to_string()))?;
     conveyor::write_video(&path, options.frames as u64, GENERATED_FPS, 1, &encoder)
-        .map_err(BenchError::Source)?;
+        .map_err(|e| BenchError::Source(e.to_string()))?;
     Ok((path, true))
 }
 

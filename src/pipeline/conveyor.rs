@@ -9,6 +9,7 @@ use image::RgbImage;
 use std::path::{Path, PathBuf};
 
 use crate::devset::{DevsetError, DevsetSpec, add_defect, create_dir, texture};
+use crate::pipeline::record::RecordError;
 use crate::preprocess::RgbFrame;
 use crate::rng::SplitMix;
 
@@ -139,7 +140,7 @@ pub fn write_video(
     fps: f64,
     seed: u64,
     encoder: &crate::pipeline::encoder::Encoder,
-) -> Result<(), String> {
+) -> Result<(), RecordError> {
     use crate::pipeline::record::{Destination, Recorder};
     let (width, height) = CONVEYOR_SIZE;
     let mut conveyor = Conveyor::new(width, height, seed);
@@ -167,7 +168,10 @@ pub fn write_video(
         )?;
     }
     let Some(recorder) = recorder else {
-        return Err(format!("no frames to write to {}", path.display()));
+        return Err(RecordError::Failed {
+            destination: path.display().to_string(),
+            message: "no frames to write".into(),
+        });
     };
     recorder
         .finish(std::time::Duration::from_secs(60))

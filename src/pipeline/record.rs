@@ -18,6 +18,29 @@ use crate::pipeline::encoder::{Encoder, KEY_INTERVAL, key_interval_within};
 use crate::pipeline::metrics::{CameraMetrics, Stage};
 use crate::pipeline::yuv::PixelFormat;
 
+/// Why a recording could not start or go on.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("GStreamer failed to initialise: {0}")]
+    Init(String),
+    #[error(
+        "cannot build the recorder with {encoder} (are gstreamer1.0-plugins-good and -bad installed?): {message}"
+    )]
+    Build { encoder: String, message: String },
+    #[error("cannot start the recorder for {destination}: {message}")]
+    Start {
+        destination: String,
+        message: String,
+    },
+    #[error("recording {destination} failed: {message}")]
+    Failed {
+        destination: String,
+        message: String,
+    },
+    #[error("recording {destination} did not finish within {seconds:.0} s")]
+    Unfinished { destination: String, seconds: f64 },
+}
+
 /// Where a recording goes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Destination {
@@ -125,8 +148,8 @@ impl Recorder {
         fps: f64,
         encoder: &Encoder,
         timing: Option<Arc<CameraMetrics>>,
-    ) -> Result<Self, String> {
-        gst::init().map_err(|e| format!("GStreamer failed to initialise: {e}"))?;
+    ) -> Result<Self, RecordError> {
+        gst::init().map_err(|e| RecordError::Init(e.to_string()))?;
         let fps = if fps.is_finite() && fps > 0.0 {
             fps
         } else {
@@ -137,22 +160,21 @@ impl Recorder {
             encoder.chain(destination.key_interval(fps)),
             destination.sink()
         );
+        let build_error = |message: String| RecordError::Build {
+            encoder: encoder.element().to_string(),
+            message,
+        };
         let pipeline = gst::parse::launch(&description)
-            .map_err(|e| {
-                format!(
-                    "cannot build the recorder with {} (are gstreamer1.0-plugins-good and -bad installed?): {e}",
-                    encoder.element()
-                )
-            })?
+            .map_err(|e| build_error(e.to_string()))?
             .downcast::<gst::Pipeline>()
-            .map_err(|_| "the recorder description is not a pipeline".to_string())?;
+            .map_err(|_| build_error("the recorder description is not a pipeline".into()))?;
         let appsrc = pipeline
             .by_name("src")
             .and_then(|e| e.downcast::<gst_app::AppSrc>().ok())
-            .ok_or_else(|| "appsrc missing".to_string())?;
+            .ok_or_else(|| build_error("appsrc missing".into()))?;
         let sink = pipeline
             .by_name("sink")
-            .ok_or_else(|| "the recorder's sink is missing".to_string())?;
+            .ok_or_else(|| build_error("the recorder's sink is missing".into()))?;
         sink.set_property("location", destination.location());
         let rate = gst::Fraction::approximate_f64(fps).unwrap_or(gst::Fraction::new(25, 1));
         let caps = gst::Caps::builder("video/x-raw")
@@ -169,7 +191,10 @@ impl Recorder {
         };
         pipeline
             .set_state(gst::State::Playing)
-            .map_err(|e| format!("cannot start the recorder for {destination}: {e}"))?;
+            .map_err(|e| RecordError::Start {
+                destination: destination.to_string(),
+                message: e.to_string(),
+            })?;
         Ok(Self {
             pipeline,
             appsrc,
@@ -188,7 +213,12 @@ impl Recorder {
     /// Appends one frame (of the recorder's format and size) at stream time `pts`, which reached
     /// the appsink at `arrived`. Frames of another format or size, or with a timestamp not after
     /// the previous one, are skipped.
-    pub fn push(&mut self, pixels: &[u8], pts: Duration, arrived: Instant) -> Result<(), String> {
+    pub fn push(
+        &mut self,
+        pixels: &[u8],
+        pts: Duration,
+        arrived: Instant,
+    ) -> Result<(), RecordError> {
         if pixels.len() != self.format.frame_len(self.size.0, self.size.1) {
             return Ok(());
         }
@@ -211,7 +241,10 @@ impl Recorder {
         }
         self.appsrc
             .push_buffer(buffer)
-            .map_err(|e| format!("recording {} failed: {e:?}", self.destination))?;
+            .map_err(|e| RecordError::Failed {
+                destination: self.destination.to_string(),
+                message: format!("{e:?}"),
+            })?;
         // Read as it goes: closed segments, and an error (a file that cannot be opened) now.
         while let Some(message) = self.pipeline.bus().and_then(|bus| bus.pop()) {
             self.note(&message)?;
@@ -221,11 +254,12 @@ impl Recorder {
 
     /// Follows splitmuxsink's segments (opened, closed: its path kept); an error message becomes
     /// the error.
-    fn note(&mut self, message: &gst::Message) -> Result<(), String> {
+    fn note(&mut self, message: &gst::Message) -> Result<(), RecordError> {
         match message.view() {
-            gst::MessageView::Error(err) => {
-                Err(format!("recording {}: {}", self.destination, err.error()))
-            }
+            gst::MessageView::Error(err) => Err(RecordError::Failed {
+                destination: self.destination.to_string(),
+                message: err.error().to_string(),
+            }),
             gst::MessageView::Element(element) => {
                 let Some(structure) = element.structure() else {
                     return Ok(());
@@ -271,14 +305,13 @@ impl Recorder {
 
     /// Sends EOS and waits (up to `timeout`) until the file, or the last segment, is complete;
     /// returns the files written.
-    pub fn finish(mut self, timeout: Duration) -> Result<Vec<PathBuf>, String> {
+    pub fn finish(mut self, timeout: Duration) -> Result<Vec<PathBuf>, RecordError> {
         let _ = self.appsrc.end_of_stream();
         let eos_sent = Instant::now();
-        let mut result = Err(format!(
-            "recording {} did not finish within {:.0} s",
-            self.destination,
-            timeout.as_secs_f64()
-        ));
+        let mut result = Err(RecordError::Unfinished {
+            destination: self.destination.to_string(),
+            seconds: timeout.as_secs_f64(),
+        });
         if let Some(bus) = self.pipeline.bus() {
             while eos_sent.elapsed() < timeout {
                 if self.segments_settled(eos_sent, Instant::now()) {

@@ -117,7 +117,7 @@ impl Worker {
         if let Some(recorder) = state.recorder.take() {
             match recorder.finish(Duration::from_secs(10)) {
                 Ok(files) => state.stats.recordings = files,
-                Err(message) => state.stats.errors.push(message),
+                Err(error) => state.stats.errors.push(error.to_string()),
             }
         }
         // After the recorder has finished, every encoded frame has been timed.
@@ -385,16 +385,16 @@ impl Worker {
                     log::info!("[{}] recording to {destination}", self.camera.name);
                     state.recorder = Some(recorder);
                 }
-                Err(message) => {
-                    state.stats.errors.push(message);
+                Err(error) => {
+                    state.stats.errors.push(error.to_string());
                     return;
                 }
             }
         }
         if let Some(recorder) = state.recorder.as_mut()
-            && let Err(message) = recorder.push(&out.data, captured.pts, captured.arrived)
+            && let Err(error) = recorder.push(&out.data, captured.pts, captured.arrived)
         {
-            state.stats.errors.push(message);
+            state.stats.errors.push(error.to_string());
             state.recorder = None;
         }
     }
