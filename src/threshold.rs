@@ -7,8 +7,12 @@ use crate::bundle::Calibration;
 /// Fewest good images whose tail [`calibration_from_scores`] fits; with fewer it takes their maximum.
 pub const MIN_TAIL_FIT_IMAGES: usize = 20;
 
-/// The false-alarm rate on good images that the default threshold aims at.
-pub const TARGET_FALSE_ALARM_RATE: f64 = 0.01;
+/// The false-alarm rate of the fitted law that the default threshold sits at. Real score tails are
+/// heavier than the law fitted to their median and 90th percentile, so it aims low: on four dev-set
+/// categories and Magnetic Tile, 0.2 % let fewer good test images alert than the highest
+/// held-out score did (33 of 120 against 38) and caught 26 of 392 tile defects against 6, where
+/// 1 % let 55 of 120 alert (docs/results.md).
+pub const TARGET_FALSE_ALARM_RATE: f64 = 0.002;
 
 /// The default rule of `stpm train` and `stpm calibrate`: a Gumbel distribution (the law of a
 /// maximum, which an image score is: the maximum of its anomaly map) fitted to the good images'
@@ -23,7 +27,7 @@ pub fn calibration_from_scores(scores: &[f32], source: &str) -> Calibration {
                 scores,
                 1.0,
                 format!(
-                    "Gumbel fit to {source}, {} % false alarms",
+                    "Gumbel fit to {source}, at its {} % tail",
                     TARGET_FALSE_ALARM_RATE * 100.0
                 ),
             );
@@ -138,13 +142,14 @@ mod tests {
             (threshold - expected).abs() < 0.3,
             "{threshold} vs {expected}"
         );
-        // One good image far out moves the maximum, not the fit.
+        // One good image far out moves the maximum, not the fit (at the default rate).
         let mut with_outlier = sample.clone();
         with_outlier[0] = 1000.0;
         let calibration = calibration_from_scores(&with_outlier, "held-out good images");
+        let at_default = 10.0 - 2.0 * (-(1.0 - TARGET_FALSE_ALARM_RATE).ln()).ln();
         assert!(
-            (f64::from(calibration.threshold) - expected).abs() < 0.4,
-            "{}",
+            (f64::from(calibration.threshold) - at_default).abs() < 0.5,
+            "{} vs {at_default}",
             calibration.threshold
         );
         assert!(

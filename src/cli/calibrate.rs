@@ -14,7 +14,7 @@ pub struct CalibrateArgs {
     pub inputs: Vec<PathBuf>,
     /// The threshold is this quantile of their scores (1.0: the highest, so none of them alerts).
     /// Default: as `stpm train`, a Gumbel law fitted to their scores' median and 90th percentile,
-    /// at 1 % false alarms (the highest score with fewer than 20 images).
+    /// at its 0.2 % tail (the highest score with fewer than 20 images).
     #[arg(long)]
     pub quantile: Option<f64>,
     /// Print the new thresholds without writing them.
