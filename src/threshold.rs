@@ -21,23 +21,18 @@ pub const TARGET_FALSE_ALARM_RATE: f64 = 0.002;
 /// lift it over every defect, and with a few dozen images it still sits above their typical
 /// maximum. With fewer than [`MIN_TAIL_FIT_IMAGES`] scores it is their maximum.
 pub fn calibration_from_scores(scores: &[f32], source: &str) -> Calibration {
-    match gumbel_threshold(scores, TARGET_FALSE_ALARM_RATE) {
-        Some(threshold) => {
-            let mut calibration = calibration_at_quantile(
-                scores,
-                1.0,
-                format!(
-                    "Gumbel fit to {source}, at its {} % tail",
-                    TARGET_FALSE_ALARM_RATE * 100.0
-                ),
-            );
-            calibration.threshold = threshold;
-            calibration.floor = calibration.floor.min(threshold);
-            let median = quantile(&sorted_finite(scores), 0.5).unwrap_or(threshold);
-            calibration.good_median = calibration.normalise(median);
-            calibration
-        }
-        None => calibration_at_quantile(scores, 1.0, format!("max of {source}")),
+    let sorted = sorted_finite(scores);
+    match gumbel_fit(&sorted, TARGET_FALSE_ALARM_RATE) {
+        Some(threshold) => calibration_at(
+            &sorted,
+            threshold,
+            quantile(&sorted, 0.5).unwrap_or(threshold),
+            format!(
+                "Gumbel fit to {source}, at its {} % tail",
+                TARGET_FALSE_ALARM_RATE * 100.0
+            ),
+        ),
+        None => at_nearest_rank(&sorted, 1.0, format!("max of {source}")),
     }
 }
 
@@ -60,12 +55,16 @@ fn quantile(sorted: &[f32], q: f64) -> Option<f32> {
 /// The upper `rate` quantile of a Gumbel law matched to the scores' median and 90th percentile,
 /// or `None` with too few finite scores or no spread between those two.
 pub fn gumbel_threshold(scores: &[f32], rate: f64) -> Option<f32> {
-    let sorted = sorted_finite(scores);
+    gumbel_fit(&sorted_finite(scores), rate)
+}
+
+/// [`gumbel_threshold`] of finite scores already sorted.
+fn gumbel_fit(sorted: &[f32], rate: f64) -> Option<f32> {
     if sorted.len() < MIN_TAIL_FIT_IMAGES || !(rate > 0.0 && rate < 1.0) {
         return None;
     }
-    let median = f64::from(quantile(&sorted, 0.5)?);
-    let q90 = f64::from(quantile(&sorted, 0.9)?);
+    let median = f64::from(quantile(sorted, 0.5)?);
+    let q90 = f64::from(quantile(sorted, 0.9)?);
     // Gumbel(μ, β): the quantile at p is μ − β ln(−ln p).
     let reduced = |p: f64| -(-p.ln()).ln();
     let beta = (q90 - median) / (reduced(0.9) - reduced(0.5));
@@ -80,22 +79,30 @@ pub fn gumbel_threshold(scores: &[f32], rate: f64) -> Option<f32> {
 /// Threshold = the `quantile` of the good images' finite scores (nearest rank; 1.0 is their
 /// maximum), floor = their minimum; `method` says where they came from.
 pub fn calibration_at_quantile(scores: &[f32], quantile: f64, method: String) -> Calibration {
-    let mut sorted: Vec<f32> = scores.iter().copied().filter(|s| s.is_finite()).collect();
-    sorted.sort_by(f32::total_cmp);
+    at_nearest_rank(&sorted_finite(scores), quantile, method)
+}
+
+/// [`calibration_at_quantile`] of finite scores already sorted.
+fn at_nearest_rank(sorted: &[f32], quantile: f64, method: String) -> Calibration {
     let rank = (quantile.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize;
     let threshold = sorted
         .get(rank.clamp(1, sorted.len().max(1)) - 1)
         .copied()
         .unwrap_or(0.0);
-    let floor = sorted.first().copied().unwrap_or(0.0).min(threshold);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    calibration_at(sorted, threshold, median, method)
+}
+
+/// The calibration of `threshold` over sorted good scores: floor = their minimum (at most the
+/// threshold), `good_median` = `median` normalised.
+fn calibration_at(sorted: &[f32], threshold: f32, median: f32, method: String) -> Calibration {
     let mut calibration = Calibration {
         threshold,
-        floor,
+        floor: sorted.first().copied().unwrap_or(0.0).min(threshold),
         method,
         n_images: sorted.len(),
         good_median: 0.0,
     };
-    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
     calibration.good_median = calibration.normalise(median);
     calibration
 }
