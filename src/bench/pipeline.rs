@@ -324,12 +324,7 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
         int8_tensorrt: false,
         batch: 1,
     };
-    let ours = crate::engine::select::session_options(
-        &config.model,
-        request,
-        our_sessions,
-        config.camera.len(),
-    );
+    let ours = crate::engine::select::session_options(&config.model, request, our_sessions);
     let (plain_before, mut plain_samples) = engine_round(&bundle, plain, 1, options.frames)?;
     let (ours_before, mut our_samples) = engine_round(&bundle, ours, our_sessions, options.frames)?;
 

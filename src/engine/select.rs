@@ -1,7 +1,7 @@
 //! The run's engine sessions, decided in one place from `[model]`: the provider (`auto` may fall
 //! back to the CPU), the bundle's graph for it (`precision = "auto"`), how many sessions with how
 //! many threads, the batch across cameras, and a warm-up call. The pipeline and
-//! `stpm bench --pipeline` ask it; it knows nothing of cameras but their count.
+//! `stpm bench --pipeline` ask it; it knows nothing of cameras.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,7 +46,7 @@ pub struct ModelConfig {
     pub precision: crate::bundle::PrecisionChoice,
     /// Most images per inference call, gathered from the cameras' frames that wait for the same
     /// session (batched inference across cameras). 0 (the default) is 1 for now, on every provider
-    /// (see [`ModelConfig::batch_on`]).
+    /// (see [`ModelConfig::batch`]).
     #[serde(default)]
     pub batch: usize,
     /// How long the first frame of a batch waits for the frames other cameras on its session have
@@ -78,7 +78,7 @@ impl ModelConfig {
     /// costs N times one image and only adds the wait, and on a GPU batching across cameras was
     /// measured slower than one by one (docs/results.md), so auto batches nowhere until that
     /// is fixed. An explicit value still batches.
-    pub fn batch_on(&self, _cpu: bool, _cameras: usize) -> usize {
+    pub fn batch(&self) -> usize {
         match self.batch {
             0 => 1,
             n => n.min(MAX_BATCH),
@@ -103,14 +103,13 @@ pub fn session_options(
     model: &ModelConfig,
     request: ProviderRequest,
     sessions: usize,
-    cameras: usize,
 ) -> EngineOptions {
     EngineOptions {
         threads: super::threads_per_session(model.threads, sessions),
         provider: request,
         sleep_when_idle: true,
         // What TensorRT optimises for, should the session be on a GPU.
-        batch: model.batch_on(false, cameras),
+        batch: model.batch(),
         ..EngineOptions::default()
     }
 }
@@ -124,14 +123,14 @@ pub struct Sessions {
     pub provider: ExecutionProvider,
     pub provider_reason: String,
     pub precision_reason: String,
-    /// Most images per call (`ModelConfig::batch_on`).
+    /// Most images per call (`ModelConfig::batch`).
     pub batch: usize,
 }
 
 impl Sessions {
-    /// Opens and warms up the sessions `model` asks for, for `cameras` cameras. Fails fast
+    /// Opens and warms up the sessions `model` asks for. Fails fast
     /// (before the bundle is read) on a provider this build or machine cannot run.
-    pub fn open(model: &ModelConfig, cameras: usize) -> Result<Self, SelectError> {
+    pub fn open(model: &ModelConfig) -> Result<Self, SelectError> {
         let request: ProviderRequest = model.provider.parse()?;
         let plan = super::resolve_provider(request)?;
         let cpu_only = plan.candidates == [ExecutionProvider::Cpu];
@@ -139,7 +138,7 @@ impl Sessions {
             Bundle::open_choosing(&model.bundle, model.precision, cpu_only)?;
         // Sessions share out the cores only on the CPU, so size the first one for that when known.
         let first_sessions = model.sessions_on(cpu_only);
-        let options = |sessions| session_options(model, request, sessions, cameras);
+        let options = |sessions| session_options(model, request, sessions);
         let mut engine = Engine::for_bundle(&bundle, options(first_sessions))?;
         let provider = engine.provider();
         let provider_reason = engine.provider_choice().reason.clone();
@@ -172,7 +171,7 @@ impl Sessions {
         for _ in 1..sessions {
             engines.push(Engine::for_bundle(&bundle, options(sessions))?);
         }
-        let batch = model.batch_on(on_cpu, cameras);
+        let batch = model.batch();
         for engine in &mut engines {
             warm_up(engine, &manifest, batch)?;
         }

@@ -464,21 +464,20 @@ mod tests {
         assert_eq!((config.model.sessions, config.model.threads), (0, 0));
         assert_eq!(config.model.sessions_on(true), AUTO_CPU_SESSIONS);
         assert_eq!(config.model.sessions_on(false), 1);
-        // Batches across cameras: none by default on any provider, unless asked.
+        // Batches across cameras: none by default (whatever the provider or camera count), unless
+        // asked.
         assert_eq!(config.model.batch, 0);
-        assert_eq!(config.model.batch_on(true, 4), 1);
-        assert_eq!(config.model.batch_on(false, 4), 1);
-        assert_eq!(config.model.batch_on(false, 100), 1);
+        assert_eq!(config.model.batch(), 1);
         let many = ModelConfig {
             batch: 100,
             ..config.model.clone()
         };
-        assert_eq!(many.batch_on(false, 4), MAX_BATCH);
+        assert_eq!(many.batch(), MAX_BATCH);
         let asked = ModelConfig {
             batch: 3,
             ..config.model.clone()
         };
-        assert_eq!((asked.batch_on(true, 1), asked.batch_on(false, 8)), (3, 3));
+        assert_eq!(asked.batch(), 3);
         assert_eq!(config.camera[0].max_fps, 0.0);
         assert!(config.camera[0].realtime);
         let sets = [

@@ -173,7 +173,7 @@ pub fn run_with(
         provider_reason,
         precision_reason,
         batch,
-    } = Sessions::open(&config.model, config.camera.len())?;
+    } = Sessions::open(&config.model)?;
     let sessions = engines.len();
     log::info!(
         "engine: ONNX Runtime, provider {provider} ({}); model {} ({}, {} ({precision_reason}), {}×{}); {}{}",
