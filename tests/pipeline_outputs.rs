@@ -227,6 +227,78 @@ fn rtsp_clients_get_annotated_frames_and_metrics_count_them() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
+/// Recording and RTSP on together share one encode: a client that joins mid-run decodes the
+/// annotated stream from a key frame asked for when it joined, and the recording still holds every
+/// frame the camera delivered.
+#[test]
+fn the_recording_and_an_rtsp_client_share_one_encode() {
+    let dir = tempfile::tempdir().expect("dir");
+    let rtsp_port = free_port();
+    let pipeline = write_recording_pipeline(
+        dir.path(),
+        "source = \"test://conveyor?fps=15&frames=120\"",
+        &format!("\n[output.rtsp]\nenabled = true\nbind = \"127.0.0.1\"\nport = {rtsp_port}\n"),
+    );
+    let log_path = dir.path().join("stpm.log");
+    let mut child = spawn_run(&pipeline, &log_path, dir.path());
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // Join once the recording runs, so the client does not start the encode.
+    let started = Instant::now();
+    while !log().contains("[line1] recording to ") {
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the recording never started: {}", log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let frames = watch(
+        &format!("rtsp://127.0.0.1:{rtsp_port}/line1"),
+        10,
+        Duration::from_secs(30),
+    );
+    assert!(frames.len() >= 10, "{} frames: {}", frames.len(), log());
+    assert!(
+        frames.iter().all(|f| (f.width, f.height) == (640, 480)),
+        "{}",
+        log()
+    );
+    let status = child.wait().expect("wait");
+    let log = log();
+    assert!(status.success(), "{log}");
+    assert_eq!(
+        log.matches("encoding the annotated video").count(),
+        1,
+        "one encode for both outputs: {log}"
+    );
+    assert_eq!(
+        log.matches("RTSP: streaming to clients").count(),
+        1,
+        "{log}"
+    );
+    // Every frame the worker got is in the recording.
+    let delivered: usize = log
+        .lines()
+        .find_map(|line| {
+            line.split("camera line1: ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no summary line: {log}"));
+    let files = recordings(dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(
+        common::decode_mkv(&files[0]),
+        (delivered, 640, 480),
+        "{log}"
+    );
+    assert!(delivered > 60, "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
 #[test]
 fn taken_ports_fail_the_start_naming_the_key() {
     let dir = tempfile::tempdir().expect("dir");

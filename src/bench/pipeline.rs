@@ -16,8 +16,11 @@ use crate::bundle::{Bundle, Precision, PrecisionChoice};
 use crate::engine::{Engine, EngineOptions, ExecutionProvider, ProviderRequest};
 use crate::pipeline::config::{PipelineConfig, SourceUri};
 use crate::pipeline::conveyor::{self, Conveyor};
-use crate::pipeline::encoder::Encoder;
 use crate::pipeline::metrics::{Stage, StageSamples};
+use crate::pipeline::sinks::encoder::Encoder;
+use crate::pipeline::sinks::record::{Destination, Recording};
+use crate::pipeline::sinks::video::{Video, VideoSink};
+use crate::pipeline::sinks::{Annotated, Sink};
 use crate::pipeline::{RunOptions, run_with};
 use crate::preprocess;
 use crate::process::{cpu_seconds, peak_rss_mb};
@@ -231,9 +234,41 @@ fn choose_source(
         .parse()
         .and_then(Encoder::resolve)
         .map_err(|e| BenchError::Source(e.to_string()))?;
-    conveyor::write_video(&path, options.frames as u64, GENERATED_FPS, 1, &encoder)
-        .map_err(|e| BenchError::Source(e.to_string()))?;
+    write_conveyor(&path, options.frames as u64, GENERATED_FPS, &encoder)?;
     Ok((path, true))
+}
+
+/// Writes `frames` frames of the conveyor (640×480, seed 1) at `fps` as an H.264 Matroska file
+/// with `encoder`, the way recordings are written.
+fn write_conveyor(path: &Path, frames: u64, fps: f64, encoder: &Encoder) -> Result<(), BenchError> {
+    let (width, height) = conveyor::CONVEYOR_SIZE;
+    let mut conveyor = Conveyor::new(width, height, 1);
+    let recording: Arc<dyn VideoSink> =
+        Arc::new(Recording::to(Destination::File(path.to_path_buf())));
+    let mut video = Box::new(Video::new("bench", encoder.clone(), vec![recording], None));
+    let period = Duration::from_secs_f64(1.0 / fps.max(0.1));
+    let error =
+        |message: String| BenchError::Source(format!("writing {}: {message}", path.display()));
+    for index in 0..frames {
+        let generated = conveyor.frame(index);
+        let frame = Annotated {
+            rgb: &generated.frame.pixels,
+            width,
+            height,
+            pts: period.mul_f64(index as f64),
+            arrived: Instant::now(),
+            fps,
+        };
+        video.frame(&frame).map_err(|e| error(e.to_string()))?;
+    }
+    let report = video.finish(Duration::from_secs(60));
+    if let Some(problem) = report.errors.first() {
+        return Err(error(problem.to_string()));
+    }
+    if report.files.is_empty() {
+        return Err(error("no frames were written".into()));
+    }
+    Ok(())
 }
 
 /// An engine-only round: `sessions` fresh sessions with `options`, 3 warm-up calls, `frames` timed

@@ -10,7 +10,9 @@ use serde::Deserialize;
 use crate::alerts::{AlertConfig, CameraAlertOverrides, MqttConfig};
 use crate::engine::batch::MAX_BATCH;
 pub use crate::engine::select::{AUTO_CPU_SESSIONS, MAX_SESSIONS, ModelConfig};
-use crate::pipeline::encoder::EncoderRequest;
+use crate::pipeline::sinks::encoder::EncoderRequest;
+pub use crate::pipeline::sinks::record::RecordConfig;
+pub use crate::pipeline::sinks::rtsp::RtspConfig;
 
 /// The whole pipeline file.
 #[derive(Debug, Clone, Deserialize)]
@@ -93,72 +95,6 @@ impl Default for OutputConfig {
 
 fn default_encoder() -> String {
     "auto".into()
-}
-
-/// `[output.record]`: annotated recordings, one Matroska file per camera and run, or one per
-/// segment (readable even after a crash: Matroska needs no index written at the end).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RecordConfig {
-    /// Write recordings.
-    #[serde(default)]
-    pub enabled: bool,
-    /// Folder for `<camera>-<unix seconds>.mkv`, or `<camera>-<unix seconds>-<00000…>.mkv` with
-    /// segments.
-    #[serde(default = "default_record_dir")]
-    pub dir: PathBuf,
-    /// 0: one file per camera and run. More: a new file at least every this many seconds
-    /// (fractions allowed), each closed and complete when the next starts.
-    #[serde(default)]
-    pub segment_seconds: f64,
-}
-
-impl Default for RecordConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            dir: default_record_dir(),
-            segment_seconds: 0.0,
-        }
-    }
-}
-
-fn default_record_dir() -> PathBuf {
-    "recordings".into()
-}
-
-/// `[output.rtsp]`: each camera's annotated frames as H.264 at `rtsp://<bind>:<port>/<camera>`;
-/// encoded only while a client watches.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RtspConfig {
-    /// Serve the annotated streams over RTSP.
-    #[serde(default)]
-    pub enabled: bool,
-    /// IP address to listen on (`0.0.0.0` for every interface).
-    #[serde(default = "default_bind")]
-    pub bind: String,
-    /// Port to listen on (0: any free port, printed at start).
-    #[serde(default = "default_rtsp_port")]
-    pub port: u16,
-}
-
-impl Default for RtspConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            bind: default_bind(),
-            port: default_rtsp_port(),
-        }
-    }
-}
-
-fn default_bind() -> String {
-    "127.0.0.1".into()
-}
-
-fn default_rtsp_port() -> u16 {
-    8554
 }
 
 /// `[http]`: Prometheus `/metrics` and `/health`. Off unless asked for: a fixed default port would

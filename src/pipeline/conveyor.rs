@@ -9,7 +9,6 @@ use image::RgbImage;
 use std::path::{Path, PathBuf};
 
 use crate::devset::{DevsetError, DevsetSpec, add_defect, create_dir, texture};
-use crate::pipeline::record::RecordError;
 use crate::preprocess::RgbFrame;
 use crate::rng::SplitMix;
 
@@ -129,53 +128,6 @@ impl Conveyor {
             defect,
         }
     }
-}
-
-/// Writes `frames` frames of the conveyor (640×480, `seed`) at `fps` as an H.264 Matroska file with
-/// `encoder`, the way recordings are written: a file source for `stpm bench --pipeline` when none
-/// is given.
-pub fn write_video(
-    path: &Path,
-    frames: u64,
-    fps: f64,
-    seed: u64,
-    encoder: &crate::pipeline::encoder::Encoder,
-) -> Result<(), RecordError> {
-    use crate::pipeline::record::{Destination, Recorder};
-    let (width, height) = CONVEYOR_SIZE;
-    let mut conveyor = Conveyor::new(width, height, seed);
-    let destination = Destination::File(path.to_path_buf());
-    let period = std::time::Duration::from_secs_f64(1.0 / fps.max(0.1));
-    let mut recorder = None;
-    for index in 0..frames {
-        let generated = conveyor.frame(index);
-        let out = crate::pipeline::yuv::for_encoder(generated.frame.pixels, width, height);
-        let recorder = match &mut recorder {
-            Some(recorder) => recorder,
-            None => recorder.insert(Recorder::create(
-                &destination,
-                (width, height),
-                out.format,
-                fps,
-                encoder,
-                None,
-            )?),
-        };
-        recorder.push(
-            &out.data,
-            period.mul_f64(index as f64),
-            std::time::Instant::now(),
-        )?;
-    }
-    let Some(recorder) = recorder else {
-        return Err(RecordError::Failed {
-            destination: path.display().to_string(),
-            message: "no frames to write".into(),
-        });
-    };
-    recorder
-        .finish(std::time::Duration::from_secs(60))
-        .map(|_| ())
 }
 
 /// Writes an MVTec-layout category of conveyor frames (height `spec.size`, 4:3) for training and

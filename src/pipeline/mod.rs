@@ -1,25 +1,22 @@
-//! `stpm run`: the live pipeline. Per camera, a capture thread (GStreamer or the generated
-//! conveyor) feeds a bounded queue; an analyser (`analyse`) preprocesses and runs the shared
-//! engine; a worker (`worker`) draws the overlay, feeds the alert tracker and writes the outputs,
-//! one frame behind the analyser. GStreamer types stay in `source`, `record`, `rtsp` and
-//! `encoder`; this module wires them: start-up (engines, servers, publisher, threads), shutdown
-//! and the run summary.
+//! `stpm run`: the live pipeline, sources → analysis → sinks. Per camera, a capture thread
+//! (`source`: GStreamer or the generated conveyor) feeds a bounded queue; an analyser (`analyse`)
+//! preprocesses and runs the shared engine; a worker (`worker`) draws the overlay, feeds the alert
+//! tracker and hands frames, alerts and state to the camera's outputs (`sinks`), one frame behind
+//! the analyser. This module only wires them: start-up (engines, servers, publisher, each
+//! camera's sinks, threads), shutdown and the run summary.
 
 pub mod analyse;
 pub mod config;
 pub mod conveyor;
-pub mod encoder;
 #[cfg(feature = "gpu")]
 mod gpu;
 pub mod http;
 pub mod metrics;
 pub mod queue;
-pub mod record;
-pub mod rtsp;
 pub mod servers;
+pub mod sinks;
 pub mod source;
 mod worker;
-pub mod yuv;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,9 +30,17 @@ use crate::engine::select::{SelectError, Sessions};
 use crate::engine::{EngineError, ExecutionProvider};
 use analyse::{Analyser, Intake};
 use config::{PipelineConfig, SourceUri};
-use encoder::{Encoder, EncoderError};
+use metrics::CameraMetrics;
 use queue::FrameQueue;
 use servers::{LiveError, LiveOutputs};
+use sinks::Sink;
+use sinks::console::Console;
+use sinks::encoder::{Encoder, EncoderError};
+use sinks::mqtt::MqttAlerts;
+use sinks::record::Recording;
+use sinks::rtsp::RtspFeed;
+use sinks::snapshot::Snapshots;
+use sinks::video::{Video, VideoSink};
 use source::SourceSpec;
 use worker::Worker;
 
@@ -131,18 +136,6 @@ pub struct RunSummary {
     /// Why that provider (what `auto` found missing, for example).
     pub provider_reason: String,
     pub cameras: Vec<CameraStats>,
-}
-
-/// JPEG (quality 85) of an RGB frame, for snapshots.
-fn jpeg(pixels: &[u8], width: usize, height: usize) -> Result<Vec<u8>, image::ImageError> {
-    let mut bytes = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 85).encode(
-        pixels,
-        width as u32,
-        height as u32,
-        image::ExtendedColorType::Rgb8,
-    )?;
-    Ok(bytes)
 }
 
 fn unix_now() -> f64 {
@@ -267,7 +260,7 @@ pub fn run_with(
             .push(source::spawn(spec, Arc::clone(&queue), Arc::clone(&stop)).map_err(spawn_error)?);
         // One frame between analyser and worker: the next frame is scored while this one is drawn.
         let frames = Arc::new(FrameQueue::new(1));
-        let camera_outputs = live.camera(index, &camera.name);
+        let mut camera_outputs = live.camera(index, &camera.name);
         if options.keep_samples {
             camera_outputs.metrics.keep_samples();
         }
@@ -317,13 +310,18 @@ pub fn run_with(
                 &camera.alerts.ignore,
             ),
             manifest: Arc::clone(&manifest),
-            record: config.output.record.clone(),
-            encoder: encoder.clone(),
             frames,
             queue,
-            publisher: mqtt.as_ref().map(|(_, handle)| handle.clone()),
-            live: camera_outputs,
-            print_alerts: options.print_alerts,
+            sinks: camera_sinks(
+                &camera.name,
+                config,
+                encoder.as_ref(),
+                camera_outputs.rtsp.take(),
+                mqtt.as_ref().map(|(_, handle)| handle),
+                options.print_alerts,
+                &camera_outputs.metrics,
+            ),
+            metrics: camera_outputs.metrics,
             #[cfg(feature = "gpu")]
             gpu: gpu_overlay,
         };
@@ -358,6 +356,43 @@ pub fn run_with(
         provider_reason,
         cameras,
     })
+}
+
+/// The outputs of one camera, in the order the worker calls them: stdout, MQTT events and
+/// snapshots, then the video (one encode for the recording and the RTSP feed).
+fn camera_sinks(
+    camera: &str,
+    config: &PipelineConfig,
+    encoder: Option<&Encoder>,
+    rtsp: Option<RtspFeed>,
+    publisher: Option<&PublisherHandle>,
+    print_alerts: bool,
+    metrics: &Arc<CameraMetrics>,
+) -> Vec<Box<dyn Sink>> {
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if print_alerts {
+        sinks.push(Box::new(Console));
+    }
+    if let Some(publisher) = publisher {
+        sinks.push(Box::new(MqttAlerts::new(camera, publisher.clone())));
+        sinks.push(Box::new(Snapshots::new(camera, publisher.clone())));
+    }
+    let mut video: Vec<Arc<dyn VideoSink>> = Vec::new();
+    if config.output.record.enabled {
+        video.push(Arc::new(Recording::new(camera, &config.output.record)));
+    }
+    if let Some(feed) = rtsp {
+        video.push(Arc::new(feed));
+    }
+    if let (Some(encoder), false) = (encoder, video.is_empty()) {
+        sinks.push(Box::new(Video::new(
+            camera,
+            encoder.clone(),
+            video,
+            Some(Arc::clone(metrics)),
+        )));
+    }
+    sinks
 }
 
 /// The encoder of the enabled video outputs (`None` when neither recordings nor RTSP are on),

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use crate::pipeline::config::PipelineConfig;
-use crate::pipeline::encoder::Encoder;
 use crate::pipeline::http::{HttpError, HttpServer};
 use crate::pipeline::metrics::{CameraMetrics, Metrics};
-use crate::pipeline::rtsp::{RtspError, RtspOutput, RtspServer};
+use crate::pipeline::sinks::encoder::Encoder;
+use crate::pipeline::sinks::rtsp::{RtspError, RtspFeed, RtspServer};
 
 /// What the workers feed and the servers read.
 pub struct LiveOutputs {
@@ -15,13 +15,13 @@ pub struct LiveOutputs {
     http: Option<HttpServer>,
     rtsp: Option<RtspServer>,
     /// One per camera, in configuration order; taken by the workers.
-    feeds: Vec<Option<RtspOutput>>,
+    feeds: Vec<Option<RtspFeed>>,
 }
 
 /// What one camera's worker gets.
 pub struct CameraOutputs {
     pub metrics: Arc<CameraMetrics>,
-    pub rtsp: Option<RtspOutput>,
+    pub rtsp: Option<RtspFeed>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,9 +57,8 @@ impl LiveOutputs {
         } else {
             None
         };
-        let rtsp_encoder = encoder.filter(|_| config.output.rtsp.enabled);
-        let (rtsp, feeds) = if let Some(encoder) = rtsp_encoder {
-            let (server, feeds) = RtspServer::start(&config.output.rtsp, &cameras, encoder)?;
+        let (rtsp, feeds) = if encoder.is_some() && config.output.rtsp.enabled {
+            let (server, feeds) = RtspServer::start(&config.output.rtsp, &cameras)?;
             for camera in &cameras {
                 log::info!(
                     "rtsp: camera {camera} at rtsp://{}:{}/{camera}",

@@ -1,23 +1,20 @@
 //! One camera's worker: takes the analyser's frames in order, draws the overlay, summarises the
-//! alert zones and feeds the tracker, publishes events, state and snapshots, and writes the
-//! annotated frame to the recording and the RTSP feed. Never runs the engine.
+//! alert zones and feeds the tracker, and hands the annotated frame, the alert transitions and the
+//! camera's state to its sinks (`sinks`). Never runs the engine.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::analyse::Analysed;
-use super::config::{CameraConfig, RecordConfig};
-use super::encoder::Encoder;
+use super::config::CameraConfig;
 #[cfg(feature = "gpu")]
 use super::gpu;
-use super::metrics::{CameraState, Stage};
+use super::metrics::{CameraMetrics, CameraState, Stage};
 use super::queue::{FrameQueue, Item};
-use super::record::{Destination, Recorder};
-use super::servers::CameraOutputs;
+use super::sinks::{Annotated, Picture, Sink, SinkError};
 use super::source::Captured;
-use super::yuv::{self, OutputFrame};
-use super::{CameraStats, jpeg, unix_now};
-use crate::alerts::{AlertEvent, AlertTracker, CameraStatus, PublisherHandle, ZoneMask};
+use super::{CameraStats, unix_now};
+use crate::alerts::{AlertEvent, AlertTracker, CameraStatus, ZoneMask};
 use crate::bundle::Manifest;
 use crate::engine::Scores;
 use crate::overlay;
@@ -29,19 +26,13 @@ pub(super) struct Worker {
     pub(super) tracker: AlertTracker,
     pub(super) zones: ZoneMask,
     pub(super) manifest: Arc<Manifest>,
-    pub(super) record: RecordConfig,
-    /// The H.264 encoder, when recordings or RTSP are enabled.
-    pub(super) encoder: Option<Encoder>,
     /// Frames from the camera's analyser, scored or passed through.
     pub(super) frames: Arc<FrameQueue<Analysed>>,
     /// The capture queue (for its count of dropped frames).
     pub(super) queue: Arc<FrameQueue<Captured>>,
-    /// MQTT publisher, when `[mqtt]` is configured.
-    pub(super) publisher: Option<PublisherHandle>,
-    /// Metrics and the RTSP feed.
-    pub(super) live: CameraOutputs,
-    /// Print alert events on stdout.
-    pub(super) print_alerts: bool,
+    pub(super) metrics: Arc<CameraMetrics>,
+    /// The camera's outputs.
+    pub(super) sinks: Vec<Box<dyn Sink>>,
     /// The overlay on the GPU, when the engine runs there.
     #[cfg(feature = "gpu")]
     pub(super) gpu: Option<gpu::GpuStage>,
@@ -50,7 +41,6 @@ pub(super) struct Worker {
 /// What the worker keeps between frames.
 struct WorkerState {
     stats: CameraStats,
-    recorder: Option<Recorder>,
     last_score: f32,
     /// Unix time of stream time zero (alert timestamps are stream-based).
     epoch: f64,
@@ -70,7 +60,6 @@ impl Worker {
                 camera: self.camera.name.clone(),
                 ..Default::default()
             },
-            recorder: None,
             last_score: 0.0,
             epoch: unix_now(),
             last_t: unix_now(),
@@ -95,10 +84,10 @@ impl Worker {
                     break;
                 }
                 None => {}
-                Some(Item::Online) => self.live.metrics.set_state(CameraState::Online),
+                Some(Item::Online) => self.metrics.set_state(CameraState::Online),
                 Some(Item::End) => break,
                 Some(Item::Offline(why)) => {
-                    self.live.metrics.set_state(CameraState::Offline);
+                    self.metrics.set_state(CameraState::Offline);
                     state.stats.offline += 1;
                     let events = self.tracker.camera_offline(state.last_t);
                     self.emit(&mut state, events, None);
@@ -107,36 +96,43 @@ impl Worker {
                 }
                 Some(Item::Frame(analysed)) => self.process(&mut state, analysed),
             }
-            self.live.metrics.set_dropped(self.queue.dropped());
+            self.metrics.set_dropped(self.queue.dropped());
             self.report_progress(&mut state);
         }
-        self.live.metrics.set_state(CameraState::Ended);
+        self.metrics.set_state(CameraState::Ended);
         let events = self.tracker.shutdown(state.last_t);
         self.emit(&mut state, events, None);
         state.stats.dropped = self.queue.dropped();
-        if let Some(recorder) = state.recorder.take() {
-            match recorder.finish(Duration::from_secs(10)) {
-                Ok(files) => state.stats.recordings = files,
-                Err(error) => state.stats.errors.push(error.to_string()),
+        for sink in std::mem::take(&mut self.sinks) {
+            let report = sink.finish(Duration::from_secs(10));
+            state.stats.recordings.extend(report.files);
+            for error in report.errors {
+                self.failed(&mut state, error);
             }
         }
-        // After the recorder has finished, every encoded frame has been timed.
-        state.stats.samples = self.live.metrics.take_samples();
-        state.stats.end_to_end = self.live.metrics.recent_quantiles(Stage::EndToEnd);
+        // After the video has finished, every encoded frame has been timed.
+        state.stats.samples = self.metrics.take_samples();
+        state.stats.end_to_end = self.metrics.recent_quantiles(Stage::EndToEnd);
         state.stats
     }
 
-    /// Publishes the retained camera state (ok / anomaly / offline, fps, score).
-    fn publish_state(&self, state: &WorkerState) {
-        if let Some(publisher) = &self.publisher {
-            let camera_state = self.tracker.state(state.fps);
-            if let Err(e) = publisher.state(&self.camera.name, &camera_state) {
-                log::warn!("[{}] state not published: {e}", self.camera.name);
+    /// Hands the camera state (ok / anomaly / offline, fps, score) to the sinks.
+    fn publish_state(&mut self, state: &WorkerState) {
+        let camera_state = self.tracker.state(state.fps);
+        for sink in &mut self.sinks {
+            if let Err(e) = sink.state(&camera_state) {
+                log::warn!("[{}] {e}", self.camera.name);
             }
         }
     }
 
-    fn report_progress(&self, state: &mut WorkerState) {
+    /// A sink's problem: logged, and kept for the run summary.
+    fn failed(&self, state: &mut WorkerState, error: SinkError) {
+        log::warn!("[{}] {error}", self.camera.name);
+        state.stats.errors.push(error.to_string());
+    }
+
+    fn report_progress(&mut self, state: &mut WorkerState) {
         let elapsed = state.last_report.elapsed();
         if elapsed >= Duration::from_secs(5) {
             log::info!(
@@ -154,39 +150,25 @@ impl Worker {
         }
     }
 
-    /// Prints and publishes `events`; `annotated` (RGB pixels, width, height) becomes the snapshot
-    /// of events that reached a new top score.
+    /// Hands `events` to the sinks; `picture` is the annotated frame they were raised on.
     fn emit(
-        &self,
+        &mut self,
         state: &mut WorkerState,
         events: Vec<AlertEvent>,
-        annotated: Option<(&[u8], usize, usize)>,
+        picture: Option<&Picture<'_>>,
     ) {
-        self.live.metrics.set_suppressed(self.tracker.suppressed());
+        self.metrics.set_suppressed(self.tracker.suppressed());
         for event in events {
             state.stats.alerts += 1;
-            self.live.metrics.alert();
-            match serde_json::to_string(&event) {
-                Ok(json) if self.print_alerts => println!("alert {json}"),
-                Ok(_) => {}
-                Err(e) => log::warn!("[{}] cannot encode an alert: {e}", self.camera.name),
-            }
-            let Some(publisher) = &self.publisher else {
-                continue;
-            };
-            if let Err(e) = publisher.event(&event) {
-                log::warn!("[{}] alert not spooled: {e}", self.camera.name);
-                state.stats.errors.push(format!("alert not spooled: {e}"));
-            }
-            if let (true, Some((pixels, width, height))) = (event.snapshot, annotated) {
-                match jpeg(pixels, width, height) {
-                    Ok(bytes) => {
-                        if let Err(e) = publisher.snapshot(&self.camera.name, bytes) {
-                            log::warn!("[{}] snapshot not published: {e}", self.camera.name);
-                        }
-                    }
-                    Err(e) => log::warn!("[{}] cannot encode a snapshot: {e}", self.camera.name),
+            self.metrics.alert();
+            let mut errors = Vec::new();
+            for sink in &mut self.sinks {
+                if let Err(error) = sink.alert(&event, picture) {
+                    errors.push(error);
                 }
+            }
+            for error in errors {
+                self.failed(state, error);
             }
         }
         let status = self.tracker.status();
@@ -204,7 +186,7 @@ impl Worker {
             batch,
         } = analysed;
         state.stats.frames += 1;
-        self.live.metrics.frame();
+        self.metrics.frame();
         let frame = &captured.frame;
         let t = state.epoch + captured.pts.as_secs_f64();
         state.last_t = t;
@@ -233,20 +215,25 @@ impl Worker {
             }
         };
         let outputs = Instant::now();
-        let recording = self.encoder.as_ref().filter(|_| self.record.enabled);
-        let rtsp = self.live.rtsp.as_ref().filter(|rtsp| rtsp.is_watched());
-        if recording.is_some() || rtsp.is_some() {
-            // One conversion for both encoders (each would otherwise run videoconvert from RGB).
-            let out = yuv::for_encoder(pixels, frame.width, frame.height);
-            if let Some(encoder) = recording {
-                self.write_recording(state, &captured, &out, encoder);
-            }
-            if let Some(rtsp) = rtsp {
-                rtsp.push(&out, captured.fps);
+        let annotated = Annotated {
+            rgb: &pixels,
+            width: frame.width,
+            height: frame.height,
+            pts: captured.pts,
+            arrived: captured.arrived,
+            fps: captured.fps,
+        };
+        let mut errors = Vec::new();
+        for sink in &mut self.sinks {
+            if let Err(error) = sink.frame(&annotated) {
+                errors.push(error);
             }
         }
+        for error in errors {
+            self.failed(state, error);
+        }
         if due {
-            self.live.metrics.stage(Stage::Output, outputs.elapsed());
+            self.metrics.stage(Stage::Output, outputs.elapsed());
         }
     }
 
@@ -299,9 +286,13 @@ impl Worker {
                 pixels
             }
         };
-        self.emit(state, events, Some((&pixels, frame.width, frame.height)));
-        self.live
-            .metrics
+        let picture = Picture {
+            rgb: &pixels,
+            width: frame.width,
+            height: frame.height,
+        };
+        self.emit(state, events, Some(&picture));
+        self.metrics
             .stage(Stage::Overlay, overlay_started.elapsed());
         pixels
     }
@@ -355,47 +346,5 @@ impl Worker {
         _caption: &overlay::live::Caption,
     ) -> Option<Vec<u8>> {
         None
-    }
-
-    fn write_recording(
-        &self,
-        state: &mut WorkerState,
-        captured: &Captured,
-        out: &OutputFrame,
-        encoder: &Encoder,
-    ) {
-        if state.recorder.is_none() {
-            let destination = Destination::for_camera(
-                &self.record.dir,
-                &self.camera.name,
-                state.epoch as u64,
-                self.record.segment_seconds,
-            );
-            let timing = Some(Arc::clone(&self.live.metrics));
-            let size = (out.width, out.height);
-            match Recorder::create(
-                &destination,
-                size,
-                out.format,
-                captured.fps,
-                encoder,
-                timing,
-            ) {
-                Ok(recorder) => {
-                    log::info!("[{}] recording to {destination}", self.camera.name);
-                    state.recorder = Some(recorder);
-                }
-                Err(error) => {
-                    state.stats.errors.push(error.to_string());
-                    return;
-                }
-            }
-        }
-        if let Some(recorder) = state.recorder.as_mut()
-            && let Err(error) = recorder.push(&out.data, captured.pts, captured.arrived)
-        {
-            state.stats.errors.push(error.to_string());
-            state.recorder = None;
-        }
     }
 }

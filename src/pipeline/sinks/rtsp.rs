@@ -1,9 +1,8 @@
 //! `[output.rtsp]`: one gst-rtsp-server whose glib main loop runs on its own thread; per camera a
-//! shared media factory at `/<camera>` (appsrc → the `encoder` module's H.264 → RTP). Workers hand
-//! annotated frames (I420, or RGB at odd sizes) to [`RtspOutput::push`], which never blocks and
-//! does nothing while no client watches.
+//! shared media factory at `/<camera>` (appsrc → h264parse → RTP) fed with the camera's encoded
+//! video (`video`) while a client watches. A media that starts waits for a key frame.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use gstreamer as gst;
@@ -12,23 +11,52 @@ use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 use gstreamer_rtsp_server as rtsp_server;
 use gstreamer_rtsp_server::prelude::*;
+use serde::Deserialize;
 
-use crate::pipeline::config::RtspConfig;
-use crate::pipeline::encoder::{Encoder, KEY_INTERVAL};
-use crate::pipeline::yuv::{OutputFrame, PixelFormat};
+use super::video::{Unit, VideoSink};
 
-/// The media of one mount point. `config-interval=1` repeats SPS/PPS so a client joining a shared
-/// stream decodes from the next key frame (at most [`KEY_INTERVAL`] frames away).
-fn launch(encoder: &Encoder) -> String {
-    format!(
-        "( appsrc name=src is-live=true format=time do-timestamp=false ! {} \
-         ! rtph264pay name=pay0 pt=96 config-interval=1 )",
-        encoder.chain(KEY_INTERVAL)
-    )
+/// `[output.rtsp]`: each camera's annotated frames as H.264 at `rtsp://<bind>:<port>/<camera>`;
+/// encoded only while a client watches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RtspConfig {
+    /// Serve the annotated streams over RTSP.
+    #[serde(default)]
+    pub enabled: bool,
+    /// IP address to listen on (`0.0.0.0` for every interface).
+    #[serde(default = "default_bind")]
+    pub bind: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[serde(default = "default_rtsp_port")]
+    pub port: u16,
 }
 
-/// Frames waiting in a media's appsrc before the oldest is dropped (the encoder is behind).
-const APPSRC_FRAMES: u64 = 2;
+impl Default for RtspConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            bind: default_bind(),
+            port: default_rtsp_port(),
+        }
+    }
+}
+
+fn default_bind() -> String {
+    "127.0.0.1".into()
+}
+
+fn default_rtsp_port() -> u16 {
+    8554
+}
+
+/// The media of one mount point. `config-interval=1` repeats SPS/PPS, so a client that joins a
+/// shared stream decodes from the next key frame.
+const LAUNCH: &str = "( appsrc name=src is-live=true format=time do-timestamp=false ! h264parse \
+                      ! rtph264pay name=pay0 pt=96 config-interval=1 )";
+
+/// Encoded frames waiting in a media's appsrc before the oldest is dropped (the network is
+/// behind; what follows a dropped frame decodes with errors until the next key frame).
+const APPSRC_FRAMES: u64 = 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RtspError {
@@ -48,98 +76,67 @@ pub enum RtspError {
     Thread(std::io::Error),
 }
 
-/// The size and rate of the frames a camera pushes.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Format {
-    pixel: PixelFormat,
-    width: usize,
-    height: usize,
-    fps: f64,
-}
-
-impl Format {
-    fn caps(self) -> gst::Caps {
-        let fps = if self.fps.is_finite() && self.fps > 0.0 {
-            self.fps
-        } else {
-            25.0
-        };
-        gst::Caps::builder("video/x-raw")
-            .field("format", self.pixel.caps_name())
-            .field("width", self.width as i32)
-            .field("height", self.height as i32)
-            .field(
-                "framerate",
-                gst::Fraction::approximate_f64(fps).unwrap_or(gst::Fraction::new(25, 1)),
-            )
-            .build()
-    }
-}
-
 /// The appsrc of a media that clients are watching.
 struct LiveMedia {
     appsrc: gst_app::AppSrc,
     /// Buffer times count from here: the media's running time starts when it plays, just after.
     configured: Instant,
-    format: Option<Format>,
+    caps: Option<gst::Caps>,
     last_pts: Option<Duration>,
+    /// A key frame has been pushed (before one, frames are useless to a decoder).
+    keyed: bool,
 }
 
-/// What a camera's worker and its media factory share.
-#[derive(Default)]
-struct Slot {
-    live: Option<LiveMedia>,
-    /// The latest frame format, for caps of a media configured before its next frame.
-    format: Option<Format>,
+/// One camera's RTSP feed: the media of its mount point while one is running.
+pub struct RtspFeed {
+    live: Arc<Mutex<Option<LiveMedia>>>,
 }
 
-/// One camera's RTSP feed.
-pub struct RtspOutput {
-    slot: Arc<Mutex<Slot>>,
-}
+impl VideoSink for RtspFeed {
+    fn wants(&self) -> bool {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
 
-impl RtspOutput {
-    /// Offers one annotated frame to the camera's clients: a copy when someone watches, nothing
-    /// otherwise; never waits (a full appsrc drops its oldest).
-    pub fn push(&self, frame: &OutputFrame, fps: f64) {
-        let (width, height) = (frame.width, frame.height);
-        if width == 0 || height == 0 || frame.data.len() != frame.format.frame_len(width, height) {
+    fn waiting_for_key(&self) -> bool {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|live| !live.keyed)
+    }
+
+    /// Restamps the frame with the media's clock and pushes it; never waits (a full appsrc drops
+    /// its oldest).
+    fn unit(&self, unit: &Unit) {
+        let mut guard = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(live) = guard.as_mut() else {
+            return;
+        };
+        if !(live.keyed || unit.key) {
             return;
         }
-        let Ok(mut slot) = self.slot.lock() else {
-            return;
-        };
-        let format = Format {
-            pixel: frame.format,
-            width,
-            height,
-            fps,
-        };
-        slot.format = Some(format);
-        let Some(live) = slot.live.as_mut() else {
-            return;
-        };
-        if live.format != Some(format) {
-            live.appsrc.set_caps(Some(&format.caps()));
-            live.format = Some(format);
+        live.keyed = true;
+        if live.caps.as_ref() != Some(&unit.caps) {
+            live.appsrc.set_caps(Some(&unit.caps));
+            live.caps = Some(unit.caps.clone());
         }
         let pts = live.configured.elapsed();
         if live.last_pts.is_some_and(|last| pts <= last) {
             return;
         }
         live.last_pts = Some(pts);
-        let mut buffer = gst::Buffer::from_slice(frame.data.clone());
+        let mut buffer = unit.buffer.copy();
         if let Some(buffer) = buffer.get_mut() {
-            buffer.set_pts(gst::ClockTime::from_nseconds(pts.as_nanos() as u64));
+            let pts = gst::ClockTime::from_nseconds(pts.as_nanos() as u64);
+            buffer.set_pts(pts);
+            buffer.set_dts(pts);
         }
         // Flushing (a paused or closing media) is not an error of ours: the frame is just not
         // needed; `unprepared` clears the slot when the media goes away.
         let _ = live.appsrc.push_buffer(buffer);
-    }
-
-    /// Whether a client's media takes frames now.
-    pub fn is_watched(&self) -> bool {
-        self.slot.lock().is_ok_and(|slot| slot.live.is_some())
     }
 }
 
@@ -154,23 +151,21 @@ pub struct RtspServer {
 
 impl RtspServer {
     /// Listens on `config.bind`:`config.port` (a taken port fails here) and mounts each camera at
-    /// `/<camera>`, encoded with `encoder`; returns the feeds in the order of `cameras`.
+    /// `/<camera>`; returns the feeds in the order of `cameras`.
     pub fn start(
         config: &RtspConfig,
         cameras: &[String],
-        encoder: &Encoder,
-    ) -> Result<(Self, Vec<RtspOutput>), RtspError> {
+    ) -> Result<(Self, Vec<RtspFeed>), RtspError> {
         gst::init().map_err(|e| RtspError::Init(e.to_string()))?;
         let server = rtsp_server::RTSPServer::new();
         server.set_address(&config.bind);
         server.set_service(&config.port.to_string());
         let mounts = server.mount_points().ok_or(RtspError::MountPoints)?;
-        let launch = launch(encoder);
         let mut outputs = Vec::new();
         for camera in cameras {
-            let slot = Arc::new(Mutex::new(Slot::default()));
+            let slot = Arc::new(Mutex::new(None));
             let factory = rtsp_server::RTSPMediaFactory::new();
-            factory.set_launch(&launch);
+            factory.set_launch(LAUNCH);
             factory.set_shared(true);
             let configure_slot = Arc::clone(&slot);
             let name = camera.clone();
@@ -178,7 +173,7 @@ impl RtspServer {
                 attach_media(&name, media, &configure_slot);
             });
             mounts.add_factory(&format!("/{camera}"), factory);
-            outputs.push(RtspOutput { slot });
+            outputs.push(RtspFeed { live: slot });
         }
         let bind_error = |message: String| RtspError::Bind {
             bind: config.bind.clone(),
@@ -248,7 +243,11 @@ impl Drop for RtspServer {
 }
 
 /// A client asked for a camera whose media was not running: take the new media's appsrc.
-fn attach_media(camera: &str, media: &rtsp_server::RTSPMedia, slot: &Arc<Mutex<Slot>>) {
+fn attach_media(
+    camera: &str,
+    media: &rtsp_server::RTSPMedia,
+    slot: &Arc<Mutex<Option<LiveMedia>>>,
+) {
     let appsrc = media
         .element()
         .downcast::<gst::Bin>()
@@ -264,28 +263,22 @@ fn attach_media(camera: &str, media: &rtsp_server::RTSPMedia, slot: &Arc<Mutex<S
     appsrc.set_max_bytes(0);
     appsrc.set_max_buffers(APPSRC_FRAMES);
     appsrc.set_leaky_type(gst_app::AppLeakyType::Downstream);
-    let Ok(mut guard) = slot.lock() else {
-        return;
-    };
-    let format = guard.format;
-    if let Some(format) = format {
-        appsrc.set_caps(Some(&format.caps()));
-    }
-    guard.live = Some(LiveMedia {
+    *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(LiveMedia {
         appsrc: appsrc.clone(),
         configured: Instant::now(),
-        format,
+        caps: None,
         last_pts: None,
+        keyed: false,
     });
-    drop(guard);
     log::info!("[{camera}] RTSP: streaming to clients");
     let unprepared_slot = Arc::clone(slot);
     let name = camera.to_string();
     media.connect_unprepared(move |_| {
-        if let Ok(mut slot) = unprepared_slot.lock()
-            && slot.live.as_ref().is_some_and(|live| live.appsrc == appsrc)
-        {
-            slot.live = None;
+        let mut live = unprepared_slot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if live.as_ref().is_some_and(|live| live.appsrc == appsrc) {
+            *live = None;
             log::info!("[{name}] RTSP: no client left");
         }
     });
@@ -302,33 +295,26 @@ mod tests {
             bind: "127.0.0.1".into(),
             port: 0,
         };
-        let encoder = Encoder::resolve(crate::pipeline::encoder::EncoderRequest::Auto)
-            .expect("an H.264 encoder");
-        let (server, outputs) =
-            RtspServer::start(&config, &["line1".into(), "line2".into()], &encoder).expect("start");
+        let (server, feeds) =
+            RtspServer::start(&config, &["line1".into(), "line2".into()]).expect("start");
         assert_ne!(server.port(), 0);
-        assert_eq!(outputs.len(), 2);
-        let frame = crate::pipeline::yuv::for_encoder(vec![128u8; 8 * 6 * 3], 8, 6);
-        outputs[0].push(&frame, 15.0);
-        // A frame of the wrong length is ignored, not a panic.
-        let mut short = frame.clone();
-        short.data.pop();
-        outputs[1].push(&short, 15.0);
-        assert!(!outputs[0].is_watched() && !outputs[1].is_watched());
-        assert_eq!(
-            outputs[0].slot.lock().ok().and_then(|slot| slot.format),
-            Some(Format {
-                pixel: PixelFormat::I420,
-                width: 8,
-                height: 6,
-                fps: 15.0
-            })
-        );
+        assert_eq!(feeds.len(), 2);
+        assert!(!feeds[0].wants() && !feeds[1].wants());
+        assert!(!feeds[0].waiting_for_key());
+        // A unit for an unwatched feed goes nowhere.
+        let unit = Unit {
+            buffer: gst::Buffer::from_slice(vec![0u8, 0, 0, 1, 0x65]),
+            caps: gst::Caps::builder("video/x-h264").build(),
+            pts: Duration::ZERO,
+            key: true,
+        };
+        feeds[0].unit(&unit);
+        assert!(feeds[0].live.lock().is_ok_and(|live| live.is_none()));
         let taken = RtspConfig {
             port: server.port(),
             ..config
         };
-        let message = RtspServer::start(&taken, &["line1".into()], &encoder)
+        let message = RtspServer::start(&taken, &["line1".into()])
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

@@ -1,22 +1,53 @@
-//! Recordings: annotated frames (I420, or RGB at odd sizes) → appsrc → H.264 (the `encoder`
-//! module's choice) → Matroska, one file per run or one per segment (splitmuxsink). Matroska stays
-//! playable up to the last written cluster if the process dies, and a finished segment is
-//! complete; on a clean stop the recorder sends EOS and waits for the muxer to finish the (last)
-//! file.
+//! `[output.record]`: the camera's encoded video (`video`) → h264parse → Matroska, one file per
+//! run or one per segment (splitmuxsink). Matroska stays playable up to the last written cluster
+//! if the process dies, and a finished segment is complete; on a clean stop the recorder sends
+//! EOS and waits for the muxer to finish the (last) file.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
+use serde::Deserialize;
 
-use crate::pipeline::encoder::{Encoder, KEY_INTERVAL, key_interval_within};
-use crate::pipeline::metrics::{CameraMetrics, Stage};
-use crate::pipeline::yuv::PixelFormat;
+use super::encoder::{KEY_INTERVAL, key_interval_within};
+use super::video::{Unit, VideoSink};
+use super::{SinkError, SinkReport};
+
+/// `[output.record]`: annotated recordings, one Matroska file per camera and run, or one per
+/// segment (readable even after a crash: Matroska needs no index written at the end).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordConfig {
+    /// Write recordings.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Folder for `<camera>-<unix seconds>.mkv`, or `<camera>-<unix seconds>-<00000…>.mkv` with
+    /// segments.
+    #[serde(default = "default_record_dir")]
+    pub dir: PathBuf,
+    /// 0: one file per camera and run. More: a new file at least every this many seconds
+    /// (fractions allowed), each closed and complete when the next starts.
+    #[serde(default)]
+    pub segment_seconds: f64,
+}
+
+impl Default for RecordConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            dir: default_record_dir(),
+            segment_seconds: 0.0,
+        }
+    }
+}
+
+fn default_record_dir() -> PathBuf {
+    "recordings".into()
+}
 
 /// Why a recording could not start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -24,9 +55,9 @@ pub enum RecordError {
     #[error("GStreamer failed to initialise: {0}")]
     Init(String),
     #[error(
-        "cannot build the recorder with {encoder} (are gstreamer1.0-plugins-good and -bad installed?): {message}"
+        "cannot build the recorder (are gstreamer1.0-plugins-good and -bad installed?): {message}"
     )]
-    Build { encoder: String, message: String },
+    Build { message: String },
     #[error("cannot start the recorder for {destination}: {message}")]
     Start {
         destination: String,
@@ -116,9 +147,6 @@ impl fmt::Display for Destination {
 /// as finished without its EOS (see [`Recorder::segments_settled`]).
 const SEGMENT_SETTLE: Duration = Duration::from_secs(1);
 
-/// Frames handed to the encoder and not out of it yet: (pushed, arrived at the appsink).
-type InFlight = Arc<Mutex<VecDeque<(Instant, Instant)>>>;
-
 /// An open recording of one camera.
 pub struct Recorder {
     pipeline: gst::Pipeline,
@@ -129,41 +157,19 @@ pub struct Recorder {
     /// Whether a segment is open, and when the last one closed.
     segment_open: bool,
     last_closed: Option<Instant>,
-    size: (usize, usize),
-    format: PixelFormat,
+    caps: gst::Caps,
     last_pts: Option<Duration>,
-    frame_duration: Duration,
-    /// Frames in the encoder, when its output is timed.
-    in_flight: Option<InFlight>,
 }
 
 impl Recorder {
-    /// Starts writing `destination` with `encoder` for frames of `size` (width, height) at about
-    /// `fps` frames/s. With `timing`, each frame's encode time and end-to-end latency (from its
-    /// arrival at the appsink) are recorded there when the encoder puts it out.
-    pub fn create(
-        destination: &Destination,
-        size: (usize, usize),
-        format: PixelFormat,
-        fps: f64,
-        encoder: &Encoder,
-        timing: Option<Arc<CameraMetrics>>,
-    ) -> Result<Self, RecordError> {
+    /// Starts writing `destination` with the encoded stream of `caps` (`video/x-h264`).
+    pub fn create(destination: &Destination, caps: &gst::Caps) -> Result<Self, RecordError> {
         gst::init().map_err(|e| RecordError::Init(e.to_string()))?;
-        let fps = if fps.is_finite() && fps > 0.0 {
-            fps
-        } else {
-            25.0
-        };
         let description = format!(
-            "appsrc name=src format=time ! {} ! h264parse ! {}",
-            encoder.chain(destination.key_interval(fps)),
+            "appsrc name=src format=time ! h264parse ! {}",
             destination.sink()
         );
-        let build_error = |message: String| RecordError::Build {
-            encoder: encoder.element().to_string(),
-            message,
-        };
+        let build_error = |message: String| RecordError::Build { message };
         let pipeline = gst::parse::launch(&description)
             .map_err(|e| build_error(e.to_string()))?
             .downcast::<gst::Pipeline>()
@@ -176,19 +182,8 @@ impl Recorder {
             .by_name("sink")
             .ok_or_else(|| build_error("the recorder's sink is missing".into()))?;
         sink.set_property("location", destination.location());
-        let rate = gst::Fraction::approximate_f64(fps).unwrap_or(gst::Fraction::new(25, 1));
-        let caps = gst::Caps::builder("video/x-raw")
-            .field("format", format.caps_name())
-            .field("width", size.0 as i32)
-            .field("height", size.1 as i32)
-            .field("framerate", rate)
-            .build();
-        appsrc.set_caps(Some(&caps));
+        appsrc.set_caps(Some(caps));
         appsrc.set_format(gst::Format::Time);
-        let in_flight = match (timing, pipeline.by_name("encoder")) {
-            (Some(metrics), Some(encoder)) => Some(time_encoder(&encoder, metrics)),
-            _ => None,
-        };
         pipeline
             .set_state(gst::State::Playing)
             .map_err(|e| RecordError::Start {
@@ -202,42 +197,28 @@ impl Recorder {
             closed: Vec::new(),
             segment_open: false,
             last_closed: None,
-            size,
-            format,
+            caps: caps.clone(),
             last_pts: None,
-            frame_duration: Duration::from_secs_f64(1.0 / fps),
-            in_flight,
         })
     }
 
-    /// Appends one frame (of the recorder's format and size) at stream time `pts`, which reached
-    /// the appsink at `arrived`. Frames of another format or size, or with a timestamp not after
-    /// the previous one, are skipped.
-    pub fn push(
-        &mut self,
-        pixels: &[u8],
-        pts: Duration,
-        arrived: Instant,
-    ) -> Result<(), RecordError> {
-        if pixels.len() != self.format.frame_len(self.size.0, self.size.1) {
+    /// Appends one encoded frame. Frames with a timestamp not after the previous one are skipped.
+    pub fn push(&mut self, unit: &Unit) -> Result<(), RecordError> {
+        if self.last_pts.is_some_and(|last| unit.pts <= last) {
             return Ok(());
         }
-        if self.last_pts.is_some_and(|last| pts <= last) {
-            return Ok(());
+        self.last_pts = Some(unit.pts);
+        if unit.caps != self.caps {
+            self.appsrc.set_caps(Some(&unit.caps));
+            self.caps = unit.caps.clone();
         }
-        self.last_pts = Some(pts);
-        let pts_ns = pts.as_nanos() as u64;
-        if let Some(in_flight) = &self.in_flight
-            && let Ok(mut in_flight) = in_flight.lock()
-        {
-            in_flight.push_back((Instant::now(), arrived));
-        }
-        let mut buffer = gst::Buffer::from_slice(pixels.to_vec());
+        // A new buffer sharing the encoded bytes, stamped with the frame's stream time (no
+        // reordering: decoding time = presentation time).
+        let mut buffer = unit.buffer.copy();
+        let pts = gst::ClockTime::from_nseconds(unit.pts.as_nanos() as u64);
         if let Some(buffer) = buffer.get_mut() {
-            buffer.set_pts(gst::ClockTime::from_nseconds(pts_ns));
-            buffer.set_duration(gst::ClockTime::from_nseconds(
-                self.frame_duration.as_nanos() as u64,
-            ));
+            buffer.set_pts(pts);
+            buffer.set_dts(pts);
         }
         self.appsrc
             .push_buffer(buffer)
@@ -344,34 +325,161 @@ impl Drop for Recorder {
     }
 }
 
-/// Times frames out of `encoder`: encode = since the recorder took the frame, end to end = since it
-/// reached the appsink. Frames are matched by order (x264's timestamps are shifted by 1000 hours
-/// to leave room for decoding times), which holds for encoders that put out one frame per frame,
-/// in order: x264 tuned for zero latency, openh264 without frame skipping (a skipped frame would
-/// shift every later time by one frame), nvh264enc with zerolatency and no B-frames.
-/// nvv4l2h264enc is assumed to behave alike (not checked on a Jetson).
-fn time_encoder(encoder: &gst::Element, metrics: Arc<CameraMetrics>) -> InFlight {
-    let in_flight: InFlight = Arc::default();
-    let Some(pad) = encoder.static_pad("src") else {
-        return in_flight;
-    };
-    let pending = Arc::clone(&in_flight);
-    pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
-        let now = Instant::now();
-        if let Some((pushed, arrived)) = pending.lock().ok().and_then(|mut p| p.pop_front()) {
-            metrics.stage(Stage::Encode, now - pushed);
-            metrics.stage(Stage::EndToEnd, now - arrived);
-            metrics.frame_out(now);
+/// After a recorder could not start, how long before the next try.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// Where a recording's files go.
+enum Naming {
+    /// `<dir>/<camera>-<unix seconds>.mkv` (or its segments), named when it starts.
+    Camera {
+        dir: PathBuf,
+        camera: String,
+        segment_seconds: f64,
+    },
+    /// Always this destination.
+    Fixed(Destination),
+}
+
+/// The recording sink of one camera: a [`Recorder`] started on the first key frame, and again
+/// (under a new name) after one failed.
+pub struct Recording {
+    naming: Naming,
+    state: Mutex<RecordingState>,
+}
+
+#[derive(Default)]
+struct RecordingState {
+    recorder: Option<Recorder>,
+    files: Vec<PathBuf>,
+    errors: Vec<RecordError>,
+    /// No new recorder before this (one failed to start).
+    retry_at: Option<Instant>,
+    /// The unix second in the last name, so that a restart never reuses it.
+    last_started: u64,
+}
+
+impl Recording {
+    /// `camera`'s recording as `config` says (the caller checks `config.enabled`).
+    pub fn new(camera: &str, config: &RecordConfig) -> Self {
+        Self {
+            naming: Naming::Camera {
+                dir: config.dir.clone(),
+                camera: camera.to_string(),
+                segment_seconds: config.segment_seconds,
+            },
+            state: Mutex::default(),
         }
-        gst::PadProbeReturn::Ok
-    });
-    in_flight
+    }
+
+    /// A recording to `destination`.
+    pub fn to(destination: Destination) -> Self {
+        Self {
+            naming: Naming::Fixed(destination),
+            state: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RecordingState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn destination(&self, state: &mut RecordingState) -> Destination {
+        match &self.naming {
+            Naming::Fixed(destination) => destination.clone(),
+            Naming::Camera {
+                dir,
+                camera,
+                segment_seconds,
+            } => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let started = now.max(state.last_started + 1);
+                state.last_started = started;
+                Destination::for_camera(dir, camera, started, *segment_seconds)
+            }
+        }
+    }
+}
+
+impl VideoSink for Recording {
+    fn wants(&self) -> bool {
+        true
+    }
+
+    fn waiting_for_key(&self) -> bool {
+        let state = self.lock();
+        state.recorder.is_none() && state.retry_at.is_none_or(|at| Instant::now() >= at)
+    }
+
+    fn key_interval(&self, fps: f64) -> u32 {
+        match &self.naming {
+            Naming::Fixed(destination) => destination.key_interval(fps),
+            Naming::Camera {
+                segment_seconds, ..
+            } => Destination::for_camera(Path::new(""), "", 0, *segment_seconds).key_interval(fps),
+        }
+    }
+
+    fn unit(&self, unit: &Unit) {
+        let mut state = self.lock();
+        if state.recorder.is_none() {
+            if !unit.key || state.retry_at.is_some_and(|at| Instant::now() < at) {
+                return;
+            }
+            let destination = self.destination(&mut state);
+            match Recorder::create(&destination, &unit.caps) {
+                Ok(recorder) => {
+                    match &self.naming {
+                        Naming::Camera { camera, .. } => {
+                            log::info!("[{camera}] recording to {destination}")
+                        }
+                        Naming::Fixed(_) => log::debug!("recording to {destination}"),
+                    }
+                    state.recorder = Some(recorder);
+                    state.retry_at = None;
+                }
+                Err(error) => {
+                    state.errors.push(error);
+                    state.retry_at = Some(Instant::now() + RETRY_AFTER);
+                    return;
+                }
+            }
+        }
+        let pushed = state.recorder.as_mut().map(|recorder| recorder.push(unit));
+        if let Some(Err(error)) = pushed {
+            state.errors.push(error);
+            if let Some(mut recorder) = state.recorder.take() {
+                let files = recorder.files();
+                state.files.extend(files);
+            }
+        }
+    }
+
+    fn take_errors(&self) -> Vec<SinkError> {
+        let mut state = self.lock();
+        state.errors.drain(..).map(SinkError::from).collect()
+    }
+
+    fn finish(&self, timeout: Duration) -> SinkReport {
+        let mut state = self.lock();
+        if let Some(recorder) = state.recorder.take() {
+            match recorder.finish(timeout) {
+                Ok(files) => state.files.extend(files),
+                Err(error) => state.errors.push(error),
+            }
+        }
+        SinkReport {
+            files: std::mem::take(&mut state.files),
+            errors: state.errors.drain(..).map(SinkError::from).collect(),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::encoder::{EncoderKind, EncoderRequest};
 
     #[test]
     fn destinations_name_files_and_segments() {
@@ -414,16 +522,11 @@ mod tests {
     fn a_segmented_recording_settles_after_its_last_segment_closed() {
         let dir = tempfile::tempdir().expect("dir");
         let destination = Destination::for_camera(dir.path(), "line1", 1, 0.5);
-        let encoder = Encoder::resolve(EncoderRequest::Only(EncoderKind::X264)).expect("x264");
-        let mut recorder = Recorder::create(
-            &destination,
-            (64, 48),
-            PixelFormat::I420,
-            12.0,
-            &encoder,
-            None,
-        )
-        .expect("recorder");
+        let caps = gst::Caps::builder("video/x-h264")
+            .field("stream-format", "byte-stream")
+            .field("alignment", "au")
+            .build();
+        let mut recorder = Recorder::create(&destination, &caps).expect("recorder");
         let eos_sent = Instant::now();
         let later = eos_sent + SEGMENT_SETTLE * 2;
         assert!(

@@ -1,7 +1,6 @@
-//! The pixel format annotated frames leave the worker in: I420 (what every H.264 encoder takes),
-//! converted once per frame with OpenCV and shared by the recording and the RTSP stream, so that
-//! neither runs its own `videoconvert` from RGB. RGB stays the fallback (odd frame sizes, an
-//! OpenCV error).
+//! The pixel format annotated frames reach the encoder in: I420 (what every H.264 encoder takes),
+//! converted with OpenCV, which is faster than `videoconvert` from RGB. RGB stays the fallback
+//! (odd frame sizes, an OpenCV error).
 
 use opencv::core::{self, Mat};
 use opencv::imgproc;
@@ -44,10 +43,10 @@ pub struct OutputFrame {
 }
 
 /// `rgb` (`width`×`height`, interleaved) as I420 when both sides are even, else as RGB.
-pub fn for_encoder(rgb: Vec<u8>, width: usize, height: usize) -> OutputFrame {
+pub fn for_encoder(rgb: &[u8], width: usize, height: usize) -> OutputFrame {
     let converted =
         (width.is_multiple_of(2) && height.is_multiple_of(2) && rgb.len() == width * height * 3)
-            .then(|| rgb_to_i420(&rgb, width, height).ok())
+            .then(|| rgb_to_i420(rgb, width, height).ok())
             .flatten();
     match converted {
         Some(data) => OutputFrame {
@@ -60,7 +59,7 @@ pub fn for_encoder(rgb: Vec<u8>, width: usize, height: usize) -> OutputFrame {
             format: PixelFormat::Rgb,
             width,
             height,
-            data: rgb,
+            data: rgb.to_vec(),
         },
     }
 }
@@ -97,7 +96,7 @@ mod tests {
                 });
             }
         }
-        let frame = for_encoder(rgb, width, height);
+        let frame = for_encoder(&rgb, width, height);
         assert_eq!(frame.format, PixelFormat::I420);
         assert_eq!(frame.data.len(), PixelFormat::I420.frame_len(width, height));
         let (y, u, v) = (&frame.data[..8], &frame.data[8..10], &frame.data[10..12]);
@@ -120,9 +119,9 @@ mod tests {
 
     #[test]
     fn odd_sizes_and_bad_lengths_stay_rgb() {
-        let odd = for_encoder(vec![7; 3 * 3 * 3], 3, 3);
+        let odd = for_encoder(&[7; 3 * 3 * 3], 3, 3);
         assert_eq!((odd.format, odd.data.len()), (PixelFormat::Rgb, 27));
-        let short = for_encoder(vec![7; 5], 2, 2);
+        let short = for_encoder(&[7; 5], 2, 2);
         assert_eq!((short.format, short.data), (PixelFormat::Rgb, vec![7; 5]));
         assert_eq!(PixelFormat::I420.frame_len(640, 480), 640 * 480 * 3 / 2);
         assert_eq!(PixelFormat::Rgb.caps_name(), "RGB");
