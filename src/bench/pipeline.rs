@@ -1,12 +1,13 @@
 //! `stpm bench --pipeline`: the real `stpm run` path (decode → preprocess → inference → overlay →
 //! encode) on a file source, timed frame by frame by the pipeline's own stage timings, against the
 //! engine-only throughput of a plain ONNX Runtime session on the same model in the same run. Runs
-//! the pipeline self-contained: no RTSP, HTTP or MQTT; the recording goes to a temporary folder.
+//! the pipeline self-contained: no HTTP or MQTT; the recording goes to a temporary folder; RTSP
+//! only with `--rtsp-client`, served on a free local port to a client of the bench's own.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -56,6 +57,9 @@ pub struct PipelineBenchOptions {
     /// Play the file at its frame rate, like a camera, instead of as fast as the pipeline goes:
     /// latency at a camera's pace rather than under full load (throughput is then the file's rate).
     pub realtime: bool,
+    /// Serve the camera over RTSP as well, to a client that connects as soon as it can (the cost
+    /// of a watched stream beside the recording).
+    pub rtsp_client: bool,
 }
 
 /// The result; `--json` prints it as one object. Same top-level keys as the engine-only report.
@@ -127,6 +131,8 @@ pub struct PipelineBenchReport {
     pub cores: usize,
     /// Peak resident memory of the process during the pipeline run (VmHWM, reset before it).
     pub peak_rss_mb: f64,
+    /// With `--rtsp-client`: the encoded frames its client received.
+    pub rtsp_client_frames: Option<u64>,
     /// The measured span (first frame in → last frame out), seconds.
     pub seconds: f64,
 }
@@ -196,6 +202,94 @@ fn cpu_between(samples: &[(Instant, f64)], from: Instant, to: Instant) -> Option
 /// Resets the peak RSS (VmHWM) of this process, so the next reading covers what follows.
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// A local port nothing listens on right now.
+fn free_port() -> Result<u16, BenchError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .map_err(|e| BenchError::Run(format!("no free port for the RTSP server: {e}")))
+}
+
+/// `--rtsp-client`: a GStreamer RTSP client (TCP, depayloaded, not decoded: a viewer decodes on
+/// its own machine) that connects as soon as the server answers and counts the frames it gets.
+struct RtspWatcher {
+    stop: Arc<AtomicBool>,
+    frames: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RtspWatcher {
+    fn start(url: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let frames = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, frames) = (Arc::clone(&stop), Arc::clone(&frames));
+            std::thread::Builder::new()
+                .name("bench-rtsp".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        watch_once(&url, &stop, &frames);
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                })
+                .ok()
+        };
+        Self {
+            stop,
+            frames,
+            thread,
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.frames.load(Ordering::Relaxed)
+    }
+}
+
+/// One connection: counts frames until the stream ends or fails, or `stop`.
+fn watch_once(url: &str, stop: &AtomicBool, frames: &AtomicU64) {
+    use gstreamer as gst;
+    use gstreamer::prelude::*;
+    let description = format!(
+        "rtspsrc location={url} protocols=tcp latency=0 ! rtph264depay ! \
+         appsink name=sink sync=false"
+    );
+    let Ok(pipeline) = gst::parse::launch(&description) else {
+        return;
+    };
+    let Some(sink) = pipeline
+        .downcast_ref::<gst::Bin>()
+        .and_then(|bin| bin.by_name("sink"))
+        .and_then(|e| e.downcast::<gstreamer_app::AppSink>().ok())
+    else {
+        return;
+    };
+    if pipeline.set_state(gst::State::Playing).is_err() {
+        return;
+    }
+    let bus = pipeline.bus();
+    while !stop.load(Ordering::Relaxed) {
+        if sink
+            .try_pull_sample(gst::ClockTime::from_mseconds(100))
+            .is_some()
+        {
+            frames.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let failed = bus
+            .as_ref()
+            .and_then(|bus| bus.pop_filtered(&[gst::MessageType::Error, gst::MessageType::Eos]));
+        if failed.is_some() || sink.is_eos() {
+            break;
+        }
+    }
+    let _ = pipeline.set_state(gst::State::Null);
 }
 
 /// Where the measured frames come from: the camera's file, `--source`, or a generated file.
@@ -332,7 +426,9 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
     camera.realtime = options.realtime;
     camera.looping = false;
     camera.max_fps = 0.0;
-    config.output.rtsp.enabled = false;
+    config.output.rtsp.enabled = options.rtsp_client;
+    config.output.rtsp.bind = "127.0.0.1".into();
+    config.output.rtsp.port = free_port()?;
     config.output.record.enabled = true;
     config.output.record.dir = scratch.0.join("recordings");
     config.http.enabled = false;
@@ -364,6 +460,12 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
     let (ours_before, mut our_samples) = engine_round(&bundle, ours, our_sessions, options.frames)?;
 
     reset_peak_rss();
+    let watcher = options.rtsp_client.then(|| {
+        RtspWatcher::start(format!(
+            "rtsp://127.0.0.1:{}/{}",
+            config.output.rtsp.port, config.camera[0].name
+        ))
+    });
     let sampler = CpuSampler::start();
     let summary = run_with(
         &config,
@@ -375,6 +477,7 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
     )?;
     let cpu_samples = sampler.finish();
     let peak_rss_mb = peak_rss_mb();
+    let rtsp_client_frames = watcher.map(RtspWatcher::finish);
 
     let (ours_after, after) = engine_round(&bundle, ours, our_sessions, options.frames)?;
     our_samples.extend(after);
@@ -444,6 +547,7 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
         cpu_percent_of_all_cores: cpu_utilisation * 100.0 / cores as f64,
         cores,
         peak_rss_mb,
+        rtsp_client_frames,
         seconds,
     })
 }
@@ -541,6 +645,9 @@ pub fn summary(report: &PipelineBenchReport) -> String {
         report.cores,
         report.peak_rss_mb
     ));
+    if let Some(frames) = report.rtsp_client_frames {
+        text.push_str(&format!("RTSP client: {frames} encoded frames received\n"));
+    }
     text
 }
 

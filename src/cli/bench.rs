@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// frames/s is then the file's rate) instead of as fast as the pipeline goes.
     #[arg(long, requires = "pipeline")]
     pub realtime: bool,
+    /// With --pipeline: serve the camera over RTSP too, on a free local port, to a client of the
+    /// bench's own (what a watched stream costs beside the recording).
+    #[arg(long, requires = "pipeline")]
+    pub rtsp_client: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -76,6 +80,7 @@ pub(super) fn run(args: BenchArgs) -> anyhow::Result<()> {
             threads: args.threads,
             provider: args.provider,
             realtime: args.realtime,
+            rtsp_client: args.rtsp_client,
         };
         let report =
             stpm::bench::pipeline::bench_pipeline(&options).context("pipeline benchmark failed")?;
