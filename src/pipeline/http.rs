@@ -195,7 +195,7 @@ pub fn route(head: &str, metrics: &Metrics) -> Response {
     let mut response = match path {
         "/metrics" => Response {
             status: 200,
-            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            content_type: super::metrics::CONTENT_TYPE,
             body: metrics.render(),
             head_only: false,
         },

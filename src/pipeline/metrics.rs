@@ -1,11 +1,23 @@
 //! Live counters of a running pipeline, written by the camera workers (atomics and short locks, no
-//! I/O) and read by the HTTP endpoints, which render them as Prometheus text and a health verdict.
+//! I/O) and read by the HTTP endpoints: `/metrics` in the OpenMetrics text format (encoded by
+//! `prometheus-client` from a collector that reads the counters at each scrape) and `/health`.
 
 use std::collections::VecDeque;
-use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Upper bounds (seconds) of the inference histogram buckets; `+Inf` is implied.
 const INFERENCE_BUCKETS: [f64; 10] = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
@@ -145,55 +157,6 @@ impl CameraState {
     }
 }
 
-/// Histogram of durations over fixed bucket bounds (`+Inf` implied).
-#[derive(Debug)]
-struct Histogram {
-    bounds: &'static [f64],
-    /// Per bucket (not cumulative); the last entry is `+Inf`.
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            counts: vec![0; bounds.len() + 1],
-            sum: 0.0,
-            count: 0,
-        }
-    }
-
-    fn observe(&mut self, seconds: f64) {
-        let bucket = self
-            .bounds
-            .iter()
-            .position(|&bound| seconds <= bound)
-            .unwrap_or(self.bounds.len());
-        self.counts[bucket] += 1;
-        self.sum += seconds;
-        self.count += 1;
-    }
-
-    /// The `_bucket`, `_sum` and `_count` lines of family `name` with `labels` (`k="v",…`).
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (bound, count) in self.bounds.iter().zip(&self.counts) {
-            cumulative += count;
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
-        }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels},le=\"+Inf\"}} {count}\n\
-             {name}_sum{{{labels}}} {sum}\n\
-             {name}_count{{{labels}}} {count}",
-            count = self.count,
-            sum = self.sum
-        );
-    }
-}
-
 /// One camera's counters.
 #[derive(Debug)]
 pub struct CameraMetrics {
@@ -206,8 +169,8 @@ pub struct CameraMetrics {
     state: AtomicU8,
     alerts: AtomicU64,
     suppressed: AtomicU64,
-    inference: Mutex<Histogram>,
-    stages: Mutex<Vec<Histogram>>,
+    inference: Histogram,
+    stages: Vec<Histogram>,
     /// The last [`RECENT_FRAMES`] durations (seconds) of each stage, for exact quantiles.
     recent_stages: Mutex<Vec<VecDeque<f64>>>,
     /// Raw stage durations, when [`CameraMetrics::keep_samples`] asked for them.
@@ -227,13 +190,11 @@ impl CameraMetrics {
             state: AtomicU8::new(CameraState::Starting.to_u8()),
             alerts: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
-            inference: Mutex::new(Histogram::new(&INFERENCE_BUCKETS)),
-            stages: Mutex::new(
-                Stage::ALL
-                    .iter()
-                    .map(|_| Histogram::new(&STAGE_BUCKETS))
-                    .collect(),
-            ),
+            inference: Histogram::new(INFERENCE_BUCKETS),
+            stages: Stage::ALL
+                .iter()
+                .map(|_| Histogram::new(STAGE_BUCKETS))
+                .collect(),
             recent_stages: Mutex::new(vec![VecDeque::new(); Stage::ALL.len()]),
             samples: Mutex::new(None),
             recent: Mutex::new(VecDeque::new()),
@@ -253,9 +214,7 @@ impl CameraMetrics {
         if batch > 1 {
             self.batched.fetch_add(1, Ordering::Relaxed);
         }
-        if let Ok(mut histogram) = self.inference.lock() {
-            histogram.observe(inference.as_secs_f64());
-        }
+        self.inference.observe(inference.as_secs_f64());
         let now = Instant::now();
         if let Ok(mut recent) = self.recent.lock() {
             recent.push_back(now);
@@ -265,9 +224,7 @@ impl CameraMetrics {
 
     /// One frame spent `took` in `stage`.
     pub fn stage(&self, stage: Stage, took: Duration) {
-        if let Ok(mut stages) = self.stages.lock()
-            && let Some(histogram) = stages.get_mut(stage.index())
-        {
+        if let Some(histogram) = self.stages.get(stage.index()) {
             histogram.observe(took.as_secs_f64());
         }
         if let Ok(mut recent) = self.recent_stages.lock()
@@ -382,251 +339,75 @@ fn trim(recent: &mut VecDeque<Instant>, now: Instant) {
 /// Every camera's counters and the engine in use.
 #[derive(Debug)]
 pub struct Metrics {
+    state: Arc<Exported>,
+    /// Holds the collector that reads `state` at each scrape.
+    registry: Registry,
+}
+
+/// What `/metrics` reports.
+#[derive(Debug)]
+struct Exported {
     provider: String,
     /// The bundle's graph that runs (`fp32` or `int8`).
     precision: String,
     started: Instant,
-    cameras: Vec<std::sync::Arc<CameraMetrics>>,
+    cameras: Vec<Arc<CameraMetrics>>,
     /// The MQTT publisher, when `[mqtt]` is configured (its link and spool counters).
-    publisher: std::sync::OnceLock<crate::alerts::PublisherHandle>,
+    publisher: OnceLock<crate::alerts::PublisherHandle>,
     /// The H.264 encoder element, when recordings or RTSP are enabled.
-    encoder: std::sync::OnceLock<String>,
+    encoder: OnceLock<String>,
 }
 
 impl Metrics {
     pub fn new(provider: &str, precision: &str, cameras: &[String]) -> Self {
-        Self {
+        let state = Arc::new(Exported {
             provider: provider.to_string(),
             precision: precision.to_string(),
             started: Instant::now(),
             cameras: cameras
                 .iter()
-                .map(|name| std::sync::Arc::new(CameraMetrics::new(name)))
+                .map(|name| Arc::new(CameraMetrics::new(name)))
                 .collect(),
-            publisher: std::sync::OnceLock::new(),
-            encoder: std::sync::OnceLock::new(),
-        }
+            publisher: OnceLock::new(),
+            encoder: OnceLock::new(),
+        });
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Arc::clone(&state)));
+        Self { state, registry }
     }
 
     /// Exports the H.264 encoder element of the video outputs.
     pub fn set_encoder(&self, element: &str) {
-        let _ = self.encoder.set(element.to_string());
+        let _ = self.state.encoder.set(element.to_string());
     }
 
     /// Exports the publisher's counters from now on.
     pub fn set_publisher(&self, publisher: crate::alerts::PublisherHandle) {
-        let _ = self.publisher.set(publisher);
+        let _ = self.state.publisher.set(publisher);
     }
 
     /// The counters of `camera` (shared with its worker).
-    pub fn camera(&self, camera: &str) -> Option<std::sync::Arc<CameraMetrics>> {
-        self.cameras.iter().find(|c| c.camera == camera).cloned()
+    pub fn camera(&self, camera: &str) -> Option<Arc<CameraMetrics>> {
+        self.state
+            .cameras
+            .iter()
+            .find(|c| c.camera == camera)
+            .cloned()
     }
 
-    /// Prometheus text exposition format 0.0.4.
+    /// The OpenMetrics text exposition ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        header(
-            &mut out,
-            "stpm_engine_info",
-            "gauge",
-            "The execution provider that runs the model, and which of the bundle's graphs (fp32 or int8).",
-        );
-        let _ = writeln!(
-            out,
-            "stpm_engine_info{{provider=\"{}\",precision=\"{}\"}} 1",
-            escape(&self.provider),
-            escape(&self.precision)
-        );
-        if let Some(encoder) = self.encoder.get() {
-            header(
-                &mut out,
-                "stpm_encoder_info",
-                "gauge",
-                "The H.264 encoder element of recordings and RTSP.",
-            );
-            let _ = writeln!(
-                out,
-                "stpm_encoder_info{{encoder=\"{}\"}} 1",
-                escape(encoder)
-            );
+        let mut text = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            log::warn!("/metrics: cannot encode the metrics: {e}");
         }
-        type Value<'a> = &'a dyn Fn(&CameraMetrics) -> f64;
-        let per_camera: [(&str, &str, &str, Value); 8] = [
-            (
-                "stpm_frames_total",
-                "counter",
-                "Frames that reached the camera's worker.",
-                &|c| c.frames.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "stpm_frames_analysed_total",
-                "counter",
-                "Frames that went through the engine.",
-                &|c| c.analysed.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "stpm_frames_batched_total",
-                "counter",
-                "Analysed frames that shared their inference call with other cameras' frames.",
-                &|c| c.batched.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "stpm_frames_dropped_total",
-                "counter",
-                "Frames dropped because inference was behind the source.",
-                &|c| c.dropped.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "stpm_camera_online",
-                "gauge",
-                "1 while the camera delivers frames, 0 while starting, offline or ended.",
-                &|c| f64::from(u8::from(c.state() == CameraState::Online)),
-            ),
-            (
-                "stpm_fps",
-                "gauge",
-                "Analysed frames per second over the last 5 seconds.",
-                &|c| round3(c.fps(self.started)),
-            ),
-            (
-                "stpm_alert_events_total",
-                "counter",
-                "Alert events (new, update, end) emitted.",
-                &|c| c.alerts.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "stpm_alerts_suppressed_total",
-                "counter",
-                "Anomalies not reported because of alerts.max_events_per_hour.",
-                &|c| c.suppressed.load(Ordering::Relaxed) as f64,
-            ),
-        ];
-        for (name, kind, help, value) in per_camera {
-            header(&mut out, name, kind, help);
-            for camera in &self.cameras {
-                let _ = writeln!(
-                    out,
-                    "{name}{{camera=\"{}\"}} {}",
-                    escape(&camera.camera),
-                    value(camera)
-                );
-            }
-        }
-        let name = "stpm_inference_seconds";
-        header(
-            &mut out,
-            name,
-            "histogram",
-            "Engine time per analysed frame.",
-        );
-        for camera in &self.cameras {
-            if let Ok(histogram) = camera.inference.lock() {
-                let labels = format!("camera=\"{}\"", escape(&camera.camera));
-                histogram.render(&mut out, name, &labels);
-            }
-        }
-        let name = "stpm_stage_seconds";
-        header(
-            &mut out,
-            name,
-            "histogram",
-            "Time per frame in each stage: decode, queue, preprocess, inference, overlay, output, encode, and end_to_end (appsink to encoded frame).",
-        );
-        for camera in &self.cameras {
-            let Ok(stages) = camera.stages.lock() else {
-                continue;
-            };
-            for (stage, histogram) in Stage::ALL.iter().zip(stages.iter()) {
-                let labels = format!(
-                    "camera=\"{}\",stage=\"{}\"",
-                    escape(&camera.camera),
-                    stage.name()
-                );
-                histogram.render(&mut out, name, &labels);
-            }
-        }
-        let name = "stpm_stage_recent_seconds";
-        header(
-            &mut out,
-            name,
-            "gauge",
-            &format!(
-                "Quantiles of each stage's time per frame over the camera's last {RECENT_FRAMES} frames (exact, unlike the histogram buckets)."
-            ),
-        );
-        for camera in &self.cameras {
-            for stage in Stage::ALL {
-                let Some(values) = camera.recent_quantiles(stage) else {
-                    continue;
-                };
-                for (q, value) in RECENT_QUANTILES.iter().zip(values) {
-                    let _ = writeln!(
-                        out,
-                        "{name}{{camera=\"{}\",stage=\"{}\",quantile=\"{q}\"}} {value}",
-                        escape(&camera.camera),
-                        stage.name()
-                    );
-                }
-            }
-        }
-        for (name, kind, help, value) in [
-            (
-                "process_cpu_seconds_total",
-                "counter",
-                "User and system CPU time of this process.",
-                crate::process::cpu_seconds(),
-            ),
-            (
-                "process_resident_memory_bytes",
-                "gauge",
-                "Resident memory of this process.",
-                Some(crate::process::rss_bytes()),
-            ),
-        ] {
-            if let Some(value) = value {
-                header(&mut out, name, kind, help);
-                let _ = writeln!(out, "{name} {value}");
-            }
-        }
-        if let Some(publisher) = self.publisher.get() {
-            let status = publisher.status();
-            for (name, kind, help, value) in [
-                (
-                    "stpm_mqtt_connected",
-                    "gauge",
-                    "1 while the MQTT broker is connected.",
-                    f64::from(u8::from(status.connected)),
-                ),
-                (
-                    "stpm_alert_spool_pending",
-                    "gauge",
-                    "Alert events in the on-disk spool, not yet acknowledged by the broker.",
-                    status.events_pending as f64,
-                ),
-                (
-                    "stpm_alert_spool_dropped_total",
-                    "counter",
-                    "Alert events dropped because the spool was full.",
-                    status.events_dropped as f64,
-                ),
-                (
-                    "stpm_mqtt_reconnects_total",
-                    "counter",
-                    "Reconnections to the MQTT broker.",
-                    status.reconnects as f64,
-                ),
-            ] {
-                header(&mut out, name, kind, help);
-                let _ = writeln!(out, "{name} {value}");
-            }
-        }
-        out
+        text
     }
 
     /// Healthy when every camera is online or has ended; the JSON lists each camera's state.
     pub fn health(&self) -> (bool, String) {
         let states: Vec<(String, CameraState)> = self
+            .state
             .cameras
             .iter()
             .map(|c| (c.camera.clone(), c.state()))
@@ -646,20 +427,208 @@ impl Metrics {
     }
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// One sample's value.
+enum Value {
+    Count(u64),
+    Int(i64),
+    Real(f64),
+}
+
+impl Value {
+    fn metric_type(&self) -> MetricType {
+        match self {
+            Value::Count(_) => MetricType::Counter,
+            Value::Int(_) | Value::Real(_) => MetricType::Gauge,
+        }
+    }
+
+    fn encode(self, encoder: prometheus_client::encoding::MetricEncoder<'_>) -> std::fmt::Result {
+        match self {
+            Value::Count(n) => ConstCounter::new(n).encode(encoder),
+            Value::Int(n) => ConstGauge::new(n).encode(encoder),
+            Value::Real(x) => ConstGauge::new(x).encode(encoder),
+        }
+    }
+}
+
+/// A per-camera family: name (counters without `_total`, which the encoder adds), help, and the
+/// value of one camera at `started`.
+type CameraFamily = (
+    &'static str,
+    &'static str,
+    fn(&CameraMetrics, Instant) -> Value,
+);
+
+const CAMERA_FAMILIES: [CameraFamily; 8] = [
+    (
+        "stpm_frames",
+        "Frames that reached the camera's worker.",
+        |c, _| Value::Count(c.frames.load(Ordering::Relaxed)),
+    ),
+    (
+        "stpm_frames_analysed",
+        "Frames that went through the engine.",
+        |c, _| Value::Count(c.analysed.load(Ordering::Relaxed)),
+    ),
+    (
+        "stpm_frames_batched",
+        "Analysed frames that shared their inference call with other cameras' frames.",
+        |c, _| Value::Count(c.batched.load(Ordering::Relaxed)),
+    ),
+    (
+        "stpm_frames_dropped",
+        "Frames dropped because inference was behind the source.",
+        |c, _| Value::Count(c.dropped.load(Ordering::Relaxed)),
+    ),
+    (
+        "stpm_camera_online",
+        "1 while the camera delivers frames, 0 while starting, offline or ended.",
+        |c, _| Value::Int(i64::from(c.state() == CameraState::Online)),
+    ),
+    (
+        "stpm_fps",
+        "Analysed frames per second over the last 5 seconds.",
+        |c, started| Value::Real(round3(c.fps(started))),
+    ),
+    (
+        "stpm_alert_events",
+        "Alert events (new, update, end) emitted.",
+        |c, _| Value::Count(c.alerts.load(Ordering::Relaxed)),
+    ),
+    (
+        "stpm_alerts_suppressed",
+        "Anomalies not reported because of alerts.max_events_per_hour.",
+        |c, _| Value::Count(c.suppressed.load(Ordering::Relaxed)),
+    ),
+];
+
+impl Collector for Exported {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let engine = Info::new([
+            ("provider", self.provider.clone()),
+            ("precision", self.precision.clone()),
+        ]);
+        engine.encode(encoder.encode_descriptor(
+            "stpm_engine",
+            "The execution provider that runs the model, and which of the bundle's graphs (fp32 or int8).",
+            None,
+            engine.metric_type(),
+        )?)?;
+        if let Some(element) = self.encoder.get() {
+            let info = Info::new([("encoder", element.clone())]);
+            info.encode(encoder.encode_descriptor(
+                "stpm_encoder",
+                "The H.264 encoder element of recordings and RTSP.",
+                None,
+                info.metric_type(),
+            )?)?;
+        }
+        for (name, help, value) in CAMERA_FAMILIES {
+            let Some(first) = self.cameras.first() else {
+                break;
+            };
+            let kind = value(first, self.started).metric_type();
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+            for camera in &self.cameras {
+                let labels = [("camera", camera.camera.as_str())];
+                value(camera, self.started).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "stpm_inference_seconds",
+            "Engine time per analysed frame.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for camera in &self.cameras {
+            let labels = [("camera", camera.camera.as_str())];
+            camera.inference.encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "stpm_stage_seconds",
+            "Time per frame in each stage: decode, queue, preprocess, inference, overlay, output, encode, and end_to_end (appsink to encoded frame).",
+            None,
+            MetricType::Histogram,
+        )?;
+        for camera in &self.cameras {
+            for (stage, histogram) in Stage::ALL.iter().zip(&camera.stages) {
+                let labels = [("camera", camera.camera.as_str()), ("stage", stage.name())];
+                histogram.encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let help = format!(
+            "Quantiles of each stage's time per frame over the camera's last {RECENT_FRAMES} frames (exact, unlike the histogram buckets)."
+        );
+        let mut family = encoder.encode_descriptor(
+            "stpm_stage_recent_seconds",
+            &help,
+            None,
+            MetricType::Gauge,
+        )?;
+        for camera in &self.cameras {
+            for stage in Stage::ALL {
+                let Some(values) = camera.recent_quantiles(stage) else {
+                    continue;
+                };
+                for (q, value) in RECENT_QUANTILES.iter().zip(values) {
+                    let quantile = q.to_string();
+                    let labels = [
+                        ("camera", camera.camera.as_str()),
+                        ("stage", stage.name()),
+                        ("quantile", quantile.as_str()),
+                    ];
+                    ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        if let Some(seconds) = crate::process::cpu_seconds() {
+            ConstCounter::new(seconds).encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time of this process.",
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        ConstGauge::new(crate::process::rss_bytes()).encode(encoder.encode_descriptor(
+            "process_resident_memory_bytes",
+            "Resident memory of this process.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        if let Some(publisher) = self.publisher.get() {
+            let status = publisher.status();
+            for (name, help, value) in [
+                (
+                    "stpm_mqtt_connected",
+                    "1 while the MQTT broker is connected.",
+                    Value::Int(i64::from(status.connected)),
+                ),
+                (
+                    "stpm_alert_spool_pending",
+                    "Alert events in the on-disk spool, not yet acknowledged by the broker.",
+                    Value::Int(i64::try_from(status.events_pending).unwrap_or(i64::MAX)),
+                ),
+                (
+                    "stpm_alert_spool_dropped",
+                    "Alert events dropped because the spool was full.",
+                    Value::Count(status.events_dropped),
+                ),
+                (
+                    "stpm_mqtt_reconnects",
+                    "Reconnections to the MQTT broker.",
+                    Value::Count(status.reconnects),
+                ),
+            ] {
+                let kind = value.metric_type();
+                value.encode(encoder.encode_descriptor(name, help, None, kind)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn round3(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0
-}
-
-/// Label values: backslash, quote and newline escaped (Prometheus text format).
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -684,7 +653,7 @@ mod tests {
         for expected in [
             "# TYPE stpm_stage_recent_seconds gauge\n",
             "stpm_stage_recent_seconds{camera=\"line1\",stage=\"end_to_end\",quantile=\"0.95\"} 0.95\n",
-            "# TYPE process_cpu_seconds_total counter\n",
+            "# TYPE process_cpu_seconds counter\n",
             "# TYPE process_resident_memory_bytes gauge\n",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
@@ -713,7 +682,7 @@ mod tests {
         let text = metrics.render();
         for expected in [
             "stpm_engine_info{provider=\"cpu\",precision=\"int8\"} 1\n",
-            "# TYPE stpm_frames_total counter\n",
+            "# TYPE stpm_frames counter\n",
             "stpm_frames_total{camera=\"line1\"} 3\n",
             "stpm_frames_total{camera=\"line2\"} 0\n",
             "stpm_frames_analysed_total{camera=\"line1\"} 3\n",
@@ -721,17 +690,17 @@ mod tests {
             "stpm_camera_online{camera=\"line1\"} 1\n",
             "stpm_camera_online{camera=\"line2\"} 0\n",
             "# TYPE stpm_inference_seconds histogram\n",
-            "stpm_inference_seconds_bucket{camera=\"line1\",le=\"0.005\"} 1\n",
-            "stpm_inference_seconds_bucket{camera=\"line1\",le=\"0.02\"} 1\n",
-            "stpm_inference_seconds_bucket{camera=\"line1\",le=\"0.05\"} 2\n",
-            "stpm_inference_seconds_bucket{camera=\"line1\",le=\"5\"} 2\n",
-            "stpm_inference_seconds_bucket{camera=\"line1\",le=\"+Inf\"} 3\n",
+            "stpm_inference_seconds_bucket{le=\"0.005\",camera=\"line1\"} 1\n",
+            "stpm_inference_seconds_bucket{le=\"0.02\",camera=\"line1\"} 1\n",
+            "stpm_inference_seconds_bucket{le=\"0.05\",camera=\"line1\"} 2\n",
+            "stpm_inference_seconds_bucket{le=\"5.0\",camera=\"line1\"} 2\n",
+            "stpm_inference_seconds_bucket{le=\"+Inf\",camera=\"line1\"} 3\n",
             "stpm_inference_seconds_count{camera=\"line1\"} 3\n",
             "stpm_inference_seconds_count{camera=\"line2\"} 0\n",
             "stpm_alert_events_total{camera=\"line1\"} 2\n",
             "# TYPE stpm_stage_seconds histogram\n",
-            "stpm_stage_seconds_bucket{camera=\"line1\",stage=\"preprocess\",le=\"0.0005\"} 0\n",
-            "stpm_stage_seconds_bucket{camera=\"line1\",stage=\"preprocess\",le=\"0.001\"} 1\n",
+            "stpm_stage_seconds_bucket{le=\"0.0005\",camera=\"line1\",stage=\"preprocess\"} 0\n",
+            "stpm_stage_seconds_bucket{le=\"0.001\",camera=\"line1\",stage=\"preprocess\"} 1\n",
             "stpm_stage_seconds_count{camera=\"line1\",stage=\"overlay\"} 1\n",
             "stpm_stage_seconds_count{camera=\"line1\",stage=\"output\"} 0\n",
             "stpm_alerts_suppressed_total{camera=\"line1\"} 4\n",
@@ -744,13 +713,16 @@ mod tests {
         let sample = text.find("stpm_fps{camera=\"line1\"}").expect("fps sample");
         assert!(header < sample);
         assert!(metrics.camera("line3").is_none());
+        assert!(text.ends_with("# EOF\n"), "{text}");
         // Without [mqtt] there is no publisher to report on, without video outputs no encoder.
         assert!(!text.contains("stpm_mqtt_connected"));
         assert!(!text.contains("stpm_encoder_info"));
         metrics.set_encoder("x264enc");
-        assert!(metrics.render().contains(
-            "# TYPE stpm_encoder_info gauge\nstpm_encoder_info{encoder=\"x264enc\"} 1\n"
-        ));
+        assert!(
+            metrics
+                .render()
+                .contains("# TYPE stpm_encoder info\nstpm_encoder_info{encoder=\"x264enc\"} 1\n")
+        );
 
         let (healthy, body) = metrics.health();
         assert!(!healthy, "line2 is still starting: {body}");
