@@ -491,9 +491,9 @@ fn write_plots(
 ) -> Result<(), EvalError> {
     use plotters::style::{BLUE, RED};
     let plot_error = |path: PathBuf| {
-        move |message: String| EvalError::Write {
+        move |error: plots::PlotError| EvalError::Write {
             path,
-            source: std::io::Error::other(message),
+            source: std::io::Error::other(error),
         }
     };
     let mut roc_series = Vec::new();

@@ -10,6 +10,22 @@ use crate::overlay::text::{FONT_FAMILY, ensure_font};
 
 const SIZE: (u32, u32) = (640, 480);
 
+/// Why a chart was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    #[error("the embedded font failed to load")]
+    Font,
+    #[error("cannot draw the chart: {0}")]
+    Draw(String),
+    #[error("cannot save the chart: {0}")]
+    Save(#[from] image::ImageError),
+}
+
+/// A drawing error of plotters (generic over the backend) as a [`PlotError`].
+fn draw<E: std::fmt::Display>(error: E) -> PlotError {
+    PlotError::Draw(error.to_string())
+}
+
 /// One labelled curve of a chart.
 pub struct Series<'a> {
     pub label: String,
@@ -26,22 +42,22 @@ pub fn line_chart(
     x_max: f64,
     series: &[Series],
     diagonal: bool,
-) -> Result<(), String> {
+) -> Result<(), PlotError> {
     if !ensure_font() {
-        return Err("the embedded font failed to load".into());
+        return Err(PlotError::Font);
     }
     let (w, h) = SIZE;
     let mut pixels = vec![255u8; (w * h * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut pixels, SIZE).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        root.fill(&WHITE).map_err(draw)?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, (FONT_FAMILY, 20))
             .margin(12)
             .x_label_area_size(44)
             .y_label_area_size(56)
             .build_cartesian_2d(0.0..x_max, 0.0..1.0)
-            .map_err(|e| e.to_string())?;
+            .map_err(draw)?;
         chart
             .configure_mesh()
             .x_desc("false positive rate")
@@ -49,14 +65,14 @@ pub fn line_chart(
             .label_style((FONT_FAMILY, 14))
             .axis_desc_style((FONT_FAMILY, 16))
             .draw()
-            .map_err(|e| e.to_string())?;
+            .map_err(draw)?;
         if diagonal {
             chart
                 .draw_series(LineSeries::new(
                     [(0.0, 0.0), (x_max, x_max.min(1.0))],
                     BLACK.mix(0.3),
                 ))
-                .map_err(|e| e.to_string())?;
+                .map_err(draw)?;
         }
         for s in series {
             let points: Vec<(f64, f64)> = s
@@ -70,7 +86,7 @@ pub fn line_chart(
             let colour = s.colour;
             chart
                 .draw_series(LineSeries::new(clipped, colour.stroke_width(2)))
-                .map_err(|e| e.to_string())?
+                .map_err(draw)?
                 .label(s.label.clone())
                 .legend(move |(x, y)| {
                     PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2))
@@ -83,11 +99,11 @@ pub fn line_chart(
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()
-            .map_err(|e| e.to_string())?;
-        root.present().map_err(|e| e.to_string())?;
+            .map_err(draw)?;
+        root.present().map_err(draw)?;
     }
-    image::save_buffer(path, &pixels, w, h, image::ExtendedColorType::Rgb8)
-        .map_err(|e| e.to_string())
+    image::save_buffer(path, &pixels, w, h, image::ExtendedColorType::Rgb8)?;
+    Ok(())
 }
 
 /// The points with x ≤ `x_max`, plus the interpolated point at `x_max`.

@@ -150,16 +150,29 @@ pub enum SourceUri {
     },
 }
 
+/// Why a camera's `source` is not one we read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceUriError {
+    #[error("`{uri}`: file sources need an absolute path (file:///abs/path.mkv)")]
+    RelativeFile { uri: String },
+    #[error("`{uri}`: `{option}` needs a number")]
+    NotANumber { uri: String, option: String },
+    #[error("`{uri}`: unknown option `{key}` (frames, fps, seed)")]
+    UnknownOption { uri: String, key: String },
+    #[error(
+        "`{uri}` is not a supported source (rtsp://…, file:///abs/path, v4l2:///dev/videoN, test://conveyor)"
+    )]
+    Unsupported { uri: String },
+}
+
 impl SourceUri {
     /// Parses `uri`; the error says what forms are accepted.
-    pub fn parse(uri: &str) -> Result<Self, String> {
+    pub fn parse(uri: &str) -> Result<Self, SourceUriError> {
         if uri.starts_with("rtsp://") || uri.starts_with("rtsps://") {
             Ok(Self::Rtsp(uri.to_string()))
         } else if let Some(path) = uri.strip_prefix("file://") {
             if !path.starts_with('/') {
-                return Err(format!(
-                    "`{uri}`: file sources need an absolute path (file:///abs/path.mkv)"
-                ));
+                return Err(SourceUriError::RelativeFile { uri: uri.into() });
             }
             Ok(Self::File(PathBuf::from(path)))
         } else if let Some(path) = uri.strip_prefix("v4l2://") {
@@ -176,23 +189,25 @@ impl SourceUri {
                 let Self::Conveyor { frames, fps, seed } = &mut source else {
                     break;
                 };
-                let bad = || format!("`{uri}`: `{pair}` needs a number");
+                let bad = || SourceUriError::NotANumber {
+                    uri: uri.into(),
+                    option: pair.into(),
+                };
                 match key {
                     "frames" => *frames = Some(value.parse().map_err(|_| bad())?),
                     "fps" => *fps = value.parse().map_err(|_| bad())?,
                     "seed" => *seed = value.parse().map_err(|_| bad())?,
                     _ => {
-                        return Err(format!(
-                            "`{uri}`: unknown option `{key}` (frames, fps, seed)"
-                        ));
+                        return Err(SourceUriError::UnknownOption {
+                            uri: uri.into(),
+                            key: key.into(),
+                        });
                     }
                 }
             }
             Ok(source)
         } else {
-            Err(format!(
-                "`{uri}` is not a supported source (rtsp://…, file:///abs/path, v4l2:///dev/videoN, test://conveyor)"
-            ))
+            Err(SourceUriError::Unsupported { uri: uri.into() })
         }
     }
 }

@@ -62,6 +62,11 @@ pub enum PipelineError {
     Live(#[from] LiveError),
     #[error(transparent)]
     Encoder(#[from] EncoderError),
+    #[error("camera {camera}: {source}")]
+    Source {
+        camera: String,
+        source: config::SourceUriError,
+    },
     #[error("cannot start a thread for camera {camera}: {source}")]
     Spawn {
         camera: String,
@@ -240,9 +245,9 @@ pub fn run_with(
             camera: camera.name.clone(),
             source,
         };
-        let uri = SourceUri::parse(&camera.source).map_err(|message| PipelineError::Spawn {
+        let uri = SourceUri::parse(&camera.source).map_err(|source| PipelineError::Source {
             camera: camera.name.clone(),
-            source: std::io::Error::other(message),
+            source,
         })?;
         let live_source = matches!(uri, SourceUri::Rtsp(_) | SourceUri::V4l2(_));
         let queue = Arc::new(FrameQueue::new(if camera.realtime || live_source {
