@@ -5,6 +5,8 @@
 //! same questions asked of the whole `stpm run` path on a file.
 
 pub mod pipeline;
+mod rtsp_client;
+mod source;
 
 #[cfg(feature = "gpu")]
 mod gpu;

@@ -5,23 +5,21 @@
 //! only with `--rtsp-client`, served on a free local port to a client of the bench's own.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::rtsp_client::{RtspWatcher, free_port};
+use super::source::choose_source;
 use super::{BenchError, StageStats, time_engines};
 use crate::bundle::{Bundle, Precision, PrecisionChoice};
 use crate::engine::{Engine, EngineOptions, ExecutionProvider, ProviderRequest};
-use crate::pipeline::config::{PipelineConfig, SourceUri};
-use crate::pipeline::conveyor::{self, Conveyor};
+use crate::pipeline::config::PipelineConfig;
+use crate::pipeline::conveyor::Conveyor;
 use crate::pipeline::metrics::{Stage, StageSamples};
-use crate::pipeline::sinks::encoder::Encoder;
-use crate::pipeline::sinks::record::{Destination, Recording};
-use crate::pipeline::sinks::video::{Video, VideoSink};
-use crate::pipeline::sinks::{Annotated, Sink};
 use crate::pipeline::{RunOptions, run_with};
 use crate::preprocess;
 use crate::process::{cpu_seconds, peak_rss_mb};
@@ -31,10 +29,6 @@ pub const RATIO_MEANING: &str = "end-to-end pipeline frames/s (decode to encoded
 
 /// The `stages` entry of end to end less the queue wait.
 const PROCESSING: &str = "processing";
-
-/// Frame rate of the generated conveyor file: a typical line camera's (the bench decodes it as fast
-/// as it can unless `realtime`).
-const GENERATED_FPS: f64 = 25.0;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -202,167 +196,6 @@ fn cpu_between(samples: &[(Instant, f64)], from: Instant, to: Instant) -> Option
 /// Resets the peak RSS (VmHWM) of this process, so the next reading covers what follows.
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-/// A local port nothing listens on right now.
-fn free_port() -> Result<u16, BenchError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .map_err(|e| BenchError::Run(format!("no free port for the RTSP server: {e}")))
-}
-
-/// `--rtsp-client`: a GStreamer RTSP client (TCP, depayloaded, not decoded: a viewer decodes on
-/// its own machine) that connects as soon as the server answers and counts the frames it gets.
-struct RtspWatcher {
-    stop: Arc<AtomicBool>,
-    frames: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl RtspWatcher {
-    fn start(url: String) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let frames = Arc::new(AtomicU64::new(0));
-        let thread = {
-            let (stop, frames) = (Arc::clone(&stop), Arc::clone(&frames));
-            std::thread::Builder::new()
-                .name("bench-rtsp".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        watch_once(&url, &stop, &frames);
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                })
-                .ok()
-        };
-        Self {
-            stop,
-            frames,
-            thread,
-        }
-    }
-
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-        self.frames.load(Ordering::Relaxed)
-    }
-}
-
-/// One connection: counts frames until the stream ends or fails, or `stop`.
-fn watch_once(url: &str, stop: &AtomicBool, frames: &AtomicU64) {
-    use gstreamer as gst;
-    use gstreamer::prelude::*;
-    let description = format!(
-        "rtspsrc location={url} protocols=tcp latency=0 ! rtph264depay ! \
-         appsink name=sink sync=false"
-    );
-    let Ok(pipeline) = gst::parse::launch(&description) else {
-        return;
-    };
-    let Some(sink) = pipeline
-        .downcast_ref::<gst::Bin>()
-        .and_then(|bin| bin.by_name("sink"))
-        .and_then(|e| e.downcast::<gstreamer_app::AppSink>().ok())
-    else {
-        return;
-    };
-    if pipeline.set_state(gst::State::Playing).is_err() {
-        return;
-    }
-    let bus = pipeline.bus();
-    while !stop.load(Ordering::Relaxed) {
-        if sink
-            .try_pull_sample(gst::ClockTime::from_mseconds(100))
-            .is_some()
-        {
-            frames.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        let failed = bus
-            .as_ref()
-            .and_then(|bus| bus.pop_filtered(&[gst::MessageType::Error, gst::MessageType::Eos]));
-        if failed.is_some() || sink.is_eos() {
-            break;
-        }
-    }
-    let _ = pipeline.set_state(gst::State::Null);
-}
-
-/// Where the measured frames come from: the camera's file, `--source`, or a generated file.
-fn choose_source(
-    config: &PipelineConfig,
-    options: &PipelineBenchOptions,
-    scratch: &Path,
-) -> Result<(PathBuf, bool), BenchError> {
-    let camera = &config.camera[0];
-    if let Some(uri) = &options.source {
-        return match SourceUri::parse(uri) {
-            Ok(SourceUri::File(path)) if path.is_file() => Ok((path, false)),
-            Ok(SourceUri::File(path)) => Err(BenchError::Source(format!(
-                "--source {uri}: {} does not exist",
-                path.display()
-            ))),
-            Ok(_) => Err(BenchError::Source(format!(
-                "--source {uri}: the bench measures a file source (file:///abs/path.mkv|.mp4); leave --source out to measure a generated 640×480 conveyor file"
-            ))),
-            Err(message) => Err(BenchError::Source(format!("--source: {message}"))),
-        };
-    }
-    if let Ok(SourceUri::File(path)) = SourceUri::parse(&camera.source) {
-        return Ok((path, false));
-    }
-    let path = scratch.join("conveyor-640x480.mkv");
-    log::info!(
-        "bench: camera {} reads {}, not a file; measuring a generated 640×480 conveyor file of {} frames instead (choose a file with --source file:///…)",
-        camera.name,
-        camera.source,
-        options.frames
-    );
-    let encoder = config
-        .output
-        .encoder
-        .parse()
-        .and_then(Encoder::resolve)
-        .map_err(|e| BenchError::Source(e.to_string()))?;
-    write_conveyor(&path, options.frames as u64, GENERATED_FPS, &encoder)?;
-    Ok((path, true))
-}
-
-/// Writes `frames` frames of the conveyor (640×480, seed 1) at `fps` as an H.264 Matroska file
-/// with `encoder`, the way recordings are written.
-fn write_conveyor(path: &Path, frames: u64, fps: f64, encoder: &Encoder) -> Result<(), BenchError> {
-    let (width, height) = conveyor::CONVEYOR_SIZE;
-    let mut conveyor = Conveyor::new(width, height, 1);
-    let recording: Arc<dyn VideoSink> =
-        Arc::new(Recording::to(Destination::File(path.to_path_buf())));
-    let mut video = Box::new(Video::new("bench", encoder.clone(), vec![recording], None));
-    let period = Duration::from_secs_f64(1.0 / fps.max(0.1));
-    let error =
-        |message: String| BenchError::Source(format!("writing {}: {message}", path.display()));
-    for index in 0..frames {
-        let generated = conveyor.frame(index);
-        let frame = Annotated {
-            rgb: &generated.frame.pixels,
-            width,
-            height,
-            pts: period.mul_f64(index as f64),
-            arrived: Instant::now(),
-            fps,
-        };
-        video.frame(&frame).map_err(|e| error(e.to_string()))?;
-    }
-    let report = video.finish(Duration::from_secs(60));
-    if let Some(problem) = report.errors.first() {
-        return Err(error(problem.to_string()));
-    }
-    if report.files.is_empty() {
-        return Err(error("no frames were written".into()));
-    }
-    Ok(())
 }
 
 /// An engine-only round: `sessions` fresh sessions with `options`, 3 warm-up calls, `frames` timed
