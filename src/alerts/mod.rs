@@ -1,8 +1,10 @@
 //! Alerts (docs/alerts.md): per-camera zones, debounce and event state, the event JSON and the on-disk
 //! spool that keeps events while the broker is away, and the MQTT publisher that drains it. Fed
-//! plain frame summaries with their times; only `mqtt`/`publisher` touch the network, none GStreamer.
+//! plain frame summaries with their times; only `mqtt`, `publisher`, `driver` and `handle` touch the network, none GStreamer.
 
 mod config;
+mod driver;
+mod handle;
 mod mqtt;
 mod publisher;
 mod spool;

@@ -15,19 +15,18 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, NetworkOptions, Outgoing,
-    Packet, QoS,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, NetworkOptions, Outgoing, Packet, QoS,
 };
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
-use super::mqtt::{MqttConfig, MqttSetupError, is_publish_topic, is_topic_level};
+use super::driver::{Backoff, Net, drive};
+use super::mqtt::{MqttConfig, MqttSetupError, is_publish_topic};
 use super::spool::{Spool, SpoolError};
-use super::tracker::{AlertEvent, CameraState};
 
 impl MqttConfig {
     /// Where the settings become behaviour: validates them and starts the publisher on
@@ -137,35 +136,35 @@ pub enum ShutdownOutcome {
 }
 
 #[derive(Debug, Default)]
-struct Link {
-    connected: bool,
-    connects: u64,
-    last_error: Option<LinkError>,
-    stopped: bool,
-    outcome: Option<ShutdownOutcome>,
+pub(super) struct Link {
+    pub(super) connected: bool,
+    pub(super) connects: u64,
+    pub(super) last_error: Option<LinkError>,
+    pub(super) stopped: bool,
+    pub(super) outcome: Option<ShutdownOutcome>,
 }
 
 #[derive(Debug)]
-struct Shared {
-    config: MqttConfig,
-    spool: Mutex<Spool>,
+pub(super) struct Shared {
+    pub(super) config: MqttConfig,
+    pub(super) spool: Mutex<Spool>,
     /// Wakes the publisher task: an event was spooled or shutdown was requested.
-    wake: Notify,
-    shutdown: Mutex<Option<Duration>>,
-    link: Mutex<Link>,
-    link_changed: Condvar,
-    events_published: AtomicU64,
-    messages_published: AtomicU64,
-    messages_dropped: AtomicU64,
-    connection_failures: AtomicU64,
+    pub(super) wake: Notify,
+    pub(super) shutdown: Mutex<Option<Duration>>,
+    pub(super) link: Mutex<Link>,
+    pub(super) link_changed: Condvar,
+    pub(super) events_published: AtomicU64,
+    pub(super) messages_published: AtomicU64,
+    pub(super) messages_dropped: AtomicU64,
+    pub(super) connection_failures: AtomicU64,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Shared {
-    fn update_link(&self, change: impl FnOnce(&mut Link)) {
+    pub(super) fn update_link(&self, change: impl FnOnce(&mut Link)) {
         change(&mut lock(&self.link));
         self.link_changed.notify_all();
     }
@@ -173,7 +172,7 @@ impl Shared {
 
 /// What the pipeline hands the publisher task besides events (which go through the spool).
 #[derive(Debug)]
-enum Command {
+pub(super) enum Command {
     Snapshot { topic: String, jpeg: Vec<u8> },
     State { topic: String, payload: Vec<u8> },
 }
@@ -183,8 +182,8 @@ enum Command {
 /// except the blocking `wait_connected` and `shutdown`, which must not run on a runtime thread.
 #[derive(Debug, Clone)]
 pub struct PublisherHandle {
-    shared: Arc<Shared>,
-    commands: mpsc::Sender<Command>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) commands: mpsc::Sender<Command>,
 }
 
 /// Starts publishers.
@@ -250,234 +249,6 @@ impl AlertPublisher {
             },
             task,
         ))
-    }
-}
-
-impl PublisherHandle {
-    /// Writes the event to the spool (durable once this returns), then wakes the publisher,
-    /// which sends it to `<prefix>/<camera>/events` with QoS 1 and forgets it after the PUBACK.
-    /// Returns the spool sequence number. Works while the broker is away and after shutdown:
-    /// the event then waits on disk for the next run.
-    pub fn event(&self, event: &AlertEvent) -> Result<u64, PublishError> {
-        check_camera(&event.camera)?;
-        let topic = self.shared.config.events_topic(&event.camera);
-        let pushed = lock(&self.shared.spool).push_event(&topic, event)?;
-        for dropped in &pushed.dropped {
-            log::warn!(
-                "alert spool in {} full: dropped {:?} entry {} for {}",
-                spool_dir_of(&self.shared),
-                dropped.kind,
-                dropped.seq,
-                dropped.topic
-            );
-        }
-        self.shared.wake.notify_one();
-        Ok(pushed.seq)
-    }
-
-    /// Queues the annotated JPEG for `<prefix>/<camera>/snapshot` (QoS 1, not retained, not
-    /// spooled): without a connection the latest one per camera is held in memory and sent on
-    /// reconnect; one it replaces is dropped and counted.
-    pub fn snapshot(&self, camera: &str, jpeg: Vec<u8>) -> Result<(), PublishError> {
-        check_camera(camera)?;
-        let topic = self.shared.config.snapshot_topic(camera);
-        self.send(Command::Snapshot { topic, jpeg }, "snapshot", camera)
-    }
-
-    /// Queues the camera's state for `<prefix>/<camera>/state` (retained, QoS 1). The latest
-    /// state of every camera is sent again after each reconnect.
-    pub fn state(&self, camera: &str, state: &CameraState) -> Result<(), PublishError> {
-        check_camera(camera)?;
-        let payload = serde_json::to_vec(state).map_err(|source| PublishError::Encode {
-            camera: camera.to_string(),
-            source,
-        })?;
-        let topic = self.shared.config.state_topic(camera);
-        self.send(Command::State { topic, payload }, "state", camera)
-    }
-
-    fn send(&self, command: Command, what: &'static str, camera: &str) -> Result<(), PublishError> {
-        self.commands.try_send(command).map_err(|error| {
-            self.shared.messages_dropped.fetch_add(1, Ordering::Relaxed);
-            let camera = camera.to_string();
-            match error {
-                mpsc::error::TrySendError::Full(_) => PublishError::QueueFull { what, camera },
-                mpsc::error::TrySendError::Closed(_) => PublishError::Stopped { what, camera },
-            }
-        })
-    }
-
-    /// Counters for metrics.
-    pub fn status(&self) -> PublisherStatus {
-        let (events_pending, events_dropped) = {
-            let spool = lock(&self.shared.spool);
-            (spool.len(), spool.dropped())
-        };
-        let link = lock(&self.shared.link);
-        PublisherStatus {
-            connected: link.connected,
-            events_published: self.shared.events_published.load(Ordering::Relaxed),
-            events_pending,
-            events_dropped,
-            messages_published: self.shared.messages_published.load(Ordering::Relaxed),
-            messages_dropped: self.shared.messages_dropped.load(Ordering::Relaxed),
-            reconnects: link.connects.saturating_sub(1),
-            connection_failures: self.shared.connection_failures.load(Ordering::Relaxed),
-            last_error: link.last_error.as_ref().map(ToString::to_string),
-        }
-    }
-
-    /// Blocks until the broker accepted the connection. A refused login returns at once with
-    /// the broker, the user and the reason; anything else waits up to `timeout`.
-    pub fn wait_connected(&self, timeout: Duration) -> Result<(), PublisherError> {
-        let start = Instant::now();
-        let mut link = lock(&self.shared.link);
-        loop {
-            if link.connected {
-                return Ok(());
-            }
-            if let Some(error @ LinkError::Refused { .. }) = &link.last_error {
-                return Err(error.clone().into());
-            }
-            if link.stopped {
-                return Err(PublisherError::Stopped {
-                    broker: self.shared.config.broker(),
-                });
-            }
-            let Some(left) = timeout.checked_sub(start.elapsed()) else {
-                return Err(PublisherError::Timeout {
-                    broker: self.shared.config.broker(),
-                    waited: timeout,
-                    last: link.last_error.clone(),
-                });
-            };
-            link = self
-                .shared
-                .link_changed
-                .wait_timeout(link, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-    }
-
-    /// Publishes `offline` (retained), waits for its PUBACK, disconnects, all within `timeout`,
-    /// and blocks until the task has stopped. Events still spooled stay on disk for the next run.
-    pub fn shutdown(&self, timeout: Duration) -> ShutdownOutcome {
-        *lock(&self.shared.shutdown) = Some(timeout);
-        self.shared.wake.notify_one();
-        // The task gives up at `timeout`; the margin covers scheduling.
-        let limit = timeout + Duration::from_millis(500);
-        let start = Instant::now();
-        let mut link = lock(&self.shared.link);
-        while !link.stopped {
-            let Some(left) = limit.checked_sub(start.elapsed()) else {
-                return ShutdownOutcome::TimedOut;
-            };
-            link = self
-                .shared
-                .link_changed
-                .wait_timeout(link, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        link.outcome.unwrap_or(ShutdownOutcome::TimedOut)
-    }
-}
-
-fn spool_dir_of(shared: &Shared) -> String {
-    lock(&shared.spool).dir().display().to_string()
-}
-
-fn check_camera(camera: &str) -> Result<(), PublishError> {
-    if is_topic_level(camera) {
-        Ok(())
-    } else {
-        Err(PublishError::Camera {
-            camera: camera.to_string(),
-        })
-    }
-}
-
-/// Capped exponential backoff between connection attempts.
-#[derive(Debug, Clone)]
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    fn new(min_seconds: f64, max_seconds: f64) -> Self {
-        let seconds = |value: f64, fallback: f64| {
-            Duration::try_from_secs_f64(value).unwrap_or(Duration::from_secs_f64(fallback))
-        };
-        let min = seconds(min_seconds, 0.5);
-        let max = seconds(max_seconds, 30.0).max(min);
-        Self {
-            min,
-            max,
-            next: min,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = self.min;
-    }
-
-    /// The wait before the next attempt; a refused login waits the longest straight away.
-    fn after_failure(&mut self, refused: bool) -> Duration {
-        let wait = if refused { self.max } else { self.next };
-        self.next = (self.next * 2).min(self.max);
-        wait
-    }
-}
-
-/// What the driver reports to the publisher.
-#[derive(Debug)]
-enum Net {
-    Event(Event),
-    /// The link failed; the driver waits for a resume before it cleans up and retries.
-    Down {
-        error: ConnectionError,
-        retry_in: Duration,
-    },
-}
-
-/// Polls rumqttc's event loop for ever, forwarding what happens. After a failure it waits for
-/// the publisher to confirm it sends nothing more, drops rumqttc's queued requests (the spool
-/// resends them), sleeps the backoff and reconnects.
-async fn drive(
-    mut eventloop: EventLoop,
-    net: mpsc::UnboundedSender<Net>,
-    mut resume: mpsc::Receiver<()>,
-    mut backoff: Backoff,
-) {
-    loop {
-        match eventloop.poll().await {
-            Ok(event) => {
-                if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
-                    backoff.reset();
-                }
-                let disconnected = matches!(event, Event::Outgoing(Outgoing::Disconnect));
-                if net.send(Net::Event(event)).is_err() || disconnected {
-                    return;
-                }
-            }
-            Err(ConnectionError::RequestsDone) => return,
-            Err(error) => {
-                let refused = matches!(error, ConnectionError::ConnectionRefused(_));
-                let retry_in = backoff.after_failure(refused);
-                if net.send(Net::Down { error, retry_in }).is_err() {
-                    return;
-                }
-                if resume.recv().await.is_none() {
-                    return;
-                }
-                eventloop.clean();
-                eventloop.pending.clear();
-                tokio::time::sleep(retry_in).await;
-            }
-        }
     }
 }
 
@@ -829,6 +600,7 @@ impl Publisher {
 
 #[cfg(test)]
 mod tests {
+    use super::super::driver::Backoff;
     use super::*;
 
     #[test]

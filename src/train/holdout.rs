@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use super::{ImageSet, TrainError};
+use super::TrainError;
+use super::prepare::ImageSet;
 use crate::bundle::Calibration;
 use crate::engine::{Engine, EngineOptions};
 use crate::threshold::calibration_from_scores;
