@@ -25,6 +25,8 @@ pub(super) struct RtspWatcher {
 
 impl RtspWatcher {
     pub(super) fn start(url: String) -> Self {
+        // The thread parses a pipeline description; that needs GStreamer initialised.
+        let initialised = gstreamer::init().is_ok();
         let stop = Arc::new(AtomicBool::new(false));
         let frames = Arc::new(AtomicU64::new(0));
         let thread = {
@@ -32,7 +34,7 @@ impl RtspWatcher {
             std::thread::Builder::new()
                 .name("bench-rtsp".into())
                 .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
+                    while initialised && !stop.load(Ordering::Relaxed) {
                         watch_once(&url, &stop, &frames);
                         std::thread::sleep(Duration::from_millis(100));
                     }

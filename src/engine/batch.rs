@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{Engine, Scores};
+use std::sync::Arc;
+
+use super::{Engine, EngineError, Scores};
 
 /// Most images one call may hold (`model.batch`; also the TensorRT profile's largest batch).
 pub const MAX_BATCH: usize = 32;
@@ -49,12 +51,39 @@ impl DeviceInput {
     }
 }
 
+/// Why a frame was not scored. Every frame of a failed call gets the same error, so it is cheap
+/// to clone.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ScoreError {
+    #[error(transparent)]
+    Engine(Arc<EngineError>),
+    #[error("a batch of {n} gave {scores} scores and {values} map values")]
+    BatchShape {
+        n: usize,
+        scores: usize,
+        values: usize,
+    },
+    #[error("a batch of {n} gave no map values")]
+    NoMapValues { n: usize },
+    #[error("{0}")]
+    Runner(&'static str),
+    /// Preparing the input on the GPU or gathering a batch there.
+    #[error("{0}")]
+    Gpu(String),
+}
+
+impl From<EngineError> for ScoreError {
+    fn from(error: EngineError) -> Self {
+        Self::Engine(Arc::new(error))
+    }
+}
+
 /// What a caller gets back.
 pub struct Outcome {
     /// The input it handed over (a host buffer comes back for the next frame).
     pub input: Input,
     /// Its image's map [1, 1, H, W] and score [1], or why the call failed.
-    pub scores: Result<Scores, String>,
+    pub scores: Result<Scores, ScoreError>,
     /// Engine time of the call its image was in.
     pub inference: Duration,
     /// Images in that call.
@@ -274,10 +303,10 @@ impl Input {
 }
 
 impl Outcome {
-    fn failed(input: Input, why: &str) -> Self {
+    fn failed(input: Input, why: &'static str) -> Self {
         Self {
             input,
-            scores: Err(why.to_string()),
+            scores: Err(ScoreError::Runner(why)),
             inference: Duration::ZERO,
             batch: 0,
         }
@@ -285,20 +314,20 @@ impl Outcome {
 }
 
 /// Each image's share of a batch's `scores` (maps [N, 1, H, W] and scores [N]).
-fn split(scores: Scores, n: usize) -> Result<Vec<Scores>, String> {
+fn split(scores: Scores, n: usize) -> Result<Vec<Scores>, ScoreError> {
     if n == 1 {
         return Ok(vec![scores]);
     }
     if scores.scores.len() != n || !scores.maps.len().is_multiple_of(n) {
-        return Err(format!(
-            "a batch of {n} gave {} scores and {} map values",
-            scores.scores.len(),
-            scores.maps.len()
-        ));
+        return Err(ScoreError::BatchShape {
+            n,
+            scores: scores.scores.len(),
+            values: scores.maps.len(),
+        });
     }
     let per_map = scores.maps.len() / n;
     if per_map == 0 {
-        return Err(format!("a batch of {n} gave no map values"));
+        return Err(ScoreError::NoMapValues { n });
     }
     Ok(scores
         .maps
@@ -314,11 +343,11 @@ fn split(scores: Scores, n: usize) -> Result<Vec<Scores>, String> {
 /// Hands each request its share of a call's result (or the call's error).
 fn hand_out(
     requests: Vec<Request>,
-    result: Result<Scores, String>,
+    result: Result<Scores, ScoreError>,
     inference: Duration,
 ) -> Vec<(u64, Outcome)> {
     let n = requests.len();
-    let shares: Vec<Result<Scores, String>> = match result.and_then(|scores| split(scores, n)) {
+    let shares: Vec<Result<Scores, ScoreError>> = match result.and_then(|scores| split(scores, n)) {
         Ok(shares) => shares.into_iter().map(Ok).collect(),
         Err(why) => vec![Err(why); n],
     };
@@ -358,7 +387,7 @@ impl Runner {
         };
         hand_out(
             requests,
-            result.map_err(|e| e.to_string()),
+            result.map_err(ScoreError::from),
             started.elapsed(),
         )
     }
@@ -400,19 +429,20 @@ impl Runner {
             // SAFETY: the caller blocks in `submit` until its outcome is handed out, so its
             // buffer (finished: the stage synchronised its stream) outlives this call.
             [one] => unsafe { self.engine.run_device_at(one.pointer, one.len, 1) }
-                .map_err(|e| e.to_string()),
+                .map_err(ScoreError::from),
             _ => self.gather_on_device(&inputs),
         };
         hand_out(requests, result, started.elapsed())
     }
 
     /// Copies `inputs` one after another into the batch buffer, then runs them in one call.
-    fn gather_on_device(&mut self, inputs: &[DeviceInput]) -> Result<Scores, String> {
+    fn gather_on_device(&mut self, inputs: &[DeviceInput]) -> Result<Scores, ScoreError> {
+        let gpu = |message: String| ScoreError::Gpu(message);
         use cudarc::driver::{DevicePtrMut, result};
 
         let len = inputs.first().map_or(0, |i| i.len);
         if inputs.iter().any(|i| i.len != len) {
-            return Err("the cameras' device inputs differ in size".into());
+            return Err(gpu("the cameras' device inputs differ in size".into()));
         }
         let total = len * inputs.len();
         if self
@@ -421,21 +451,21 @@ impl Runner {
             .is_none_or(|batch| batch.buffer.len() < total)
         {
             self.device = None;
-            let gpu = crate::gpu::GpuContext::try_new().map_err(|e| e.to_string())?;
-            let stream = std::sync::Arc::clone(gpu.stream());
+            let context = crate::gpu::GpuContext::try_new().map_err(|e| gpu(e.to_string()))?;
+            let stream = std::sync::Arc::clone(context.stream());
             let buffer = stream
                 .alloc_zeros::<f32>(len * MAX_BATCH)
-                .map_err(|e| format!("allocating the batch buffer: {e}"))?;
+                .map_err(|e| gpu(format!("allocating the batch buffer: {e}")))?;
             self.device = Some(DeviceBatch { stream, buffer });
         }
         let Some(batch) = self.device.as_mut() else {
-            return Err("no batch buffer".into());
+            return Err(gpu("no batch buffer".into()));
         };
         batch
             .stream
             .context()
             .bind_to_thread()
-            .map_err(|e| format!("binding the CUDA context: {e}"))?;
+            .map_err(|e| gpu(format!("binding the CUDA context: {e}")))?;
         let stream = std::sync::Arc::clone(&batch.stream);
         let (base, record) = batch.buffer.device_ptr_mut(&stream);
         let bytes = len * std::mem::size_of::<f32>();
@@ -460,11 +490,11 @@ impl Runner {
         // Wait for the copies queued so far even when one failed: their sources are the
         // cameras' buffers, which may change once the outcomes are handed out.
         let finished = stream.synchronize();
-        copied.map_err(|e| format!("gathering the batch on the GPU: {e}"))?;
-        finished.map_err(|e| format!("gathering the batch on the GPU: {e}"))?;
+        copied.map_err(|e| gpu(format!("gathering the batch on the GPU: {e}")))?;
+        finished.map_err(|e| gpu(format!("gathering the batch on the GPU: {e}")))?;
         // SAFETY: `base` holds `total` values just copied (the stream has finished), owned by
         // `self.device`, which this call does not touch.
-        unsafe { self.engine.run_device_at(base, total, inputs.len()) }.map_err(|e| e.to_string())
+        unsafe { self.engine.run_device_at(base, total, inputs.len()) }.map_err(ScoreError::from)
     }
 }
 
@@ -491,13 +521,19 @@ mod tests {
             maps: vec![1.0; 6],
             scores: vec![0.1, 0.2],
         };
-        let error = split(scores, 3).err().unwrap_or_default();
+        let error = split(scores, 3)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(error.contains("a batch of 3 gave 2 scores"), "{error}");
         let empty = Scores {
             maps: Vec::new(),
             scores: vec![0.1, 0.2],
         };
-        let error = split(empty, 2).err().unwrap_or_default();
+        let error = split(empty, 2)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(error.contains("a batch of 2 gave no map values"), "{error}");
     }
 }

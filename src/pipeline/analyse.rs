@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::bundle::Manifest;
 use crate::engine::Scores;
-use crate::engine::batch::{Input, Participant, SharedSession};
+use crate::engine::batch::{Input, Participant, ScoreError, SharedSession};
 use crate::pipeline::metrics::{CameraMetrics, Stage};
 use crate::pipeline::queue::{FrameQueue, Item};
 use crate::pipeline::source::Captured;
@@ -20,7 +20,7 @@ pub struct Analysed {
     pub captured: Captured,
     /// The engine's maps and score for a frame that was due; `Err` when inference failed; `None`
     /// for a frame above `max_fps`, passed through un-analysed.
-    pub scores: Option<Result<Scores, String>>,
+    pub scores: Option<Result<Scores, ScoreError>>,
     /// Engine time of this frame's call (zero when not analysed).
     pub inference: Duration,
     /// Images in that call (other cameras' frames beside this one when more than 1; 0 when not
@@ -206,7 +206,7 @@ impl Analyser {
         &mut self,
         captured: &Captured,
         participant: &Participant,
-    ) -> (Result<Scores, String>, Duration, usize) {
+    ) -> (Result<Scores, ScoreError>, Duration, usize) {
         let started = Instant::now();
         let on_gpu = self.preprocess_on_gpu(captured);
         if !on_gpu {
@@ -263,16 +263,16 @@ impl Analyser {
 
     /// The input the GPU stage left on the device, when the frame was preprocessed there.
     #[cfg(feature = "gpu")]
-    fn device_input(&self, on_gpu: bool) -> Result<Option<Input>, String> {
+    fn device_input(&self, on_gpu: bool) -> Result<Option<Input>, ScoreError> {
         match (&self.gpu, on_gpu) {
             (Some(stage), true) => stage.device_input().map(|input| Some(Input::Device(input))),
-            (None, true) => Err("no GPU stage for this camera".into()),
+            (None, true) => Err(ScoreError::Gpu("no GPU stage for this camera".into())),
             (_, false) => Ok(None),
         }
     }
 
     #[cfg(not(feature = "gpu"))]
-    fn device_input(&self, _on_gpu: bool) -> Result<Option<Input>, String> {
+    fn device_input(&self, _on_gpu: bool) -> Result<Option<Input>, ScoreError> {
         Ok(None)
     }
 }
@@ -316,7 +316,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis((number * 7 + seed) % 5));
             let item = item.map(|captured| Analysed {
                 captured,
-                scores: due.then(|| Err("no engine in this test".to_string())),
+                scores: due.then_some(Err(ScoreError::Runner("no engine in this test"))),
                 inference: Duration::ZERO,
                 batch: 0,
             });

@@ -6,7 +6,7 @@
 
 use crate::bundle::{Calibration, Manifest};
 use crate::engine::ExecutionProvider;
-use crate::engine::batch::DeviceInput;
+use crate::engine::batch::{DeviceInput, ScoreError};
 use crate::gpu::{GpuContext, GpuError, Preprocessor, Staging};
 use crate::overlay::heat::Heat;
 use crate::preprocess::RgbFrame;
@@ -68,13 +68,13 @@ impl GpuStage {
     /// reads it in place, or gathers it into a batch with other cameras' inputs). The buffer stays
     /// this stage's and unchanged until the next `preprocess`, which this camera's analyser only
     /// calls after its inference call has returned.
-    pub(super) fn device_input(&self) -> Result<DeviceInput, String> {
+    pub(super) fn device_input(&self) -> Result<DeviceInput, ScoreError> {
         use cudarc::driver::DevicePtr;
 
         let input = self
             .staging
             .output()
-            .ok_or_else(|| "no preprocessed input on the GPU".to_string())?;
+            .ok_or_else(|| ScoreError::Gpu("no preprocessed input on the GPU".into()))?;
         let (pointer, _record) = input.device_ptr(self.kernels.stream());
         // SAFETY: `preprocess` synchronised the stream that wrote the buffer, and the buffer is
         // this stage's: only the next `preprocess` changes or frees it, and this camera's analyser

@@ -30,15 +30,13 @@ use crate::engine::select::{SelectError, Sessions};
 use crate::engine::{EngineError, ExecutionProvider};
 use analyse::{Analyser, Intake};
 use config::{PipelineConfig, SourceUri};
-use metrics::CameraMetrics;
 use queue::FrameQueue;
-use servers::{LiveError, LiveOutputs};
+use servers::{CameraOutputs, LiveError, LiveOutputs};
 use sinks::Sink;
 use sinks::console::Console;
 use sinks::encoder::{Encoder, EncoderError};
 use sinks::mqtt::MqttAlerts;
 use sinks::record::Recording;
-use sinks::rtsp::RtspFeed;
 use sinks::snapshot::Snapshots;
 use sinks::video::{Video, VideoSink};
 use source::SourceSpec;
@@ -237,6 +235,12 @@ pub fn run_with(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let shared = SharedOutputs {
+        config,
+        encoder: encoder.as_ref(),
+        publisher: mqtt.as_ref().map(|(_, handle)| handle),
+        print_alerts: options.print_alerts,
+    };
     let mut workers = Vec::new();
     let mut analysers = Vec::new();
     let mut captures = Vec::new();
@@ -265,7 +269,7 @@ pub fn run_with(
             .push(source::spawn(spec, Arc::clone(&queue), Arc::clone(&stop)).map_err(spawn_error)?);
         // One frame between analyser and worker: the next frame is scored while this one is drawn.
         let frames = Arc::new(FrameQueue::new(1));
-        let mut camera_outputs = live.camera(index, &camera.name);
+        let camera_outputs = live.camera(index, &camera.name);
         if options.keep_samples {
             camera_outputs.metrics.keep_samples();
         }
@@ -301,6 +305,7 @@ pub fn run_with(
                     .map_err(spawn_error)?,
             );
         }
+        let epoch = unix_now();
         let worker = Worker {
             camera: camera.clone(),
             tracker: AlertTracker::new(
@@ -317,16 +322,9 @@ pub fn run_with(
             manifest: Arc::clone(&manifest),
             frames,
             queue,
-            sinks: camera_sinks(
-                &camera.name,
-                config,
-                encoder.as_ref(),
-                camera_outputs.rtsp.take(),
-                mqtt.as_ref().map(|(_, handle)| handle),
-                options.print_alerts,
-                &camera_outputs.metrics,
-            ),
-            metrics: camera_outputs.metrics,
+            epoch,
+            metrics: Arc::clone(&camera_outputs.metrics),
+            sinks: camera_sinks(&camera.name, epoch as u64, camera_outputs, &shared),
             #[cfg(feature = "gpu")]
             gpu: gpu_overlay,
         };
@@ -363,38 +361,46 @@ pub fn run_with(
     })
 }
 
-/// The outputs of one camera, in the order the worker calls them: stdout, MQTT events and
-/// snapshots, then the video (one encode for the recording and the RTSP feed).
+/// What every camera's sinks share.
+struct SharedOutputs<'a> {
+    config: &'a PipelineConfig,
+    /// The H.264 encoder, when recordings or RTSP are on.
+    encoder: Option<&'a Encoder>,
+    publisher: Option<&'a PublisherHandle>,
+    print_alerts: bool,
+}
+
+/// The outputs of one camera (its stream time 0 was unix second `started`), in the order the
+/// worker calls them: stdout, MQTT events and snapshots, then the video (one encode for the
+/// recording and the RTSP feed).
 fn camera_sinks(
     camera: &str,
-    config: &PipelineConfig,
-    encoder: Option<&Encoder>,
-    rtsp: Option<RtspFeed>,
-    publisher: Option<&PublisherHandle>,
-    print_alerts: bool,
-    metrics: &Arc<CameraMetrics>,
+    started: u64,
+    own: CameraOutputs,
+    shared: &SharedOutputs,
 ) -> Vec<Box<dyn Sink>> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    if print_alerts {
+    if shared.print_alerts {
         sinks.push(Box::new(Console));
     }
-    if let Some(publisher) = publisher {
+    if let Some(publisher) = shared.publisher {
         sinks.push(Box::new(MqttAlerts::new(camera, publisher.clone())));
         sinks.push(Box::new(Snapshots::new(camera, publisher.clone())));
     }
     let mut video: Vec<Arc<dyn VideoSink>> = Vec::new();
-    if config.output.record.enabled {
-        video.push(Arc::new(Recording::new(camera, &config.output.record)));
+    let record = &shared.config.output.record;
+    if record.enabled {
+        video.push(Arc::new(Recording::new(camera, record, started)));
     }
-    if let Some(feed) = rtsp {
+    if let Some(feed) = own.rtsp {
         video.push(Arc::new(feed));
     }
-    if let (Some(encoder), false) = (encoder, video.is_empty()) {
+    if let (Some(encoder), false) = (shared.encoder, video.is_empty()) {
         sinks.push(Box::new(Video::new(
             camera,
             encoder.clone(),
             video,
-            Some(Arc::clone(metrics)),
+            Some(own.metrics),
         )));
     }
     sinks

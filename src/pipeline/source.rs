@@ -152,6 +152,21 @@ fn copy_frame(sample: &gst::Sample) -> Option<(RgbFrame, Duration, f64)> {
     ))
 }
 
+/// Why a source pipeline could not be built or started (the camera retries live sources).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("GStreamer failed to initialise: {0}")]
+    Init(String),
+    #[error("cannot build the source pipeline: {0}")]
+    Build(String),
+    #[error("the source description is not a pipeline")]
+    NotAPipeline,
+    #[error("the source pipeline has no {0}")]
+    Missing(&'static str),
+    #[error("cannot start: {0}")]
+    Start(String),
+}
+
 /// What ended one run of a GStreamer source pipeline.
 enum Ending {
     /// End of stream (file finished).
@@ -172,7 +187,7 @@ fn run_gstreamer(spec: &SourceSpec, queue: &Arc<FrameQueue<Captured>>, stop: &Ar
         let started = Instant::now();
         let ending = match play_once(spec, queue, stop, &offset, &last_pts) {
             Ok(ending) => ending,
-            Err(message) => Ending::Error(message),
+            Err(error) => Ending::Error(error.to_string()),
         };
         match ending {
             Ending::Stopped => return,
@@ -262,15 +277,15 @@ fn play_once(
     stop: &Arc<AtomicBool>,
     offset: &Arc<std::sync::Mutex<Duration>>,
     last_pts: &Arc<std::sync::Mutex<Duration>>,
-) -> Result<Ending, String> {
-    gst::init().map_err(|e| format!("GStreamer failed to initialise: {e}"))?;
+) -> Result<Ending, SourceError> {
+    gst::init().map_err(|e| SourceError::Init(e.to_string()))?;
     let pipeline = gst::parse::launch(&source_description(&spec.uri))
-        .map_err(|e| format!("cannot build the source pipeline: {e}"))?
+        .map_err(|e| SourceError::Build(e.to_string()))?
         .downcast::<gst::Pipeline>()
-        .map_err(|_| "the source description is not a pipeline".to_string())?;
+        .map_err(|_| SourceError::NotAPipeline)?;
     let src = pipeline
         .by_name("src")
-        .ok_or_else(|| "source element missing".to_string())?;
+        .ok_or(SourceError::Missing("source element"))?;
     match &spec.uri {
         SourceUri::File(path) => src.set_property("location", path.to_string_lossy().as_ref()),
         SourceUri::Rtsp(url) => src.set_property("location", url.as_str()),
@@ -281,7 +296,7 @@ fn play_once(
     let sink = pipeline
         .by_name("sink")
         .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
-        .ok_or_else(|| "appsink missing".to_string())?;
+        .ok_or(SourceError::Missing("appsink"))?;
     sink.set_sync(spec.realtime && !spec.is_live());
     let online = Arc::new(AtomicBool::new(false));
     {
@@ -327,9 +342,7 @@ fn play_once(
                 .build(),
         );
     }
-    let bus = pipeline
-        .bus()
-        .ok_or_else(|| "source pipeline has no bus".to_string())?;
+    let bus = pipeline.bus().ok_or(SourceError::Missing("bus"))?;
     if let Err(e) = pipeline.set_state(gst::State::Playing) {
         // The element that refused says why on the bus (e.g. v4l2src: "Cannot identify device").
         let why = bus
@@ -339,10 +352,7 @@ fn play_once(
                 _ => None,
             });
         let _ = pipeline.set_state(gst::State::Null);
-        return Err(match why {
-            Some(why) => format!("cannot start: {why}"),
-            None => format!("cannot start: {e}"),
-        });
+        return Err(SourceError::Start(why.unwrap_or_else(|| e.to_string())));
     }
     let ending = loop {
         if stop.load(Ordering::Relaxed) {

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::CameraStats;
 use super::analyse::Analysed;
 use super::config::CameraConfig;
 #[cfg(feature = "gpu")]
@@ -13,7 +14,6 @@ use super::metrics::{CameraMetrics, CameraState, Stage};
 use super::queue::{FrameQueue, Item};
 use super::sinks::{Annotated, Picture, Sink, SinkError};
 use super::source::Captured;
-use super::{CameraStats, unix_now};
 use crate::alerts::{AlertEvent, AlertTracker, CameraStatus, ZoneMask};
 use crate::bundle::Manifest;
 use crate::engine::Scores;
@@ -31,6 +31,8 @@ pub(super) struct Worker {
     /// The capture queue (for its count of dropped frames).
     pub(super) queue: Arc<FrameQueue<Captured>>,
     pub(super) metrics: Arc<CameraMetrics>,
+    /// Unix time of stream time zero (alert timestamps and recording names are based on it).
+    pub(super) epoch: f64,
     /// The camera's outputs.
     pub(super) sinks: Vec<Box<dyn Sink>>,
     /// The overlay on the GPU, when the engine runs there.
@@ -61,8 +63,8 @@ impl Worker {
                 ..Default::default()
             },
             last_score: 0.0,
-            epoch: unix_now(),
-            last_t: unix_now(),
+            epoch: self.epoch,
+            last_t: self.epoch,
             last_report: Instant::now(),
             analysed_since_report: 0,
             fps: 0.0,
@@ -199,8 +201,8 @@ impl Worker {
                 }
                 self.annotate(state, &captured, &scored, t)
             }
-            Some(Err(message)) => {
-                state.stats.errors.push(message);
+            Some(Err(error)) => {
+                state.stats.errors.push(error.to_string());
                 frame.pixels.clone()
             }
             None => {

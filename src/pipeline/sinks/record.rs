@@ -6,7 +6,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
@@ -84,9 +84,20 @@ pub enum Destination {
 
 impl Destination {
     /// `<dir>/<camera>-<started>.mkv`, or with `segment_seconds` > 0
-    /// `<dir>/<camera>-<started>-%05d.mkv`.
-    pub fn for_camera(dir: &Path, camera: &str, started: u64, segment_seconds: f64) -> Self {
-        let stem = dir.join(format!("{camera}-{started}"));
+    /// `<dir>/<camera>-<started>-%05d.mkv`; the `restart`-th recording after the first (one
+    /// started again after a failure or a new frame size) adds `-r<restart>` to the stem.
+    pub fn for_camera(
+        dir: &Path,
+        camera: &str,
+        started: u64,
+        restart: u32,
+        segment_seconds: f64,
+    ) -> Self {
+        let name = match restart {
+            0 => format!("{camera}-{started}"),
+            n => format!("{camera}-{started}-r{n}"),
+        };
+        let stem = dir.join(&name);
         match Duration::try_from_secs_f64(segment_seconds) {
             Ok(length) if !length.is_zero() => Self::Segments {
                 // splitmuxsink formats the location printf-style: a `%` of the folder is doubled.
@@ -94,7 +105,7 @@ impl Destination {
                 length,
             },
             // A length past Duration's range is no segmenting in practice either.
-            _ => Self::File(dir.join(format!("{camera}-{started}.mkv"))),
+            _ => Self::File(dir.join(format!("{name}.mkv"))),
         }
     }
 
@@ -325,15 +336,30 @@ impl Drop for Recorder {
     }
 }
 
+/// Whether two `video/x-h264` caps have the same width and height.
+fn same_size(a: &gst::Caps, b: &gst::Caps) -> bool {
+    let size = |caps: &gst::Caps| {
+        caps.structure(0).map(|s| {
+            (
+                s.get::<i32>("width").unwrap_or(0),
+                s.get::<i32>("height").unwrap_or(0),
+            )
+        })
+    };
+    size(a) == size(b)
+}
+
 /// After a recorder could not start, how long before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 
 /// Where a recording's files go.
 enum Naming {
-    /// `<dir>/<camera>-<unix seconds>.mkv` (or its segments), named when it starts.
+    /// `<dir>/<camera>-<stream time 0 in unix seconds>.mkv` (or its segments): the file's
+    /// timestamps are stream time, so name + timestamp is the wall-clock time of a frame.
     Camera {
         dir: PathBuf,
         camera: String,
+        started: u64,
         segment_seconds: f64,
     },
     /// Always this destination.
@@ -354,17 +380,19 @@ struct RecordingState {
     errors: Vec<RecordError>,
     /// No new recorder before this (one failed to start).
     retry_at: Option<Instant>,
-    /// The unix second in the last name, so that a restart never reuses it.
-    last_started: u64,
+    /// Recorders started so far.
+    started: u32,
 }
 
 impl Recording {
-    /// `camera`'s recording as `config` says (the caller checks `config.enabled`).
-    pub fn new(camera: &str, config: &RecordConfig) -> Self {
+    /// `camera`'s recording as `config` says (the caller checks `config.enabled`), of a stream
+    /// whose time 0 was unix second `started`.
+    pub fn new(camera: &str, config: &RecordConfig, started: u64) -> Self {
         Self {
             naming: Naming::Camera {
                 dir: config.dir.clone(),
                 camera: camera.to_string(),
+                started,
                 segment_seconds: config.segment_seconds,
             },
             state: Mutex::default(),
@@ -384,21 +412,16 @@ impl Recording {
     }
 
     fn destination(&self, state: &mut RecordingState) -> Destination {
+        let restart = state.started;
+        state.started += 1;
         match &self.naming {
             Naming::Fixed(destination) => destination.clone(),
             Naming::Camera {
                 dir,
                 camera,
+                started,
                 segment_seconds,
-            } => {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                let started = now.max(state.last_started + 1);
-                state.last_started = started;
-                Destination::for_camera(dir, camera, started, *segment_seconds)
-            }
+            } => Destination::for_camera(dir, camera, *started, restart, *segment_seconds),
         }
     }
 }
@@ -418,12 +441,23 @@ impl VideoSink for Recording {
             Naming::Fixed(destination) => destination.key_interval(fps),
             Naming::Camera {
                 segment_seconds, ..
-            } => Destination::for_camera(Path::new(""), "", 0, *segment_seconds).key_interval(fps),
+            } => {
+                Destination::for_camera(Path::new(""), "", 0, 0, *segment_seconds).key_interval(fps)
+            }
         }
     }
 
     fn unit(&self, unit: &Unit) {
         let mut state = self.lock();
+        // A new frame size (the encode started again) starts a new file at its first key frame.
+        if unit.key
+            && let Some(recorder) = state.recorder.take_if(|r| !same_size(&r.caps, &unit.caps))
+        {
+            match recorder.finish(Duration::from_secs(5)) {
+                Ok(files) => state.files.extend(files),
+                Err(error) => state.errors.push(error),
+            }
+        }
         if state.recorder.is_none() {
             if !unit.key || state.retry_at.is_some_and(|at| Instant::now() < at) {
                 return;
@@ -485,10 +519,10 @@ mod tests {
     fn destinations_name_files_and_segments() {
         let dir = Path::new("/rec/100%");
         assert_eq!(
-            Destination::for_camera(dir, "line1", 1700000000, 0.0),
+            Destination::for_camera(dir, "line1", 1700000000, 0, 0.0),
             Destination::File(PathBuf::from("/rec/100%/line1-1700000000.mkv"))
         );
-        let segments = Destination::for_camera(dir, "line1", 1700000000, 0.5);
+        let segments = Destination::for_camera(dir, "line1", 1700000000, 0, 0.5);
         assert_eq!(
             segments,
             Destination::Segments {
@@ -502,9 +536,13 @@ mod tests {
             segments.to_string(),
             "/rec/100%%/line1-1700000000-%05d.mkv (segments of 0.5 s)"
         );
+        assert_eq!(
+            Destination::for_camera(dir, "line1", 1700000000, 2, 0.0),
+            Destination::File(PathBuf::from("/rec/100%/line1-1700000000-r2.mkv"))
+        );
         // Past Duration's range: one file.
         assert!(matches!(
-            Destination::for_camera(dir, "a", 1, 1e300),
+            Destination::for_camera(dir, "a", 1, 0, 1e300),
             Destination::File(_)
         ));
     }
@@ -521,7 +559,7 @@ mod tests {
     #[test]
     fn a_segmented_recording_settles_after_its_last_segment_closed() {
         let dir = tempfile::tempdir().expect("dir");
-        let destination = Destination::for_camera(dir.path(), "line1", 1, 0.5);
+        let destination = Destination::for_camera(dir.path(), "line1", 1, 0, 0.5);
         let caps = gst::Caps::builder("video/x-h264")
             .field("stream-format", "byte-stream")
             .field("alignment", "au")

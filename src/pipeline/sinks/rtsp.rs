@@ -54,8 +54,8 @@ fn default_rtsp_port() -> u16 {
 const LAUNCH: &str = "( appsrc name=src is-live=true format=time do-timestamp=false ! h264parse \
                       ! rtph264pay name=pay0 pt=96 config-interval=1 )";
 
-/// Encoded frames waiting in a media's appsrc before the oldest is dropped (the network is
-/// behind; what follows a dropped frame decodes with errors until the next key frame).
+/// Encoded frames waiting in a media's appsrc, at most: when the network is behind, frames are
+/// dropped up to the next key frame (what follows a dropped frame would decode with errors).
 const APPSRC_FRAMES: u64 = 30;
 
 #[derive(Debug, thiserror::Error)]
@@ -83,8 +83,11 @@ struct LiveMedia {
     configured: Instant,
     caps: Option<gst::Caps>,
     last_pts: Option<Duration>,
-    /// A key frame has been pushed (before one, frames are useless to a decoder).
+    /// A key frame has been pushed since the media started or last dropped a frame (before one,
+    /// frames are useless to a decoder).
     keyed: bool,
+    /// A client started playing: it decodes from the next key frame, wanted now.
+    key_wanted: bool,
 }
 
 /// One camera's RTSP feed: the media of its mount point while one is running.
@@ -105,7 +108,7 @@ impl VideoSink for RtspFeed {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .is_some_and(|live| !live.keyed)
+            .is_some_and(|live| !live.keyed || live.key_wanted)
     }
 
     /// Restamps the frame with the media's clock and pushes it; never waits (a full appsrc drops
@@ -118,7 +121,14 @@ impl VideoSink for RtspFeed {
         if !(live.keyed || unit.key) {
             return;
         }
+        // A full queue would drop its oldest frame, and what follows a dropped frame decodes with
+        // errors: drop this one instead and start again at a key frame.
+        if live.appsrc.current_level_buffers() >= APPSRC_FRAMES && !unit.key {
+            live.keyed = false;
+            return;
+        }
         live.keyed = true;
+        live.key_wanted &= !unit.key;
         if live.caps.as_ref() != Some(&unit.caps) {
             live.appsrc.set_caps(Some(&unit.caps));
             live.caps = Some(unit.caps.clone());
@@ -162,6 +172,7 @@ impl RtspServer {
         server.set_service(&config.port.to_string());
         let mounts = server.mount_points().ok_or(RtspError::MountPoints)?;
         let mut outputs = Vec::new();
+        let mut slots = std::collections::HashMap::new();
         for camera in cameras {
             let slot = Arc::new(Mutex::new(None));
             let factory = rtsp_server::RTSPMediaFactory::new();
@@ -173,8 +184,27 @@ impl RtspServer {
                 attach_media(&name, media, &configure_slot);
             });
             mounts.add_factory(&format!("/{camera}"), factory);
+            slots.insert(camera.clone(), Arc::clone(&slot));
             outputs.push(RtspFeed { live: slot });
         }
+        // A client joining a running (shared) media gets a key frame asked for, rather than waiting
+        // for the next regular one.
+        let slots = Arc::new(slots);
+        server.connect_client_connected(move |_, client| {
+            let slots = Arc::clone(&slots);
+            client.connect_play_request(move |_, context| {
+                let Some(url) = context.uri() else {
+                    return;
+                };
+                let uri = url.request_uri();
+                let camera = uri.trim_end_matches('/').rsplit('/').next().unwrap_or("");
+                if let Some(slot) = slots.get(camera)
+                    && let Some(live) = slot.lock().unwrap_or_else(PoisonError::into_inner).as_mut()
+                {
+                    live.key_wanted = true;
+                }
+            });
+        });
         let bind_error = |message: String| RtspError::Bind {
             bind: config.bind.clone(),
             port: config.port,
@@ -269,6 +299,7 @@ fn attach_media(
         caps: None,
         last_pts: None,
         keyed: false,
+        key_wanted: false,
     });
     log::info!("[{camera}] RTSP: streaming to clients");
     let unprepared_slot = Arc::clone(slot);

@@ -23,6 +23,15 @@ use crate::pipeline::metrics::{CameraMetrics, Stage};
 /// Frames after a key-frame request before asking again, while a sink still waits for one.
 const KEY_REQUEST_EVERY: u32 = 10;
 
+/// Raw frames waiting for the encoder, at most: a frame that finds the queue full waits up to
+/// [`QUEUE_WAIT`] for room (the encoder starting up, a burst), then is not encoded (the encoder
+/// cannot keep up), so memory and latency stay bounded.
+const QUEUED_FRAMES: u64 = 30;
+const QUEUE_WAIT: Duration = Duration::from_millis(500);
+
+/// After an encode failed to start or broke, how long before the next try.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+
 /// One encoded frame (an H.264 access unit, byte-stream, with SPS/PPS before key frames).
 #[derive(Debug, Clone)]
 pub struct Unit {
@@ -113,8 +122,10 @@ pub struct Video {
     running: Option<Running>,
     /// Errors not reported yet (one per `frame` call).
     pending: VecDeque<SinkError>,
-    /// Whether frames of another size than the encode's were seen (reported once).
-    resized: bool,
+    /// No new encode before this (the last one failed).
+    retry_at: Option<Instant>,
+    /// Frames not encoded because the encoder was behind, since the last report.
+    skipped: u64,
 }
 
 impl Video {
@@ -133,7 +144,8 @@ impl Video {
             metrics,
             running: None,
             pending: VecDeque::new(),
-            resized: false,
+            retry_at: None,
+            skipped: 0,
         }
     }
 
@@ -210,9 +222,10 @@ impl Video {
             .metrics
             .as_ref()
             .map(|metrics| time_encoder(&encoder, Arc::clone(metrics)));
-        pipeline
-            .set_state(gst::State::Playing)
-            .map_err(|e| self.failed(e.to_string()))?;
+        if let Err(e) = pipeline.set_state(gst::State::Playing) {
+            let _ = pipeline.set_state(gst::State::Null);
+            return Err(self.failed(e.to_string()));
+        }
         log::info!(
             "[{}] encoding the annotated video ({}, {}×{}, a key frame at least every {key_interval} frames)",
             self.camera,
@@ -241,33 +254,63 @@ impl Video {
         }
     }
 
-    /// Encodes one frame for the sinks that want it; an encode that failed is dropped (the next
-    /// frame starts a new one).
+    /// Encodes one frame for the sinks that want it. An encode that failed is dropped and tried
+    /// again after [`RETRY_AFTER`]; frames of a new size end the running encode (its frames
+    /// reach the sinks) and start another.
     fn encode(&mut self, frame: &Annotated<'_>) -> Result<(), VideoError> {
         let out = yuv::for_encoder(frame.rgb, frame.width, frame.height);
         let size = (out.width, out.height);
+        if let Some(running) = &self.running
+            && (running.format, running.size) != (out.format, size)
+        {
+            log::info!(
+                "[{}] frames changed from {}×{} to {}×{}: the video starts a new encode",
+                self.camera,
+                running.size.0,
+                running.size.1,
+                size.0,
+                size.1
+            );
+            self.stop_encode(Duration::from_secs(5))?;
+        }
         if self.running.is_none() {
-            self.running = Some(self.start(out.format, size, frame.fps)?);
+            if self.retry_at.is_some_and(|at| Instant::now() < at) {
+                return Ok(());
+            }
+            match self.start(out.format, size, frame.fps) {
+                Ok(running) => {
+                    self.running = Some(running);
+                    self.retry_at = None;
+                }
+                Err(error) => {
+                    self.retry_at = Some(Instant::now() + RETRY_AFTER);
+                    return Err(error);
+                }
+            }
         }
         let waiting = self.sinks.iter().any(|s| s.wants() && s.waiting_for_key());
         let Some(running) = self.running.as_mut() else {
             return Ok(());
         };
-        if (running.format, running.size) != (out.format, size) {
-            if !self.resized {
-                self.resized = true;
-                log::warn!(
-                    "[{}] frames changed to {}×{}; the video stays at {}×{} and skips them",
-                    self.camera,
-                    size.0,
-                    size.1,
-                    running.size.0,
-                    running.size.1
-                );
-            }
+        if running.last_pts.is_some_and(|last| frame.pts <= last) {
             return Ok(());
         }
-        if running.last_pts.is_some_and(|last| frame.pts <= last) {
+        let waited = Instant::now();
+        while running.appsrc.current_level_buffers() >= QUEUED_FRAMES
+            && waited.elapsed() < QUEUE_WAIT
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if running.appsrc.current_level_buffers() >= QUEUED_FRAMES {
+            self.skipped += 1;
+            if self.skipped.is_power_of_two() {
+                log::warn!(
+                    "[{}] the {} encoder is behind: {} frame(s) not encoded so far",
+                    self.camera,
+                    self.encoder.element(),
+                    self.skipped
+                );
+            }
             return Ok(());
         }
         running.last_pts = Some(frame.pts);
@@ -305,10 +348,29 @@ impl Video {
                 if let Some(running) = self.running.take() {
                     let _ = running.pipeline.set_state(gst::State::Null);
                 }
+                self.retry_at = Some(Instant::now() + RETRY_AFTER);
                 Err(self.failed(message))
             }
             None => Ok(()),
         }
+    }
+
+    /// Ends the running encode: every frame pushed comes out to the sinks (waiting at most
+    /// `timeout`), then the pipeline stops.
+    fn stop_encode(&mut self, timeout: Duration) -> Result<(), VideoError> {
+        let Some(running) = self.running.take() else {
+            return Ok(());
+        };
+        let drained = drain(&running, timeout);
+        let _ = running.pipeline.set_state(gst::State::Null);
+        drained.map_err(|error| match error {
+            Drained::Failed(message) => self.failed(message),
+            Drained::Timeout => VideoError::Unfinished {
+                camera: self.camera.clone(),
+                encoder: self.encoder.element().to_string(),
+                seconds: timeout.as_secs_f64(),
+            },
+        })
     }
 }
 
@@ -334,21 +396,8 @@ impl Sink for Video {
             files: Vec::new(),
             errors: self.pending.drain(..).collect(),
         };
-        if let Some(running) = self.running.take() {
-            if let Err(error) = drain(&running, timeout) {
-                report.errors.push(
-                    match error {
-                        Drained::Failed(message) => self.failed(message),
-                        Drained::Timeout => VideoError::Unfinished {
-                            camera: self.camera.clone(),
-                            encoder: self.encoder.element().to_string(),
-                            seconds: timeout.as_secs_f64(),
-                        },
-                    }
-                    .into(),
-                );
-            }
-            let _ = running.pipeline.set_state(gst::State::Null);
+        if let Err(error) = self.stop_encode(timeout) {
+            report.errors.push(error.into());
         }
         for sink in self.sinks.iter() {
             report.errors.extend(sink.take_errors());
@@ -398,7 +447,8 @@ fn drain(running: &Running, timeout: Duration) -> Result<(), Drained> {
 }
 
 /// The unit of an encoded sample: its stream time is the buffer's running time (encoders shift
-/// their output timestamps, x264 by 1000 hours, and say so in the segment).
+/// their output timestamps, x264 by 1000 hours, and say so in the segment). A sample without one
+/// is dropped: its raw timestamp would put every later frame behind it.
 fn unit_of(sample: &gst::Sample) -> Option<Unit> {
     let buffer = sample.buffer_owned()?;
     let caps = sample.caps_owned()?;
@@ -406,8 +456,7 @@ fn unit_of(sample: &gst::Sample) -> Option<Unit> {
     let running = sample
         .segment()
         .and_then(|segment| segment.downcast_ref::<gst::ClockTime>())
-        .and_then(|segment| segment.to_running_time(pts))
-        .unwrap_or(pts);
+        .and_then(|segment| segment.to_running_time(pts))?;
     Some(Unit {
         key: !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT),
         buffer,
@@ -544,6 +593,41 @@ mod tests {
             .position(|u| u.0 == joined)
             .expect("same frame");
         assert_eq!(early[from..], late[..]);
+    }
+
+    #[test]
+    fn a_new_frame_size_starts_a_new_encode_on_a_key_frame() {
+        let encoder = Encoder::resolve(EncoderRequest::Only(EncoderKind::X264)).expect("x264");
+        let sink = Arc::new(Collect::default());
+        sink.want(true);
+        let mut video = Box::new(Video::new(
+            "line1",
+            encoder,
+            vec![sink.clone() as Arc<dyn VideoSink>],
+            None,
+        ));
+        let big = vec![100u8; 64 * 48 * 3];
+        let small = vec![150u8; 32 * 24 * 3];
+        for index in 0..12u32 {
+            let mut frame = frame(&big, index);
+            if index >= 6 {
+                frame = Annotated {
+                    rgb: &small,
+                    width: 32,
+                    height: 24,
+                    ..frame
+                };
+            }
+            video.frame(&frame).expect("frame");
+        }
+        let report = video.finish(Duration::from_secs(10));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let taken = sink.taken();
+        assert_eq!(taken.len(), 12, "every frame of both sizes: {taken:?}");
+        assert!(
+            taken[0].1 && taken[6].1,
+            "each encode starts on a key frame"
+        );
     }
 
     #[test]
