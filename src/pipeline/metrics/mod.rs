@@ -1,19 +1,16 @@
 //! Live counters of a running pipeline, written by the camera workers (atomics and short locks, no
 //! I/O) and read by the HTTP endpoints: `/metrics` in the OpenMetrics text format (encoded by
-//! `prometheus-client` from a collector that reads the counters at each scrape) and `/health`.
+//! `prometheus-client` from the collector in `exposition`, which reads the counters at each
+//! scrape) and `/health`.
+
+mod exposition;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 /// The `Content-Type` of [`Metrics::render`]'s text.
@@ -425,210 +422,6 @@ impl Metrics {
         });
         (healthy, body.to_string())
     }
-}
-
-/// One sample's value.
-enum Value {
-    Count(u64),
-    Int(i64),
-    Real(f64),
-}
-
-impl Value {
-    fn metric_type(&self) -> MetricType {
-        match self {
-            Value::Count(_) => MetricType::Counter,
-            Value::Int(_) | Value::Real(_) => MetricType::Gauge,
-        }
-    }
-
-    fn encode(self, encoder: prometheus_client::encoding::MetricEncoder<'_>) -> std::fmt::Result {
-        match self {
-            Value::Count(n) => ConstCounter::new(n).encode(encoder),
-            Value::Int(n) => ConstGauge::new(n).encode(encoder),
-            Value::Real(x) => ConstGauge::new(x).encode(encoder),
-        }
-    }
-}
-
-/// A per-camera family: name (counters without `_total`, which the encoder adds), help, and the
-/// value of one camera at `started`.
-type CameraFamily = (
-    &'static str,
-    &'static str,
-    fn(&CameraMetrics, Instant) -> Value,
-);
-
-const CAMERA_FAMILIES: [CameraFamily; 8] = [
-    (
-        "stpm_frames",
-        "Frames that reached the camera's worker.",
-        |c, _| Value::Count(c.frames.load(Ordering::Relaxed)),
-    ),
-    (
-        "stpm_frames_analysed",
-        "Frames that went through the engine.",
-        |c, _| Value::Count(c.analysed.load(Ordering::Relaxed)),
-    ),
-    (
-        "stpm_frames_batched",
-        "Analysed frames that shared their inference call with other cameras' frames.",
-        |c, _| Value::Count(c.batched.load(Ordering::Relaxed)),
-    ),
-    (
-        "stpm_frames_dropped",
-        "Frames dropped because inference was behind the source.",
-        |c, _| Value::Count(c.dropped.load(Ordering::Relaxed)),
-    ),
-    (
-        "stpm_camera_online",
-        "1 while the camera delivers frames, 0 while starting, offline or ended.",
-        |c, _| Value::Int(i64::from(c.state() == CameraState::Online)),
-    ),
-    (
-        "stpm_fps",
-        "Analysed frames per second over the last 5 seconds.",
-        |c, started| Value::Real(round3(c.fps(started))),
-    ),
-    (
-        "stpm_alert_events",
-        "Alert events (new, update, end) emitted.",
-        |c, _| Value::Count(c.alerts.load(Ordering::Relaxed)),
-    ),
-    (
-        "stpm_alerts_suppressed",
-        "Anomalies not reported because of alerts.max_events_per_hour.",
-        |c, _| Value::Count(c.suppressed.load(Ordering::Relaxed)),
-    ),
-];
-
-impl Collector for Exported {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
-        let engine = Info::new([
-            ("provider", self.provider.clone()),
-            ("precision", self.precision.clone()),
-        ]);
-        engine.encode(encoder.encode_descriptor(
-            "stpm_engine",
-            "The execution provider that runs the model, and which of the bundle's graphs (fp32 or int8).",
-            None,
-            engine.metric_type(),
-        )?)?;
-        if let Some(element) = self.encoder.get() {
-            let info = Info::new([("encoder", element.clone())]);
-            info.encode(encoder.encode_descriptor(
-                "stpm_encoder",
-                "The H.264 encoder element of recordings and RTSP.",
-                None,
-                info.metric_type(),
-            )?)?;
-        }
-        for (name, help, value) in CAMERA_FAMILIES {
-            let Some(first) = self.cameras.first() else {
-                break;
-            };
-            let kind = value(first, self.started).metric_type();
-            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
-            for camera in &self.cameras {
-                let labels = [("camera", camera.camera.as_str())];
-                value(camera, self.started).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "stpm_inference_seconds",
-            "Engine time per analysed frame.",
-            None,
-            MetricType::Histogram,
-        )?;
-        for camera in &self.cameras {
-            let labels = [("camera", camera.camera.as_str())];
-            camera.inference.encode(family.encode_family(&labels)?)?;
-        }
-        let mut family = encoder.encode_descriptor(
-            "stpm_stage_seconds",
-            "Time per frame in each stage: decode, queue, preprocess, inference, overlay, output, encode, and end_to_end (appsink to encoded frame).",
-            None,
-            MetricType::Histogram,
-        )?;
-        for camera in &self.cameras {
-            for (stage, histogram) in Stage::ALL.iter().zip(&camera.stages) {
-                let labels = [("camera", camera.camera.as_str()), ("stage", stage.name())];
-                histogram.encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let help = format!(
-            "Quantiles of each stage's time per frame over the camera's last {RECENT_FRAMES} frames (exact, unlike the histogram buckets)."
-        );
-        let mut family = encoder.encode_descriptor(
-            "stpm_stage_recent_seconds",
-            &help,
-            None,
-            MetricType::Gauge,
-        )?;
-        for camera in &self.cameras {
-            for stage in Stage::ALL {
-                let Some(values) = camera.recent_quantiles(stage) else {
-                    continue;
-                };
-                for (q, value) in RECENT_QUANTILES.iter().zip(values) {
-                    let quantile = q.to_string();
-                    let labels = [
-                        ("camera", camera.camera.as_str()),
-                        ("stage", stage.name()),
-                        ("quantile", quantile.as_str()),
-                    ];
-                    ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
-                }
-            }
-        }
-        if let Some(seconds) = crate::process::cpu_seconds() {
-            ConstCounter::new(seconds).encode(encoder.encode_descriptor(
-                "process_cpu_seconds",
-                "User and system CPU time of this process.",
-                None,
-                MetricType::Counter,
-            )?)?;
-        }
-        ConstGauge::new(crate::process::rss_bytes()).encode(encoder.encode_descriptor(
-            "process_resident_memory_bytes",
-            "Resident memory of this process.",
-            None,
-            MetricType::Gauge,
-        )?)?;
-        if let Some(publisher) = self.publisher.get() {
-            let status = publisher.status();
-            for (name, help, value) in [
-                (
-                    "stpm_mqtt_connected",
-                    "1 while the MQTT broker is connected.",
-                    Value::Int(i64::from(status.connected)),
-                ),
-                (
-                    "stpm_alert_spool_pending",
-                    "Alert events in the on-disk spool, not yet acknowledged by the broker.",
-                    Value::Int(i64::try_from(status.events_pending).unwrap_or(i64::MAX)),
-                ),
-                (
-                    "stpm_alert_spool_dropped",
-                    "Alert events dropped because the spool was full.",
-                    Value::Count(status.events_dropped),
-                ),
-                (
-                    "stpm_mqtt_reconnects",
-                    "Reconnections to the MQTT broker.",
-                    Value::Count(status.reconnects),
-                ),
-            ] {
-                let kind = value.metric_type();
-                value.encode(encoder.encode_descriptor(name, help, None, kind)?)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-fn round3(value: f64) -> f64 {
-    (value * 1000.0).round() / 1000.0
 }
 
 #[cfg(test)]
