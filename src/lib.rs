@@ -21,5 +21,6 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod process;
 pub mod rng;
+pub mod store;
 pub mod threshold;
 pub mod train;

@@ -18,6 +18,7 @@ use stpm::alerts::{
     AlertEvent, BoxN, CameraState, CameraStatus, EndReason, EventKind, LinkError, MqttConfig,
     PublishError, PublisherError, PublisherHandle, ShutdownOutcome, Spool,
 };
+use stpm::store::{EventStore, Query};
 use tempfile::TempDir;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -978,7 +979,7 @@ fn always_anomalous_bundle(dir: &Path) -> PathBuf {
 }
 
 /// A pipeline file: one conveyor camera (not realtime when `frames=` is given), the spool in
-/// `dir/spool`, MQTT on 127.0.0.1:`port` with `prefix`.
+/// `dir/spool`, the event store in `dir/data`, MQTT on 127.0.0.1:`port` with `prefix`.
 fn run_pipeline(dir: &Path, bundle: &Path, source: &str, port: u16, prefix: &str) -> PathBuf {
     run_pipeline_with(dir, bundle, source, port, prefix, "")
 }
@@ -999,10 +1000,12 @@ fn run_pipeline_with(
             "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
              [[camera]]\nname = \"line1\"\nsource = \"{source}\"\nrealtime = {}\n\n\
              [alerts]\nspool_dir = \"{}\"\n\n\
+             [storage]\npath = \"{}\"\n\n\
              [mqtt]\nport = {port}\nprefix = \"{prefix}\"\nclient_id = \"stpm-{prefix}-{}\"\n{extra}",
             bundle.display(),
             !source.contains("frames="),
             dir.join("spool").display(),
+            dir.join("data").display(),
             std::process::id()
         ),
     )
@@ -1034,10 +1037,18 @@ fn events_of_a_killed_run_are_published_by_the_next_run() {
         .spawn()
         .expect("spawn stpm");
     let started = Instant::now();
-    while !spool.is_dir() || spool_files(&spool).is_empty() {
+    let data = dir.path().join("data");
+    let stored = || {
+        data.join("events.db").is_file()
+            && EventStore::open(&data)
+                .and_then(|store| store.list(&Query::default()))
+                .is_ok_and(|events| !events.is_empty())
+    };
+    // Killed mid-event: once its first event is spooled and stored.
+    while !spool.is_dir() || spool_files(&spool).is_empty() || !stored() {
         assert!(
             started.elapsed() < Duration::from_secs(60),
-            "nothing spooled"
+            "nothing spooled and stored"
         );
         thread::sleep(Duration::from_millis(100));
     }
@@ -1070,6 +1081,13 @@ fn events_of_a_killed_run_are_published_by_the_next_run() {
         .expect("the killed run printed its new event");
     let left = spool_files(&spool);
     assert!(!left.is_empty());
+    // The killed run's event store is readable and holds the open event.
+    let killed = EventStore::open(&data)
+        .expect("the store of a killed run opens")
+        .get(&first_id)
+        .expect("readable")
+        .expect("the new event was stored");
+    assert_eq!(killed.end_time, None);
 
     // Broker up; the next run (one frame) sends what the killed one left, oldest first.
     let _broker = Broker::start_on(port, None);
@@ -1095,6 +1113,14 @@ fn events_of_a_killed_run_are_published_by_the_next_run() {
     assert_eq!(first["type"], "new");
     assert_eq!(first["id"].as_str(), Some(first_id.as_str()));
     assert!(spool_files(&spool).is_empty(), "spool drained");
+    // The next run ended the event the killed one left open, saying why.
+    let ended = EventStore::open(&data)
+        .expect("store")
+        .get(&first_id)
+        .expect("readable")
+        .expect("still there");
+    assert_eq!(ended.end_reason.as_deref(), Some("interrupted"));
+    assert!(ended.end_time.is_some_and(|end| end >= ended.start_time));
 }
 
 #[test]
@@ -1156,6 +1182,41 @@ fn stpm_run_publishes_events_snapshot_state_and_availability() {
     assert_eq!(&snapshot.payload[..2], &[0xFF, 0xD8], "JPEG");
     let decoded = image::load_from_memory(&snapshot.payload).expect("snapshot decodes");
     assert_eq!((decoded.width(), decoded.height()), (640, 480));
+    // The event store holds the same event: id, times and end reason of its MQTT messages, and
+    // the peak's annotated and clean frames.
+    let stored = EventStore::open(&dir.path().join("data"))
+        .expect("store")
+        .list(&Query::default())
+        .expect("list");
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let row = &stored[0];
+    let (first, last) = (&events[0], &events[events.len() - 1]);
+    assert_eq!(Some(row.id.as_str()), first["id"].as_str());
+    // serde_json parses floats to within an ulp or so: the same number, not the same bits.
+    let close = |stored: f64, published: Option<f64>| {
+        published.is_some_and(|published| (stored - published).abs() < 1e-5)
+    };
+    assert!(
+        close(row.start_time, first["start_time"].as_f64()),
+        "{row:?} {first}"
+    );
+    assert!(
+        row.end_time
+            .is_some_and(|end| close(end, last["end_time"].as_f64())),
+        "{row:?} {last}"
+    );
+    assert_eq!(row.end_reason.as_deref(), Some("shutdown"));
+    let top = events
+        .iter()
+        .filter_map(|e| e["top_score"].as_f64())
+        .fold(0.0, f64::max);
+    assert!((f64::from(row.score) - top).abs() < 1e-6, "{row:?}");
+    assert_eq!(row.model.len(), 12, "{row:?}");
+    for picture in [&row.snapshot_path, &row.clean_path] {
+        let path = picture.as_ref().expect("a picture of the peak");
+        let decoded = image::open(path).expect("the picture decodes");
+        assert_eq!((decoded.width(), decoded.height()), (640, 480));
+    }
     let state = retained(broker.port, "e2e/line1/state").json();
     assert!(
         state["status"].is_string() && state["fps"].is_number(),

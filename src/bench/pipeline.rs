@@ -267,6 +267,7 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
     config.http.enabled = false;
     config.mqtt = None;
     config.alerts.spool_dir = scratch.0.join("spool");
+    config.storage.path = scratch.0.join("data");
 
     let request: ProviderRequest = config.model.provider.parse()?;
     let cpu_only = crate::engine::resolve_provider(request)?.candidates == [ExecutionProvider::Cpu];

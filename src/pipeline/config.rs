@@ -11,6 +11,7 @@ use crate::alerts::{AlertConfig, CameraAlertOverrides, MqttConfig};
 use crate::engine::batch::MAX_BATCH;
 pub use crate::engine::select::{AUTO_CPU_SESSIONS, MAX_SESSIONS, ModelConfig};
 use crate::pipeline::sinks::encoder::EncoderRequest;
+pub use crate::pipeline::sinks::events::StorageConfig;
 pub use crate::pipeline::sinks::record::RecordConfig;
 pub use crate::pipeline::sinks::rtsp::RtspConfig;
 
@@ -35,6 +36,9 @@ pub struct PipelineConfig {
     /// `/metrics` and `/health`.
     #[serde(default)]
     pub http: HttpConfig,
+    /// The event store and its snapshots.
+    #[serde(default)]
+    pub storage: StorageConfig,
 }
 
 /// `[[camera]]`

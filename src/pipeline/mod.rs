@@ -35,6 +35,7 @@ use servers::{CameraOutputs, LiveError, LiveOutputs};
 use sinks::Sink;
 use sinks::console::Console;
 use sinks::encoder::{Encoder, EncoderError};
+use sinks::events::EventWriter;
 use sinks::mqtt::MqttAlerts;
 use sinks::record::Recording;
 use sinks::snapshot::Snapshots;
@@ -74,6 +75,8 @@ pub enum PipelineError {
     Spool(#[from] SpoolError),
     #[error(transparent)]
     Mqtt(#[from] MqttSetupError),
+    #[error("storage.path: {0}")]
+    Store(#[from] crate::store::StoreError),
     #[error("cannot start the MQTT runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot create the recording folder {path}: {source}")]
@@ -235,8 +238,18 @@ pub fn run_with(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let events = if config.storage.enabled {
+        Some(EventWriter::start(
+            &config.storage,
+            &model_id(&config.model.bundle),
+        )?)
+    } else {
+        log::info!("storage: off (storage.enabled = false), events are not kept");
+        None
+    };
     let shared = SharedOutputs {
         config,
+        events: events.as_ref(),
         encoder: encoder.as_ref(),
         publisher: mqtt.as_ref().map(|(_, handle)| handle),
         print_alerts: options.print_alerts,
@@ -345,6 +358,9 @@ pub fn run_with(
             }),
         }
     }
+    if let Some(events) = events {
+        events.finish();
+    }
     // Workers end only after their analyser and capture sent End, so these joins are immediate.
     for handle in analysers.into_iter().chain(captures) {
         let _ = handle.join();
@@ -361,9 +377,19 @@ pub fn run_with(
     })
 }
 
+/// The model id kept with each stored event: the first 12 hex digits of the sha256 of the
+/// bundle's manifest (which names the graph's own hash), or `unknown`.
+fn model_id(bundle: &std::path::Path) -> String {
+    crate::bundle::sha256_file(&bundle.join(crate::bundle::MANIFEST_FILE))
+        .map(|hash| hash.chars().take(12).collect())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 /// What every camera's sinks share.
 struct SharedOutputs<'a> {
     config: &'a PipelineConfig,
+    /// The event store's writer, when `[storage]` is on.
+    events: Option<&'a EventWriter>,
     /// The H.264 encoder, when recordings or RTSP are on.
     encoder: Option<&'a Encoder>,
     publisher: Option<&'a PublisherHandle>,
@@ -371,7 +397,7 @@ struct SharedOutputs<'a> {
 }
 
 /// The outputs of one camera (its stream time 0 was unix second `started`), in the order the
-/// worker calls them: stdout, MQTT events and snapshots, then the video (one encode for the
+/// worker calls them: stdout, MQTT events and snapshots, the event store, then the video (one encode for the
 /// recording and the RTSP feed).
 fn camera_sinks(
     camera: &str,
@@ -386,6 +412,9 @@ fn camera_sinks(
     if let Some(publisher) = shared.publisher {
         sinks.push(Box::new(MqttAlerts::new(camera, publisher.clone())));
         sinks.push(Box::new(Snapshots::new(camera, publisher.clone())));
+    }
+    if let Some(log) = shared.events.and_then(|writer| writer.sink(camera)) {
+        sinks.push(Box::new(log));
     }
     let mut video: Vec<Arc<dyn VideoSink>> = Vec::new();
     let record = &shared.config.output.record;

@@ -290,8 +290,10 @@ impl Worker {
         };
         let picture = Picture {
             rgb: &pixels,
+            clean: &frame.pixels,
             width: frame.width,
             height: frame.height,
+            raw_score,
         };
         self.emit(state, events, Some(&picture));
         self.metrics

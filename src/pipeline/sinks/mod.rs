@@ -1,12 +1,13 @@
 //! The outputs of a run. A camera's worker hands every annotated frame, every alert transition and
 //! every change of the camera's state to its [`Sink`]s, one file per output: the MQTT alerts
-//! (`mqtt`), their JPEG snapshots (`snapshot`), the `alert {…}` lines on stdout (`console`) and the
-//! video (`video`), which encodes the annotated frames once per camera and fans the H.264 stream
+//! (`mqtt`), their JPEG snapshots (`snapshot`), the event store with its snapshots on disk
+//! (`events`), the `alert {…}` lines on stdout (`console`) and the video (`video`), which encodes the annotated frames once per camera and fans the H.264 stream
 //! out to its own outputs, the recording (`record`) and the RTSP feed (`rtsp`). A new output is a
 //! new file here and one line where `pipeline` builds a camera's sinks.
 
 pub mod console;
 pub mod encoder;
+pub mod events;
 pub mod mqtt;
 pub mod record;
 pub mod rtsp;
@@ -33,12 +34,17 @@ pub struct Annotated<'a> {
     pub fps: f64,
 }
 
-/// The picture an alert was raised on (the annotated frame, interleaved RGB).
+/// The frame an alert was raised on (interleaved RGB).
 #[derive(Debug, Clone, Copy)]
 pub struct Picture<'a> {
+    /// With the overlay.
     pub rgb: &'a [u8],
+    /// Without it, as the camera saw it.
+    pub clean: &'a [u8],
     pub width: usize,
     pub height: usize,
+    /// The model's raw image score of this frame.
+    pub raw_score: f32,
 }
 
 /// Why an output did not take something; the run goes on.
@@ -56,6 +62,8 @@ pub enum SinkError {
     State(PublishError),
     #[error("cannot encode an alert: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("camera {0}: the event store's writer has stopped; the event is not stored")]
+    Stored(String),
 }
 
 /// What an output left behind when the run ended.

@@ -87,8 +87,10 @@ mod tests {
         let rgb = vec![200u8; 16 * 8 * 3];
         let picture = Picture {
             rgb: &rgb,
+            clean: &rgb,
             width: 16,
             height: 8,
+            raw_score: 1.0,
         };
         let bytes = jpeg(&picture).expect("jpeg");
         assert_eq!(&bytes[..2], [0xFF, 0xD8]);

@@ -1,0 +1,224 @@
+//! `[storage]`: every alert transition into the event store (`store`, SQLite under
+//! `storage.path`), and at each new peak the annotated frame and the clean frame (no overlay, for
+//! training) as JPEG files under `<path>/snapshots/<camera>/`. One writer thread, shared by the
+//! cameras, does the encoding and the disk and database work; a camera's sink only hands it on.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+
+use super::snapshot::{SnapshotError, jpeg};
+use super::{Picture, Sink, SinkError};
+use crate::alerts::AlertEvent;
+use crate::store::{EventStore, Peak, StoreError};
+
+/// Jobs waiting for the writer before a camera's worker waits for room.
+const QUEUE: usize = 64;
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Keep events (and their snapshots) in `path`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The data folder: `events.db`, `snapshots/`.
+    #[serde(default = "default_path")]
+    pub path: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: default_path(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_path() -> PathBuf {
+    "data".into()
+}
+
+/// What a camera hands the writer.
+struct Job {
+    event: AlertEvent,
+    /// The model that scored it (the bundle's manifest hash, 12 hex digits).
+    model: String,
+    /// At a new peak: the annotated and clean frames and the raw score.
+    peak: Option<PeakFrames>,
+}
+
+struct PeakFrames {
+    annotated: Vec<u8>,
+    clean: Vec<u8>,
+    width: usize,
+    height: usize,
+    raw_score: f32,
+}
+
+/// The run's event writer: the store and its thread.
+pub struct EventWriter {
+    jobs: Option<mpsc::SyncSender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    model: String,
+}
+
+impl EventWriter {
+    /// Opens the store in `config.path`, ends the events an earlier run left open, and starts
+    /// the writer. `model` identifies the bundle in every row.
+    pub fn start(config: &StorageConfig, model: &str) -> Result<Self, StoreError> {
+        let store = EventStore::open(&config.path)?;
+        let dangling = store.end_dangling()?;
+        if dangling > 0 {
+            log::warn!(
+                "storage: {dangling} event(s) left open by an earlier run ended as `interrupted`"
+            );
+        }
+        log::info!(
+            "storage: events in {}, snapshots in {}",
+            config.path.join(crate::store::DATABASE).display(),
+            config.path.join("snapshots").display()
+        );
+        let (jobs, queue) = mpsc::sync_channel(QUEUE);
+        let folder = config.path.clone();
+        let thread = std::thread::Builder::new()
+            .name("events".into())
+            .spawn(move || {
+                for job in queue {
+                    if let Err(error) = write(&store, &folder, job) {
+                        log::warn!("storage: {error}");
+                    }
+                }
+            })
+            .map_err(|source| StoreError::Folder {
+                path: config.path.clone(),
+                source,
+            })?;
+        Ok(Self {
+            jobs: Some(jobs),
+            thread: Some(thread),
+            model: model.to_string(),
+        })
+    }
+
+    /// `camera`'s sink.
+    pub fn sink(&self, camera: &str) -> Option<EventLog> {
+        Some(EventLog {
+            camera: camera.to_string(),
+            model: self.model.clone(),
+            jobs: self.jobs.clone()?,
+        })
+    }
+
+    /// Waits until every job handed on has been written (the cameras' sinks are gone by then).
+    pub fn finish(mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Why one job was not written.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("cannot write {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Writes the job's pictures (at a new peak), then its row.
+fn write(store: &EventStore, folder: &Path, job: Job) -> Result<(), WriteError> {
+    let peak = match job.peak {
+        Some(frames) => {
+            let dir = folder.join("snapshots").join(&job.event.camera);
+            let annotated = dir.join(format!("{}.jpg", job.event.id));
+            let clean = dir.join(format!("{}-clean.jpg", job.event.id));
+            for (path, rgb) in [(&annotated, &frames.annotated), (&clean, &frames.clean)] {
+                let bytes = jpeg(&Picture {
+                    rgb,
+                    clean: rgb,
+                    width: frames.width,
+                    height: frames.height,
+                    raw_score: frames.raw_score,
+                })?;
+                write_file(path, &bytes)?;
+            }
+            Some(Peak {
+                raw_score: Some(frames.raw_score),
+                snapshot_path: Some(annotated),
+                clean_path: Some(clean),
+            })
+        }
+        None => None,
+    };
+    store.record(&job.event, &job.model, peak.as_ref(), unix_now())?;
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file, so a reader never sees half a JPEG.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
+    let error = |source| WriteError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(error)?;
+    }
+    let staged = path.with_extension("jpg.part");
+    std::fs::write(&staged, bytes).map_err(error)?;
+    std::fs::rename(&staged, path).map_err(error)
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// One camera's events into the store.
+pub struct EventLog {
+    camera: String,
+    model: String,
+    jobs: mpsc::SyncSender<Job>,
+}
+
+impl Sink for EventLog {
+    fn alert(
+        &mut self,
+        event: &AlertEvent,
+        picture: Option<&Picture<'_>>,
+    ) -> Result<(), SinkError> {
+        let peak = picture
+            .filter(|_| event.snapshot)
+            .map(|picture| PeakFrames {
+                annotated: picture.rgb.to_vec(),
+                clean: picture.clean.to_vec(),
+                width: picture.width,
+                height: picture.height,
+                raw_score: picture.raw_score,
+            });
+        self.jobs
+            .send(Job {
+                event: event.clone(),
+                model: self.model.clone(),
+                peak,
+            })
+            .map_err(|_| SinkError::Stored(self.camera.clone()))
+    }
+}

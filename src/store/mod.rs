@@ -1,0 +1,549 @@
+//! The event store: one SQLite file (`[storage] path`/`events.db`, WAL mode, schema versions
+//! applied in order through `PRAGMA user_version`) with one row per alert event, written on the
+//! same transitions that publish MQTT `new` / `update` / `end`, and read by whoever lists events.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::alerts::{AlertEvent, EventKind};
+
+/// The database file inside the storage folder.
+pub const DATABASE: &str = "events.db";
+
+/// Schema versions, applied in order; version N is `MIGRATIONS[N - 1]`. Never edit one that has
+/// shipped: add the next.
+const MIGRATIONS: &[&str] = &[
+    // 1: events.
+    "CREATE TABLE events (
+        id TEXT PRIMARY KEY,
+        camera TEXT NOT NULL,
+        start_time REAL NOT NULL,
+        end_time REAL,
+        end_reason TEXT,
+        score REAL NOT NULL,
+        raw_score REAL,
+        box TEXT,
+        zone TEXT,
+        model TEXT NOT NULL,
+        snapshot_path TEXT,
+        clean_path TEXT,
+        clip_path TEXT,
+        media_gone INTEGER NOT NULL DEFAULT 0,
+        verdict TEXT NOT NULL DEFAULT 'unreviewed',
+        verdict_by TEXT,
+        verdict_at REAL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX events_by_start ON events (start_time DESC);
+    CREATE INDEX events_by_camera ON events (camera, start_time DESC);",
+];
+
+/// Why the store could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the storage folder {path}: {source}")]
+    Folder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("event store {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "event store {path} has schema version {found}, newer than this stpm knows ({known}): use a newer stpm or another storage.path"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: usize,
+    },
+    #[error("no event {0}")]
+    NoEvent(String),
+}
+
+/// An operator's verdict on an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Unreviewed,
+    Defect,
+    NotADefect,
+}
+
+impl Verdict {
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Unreviewed => "unreviewed",
+            Self::Defect => "defect",
+            Self::NotADefect => "not_a_defect",
+        }
+    }
+
+    fn parse(text: &str) -> Self {
+        match text {
+            "defect" => Self::Defect,
+            "not_a_defect" => Self::NotADefect,
+            _ => Self::Unreviewed,
+        }
+    }
+}
+
+/// One stored event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredEvent {
+    pub id: String,
+    pub camera: String,
+    pub start_time: f64,
+    pub end_time: Option<f64>,
+    pub end_reason: Option<String>,
+    /// Peak normalised score (0.5 = the alert threshold).
+    pub score: f32,
+    /// The model's raw image score at the peak.
+    pub raw_score: Option<f32>,
+    /// The peak frame's largest box, normalised `[x, y, w, h]`.
+    pub boxes: Option<[f32; 4]>,
+    pub zone: Option<String>,
+    /// The model that scored it (the bundle's graph hash, first 12 hex digits).
+    pub model: String,
+    pub snapshot_path: Option<PathBuf>,
+    pub clean_path: Option<PathBuf>,
+    pub clip_path: Option<PathBuf>,
+    /// Retention deleted its media.
+    pub media_gone: bool,
+    pub verdict: Verdict,
+    pub verdict_by: Option<String>,
+    pub verdict_at: Option<f64>,
+}
+
+/// What a peak frame adds to an event.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Peak {
+    pub raw_score: Option<f32>,
+    pub snapshot_path: Option<PathBuf>,
+    pub clean_path: Option<PathBuf>,
+}
+
+/// A filter of [`EventStore::list`].
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub camera: Option<String>,
+    pub since: Option<f64>,
+    pub until: Option<f64>,
+    pub min_score: Option<f32>,
+    pub verdict: Option<Verdict>,
+    pub limit: usize,
+}
+
+/// An open event store (one connection; open one per thread).
+pub struct EventStore {
+    path: PathBuf,
+    db: Connection,
+}
+
+impl EventStore {
+    /// Opens (creating it and the folder if needed) `<folder>/events.db` and brings its schema up
+    /// to date.
+    pub fn open(folder: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(folder).map_err(|source| StoreError::Folder {
+            path: folder.to_path_buf(),
+            source,
+        })?;
+        let path = folder.join(DATABASE);
+        let db = Connection::open(&path).map_err(|source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        })?;
+        let mut store = Self { path, db };
+        store.configure()?;
+        Ok(store)
+    }
+
+    fn sqlite(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// WAL (readers never block the writer), a busy timeout, and the migrations.
+    fn configure(&mut self) -> Result<(), StoreError> {
+        let sqlite = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        self.db
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(sqlite)?;
+        self.db
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(sqlite)?;
+        // WAL with NORMAL: a committed event survives a crash of the process; a power cut may
+        // lose the last transactions, never the file.
+        self.db
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sqlite)?;
+        let version: i64 = self
+            .db
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(sqlite)?;
+        if version > MIGRATIONS.len() as i64 {
+            return Err(StoreError::TooNew {
+                path: self.path.clone(),
+                found: version,
+                known: MIGRATIONS.len(),
+            });
+        }
+        let pending = &MIGRATIONS[usize::try_from(version).unwrap_or(0)..];
+        for (offset, migration) in pending.iter().enumerate() {
+            let next = version + 1 + offset as i64;
+            let tx = self.db.transaction().map_err(sqlite)?;
+            tx.execute_batch(migration).map_err(sqlite)?;
+            tx.pragma_update(None, "user_version", next)
+                .map_err(sqlite)?;
+            tx.commit().map_err(sqlite)?;
+        }
+        Ok(())
+    }
+
+    /// The schema version of the open file.
+    pub fn version(&self) -> Result<i64, StoreError> {
+        self.db
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(self.sqlite())
+    }
+
+    /// Records one event message at unix time `now`: `new` inserts the row, `update` raises the
+    /// peak, `end` closes it. `peak` (the frame of a new top score) sets the peak's raw score and
+    /// its pictures.
+    pub fn record(
+        &self,
+        event: &AlertEvent,
+        model: &str,
+        peak: Option<&Peak>,
+        now: f64,
+    ) -> Result<(), StoreError> {
+        let top_box = event
+            .boxes
+            .first()
+            .map(|b| serde_json::to_string(&[b.x, b.y, b.w, b.h]).unwrap_or_default());
+        let end_reason = event
+            .end_reason
+            .and_then(|reason| serde_json::to_value(reason).ok())
+            .and_then(|value| value.as_str().map(String::from));
+        let path_text = |path: Option<&PathBuf>| path.map(|p| p.to_string_lossy().into_owned());
+        let (raw, snapshot, clean) = match peak {
+            Some(peak) => (
+                peak.raw_score,
+                path_text(peak.snapshot_path.as_ref()),
+                path_text(peak.clean_path.as_ref()),
+            ),
+            None => (None, None, None),
+        };
+        let is_peak = peak.is_some();
+        // One statement for every kind: the row is created if missing (an `update` or `end`
+        // whose `new` came before a restart of the store), and the peak only ever rises.
+        self.db
+            .execute(
+                "INSERT INTO events (id, camera, start_time, end_time, end_reason, score, raw_score,
+                     box, model, snapshot_path, clean_path, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                 ON CONFLICT (id) DO UPDATE SET
+                     end_time = COALESCE(excluded.end_time, end_time),
+                     end_reason = COALESCE(excluded.end_reason, end_reason),
+                     score = MAX(score, excluded.score),
+                     raw_score = CASE WHEN ?13 THEN COALESCE(excluded.raw_score, raw_score)
+                                      ELSE raw_score END,
+                     box = CASE WHEN ?13 THEN COALESCE(excluded.box, box) ELSE box END,
+                     snapshot_path = COALESCE(excluded.snapshot_path, snapshot_path),
+                     clean_path = COALESCE(excluded.clean_path, clean_path),
+                     updated_at = excluded.updated_at",
+                params![
+                    event.id,
+                    event.camera,
+                    event.start_time,
+                    event.end_time.filter(|_| event.kind == EventKind::End),
+                    end_reason,
+                    event.top_score,
+                    raw,
+                    top_box,
+                    model,
+                    snapshot,
+                    clean,
+                    now,
+                    is_peak,
+                ],
+            )
+            .map_err(self.sqlite())?;
+        Ok(())
+    }
+
+    /// Ends every event left open by a run that stopped without ending them (killed, power cut):
+    /// end time = its last update, reason `interrupted`. Returns how many.
+    pub fn end_dangling(&self) -> Result<usize, StoreError> {
+        self.db
+            .execute(
+                "UPDATE events SET end_time = updated_at, end_reason = 'interrupted'
+                 WHERE end_time IS NULL",
+                [],
+            )
+            .map_err(self.sqlite())
+    }
+
+    /// Sets the operator's verdict.
+    pub fn set_verdict(
+        &self,
+        id: &str,
+        verdict: Verdict,
+        by: &str,
+        now: f64,
+    ) -> Result<(), StoreError> {
+        let changed = self
+            .db
+            .execute(
+                "UPDATE events SET verdict = ?2, verdict_by = ?3, verdict_at = ?4 WHERE id = ?1",
+                params![id, verdict.key(), by, now],
+            )
+            .map_err(self.sqlite())?;
+        if changed == 0 {
+            return Err(StoreError::NoEvent(id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// One event.
+    pub fn get(&self, id: &str) -> Result<Option<StoredEvent>, StoreError> {
+        self.db
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM events WHERE id = ?1"),
+                [id],
+                row_event,
+            )
+            .optional()
+            .map_err(self.sqlite())
+    }
+
+    /// Events matching `query`, newest first.
+    pub fn list(&self, query: &Query) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut sql = format!("SELECT {COLUMNS} FROM events WHERE 1 = 1");
+        let mut values: Vec<rusqlite::types::Value> = Vec::new();
+        let mut add = |clause: &str, value: rusqlite::types::Value| {
+            values.push(value);
+            sql.push_str(&format!(" AND {clause} ?{}", values.len()));
+        };
+        if let Some(camera) = &query.camera {
+            add("camera =", camera.clone().into());
+        }
+        if let Some(since) = query.since {
+            add("start_time >=", since.into());
+        }
+        if let Some(until) = query.until {
+            add("start_time <", until.into());
+        }
+        if let Some(min) = query.min_score {
+            add("score >=", f64::from(min).into());
+        }
+        if let Some(verdict) = query.verdict {
+            add("verdict =", verdict.key().to_string().into());
+        }
+        let limit = if query.limit == 0 { 100 } else { query.limit };
+        sql.push_str(&format!(" ORDER BY start_time DESC, id DESC LIMIT {limit}"));
+        let mut statement = self.db.prepare(&sql).map_err(self.sqlite())?;
+        let rows = statement
+            .query_map(rusqlite::params_from_iter(values), row_event)
+            .map_err(self.sqlite())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.sqlite())
+    }
+}
+
+const COLUMNS: &str = "id, camera, start_time, end_time, end_reason, score, raw_score, box, zone, \
+                       model, snapshot_path, clean_path, clip_path, media_gone, verdict, \
+                       verdict_by, verdict_at";
+
+fn row_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    let path = |index: usize| -> rusqlite::Result<Option<PathBuf>> {
+        Ok(row.get::<_, Option<String>>(index)?.map(PathBuf::from))
+    };
+    let boxes: Option<String> = row.get(7)?;
+    Ok(StoredEvent {
+        id: row.get(0)?,
+        camera: row.get(1)?,
+        start_time: row.get(2)?,
+        end_time: row.get(3)?,
+        end_reason: row.get(4)?,
+        score: row.get::<_, f64>(5)? as f32,
+        raw_score: row.get::<_, Option<f64>>(6)?.map(|v| v as f32),
+        boxes: boxes.and_then(|text| serde_json::from_str(&text).ok()),
+        zone: row.get(8)?,
+        model: row.get(9)?,
+        snapshot_path: path(10)?,
+        clean_path: path(11)?,
+        clip_path: path(12)?,
+        media_gone: row.get(13)?,
+        verdict: Verdict::parse(&row.get::<_, String>(14)?),
+        verdict_by: row.get(15)?,
+        verdict_at: row.get(16)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::{BoxN, EndReason};
+
+    fn event(kind: EventKind, id: &str, top: f32, end: Option<f64>) -> AlertEvent {
+        AlertEvent {
+            kind,
+            id: id.into(),
+            camera: "line1".into(),
+            start_time: 1_700_000_000.125,
+            end_time: end,
+            score: top,
+            top_score: top,
+            boxes: vec![BoxN {
+                x: 0.25,
+                y: 0.5,
+                w: 0.125,
+                h: 0.0625,
+            }],
+            snapshot: true,
+            model: "demo".into(),
+            end_reason: end.map(|_| EndReason::Cleared),
+        }
+    }
+
+    #[test]
+    fn an_event_goes_from_new_to_end_with_its_peak_and_a_verdict() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = EventStore::open(&dir.path().join("data")).expect("open");
+        assert_eq!(store.version().expect("version"), MIGRATIONS.len() as i64);
+        let id = "line1-1700000000125-1";
+        let peak = Peak {
+            raw_score: Some(3.5),
+            snapshot_path: Some("s.jpg".into()),
+            clean_path: Some("c.jpg".into()),
+        };
+        store
+            .record(
+                &event(EventKind::New, id, 0.7, None),
+                "abc",
+                Some(&peak),
+                1.0,
+            )
+            .expect("new");
+        let open = store.get(id).expect("get").expect("stored");
+        assert_eq!((open.start_time, open.end_time), (1_700_000_000.125, None));
+        // A lower update does not lower the peak; a higher one raises it.
+        store
+            .record(&event(EventKind::Update, id, 0.6, None), "abc", None, 2.0)
+            .expect("update");
+        assert_eq!(store.get(id).expect("get").map(|e| e.score), Some(0.7));
+        store
+            .record(&event(EventKind::Update, id, 0.9, None), "abc", None, 3.0)
+            .expect("update");
+        store
+            .record(
+                &event(EventKind::End, id, 0.9, Some(1_700_000_009.5)),
+                "abc",
+                None,
+                4.0,
+            )
+            .expect("end");
+        let stored = store.get(id).expect("get").expect("stored");
+        assert_eq!(stored.score, 0.9);
+        assert_eq!(stored.end_time, Some(1_700_000_009.5));
+        assert_eq!(stored.end_reason.as_deref(), Some("cleared"));
+        // The peak's pictures and raw score stay those of the frame that brought them.
+        assert_eq!(stored.raw_score, Some(3.5));
+        assert_eq!(stored.snapshot_path, Some(PathBuf::from("s.jpg")));
+        assert_eq!(stored.boxes, Some([0.25, 0.5, 0.125, 0.0625]));
+        assert_eq!(
+            (stored.model.as_str(), stored.verdict),
+            ("abc", Verdict::Unreviewed)
+        );
+        store
+            .set_verdict(id, Verdict::NotADefect, "anna", 5.0)
+            .expect("verdict");
+        let reviewed = store.get(id).expect("get").expect("stored");
+        assert_eq!(reviewed.verdict, Verdict::NotADefect);
+        assert_eq!(reviewed.verdict_by.as_deref(), Some("anna"));
+        assert!(matches!(
+            store.set_verdict("nope", Verdict::Defect, "anna", 5.0),
+            Err(StoreError::NoEvent(_))
+        ));
+        assert!(store.get("nope").expect("get").is_none());
+    }
+
+    #[test]
+    fn reopening_migrates_once_ends_dangling_events_and_refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let store = EventStore::open(dir.path()).expect("open");
+            store
+                .record(&event(EventKind::New, "a-1-1", 0.8, None), "m", None, 42.0)
+                .expect("new");
+        }
+        let store = EventStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.version().expect("version"), MIGRATIONS.len() as i64);
+        assert_eq!(store.end_dangling().expect("end"), 1);
+        let ended = store.get("a-1-1").expect("get").expect("stored");
+        assert_eq!(ended.end_time, Some(42.0));
+        assert_eq!(ended.end_reason.as_deref(), Some("interrupted"));
+        assert_eq!(store.end_dangling().expect("again"), 0);
+        drop(store);
+        let db = Connection::open(dir.path().join(DATABASE)).expect("raw");
+        db.pragma_update(None, "user_version", 99).expect("bump");
+        drop(db);
+        let message = EventStore::open(dir.path())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains("schema version 99, newer"), "{message}");
+    }
+
+    #[test]
+    fn lists_filter_and_come_newest_first() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = EventStore::open(dir.path()).expect("open");
+        for (index, (camera, score)) in [("a", 0.6), ("b", 0.9), ("a", 0.95)].iter().enumerate() {
+            let mut e = event(EventKind::New, &format!("{camera}-{index}"), *score, None);
+            e.camera = camera.to_string();
+            e.start_time = 100.0 + index as f64;
+            store.record(&e, "m", None, 1.0).expect("record");
+        }
+        let ids = |query: Query| -> Vec<String> {
+            store
+                .list(&query)
+                .expect("list")
+                .into_iter()
+                .map(|e| e.id)
+                .collect()
+        };
+        assert_eq!(ids(Query::default()), ["a-2", "b-1", "a-0"]);
+        let camera_a = Query {
+            camera: Some("a".into()),
+            ..Query::default()
+        };
+        assert_eq!(ids(camera_a), ["a-2", "a-0"]);
+        let strong = Query {
+            min_score: Some(0.9),
+            since: Some(101.0),
+            limit: 1,
+            ..Query::default()
+        };
+        assert_eq!(ids(strong), ["a-2"]);
+        store
+            .set_verdict("b-1", Verdict::Defect, "x", 2.0)
+            .expect("verdict");
+        let defects = Query {
+            verdict: Some(Verdict::Defect),
+            until: Some(102.0),
+            ..Query::default()
+        };
+        assert_eq!(ids(defects), ["b-1"]);
+    }
+}
