@@ -1053,15 +1053,16 @@ fn events_of_a_killed_run_are_published_by_the_next_run() {
         thread::sleep(Duration::from_millis(100));
     }
     // /metrics shows the broker down and the events waiting in the spool.
-    let metrics = {
-        let mut stream = TcpStream::connect(("127.0.0.1", http)).expect("metrics endpoint");
+    let get = |target: &str| {
+        let mut stream = TcpStream::connect(("127.0.0.1", http)).expect("http endpoint");
         stream
-            .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .write_all(format!("GET {target} HTTP/1.0\r\n\r\n").as_bytes())
             .expect("request");
-        let mut text = String::new();
-        stream.read_to_string(&mut text).expect("response");
-        text
+        let mut bytes = Vec::new();
+        stream.read_to_end(&mut bytes).expect("response");
+        bytes
     };
+    let metrics = String::from_utf8_lossy(&get("/metrics")).into_owned();
     assert!(metrics.contains("stpm_mqtt_connected 0\n"), "{metrics}");
     let pending: f64 = metrics
         .lines()
@@ -1069,6 +1070,28 @@ fn events_of_a_killed_run_are_published_by_the_next_run() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     assert!(pending >= 1.0, "{metrics}");
+    // The events API lists the stored event, with its snapshot on the same server.
+    let listed = String::from_utf8_lossy(&get("/api/events?camera=line1")).into_owned();
+    let (head, body) = listed.split_once("\r\n\r\n").expect("a response");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{listed}"
+    );
+    let api: Value = serde_json::from_str(body).expect("JSON");
+    let newest = &api["events"][0];
+    assert_eq!(newest["camera"], "line1", "{api}");
+    let snapshot_url = newest["snapshot_url"]
+        .as_str()
+        .expect("a snapshot URL")
+        .to_string();
+    let picture = get(&snapshot_url);
+    let at = picture
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response")
+        + 4;
+    let decoded = image::load_from_memory(&picture[at..]).expect("the snapshot decodes");
+    assert_eq!((decoded.width(), decoded.height()), (640, 480));
     child.kill().expect("SIGKILL");
     let out = child.wait_with_output().expect("wait");
     let printed = String::from_utf8_lossy(&out.stdout);

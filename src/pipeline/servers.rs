@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::pipeline::config::PipelineConfig;
-use crate::pipeline::http::{HttpError, HttpServer};
+use crate::pipeline::http::{HttpError, HttpServer, Served};
 use crate::pipeline::metrics::{CameraMetrics, Metrics};
 use crate::pipeline::sinks::encoder::Encoder;
 use crate::pipeline::sinks::rtsp::{RtspError, RtspFeed, RtspServer};
@@ -48,9 +48,19 @@ impl LiveOutputs {
             metrics.set_encoder(encoder.element());
         }
         let http = if config.http.enabled {
-            let server = HttpServer::start(&config.http.bind, Arc::clone(&metrics))?;
+            let served = Served {
+                metrics: Arc::clone(&metrics),
+                storage: config.storage.enabled.then(|| config.storage.path.clone()),
+                model: config
+                    .model
+                    .bundle
+                    .file_name()
+                    .map(|name| name.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            };
+            let server = HttpServer::start(&config.http.bind, served)?;
             log::info!(
-                "http: metrics at http://{0}/metrics, health at http://{0}/health",
+                "http: metrics at http://{0}/metrics, health at http://{0}/health, events at http://{0}/api/events",
                 server.address()
             );
             Some(server)

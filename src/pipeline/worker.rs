@@ -257,6 +257,7 @@ impl Worker {
         let calibration = &manifest.calibration;
         let raw_score = scored.scores.first().copied().unwrap_or(0.0);
         state.last_score = calibration.normalise(raw_score);
+        self.metrics.set_score(state.last_score);
         let normalised: Vec<f32> = scored
             .maps
             .iter()

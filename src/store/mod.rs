@@ -136,6 +136,8 @@ pub struct Query {
     pub until: Option<f64>,
     pub min_score: Option<f32>,
     pub verdict: Option<Verdict>,
+    /// Only events before this one in the list's order (`start_time`, `id`): the next page.
+    pub before: Option<(f64, String)>,
     pub limit: usize,
 }
 
@@ -349,6 +351,14 @@ impl EventStore {
         }
         if let Some(verdict) = query.verdict {
             add("verdict =", verdict.key().to_string().into());
+        }
+        if let Some((time, id)) = &query.before {
+            values.push((*time).into());
+            values.push(id.clone().into());
+            let (t, i) = (values.len() - 1, values.len());
+            sql.push_str(&format!(
+                " AND (start_time < ?{t} OR (start_time = ?{t} AND id < ?{i}))"
+            ));
         }
         let limit = if query.limit == 0 { 100 } else { query.limit };
         sql.push_str(&format!(" ORDER BY start_time DESC, id DESC LIMIT {limit}"));

@@ -6,7 +6,7 @@
 mod exposition;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -166,6 +166,8 @@ pub struct CameraMetrics {
     state: AtomicU8,
     alerts: AtomicU64,
     suppressed: AtomicU64,
+    /// The latest analysed frame's normalised score (f32 bits).
+    last_score: AtomicU32,
     inference: Histogram,
     stages: Vec<Histogram>,
     /// The last [`RECENT_FRAMES`] durations (seconds) of each stage, for exact quantiles.
@@ -187,6 +189,7 @@ impl CameraMetrics {
             state: AtomicU8::new(CameraState::Starting.to_u8()),
             alerts: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
+            last_score: AtomicU32::new(0),
             inference: Histogram::new(INFERENCE_BUCKETS),
             stages: Stage::ALL
                 .iter()
@@ -304,6 +307,15 @@ impl CameraMetrics {
         self.state.store(state.to_u8(), Ordering::Relaxed);
     }
 
+    /// The latest analysed frame's normalised score.
+    pub fn set_score(&self, score: f32) {
+        self.last_score.store(score.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn score(&self) -> f32 {
+        f32::from_bits(self.last_score.load(Ordering::Relaxed))
+    }
+
     pub fn state(&self) -> CameraState {
         CameraState::from_u8(self.state.load(Ordering::Relaxed))
     }
@@ -399,6 +411,22 @@ impl Metrics {
             log::warn!("/metrics: cannot encode the metrics: {e}");
         }
         text
+    }
+
+    /// Every camera's name, state, analysed frames per second and latest score.
+    pub fn cameras(&self) -> Vec<(String, CameraState, f64, f32)> {
+        self.state
+            .cameras
+            .iter()
+            .map(|c| {
+                (
+                    c.camera.clone(),
+                    c.state(),
+                    c.fps(self.state.started),
+                    c.score(),
+                )
+            })
+            .collect()
     }
 
     /// Healthy when every camera is online or has ended; the JSON lists each camera's state.

@@ -1,0 +1,515 @@
+//! The events API under `/api`: the event store's rows (filtered, newest first, in pages), one
+//! event, its peak snapshots, the operator's verdict, and the cameras' live state. Errors are JSON
+//! (`{"error": "…"}`) naming the parameter at fault.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query as UrlQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::Served;
+use crate::store::{EventStore, Query, StoredEvent, Verdict};
+
+/// Events per page when `limit` is not given, and the most a page holds.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+
+pub(super) fn routes() -> Router<Arc<Served>> {
+    Router::new()
+        .route("/api/events", get(list))
+        .route("/api/events/{id}", get(one))
+        .route("/api/events/{id}/snapshot.jpg", get(snapshot))
+        .route("/api/events/{id}/clean.jpg", get(clean))
+        .route("/api/events/{id}/verdict", post(verdict))
+        .route("/api/cameras", get(cameras))
+}
+
+/// An error answer: its status and `{"error": message}`.
+pub(super) struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+fn fail(status: StatusCode, message: String) -> ApiError {
+    ApiError { status, message }
+}
+
+/// A JSON error response.
+pub(super) fn error(status: StatusCode, message: String) -> Response {
+    fail(status, message).into_response()
+}
+
+fn bad(message: String) -> ApiError {
+    fail(StatusCode::BAD_REQUEST, message)
+}
+
+/// Runs `work` on the event store of `served` off the async thread.
+async fn with_store<T: Send + 'static>(
+    served: &Served,
+    work: impl FnOnce(&EventStore) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let Some(folder) = served.storage.clone() else {
+        return Err(fail(
+            StatusCode::NOT_FOUND,
+            "events are not kept: [storage] is off".into(),
+        ));
+    };
+    tokio::task::spawn_blocking(move || {
+        let store = EventStore::open(&folder).map_err(internal)?;
+        work(&store)
+    })
+    .await
+    .unwrap_or_else(|e| Err(internal(e)))
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+/// An event as the API shows it: the stored row with URLs on this server instead of paths.
+fn event_json(event: &StoredEvent) -> Value {
+    let url = |path: &Option<PathBuf>, name: &str| {
+        (path.is_some() && !event.media_gone).then(|| format!("/api/events/{}/{name}", event.id))
+    };
+    json!({
+        "id": event.id,
+        "camera": event.camera,
+        "start_time": event.start_time,
+        "end_time": event.end_time,
+        "end_reason": event.end_reason,
+        "score": event.score,
+        "raw_score": event.raw_score,
+        "box": event.boxes,
+        "zone": event.zone,
+        "model": event.model,
+        "verdict": event.verdict,
+        "verdict_by": event.verdict_by,
+        "verdict_at": event.verdict_at,
+        "snapshot_url": url(&event.snapshot_path, "snapshot.jpg"),
+        "clean_url": url(&event.clean_path, "clean.jpg"),
+        "clip_url": url(&event.clip_path, "clip.mp4"),
+    })
+}
+
+/// `cursor` is `<start_time>:<id>` of the last event of the previous page.
+fn parse_query(params: &HashMap<String, String>) -> Result<Query, ApiError> {
+    let mut query = Query {
+        limit: DEFAULT_LIMIT,
+        ..Query::default()
+    };
+    let number = |key: &str, value: &str| -> Result<f64, ApiError> {
+        value
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| bad(format!("{key} = `{value}`: expected a number")))
+    };
+    for (key, value) in params {
+        match key.as_str() {
+            "camera" => query.camera = Some(value.clone()),
+            "since" => query.since = Some(number(key, value)?),
+            "until" => query.until = Some(number(key, value)?),
+            "min_score" => query.min_score = Some(number(key, value)? as f32),
+            "verdict" => {
+                query.verdict = Some(parse_verdict(value).ok_or_else(|| {
+                    bad(format!(
+                        "verdict = `{value}`: use unreviewed, defect or not_a_defect"
+                    ))
+                })?)
+            }
+            "limit" => {
+                query.limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIMIT).contains(n))
+                    .ok_or_else(|| bad(format!("limit = `{value}`: use 1 to {MAX_LIMIT}")))?
+            }
+            "cursor" => {
+                let parsed = value
+                    .split_once(':')
+                    .and_then(|(time, id)| Some((time.parse::<f64>().ok()?, id.to_string())));
+                query.before = Some(parsed.ok_or_else(|| {
+                    bad(format!(
+                        "cursor = `{value}`: pass the next_cursor of the previous page"
+                    ))
+                })?);
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown parameter `{other}` (camera, since, until, min_score, verdict, limit, cursor)"
+                )));
+            }
+        }
+    }
+    Ok(query)
+}
+
+fn parse_verdict(text: &str) -> Option<Verdict> {
+    match text {
+        "unreviewed" => Some(Verdict::Unreviewed),
+        "defect" => Some(Verdict::Defect),
+        "not_a_defect" => Some(Verdict::NotADefect),
+        _ => None,
+    }
+}
+
+/// `GET /api/events`: `{"events": […], "next_cursor": "…" | null}`, newest first.
+async fn list(
+    State(served): State<Arc<Served>>,
+    UrlQuery(params): UrlQuery<HashMap<String, String>>,
+) -> Response {
+    let query = match parse_query(&params) {
+        Ok(query) => query,
+        Err(e) => return e.into_response(),
+    };
+    let limit = query.limit;
+    let listed = with_store(&served, move |store| store.list(&query).map_err(internal)).await;
+    match listed {
+        Ok(events) => {
+            let next = (events.len() == limit)
+                .then(|| events.last().map(|e| format!("{}:{}", e.start_time, e.id)))
+                .flatten();
+            let events: Vec<Value> = events.iter().map(event_json).collect();
+            axum::Json(json!({ "events": events, "next_cursor": next })).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The stored event `id`, or a 404 response.
+async fn find(served: &Served, id: String) -> Result<StoredEvent, ApiError> {
+    with_store(served, move |store| {
+        store
+            .get(&id)
+            .map_err(internal)?
+            .ok_or_else(|| fail(StatusCode::NOT_FOUND, format!("no event {id}")))
+    })
+    .await
+}
+
+async fn one(State(served): State<Arc<Served>>, Path(id): Path<String>) -> Response {
+    match find(&served, id).await {
+        Ok(event) => axum::Json(event_json(&event)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A JPEG of the event's peak, or 404 when there is none (or retention removed it).
+async fn picture(served: &Served, id: String, clean: bool) -> Response {
+    let event = match find(served, id).await {
+        Ok(event) => event,
+        Err(e) => return e.into_response(),
+    };
+    let path = if clean {
+        event.clean_path.clone()
+    } else {
+        event.snapshot_path.clone()
+    };
+    let Some(path) = path.filter(|_| !event.media_gone) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("event {} has no such picture", event.id),
+        );
+    };
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => ([(header::CONTENT_TYPE, "image/jpeg")], bytes).into_response(),
+        Err(e) => error(
+            StatusCode::NOT_FOUND,
+            format!("event {}: {} cannot be read: {e}", event.id, path.display()),
+        ),
+    }
+}
+
+async fn snapshot(State(served): State<Arc<Served>>, Path(id): Path<String>) -> Response {
+    picture(&served, id, false).await
+}
+
+async fn clean(State(served): State<Arc<Served>>, Path(id): Path<String>) -> Response {
+    picture(&served, id, true).await
+}
+
+#[derive(Deserialize)]
+struct VerdictBody {
+    verdict: String,
+    /// Who decided (free text until accounts exist).
+    #[serde(default)]
+    by: Option<String>,
+}
+
+/// `POST /api/events/{id}/verdict` with `{"verdict": "defect" | "not_a_defect" | "unreviewed",
+/// "by": "…"}`: the updated event.
+async fn verdict(
+    State(served): State<Arc<Served>>,
+    Path(id): Path<String>,
+    body: Result<axum::Json<VerdictBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let axum::Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => return bad(format!("body: {}", rejection.body_text())).into_response(),
+    };
+    let Some(verdict) = parse_verdict(&body.verdict) else {
+        return bad(format!(
+            "verdict = `{}`: use unreviewed, defect or not_a_defect",
+            body.verdict
+        ))
+        .into_response();
+    };
+    let by = body.by.unwrap_or_else(|| "api".into());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let updated = with_store(&served, move |store| {
+        match store.set_verdict(&id, verdict, &by, now) {
+            Err(crate::store::StoreError::NoEvent(id)) => {
+                return Err(fail(StatusCode::NOT_FOUND, format!("no event {id}")));
+            }
+            Err(e) => return Err(internal(e)),
+            Ok(()) => {}
+        }
+        store
+            .get(&id)
+            .map_err(internal)?
+            .ok_or_else(|| fail(StatusCode::NOT_FOUND, format!("no event {id}")))
+    })
+    .await;
+    match updated {
+        Ok(event) => axum::Json(event_json(&event)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /api/cameras`: `{"cameras": [{"name", "state", "fps", "score", "model"}, …]}`.
+async fn cameras(State(served): State<Arc<Served>>) -> Response {
+    let cameras: Vec<Value> = served
+        .metrics
+        .cameras()
+        .into_iter()
+        .map(|(name, state, fps, score)| {
+            json!({
+                "name": name,
+                "state": state.name(),
+                "fps": (fps * 1000.0).round() / 1000.0,
+                "score": score,
+                "model": served.model,
+            })
+        })
+        .collect();
+    axum::Json(json!({ "cameras": cameras })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{call, runtime};
+    use super::super::{Served, router};
+    use crate::alerts::{AlertEvent, EventKind};
+    use crate::pipeline::metrics::Metrics;
+    use crate::store::{EventStore, Peak};
+    use serde_json::Value;
+    use std::sync::Arc;
+
+    fn event(id: &str, camera: &str, start: f64, score: f32) -> AlertEvent {
+        AlertEvent {
+            kind: EventKind::New,
+            id: id.into(),
+            camera: camera.into(),
+            start_time: start,
+            end_time: None,
+            score,
+            top_score: score,
+            boxes: Vec::new(),
+            snapshot: true,
+            model: "demo".into(),
+            end_reason: None,
+        }
+    }
+
+    #[test]
+    fn events_list_page_filter_serve_pictures_and_take_verdicts() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = EventStore::open(dir.path()).expect("store");
+        let jpeg = dir.path().join("a.jpg");
+        std::fs::write(&jpeg, "not really a jpeg").expect("jpeg");
+        let peak = Peak {
+            raw_score: Some(2.0),
+            snapshot_path: Some(jpeg),
+            clean_path: None,
+        };
+        store
+            .record(&event("a-1", "line1", 10.0, 0.7), "m1", Some(&peak), 1.0)
+            .expect("a-1");
+        store
+            .record(&event("b-2", "line2", 20.0, 0.9), "m1", None, 1.0)
+            .expect("b-2");
+        store
+            .record(&event("a-3", "line1", 30.0, 0.6), "m1", None, 1.0)
+            .expect("a-3");
+        let metrics = Arc::new(Metrics::new("cpu", "fp32", &["line1".into()]));
+        let app = router(Arc::new(Served {
+            metrics,
+            storage: Some(dir.path().to_path_buf()),
+            model: "demo".into(),
+        }));
+        let json = |body: &str| serde_json::from_str::<Value>(body).expect("json");
+        let ids = |body: &str| -> Vec<String> {
+            json(body)["events"]
+                .as_array()
+                .map(|events| {
+                    events
+                        .iter()
+                        .filter_map(|e| e["id"].as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        runtime().block_on(async {
+            let (status, _, body) = call(&app, "GET", "/api/events", "").await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(ids(&body), ["a-3", "b-2", "a-1"]);
+            let all = json(&body);
+            let first = &all["events"][2];
+            assert_eq!(first["snapshot_url"], "/api/events/a-1/snapshot.jpg");
+            assert_eq!(first["clip_url"], Value::Null);
+            assert_eq!(
+                (first["verdict"].as_str(), first["model"].as_str()),
+                (Some("unreviewed"), Some("m1"))
+            );
+            assert_eq!(all["next_cursor"], Value::Null);
+
+            let (_, _, body) =
+                call(&app, "GET", "/api/events?camera=line1&min_score=0.65", "").await;
+            assert_eq!(ids(&body), ["a-1"]);
+            let (_, _, body) = call(&app, "GET", "/api/events?limit=2", "").await;
+            assert_eq!(ids(&body), ["a-3", "b-2"]);
+            let cursor = json(&body)["next_cursor"]
+                .as_str()
+                .map(String::from)
+                .expect("cursor");
+            let (_, _, body) = call(
+                &app,
+                "GET",
+                &format!("/api/events?limit=2&cursor={cursor}"),
+                "",
+            )
+            .await;
+            assert_eq!(ids(&body), ["a-1"]);
+
+            for (query, named) in [
+                ("limit=0", "limit"),
+                ("since=abc", "since"),
+                ("verdict=maybe", "verdict"),
+                ("bogus=1", "bogus"),
+                ("cursor=x", "cursor"),
+            ] {
+                let (status, _, body) =
+                    call(&app, "GET", &format!("/api/events?{query}"), "").await;
+                assert_eq!(status, 400, "{query}: {body}");
+                assert!(
+                    json(&body)["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains(named)),
+                    "{body}"
+                );
+            }
+
+            let (status, _, body) = call(&app, "GET", "/api/events/b-2", "").await;
+            assert_eq!(
+                (status, json(&body)["camera"].as_str()),
+                (200, Some("line2"))
+            );
+            assert_eq!(call(&app, "GET", "/api/events/nope", "").await.0, 404);
+            let (status, kind, body) = call(&app, "GET", "/api/events/a-1/snapshot.jpg", "").await;
+            assert_eq!(
+                (status, kind.as_str(), body.as_str()),
+                (200, "image/jpeg", "not really a jpeg")
+            );
+            assert_eq!(
+                call(&app, "GET", "/api/events/a-1/clean.jpg", "").await.0,
+                404
+            );
+            assert_eq!(
+                call(&app, "GET", "/api/events/b-2/snapshot.jpg", "")
+                    .await
+                    .0,
+                404
+            );
+
+            let (status, _, body) = call(
+                &app,
+                "POST",
+                "/api/events/b-2/verdict",
+                r#"{"verdict":"defect","by":"anna"}"#,
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(
+                (
+                    json(&body)["verdict"].as_str(),
+                    json(&body)["verdict_by"].as_str()
+                ),
+                (Some("defect"), Some("anna"))
+            );
+            let (_, _, body) = call(&app, "GET", "/api/events?verdict=defect", "").await;
+            assert_eq!(ids(&body), ["b-2"]);
+            let (status, _, body) = call(
+                &app,
+                "POST",
+                "/api/events/b-2/verdict",
+                r#"{"verdict":"maybe"}"#,
+            )
+            .await;
+            assert!(status == 400 && body.contains("verdict"), "{body}");
+            assert_eq!(
+                call(&app, "POST", "/api/events/b-2/verdict", "not json")
+                    .await
+                    .0,
+                400
+            );
+            assert_eq!(
+                call(
+                    &app,
+                    "POST",
+                    "/api/events/nope/verdict",
+                    r#"{"verdict":"defect"}"#
+                )
+                .await
+                .0,
+                404
+            );
+
+            let (status, _, body) = call(&app, "GET", "/api/cameras", "").await;
+            assert_eq!(status, 200);
+            let cameras = json(&body);
+            assert_eq!(cameras["cameras"][0]["name"], "line1");
+            assert_eq!(cameras["cameras"][0]["state"], "starting");
+            assert_eq!(cameras["cameras"][0]["model"], "demo");
+        });
+    }
+
+    #[test]
+    fn without_storage_the_events_api_says_so() {
+        let app = router(Arc::new(Served {
+            metrics: Arc::new(Metrics::new("cpu", "fp32", &[])),
+            storage: None,
+            model: String::new(),
+        }));
+        runtime().block_on(async {
+            let (status, _, body) = call(&app, "GET", "/api/events", "").await;
+            assert_eq!(status, 404);
+            assert!(body.contains("[storage] is off"), "{body}");
+        });
+    }
+}

@@ -1,0 +1,263 @@
+//! `[http]`: `/metrics` (OpenMetrics text), `/health` and the events API (`api`) on axum, on a
+//! small tokio runtime of its own thread. Reads [`Metrics`] and the event store; never touches
+//! frames or the engine.
+
+mod api;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::sync::oneshot;
+
+use crate::pipeline::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error(
+        "http.bind = `{bind}`: cannot listen there ({source}); pick another port or stop what uses it"
+    )]
+    Bind {
+        bind: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start the HTTP thread: {0}")]
+    Start(std::io::Error),
+}
+
+/// What the endpoints read.
+pub struct Served {
+    pub metrics: Arc<Metrics>,
+    /// The event store's folder (`[storage] path`), when events are kept.
+    pub storage: Option<PathBuf>,
+    /// The model bundle's name, for `/api/cameras`.
+    pub model: String,
+}
+
+/// The running endpoint; [`HttpServer::stop`] ends it.
+pub struct HttpServer {
+    address: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// Binds `bind` (`ip:port`) at once, so a taken port fails the start, then serves on a thread.
+    pub fn start(bind: &str, served: Served) -> Result<Self, HttpError> {
+        let bind_error = |source| HttpError::Bind {
+            bind: bind.to_string(),
+            source,
+        };
+        let listener = std::net::TcpListener::bind(bind).map_err(bind_error)?;
+        listener.set_nonblocking(true).map_err(bind_error)?;
+        let address = listener.local_addr().map_err(bind_error)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(HttpError::Start)?;
+        let (shutdown, stopped) = oneshot::channel();
+        let app = router(Arc::new(served));
+        let thread = std::thread::Builder::new()
+            .name("http".into())
+            .spawn(move || runtime.block_on(serve(listener, app, stopped)))
+            .map_err(HttpError::Start)?;
+        Ok(Self {
+            address,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        })
+    }
+
+    /// Where it listens (the real port when the configuration said 0).
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Stops accepting and ends the thread (requests in progress are cut).
+    pub fn stop(mut self) {
+        self.shut_down();
+    }
+
+    fn shut_down(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+async fn serve(listener: std::net::TcpListener, app: Router, stopped: oneshot::Receiver<()>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            log::warn!("http: cannot serve: {e}");
+            return;
+        }
+    };
+    let shutdown = async {
+        let _ = stopped.await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        log::warn!("http: {e}");
+    }
+}
+
+/// Every route (GET routes answer HEAD too).
+fn router(served: Arc<Served>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .merge(api::routes())
+        .fallback(not_found)
+        .with_state(served)
+}
+
+async fn metrics(axum::extract::State(served): axum::extract::State<Arc<Served>>) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, super::metrics::CONTENT_TYPE),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        served.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `{"cameras":[{"camera":…,"state":…}],"status":"ok"|"unhealthy"}`: 200 when every camera is
+/// online or has ended, else 503.
+async fn health(axum::extract::State(served): axum::extract::State<Arc<Served>>) -> Response {
+    let (healthy, json) = served.metrics.health();
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        format!("{json}\n"),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    api::error(
+        StatusCode::NOT_FOUND,
+        "not found: try /metrics, /health or /api/events".into(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::metrics::CameraState;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    /// (status, content type, body) of `method path` on `app`.
+    pub(super) async fn call(
+        app: &Router,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> (u16, String, String) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .expect("request");
+        let response = app.clone().oneshot(request).await.expect("response");
+        let status = response.status().as_u16();
+        let kind = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        (status, kind, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    pub(super) fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn routes_metrics_health_and_errors() {
+        let metrics = Arc::new(Metrics::new("cpu", "fp32", &["line1".into()]));
+        let app = router(Arc::new(Served {
+            metrics: Arc::clone(&metrics),
+            storage: None,
+            model: "demo".into(),
+        }));
+        runtime().block_on(async {
+            let (status, kind, body) = call(&app, "GET", "/metrics", "").await;
+            assert_eq!(
+                (status, kind.as_str()),
+                (200, super::super::metrics::CONTENT_TYPE)
+            );
+            assert!(body.contains("stpm_engine_info{provider=\"cpu\",precision=\"fp32\"} 1"));
+            let (status, _, body) = call(&app, "GET", "/health", "").await;
+            assert_eq!(status, 503);
+            assert!(body.contains("\"starting\""), "{body}");
+            if let Some(camera) = metrics.camera("line1") {
+                camera.set_state(CameraState::Online);
+            }
+            let (status, _, body) = call(&app, "GET", "/health?verbose=1", "").await;
+            assert_eq!(status, 200);
+            assert!(body.starts_with("{\"cameras\""), "{body}");
+            let (status, _, body) = call(&app, "HEAD", "/metrics", "").await;
+            assert_eq!((status, body.as_str()), (200, ""));
+            let (status, kind, body) = call(&app, "GET", "/nowhere", "").await;
+            assert_eq!((status, kind.as_str()), (404, "application/json"));
+            assert!(body.contains("\"error\""), "{body}");
+            assert_eq!(call(&app, "POST", "/metrics", "").await.0, 405);
+        });
+    }
+
+    #[test]
+    fn a_taken_port_is_a_start_error_naming_the_key() {
+        let served = || Served {
+            metrics: Arc::new(Metrics::new("cpu", "fp32", &[])),
+            storage: None,
+            model: String::new(),
+        };
+        let server = HttpServer::start("127.0.0.1:0", served()).expect("start");
+        let taken = server.address().to_string();
+        let message = HttpServer::start(&taken, served())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains(&format!("http.bind = `{taken}`")),
+            "{message}"
+        );
+        server.stop();
+    }
+}
