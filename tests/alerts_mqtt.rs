@@ -1250,3 +1250,76 @@ fn stpm_run_publishes_events_snapshot_state_and_availability() {
         "spool drained"
     );
 }
+
+/// `[clips]`: an event of the always-anomalous bundle gets one MP4, cut from the camera's encoded
+/// stream, recorded in the store, that decodes to the frames of the run (the event lasts from the
+/// first frame to the end, so there is no room for pre- or post-roll here).
+#[test]
+fn an_event_gets_a_clip_that_decodes() {
+    let dir = tempfile::tempdir().expect("dir");
+    let bundle = always_anomalous_bundle(dir.path());
+    let pipeline = run_pipeline_with(
+        dir.path(),
+        &bundle,
+        "test://conveyor?frames=60&fps=10",
+        free_port(),
+        "clips",
+        "\n[clips]\nenabled = true\npre_seconds = 1\npost_seconds = 1\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_stpm"))
+        .args(["run", "--pipeline"])
+        .arg(&pipeline)
+        .output()
+        .expect("run stpm");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{log}");
+    let events = EventStore::open(&dir.path().join("data"))
+        .expect("store")
+        .list(&Query::default())
+        .expect("list");
+    assert_eq!(events.len(), 1, "{events:?}");
+    let clip = events[0].clip_path.clone().expect("the event has a clip");
+    assert!(
+        clip.ends_with(format!("clips/line1/{}.mp4", events[0].id)),
+        "{clip:?}"
+    );
+    let (frames, width, height) = decode_mp4(&clip);
+    assert_eq!((width, height), (640, 480));
+    assert!((55..=60).contains(&frames), "{frames} frames: {log}");
+}
+
+/// Frames, width and height of an MP4 clip, decoded by GStreamer.
+fn decode_mp4(path: &Path) -> (usize, i32, i32) {
+    use gstreamer as gst;
+    use gstreamer::prelude::*;
+    gst::init().expect("gst init");
+    let pipeline = gst::parse::launch(&format!(
+        "filesrc location={} ! qtdemux ! h264parse ! avdec_h264 ! videoconvert ! \
+         video/x-raw,format=RGB ! appsink name=sink sync=false",
+        path.display()
+    ))
+    .expect("decoder")
+    .downcast::<gst::Pipeline>()
+    .expect("pipeline");
+    let sink = pipeline
+        .by_name("sink")
+        .and_then(|e| e.downcast::<gstreamer_app::AppSink>().ok())
+        .expect("appsink");
+    pipeline.set_state(gst::State::Playing).expect("play");
+    let (mut frames, mut size) = (0, (0, 0));
+    while let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_seconds(10)) {
+        frames += 1;
+        if let Some(s) = sample.caps().and_then(|c| c.structure(0)) {
+            size = (
+                s.get::<i32>("width").unwrap_or(0),
+                s.get::<i32>("height").unwrap_or(0),
+            );
+        }
+    }
+    let _ = pipeline.set_state(gst::State::Null);
+    (frames, size.0, size.1)
+}

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::alerts::{AlertConfig, CameraAlertOverrides, MqttConfig};
 use crate::engine::batch::MAX_BATCH;
 pub use crate::engine::select::{AUTO_CPU_SESSIONS, MAX_SESSIONS, ModelConfig};
+pub use crate::pipeline::sinks::clips::ClipsConfig;
 use crate::pipeline::sinks::encoder::EncoderRequest;
 pub use crate::pipeline::sinks::events::StorageConfig;
 pub use crate::pipeline::sinks::record::RecordConfig;
@@ -39,6 +40,9 @@ pub struct PipelineConfig {
     /// The event store and its snapshots.
     #[serde(default)]
     pub storage: StorageConfig,
+    /// A clip of every event.
+    #[serde(default)]
+    pub clips: ClipsConfig,
 }
 
 /// `[[camera]]`
@@ -338,6 +342,13 @@ impl PipelineConfig {
             problems.extend(e.problems);
         }
         problems.extend(self.output_problems());
+        problems.extend(self.clips.problems());
+        if self.clips.enabled && !self.storage.enabled {
+            problems.push(
+                "clips.enabled = true needs storage.enabled = true (clips are kept with their events)"
+                    .into(),
+            );
+        }
         problems
     }
 

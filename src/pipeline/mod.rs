@@ -33,6 +33,7 @@ use config::{PipelineConfig, SourceUri};
 use queue::FrameQueue;
 use servers::{CameraOutputs, LiveError, LiveOutputs};
 use sinks::Sink;
+use sinks::clips::clips;
 use sinks::console::Console;
 use sinks::encoder::{Encoder, EncoderError};
 use sinks::events::EventWriter;
@@ -337,7 +338,7 @@ pub fn run_with(
             queue,
             epoch,
             metrics: Arc::clone(&camera_outputs.metrics),
-            sinks: camera_sinks(&camera.name, epoch as u64, camera_outputs, &shared),
+            sinks: camera_sinks(&camera.name, epoch, camera_outputs, &shared),
             #[cfg(feature = "gpu")]
             gpu: gpu_overlay,
         };
@@ -396,15 +397,16 @@ struct SharedOutputs<'a> {
     print_alerts: bool,
 }
 
-/// The outputs of one camera (its stream time 0 was unix second `started`), in the order the
-/// worker calls them: stdout, MQTT events and snapshots, the event store, then the video (one encode for the
+/// The outputs of one camera (its stream time 0 was unix time `epoch`), in the order the worker
+/// calls them: stdout, MQTT events and snapshots, the event store, clips, then the video (one encode for the
 /// recording and the RTSP feed).
 fn camera_sinks(
     camera: &str,
-    started: u64,
+    epoch: f64,
     own: CameraOutputs,
     shared: &SharedOutputs,
 ) -> Vec<Box<dyn Sink>> {
+    let started = epoch as u64;
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if shared.print_alerts {
         sinks.push(Box::new(Console));
@@ -417,6 +419,12 @@ fn camera_sinks(
         sinks.push(Box::new(log));
     }
     let mut video: Vec<Arc<dyn VideoSink>> = Vec::new();
+    let clip_log = shared.events.and_then(EventWriter::clip_log);
+    if let (true, Some(log)) = (shared.config.clips.enabled, clip_log) {
+        let (alerts, feed) = clips(camera, &shared.config.clips, epoch, log);
+        sinks.push(Box::new(alerts));
+        video.push(Arc::new(feed));
+    }
     let record = &shared.config.output.record;
     if record.enabled {
         video.push(Arc::new(Recording::new(camera, record, started)));
@@ -435,11 +443,11 @@ fn camera_sinks(
     sinks
 }
 
-/// The encoder of the enabled video outputs (`None` when neither recordings nor RTSP are on),
+/// The encoder of the enabled video outputs (`None` when recordings, RTSP and clips are off),
 /// announced once.
 fn output_encoder(config: &PipelineConfig) -> Result<Option<Encoder>, EncoderError> {
     let output = &config.output;
-    if !output.record.enabled && !output.rtsp.enabled {
+    if !output.record.enabled && !output.rtsp.enabled && !config.clips.enabled {
         return Ok(None);
     }
     let encoder = Encoder::resolve(output.encoder.parse()?)?;

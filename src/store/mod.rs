@@ -296,6 +296,17 @@ impl EventStore {
             .map_err(self.sqlite())
     }
 
+    /// Records the event's clip.
+    pub fn set_clip(&self, id: &str, path: &Path) -> Result<(), StoreError> {
+        self.db
+            .execute(
+                "UPDATE events SET clip_path = ?2 WHERE id = ?1",
+                params![id, path.to_string_lossy()],
+            )
+            .map_err(self.sqlite())?;
+        Ok(())
+    }
+
     /// Sets the operator's verdict.
     pub fn set_verdict(
         &self,

@@ -27,6 +27,7 @@ pub(super) fn routes() -> Router<Arc<Served>> {
         .route("/api/events/{id}", get(one))
         .route("/api/events/{id}/snapshot.jpg", get(snapshot))
         .route("/api/events/{id}/clean.jpg", get(clean))
+        .route("/api/events/{id}/clip.mp4", get(clip))
         .route("/api/events/{id}/verdict", post(verdict))
         .route("/api/cameras", get(cameras))
 }
@@ -241,6 +242,33 @@ async fn clean(State(served): State<Arc<Served>>, Path(id): Path<String>) -> Res
     picture(&served, id, true).await
 }
 
+/// The event's clip, with HTTP Range (browsers seek in it), or 404 when there is none.
+async fn clip(
+    State(served): State<Arc<Served>>,
+    Path(id): Path<String>,
+    request: axum::extract::Request,
+) -> Response {
+    use tower::ServiceExt;
+    let event = match find(&served, id).await {
+        Ok(event) => event,
+        Err(e) => return e.into_response(),
+    };
+    let Some(path) = event.clip_path.clone().filter(|_| !event.media_gone) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("event {} has no clip", event.id),
+        );
+    };
+    // The type comes from the extension: video/mp4.
+    match tower_http::services::ServeFile::new(&path)
+        .oneshot(request)
+        .await
+    {
+        Ok(response) => response.map(axum::body::Body::new),
+        Err(e) => internal(e).into_response(),
+    }
+}
+
 #[derive(Deserialize)]
 struct VerdictBody {
     verdict: String,
@@ -313,7 +341,7 @@ async fn cameras(State(served): State<Arc<Served>>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{call, runtime};
+    use super::super::tests::{call, call_with, runtime};
     use super::super::{Served, router};
     use crate::alerts::{AlertEvent, EventKind};
     use crate::pipeline::metrics::Metrics;
@@ -489,6 +517,34 @@ mod tests {
                 .0,
                 404
             );
+
+            // Clips: whole, and by Range (206 with just those bytes).
+            assert_eq!(
+                call(&app, "GET", "/api/events/a-1/clip.mp4", "").await.0,
+                404
+            );
+            let clip = dir.path().join("a-1.mp4");
+            std::fs::write(&clip, "0123456789").expect("clip");
+            EventStore::open(dir.path())
+                .expect("store")
+                .set_clip("a-1", &clip)
+                .expect("set clip");
+            let (status, kind, body) = call(&app, "GET", "/api/events/a-1/clip.mp4", "").await;
+            assert_eq!(
+                (status, kind.as_str(), body.as_str()),
+                (200, "video/mp4", "0123456789")
+            );
+            let (status, _, body) = call_with(
+                &app,
+                "GET",
+                "/api/events/a-1/clip.mp4",
+                "",
+                &[("range", "bytes=2-5")],
+            )
+            .await;
+            assert_eq!((status, body.as_str()), (206, "2345"));
+            let (_, _, body) = call(&app, "GET", "/api/events/a-1", "").await;
+            assert_eq!(json(&body)["clip_url"], "/api/events/a-1/clip.mp4");
 
             let (status, _, body) = call(&app, "GET", "/api/cameras", "").await;
             assert_eq!(status, 200);

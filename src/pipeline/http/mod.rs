@@ -181,12 +181,25 @@ mod tests {
         path: &str,
         body: &str,
     ) -> (u16, String, String) {
-        let request = Request::builder()
+        call_with(app, method, path, body, &[]).await
+    }
+
+    /// [`call`] with extra request headers.
+    pub(super) async fn call_with(
+        app: &Router,
+        method: &str,
+        path: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, String, String) {
+        let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(body.to_string()))
-            .expect("request");
+            .header(header::CONTENT_TYPE, "application/json");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Body::from(body.to_string())).expect("request");
         let response = app.clone().oneshot(request).await.expect("response");
         let status = response.status().as_u16();
         let kind = response

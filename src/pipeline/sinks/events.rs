@@ -47,8 +47,17 @@ fn default_path() -> PathBuf {
     "data".into()
 }
 
-/// What a camera hands the writer.
-struct Job {
+/// What the cameras hand the writer.
+enum Job {
+    Event(EventJob),
+    /// An event's clip is complete at `path`.
+    Clip {
+        id: String,
+        path: PathBuf,
+    },
+}
+
+struct EventJob {
     event: AlertEvent,
     /// The model that scored it (the bundle's manifest hash, 12 hex digits).
     model: String,
@@ -69,6 +78,31 @@ pub struct EventWriter {
     jobs: Option<mpsc::SyncSender<Job>>,
     thread: Option<JoinHandle<()>>,
     model: String,
+    folder: PathBuf,
+}
+
+/// Records finished clips in the store.
+#[derive(Clone)]
+pub struct ClipLog {
+    jobs: mpsc::SyncSender<Job>,
+    /// `<storage>/clips`.
+    pub folder: PathBuf,
+}
+
+impl ClipLog {
+    /// The clip of event `id` is complete at `path`.
+    pub fn done(&self, id: &str, path: &Path) {
+        let job = Job::Clip {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+        };
+        if self.jobs.send(job).is_err() {
+            log::warn!(
+                "storage: the writer has stopped; clip {} is not recorded",
+                path.display()
+            );
+        }
+    }
 }
 
 impl EventWriter {
@@ -93,7 +127,13 @@ impl EventWriter {
             .name("events".into())
             .spawn(move || {
                 for job in queue {
-                    if let Err(error) = write(&store, &folder, job) {
+                    let written = match job {
+                        Job::Event(job) => write(&store, &folder, job),
+                        Job::Clip { id, path } => {
+                            store.set_clip(&id, &path).map_err(WriteError::from)
+                        }
+                    };
+                    if let Err(error) = written {
                         log::warn!("storage: {error}");
                     }
                 }
@@ -106,6 +146,7 @@ impl EventWriter {
             jobs: Some(jobs),
             thread: Some(thread),
             model: model.to_string(),
+            folder: config.path.clone(),
         })
     }
 
@@ -115,6 +156,14 @@ impl EventWriter {
             camera: camera.to_string(),
             model: self.model.clone(),
             jobs: self.jobs.clone()?,
+        })
+    }
+
+    /// Where finished clips are reported, and the folder they go in.
+    pub fn clip_log(&self) -> Option<ClipLog> {
+        Some(ClipLog {
+            jobs: self.jobs.clone()?,
+            folder: self.folder.join("clips"),
         })
     }
 
@@ -142,7 +191,7 @@ enum WriteError {
 }
 
 /// Writes the job's pictures (at a new peak), then its row.
-fn write(store: &EventStore, folder: &Path, job: Job) -> Result<(), WriteError> {
+fn write(store: &EventStore, folder: &Path, job: EventJob) -> Result<(), WriteError> {
     let peak = match job.peak {
         Some(frames) => {
             let dir = folder.join("snapshots").join(&job.event.camera);
@@ -214,11 +263,11 @@ impl Sink for EventLog {
                 raw_score: picture.raw_score,
             });
         self.jobs
-            .send(Job {
+            .send(Job::Event(EventJob {
                 event: event.clone(),
                 model: self.model.clone(),
                 peak,
-            })
+            }))
             .map_err(|_| SinkError::Stored(self.camera.clone()))
     }
 }

@@ -5,6 +5,7 @@
 //! out to its own outputs, the recording (`record`) and the RTSP feed (`rtsp`). A new output is a
 //! new file here and one line where `pipeline` builds a camera's sinks.
 
+pub mod clips;
 pub mod console;
 pub mod encoder;
 pub mod events;
