@@ -978,6 +978,22 @@ fn always_anomalous_bundle(dir: &Path) -> PathBuf {
     bundle
 }
 
+/// Runs `stpm run --pipeline <pipeline>` to its end; checks it exits 0 and returns its output.
+fn run_to_end(pipeline: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_stpm"))
+        .args(["run", "--pipeline"])
+        .arg(pipeline)
+        .output()
+        .expect("run stpm");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{log}");
+    log
+}
+
 /// A pipeline file: one conveyor camera (not realtime when `frames=` is given), the spool in
 /// `dir/spool`, the event store in `dir/data`, MQTT on 127.0.0.1:`port` with `prefix`.
 fn run_pipeline(dir: &Path, bundle: &Path, source: &str, port: u16, prefix: &str) -> PathBuf {
@@ -1159,17 +1175,7 @@ fn stpm_run_publishes_events_snapshot_state_and_availability() {
         broker.port,
         "e2e",
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_stpm"))
-        .args(["run", "--pipeline"])
-        .arg(&pipeline)
-        .output()
-        .expect("run stpm");
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{log}");
+    let log = run_to_end(&pipeline);
     assert!(log.contains("connected"), "{log}");
 
     let mut messages = Vec::new();
@@ -1266,17 +1272,7 @@ fn an_event_gets_a_clip_that_decodes() {
         "clips",
         "\n[clips]\nenabled = true\npre_seconds = 1\npost_seconds = 1\n",
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_stpm"))
-        .args(["run", "--pipeline"])
-        .arg(&pipeline)
-        .output()
-        .expect("run stpm");
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{log}");
+    let log = run_to_end(&pipeline);
     let events = EventStore::open(&dir.path().join("data"))
         .expect("store")
         .list(&Query::default())
@@ -1287,39 +1283,7 @@ fn an_event_gets_a_clip_that_decodes() {
         clip.ends_with(format!("clips/line1/{}.mp4", events[0].id)),
         "{clip:?}"
     );
-    let (frames, width, height) = decode_mp4(&clip);
+    let (frames, width, height) = common::decode_mp4(&clip);
     assert_eq!((width, height), (640, 480));
     assert!((55..=60).contains(&frames), "{frames} frames: {log}");
-}
-
-/// Frames, width and height of an MP4 clip, decoded by GStreamer.
-fn decode_mp4(path: &Path) -> (usize, i32, i32) {
-    use gstreamer as gst;
-    use gstreamer::prelude::*;
-    gst::init().expect("gst init");
-    let pipeline = gst::parse::launch(&format!(
-        "filesrc location={} ! qtdemux ! h264parse ! avdec_h264 ! videoconvert ! \
-         video/x-raw,format=RGB ! appsink name=sink sync=false",
-        path.display()
-    ))
-    .expect("decoder")
-    .downcast::<gst::Pipeline>()
-    .expect("pipeline");
-    let sink = pipeline
-        .by_name("sink")
-        .and_then(|e| e.downcast::<gstreamer_app::AppSink>().ok())
-        .expect("appsink");
-    pipeline.set_state(gst::State::Playing).expect("play");
-    let (mut frames, mut size) = (0, (0, 0));
-    while let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_seconds(10)) {
-        frames += 1;
-        if let Some(s) = sample.caps().and_then(|c| c.structure(0)) {
-            size = (
-                s.get::<i32>("width").unwrap_or(0),
-                s.get::<i32>("height").unwrap_or(0),
-            );
-        }
-    }
-    let _ = pipeline.set_state(gst::State::Null);
-    (frames, size.0, size.1)
 }

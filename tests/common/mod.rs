@@ -169,10 +169,19 @@ pub fn sample_size(sample: &gst::Sample) -> (i32, i32) {
 
 /// Decodes a Matroska/H.264 file and returns (frames, width, height).
 pub fn decode_mkv(file: &Path) -> (usize, i32, i32) {
-    let (pipeline, sink) = appsink_pipeline(
-        "filesrc name=src ! matroskademux ! h264parse ! avdec_h264 ! videoconvert ! \
-         video/x-raw,format=RGB ! appsink name=sink sync=false",
-    );
+    decode_with(file, "matroskademux")
+}
+
+/// Decodes an MP4/H.264 file (a clip) and returns (frames, width, height).
+pub fn decode_mp4(file: &Path) -> (usize, i32, i32) {
+    decode_with(file, "qtdemux")
+}
+
+fn decode_with(file: &Path, demuxer: &str) -> (usize, i32, i32) {
+    let (pipeline, sink) = appsink_pipeline(&format!(
+        "filesrc name=src ! {demuxer} ! h264parse ! avdec_h264 ! videoconvert ! \
+         video/x-raw,format=RGB ! appsink name=sink sync=false"
+    ));
     pipeline
         .by_name("src")
         .expect("src")
