@@ -208,6 +208,12 @@ fn rtsp_clients_get_annotated_frames_and_metrics_count_them() {
         sample(&metrics, "stpm_fps{camera=\"line1\"}").is_some_and(|fps| fps > 1.0),
         "{metrics}"
     );
+    // Retention (30 days by default) has swept the data folder at least once.
+    assert!(
+        sample(&metrics, "stpm_storage_bytes").is_some()
+            && sample(&metrics, "stpm_storage_deleted_files_total") == Some(0.0),
+        "{metrics}"
+    );
 
     common::sigterm(&child);
     let stopped = Instant::now();

@@ -343,6 +343,7 @@ impl PipelineConfig {
         }
         problems.extend(self.output_problems());
         problems.extend(self.clips.problems());
+        problems.extend(self.storage.problems());
         if self.clips.enabled && !self.storage.enabled {
             problems.push(
                 "clips.enabled = true needs storage.enabled = true (clips are kept with their events)"

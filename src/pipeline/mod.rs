@@ -13,6 +13,7 @@ mod gpu;
 pub mod http;
 pub mod metrics;
 pub mod queue;
+pub mod retention;
 pub mod servers;
 pub mod sinks;
 pub mod source;
@@ -248,6 +249,9 @@ pub fn run_with(
         log::info!("storage: off (storage.enabled = false), events are not kept");
         None
     };
+    let retention = events
+        .as_ref()
+        .and_then(|_| retention::Retention::start(config, Arc::clone(&live.metrics)));
     let shared = SharedOutputs {
         config,
         events: events.as_ref(),
@@ -361,6 +365,9 @@ pub fn run_with(
     }
     if let Some(events) = events {
         events.finish();
+    }
+    if let Some(retention) = retention {
+        retention.stop();
     }
     // Workers end only after their analyser and capture sent End, so these joins are immediate.
     for handle in analysers.into_iter().chain(captures) {

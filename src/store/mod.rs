@@ -2,6 +2,8 @@
 //! applied in order through `PRAGMA user_version`) with one row per alert event, written on the
 //! same transitions that publish MQTT `new` / `update` / `end`, and read by whoever lists events.
 
+pub mod retention;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -113,7 +115,7 @@ pub struct StoredEvent {
     pub snapshot_path: Option<PathBuf>,
     pub clean_path: Option<PathBuf>,
     pub clip_path: Option<PathBuf>,
-    /// Retention deleted its media.
+    /// Retention deleted some of its media (the paths it deleted are gone from the row).
     pub media_gone: bool,
     pub verdict: Verdict,
     pub verdict_by: Option<String>,
@@ -294,6 +296,25 @@ impl EventStore {
                 [],
             )
             .map_err(self.sqlite())
+    }
+
+    /// Retention deleted `path`: the event that pointed at it (as snapshot, clean frame or clip)
+    /// forgets the path and is marked as having lost media. Returns how many events.
+    pub fn media_deleted(&self, path: &Path) -> Result<usize, StoreError> {
+        let text = path.to_string_lossy();
+        let mut changed = 0;
+        for column in ["snapshot_path", "clean_path", "clip_path"] {
+            changed += self
+                .db
+                .execute(
+                    &format!(
+                        "UPDATE events SET {column} = NULL, media_gone = 1 WHERE {column} = ?1"
+                    ),
+                    [text.as_ref()],
+                )
+                .map_err(self.sqlite())?;
+        }
+        Ok(changed)
     }
 
     /// Records the event's clip.

@@ -83,7 +83,8 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 /// An event as the API shows it: the stored row with URLs on this server instead of paths.
 fn event_json(event: &StoredEvent) -> Value {
     let url = |path: &Option<PathBuf>, name: &str| {
-        (path.is_some() && !event.media_gone).then(|| format!("/api/events/{}/{name}", event.id))
+        path.is_some()
+            .then(|| format!("/api/events/{}/{name}", event.id))
     };
     json!({
         "id": event.id,
@@ -219,7 +220,7 @@ async fn picture(served: &Served, id: String, clean: bool) -> Response {
     } else {
         event.snapshot_path.clone()
     };
-    let Some(path) = path.filter(|_| !event.media_gone) else {
+    let Some(path) = path else {
         return error(
             StatusCode::NOT_FOUND,
             format!("event {} has no such picture", event.id),
@@ -253,7 +254,7 @@ async fn clip(
         Ok(event) => event,
         Err(e) => return e.into_response(),
     };
-    let Some(path) = event.clip_path.clone().filter(|_| !event.media_gone) else {
+    let Some(path) = event.clip_path.clone() else {
         return error(
             StatusCode::NOT_FOUND,
             format!("event {} has no clip", event.id),

@@ -181,6 +181,26 @@ impl Collector for Exported {
             None,
             MetricType::Gauge,
         )?)?;
+        if self.storage.get().is_some() {
+            for (name, help, value) in [
+                (
+                    "stpm_storage_bytes",
+                    "Bytes of snapshots, clips and recordings kept (as of the latest retention sweep).",
+                    Value::Int(
+                        i64::try_from(self.storage_bytes.load(Ordering::Relaxed))
+                            .unwrap_or(i64::MAX),
+                    ),
+                ),
+                (
+                    "stpm_storage_deleted_files",
+                    "Files retention deleted ([storage] max_size, keep_days).",
+                    Value::Count(self.storage_deleted.load(Ordering::Relaxed)),
+                ),
+            ] {
+                let kind = value.metric_type();
+                value.encode(encoder.encode_descriptor(name, help, None, kind)?)?;
+            }
+        }
         if let Some(publisher) = self.publisher.get() {
             let status = publisher.status();
             for (name, help, value) in [

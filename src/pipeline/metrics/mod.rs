@@ -365,6 +365,10 @@ struct Exported {
     publisher: OnceLock<crate::alerts::PublisherHandle>,
     /// The H.264 encoder element, when recordings or RTSP are enabled.
     encoder: OnceLock<String>,
+    /// Retention's latest sweep, once one ran: bytes kept and files deleted so far.
+    storage: OnceLock<()>,
+    storage_bytes: AtomicU64,
+    storage_deleted: AtomicU64,
 }
 
 impl Metrics {
@@ -379,6 +383,9 @@ impl Metrics {
                 .collect(),
             publisher: OnceLock::new(),
             encoder: OnceLock::new(),
+            storage: OnceLock::new(),
+            storage_bytes: AtomicU64::new(0),
+            storage_deleted: AtomicU64::new(0),
         });
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Arc::clone(&state)));
@@ -393,6 +400,15 @@ impl Metrics {
     /// Exports the publisher's counters from now on.
     pub fn set_publisher(&self, publisher: crate::alerts::PublisherHandle) {
         let _ = self.state.publisher.set(publisher);
+    }
+
+    /// A retention sweep kept `bytes` and deleted `deleted` files.
+    pub fn storage_swept(&self, bytes: u64, deleted: u64) {
+        let _ = self.state.storage.set(());
+        self.state.storage_bytes.store(bytes, Ordering::Relaxed);
+        self.state
+            .storage_deleted
+            .fetch_add(deleted, Ordering::Relaxed);
     }
 
     /// The counters of `camera` (shared with its worker).

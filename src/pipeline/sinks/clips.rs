@@ -472,8 +472,8 @@ mod tests {
     fn a_clip_runs_from_the_key_frame_before_the_pre_roll_to_the_post_roll() {
         let dir = tempfile::tempdir().expect("dir");
         let storage = StorageConfig {
-            enabled: true,
             path: dir.path().to_path_buf(),
+            ..StorageConfig::default()
         };
         let writer = EventWriter::start(&storage, "m").expect("writer");
         let config = ClipsConfig {

@@ -25,9 +25,43 @@ pub struct StorageConfig {
     /// Keep events (and their snapshots) in `path`.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// The data folder: `events.db`, `snapshots/`.
+    /// The data folder: `events.db`, `snapshots/`, `clips/`.
     #[serde(default = "default_path")]
     pub path: PathBuf,
+    /// Disk budget of snapshots, clips and recordings together (`500MB`, `20GB`; `0`: none).
+    #[serde(default = "default_max_size")]
+    pub max_size: String,
+    /// Age limit of the same files, in days (0: none).
+    #[serde(default = "default_keep_days")]
+    pub keep_days: f64,
+}
+
+impl StorageConfig {
+    /// Problems of the section, each naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if crate::store::retention::parse_size(&self.max_size).is_none() {
+            problems.push(format!(
+                "storage.max_size = `{}`: use a size such as 500MB or 20GB, or 0 for no budget",
+                self.max_size
+            ));
+        }
+        if !(self.keep_days.is_finite() && self.keep_days >= 0.0) {
+            problems.push(format!(
+                "storage.keep_days = {}: use a number of days, or 0 to keep files whatever their age",
+                self.keep_days
+            ));
+        }
+        problems
+    }
+
+    /// The retention limits (after `problems` found none).
+    pub fn limits(&self) -> crate::store::retention::Limits {
+        crate::store::retention::Limits {
+            max_bytes: crate::store::retention::parse_size(&self.max_size).unwrap_or(0),
+            keep_days: self.keep_days,
+        }
+    }
 }
 
 impl Default for StorageConfig {
@@ -35,6 +69,8 @@ impl Default for StorageConfig {
         Self {
             enabled: true,
             path: default_path(),
+            max_size: default_max_size(),
+            keep_days: default_keep_days(),
         }
     }
 }
@@ -45,6 +81,14 @@ fn default_true() -> bool {
 
 fn default_path() -> PathBuf {
     "data".into()
+}
+
+fn default_max_size() -> String {
+    "0".into()
+}
+
+fn default_keep_days() -> f64 {
+    30.0
 }
 
 /// What the cameras hand the writer.

@@ -1,0 +1,201 @@
+//! Retention: keeps the data folder and the recordings within an age limit and a disk budget,
+//! deleting the oldest files first; events keep their rows, with the deleted media's paths
+//! cleared and `media_gone` set.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use super::{EventStore, StoreError};
+
+/// Files modified this recently are left alone (a recording or clip may still be written).
+pub const IN_USE: Duration = Duration::from_secs(60);
+
+/// What to keep.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Bytes at most over all swept folders (0: no budget).
+    pub max_bytes: u64,
+    /// Days at most (0: no age limit).
+    pub keep_days: f64,
+}
+
+/// What one sweep found and did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sweep {
+    /// Bytes of the files kept.
+    pub bytes: u64,
+    pub deleted: Vec<PathBuf>,
+}
+
+/// Every regular file under `folders` (recursively) with its size and modification time.
+fn files(folders: &[PathBuf]) -> Vec<(PathBuf, u64, SystemTime)> {
+    let mut found = Vec::new();
+    let mut pending: Vec<PathBuf> = folders.to_vec();
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else if meta.is_file() {
+                let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                found.push((entry.path(), meta.len(), modified));
+            }
+        }
+    }
+    found
+}
+
+/// Deletes what is older than `limits.keep_days`, then the oldest files until the rest fits
+/// `limits.max_bytes`, never a file modified within [`IN_USE`] of `now`. Deleted media of events
+/// are marked in `store`.
+pub fn sweep(
+    folders: &[PathBuf],
+    limits: Limits,
+    now: SystemTime,
+    store: Option<&EventStore>,
+) -> Result<Sweep, StoreError> {
+    let mut all = files(folders);
+    all.sort_by_key(|(_, _, modified)| *modified);
+    let age = |modified: SystemTime| now.duration_since(modified).unwrap_or(Duration::ZERO);
+    let too_old = |modified: SystemTime| {
+        limits.keep_days > 0.0 && age(modified).as_secs_f64() > limits.keep_days * 86_400.0
+    };
+    let mut total: u64 = all.iter().map(|(_, size, _)| size).sum();
+    let mut report = Sweep::default();
+    for (path, size, modified) in all {
+        let over_budget = limits.max_bytes > 0 && total > limits.max_bytes;
+        if !(too_old(modified) || over_budget) || age(modified) < IN_USE {
+            continue;
+        }
+        if let Err(e) = std::fs::remove_file(&path) {
+            log::warn!("storage: cannot delete {}: {e}", path.display());
+            continue;
+        }
+        total = total.saturating_sub(size);
+        if let Some(store) = store {
+            store.media_deleted(&path)?;
+        }
+        report.deleted.push(path);
+    }
+    report.bytes = total;
+    Ok(report)
+}
+
+/// Bytes of `text`: a number with an optional unit, `B`, `KB`/`KiB`, `MB`/`MiB`, `GB`/`GiB`,
+/// `TB`/`TiB` (`500MB`, `20 GiB`); `0` means no budget.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "kib" => 1024.0,
+        "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tb" => 1e12,
+        "tib" => 1024.0_f64.powi(4),
+        _ => return None,
+    };
+    let bytes = number * scale;
+    (bytes.is_finite() && bytes >= 0.0).then_some(bytes as u64)
+}
+
+/// The folders a run's retention sweeps: the data folder's snapshots and clips, and the
+/// recordings when they are on.
+pub fn folders(storage: &Path, recordings: Option<&Path>) -> Vec<PathBuf> {
+    let mut folders = vec![storage.join("snapshots"), storage.join("clips")];
+    folders.extend(recordings.map(Path::to_path_buf));
+    folders
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::{AlertEvent, EventKind};
+    use crate::store::Peak;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("500MB"), Some(500_000_000));
+        assert_eq!(parse_size("20 GiB"), Some(20 * 1024 * 1024 * 1024));
+        assert_eq!(parse_size("1.5kb"), Some(1500));
+        assert_eq!(parse_size("0"), Some(0));
+        assert_eq!(parse_size("12 parsecs"), None);
+        assert_eq!(parse_size("MB"), None);
+    }
+
+    #[test]
+    fn the_oldest_go_first_and_the_store_says_so() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = EventStore::open(dir.path()).expect("store");
+        let now = SystemTime::now();
+        let snapshots = dir.path().join("snapshots/line1");
+        std::fs::create_dir_all(&snapshots).expect("dir");
+        // Four 100-byte files, 4, 3, 2 hours and 10 s old.
+        let mut paths = Vec::new();
+        for (index, age) in [4 * 3600, 3 * 3600, 2 * 3600, 10].into_iter().enumerate() {
+            let path = snapshots.join(format!("e{index}.jpg"));
+            std::fs::write(&path, [0u8; 100]).expect("file");
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(now - Duration::from_secs(age)))
+                .expect("mtime");
+            let event = AlertEvent {
+                kind: EventKind::New,
+                id: format!("e{index}"),
+                camera: "line1".into(),
+                start_time: index as f64,
+                end_time: None,
+                score: 0.9,
+                top_score: 0.9,
+                boxes: Vec::new(),
+                snapshot: true,
+                model: "m".into(),
+                end_reason: None,
+            };
+            let peak = Peak {
+                raw_score: None,
+                snapshot_path: Some(path.clone()),
+                clean_path: None,
+            };
+            store.record(&event, "m", Some(&peak), 1.0).expect("event");
+            paths.push(path);
+        }
+        let folders = folders(dir.path(), None);
+        // A budget of 250 bytes: the two oldest go.
+        let limits = Limits {
+            max_bytes: 250,
+            keep_days: 0.0,
+        };
+        let swept = sweep(&folders, limits, now, Some(&store)).expect("sweep");
+        assert_eq!(swept.deleted, paths[..2]);
+        assert_eq!(swept.bytes, 200);
+        assert!(!paths[0].exists() && paths[2].exists());
+        let gone = store.get("e0").expect("get").expect("row");
+        assert!(gone.media_gone && gone.snapshot_path.is_none(), "{gone:?}");
+        let kept = store.get("e2").expect("get").expect("row");
+        assert!(!kept.media_gone && kept.snapshot_path.is_some());
+        // An age limit of 1.5 h takes the 2-hour-old one; the 10-s-old one is in use, even over
+        // a budget of 1 byte.
+        let limits = Limits {
+            max_bytes: 1,
+            keep_days: 1.5 / 24.0,
+        };
+        let swept = sweep(&folders, limits, now, Some(&store)).expect("sweep");
+        assert_eq!(swept.deleted, paths[2..3]);
+        assert_eq!(swept.bytes, 100);
+        assert!(paths[3].exists());
+    }
+}
