@@ -345,6 +345,50 @@ fn taken_ports_fail_the_start_naming_the_key() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
+/// `[http]` on an address other machines reach needs `[http.auth]`: without it the start is
+/// refused, saying why; with a password file it serves.
+#[test]
+fn an_http_server_reachable_from_other_machines_needs_auth() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = dir.path().join("p.toml");
+    let port = free_port();
+    let write = |auth: &str| {
+        std::fs::write(
+            &pipeline,
+            format!(
+                "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
+                 [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?frames=3\"\n\n\
+                 [http]\nenabled = true\nbind = \"0.0.0.0:{port}\"\n{auth}",
+                path(bundle())
+            ),
+        )
+        .expect("write pipeline");
+    };
+    write("");
+    let out = stpm(&["run", "--pipeline", path(&pipeline)], dir.path());
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains(&format!(
+            "http.bind = `0.0.0.0:{port}` is reachable from other machines"
+        )),
+        "{log}"
+    );
+    // A well-formed argon2id PHC line (the start checks the format; logging in is unit-tested).
+    let passwords = dir.path().join("passwords");
+    std::fs::write(
+        &passwords,
+        "anna:$argon2id$v=19$m=19456,t=2,p=1$YSBmaXhlZCBzYWx0$9c5DBKrLa5rWHrLyVYkBsTdZxjJ+7WD2LmaiQXzNfks\n",
+    )
+    .expect("passwords");
+    write(&format!(
+        "\n[http.auth]\npassword_file = \"{}\"\n",
+        path(&passwords)
+    ));
+    let out = stpm(&["run", "--pipeline", path(&pipeline)], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+}
+
 /// Starts `stpm run --pipeline <pipeline>` with its output in `log`.
 fn spawn_run(pipeline: &Path, log: &Path, dir: &Path) -> std::process::Child {
     let file = std::fs::File::create(log).expect("log file");

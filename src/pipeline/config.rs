@@ -116,6 +116,9 @@ pub struct HttpConfig {
     /// `ip:port` to listen on.
     #[serde(default = "default_http_bind")]
     pub bind: String,
+    /// `[http.auth]`: required unless `bind` is a loopback address.
+    #[serde(default)]
+    pub auth: crate::pipeline::http::auth::AuthConfig,
 }
 
 impl Default for HttpConfig {
@@ -123,6 +126,7 @@ impl Default for HttpConfig {
         Self {
             enabled: false,
             bind: default_http_bind(),
+            auth: Default::default(),
         }
     }
 }

@@ -30,6 +30,8 @@ pub enum LiveError {
     Http(#[from] HttpError),
     #[error(transparent)]
     Rtsp(#[from] RtspError),
+    #[error(transparent)]
+    Auth(#[from] crate::pipeline::http::auth::AuthError),
 }
 
 impl LiveOutputs {
@@ -48,7 +50,10 @@ impl LiveOutputs {
             metrics.set_encoder(encoder.element());
         }
         let http = if config.http.enabled {
+            let auth =
+                crate::pipeline::http::auth::Auth::load(&config.http.auth, &config.http.bind)?;
             let served = Served {
+                auth,
                 metrics: Arc::clone(&metrics),
                 storage: config.storage.enabled.then(|| config.storage.path.clone()),
                 model: config

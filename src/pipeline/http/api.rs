@@ -391,6 +391,7 @@ mod tests {
             metrics,
             storage: Some(dir.path().to_path_buf()),
             model: "demo".into(),
+            auth: None,
         }));
         let json = |body: &str| serde_json::from_str::<Value>(body).expect("json");
         let ids = |body: &str| -> Vec<String> {
@@ -562,6 +563,7 @@ mod tests {
             metrics: Arc::new(Metrics::new("cpu", "fp32", &[])),
             storage: None,
             model: String::new(),
+            auth: None,
         }));
         runtime().block_on(async {
             let (status, _, body) = call(&app, "GET", "/api/events", "").await;

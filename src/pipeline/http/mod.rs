@@ -3,6 +3,7 @@
 //! frames or the engine.
 
 mod api;
+pub mod auth;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +37,8 @@ pub struct Served {
     pub storage: Option<PathBuf>,
     /// The model bundle's name, for `/api/cameras`.
     pub model: String,
+    /// Who may use it (`[http.auth]`); `None`: anyone who reaches it (loopback only).
+    pub auth: Option<auth::Auth>,
 }
 
 /// The running endpoint; [`HttpServer::stop`] ends it.
@@ -125,7 +128,49 @@ fn router(served: Arc<Served>) -> Router {
         .route("/health", get(health))
         .merge(api::routes())
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&served),
+            guard,
+        ))
         .with_state(served)
+}
+
+/// Lets a request through when `[http.auth]` is off, for `/health`, or with valid credentials;
+/// else 401 asking for Basic credentials. Checking a password (argon2) runs off the async thread.
+async fn guard(
+    axum::extract::State(served): axum::extract::State<Arc<Served>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if served.auth.is_none() || request.uri().path() == "/health" {
+        return next.run(request).await;
+    }
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .map(String::from);
+    let checking = Arc::clone(&served);
+    let admitted = tokio::task::spawn_blocking(move || {
+        checking
+            .auth
+            .as_ref()
+            .is_some_and(|auth| auth.admits(authorization.as_deref()))
+    })
+    .await
+    .unwrap_or(false);
+    if admitted {
+        return next.run(request).await;
+    }
+    let mut response = api::error(
+        StatusCode::UNAUTHORIZED,
+        "sign in: HTTP Basic with a user of http.auth.password_file, or Authorization: Bearer <token>".into(),
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Basic realm=\"stpm\", charset=\"UTF-8\""),
+    );
+    response
 }
 
 async fn metrics(axum::extract::State(served): axum::extract::State<Arc<Served>>) -> Response {
@@ -228,6 +273,7 @@ mod tests {
             metrics: Arc::clone(&metrics),
             storage: None,
             model: "demo".into(),
+            auth: None,
         }));
         runtime().block_on(async {
             let (status, kind, body) = call(&app, "GET", "/metrics", "").await;
@@ -255,11 +301,70 @@ mod tests {
     }
 
     #[test]
+    fn with_auth_only_health_is_open() {
+        let dir = tempfile::tempdir().expect("dir");
+        let auth = auth::Auth::load(&auth::tests::files(dir.path()), "0.0.0.0:9090").expect("load");
+        let app = router(Arc::new(Served {
+            metrics: Arc::new(Metrics::new("cpu", "fp32", &[])),
+            storage: None,
+            model: String::new(),
+            auth,
+        }));
+        let basic = |credentials: &str| {
+            use base64::Engine;
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(credentials)
+            )
+        };
+        runtime().block_on(async {
+            let (status, _, body) = call(&app, "GET", "/metrics", "").await;
+            assert_eq!(status, 401, "{body}");
+            let request = Request::builder()
+                .uri("/api/cameras")
+                .body(Body::empty())
+                .expect("request");
+            let response = app.clone().oneshot(request).await.expect("response");
+            assert_eq!(
+                response
+                    .headers()
+                    .get(header::WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok()),
+                Some("Basic realm=\"stpm\", charset=\"UTF-8\"")
+            );
+            assert_eq!(call(&app, "GET", "/health", "").await.0, 200);
+            let (status, _, _) = call_with(
+                &app,
+                "GET",
+                "/metrics",
+                "",
+                &[("authorization", &basic("anna:secret"))],
+            )
+            .await;
+            assert_eq!(status, 200);
+            let wrong = basic("anna:guess");
+            let (status, _, _) =
+                call_with(&app, "GET", "/metrics", "", &[("authorization", &wrong)]).await;
+            assert_eq!(status, 401);
+            let (status, _, _) = call_with(
+                &app,
+                "GET",
+                "/api/cameras",
+                "",
+                &[("authorization", "Bearer t0ken")],
+            )
+            .await;
+            assert_eq!(status, 200);
+        });
+    }
+
+    #[test]
     fn a_taken_port_is_a_start_error_naming_the_key() {
         let served = || Served {
             metrics: Arc::new(Metrics::new("cpu", "fp32", &[])),
             storage: None,
             model: String::new(),
+            auth: None,
         };
         let server = HttpServer::start("127.0.0.1:0", served()).expect("start");
         let taken = server.address().to_string();

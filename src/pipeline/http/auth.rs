@@ -1,0 +1,274 @@
+//! `[http.auth]`: who may use the HTTP server. Browsers and people sign in with HTTP Basic against
+//! argon2 password hashes (`password_file`: `user:$argon2id$…` lines, as `argon2 <salt> -id -e`
+//! prints them); API clients send `Authorization: Bearer <token>`, checked against the SHA-256 of
+//! each token (`token_file`: one hex digest per line). Secrets stay out of the configuration and
+//! the command line. `/health` stays open (it says only whether cameras run).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use argon2::{Argon2, PasswordHash, PasswordVerifier};
+use base64::Engine;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// `[http.auth]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `user:<argon2 PHC hash>` per line (`#` comments).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// The SHA-256 (hex) of one API token per line (`#` comments).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl AuthConfig {
+    pub fn is_on(&self) -> bool {
+        self.password_file.is_some() || self.token_file.is_some()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("http.auth.{key}: cannot read {path}: {source}")]
+    Read {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("http.auth.password_file {path}, line {line}: {message}")]
+    Password {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("http.auth.token_file {path}, line {line}: expected a SHA-256 in hex (64 digits)")]
+    Token { path: PathBuf, line: usize },
+    #[error(
+        "http.bind = `{bind}` is reachable from other machines but [http.auth] is not set: add http.auth.password_file and/or http.auth.token_file, or bind to 127.0.0.1"
+    )]
+    Unprotected { bind: String },
+}
+
+/// The loaded credentials.
+pub struct Auth {
+    users: HashMap<String, String>,
+    tokens: HashSet<[u8; 32]>,
+    /// `user:sha256(password)` of credentials already verified (argon2 is slow on purpose; a
+    /// browser sends its credentials with every request).
+    verified: Mutex<HashSet<[u8; 32]>>,
+}
+
+/// The non-empty, non-comment lines of `path` with their numbers.
+fn lines(key: &'static str, path: &Path) -> Result<Vec<(usize, String)>, AuthError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+        key,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(text
+        .lines()
+        .enumerate()
+        .map(|(index, line)| (index + 1, line.trim().to_string()))
+        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+        .collect())
+}
+
+impl Auth {
+    /// Loads `config`'s files, or `None` when auth is off; refuses to run open on an address other
+    /// machines can reach.
+    pub fn load(config: &AuthConfig, bind: &str) -> Result<Option<Self>, AuthError> {
+        if !config.is_on() {
+            let loopback = bind
+                .parse::<SocketAddr>()
+                .is_ok_and(|address| address.ip().is_loopback());
+            if !loopback {
+                return Err(AuthError::Unprotected {
+                    bind: bind.to_string(),
+                });
+            }
+            return Ok(None);
+        }
+        let mut users = HashMap::new();
+        if let Some(path) = &config.password_file {
+            for (line, text) in lines("password_file", path)? {
+                let error = |message: &str| AuthError::Password {
+                    path: path.clone(),
+                    line,
+                    message: message.to_string(),
+                };
+                let (user, hash) = text
+                    .split_once(':')
+                    .ok_or_else(|| error("expected user:hash"))?;
+                PasswordHash::new(hash).map_err(|e| error(&format!("not an argon2 hash ({e})")))?;
+                users.insert(user.to_string(), hash.to_string());
+            }
+        }
+        let mut tokens = HashSet::new();
+        if let Some(path) = &config.token_file {
+            for (line, text) in lines("token_file", path)? {
+                let digest = hex32(&text).ok_or_else(|| AuthError::Token {
+                    path: path.clone(),
+                    line,
+                })?;
+                tokens.insert(digest);
+            }
+        }
+        Ok(Some(Self {
+            users,
+            tokens,
+            verified: Mutex::default(),
+        }))
+    }
+
+    /// Whether the `Authorization` header value admits the request.
+    pub fn admits(&self, authorization: Option<&str>) -> bool {
+        let Some(value) = authorization else {
+            return false;
+        };
+        if let Some(token) = value.strip_prefix("Bearer ") {
+            let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+            return self.tokens.contains(&digest);
+        }
+        let Some(encoded) = value.strip_prefix("Basic ") else {
+            return false;
+        };
+        let Some(credentials) = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+        else {
+            return false;
+        };
+        let Some((user, password)) = credentials.split_once(':') else {
+            return false;
+        };
+        let Some(hash) = self.users.get(user) else {
+            return false;
+        };
+        let key: [u8; 32] = Sha256::digest(credentials.as_bytes()).into();
+        if self.verified.lock().is_ok_and(|seen| seen.contains(&key)) {
+            return true;
+        }
+        let good = PasswordHash::new(hash).is_ok_and(|parsed| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        });
+        if good && let Ok(mut seen) = self.verified.lock() {
+            seen.insert(key);
+        }
+        good
+    }
+}
+
+/// 32 bytes from 64 hex digits.
+fn hex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (index, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(index * 2..index * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use argon2::PasswordHasher;
+    use argon2::password_hash::SaltString;
+
+    /// A password file with `anna:secret` and a token file with `t0ken`, in `dir`.
+    pub(crate) fn files(dir: &Path) -> AuthConfig {
+        let salt = SaltString::encode_b64(b"a fixed salt").expect("salt");
+        let hash = Argon2::default()
+            .hash_password(b"secret", &salt)
+            .expect("hash")
+            .to_string();
+        let passwords = dir.join("passwords");
+        std::fs::write(&passwords, format!("# operators\nanna:{hash}\n")).expect("write");
+        let tokens = dir.join("tokens");
+        let digest: String = Sha256::digest(b"t0ken")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        std::fs::write(&tokens, format!("{digest}\n")).expect("write");
+        AuthConfig {
+            password_file: Some(passwords),
+            token_file: Some(tokens),
+        }
+    }
+
+    fn basic(credentials: &str) -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(credentials)
+        )
+    }
+
+    #[test]
+    fn basic_and_bearer_credentials_are_checked() {
+        let dir = tempfile::tempdir().expect("dir");
+        let auth = Auth::load(&files(dir.path()), "0.0.0.0:9090")
+            .expect("load")
+            .expect("on");
+        assert!(auth.admits(Some(&basic("anna:secret"))));
+        // Again, from the cache of verified credentials.
+        assert!(auth.admits(Some(&basic("anna:secret"))));
+        assert!(!auth.admits(Some(&basic("anna:Secret"))));
+        assert!(!auth.admits(Some(&basic("bob:secret"))));
+        assert!(auth.admits(Some("Bearer t0ken")));
+        assert!(!auth.admits(Some("Bearer token")));
+        assert!(!auth.admits(Some("Basic !!!")));
+        assert!(!auth.admits(None));
+    }
+
+    #[test]
+    fn an_open_server_must_be_loopback_and_bad_files_name_their_line() {
+        let open = AuthConfig::default();
+        assert!(
+            Auth::load(&open, "127.0.0.1:9090")
+                .expect("loopback")
+                .is_none()
+        );
+        assert!(Auth::load(&open, "[::1]:9090").expect("loopback").is_none());
+        let message = Auth::load(&open, "0.0.0.0:9090")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains("http.bind = `0.0.0.0:9090` is reachable"),
+            "{message}"
+        );
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("passwords");
+        std::fs::write(&path, "anna:plaintext\n").expect("write");
+        let config = AuthConfig {
+            password_file: Some(path),
+            token_file: None,
+        };
+        let message = Auth::load(&config, "0.0.0.0:1")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains("line 1: not an argon2 hash"), "{message}");
+        let missing = AuthConfig {
+            password_file: None,
+            token_file: Some(dir.path().join("nowhere")),
+        };
+        let message = Auth::load(&missing, "0.0.0.0:1")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.starts_with("http.auth.token_file: cannot read"),
+            "{message}"
+        );
+    }
+}
