@@ -124,6 +124,7 @@ async fn serve(listener: std::net::TcpListener, app: Router, stopped: oneshot::R
 /// Every route (GET routes answer HEAD too).
 fn router(served: Arc<Served>) -> Router {
     Router::new()
+        .route("/", get(console))
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .merge(api::routes())
@@ -200,6 +201,18 @@ async fn health(axum::extract::State(served): axum::extract::State<Arc<Served>>)
             (header::CACHE_CONTROL, "no-store"),
         ],
         format!("{json}\n"),
+    )
+        .into_response()
+}
+
+/// The operator's console: one page (embedded in the binary) over the events API.
+async fn console() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        include_str!("console/index.html"),
     )
         .into_response()
 }
@@ -293,6 +306,18 @@ mod tests {
             assert!(body.starts_with("{\"cameras\""), "{body}");
             let (status, _, body) = call(&app, "HEAD", "/metrics", "").await;
             assert_eq!((status, body.as_str()), (200, ""));
+            // The console page, and the API paths its script calls.
+            let (status, kind, body) = call(&app, "GET", "/", "").await;
+            assert_eq!((status, kind.as_str()), (200, "text/html; charset=utf-8"));
+            for used in [
+                "/api/cameras",
+                "/api/events?limit=50",
+                "/verdict",
+                "snapshot_url",
+                "clip_url",
+            ] {
+                assert!(body.contains(used), "{used}");
+            }
             let (status, kind, body) = call(&app, "GET", "/nowhere", "").await;
             assert_eq!((status, kind.as_str()), (404, "application/json"));
             assert!(body.contains("\"error\""), "{body}");
