@@ -27,7 +27,12 @@ pub struct Sweep {
     pub deleted: Vec<PathBuf>,
 }
 
-/// Every regular file under `folders` (recursively) with its size and modification time.
+/// The files retention may delete: snapshots, clips and recordings. Anything else (a database, a
+/// spool, a bundle in a folder that was pointed here by mistake, a `.part` still being written)
+/// is never touched.
+const MEDIA: [&str; 3] = ["jpg", "mp4", "mkv"];
+
+/// Every media file under `folders` (recursively) with its size and modification time.
 fn files(folders: &[PathBuf]) -> Vec<(PathBuf, u64, SystemTime)> {
     let mut found = Vec::new();
     let mut pending: Vec<PathBuf> = folders.to_vec();
@@ -41,7 +46,13 @@ fn files(folders: &[PathBuf]) -> Vec<(PathBuf, u64, SystemTime)> {
             };
             if meta.is_dir() {
                 pending.push(entry.path());
-            } else if meta.is_file() {
+            } else if meta.is_file()
+                && entry
+                    .path()
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| MEDIA.contains(&e))
+            {
                 let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
                 found.push((entry.path(), meta.len(), modified));
             }
@@ -70,6 +81,11 @@ pub fn sweep(
     for (path, size, modified) in all {
         let over_budget = limits.max_bytes > 0 && total > limits.max_bytes;
         if !(too_old(modified) || over_budget) || age(modified) < IN_USE {
+            continue;
+        }
+        // Written again since the listing (a snapshot replaced at a new peak): keep it.
+        let now_modified = std::fs::metadata(&path).and_then(|m| m.modified());
+        if now_modified.is_ok_and(|m| age(m) < IN_USE) {
             continue;
         }
         if let Err(e) = std::fs::remove_file(&path) {
@@ -173,6 +189,14 @@ mod tests {
             store.record(&event, "m", Some(&peak), 1.0).expect("event");
             paths.push(path);
         }
+        // Not media: never deleted, whatever the budget.
+        let other = snapshots.join("notes.txt");
+        std::fs::write(&other, [0u8; 1000]).expect("file");
+        std::fs::File::options()
+            .write(true)
+            .open(&other)
+            .and_then(|f| f.set_modified(now - Duration::from_secs(9 * 3600)))
+            .expect("mtime");
         let folders = folders(dir.path(), None);
         // A budget of 250 bytes: the two oldest go.
         let limits = Limits {
@@ -196,6 +220,6 @@ mod tests {
         let swept = sweep(&folders, limits, now, Some(&store)).expect("sweep");
         assert_eq!(swept.deleted, paths[2..3]);
         assert_eq!(swept.bytes, 100);
-        assert!(paths[3].exists());
+        assert!(paths[3].exists() && other.exists());
     }
 }

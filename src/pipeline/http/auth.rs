@@ -54,6 +54,10 @@ pub enum AuthError {
     Unprotected { bind: String },
 }
 
+/// An argon2id hash (default parameters) that no password in use matches, checked for unknown
+/// users.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c3RwbS1kdW1teS1zYWx0$uj3qGmsK2F6ZJkmyRZK3dKwsxgqLLXAgH0TfGXjGn/s";
+
 /// The loaded credentials.
 pub struct Auth {
     users: HashMap<String, String>,
@@ -147,8 +151,11 @@ impl Auth {
         let Some((user, password)) = credentials.split_once(':') else {
             return false;
         };
-        let Some(hash) = self.users.get(user) else {
-            return false;
+        // An unknown user costs the same argon2 check as a known one: the time of a refusal
+        // does not tell which user names exist.
+        let (hash, known) = match self.users.get(user) {
+            Some(hash) => (hash.as_str(), true),
+            None => (DUMMY_HASH, false),
         };
         let key: [u8; 32] = Sha256::digest(credentials.as_bytes()).into();
         if self.verified.lock().is_ok_and(|seen| seen.contains(&key)) {
@@ -158,7 +165,7 @@ impl Auth {
             Argon2::default()
                 .verify_password(password.as_bytes(), &parsed)
                 .is_ok()
-        });
+        }) && known;
         if good && let Ok(mut seen) = self.verified.lock() {
             seen.insert(key);
         }
@@ -227,6 +234,8 @@ pub(crate) mod tests {
         assert!(!auth.admits(Some("Bearer token")));
         assert!(!auth.admits(Some("Basic !!!")));
         assert!(!auth.admits(None));
+        // The stand-in hash for unknown users is a real one (else their refusal would be quick).
+        assert!(PasswordHash::new(DUMMY_HASH).is_ok());
     }
 
     #[test]

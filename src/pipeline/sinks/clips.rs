@@ -178,6 +178,7 @@ impl ClipState {
 
     /// Closes `clip` on a thread of its own; the store learns of it when it is complete.
     fn close(&mut self, clip: OpenClip) {
+        self.closing.retain(|thread| !thread.is_finished());
         let log = self.log.clone();
         let camera = self.camera.clone();
         let thread = std::thread::Builder::new()
@@ -216,7 +217,8 @@ impl OpenClip {
         }
         gst::init().map_err(|e| error(e.to_string()))?;
         let pipeline = gst::parse::launch(
-            "appsrc name=src format=time ! h264parse ! mp4mux faststart=true ! filesink name=sink",
+            "appsrc name=src format=time ! h264parse ! mp4mux name=mux faststart=true ! \
+             filesink name=sink",
         )
         .map_err(|e| error(format!("cannot build the clip writer: {e}")))?
         .downcast::<gst::Pipeline>()
@@ -228,7 +230,16 @@ impl OpenClip {
         let sink = pipeline
             .by_name("sink")
             .ok_or_else(|| error("filesink missing".into()))?;
-        sink.set_property("location", path.to_string_lossy().as_ref());
+        // Written as `.part` files beside the clip (the muxer's data, and the file it rewrites
+        // with the index first at the end), renamed when complete: retention never takes a clip
+        // being written, and the data counts where the clips are.
+        sink.set_property("location", part(&path, "part").to_string_lossy().as_ref());
+        if let Some(mux) = pipeline.by_name("mux") {
+            mux.set_property(
+                "faststart-file",
+                part(&path, "data.part").to_string_lossy().as_ref(),
+            );
+        }
         appsrc.set_caps(Some(&first.caps));
         appsrc.set_format(gst::Format::Time);
         if let Err(e) = pipeline.set_state(gst::State::Playing) {
@@ -306,8 +317,28 @@ impl OpenClip {
             None => Ok(()),
         };
         let _ = self.pipeline.set_state(gst::State::Null);
-        result
+        let _ = std::fs::remove_file(part(&self.path, "data.part"));
+        result?;
+        std::fs::rename(part(&self.path, "part"), &self.path).map_err(|e| ClipError::Write {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })
     }
+}
+
+impl Drop for OpenClip {
+    /// A clip dropped unfinished (a push failed) stops its pipeline.
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+/// `<clip>.<suffix>`, e.g. `<id>.mp4.part`.
+fn part(path: &std::path::Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".");
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 /// The alert half: opens and ends clips.
