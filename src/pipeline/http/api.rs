@@ -279,10 +279,12 @@ struct VerdictBody {
 }
 
 /// `POST /api/events/{id}/verdict` with `{"verdict": "defect" | "not_a_defect" | "unreviewed",
-/// "by": "…"}`: the updated event.
+/// "by": "…"}`: the updated event. With `[http.auth]` the author is the signed-in user (or
+/// `token`), not `by`.
 async fn verdict(
     State(served): State<Arc<Served>>,
     Path(id): Path<String>,
+    signed_in: Option<axum::Extension<super::SignedIn>>,
     body: Result<axum::Json<VerdictBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let axum::Json(body) = match body {
@@ -296,7 +298,11 @@ async fn verdict(
         ))
         .into_response();
     };
-    let by = body.by.unwrap_or_else(|| "api".into());
+    // With `[http.auth]` the author is who signed in, whatever the body says.
+    let by = match signed_in {
+        Some(axum::Extension(super::SignedIn(identity))) => identity,
+        None => body.by.unwrap_or_else(|| "api".into()),
+    };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())

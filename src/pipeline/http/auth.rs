@@ -131,6 +131,27 @@ impl Auth {
 
     /// Whether the `Authorization` header value admits the request.
     pub fn admits(&self, authorization: Option<&str>) -> bool {
+        self.identify(authorization).is_some()
+    }
+
+    /// Who the `Authorization` header value signs in: the user of valid Basic credentials,
+    /// `token` for a valid bearer token, `None` otherwise.
+    pub fn identify(&self, authorization: Option<&str>) -> Option<String> {
+        self.check(authorization).then(|| {
+            authorization
+                .and_then(|value| value.strip_prefix("Basic "))
+                .and_then(|encoded| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(encoded.trim())
+                        .ok()
+                })
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+                .and_then(|credentials| credentials.split_once(':').map(|(u, _)| u.to_string()))
+                .unwrap_or_else(|| "token".into())
+        })
+    }
+
+    fn check(&self, authorization: Option<&str>) -> bool {
         let Some(value) = authorization else {
             return false;
         };
@@ -231,6 +252,15 @@ pub(crate) mod tests {
         assert!(!auth.admits(Some(&basic("anna:Secret"))));
         assert!(!auth.admits(Some(&basic("bob:secret"))));
         assert!(auth.admits(Some("Bearer t0ken")));
+        assert_eq!(
+            auth.identify(Some("Bearer t0ken")).as_deref(),
+            Some("token")
+        );
+        assert_eq!(
+            auth.identify(Some(&basic("anna:secret"))).as_deref(),
+            Some("anna")
+        );
+        assert_eq!(auth.identify(Some(&basic("anna:guess"))), None);
         assert!(!auth.admits(Some("Bearer token")));
         assert!(!auth.admits(Some("Basic !!!")));
         assert!(!auth.admits(None));

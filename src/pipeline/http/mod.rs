@@ -136,11 +136,15 @@ fn router(served: Arc<Served>) -> Router {
         .with_state(served)
 }
 
+/// The user (or `token`) a request was signed in as, when `[http.auth]` is on.
+#[derive(Clone, Debug)]
+pub struct SignedIn(pub String);
+
 /// Lets a request through when `[http.auth]` is off, for `/health`, or with valid credentials;
 /// else 401 asking for Basic credentials. Checking a password (argon2) runs off the async thread.
 async fn guard(
     axum::extract::State(served): axum::extract::State<Arc<Served>>,
-    request: axum::extract::Request,
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     if served.auth.is_none() || request.uri().path() == "/health" {
@@ -152,15 +156,18 @@ async fn guard(
         .and_then(|value| value.to_str().ok())
         .map(String::from);
     let checking = Arc::clone(&served);
-    let admitted = tokio::task::spawn_blocking(move || {
+    let identity = tokio::task::spawn_blocking(move || {
         checking
             .auth
             .as_ref()
-            .is_some_and(|auth| auth.admits(authorization.as_deref()))
+            .and_then(|auth| auth.identify(authorization.as_deref()))
     })
     .await
-    .unwrap_or(false);
-    if admitted {
+    .ok()
+    .flatten();
+    if let Some(identity) = identity {
+        // Who signed in, for what they record (a verdict's author).
+        request.extensions_mut().insert(SignedIn(identity));
         return next.run(request).await;
     }
     let mut response = api::error(
@@ -329,9 +336,25 @@ mod tests {
     fn with_auth_only_health_is_open() {
         let dir = tempfile::tempdir().expect("dir");
         let auth = auth::Auth::load(&auth::tests::files(dir.path()), "0.0.0.0:9090").expect("load");
+        let event = crate::alerts::AlertEvent {
+            kind: crate::alerts::EventKind::New,
+            id: "e1".into(),
+            camera: "line1".into(),
+            start_time: 1.0,
+            end_time: None,
+            score: 0.9,
+            top_score: 0.9,
+            boxes: Vec::new(),
+            snapshot: false,
+            model: "m".into(),
+            end_reason: None,
+        };
+        crate::store::EventStore::open(dir.path())
+            .and_then(|store| store.record(&event, "m", None, 1.0))
+            .expect("an event");
         let app = router(Arc::new(Served {
             metrics: Arc::new(Metrics::new("cpu", "fp32", &[])),
-            storage: None,
+            storage: Some(dir.path().to_path_buf()),
             model: String::new(),
             auth,
         }));
@@ -380,6 +403,17 @@ mod tests {
             )
             .await;
             assert_eq!(status, 200);
+            // A verdict's author is who signed in, not what the body claims.
+            let (status, _, body) = call_with(
+                &app,
+                "POST",
+                "/api/events/e1/verdict",
+                r#"{"verdict":"defect","by":"mallory"}"#,
+                &[("authorization", &basic("anna:secret"))],
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+            assert!(body.contains(r#""verdict_by":"anna""#), "{body}");
         });
     }
 
