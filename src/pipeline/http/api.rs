@@ -303,10 +303,7 @@ async fn verdict(
         Some(axum::Extension(super::SignedIn(identity))) => identity,
         None => body.by.unwrap_or_else(|| "api".into()),
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
+    let now = crate::pipeline::unix_now();
     let updated = with_store(&served, move |store| {
         match store.set_verdict(&id, verdict, &by, now) {
             Err(crate::store::StoreError::NoEvent(id)) => {

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
@@ -20,7 +20,7 @@ use gstreamer_app as gst_app;
 use serde::Deserialize;
 
 use super::events::ClipLog;
-use super::video::{Unit, VideoSink};
+use super::video::{Drained, Unit, VideoSink, drain};
 use super::{Picture, Sink, SinkError, SinkReport};
 use crate::alerts::{AlertEvent, EventKind};
 
@@ -286,36 +286,16 @@ impl OpenClip {
 
     /// Ends the file: EOS, then waits for the muxer to write it.
     fn finish(&self, timeout: Duration) -> Result<(), ClipError> {
-        let _ = self.appsrc.end_of_stream();
-        let failed = |message: String| ClipError::Write {
-            path: self.path.clone(),
-            message,
-        };
-        let result = match self.pipeline.bus() {
-            Some(bus) => {
-                let deadline = Instant::now() + timeout;
-                loop {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break Err(failed(format!(
-                            "not finished within {} s",
-                            timeout.as_secs()
-                        )));
-                    }
-                    let Some(message) =
-                        bus.timed_pop(gst::ClockTime::from_nseconds(left.as_nanos() as u64))
-                    else {
-                        continue;
-                    };
-                    match message.view() {
-                        gst::MessageView::Eos(_) => break Ok(()),
-                        gst::MessageView::Error(err) => break Err(failed(err.error().to_string())),
-                        _ => {}
-                    }
-                }
+        let result = drain(&self.pipeline, &self.appsrc, timeout).map_err(|error| {
+            let message = match error {
+                Drained::Failed(message) => message,
+                Drained::Timeout => format!("not finished within {} s", timeout.as_secs()),
+            };
+            ClipError::Write {
+                path: self.path.clone(),
+                message,
             }
-            None => Ok(()),
-        };
+        });
         let _ = self.pipeline.set_state(gst::State::Null);
         let _ = std::fs::remove_file(part(&self.path, "data.part"));
         result?;
@@ -443,6 +423,7 @@ mod tests {
     use crate::pipeline::sinks::encoder::{Encoder, EncoderKind, EncoderRequest};
     use crate::pipeline::sinks::events::{EventWriter, StorageConfig};
     use crate::pipeline::sinks::video::Video;
+    use std::time::Instant;
 
     const EPOCH: f64 = 1000.0;
 

@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
@@ -259,7 +258,12 @@ fn write(store: &EventStore, folder: &Path, job: EventJob) -> Result<(), WriteEr
         }
         None => None,
     };
-    store.record(&job.event, &job.model, peak.as_ref(), unix_now())?;
+    store.record(
+        &job.event,
+        &job.model,
+        peak.as_ref(),
+        crate::pipeline::unix_now(),
+    )?;
     Ok(())
 }
 
@@ -275,13 +279,6 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
     let staged = path.with_extension("jpg.part");
     std::fs::write(&staged, bytes).map_err(error)?;
     std::fs::rename(&staged, path).map_err(error)
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// One camera's events into the store.

@@ -361,7 +361,7 @@ impl Video {
         let Some(running) = self.running.take() else {
             return Ok(());
         };
-        let drained = drain(&running, timeout);
+        let drained = drain(&running.pipeline, &running.appsrc, timeout);
         let _ = running.pipeline.set_state(gst::State::Null);
         drained.map_err(|error| match error {
             Drained::Failed(message) => self.failed(message),
@@ -417,15 +417,21 @@ impl Drop for Video {
     }
 }
 
-enum Drained {
+/// How waiting for a pipeline's end of stream went wrong.
+pub(super) enum Drained {
     Failed(String),
     Timeout,
 }
 
-/// Sends EOS and waits until the last frame has come out of the encoder.
-fn drain(running: &Running, timeout: Duration) -> Result<(), Drained> {
-    let _ = running.appsrc.end_of_stream();
-    let Some(bus) = running.pipeline.bus() else {
+/// Sends EOS into `appsrc` and waits (at most `timeout`) until `pipeline` has handled its last
+/// buffer (every frame out of the encoder, or a muxer's file written).
+pub(super) fn drain(
+    pipeline: &gst::Pipeline,
+    appsrc: &gst_app::AppSrc,
+    timeout: Duration,
+) -> Result<(), Drained> {
+    let _ = appsrc.end_of_stream();
+    let Some(bus) = pipeline.bus() else {
         return Ok(());
     };
     let deadline = Instant::now() + timeout;
