@@ -7,7 +7,7 @@ pub mod retention;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
 use crate::alerts::{AlertEvent, EventKind};
@@ -191,8 +191,13 @@ impl EventStore {
         self.db
             .pragma_update(None, "synchronous", "NORMAL")
             .map_err(sqlite)?;
-        let version: i64 = self
+        // The version is read and the migrations applied under one write lock (IMMEDIATE), so
+        // two processes opening a new file at once do not both create the tables.
+        let tx = self
             .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sqlite)?;
+        let version: i64 = tx
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .map_err(sqlite)?;
         if version > MIGRATIONS.len() as i64 {
@@ -202,15 +207,12 @@ impl EventStore {
                 known: MIGRATIONS.len(),
             });
         }
-        let pending = &MIGRATIONS[usize::try_from(version).unwrap_or(0)..];
-        for (offset, migration) in pending.iter().enumerate() {
-            let next = version + 1 + offset as i64;
-            let tx = self.db.transaction().map_err(sqlite)?;
+        for migration in &MIGRATIONS[usize::try_from(version).unwrap_or(0)..] {
             tx.execute_batch(migration).map_err(sqlite)?;
-            tx.pragma_update(None, "user_version", next)
-                .map_err(sqlite)?;
-            tx.commit().map_err(sqlite)?;
         }
+        tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)
+            .map_err(sqlite)?;
+        tx.commit().map_err(sqlite)?;
         Ok(())
     }
 
@@ -545,6 +547,32 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(message.contains("schema version 99, newer"), "{message}");
+    }
+
+    #[test]
+    fn processes_opening_a_new_store_at_once_create_it_once() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("dir");
+            let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let openers: Vec<_> = (0..4)
+                .map(|_| {
+                    let folder = dir.path().to_path_buf();
+                    let start = start.clone();
+                    std::thread::spawn(move || {
+                        start.wait();
+                        EventStore::open(&folder).map(|store| store.version())
+                    })
+                })
+                .collect();
+            for opener in openers {
+                let version = opener
+                    .join()
+                    .expect("thread")
+                    .expect("open")
+                    .expect("version");
+                assert_eq!(version, MIGRATIONS.len() as i64);
+            }
+        }
     }
 
     #[test]
