@@ -34,7 +34,9 @@ apt_packages=(build-essential pkg-config ca-certificates curl unzip python3 pyth
     # the RTSP output ([output.rtsp]: gst-rtsp-server) and the rtspsrc client used by the tests
     libgstrtspserver-1.0-dev gstreamer1.0-rtsp
     # systemd-analyze, which checks deploy/stpm.service (the service runs under systemd)
-    systemd)
+    systemd
+    # the console's browser test (tests/console_browser.rs): headless Chromium through chromedriver
+    chromium chromium-driver)
 if [ -z "${STPM_SKIP_APT:-}" ]; then
     missing=()
     for p in "${apt_packages[@]}"; do

@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,20 +25,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port()
-}
-
-/// `GET path` over HTTP/1.0: (status, body), or `None` while nothing answers.
-fn http_get(port: u16, target: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream
-        .write_all(format!("GET {target} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_string()))
 }
 
 /// The value of the sample line that starts with `series ` (name and labels), if any.
@@ -122,7 +107,7 @@ fn rtsp_clients_get_annotated_frames_and_metrics_count_them() {
     // Healthy once the camera delivers frames.
     let started = Instant::now();
     let health = loop {
-        match http_get(http_port, "/health") {
+        match common::http_get(http_port, "/health") {
             Some((200, body)) => break body,
             _ if started.elapsed() > Duration::from_secs(60) => {
                 let _ = child.kill();
@@ -165,7 +150,7 @@ fn rtsp_clients_get_annotated_frames_and_metrics_count_them() {
         );
     }
 
-    let (status, metrics) = http_get(http_port, "/metrics").expect("/metrics answers");
+    let (status, metrics) = common::http_get(http_port, "/metrics").expect("/metrics answers");
     assert_eq!(status, 200, "{metrics}");
     let frames = sample(&metrics, "stpm_frames_total{camera=\"line1\"}").unwrap_or(0.0);
     let analysed = sample(&metrics, "stpm_frames_analysed_total{camera=\"line1\"}").unwrap_or(0.0);
@@ -246,7 +231,7 @@ fn the_recording_and_an_rtsp_client_share_one_encode() {
         &format!("\n[output.rtsp]\nenabled = true\nbind = \"127.0.0.1\"\nport = {rtsp_port}\n"),
     );
     let log_path = dir.path().join("stpm.log");
-    let mut child = spawn_run(&pipeline, &log_path, dir.path());
+    let mut child = common::spawn_run(&pipeline, &log_path, dir.path());
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     // Join once the recording runs, so the client does not start the encode.
     let started = Instant::now();
@@ -389,23 +374,11 @@ fn an_http_server_reachable_from_other_machines_needs_auth() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
-/// Starts `stpm run --pipeline <pipeline>` with its output in `log`.
-fn spawn_run(pipeline: &Path, log: &Path, dir: &Path) -> std::process::Child {
-    let file = std::fs::File::create(log).expect("log file");
-    Command::new(env!("CARGO_BIN_EXE_stpm"))
-        .args(["run", "--pipeline", path(pipeline)])
-        .current_dir(dir)
-        .stdout(Stdio::from(file.try_clone().expect("log file")))
-        .stderr(Stdio::from(file))
-        .spawn()
-        .expect("spawn")
-}
-
 /// Polls `/metrics` on `port` until `done` holds for it, or panics after `timeout` with `what`.
 fn wait_metrics(port: u16, timeout: Duration, what: &str, done: impl Fn(&str) -> bool) -> String {
     let started = Instant::now();
     loop {
-        if let Some((200, metrics)) = http_get(port, "/metrics")
+        if let Some((200, metrics)) = common::http_get(port, "/metrics")
             && done(&metrics)
         {
             return metrics;
@@ -423,34 +396,15 @@ fn wait_metrics(port: u16, timeout: Duration, what: &str, done: impl Fn(&str) ->
 fn an_rtsp_camera_that_drops_is_marked_offline_and_reconnected() {
     let dir = tempfile::tempdir().expect("dir");
     let (camera_port, http_port) = (free_port(), free_port());
-    let camera_pipeline = dir.path().join("camera.toml");
-    std::fs::write(
-        &camera_pipeline,
-        format!(
-            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
-             [[camera]]\nname = \"cam\"\nsource = \"test://conveyor?fps=15\"\n\n\
-             [output.rtsp]\nenabled = true\nbind = \"127.0.0.1\"\nport = {camera_port}\n",
-            path(bundle())
-        ),
-    )
-    .expect("write camera pipeline");
-    let watcher_pipeline = dir.path().join("watcher.toml");
-    std::fs::write(
-        &watcher_pipeline,
-        format!(
-            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
-             [[camera]]\nname = \"line1\"\nsource = \"rtsp://127.0.0.1:{camera_port}/cam\"\n\n\
-             [http]\nenabled = true\nbind = \"127.0.0.1:{http_port}\"\n",
-            path(bundle())
-        ),
-    )
-    .expect("write watcher pipeline");
+    let camera_pipeline = common::rtsp_camera_pipeline(dir.path(), camera_port);
+    let watcher_pipeline =
+        common::rtsp_watcher_pipeline(dir.path(), bundle(), camera_port, http_port, "");
     let (camera_log, watcher_log) = (
         dir.path().join("camera.log"),
         dir.path().join("watcher.log"),
     );
-    let mut camera = spawn_run(&camera_pipeline, &camera_log, dir.path());
-    let mut watcher = spawn_run(&watcher_pipeline, &watcher_log, dir.path());
+    let mut camera = common::spawn_run(&camera_pipeline, &camera_log, dir.path());
+    let mut watcher = common::spawn_run(&watcher_pipeline, &watcher_log, dir.path());
     let logs = || {
         format!(
             "watcher:\n{}\ncamera:\n{}",
@@ -476,13 +430,13 @@ fn an_rtsp_camera_that_drops_is_marked_offline_and_reconnected() {
             "the camera offline",
             |m| online(m) == Some(0.0),
         );
-        let health = http_get(http_port, "/health");
+        let health = common::http_get(http_port, "/health");
         assert!(
             matches!(&health, Some((503, body)) if body.contains("offline")),
             "{health:?}"
         );
 
-        camera = spawn_run(&camera_pipeline, &camera_log, dir.path());
+        camera = common::spawn_run(&camera_pipeline, &camera_log, dir.path());
         wait_metrics(http_port, Duration::from_secs(90), "frames again", |m| {
             online(m) == Some(1.0) && frames(m) >= before + 5.0
         });
@@ -524,7 +478,7 @@ fn a_missing_usb_camera_retries_while_another_camera_runs() {
     )
     .expect("write pipeline");
     let log = dir.path().join("run.log");
-    let run = spawn_run(&pipeline, &log, dir.path());
+    let run = common::spawn_run(&pipeline, &log, dir.path());
     let result = std::panic::catch_unwind(|| {
         wait_metrics(http_port, Duration::from_secs(90), "line1 analysed", |m| {
             sample(m, "stpm_frames_analysed_total{camera=\"line1\"}").unwrap_or(0.0) >= 5.0
@@ -532,7 +486,7 @@ fn a_missing_usb_camera_retries_while_another_camera_runs() {
                 && sample(m, "stpm_camera_online{camera=\"usb\"}") == Some(0.0)
                 && sample(m, "stpm_frames_total{camera=\"usb\"}") == Some(0.0)
         });
-        let health = http_get(http_port, "/health");
+        let health = common::http_get(http_port, "/health");
         assert!(
             matches!(&health, Some((503, body)) if body.contains(r#"{"camera":"line1","state":"online"}"#)),
             "{health:?}"
@@ -710,7 +664,7 @@ fn sigterm_finishes_the_open_segment() {
         "segment_seconds = 0.5\n",
     );
     let log_path = dir.path().join("stpm.log");
-    let child = spawn_run(&pipeline, &log_path, dir.path());
+    let child = common::spawn_run(&pipeline, &log_path, dir.path());
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let started = Instant::now();
     // Two closed segments and a third open.

@@ -119,6 +119,10 @@ pub struct HttpConfig {
     /// `[http.auth]`: required unless `bind` is a loopback address.
     #[serde(default)]
     pub auth: crate::pipeline::http::auth::AuthConfig,
+    /// Serve each camera's live view to the console (the camera's video is encoded while someone
+    /// watches).
+    #[serde(default = "default_true")]
+    pub live: bool,
 }
 
 impl Default for HttpConfig {
@@ -127,6 +131,7 @@ impl Default for HttpConfig {
             enabled: false,
             bind: default_http_bind(),
             auth: Default::default(),
+            live: true,
         }
     }
 }

@@ -244,6 +244,7 @@ pub fn run_with(
         Some(EventWriter::start(
             &config.storage,
             &model_id(&config.model.bundle),
+            Some(live.changes()),
         )?)
     } else {
         log::info!("storage: off (storage.enabled = false), events are not kept");
@@ -439,6 +440,10 @@ fn camera_sinks(
     if let Some(feed) = own.rtsp {
         video.push(Arc::new(feed));
     }
+    if let Some(view) = own.live {
+        view.set_epoch(epoch);
+        video.push(view);
+    }
     if let (Some(encoder), false) = (shared.encoder, video.is_empty()) {
         sinks.push(Box::new(Video::new(
             camera,
@@ -450,14 +455,24 @@ fn camera_sinks(
     sinks
 }
 
-/// The encoder of the enabled video outputs (`None` when recordings, RTSP and clips are off),
-/// announced once.
+/// The encoder of the enabled video outputs (`None` when recordings, RTSP, clips and the
+/// console's live view are off), announced once. Without one, a run whose only video output is
+/// the live view goes on without it.
 fn output_encoder(config: &PipelineConfig) -> Result<Option<Encoder>, EncoderError> {
     let output = &config.output;
-    if !output.record.enabled && !output.rtsp.enabled && !config.clips.enabled {
+    let files_or_rtsp = output.record.enabled || output.rtsp.enabled || config.clips.enabled;
+    let live = config.http.enabled && config.http.live;
+    if !files_or_rtsp && !live {
         return Ok(None);
     }
-    let encoder = Encoder::resolve(output.encoder.parse()?)?;
+    let encoder = match Encoder::resolve(output.encoder.parse()?) {
+        Ok(encoder) => encoder,
+        Err(e) if !files_or_rtsp => {
+            log::warn!("http: the console has no live view: {e}");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
     log::info!("encoder: {} ({})", encoder.element(), encoder.reason());
     Ok(Some(encoder))
 }

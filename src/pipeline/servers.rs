@@ -7,7 +7,12 @@ use crate::pipeline::config::PipelineConfig;
 use crate::pipeline::http::{HttpError, HttpServer, Served};
 use crate::pipeline::metrics::{CameraMetrics, Metrics};
 use crate::pipeline::sinks::encoder::Encoder;
+use crate::pipeline::sinks::live::LiveView;
 use crate::pipeline::sinks::rtsp::{RtspError, RtspFeed, RtspServer};
+use crate::store::Changes;
+
+/// Changed events kept for a slow listener of the console's live list before it skips some.
+const EVENT_FEED: usize = 256;
 
 /// What the workers feed and the servers read.
 pub struct LiveOutputs {
@@ -16,12 +21,17 @@ pub struct LiveOutputs {
     rtsp: Option<RtspServer>,
     /// One per camera, in configuration order; taken by the workers.
     feeds: Vec<Option<RtspFeed>>,
+    /// The console's live view of each camera, in configuration order (`[http] live`).
+    views: Vec<Option<Arc<LiveView>>>,
+    /// Changed events, for the console's live list.
+    event_feed: Changes,
 }
 
 /// What one camera's worker gets.
 pub struct CameraOutputs {
     pub metrics: Arc<CameraMetrics>,
     pub rtsp: Option<RtspFeed>,
+    pub live: Option<Arc<LiveView>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +59,15 @@ impl LiveOutputs {
         if let Some(encoder) = encoder {
             metrics.set_encoder(encoder.element());
         }
+        let (event_feed, _) = tokio::sync::broadcast::channel(EVENT_FEED);
+        // The live view needs the encode, so an encoder.
+        let views: Vec<Option<Arc<LiveView>>> = cameras
+            .iter()
+            .map(|camera| {
+                (config.http.enabled && config.http.live && encoder.is_some())
+                    .then(|| LiveView::new(camera))
+            })
+            .collect();
         let http = if config.http.enabled {
             let auth =
                 crate::pipeline::http::auth::Auth::load(&config.http.auth, &config.http.bind)?;
@@ -62,6 +81,12 @@ impl LiveOutputs {
                     .file_name()
                     .map(|name| name.to_string_lossy().into_owned())
                     .unwrap_or_default(),
+                live: cameras
+                    .iter()
+                    .zip(&views)
+                    .filter_map(|(camera, view)| Some((camera.clone(), Arc::clone(view.as_ref()?))))
+                    .collect(),
+                event_feed: event_feed.clone(),
             };
             let server = HttpServer::start(&config.http.bind, served)?;
             log::info!(
@@ -90,6 +115,8 @@ impl LiveOutputs {
             http,
             rtsp,
             feeds,
+            views,
+            event_feed,
         })
     }
 
@@ -102,7 +129,13 @@ impl LiveOutputs {
                 .camera(name)
                 .unwrap_or_else(|| Arc::new(CameraMetrics::new(name))),
             rtsp: self.feeds.get_mut(index).and_then(Option::take),
+            live: self.views.get(index).cloned().flatten(),
         }
+    }
+
+    /// Where the event store announces changed events.
+    pub fn changes(&self) -> Changes {
+        self.event_feed.clone()
     }
 
     /// Stops the servers (after the workers have finished).

@@ -180,12 +180,15 @@ enum Ending {
 fn run_gstreamer(spec: &SourceSpec, queue: &Arc<FrameQueue<Captured>>, stop: &Arc<AtomicBool>) {
     let mut backoff = Duration::from_millis(500);
     const MAX_BACKOFF: Duration = Duration::from_secs(30);
-    // Stream time continues across file loops and reconnects.
+    // Stream time continues across file loops and reconnects; a live camera's is the wall time
+    // since the source started, so a camera that connects late or comes back after a gap has
+    // frames (and alerts) at the times they were seen.
     let offset = Arc::new(std::sync::Mutex::new(Duration::ZERO));
     let last_pts = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    let wall = spec.is_live().then(Instant::now);
     loop {
         let started = Instant::now();
-        let ending = match play_once(spec, queue, stop, &offset, &last_pts) {
+        let ending = match play_once(spec, queue, stop, &offset, &last_pts, wall) {
             Ok(ending) => ending,
             Err(error) => Ending::Error(error.to_string()),
         };
@@ -277,6 +280,7 @@ fn play_once(
     stop: &Arc<AtomicBool>,
     offset: &Arc<std::sync::Mutex<Duration>>,
     last_pts: &Arc<std::sync::Mutex<Duration>>,
+    wall: Option<Instant>,
 ) -> Result<Ending, SourceError> {
     gst::init().map_err(|e| SourceError::Init(e.to_string()))?;
     let pipeline = gst::parse::launch(&source_description(&spec.uri))
@@ -318,6 +322,15 @@ fn play_once(
                     let Some((frame, pts, fps)) = copy_frame(&sample) else {
                         return Ok(gst::FlowSuccess::Ok);
                     };
+                    if let Some(since) = wall
+                        && !online.load(Ordering::Relaxed)
+                        && let (Ok(mut offset), Ok(last)) = (offset.lock(), last_pts.lock())
+                    {
+                        // This play's first frame: placed at the wall time since the source
+                        // started (after the last frame before a gap).
+                        let now = since.elapsed().max(*last + Duration::from_millis(40));
+                        *offset = now.saturating_sub(pts);
+                    }
                     let pts = pts + offset.lock().map(|o| *o).unwrap_or_default();
                     if let Ok(mut last) = last_pts.lock() {
                         *last = (*last).max(pts);

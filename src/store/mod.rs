@@ -15,6 +15,13 @@ use crate::alerts::{AlertEvent, EventKind};
 /// The database file inside the storage folder.
 pub const DATABASE: &str = "events.db";
 
+/// How long a write waits for another connection's (or process's) write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the ids of changed events go (a row written, a clip added, a verdict), for whoever
+/// follows the store live (the console's event list); sending with no one listening is fine.
+pub type Changes = tokio::sync::broadcast::Sender<String>;
+
 /// Schema versions, applied in order; version N is `MIGRATIONS[N - 1]`. Never edit one that has
 /// shipped: add the next.
 const MIGRATIONS: &[&str] = &[
@@ -163,8 +170,22 @@ impl EventStore {
             source,
         })?;
         let mut store = Self { path, db };
-        store.configure()?;
-        Ok(store)
+        // Another process setting up the same new file (WAL, the schema) can make SQLite answer
+        // "busy" at once, without waiting out the busy timeout: try again for a while.
+        let started = std::time::Instant::now();
+        loop {
+            match store.configure() {
+                Err(StoreError::Sqlite {
+                    source: rusqlite::Error::SqliteFailure(failure, _),
+                    ..
+                }) if failure.code == rusqlite::ErrorCode::DatabaseBusy
+                    && started.elapsed() < BUSY_TIMEOUT =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                result => return result.map(|()| store),
+            }
+        }
     }
 
     fn sqlite(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -180,9 +201,7 @@ impl EventStore {
             path: self.path.clone(),
             source,
         };
-        self.db
-            .busy_timeout(Duration::from_secs(5))
-            .map_err(sqlite)?;
+        self.db.busy_timeout(BUSY_TIMEOUT).map_err(sqlite)?;
         self.db
             .pragma_update(None, "journal_mode", "WAL")
             .map_err(sqlite)?;

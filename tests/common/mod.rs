@@ -1,9 +1,14 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod broker;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
@@ -194,4 +199,71 @@ fn decode_with(file: &Path, demuxer: &str) -> (usize, i32, i32) {
     }
     let _ = pipeline.set_state(gst::State::Null);
     (frames, size.0, size.1)
+}
+
+/// `GET path` over HTTP/1.0: (status, body), or `None` while nothing answers.
+pub fn http_get(port: u16, target: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .write_all(format!("GET {target} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+/// Starts `stpm run --pipeline <pipeline>` with its output in `log`.
+pub fn spawn_run(pipeline: &Path, log: &Path, dir: &Path) -> std::process::Child {
+    let file = std::fs::File::create(log).expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_stpm"))
+        .args(["run", "--pipeline", path_str(pipeline)])
+        .current_dir(dir)
+        .stdout(Stdio::from(file.try_clone().expect("log file")))
+        .stderr(Stdio::from(file))
+        .spawn()
+        .expect("spawn")
+}
+
+/// `<dir>/camera.toml`: a network camera for the tests, an `stpm run` of the tiny bundle serving
+/// the generated conveyor (15 frames/s) at `rtsp://127.0.0.1:<port>/cam`, keeping no events.
+pub fn rtsp_camera_pipeline(dir: &Path, port: u16) -> PathBuf {
+    let pipeline = dir.join("camera.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
+             [[camera]]\nname = \"cam\"\nsource = \"test://conveyor?fps=15\"\n\n\
+             [storage]\nenabled = false\n\n\
+             [output.rtsp]\nenabled = true\nbind = \"127.0.0.1\"\nport = {port}\n",
+            path_str(tiny_conveyor_bundle())
+        ),
+    )
+    .expect("write the camera's pipeline");
+    pipeline
+}
+
+/// `<dir>/watcher.toml`: an `stpm run` of `bundle` watching that camera as `line1`, with `[http]`
+/// on 127.0.0.1:`http_port`, then `extra` (more sections).
+pub fn rtsp_watcher_pipeline(
+    dir: &Path,
+    bundle: &Path,
+    camera_port: u16,
+    http_port: u16,
+    extra: &str,
+) -> PathBuf {
+    let pipeline = dir.join("watcher.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
+             [[camera]]\nname = \"line1\"\nsource = \"rtsp://127.0.0.1:{camera_port}/cam\"\n\n\
+             [http]\nenabled = true\nbind = \"127.0.0.1:{http_port}\"\n\n{extra}",
+            path_str(bundle)
+        ),
+    )
+    .expect("write the watcher's pipeline");
+    pipeline
 }

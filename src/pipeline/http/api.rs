@@ -58,7 +58,7 @@ fn bad(message: String) -> ApiError {
 }
 
 /// Runs `work` on the event store of `served` off the async thread.
-async fn with_store<T: Send + 'static>(
+pub(super) async fn with_store<T: Send + 'static>(
     served: &Served,
     work: impl FnOnce(&EventStore) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -76,12 +76,12 @@ async fn with_store<T: Send + 'static>(
     .unwrap_or_else(|e| Err(internal(e)))
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
+pub(super) fn internal(e: impl std::fmt::Display) -> ApiError {
     fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
 /// An event as the API shows it: the stored row with URLs on this server instead of paths.
-fn event_json(event: &StoredEvent) -> Value {
+pub(super) fn event_json(event: &StoredEvent) -> Value {
     let url = |path: &Option<PathBuf>, name: &str| {
         path.is_some()
             .then(|| format!("/api/events/{}/{name}", event.id))
@@ -304,6 +304,7 @@ async fn verdict(
         None => body.by.unwrap_or_else(|| "api".into()),
     };
     let now = crate::pipeline::unix_now();
+    let changed = id.clone();
     let updated = with_store(&served, move |store| {
         match store.set_verdict(&id, verdict, &by, now) {
             Err(crate::store::StoreError::NoEvent(id)) => {
@@ -319,12 +320,17 @@ async fn verdict(
     })
     .await;
     match updated {
-        Ok(event) => axum::Json(event_json(&event)).into_response(),
+        Ok(event) => {
+            // Other consoles update their list; no one listening is fine.
+            let _ = served.event_feed.send(changed);
+            axum::Json(event_json(&event)).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }
 
-/// `GET /api/cameras`: `{"cameras": [{"name", "state", "fps", "score", "model"}, …]}`.
+/// `GET /api/cameras`: `{"cameras": [{"name", "state", "fps", "score", "model", "live"}, …]}`,
+/// `live` the path of its live view when it has one.
 async fn cameras(State(served): State<Arc<Served>>) -> Response {
     let cameras: Vec<Value> = served
         .metrics
@@ -337,6 +343,10 @@ async fn cameras(State(served): State<Arc<Served>>) -> Response {
                 "fps": (fps * 1000.0).round() / 1000.0,
                 "score": score,
                 "model": served.model,
+                "live": served
+                    .live
+                    .contains_key(&name)
+                    .then(|| format!("/api/cameras/{name}/live")),
             })
         })
         .collect();
@@ -395,6 +405,8 @@ mod tests {
             storage: Some(dir.path().to_path_buf()),
             model: "demo".into(),
             auth: None,
+            live: Default::default(),
+            event_feed: tokio::sync::broadcast::channel(4).0,
         }));
         let json = |body: &str| serde_json::from_str::<Value>(body).expect("json");
         let ids = |body: &str| -> Vec<String> {
@@ -567,6 +579,8 @@ mod tests {
             storage: None,
             model: String::new(),
             auth: None,
+            live: Default::default(),
+            event_feed: tokio::sync::broadcast::channel(4).0,
         }));
         runtime().block_on(async {
             let (status, _, body) = call(&app, "GET", "/api/events", "").await;

@@ -1,10 +1,13 @@
-//! `[http]`: `/metrics` (OpenMetrics text), `/health` and the events API (`api`) on axum, on a
-//! small tokio runtime of its own thread. Reads [`Metrics`] and the event store; never touches
-//! frames or the engine.
+//! `[http]`: `/metrics` (OpenMetrics text), `/health`, the events API (`api`), the console's
+//! live streams (`live`: each camera's video, changed events) and the console page itself, on
+//! axum on a small tokio runtime of its own thread. Reads [`Metrics`], the event store and the
+//! live views; never touches frames or the engine.
 
 mod api;
 pub mod auth;
+mod live;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +19,8 @@ use axum::routing::get;
 use tokio::sync::oneshot;
 
 use crate::pipeline::metrics::Metrics;
+use crate::pipeline::sinks::live::LiveView;
+use crate::store::Changes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -39,6 +44,10 @@ pub struct Served {
     pub model: String,
     /// Who may use it (`[http.auth]`); `None`: anyone who reaches it (loopback only).
     pub auth: Option<auth::Auth>,
+    /// Each camera's live view (`[http] live`, with an encoder), by camera name.
+    pub live: HashMap<String, Arc<LiveView>>,
+    /// Ids of changed events (the writer's rows, verdicts), for the live event list.
+    pub event_feed: Changes,
 }
 
 /// The running endpoint; [`HttpServer::stop`] ends it.
@@ -128,6 +137,7 @@ fn router(served: Arc<Served>) -> Router {
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .merge(api::routes())
+        .merge(live::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&served),
@@ -294,6 +304,8 @@ mod tests {
             storage: None,
             model: "demo".into(),
             auth: None,
+            live: Default::default(),
+            event_feed: tokio::sync::broadcast::channel(4).0,
         }));
         runtime().block_on(async {
             let (status, kind, body) = call(&app, "GET", "/metrics", "").await;
@@ -318,13 +330,22 @@ mod tests {
             assert_eq!((status, kind.as_str()), (200, "text/html; charset=utf-8"));
             for used in [
                 "/api/cameras",
-                "/api/events?limit=50",
+                "/api/events?limit=",
+                "/api/events/stream",
+                "camera.live",
                 "/verdict",
                 "snapshot_url",
                 "clip_url",
             ] {
                 assert!(body.contains(used), "{used}");
             }
+            // The live streams: no such camera; no event store.
+            let (status, _, body) = call(&app, "GET", "/api/cameras/nowhere/live", "").await;
+            assert_eq!(status, 404);
+            assert!(body.contains("camera nowhere is not configured"), "{body}");
+            let (status, _, body) = call(&app, "GET", "/api/events/stream", "").await;
+            assert_eq!(status, 404);
+            assert!(body.contains("[storage] is off"), "{body}");
             let (status, kind, body) = call(&app, "GET", "/nowhere", "").await;
             assert_eq!((status, kind.as_str()), (404, "application/json"));
             assert!(body.contains("\"error\""), "{body}");
@@ -357,6 +378,8 @@ mod tests {
             storage: Some(dir.path().to_path_buf()),
             model: String::new(),
             auth,
+            live: Default::default(),
+            event_feed: tokio::sync::broadcast::channel(4).0,
         }));
         let basic = |credentials: &str| {
             use base64::Engine;
@@ -424,6 +447,8 @@ mod tests {
             storage: None,
             model: String::new(),
             auth: None,
+            live: Default::default(),
+            event_feed: tokio::sync::broadcast::channel(4).0,
         };
         let server = HttpServer::start("127.0.0.1:0", served()).expect("start");
         let taken = server.address().to_string();

@@ -487,7 +487,7 @@ mod tests {
             path: dir.path().to_path_buf(),
             ..StorageConfig::default()
         };
-        let writer = EventWriter::start(&storage, "m").expect("writer");
+        let writer = EventWriter::start(&storage, "m", None).expect("writer");
         let config = ClipsConfig {
             enabled: true,
             pre_seconds: 1.0,

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::snapshot::{SnapshotError, jpeg};
 use super::{Picture, Sink, SinkError};
 use crate::alerts::AlertEvent;
-use crate::store::{EventStore, Peak, StoreError};
+use crate::store::{Changes, EventStore, Peak, StoreError};
 
 /// Jobs waiting for the writer before a camera's worker waits for room.
 const QUEUE: usize = 64;
@@ -150,8 +150,13 @@ impl ClipLog {
 
 impl EventWriter {
     /// Opens the store in `config.path`, ends the events an earlier run left open, and starts
-    /// the writer. `model` identifies the bundle in every row.
-    pub fn start(config: &StorageConfig, model: &str) -> Result<Self, StoreError> {
+    /// the writer. `model` identifies the bundle in every row; the id of each row written goes to
+    /// `changes` (the console's live event list).
+    pub fn start(
+        config: &StorageConfig,
+        model: &str,
+        changes: Option<Changes>,
+    ) -> Result<Self, StoreError> {
         let store = EventStore::open(&config.path)?;
         let dangling = store.end_dangling()?;
         if dangling > 0 {
@@ -170,14 +175,21 @@ impl EventWriter {
             .name("events".into())
             .spawn(move || {
                 for job in queue {
-                    let written = match job {
-                        Job::Event(job) => write(&store, &folder, job),
+                    let (id, written) = match job {
+                        Job::Event(job) => (job.event.id.clone(), write(&store, &folder, job)),
                         Job::Clip { id, path } => {
-                            store.set_clip(&id, &path).map_err(WriteError::from)
+                            let written = store.set_clip(&id, &path).map_err(WriteError::from);
+                            (id, written)
                         }
                     };
-                    if let Err(error) = written {
-                        log::warn!("storage: {error}");
+                    match written {
+                        // No listener is no error.
+                        Ok(()) => {
+                            if let Some(changes) = &changes {
+                                let _ = changes.send(id);
+                            }
+                        }
+                        Err(error) => log::warn!("storage: {error}"),
                     }
                 }
             })

@@ -1,14 +1,17 @@
 //! The outputs of a run. A camera's worker hands every annotated frame, every alert transition and
 //! every change of the camera's state to its [`Sink`]s, one file per output: the MQTT alerts
 //! (`mqtt`), their JPEG snapshots (`snapshot`), the event store with its snapshots on disk
-//! (`events`), the `alert {…}` lines on stdout (`console`) and the video (`video`), which encodes the annotated frames once per camera and fans the H.264 stream
-//! out to its own outputs, the recording (`record`) and the RTSP feed (`rtsp`). A new output is a
-//! new file here and one line where `pipeline` builds a camera's sinks.
+//! (`events`), the `alert {…}` lines on stdout (`console`) and the video (`video`), which
+//! encodes the annotated frames once per camera and fans the H.264 stream out to its own outputs:
+//! the recording (`record`), the RTSP feed (`rtsp`), the event clips (`clips`) and the console's
+//! live view (`live`). A new output is a new file here and one line where `pipeline` builds a
+//! camera's sinks.
 
 pub mod clips;
 pub mod console;
 pub mod encoder;
 pub mod events;
+pub mod live;
 pub mod mqtt;
 pub mod record;
 pub mod rtsp;

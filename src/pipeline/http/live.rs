@@ -1,0 +1,125 @@
+//! The console's live streams: `GET /api/cameras/{camera}/live`, a WebSocket carrying the camera's
+//! video as fragmented MP4 (a JSON hello first: codec, size, the first frame's unix time), and
+//! `GET /api/events/stream`, server-sent events with each changed event as the API shows it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::Served;
+use super::api::{error, event_json, with_store};
+use crate::pipeline::sinks::live::{LiveMessage, LiveStream};
+
+/// A comment line on a quiet event stream this often, so proxies keep it open.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+pub(super) fn routes() -> Router<Arc<Served>> {
+    Router::new()
+        .route("/api/cameras/{camera}/live", get(live))
+        .route("/api/events/stream", get(events))
+}
+
+/// Upgrades to a WebSocket that streams `camera`'s live view until either side closes.
+async fn live(
+    State(served): State<Arc<Served>>,
+    Path(camera): Path<String>,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let Some(view) = served.live.get(&camera).cloned() else {
+        let why = if served.metrics.camera(&camera).is_some() {
+            "has no live view (http.live is off, or no H.264 encoder is installed)"
+        } else {
+            "is not configured"
+        };
+        return error(StatusCode::NOT_FOUND, format!("camera {camera} {why}"));
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("a WebSocket is needed: {}", rejection.body_text()),
+            );
+        }
+    };
+    let joined = tokio::task::spawn_blocking(move || view.join()).await;
+    match joined {
+        Ok(Ok(stream)) => upgrade.on_upgrade(move |socket| forward(socket, stream)),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Sends the viewer's messages until its stream ends or the browser goes; dropping the stream
+/// leaves the view.
+async fn forward(mut socket: WebSocket, mut stream: LiveStream) {
+    loop {
+        tokio::select! {
+            message = stream.messages.recv() => {
+                let message = match message {
+                    Some(LiveMessage::Hello(hello)) => match serde_json::to_string(&hello) {
+                        Ok(text) => Message::Text(text.into()),
+                        Err(_) => break,
+                    },
+                    Some(LiveMessage::Media(bytes)) => Message::Binary(bytes.into()),
+                    None => break,
+                };
+                if socket.send(message).await.is_err() {
+                    break;
+                }
+            }
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+/// Server-sent events: `event` with an event's JSON each time it changes (a new event, a new
+/// peak, its end, its clip, a verdict), `resync` when this listener fell behind and should load
+/// the list again.
+async fn events(State(served): State<Arc<Served>>) -> Response {
+    if served.storage.is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "events are not kept: [storage] is off".into(),
+        );
+    }
+    let changes = served.event_feed.subscribe();
+    let stream =
+        futures_util::stream::unfold((changes, served), |(mut changes, served)| async move {
+            loop {
+                let id = match changes.recv().await {
+                    Ok(id) => id,
+                    Err(RecvError::Lagged(_)) => {
+                        let event = Event::default().event("resync").data("");
+                        return Some((Ok::<_, std::convert::Infallible>(event), (changes, served)));
+                    }
+                    Err(RecvError::Closed) => return None,
+                };
+                let found = with_store(&served, move |store| {
+                    store.get(&id).map_err(super::api::internal)
+                })
+                .await;
+                // An event that cannot be read now is skipped; the next change brings it.
+                if let Ok(Some(event)) = found {
+                    let data = event_json(&event).to_string();
+                    let event = Event::default().event("event").data(data);
+                    return Some((Ok(event), (changes, served)));
+                }
+            }
+        });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
+}
