@@ -68,6 +68,9 @@ pub struct CameraConfig {
     /// Alert overrides and zones for this camera.
     #[serde(default)]
     pub alerts: CameraAlertOverrides,
+    /// `[camera.clips]`: this camera's clip settings, over `[clips]`.
+    #[serde(default)]
+    pub clips: crate::pipeline::sinks::clips::CameraClipOverrides,
 }
 
 fn default_true() -> bool {
@@ -351,7 +354,7 @@ impl PipelineConfig {
             problems.extend(e.problems);
         }
         problems.extend(self.output_problems());
-        problems.extend(self.clips.problems());
+        problems.extend(self.clips.problems("clips"));
         problems.extend(self.storage.problems());
         if self.clips.enabled && !self.storage.enabled {
             problems.push(
@@ -359,7 +362,30 @@ impl PipelineConfig {
                     .into(),
             );
         }
+        for (index, camera) in self.camera.iter().enumerate() {
+            let section = format!("camera[{index}].clips");
+            let clips = camera.clips.resolve(&self.clips);
+            // `[clips]`' own problems are reported once, above.
+            problems.extend(
+                clips
+                    .problems(&section)
+                    .into_iter()
+                    .filter(|p| !self.clips.problems(&section).contains(p)),
+            );
+            if camera.clips.enabled == Some(true) && !self.storage.enabled {
+                problems.push(format!(
+                    "{section}.enabled = true needs storage.enabled = true (clips are kept with their events)"
+                ));
+            }
+        }
         problems
+    }
+
+    /// Whether any camera writes clips.
+    pub fn any_clips(&self) -> bool {
+        self.camera
+            .iter()
+            .any(|camera| camera.clips.resolve(&self.clips).enabled)
     }
 
     /// Problems of `[output]` and `[http]` (addresses checked only when enabled).
@@ -569,5 +595,47 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(message.contains("section.key=value"), "{message}");
+    }
+
+    #[test]
+    fn a_camera_overrides_clips_and_its_keys_are_named() {
+        let dir = tempfile::tempdir().expect("dir");
+        let cameras = "[clips]\nenabled = true\npre_seconds = 2\n\
+             [[camera]]\nname = \"a\"\nsource = \"test://conveyor\"\n\
+             [camera.clips]\nenabled = false\n\
+             [[camera]]\nname = \"b\"\nsource = \"test://conveyor\"\n\
+             [camera.clips]\npost_seconds = 1\nmax_seconds = 10\n";
+        let path = write(dir.path(), &format!("[model]\nbundle = \"b\"\n{cameras}"));
+        let config = PipelineConfig::load(&path, &[]).expect("load");
+        let a = config.camera[0].clips.resolve(&config.clips);
+        let b = config.camera[1].clips.resolve(&config.clips);
+        assert!(!a.enabled);
+        assert_eq!(
+            (b.enabled, b.pre_seconds, b.post_seconds, b.max_seconds),
+            (true, 2.0, 1.0, 10.0)
+        );
+        assert!(config.any_clips());
+        assert!(config.problems().is_empty(), "{:?}", config.problems());
+        let problems = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            PipelineConfig::load(&path, &sets)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let message = problems(&["camera[1].clips.pre_seconds=700"]);
+        assert!(
+            message.contains("camera[1].clips.pre_seconds = 700"),
+            "{message}"
+        );
+        let message = problems(&[
+            "storage.enabled=false",
+            "clips.enabled=false",
+            "camera[1].clips.enabled=true",
+        ]);
+        assert!(
+            message.contains("camera[1].clips.enabled = true needs storage"),
+            "{message}"
+        );
     }
 }

@@ -30,7 +30,7 @@ use crate::engine::batch::SharedSession;
 use crate::engine::select::{SelectError, Sessions};
 use crate::engine::{EngineError, ExecutionProvider};
 use analyse::{Analyser, Intake};
-use config::{PipelineConfig, SourceUri};
+use config::{CameraConfig, PipelineConfig, SourceUri};
 use queue::FrameQueue;
 use servers::{CameraOutputs, LiveError, LiveOutputs};
 use sinks::Sink;
@@ -343,7 +343,7 @@ pub fn run_with(
             queue,
             epoch,
             metrics: Arc::clone(&camera_outputs.metrics),
-            sinks: camera_sinks(&camera.name, epoch, camera_outputs, &shared),
+            sinks: camera_sinks(camera, epoch, camera_outputs, &shared),
             #[cfg(feature = "gpu")]
             gpu: gpu_overlay,
         };
@@ -409,11 +409,12 @@ struct SharedOutputs<'a> {
 /// calls them: stdout, MQTT events and snapshots, the event store, clips, then the video (one encode for the
 /// recording and the RTSP feed).
 fn camera_sinks(
-    camera: &str,
+    config: &CameraConfig,
     epoch: f64,
     own: CameraOutputs,
     shared: &SharedOutputs,
 ) -> Vec<Box<dyn Sink>> {
+    let camera = config.name.as_str();
     let started = epoch as u64;
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if shared.print_alerts {
@@ -428,8 +429,9 @@ fn camera_sinks(
     }
     let mut video: Vec<Arc<dyn VideoSink>> = Vec::new();
     let clip_log = shared.events.and_then(EventWriter::clip_log);
-    if let (true, Some(log)) = (shared.config.clips.enabled, clip_log) {
-        let (alerts, feed) = clips(camera, &shared.config.clips, epoch, log);
+    let clip_config = config.clips.resolve(&shared.config.clips);
+    if let (true, Some(log)) = (clip_config.enabled, clip_log) {
+        let (alerts, feed) = clips(camera, &clip_config, epoch, log);
         sinks.push(Box::new(alerts));
         video.push(Arc::new(feed));
     }
@@ -460,7 +462,7 @@ fn camera_sinks(
 /// the live view goes on without it.
 fn output_encoder(config: &PipelineConfig) -> Result<Option<Encoder>, EncoderError> {
     let output = &config.output;
-    let files_or_rtsp = output.record.enabled || output.rtsp.enabled || config.clips.enabled;
+    let files_or_rtsp = output.record.enabled || output.rtsp.enabled || config.any_clips();
     let live = config.http.enabled && config.http.live;
     if !files_or_rtsp && !live {
         return Ok(None);

@@ -66,25 +66,48 @@ fn default_max() -> f64 {
 }
 
 impl ClipsConfig {
-    /// Problems of the section, each naming its key.
-    pub fn problems(&self) -> Vec<String> {
+    /// Problems of the section, each naming its key under `section` (`clips`,
+    /// `camera[0].clips`).
+    pub fn problems(&self, section: &str) -> Vec<String> {
         let mut problems = Vec::new();
         for (key, value) in [
             ("pre_seconds", self.pre_seconds),
             ("post_seconds", self.post_seconds),
         ] {
             if !(value.is_finite() && (0.0..=600.0).contains(&value)) {
-                problems.push(format!("clips.{key} = {value}: use 0 to 600 seconds"));
+                problems.push(format!("{section}.{key} = {value}: use 0 to 600 seconds"));
             }
         }
         if !(self.max_seconds.is_finite() && self.max_seconds >= 1.0 && self.max_seconds <= 3600.0)
         {
             problems.push(format!(
-                "clips.max_seconds = {}: use 1 to 3600 seconds",
+                "{section}.max_seconds = {}: use 1 to 3600 seconds",
                 self.max_seconds
             ));
         }
         problems
+    }
+}
+
+/// `[camera.clips]`: a camera's own clip settings; what is not given comes from `[clips]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraClipOverrides {
+    pub enabled: Option<bool>,
+    pub pre_seconds: Option<f64>,
+    pub post_seconds: Option<f64>,
+    pub max_seconds: Option<f64>,
+}
+
+impl CameraClipOverrides {
+    /// The camera's clip settings: these overrides on top of `base`.
+    pub fn resolve(&self, base: &ClipsConfig) -> ClipsConfig {
+        ClipsConfig {
+            enabled: self.enabled.unwrap_or(base.enabled),
+            pre_seconds: self.pre_seconds.unwrap_or(base.pre_seconds),
+            post_seconds: self.post_seconds.unwrap_or(base.post_seconds),
+            max_seconds: self.max_seconds.unwrap_or(base.max_seconds),
+        }
     }
 }
 
