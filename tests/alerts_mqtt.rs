@@ -1116,3 +1116,86 @@ fn an_event_gets_a_clip_that_decodes() {
     assert_eq!((width, height), (640, 480));
     assert!((55..=60).contains(&frames), "{frames} frames: {log}");
 }
+
+/// The issue's clip check on real detections: a model that finds the conveyor's defects, the
+/// generator's own labels, and for every event on a defective part a clip that holds the first
+/// frame where that defect was in view (before the model saw it), decodes, and lasts about
+/// pre-roll + event + post-roll.
+#[test]
+fn clips_of_real_detections_hold_the_first_defective_frame() {
+    const FPS: f64 = 15.0;
+    const FRAMES: u64 = 600;
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = run_pipeline_with(
+        dir.path(),
+        common::detecting_conveyor_bundle(),
+        &format!("test://conveyor?frames={FRAMES}&fps={FPS}"),
+        free_port(),
+        "labelled",
+        "\n[clips]\nenabled = true\npre_seconds = 2\npost_seconds = 1\n\
+         [camera.alerts]\nmin_clear_seconds = 0.5\ncooldown_seconds = 0.0\nmax_events_per_hour = 3600\n",
+    );
+    let log = run_to_end(&pipeline);
+    let epoch: f64 = log
+        .lines()
+        .find_map(|line| line.split("stream time 0 = unix ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+        .expect("the stream-time origin in the log");
+    let frame_at = |unix: f64| ((unix - epoch) * FPS).round() as i64;
+    let (width, height) = stpm::pipeline::conveyor::CONVEYOR_SIZE;
+    let mut conveyor = stpm::pipeline::conveyor::Conveyor::new(width, height, 1);
+    let defective: Vec<bool> = (0..FRAMES)
+        .map(|index| conveyor.frame(index).defect.is_some())
+        .collect();
+    let events = EventStore::open(&dir.path().join("data"))
+        .expect("store")
+        .list(&Query::default())
+        .expect("list");
+    let mut checked = 0;
+    for event in &events {
+        let start = frame_at(event.start_time);
+        let Some(index) = usize::try_from(start)
+            .ok()
+            .filter(|&i| defective.get(i) == Some(&true))
+        else {
+            continue; // not on a defect (a false alarm): no first defective frame to look for
+        };
+        // The first frame of this run of defective frames: where the part's defect came into view.
+        let first = (0..=index)
+            .rev()
+            .take_while(|&i| defective[i])
+            .last()
+            .unwrap_or(index) as i64;
+        let clip = event.clip_path.clone().expect("the event has a clip");
+        let clip_start = frame_at(event.clip_start.expect("the clip's start time"));
+        assert!(
+            clip_start <= first,
+            "event {} (frame {start}): its clip starts at frame {clip_start}, after the first \
+             defective frame {first}: {log}",
+            event.id
+        );
+        let end = frame_at(event.end_time.expect("ended"));
+        // pre-roll + event + post-roll, the pre-roll from the key frame before (at most 30
+        // frames earlier), the post-roll cut short where the source ended.
+        let wanted = (end + FPS as i64).min(FRAMES as i64 - 1) - clip_start + 1;
+        let (frames, w, h) = common::decode_mp4(&clip);
+        assert_eq!((w, h), (640, 480));
+        assert!(
+            (wanted - 2..=wanted + 1).contains(&(frames as i64)),
+            "event {}: clip of {frames} frames from frame {clip_start}, wanted about {wanted} \
+             (to frame {end} + 1 s)",
+            event.id
+        );
+        if start >= 2 * FPS as i64 {
+            assert!(start - clip_start >= 2 * FPS as i64, "a pre-roll of 2 s");
+        }
+        checked += 1;
+    }
+    println!("{checked} of {} events on defective parts, each clip checked", events.len());
+    assert!(
+        checked >= 3,
+        "{checked} of {} events were on defective parts: {events:?}\n{log}",
+        events.len()
+    );
+}

@@ -48,6 +48,8 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX events_by_start ON events (start_time DESC);
     CREATE INDEX events_by_camera ON events (camera, start_time DESC);",
+    // 2: the unix time of a clip's first frame (the event starts `start_time - clip_start` into it).
+    "ALTER TABLE events ADD COLUMN clip_start REAL;",
 ];
 
 /// Why the store could not be used.
@@ -122,6 +124,8 @@ pub struct StoredEvent {
     pub snapshot_path: Option<PathBuf>,
     pub clean_path: Option<PathBuf>,
     pub clip_path: Option<PathBuf>,
+    /// Unix time of the clip's first frame.
+    pub clip_start: Option<f64>,
     /// Retention deleted some of its media (the paths it deleted are gone from the row).
     pub media_gone: bool,
     pub verdict: Verdict,
@@ -338,12 +342,12 @@ impl EventStore {
         Ok(changed)
     }
 
-    /// Records the event's clip.
-    pub fn set_clip(&self, id: &str, path: &Path) -> Result<(), StoreError> {
+    /// Records the event's clip, whose first frame was captured at unix time `start`.
+    pub fn set_clip(&self, id: &str, path: &Path, start: f64) -> Result<(), StoreError> {
         self.db
             .execute(
-                "UPDATE events SET clip_path = ?2 WHERE id = ?1",
-                params![id, path.to_string_lossy()],
+                "UPDATE events SET clip_path = ?2, clip_start = ?3 WHERE id = ?1",
+                params![id, path.to_string_lossy(), start],
             )
             .map_err(self.sqlite())?;
         Ok(())
@@ -425,7 +429,7 @@ impl EventStore {
 
 const COLUMNS: &str = "id, camera, start_time, end_time, end_reason, score, raw_score, box, zone, \
                        model, snapshot_path, clean_path, clip_path, media_gone, verdict, \
-                       verdict_by, verdict_at";
+                       verdict_by, verdict_at, clip_start";
 
 fn row_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     let path = |index: usize| -> rusqlite::Result<Option<PathBuf>> {
@@ -450,6 +454,7 @@ fn row_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
         verdict: Verdict::parse(&row.get::<_, String>(14)?),
         verdict_by: row.get(15)?,
         verdict_at: row.get(16)?,
+        clip_start: row.get(17)?,
     })
 }
 

@@ -103,6 +103,7 @@ pub(super) fn event_json(event: &StoredEvent) -> Value {
         "snapshot_url": url(&event.snapshot_path, "snapshot.jpg"),
         "clean_url": url(&event.clean_path, "clean.jpg"),
         "clip_url": url(&event.clip_path, "clip.mp4"),
+        "clip_start": event.clip_start,
     })
 }
 
@@ -544,7 +545,7 @@ mod tests {
             std::fs::write(&clip, "0123456789").expect("clip");
             EventStore::open(dir.path())
                 .expect("store")
-                .set_clip("a-1", &clip)
+                .set_clip("a-1", &clip, 9.5)
                 .expect("set clip");
             let (status, kind, body) = call(&app, "GET", "/api/events/a-1/clip.mp4", "").await;
             assert_eq!(
@@ -562,6 +563,7 @@ mod tests {
             assert_eq!((status, body.as_str()), (206, "2345"));
             let (_, _, body) = call(&app, "GET", "/api/events/a-1", "").await;
             assert_eq!(json(&body)["clip_url"], "/api/events/a-1/clip.mp4");
+            assert_eq!(json(&body)["clip_start"], 9.5);
 
             let (status, _, body) = call(&app, "GET", "/api/cameras", "").await;
             assert_eq!(status, 200);

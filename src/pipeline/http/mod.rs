@@ -150,6 +150,10 @@ fn router(served: Arc<Served>) -> Router {
 #[derive(Clone, Debug)]
 pub struct SignedIn(pub String);
 
+/// Credential checks running at once, at most: one can be an argon2 hash (19 MiB, tens of ms), so
+/// a flood of wrong passwords waits here instead of taking every core and that memory each.
+static CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// Lets a request through when `[http.auth]` is off, for `/health`, or with valid credentials;
 /// else 401 asking for Basic credentials. Checking a password (argon2) runs off the async thread.
 async fn guard(
@@ -166,6 +170,7 @@ async fn guard(
         .and_then(|value| value.to_str().ok())
         .map(String::from);
     let checking = Arc::clone(&served);
+    let _slot = CHECKS.acquire().await.ok();
     let identity = tokio::task::spawn_blocking(move || {
         checking
             .auth

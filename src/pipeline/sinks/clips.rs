@@ -204,12 +204,13 @@ impl ClipState {
         self.closing.retain(|thread| !thread.is_finished());
         let log = self.log.clone();
         let camera = self.camera.clone();
+        let start = self.epoch + clip.first_pts.as_secs_f64();
         let thread = std::thread::Builder::new()
             .name("clip".into())
             .spawn(move || match clip.finish(Duration::from_secs(10)) {
                 Ok(()) => {
                     log::info!("[{camera}] clip {}", clip.path.display());
-                    log.done(&clip.id, &clip.path);
+                    log.done(&clip.id, &clip.path, start);
                 }
                 Err(error) => log::warn!("[{camera}] {error}"),
             });

@@ -93,10 +93,11 @@ fn default_keep_days() -> f64 {
 /// What the cameras hand the writer.
 enum Job {
     Event(EventJob),
-    /// An event's clip is complete at `path`.
+    /// An event's clip is complete at `path`; its first frame is from unix time `start`.
     Clip {
         id: String,
         path: PathBuf,
+        start: f64,
     },
 }
 
@@ -133,11 +134,12 @@ pub struct ClipLog {
 }
 
 impl ClipLog {
-    /// The clip of event `id` is complete at `path`.
-    pub fn done(&self, id: &str, path: &Path) {
+    /// The clip of event `id` is complete at `path`; its first frame is from unix time `start`.
+    pub fn done(&self, id: &str, path: &Path, start: f64) {
         let job = Job::Clip {
             id: id.to_string(),
             path: path.to_path_buf(),
+            start,
         };
         if self.jobs.send(job).is_err() {
             log::warn!(
@@ -177,8 +179,9 @@ impl EventWriter {
                 for job in queue {
                     let (id, written) = match job {
                         Job::Event(job) => (job.event.id.clone(), write(&store, &folder, job)),
-                        Job::Clip { id, path } => {
-                            let written = store.set_clip(&id, &path).map_err(WriteError::from);
+                        Job::Clip { id, path, start } => {
+                            let written =
+                                store.set_clip(&id, &path, start).map_err(WriteError::from);
                             (id, written)
                         }
                     };
