@@ -196,6 +196,8 @@ fn event(kind: EventKind, camera: &str, counter: u32, score: f32) -> AlertEvent 
         snapshot: kind == EventKind::New,
         model: "brick-v1".to_string(),
         end_reason: (kind == EventKind::End).then_some(EndReason::Cleared),
+        snapshot_url: None,
+        clip_url: None,
     }
 }
 
@@ -1192,7 +1194,10 @@ fn clips_of_real_detections_hold_the_first_defective_frame() {
         }
         checked += 1;
     }
-    println!("{checked} of {} events on defective parts, each clip checked", events.len());
+    println!(
+        "{checked} of {} events on defective parts, each clip checked",
+        events.len()
+    );
     assert!(
         checked >= 3,
         "{checked} of {} events were on defective parts: {events:?}\n{log}",

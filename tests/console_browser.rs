@@ -64,8 +64,8 @@ fn start_chromedriver() -> (Killed, u16) {
     (child, port)
 }
 
-/// The time each `new` event message of `topic` arrived, with its id and start time.
-fn subscribe_new_events(port: u16, topic: &str) -> mpsc::Receiver<(Instant, String, f64)> {
+/// The time each `new` event message of `topic` arrived, with the message.
+fn subscribe_new_events(port: u16, topic: &str) -> mpsc::Receiver<(Instant, Value)> {
     let mut options = MqttOptions::new(
         format!("browser-test-{}", std::process::id()),
         "127.0.0.1",
@@ -86,13 +86,7 @@ fn subscribe_new_events(port: u16, topic: &str) -> mpsc::Receiver<(Instant, Stri
             let Ok(event) = serde_json::from_slice::<Value>(&publish.payload) else {
                 continue;
             };
-            if event["type"] == "new"
-                && let Some(id) = event["id"].as_str()
-                && let Some(start) = event["start_time"].as_f64()
-                && arrived
-                    .send((Instant::now(), id.to_string(), start))
-                    .is_err()
-            {
+            if event["type"] == "new" && arrived.send((Instant::now(), event)).is_err() {
                 return;
             }
         }
@@ -208,9 +202,13 @@ fn the_console_shows_live_video_pushes_events_plays_clips_and_stores_verdicts() 
             // The camera comes up: the watcher connects and its first event starts.
             let camera_started = unix_now();
             let _camera = Killed(spawn_run(&camera_pipeline, &dir.path().join("camera.log"), dir.path()));
-            let (published, id, start_time) = new_events
+            let (published, new) = new_events
                 .recv_timeout(Duration::from_secs(60))
                 .expect("an MQTT `new` event once the camera serves");
+            let id = new["id"].as_str().expect("id").to_string();
+            let start_time = new["start_time"].as_f64().expect("start_time");
+            // The message names the stored snapshot on this server.
+            assert_eq!(new["snapshot_url"], format!("/api/events/{id}/snapshot.jpg"), "{new}");
             // A camera that connects late has its frames at the times they were seen.
             assert!(
                 start_time >= camera_started,

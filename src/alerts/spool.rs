@@ -510,6 +510,8 @@ mod tests {
             snapshot: false,
             model: "brick-v1".into(),
             end_reason: None,
+            snapshot_url: None,
+            clip_url: None,
         };
         spool.push_event("stpm/line1/events", &event).unwrap();
         let entry = spool.pending().next().unwrap();

@@ -58,6 +58,13 @@ pub struct AlertEvent {
     /// Only on `end` events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_reason: Option<EndReason>,
+    /// The stored peak snapshot's path on the `[http]` server (with `[storage]` and `[http]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_url: Option<String>,
+    /// On `end`, with `[clips]` as well: the clip's path on the `[http]` server, served once the
+    /// post-roll is written (404 until then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_url: Option<String>,
 }
 
 /// `status` of the retained `<prefix>/<camera>/state` message.
@@ -146,6 +153,8 @@ impl ActiveEvent {
             snapshot,
             model: model.to_string(),
             end_reason: end.map(|(_, reason)| reason),
+            snapshot_url: None,
+            clip_url: None,
         }
     }
 }

@@ -421,7 +421,12 @@ fn camera_sinks(
         sinks.push(Box::new(Console));
     }
     if let Some(publisher) = shared.publisher {
-        sinks.push(Box::new(MqttAlerts::new(camera, publisher.clone())));
+        let served = (shared.events.is_some() && shared.config.http.enabled).then_some(
+            crate::pipeline::sinks::mqtt::Served {
+                clips: config.clips.resolve(&shared.config.clips).enabled,
+            },
+        );
+        sinks.push(Box::new(MqttAlerts::new(camera, publisher.clone(), served)));
         sinks.push(Box::new(Snapshots::new(camera, publisher.clone())));
     }
     if let Some(log) = shared.events.and_then(|writer| writer.sink(camera)) {

@@ -481,6 +481,8 @@ mod tests {
             snapshot: true,
             model: "demo".into(),
             end_reason: end.map(|_| EndReason::Cleared),
+            snapshot_url: None,
+            clip_url: None,
         }
     }
 

@@ -180,6 +180,8 @@ mod tests {
                 snapshot: true,
                 model: "m".into(),
                 end_reason: None,
+                snapshot_url: None,
+                clip_url: None,
             };
             let peak = Peak {
                 raw_score: None,

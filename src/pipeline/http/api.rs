@@ -377,6 +377,8 @@ mod tests {
             snapshot: true,
             model: "demo".into(),
             end_reason: None,
+            snapshot_url: None,
+            clip_url: None,
         }
     }
 

@@ -374,6 +374,8 @@ mod tests {
             snapshot: false,
             model: "m".into(),
             end_reason: None,
+            snapshot_url: None,
+            clip_url: None,
         };
         crate::store::EventStore::open(dir.path())
             .and_then(|store| store.record(&event, "m", None, 1.0))

@@ -464,6 +464,8 @@ mod tests {
             snapshot: false,
             model: "m".into(),
             end_reason: end.map(|_| EndReason::Cleared),
+            snapshot_url: None,
+            clip_url: None,
         }
     }
 

@@ -92,7 +92,7 @@ fn default_keep_days() -> f64 {
 
 /// What the cameras hand the writer.
 enum Job {
-    Event(EventJob),
+    Event(Box<EventJob>),
     /// An event's clip is complete at `path`; its first frame is from unix time `start`.
     Clip {
         id: String,
@@ -178,7 +178,7 @@ impl EventWriter {
             .spawn(move || {
                 for job in queue {
                     let (id, written) = match job {
-                        Job::Event(job) => (job.event.id.clone(), write(&store, &folder, job)),
+                        Job::Event(job) => (job.event.id.clone(), write(&store, &folder, *job)),
                         Job::Clip { id, path, start } => {
                             let written =
                                 store.set_clip(&id, &path, start).map_err(WriteError::from);
@@ -319,11 +319,11 @@ impl Sink for EventLog {
                 raw_score: picture.raw_score,
             });
         self.jobs
-            .send(Job::Event(EventJob {
+            .send(Job::Event(Box::new(EventJob {
                 event: event.clone(),
                 model: self.model.clone(),
                 peak,
-            }))
+            })))
             .map_err(|_| SinkError::Stored(self.camera.clone()))
     }
 }
