@@ -32,7 +32,7 @@ echo
 echo "live pipeline: pipelines/demo.toml (recordings in $repo/recordings; Ctrl-C to stop)"
 echo "  watch:   gst-launch-1.0 rtspsrc location=rtsp://127.0.0.1:8554/line1 latency=0 ! decodebin ! autovideosink"
 echo "           (or ffplay -rtsp_transport tcp rtsp://127.0.0.1:8554/line1)"
-echo "  console: http://127.0.0.1:9090/ (events, clips, snapshots, verdicts; API at /api/events)"
+echo "  console: http://127.0.0.1:9090/ (live video, events as they happen, clips, snapshots, verdicts; API at /api/events)"
 echo "  metrics: curl http://127.0.0.1:9090/metrics   health: curl http://127.0.0.1:9090/health"
 echo "  alerts:  mosquitto_sub -h 127.0.0.1 -t 'stpm/#' -v"
 if [ -n "${STPM_DEMO_FRAMES:-}" ]; then

@@ -155,7 +155,7 @@ fn the_console_shows_live_video_pushes_events_plays_clips_and_stores_verdicts() 
     );
     let new_events = subscribe_new_events(broker.port, "console/line1/events");
     let watcher_log = dir.path().join("watcher.log");
-    let _watcher = Killed(spawn_run(&watcher_pipeline, &watcher_log, dir.path()));
+    let mut watcher = Killed(spawn_run(&watcher_pipeline, &watcher_log, dir.path()));
     let started = Instant::now();
     while http_get(http_port, "/api/cameras").is_none() {
         assert!(
@@ -269,6 +269,21 @@ fn the_console_shows_live_video_pushes_events_plays_clips_and_stores_verdicts() 
             let stored: Value = serde_json::from_str(&body).expect("json");
             assert_eq!(stored["verdict"], "defect", "{stored}");
             println!("screenshots: {} {}", live_png.display(), event_png.display());
+
+            // SIGTERM with the console open (its live video and event stream): stpm still stops.
+            common::sigterm(&watcher.0);
+            let stopping = Instant::now();
+            let status = loop {
+                if let Some(status) = watcher.0.try_wait().expect("wait") {
+                    break status;
+                }
+                assert!(
+                    stopping.elapsed() < Duration::from_secs(20),
+                    "stpm run did not stop within 20 s of SIGTERM with the console open"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            assert!(status.success(), "stpm run exited with {status}");
         };
         let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(checks)).await;
         let _ = browser.close().await;

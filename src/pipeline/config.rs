@@ -356,7 +356,9 @@ impl PipelineConfig {
         problems.extend(self.output_problems());
         problems.extend(self.clips.problems("clips"));
         problems.extend(self.storage.problems());
-        if self.clips.enabled && !self.storage.enabled {
+        // Unless every camera turns them off itself.
+        let inherited = self.camera.iter().any(|c| c.clips.enabled.is_none());
+        if self.clips.enabled && !self.storage.enabled && inherited {
             problems.push(
                 "clips.enabled = true needs storage.enabled = true (clips are kept with their events)"
                     .into(),

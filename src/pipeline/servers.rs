@@ -87,10 +87,11 @@ impl LiveOutputs {
                     .filter_map(|(camera, view)| Some((camera.clone(), Arc::clone(view.as_ref()?))))
                     .collect(),
                 event_feed: event_feed.clone(),
+                stopping: Default::default(),
             };
             let server = HttpServer::start(&config.http.bind, served)?;
             log::info!(
-                "http: metrics at http://{0}/metrics, health at http://{0}/health, events at http://{0}/api/events",
+                "http: console at http://{0}/, metrics at http://{0}/metrics, health at http://{0}/health, events at http://{0}/api/events",
                 server.address()
             );
             Some(server)

@@ -214,8 +214,16 @@ impl EventStore {
         self.db
             .pragma_update(None, "synchronous", "NORMAL")
             .map_err(sqlite)?;
-        // The version is read and the migrations applied under one write lock (IMMEDIATE), so
-        // two processes opening a new file at once do not both create the tables.
+        // Up to date (every open but the first): a read, no write lock.
+        let current: i64 = self
+            .db
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(sqlite)?;
+        if current == MIGRATIONS.len() as i64 {
+            return Ok(());
+        }
+        // The version is read again and the migrations applied under one write lock (IMMEDIATE),
+        // so two processes opening a new file at once do not both create the tables.
         let tx = self
             .db
             .transaction_with_behavior(TransactionBehavior::Immediate)

@@ -410,6 +410,7 @@ mod tests {
             auth: None,
             live: Default::default(),
             event_feed: tokio::sync::broadcast::channel(4).0,
+            stopping: Default::default(),
         }));
         let json = |body: &str| serde_json::from_str::<Value>(body).expect("json");
         let ids = |body: &str| -> Vec<String> {
@@ -585,6 +586,7 @@ mod tests {
             auth: None,
             live: Default::default(),
             event_feed: tokio::sync::broadcast::channel(4).0,
+            stopping: Default::default(),
         }));
         runtime().block_on(async {
             let (status, _, body) = call(&app, "GET", "/api/events", "").await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -27,12 +27,29 @@ pub(super) fn routes() -> Router<Arc<Served>> {
         .route("/api/events/stream", get(events))
 }
 
-/// Upgrades to a WebSocket that streams `camera`'s live view until either side closes.
+/// Upgrades to a WebSocket that streams `camera`'s live view until either side closes. Browsers
+/// let any page open a WebSocket anywhere (with the user's credentials), so one from a page of
+/// another origin is refused.
 async fn live(
     State(served): State<Arc<Served>>,
     Path(camera): Path<String>,
+    headers: axum::http::HeaderMap,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin_host = origin
+            .to_str()
+            .ok()
+            .and_then(|origin| origin.split_once("://"))
+            .map(|(_, host)| host);
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        if origin_host.is_none() || origin_host != host {
+            return error(
+                StatusCode::FORBIDDEN,
+                "the live view is only for pages of this server (Origin differs from Host)".into(),
+            );
+        }
+    }
     let Some(view) = served.live.get(&camera).cloned() else {
         let why = if served.metrics.camera(&camera).is_some() {
             "has no live view (http.live is off, or no H.264 encoder is installed)"
@@ -96,14 +113,22 @@ async fn events(State(served): State<Arc<Served>>) -> Response {
         );
     }
     let changes = served.event_feed.subscribe();
-    let stream =
-        futures_util::stream::unfold((changes, served), |(mut changes, served)| async move {
+    let stopping = served.stopping.subscribe();
+    let stream = futures_util::stream::unfold(
+        (changes, stopping, served),
+        |(mut changes, mut stopping, served)| async move {
             loop {
-                let id = match changes.recv().await {
+                // The server stopping ends the stream (a graceful shutdown waits for it).
+                let received = tokio::select! {
+                    received = changes.recv() => received,
+                    _ = stopping.wait_for(|stopping| *stopping) => return None,
+                };
+                let id = match received {
                     Ok(id) => id,
                     Err(RecvError::Lagged(_)) => {
                         let event = Event::default().event("resync").data("");
-                        return Some((Ok::<_, std::convert::Infallible>(event), (changes, served)));
+                        let state = (changes, stopping, served);
+                        return Some((Ok::<_, std::convert::Infallible>(event), state));
                     }
                     Err(RecvError::Closed) => return None,
                 };
@@ -115,11 +140,59 @@ async fn events(State(served): State<Arc<Served>>) -> Response {
                 if let Ok(Some(event)) = found {
                     let data = event_json(&event).to_string();
                     let event = Event::default().event("event").data(data);
-                    return Some((Ok(event), (changes, served)));
+                    return Some((Ok(event), (changes, stopping, served)));
                 }
             }
-        });
+        },
+    );
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::tests::{call, call_with, runtime};
+    use super::super::{Served, router};
+    use crate::pipeline::metrics::Metrics;
+    use crate::pipeline::sinks::live::LiveView;
+
+    /// `GET` of line1's live view from a page at `origin`, on a server at 127.0.0.1:9090.
+    async fn from_page_of(app: &axum::Router, origin: &str) -> (u16, String) {
+        let headers = [("host", "127.0.0.1:9090"), ("origin", origin)];
+        let (status, _, body) =
+            call_with(app, "GET", "/api/cameras/line1/live", "", &headers).await;
+        (status, body)
+    }
+
+    #[test]
+    fn the_live_view_wants_a_websocket_from_a_page_of_this_server() {
+        let app = router(Arc::new(Served {
+            metrics: Arc::new(Metrics::new(
+                "cpu",
+                "fp32",
+                &["line1".into(), "line2".into()],
+            )),
+            storage: None,
+            model: String::new(),
+            auth: None,
+            live: [("line1".to_string(), LiveView::new("line1"))].into(),
+            event_feed: tokio::sync::broadcast::channel(4).0,
+            stopping: Default::default(),
+        }));
+        runtime().block_on(async {
+            let (status, body) = from_page_of(&app, "http://elsewhere.example").await;
+            assert_eq!(status, 403, "{body}");
+            // Same origin, but a plain GET: not a WebSocket.
+            let (status, body) = from_page_of(&app, "http://127.0.0.1:9090").await;
+            assert_eq!(status, 400, "{body}");
+            assert!(body.contains("WebSocket"), "{body}");
+            // A configured camera without a live view.
+            let (status, _, body) = call(&app, "GET", "/api/cameras/line2/live", "").await;
+            assert_eq!(status, 404);
+            assert!(body.contains("has no live view"), "{body}");
+        });
+    }
 }

@@ -48,11 +48,14 @@ pub struct Served {
     pub live: HashMap<String, Arc<LiveView>>,
     /// Ids of changed events (the writer's rows, verdicts), for the live event list.
     pub event_feed: Changes,
+    /// Set when the server stops: long-lived answers (the event stream) end on it.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// The running endpoint; [`HttpServer::stop`] ends it.
 pub struct HttpServer {
     address: SocketAddr,
+    served: Arc<Served>,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -73,13 +76,15 @@ impl HttpServer {
             .build()
             .map_err(HttpError::Start)?;
         let (shutdown, stopped) = oneshot::channel();
-        let app = router(Arc::new(served));
+        let served = Arc::new(served);
+        let app = router(Arc::clone(&served));
         let thread = std::thread::Builder::new()
             .name("http".into())
             .spawn(move || runtime.block_on(serve(listener, app, stopped)))
             .map_err(HttpError::Start)?;
         Ok(Self {
             address,
+            served,
             shutdown: Some(shutdown),
             thread: Some(thread),
         })
@@ -90,12 +95,14 @@ impl HttpServer {
         self.address
     }
 
-    /// Stops accepting and ends the thread (requests in progress are cut).
+    /// Stops accepting, ends the open event streams, lets requests in progress finish, and ends
+    /// the thread.
     pub fn stop(mut self) {
         self.shut_down();
     }
 
     fn shut_down(&mut self) {
+        self.served.stopping.send_replace(true);
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
@@ -170,7 +177,7 @@ async fn guard(
         .and_then(|value| value.to_str().ok())
         .map(String::from);
     let checking = Arc::clone(&served);
-    let _slot = CHECKS.acquire().await.ok();
+    let slot = CHECKS.acquire().await.ok();
     let identity = tokio::task::spawn_blocking(move || {
         checking
             .auth
@@ -180,6 +187,7 @@ async fn guard(
     .await
     .ok()
     .flatten();
+    drop(slot);
     if let Some(identity) = identity {
         // Who signed in, for what they record (a verdict's author).
         request.extensions_mut().insert(SignedIn(identity));
@@ -311,6 +319,7 @@ mod tests {
             auth: None,
             live: Default::default(),
             event_feed: tokio::sync::broadcast::channel(4).0,
+            stopping: Default::default(),
         }));
         runtime().block_on(async {
             let (status, kind, body) = call(&app, "GET", "/metrics", "").await;
@@ -387,6 +396,7 @@ mod tests {
             auth,
             live: Default::default(),
             event_feed: tokio::sync::broadcast::channel(4).0,
+            stopping: Default::default(),
         }));
         let basic = |credentials: &str| {
             use base64::Engine;
@@ -456,6 +466,7 @@ mod tests {
             auth: None,
             live: Default::default(),
             event_feed: tokio::sync::broadcast::channel(4).0,
+            stopping: Default::default(),
         };
         let server = HttpServer::start("127.0.0.1:0", served()).expect("start");
         let taken = server.address().to_string();

@@ -3,6 +3,7 @@
 //! fragments → appsink), which Media Source Extensions play. A viewer costs a remux, never an
 //! encoder; it starts at a key frame, asked for at once.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use gstreamer as gst;
@@ -21,6 +22,10 @@ const FRAGMENT_MS: u32 = 100;
 /// Messages waiting for a viewer's socket, at most. A viewer that falls this far behind (a slow
 /// network) is dropped, and the page connects again from the next key frame.
 const QUEUED_MESSAGES: usize = 256;
+
+/// Encoded frames waiting in a viewer's remux, at most (2 s at 15 frames/s): a remux that far
+/// behind (a starved CPU) drops its viewer, like a slow socket.
+const QUEUED_FRAMES: u64 = 30;
 
 /// Viewers of one camera, at most (each is a remux and a socket).
 pub const MAX_VIEWERS: usize = 16;
@@ -51,22 +56,49 @@ pub struct Hello {
 pub enum LiveError {
     #[error("camera {camera} already has {MAX_VIEWERS} live viewers")]
     Full { camera: String },
-    #[error("camera {camera}: cannot start the live view's remux: {message}")]
-    Build { camera: String, message: String },
+    #[error("camera {camera} has ended")]
+    Ended { camera: String },
+    #[error("camera {camera}: cannot start the live view's remux")]
+    Build {
+        camera: String,
+        #[source]
+        source: RemuxError,
+    },
 }
 
-/// One viewer: its remux pipeline and where its bytes go.
+/// Why a viewer's remux could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RemuxError {
+    #[error("GStreamer failed to initialise: {0}")]
+    Init(#[source] gst::glib::Error),
+    #[error("cannot build it (is gstreamer1.0-plugins-good installed, for mp4mux?): {0}")]
+    Launch(#[source] gst::glib::Error),
+    #[error("its {0} is missing")]
+    Missing(&'static str),
+    #[error("it does not start: {0}")]
+    Start(#[source] gst::StateChangeError),
+}
+
+/// One viewer: its remux pipeline and where its bytes go; the remux stops when it is dropped.
 struct Viewer {
     pipeline: gst::Pipeline,
     appsrc: gst_app::AppSrc,
     to_socket: mpsc::Sender<LiveMessage>,
+    /// Set by the remux's output when the socket is gone or too far behind.
+    gone: Arc<AtomicBool>,
     /// Stream time of the first frame it got (its media time 0); `None` before a key frame.
     first_pts: Option<std::time::Duration>,
     last_pts: Option<std::time::Duration>,
 }
 
 impl Viewer {
-    fn stop(&self) {
+    fn open(&self) -> bool {
+        !self.to_socket.is_closed() && !self.gone.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Viewer {
+    fn drop(&mut self) {
         let _ = self.pipeline.set_state(gst::State::Null);
     }
 }
@@ -77,6 +109,8 @@ pub struct LiveView {
     /// Unix time of the camera's stream time 0 (set when its worker starts).
     epoch: Mutex<f64>,
     viewers: Mutex<Vec<Viewer>>,
+    /// The camera's video has finished: no more viewers.
+    finished: AtomicBool,
 }
 
 /// A viewer's end of the stream: dropping it leaves (the remux stops with the next frame).
@@ -90,6 +124,7 @@ impl LiveView {
             camera: camera.to_string(),
             epoch: Mutex::new(0.0),
             viewers: Mutex::new(Vec::new()),
+            finished: AtomicBool::new(false),
         })
     }
 
@@ -100,68 +135,77 @@ impl LiveView {
 
     /// A new viewer: its remux starts now and gets video from the next key frame.
     pub fn join(&self) -> Result<LiveStream, LiveError> {
-        let mut viewers = self.viewers.lock().unwrap_or_else(PoisonError::into_inner);
-        drop_closed(&mut viewers);
-        if viewers.len() >= MAX_VIEWERS {
-            return Err(LiveError::Full {
-                camera: self.camera.clone(),
-            });
-        }
-        let (to_socket, messages) = mpsc::channel(QUEUED_MESSAGES);
-        let (pipeline, appsrc) = remux(to_socket.clone()).map_err(|message| LiveError::Build {
+        let full = || LiveError::Full {
             camera: self.camera.clone(),
-            message,
-        })?;
-        viewers.push(Viewer {
+        };
+        let ended = || LiveError::Ended {
+            camera: self.camera.clone(),
+        };
+        if self.finished.load(Ordering::Relaxed) {
+            return Err(ended());
+        }
+        {
+            let mut viewers = self.viewers.lock().unwrap_or_else(PoisonError::into_inner);
+            drop_closed(&mut viewers);
+            if viewers.len() >= MAX_VIEWERS {
+                return Err(full());
+            }
+        }
+        // Built and started without the lock, which the encoder's thread takes for every frame.
+        let (to_socket, messages) = mpsc::channel(QUEUED_MESSAGES);
+        let gone = Arc::new(AtomicBool::new(false));
+        let (pipeline, appsrc) =
+            remux(to_socket.clone(), Arc::clone(&gone)).map_err(|source| LiveError::Build {
+                camera: self.camera.clone(),
+                source,
+            })?;
+        let viewer = Viewer {
             pipeline,
             appsrc,
             to_socket,
+            gone,
             first_pts: None,
             last_pts: None,
-        });
+        };
+        let mut viewers = self.viewers.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.finished.load(Ordering::Relaxed) {
+            return Err(ended());
+        }
+        if viewers.len() >= MAX_VIEWERS {
+            return Err(full());
+        }
+        viewers.push(viewer);
         Ok(LiveStream { messages })
     }
-
-    /// Viewers watching now.
-    pub fn viewers(&self) -> usize {
-        self.viewers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter(|viewer| !viewer.to_socket.is_closed())
-            .count()
-    }
 }
 
-/// Stops and forgets the viewers whose socket is gone.
+/// Forgets (and so stops) the viewers whose socket is gone.
 fn drop_closed(viewers: &mut Vec<Viewer>) {
-    viewers.retain(|viewer| {
-        let open = !viewer.to_socket.is_closed();
-        if !open {
-            viewer.stop();
-        }
-        open
-    });
+    viewers.retain(Viewer::open);
 }
 
-/// Builds and starts a viewer's remux; its output goes to `to_socket` as [`LiveMessage::Media`].
-fn remux(to_socket: mpsc::Sender<LiveMessage>) -> Result<(gst::Pipeline, gst_app::AppSrc), String> {
-    gst::init().map_err(|e| e.to_string())?;
+/// Builds and starts a viewer's remux; its output goes to `to_socket` as [`LiveMessage::Media`],
+/// and `gone` is set when the socket is closed or too far behind.
+fn remux(
+    to_socket: mpsc::Sender<LiveMessage>,
+    gone: Arc<AtomicBool>,
+) -> Result<(gst::Pipeline, gst_app::AppSrc), RemuxError> {
+    gst::init().map_err(RemuxError::Init)?;
     let pipeline = gst::parse::launch(&format!(
         "appsrc name=src format=time is-live=true do-timestamp=false ! h264parse \
          ! mp4mux fragment-duration={FRAGMENT_MS} streamable=true ! appsink name=sink sync=false"
     ))
-    .map_err(|e| format!("{e} (is gstreamer1.0-plugins-good installed, for mp4mux?)"))?
+    .map_err(RemuxError::Launch)?
     .downcast::<gst::Pipeline>()
-    .map_err(|_| "not a pipeline".to_string())?;
+    .map_err(|_| RemuxError::Missing("pipeline"))?;
     let appsrc = pipeline
         .by_name("src")
         .and_then(|e| e.downcast::<gst_app::AppSrc>().ok())
-        .ok_or("appsrc missing")?;
+        .ok_or(RemuxError::Missing("appsrc"))?;
     let appsink = pipeline
         .by_name("sink")
         .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
-        .ok_or("appsink missing")?;
+        .ok_or(RemuxError::Missing("appsink"))?;
     appsrc.set_format(gst::Format::Time);
     appsink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
@@ -175,17 +219,20 @@ fn remux(to_socket: mpsc::Sender<LiveMessage>) -> Result<(gst::Pipeline, gst_app
                     .map_err(|_| gst::FlowError::Error)?
                     .to_vec();
                 // A full queue (the viewer is too slow) or a closed socket ends this remux; the
-                // view drops it with the next frame.
+                // view drops it with the next frame, which closes the socket.
                 to_socket
                     .try_send(LiveMessage::Media(bytes))
                     .map(|()| gst::FlowSuccess::Ok)
-                    .map_err(|_| gst::FlowError::Eos)
+                    .map_err(|_| {
+                        gone.store(true, Ordering::Relaxed);
+                        gst::FlowError::Eos
+                    })
             })
             .build(),
     );
     if let Err(e) = pipeline.set_state(gst::State::Playing) {
         let _ = pipeline.set_state(gst::State::Null);
-        return Err(e.to_string());
+        return Err(RemuxError::Start(e));
     }
     Ok((pipeline, appsrc))
 }
@@ -208,13 +255,7 @@ impl VideoSink for LiveView {
     fn unit(&self, unit: &Unit) {
         let epoch = *self.epoch.lock().unwrap_or_else(PoisonError::into_inner);
         let mut viewers = self.viewers.lock().unwrap_or_else(PoisonError::into_inner);
-        viewers.retain_mut(|viewer| {
-            let keep = push(viewer, unit, epoch);
-            if !keep {
-                viewer.stop();
-            }
-            keep
-        });
+        viewers.retain_mut(|viewer| push(viewer, unit, epoch));
     }
 
     fn take_errors(&self) -> Vec<SinkError> {
@@ -222,17 +263,19 @@ impl VideoSink for LiveView {
     }
 
     fn finish(&self, _timeout: std::time::Duration) -> SinkReport {
-        let mut viewers = self.viewers.lock().unwrap_or_else(PoisonError::into_inner);
-        for viewer in viewers.drain(..) {
-            viewer.stop();
-        }
+        self.finished.store(true, Ordering::Relaxed);
+        // Dropping a viewer stops its remux and closes its socket.
+        self.viewers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         SinkReport::default()
     }
 }
 
 /// Hands one frame to a viewer; false when the viewer is gone or cannot go on.
 fn push(viewer: &mut Viewer, unit: &Unit, epoch: f64) -> bool {
-    if viewer.to_socket.is_closed() {
+    if !viewer.open() || viewer.appsrc.current_level_buffers() >= QUEUED_FRAMES {
         return false;
     }
     let first = match viewer.first_pts {
