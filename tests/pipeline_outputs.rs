@@ -695,3 +695,46 @@ fn sigterm_finishes_the_open_segment() {
         "{files:?}: {log}"
     );
 }
+
+/// Two instances on one data folder: the second `stpm run` exits non-zero at once, naming the
+/// folder and the process that holds it; the first runs on and stops cleanly.
+#[test]
+fn a_second_run_on_the_same_data_folder_is_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
+             [[camera]]\nname = \"line1\"\nsource = \"test://conveyor\"\n\n\
+             [storage]\npath = \"data\"\n",
+            path(bundle())
+        ),
+    )
+    .expect("write pipeline");
+    let mut first = common::spawn_run(&pipeline, &dir.path().join("first.log"), dir.path());
+    let holder = format!("pid {}", first.id());
+    let lock = dir.path().join("data/stpm.lock");
+    let started = Instant::now();
+    while !std::fs::read_to_string(&lock).is_ok_and(|text| text.contains(&holder)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the first run did not take the lock"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = stpm(&["run", "--pipeline", path(&pipeline)], dir.path());
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains("storage.path = data is in use by another stpm run") && log.contains(&holder),
+        "{log}"
+    );
+    assert!(
+        matches!(first.try_wait(), Ok(None)),
+        "the first run goes on"
+    );
+    common::sigterm(&first);
+    let status = first.wait().expect("wait");
+    assert!(status.success(), "{status}");
+}

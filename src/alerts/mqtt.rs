@@ -62,8 +62,9 @@ fn default_port() -> u16 {
 fn default_prefix() -> String {
     "stpm".to_string()
 }
-/// `stpm-<host name>`, or `stpm-<process id>` when the host name is unknown.
-fn default_client_id() -> String {
+/// `stpm-<host name>`, or `stpm-<process id>` when the host name is unknown. A pipeline makes it
+/// unique on its host with [`MqttConfig::distinguish_default_client_id`].
+pub(crate) fn default_client_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
@@ -164,6 +165,19 @@ pub fn is_publish_topic(topic: &str) -> bool {
 }
 
 impl MqttConfig {
+    /// When `client_id` was not given, appends 8 hex digits of a hash of `instance` (something
+    /// only one running instance has, such as its spool folder's absolute path), so two pipelines
+    /// on one host do not knock each other off the broker with the same id.
+    pub fn distinguish_default_client_id(&mut self, instance: &std::path::Path) {
+        use sha2::Digest;
+        if self.client_id != default_client_id() {
+            return;
+        }
+        let digest = sha2::Sha256::digest(instance.as_os_str().as_encoded_bytes());
+        let suffix: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+        self.client_id = format!("{}-{suffix}", self.client_id);
+    }
+
     /// Checks the section; every problem names its `mqtt.` key.
     pub fn validate(&self) -> Result<(), MqttConfigError> {
         let mut problems = Vec::new();

@@ -151,6 +151,10 @@ impl Spool {
                 warn("not a spool file (name is not UTF-8); skipped");
                 continue;
             };
+            // The instance lock of the folder (`stpm run` holds one), not a message.
+            if name.ends_with(".lock") {
+                continue;
+            }
             if let Some(seq) = parse_name(name, TEMP_EXTENSION) {
                 next_seq = next_seq.max(seq.saturating_add(1));
                 // A push that never returned: its caller still holds the message.

@@ -67,6 +67,12 @@ pub(super) fn run(args: RunArgs) -> anyhow::Result<()> {
             eprintln!("camera {}: {error}", camera.camera);
             failed = true;
         }
+        if camera.more_errors > 0 {
+            eprintln!(
+                "camera {}: and {} more problems (not kept)",
+                camera.camera, camera.more_errors
+            );
+        }
     }
     if failed {
         bail!("the pipeline finished with errors (see above)");

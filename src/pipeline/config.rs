@@ -263,10 +263,16 @@ impl PipelineConfig {
                 .set_override(key.trim(), parse_value(value.trim()))
                 .map_err(|e| load_error(e.to_string()))?;
         }
-        let config: PipelineConfig = builder
+        let mut config: PipelineConfig = builder
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| load_error(e.to_string()))?;
+        // One instance per spool folder (`stpm run` locks it), so its path tells instances apart.
+        let spool = std::path::absolute(&config.alerts.spool_dir)
+            .unwrap_or_else(|_| config.alerts.spool_dir.clone());
+        if let Some(mqtt) = config.mqtt.as_mut() {
+            mqtt.distinguish_default_client_id(&spool);
+        }
         let problems = config.problems();
         if problems.is_empty() {
             Ok(config)
@@ -337,8 +343,12 @@ impl PipelineConfig {
                 }
                 Ok(_) => {}
             }
-            if !camera.max_fps.is_finite() || camera.max_fps < 0.0 {
-                problems.push(format!("{key}.max_fps = {}: use 0 or more", camera.max_fps));
+            // Below 0.001 (one frame in 1000 s) the interval overflows a duration.
+            if !(camera.max_fps == 0.0 || (0.001..=10_000.0).contains(&camera.max_fps)) {
+                problems.push(format!(
+                    "{key}.max_fps = {}: use 0 (every frame) or 0.001 to 10000",
+                    camera.max_fps
+                ));
             }
             if let Err(e) = camera
                 .alerts
@@ -511,7 +521,7 @@ mod tests {
             dir.path(),
             "[model]\nbundle = \"b\"\nprovider = \"gpu\"\nsessions = 17\nbatch = 33\nbatch_wait_ms = 5000\n\
              [[camera]]\nname = \"bad name\"\nsource = \"http://x\"\nmax_fps = -1\n\
-             [[camera]]\nname = \"cam\"\nsource = \"file:///nowhere/x.mkv\"\n\
+             [[camera]]\nname = \"cam\"\nsource = \"file:///nowhere/x.mkv\"\nmax_fps = 1e-300\n\
              [alerts]\non_threshold = 0.5\noff_threshold = 0.7\n\
              [output]\nencoder = \"x265\"\n[output.record]\nsegment_seconds = -1\n",
         );
@@ -528,6 +538,8 @@ mod tests {
             "camera[0].source",
             "camera[0].max_fps",
             "camera[1].source: /nowhere/x.mkv does not exist",
+            // Would overflow the interval between analysed frames (a panic before 2026-12-05).
+            "camera[1].max_fps = 0.000",
             "alerts.off_threshold",
             "output.encoder = `x265`",
             "output.record.segment_seconds = -1",
@@ -639,5 +651,28 @@ mod tests {
             message.contains("camera[1].clips.enabled = true needs storage"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn pipelines_on_one_host_get_their_own_default_mqtt_client_id() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = write(
+            dir.path(),
+            "[model]\nbundle = \"b\"\n[[camera]]\nname = \"a\"\nsource = \"test://conveyor\"\n[mqtt]\n",
+        );
+        let id = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            PipelineConfig::load(&path, &sets)
+                .expect("load")
+                .mqtt
+                .expect("mqtt")
+                .client_id
+        };
+        let first = id(&["alerts.spool_dir=/srv/line1/spool"]);
+        let second = id(&["alerts.spool_dir=/srv/line2/spool"]);
+        assert!(first.starts_with("stpm-") && first.len() > 14, "{first}");
+        assert_ne!(first, second);
+        assert_eq!(first, id(&["alerts.spool_dir=/srv/line1/spool"]), "stable");
+        assert_eq!(id(&["mqtt.client_id=mine"]), "mine", "a given id is kept");
     }
 }

@@ -81,11 +81,27 @@ pub enum PipelineError {
     Store(#[from] crate::store::StoreError),
     #[error("cannot start the MQTT runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Lock(#[from] crate::store::lock::LockError),
     #[error("cannot create the recording folder {path}: {source}")]
     RecordDir {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// Problems kept word for word per camera for the run's summary.
+pub const MAX_ERRORS: usize = 50;
+
+impl CameraStats {
+    /// Keeps `error` for the summary, or counts it past [`MAX_ERRORS`].
+    pub fn note_error(&mut self, error: String) {
+        if self.errors.len() < MAX_ERRORS {
+            self.errors.push(error);
+        } else {
+            self.more_errors += 1;
+        }
+    }
 }
 
 /// What one camera did during the run.
@@ -109,8 +125,11 @@ pub struct CameraStats {
     pub inference: Duration,
     /// The recording's files (one, or its segments), when enabled and finished.
     pub recordings: Vec<PathBuf>,
-    /// Problems that did not stop the run (recording failures).
+    /// Problems that did not stop the run (recording failures), the first [`MAX_ERRORS`].
     pub errors: Vec<String>,
+    /// Problems after the first [`MAX_ERRORS`], counted only (a camera failing every frame for
+    /// months must not grow without bound).
+    pub more_errors: u64,
     /// Every frame's stage durations, when [`RunOptions::keep_samples`] asked for them.
     pub samples: Option<metrics::StageSamples>,
     /// End-to-end latency (appsink to encoded frame) p50/p95/p99 in seconds over the last
@@ -165,6 +184,8 @@ pub fn run_with(
     stop: Arc<AtomicBool>,
     options: RunOptions,
 ) -> Result<RunSummary, PipelineError> {
+    // First, so a second instance on the same folders fails at once.
+    let _locks = lock_folders(config)?;
     let encoder = output_encoder(config)?;
     let Sessions {
         bundle,
@@ -386,6 +407,36 @@ pub fn run_with(
     })
 }
 
+/// Locks the run's data folders: the event store's (`[storage] path`) and, with `[mqtt]`, the
+/// spool's when it is elsewhere. Held until the run returns.
+fn lock_folders(
+    config: &PipelineConfig,
+) -> Result<Vec<crate::store::lock::FolderLock>, PipelineError> {
+    use crate::store::lock::FolderLock;
+    let mut locks: Vec<FolderLock> = Vec::new();
+    if config.storage.enabled {
+        locks.push(FolderLock::acquire(&config.storage.path, "storage.path")?);
+    }
+    if config.mqtt.is_some() {
+        let spool = &config.alerts.spool_dir;
+        std::fs::create_dir_all(spool).map_err(|source| crate::store::lock::LockError::Io {
+            key: "alerts.spool_dir".into(),
+            folder: spool.clone(),
+            source,
+        })?;
+        let canonical = |path: &std::path::Path| path.canonicalize().ok();
+        let inside = locks.iter().any(|lock| {
+            canonical(spool)
+                .zip(canonical(lock.folder()))
+                .is_some_and(|(spool, data)| spool.starts_with(data))
+        });
+        if !inside {
+            locks.push(FolderLock::acquire(spool, "alerts.spool_dir")?);
+        }
+    }
+    Ok(locks)
+}
+
 /// The model id kept with each stored event: the first 12 hex digits of the sha256 of the
 /// bundle's manifest (which names the graph's own hash), or `unknown`.
 fn model_id(bundle: &std::path::Path) -> String {
@@ -533,4 +584,20 @@ fn stop_publisher(publisher: &PublisherHandle) {
         log::warn!("alerts: {left} event(s) stay in the spool for the next run");
     }
     let _ = publisher.shutdown(Duration::from_secs(3));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_camera_keeps_its_first_problems_and_counts_the_rest() {
+        let mut stats = CameraStats::default();
+        for frame in 0..MAX_ERRORS + 1000 {
+            stats.note_error(format!("frame {frame}: inference failed"));
+        }
+        assert_eq!(stats.errors.len(), MAX_ERRORS);
+        assert_eq!(stats.errors[0], "frame 0: inference failed");
+        assert_eq!(stats.more_errors, 1000);
+    }
 }

@@ -131,7 +131,7 @@ impl Worker {
     /// A sink's problem: logged, and kept for the run summary.
     fn failed(&self, state: &mut WorkerState, error: SinkError) {
         log::warn!("[{}] {error}", self.camera.name);
-        state.stats.errors.push(error.to_string());
+        state.stats.note_error(error.to_string());
     }
 
     fn report_progress(&mut self, state: &mut WorkerState) {
@@ -202,7 +202,7 @@ impl Worker {
                 self.annotate(state, &captured, &scored, t)
             }
             Some(Err(error)) => {
-                state.stats.errors.push(error.to_string());
+                state.stats.note_error(error.to_string());
                 frame.pixels.clone()
             }
             None => {

@@ -157,7 +157,8 @@ impl Video {
         fps: f64,
     ) -> Result<Running, VideoError> {
         gst::init().map_err(|e| VideoError::Init(e.to_string()))?;
-        let fps = if fps.is_finite() && fps > 0.0 {
+        // A source's rate can be anything (a file's header): outside 0.1 to 1000 frames/s, 25.
+        let fps = if (0.1..=1000.0).contains(&fps) {
             fps
         } else {
             25.0
