@@ -391,14 +391,24 @@ fn wait_metrics(port: u16, timeout: Duration, what: &str, done: impl Fn(&str) ->
 /// A network camera that goes away and comes back: `stpm run` marks it offline (metrics and
 /// `/health`), keeps running, and resumes its frames once the camera serves again, without a
 /// restart. The camera is a second `stpm run` serving the generated conveyor over RTSP, killed
-/// (SIGKILL, no goodbye to its clients) and started again on the same port.
+/// (SIGKILL, no goodbye to its clients) and started again on the same port. Then it freezes
+/// (SIGSTOP: its connection stays open, nothing comes): the stall watchdog marks it offline
+/// within seconds, and after SIGCONT its frames come back.
 #[test]
-fn an_rtsp_camera_that_drops_is_marked_offline_and_reconnected() {
+fn an_rtsp_camera_that_drops_or_freezes_is_marked_offline_and_reconnected() {
     let dir = tempfile::tempdir().expect("dir");
     let (camera_port, http_port) = (free_port(), free_port());
     let camera_pipeline = common::rtsp_camera_pipeline(dir.path(), camera_port);
     let watcher_pipeline =
         common::rtsp_watcher_pipeline(dir.path(), bundle(), camera_port, http_port, "");
+    // A 2 s watchdog (the default is 10 s).
+    let source = format!("source = \"rtsp://127.0.0.1:{camera_port}/cam\"\n");
+    let text = std::fs::read_to_string(&watcher_pipeline).expect("read");
+    std::fs::write(
+        &watcher_pipeline,
+        text.replace(&source, &format!("{source}stall_seconds = 2\n")),
+    )
+    .expect("write");
     let (camera_log, watcher_log) = (
         dir.path().join("camera.log"),
         dir.path().join("watcher.log"),
@@ -437,9 +447,34 @@ fn an_rtsp_camera_that_drops_is_marked_offline_and_reconnected() {
         );
 
         camera = common::spawn_run(&camera_pipeline, &camera_log, dir.path());
-        wait_metrics(http_port, Duration::from_secs(90), "frames again", |m| {
+        let metrics = wait_metrics(http_port, Duration::from_secs(90), "frames again", |m| {
             online(m) == Some(1.0) && frames(m) >= before + 5.0
         });
+        let before = frames(&metrics);
+
+        // Frozen: the socket stays open and nothing comes. rtspsrc alone would wait for its
+        // own timeouts (5 s of UDP, then 20 s of TCP); the watchdog says offline after 2 s.
+        let signal = |name: &str| {
+            let sent = Command::new("kill")
+                .args([name, &camera.id().to_string()])
+                .status()
+                .expect("kill");
+            assert!(sent.success(), "kill {name}");
+        };
+        signal("-STOP");
+        wait_metrics(
+            http_port,
+            Duration::from_secs(8),
+            "the frozen camera offline",
+            |m| online(m) == Some(0.0),
+        );
+        signal("-CONT");
+        wait_metrics(
+            http_port,
+            Duration::from_secs(90),
+            "frames after the freeze",
+            |m| online(m) == Some(1.0) && frames(m) >= before + 5.0,
+        );
     }));
     let _ = camera.kill();
     let _ = camera.wait();
@@ -453,6 +488,7 @@ fn an_rtsp_camera_that_drops_is_marked_offline_and_reconnected() {
     eprintln!("{logs}");
     assert!(status.success(), "{logs}");
     assert!(logs.contains("[line1] offline"), "{logs}");
+    assert!(logs.contains("the camera stalled"), "{logs}");
     assert!(!logs.contains("panicked"), "{logs}");
 }
 

@@ -65,6 +65,10 @@ pub struct CameraConfig {
     /// through to the outputs un-analysed, captioned with the last analysed score.
     #[serde(default)]
     pub max_fps: f64,
+    /// Live cameras (RTSP, V4L2): no frame for this many seconds (while connected or connecting)
+    /// marks the camera offline and reconnects it; 0 turns the watchdog off.
+    #[serde(default = "default_stall_seconds")]
+    pub stall_seconds: f64,
     /// Alert overrides and zones for this camera.
     #[serde(default)]
     pub alerts: CameraAlertOverrides,
@@ -75,6 +79,10 @@ pub struct CameraConfig {
 
 fn default_true() -> bool {
     true
+}
+
+fn default_stall_seconds() -> f64 {
+    10.0
 }
 
 /// `[output]`
@@ -342,6 +350,12 @@ impl PipelineConfig {
                     problems.push(format!("{key}.source: {} does not exist", path.display()))
                 }
                 Ok(_) => {}
+            }
+            if !(camera.stall_seconds == 0.0 || (1.0..=3600.0).contains(&camera.stall_seconds)) {
+                problems.push(format!(
+                    "{key}.stall_seconds = {}: use 0 (no watchdog) or 1 to 3600",
+                    camera.stall_seconds
+                ));
             }
             // Below 0.001 (one frame in 1000 s) the interval overflows a duration.
             if !(camera.max_fps == 0.0 || (0.001..=10_000.0).contains(&camera.max_fps)) {

@@ -304,6 +304,8 @@ pub fn run_with(
             uri,
             looping: camera.looping,
             realtime: camera.realtime,
+            stall: (camera.stall_seconds > 0.0)
+                .then(|| Duration::from_secs_f64(camera.stall_seconds)),
         };
         captures
             .push(source::spawn(spec, Arc::clone(&queue), Arc::clone(&stop)).map_err(spawn_error)?);

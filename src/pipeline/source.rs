@@ -37,6 +37,8 @@ pub struct SourceSpec {
     pub looping: bool,
     /// Play at the source's rate (drop when behind) instead of as fast as inference allows.
     pub realtime: bool,
+    /// A live source with no frame for this long has stalled: offline, reconnect (`None`: never).
+    pub stall: Option<Duration>,
 }
 
 impl SourceSpec {
@@ -303,7 +305,10 @@ fn play_once(
         .ok_or(SourceError::Missing("appsink"))?;
     sink.set_sync(spec.realtime && !spec.is_live());
     let online = Arc::new(AtomicBool::new(false));
+    // When the latest frame arrived (the start, before the first): the stall watchdog's clock.
+    let last_frame = Arc::new(std::sync::Mutex::new(Instant::now()));
     {
+        let last_frame = Arc::clone(&last_frame);
         let queue = Arc::clone(queue);
         let stop = Arc::clone(stop);
         let offset = Arc::clone(offset);
@@ -314,6 +319,9 @@ fn play_once(
             gst_app::AppSinkCallbacks::builder()
                 .new_sample(move |sink| {
                     let arrived = Instant::now();
+                    if let Ok(mut last) = last_frame.lock() {
+                        *last = arrived;
+                    }
                     let decode = decoder_input
                         .lock()
                         .ok()
@@ -370,6 +378,16 @@ fn play_once(
     let ending = loop {
         if stop.load(Ordering::Relaxed) {
             break Ending::Stopped;
+        }
+        // A live camera that keeps its connection open but sends nothing (frozen, paused, a
+        // dead encoder) would otherwise stay "online" for ever.
+        if let Some(stall) = spec.stall.filter(|_| spec.is_live())
+            && last_frame.lock().is_ok_and(|last| last.elapsed() > stall)
+        {
+            break Ending::Error(format!(
+                "no frame for {} s (camera.stall_seconds): the camera stalled",
+                stall.as_secs_f64()
+            ));
         }
         let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
             continue;
