@@ -774,3 +774,66 @@ fn a_second_run_on_the_same_data_folder_is_refused() {
     let status = first.wait().expect("wait");
     assert!(status.success(), "{status}");
 }
+
+/// `[output.rtsp] username` and `password_file`: a client without the password decodes nothing
+/// and starts no encoder; with it (in the URL, as players take it) it decodes the stream.
+#[test]
+fn rtsp_with_a_password_turns_strangers_away_without_encoding() {
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let password = dir.path().join("rtsp-password");
+    std::fs::write(&password, "s3cret\n").expect("password file");
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
+             [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?fps=15\"\n\n\
+             [storage]\nenabled = false\n\n\
+             [output.rtsp]\nenabled = true\nbind = \"127.0.0.1\"\nport = {port}\n\
+             username = \"anna\"\npassword_file = \"{}\"\n",
+            path(bundle()),
+            path(&password)
+        ),
+    )
+    .expect("write pipeline");
+    let log = dir.path().join("stpm.log");
+    let mut child = common::spawn_run(&pipeline, &log, dir.path());
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "RTSP never listened"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stranger = watch(
+        &format!("rtsp://127.0.0.1:{port}/line1"),
+        1,
+        Duration::from_secs(5),
+    );
+    let wrong = watch(
+        &format!("rtsp://anna:guess@127.0.0.1:{port}/line1"),
+        1,
+        Duration::from_secs(5),
+    );
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let before = text();
+    let anna = watch(
+        &format!("rtsp://anna:s3cret@127.0.0.1:{port}/line1"),
+        5,
+        Duration::from_secs(30),
+    );
+    common::sigterm(&child);
+    let status = child.wait().expect("wait");
+    let after = text();
+    assert!(stranger.is_empty() && wrong.is_empty(), "{after}");
+    assert!(
+        !before.contains("encoding the annotated video"),
+        "a refused client started the encoder: {before}"
+    );
+    assert_eq!(anna.len(), 5, "{after}");
+    assert_eq!((anna[0].width, anna[0].height), (640, 480));
+    assert!(after.contains("encoding the annotated video"), "{after}");
+    assert!(status.success(), "{after}");
+}

@@ -427,6 +427,7 @@ impl PipelineConfig {
             ));
         }
         let rtsp = &self.output.rtsp;
+        problems.extend(rtsp.problems());
         let rtsp_ip = rtsp.bind.parse::<IpAddr>();
         if rtsp.enabled && rtsp_ip.is_err() {
             problems.push(format!(

@@ -2,6 +2,7 @@
 //! shared media factory at `/<camera>` (appsrc → h264parse → RTP) fed with the camera's encoded
 //! video (`video`) while a client watches. A media that starts waits for a key frame.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,13 @@ pub struct RtspConfig {
     /// Port to listen on (0: any free port, printed at start).
     #[serde(default = "default_rtsp_port")]
     pub port: u16,
+    /// With `password_file`: clients must sign in (RTSP Basic) as this user.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// A file holding the password of `username` (its first line), so the secret is neither in
+    /// the configuration nor on a command line.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
 }
 
 impl Default for RtspConfig {
@@ -37,6 +45,8 @@ impl Default for RtspConfig {
             enabled: false,
             bind: default_bind(),
             port: default_rtsp_port(),
+            username: None,
+            password_file: None,
         }
     }
 }
@@ -53,6 +63,9 @@ fn default_rtsp_port() -> u16 {
 /// shared stream decodes from the next key frame.
 const LAUNCH: &str = "( appsrc name=src is-live=true format=time do-timestamp=false ! h264parse \
                       ! rtph264pay name=pay0 pt=96 config-interval=1 )";
+
+/// The role of the signed-in user (`[output.rtsp] username`).
+const ROLE: &str = "viewer";
 
 /// Encoded frames waiting in a media's appsrc, at most: when the network is behind, frames are
 /// dropped up to the next key frame (what follows a dropped frame would decode with errors).
@@ -74,6 +87,63 @@ pub enum RtspError {
     MountPoints,
     #[error("cannot start the RTSP thread: {0}")]
     Thread(std::io::Error),
+    #[error("output.rtsp.password_file = {path}: {why}")]
+    Password { path: PathBuf, why: String },
+}
+
+impl RtspConfig {
+    /// Problems of the section, each naming its key (only when enabled).
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !self.enabled {
+            return problems;
+        }
+        match (&self.username, &self.password_file) {
+            (Some(user), Some(_)) if user.is_empty() || user.contains(':') => problems.push(
+                format!("output.rtsp.username = `{user}`: use a name without `:`"),
+            ),
+            (Some(_), None) => problems.push(
+                "output.rtsp.username needs output.rtsp.password_file (a file holding the password)"
+                    .into(),
+            ),
+            (None, Some(_)) => problems.push(
+                "output.rtsp.password_file needs output.rtsp.username".into(),
+            ),
+            (None, None) => {
+                // Anyone who reaches it could watch and start an encoder: only on loopback.
+                let loopback = self
+                    .bind
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+                if !loopback {
+                    problems.push(format!(
+                        "output.rtsp.bind = `{}` reaches other machines: set output.rtsp.username and output.rtsp.password_file, or bind 127.0.0.1",
+                        self.bind
+                    ));
+                }
+            }
+            _ => {}
+        }
+        problems
+    }
+
+    /// The password of `username`, read from `password_file` (its first line); `None` without
+    /// authentication.
+    fn credentials(&self) -> Result<Option<(String, String)>, RtspError> {
+        let (Some(user), Some(path)) = (&self.username, &self.password_file) else {
+            return Ok(None);
+        };
+        let failed = |why: String| RtspError::Password {
+            path: path.clone(),
+            why,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
+        let password = text.lines().next().unwrap_or("").to_string();
+        if password.is_empty() {
+            return Err(failed("its first line (the password) is empty".into()));
+        }
+        Ok(Some((user.clone(), password)))
+    }
 }
 
 /// The appsrc of a media that clients are watching.
@@ -167,9 +237,20 @@ impl RtspServer {
         cameras: &[String],
     ) -> Result<(Self, Vec<RtspFeed>), RtspError> {
         gst::init().map_err(|e| RtspError::Init(e.to_string()))?;
+        let credentials = config.credentials()?;
         let server = rtsp_server::RTSPServer::new();
         server.set_address(&config.bind);
         server.set_service(&config.port.to_string());
+        // With credentials, only the signed-in user's role may open and build the media;
+        // anyone else gets 401 and no encoder starts.
+        if let Some((user, password)) = &credentials {
+            let auth = rtsp_server::RTSPAuth::new();
+            let token = rtsp_server::RTSPToken::builder()
+                .field(rtsp_server::RTSP_TOKEN_MEDIA_FACTORY_ROLE, ROLE)
+                .build();
+            auth.add_basic(&rtsp_server::RTSPAuth::make_basic(user, password), &token);
+            server.set_auth(Some(&auth));
+        }
         let mounts = server.mount_points().ok_or(RtspError::MountPoints)?;
         let mut outputs = Vec::new();
         let mut slots = std::collections::HashMap::new();
@@ -178,6 +259,14 @@ impl RtspServer {
             let factory = rtsp_server::RTSPMediaFactory::new();
             factory.set_launch(LAUNCH);
             factory.set_shared(true);
+            if credentials.is_some() {
+                factory.add_role_from_structure(
+                    &gst::Structure::builder(ROLE)
+                        .field(rtsp_server::RTSP_PERM_MEDIA_FACTORY_ACCESS, true)
+                        .field(rtsp_server::RTSP_PERM_MEDIA_FACTORY_CONSTRUCT, true)
+                        .build(),
+                );
+            }
             let configure_slot = Arc::clone(&slot);
             let name = camera.clone();
             factory.connect_media_configure(move |_, media| {
@@ -325,6 +414,7 @@ mod tests {
             enabled: true,
             bind: "127.0.0.1".into(),
             port: 0,
+            ..RtspConfig::default()
         };
         let (server, feeds) =
             RtspServer::start(&config, &["line1".into(), "line2".into()]).expect("start");
@@ -354,5 +444,40 @@ mod tests {
             "{message}"
         );
         server.stop();
+    }
+
+    #[test]
+    fn credentials_come_in_pairs_and_open_binds_need_them() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("rtsp-password");
+        std::fs::write(&file, "s3cret\n").expect("write");
+        let config = |bind: &str, user: Option<&str>, file: Option<&std::path::Path>| RtspConfig {
+            enabled: true,
+            bind: bind.into(),
+            port: 0,
+            username: user.map(String::from),
+            password_file: file.map(std::path::Path::to_path_buf),
+        };
+        assert!(config("127.0.0.1", None, None).problems().is_empty());
+        let open = config("0.0.0.0", None, None).problems().join("\n");
+        assert!(
+            open.contains("output.rtsp.bind = `0.0.0.0` reaches other machines"),
+            "{open}"
+        );
+        let half = config("0.0.0.0", Some("anna"), None).problems().join("\n");
+        assert!(half.contains("needs output.rtsp.password_file"), "{half}");
+        let signed = config("0.0.0.0", Some("anna"), Some(&file));
+        assert!(signed.problems().is_empty());
+        assert_eq!(
+            signed.credentials().expect("read"),
+            Some(("anna".into(), "s3cret".into()))
+        );
+        let missing = config("0.0.0.0", Some("anna"), Some(&dir.path().join("nope")));
+        let message = missing
+            .credentials()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains("output.rtsp.password_file"), "{message}");
     }
 }
