@@ -557,9 +557,23 @@ fn wrong_password_is_a_clear_error_without_hammering_the_broker() {
     let right = MqttConfig {
         password: Some("right-password".to_string()),
         client_id: "stpm-test-t_e-right".to_string(),
-        ..wrong
+        ..wrong.clone()
     };
     let publisher = start_publisher(&runtime, right, spool_dir.path());
+    publisher.wait_connected(WAIT).unwrap();
+    drop(publisher);
+
+    // The same password from a file (mqtt.password_file), kept out of the configuration.
+    let file = spool_dir.path().join("mqtt-password");
+    fs::write(&file, "right-password\n").unwrap();
+    let from_file = MqttConfig {
+        password: None,
+        password_file: Some(file),
+        client_id: "stpm-test-t_e-file".to_string(),
+        ..wrong
+    };
+    let other_spool = tempfile::tempdir().unwrap();
+    let publisher = start_publisher(&runtime, from_file, other_spool.path());
     publisher.wait_connected(WAIT).unwrap();
 }
 

@@ -30,6 +30,10 @@ pub struct MqttConfig {
     /// Password for `username`.
     #[serde(default)]
     pub password: Option<String>,
+    /// A file whose first line is the password for `username`, instead of `password`: the
+    /// secret is then neither in the configuration nor on a command line.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     /// PEM file of the CA that signed the broker's certificate; setting it turns TLS on.
     #[serde(default)]
     pub tls_ca: Option<PathBuf>,
@@ -102,6 +106,7 @@ impl Default for MqttConfig {
             client_id: default_client_id(),
             username: None,
             password: None,
+            password_file: None,
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
@@ -146,8 +151,9 @@ pub struct MqttConfigError {
 pub enum MqttSetupError {
     #[error(transparent)]
     Config(#[from] MqttConfigError),
+    /// A file the section names (`tls_ca`, `tls_cert`, `tls_key`, `password_file`) is unreadable.
     #[error("cannot read mqtt.{key} file {path}: {source}")]
-    TlsFile {
+    File {
         key: &'static str,
         path: PathBuf,
         source: std::io::Error,
@@ -207,6 +213,14 @@ impl MqttConfig {
         }
         if self.password.is_some() && self.username.is_none() {
             problems.push("mqtt.password is set but mqtt.username is not (MQTT 3.1.1 sends a password only with a user name)".to_string());
+        }
+        if self.password_file.is_some() && self.username.is_none() {
+            problems.push("mqtt.password_file is set but mqtt.username is not".to_string());
+        }
+        if self.password.is_some() && self.password_file.is_some() {
+            problems.push(
+                "mqtt.password and mqtt.password_file are both set: keep one (the file)".into(),
+            );
         }
         match (&self.tls_cert, &self.tls_key) {
             (Some(_), None) => problems.push(
@@ -309,11 +323,21 @@ impl MqttConfig {
             // JPEG snapshots of big frames exceed rumqttc's 10 KiB default.
             .set_max_packet_size(64 * 1024, 64 * 1024 * 1024);
         if let Some(username) = &self.username {
-            options.set_credentials(username.clone(), self.password.clone().unwrap_or_default());
+            let password = match &self.password_file {
+                Some(path) => std::fs::read_to_string(path)
+                    .map(|text| text.lines().next().unwrap_or("").to_string())
+                    .map_err(|source| MqttSetupError::File {
+                        key: "password_file",
+                        path: path.clone(),
+                        source,
+                    })?,
+                None => self.password.clone().unwrap_or_default(),
+            };
+            options.set_credentials(username.clone(), password);
         }
         if let Some(ca_path) = &self.tls_ca {
             let read = |key: &'static str, path: &PathBuf| {
-                std::fs::read(path).map_err(|source| MqttSetupError::TlsFile {
+                std::fs::read(path).map_err(|source| MqttSetupError::File {
                     key,
                     path: path.clone(),
                     source,
