@@ -134,6 +134,9 @@ pub struct HttpConfig {
     /// watches).
     #[serde(default = "default_true")]
     pub live: bool,
+    /// `/health` stays 200 while a camera has been offline (reconnecting) for at most this long.
+    #[serde(default)]
+    pub offline_grace_seconds: f64,
 }
 
 impl Default for HttpConfig {
@@ -143,6 +146,7 @@ impl Default for HttpConfig {
             bind: default_http_bind(),
             auth: Default::default(),
             live: true,
+            offline_grace_seconds: 0.0,
         }
     }
 }
@@ -417,6 +421,12 @@ impl PipelineConfig {
     /// Problems of `[output]` and `[http]` (addresses checked only when enabled).
     fn output_problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        let grace = self.http.offline_grace_seconds;
+        if !(0.0..=86_400.0).contains(&grace) {
+            problems.push(format!(
+                "http.offline_grace_seconds = {grace}: use 0 to 86400"
+            ));
+        }
         if let Err(e) = self.output.encoder.parse::<EncoderRequest>() {
             problems.push(e.to_string());
         }

@@ -88,6 +88,9 @@ impl LiveOutputs {
                     .collect(),
                 event_feed: event_feed.clone(),
                 stopping: Default::default(),
+                offline_grace: std::time::Duration::from_secs_f64(
+                    config.http.offline_grace_seconds,
+                ),
             };
             let server = HttpServer::start(&config.http.bind, served)?;
             log::info!(

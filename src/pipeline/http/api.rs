@@ -411,6 +411,7 @@ mod tests {
             live: Default::default(),
             event_feed: tokio::sync::broadcast::channel(4).0,
             stopping: Default::default(),
+            offline_grace: std::time::Duration::ZERO,
         }));
         let json = |body: &str| serde_json::from_str::<Value>(body).expect("json");
         let ids = |body: &str| -> Vec<String> {
@@ -587,6 +588,7 @@ mod tests {
             live: Default::default(),
             event_feed: tokio::sync::broadcast::channel(4).0,
             stopping: Default::default(),
+            offline_grace: std::time::Duration::ZERO,
         }));
         runtime().block_on(async {
             let (status, _, body) = call(&app, "GET", "/api/events", "").await;

@@ -181,6 +181,7 @@ mod tests {
             live: [("line1".to_string(), LiveView::new("line1"))].into(),
             event_feed: tokio::sync::broadcast::channel(4).0,
             stopping: Default::default(),
+            offline_grace: std::time::Duration::ZERO,
         }));
         runtime().block_on(async {
             let (status, body) = from_page_of(&app, "http://elsewhere.example").await;

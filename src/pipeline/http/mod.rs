@@ -50,6 +50,8 @@ pub struct Served {
     pub event_feed: Changes,
     /// Set when the server stops: long-lived answers (the event stream) end on it.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// How long a camera may be offline (reconnecting) before `/health` says 503.
+    pub offline_grace: std::time::Duration,
 }
 
 /// The running endpoint; [`HttpServer::stop`] ends it.
@@ -218,7 +220,7 @@ async fn metrics(axum::extract::State(served): axum::extract::State<Arc<Served>>
 /// `{"cameras":[{"camera":…,"state":…}],"status":"ok"|"unhealthy"}`: 200 when every camera is
 /// online or has ended, else 503.
 async fn health(axum::extract::State(served): axum::extract::State<Arc<Served>>) -> Response {
-    let (healthy, json) = served.metrics.health();
+    let (healthy, json) = served.metrics.health(served.offline_grace);
     let status = if healthy {
         StatusCode::OK
     } else {
@@ -320,6 +322,7 @@ mod tests {
             live: Default::default(),
             event_feed: tokio::sync::broadcast::channel(4).0,
             stopping: Default::default(),
+            offline_grace: std::time::Duration::ZERO,
         }));
         runtime().block_on(async {
             let (status, kind, body) = call(&app, "GET", "/metrics", "").await;
@@ -397,6 +400,7 @@ mod tests {
             live: Default::default(),
             event_feed: tokio::sync::broadcast::channel(4).0,
             stopping: Default::default(),
+            offline_grace: std::time::Duration::ZERO,
         }));
         let basic = |credentials: &str| {
             use base64::Engine;
@@ -467,6 +471,7 @@ mod tests {
             live: Default::default(),
             event_feed: tokio::sync::broadcast::channel(4).0,
             stopping: Default::default(),
+            offline_grace: std::time::Duration::ZERO,
         };
         let server = HttpServer::start("127.0.0.1:0", served()).expect("start");
         let taken = server.address().to_string();

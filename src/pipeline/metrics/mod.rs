@@ -164,6 +164,8 @@ pub struct CameraMetrics {
     batched: AtomicU64,
     dropped: AtomicU64,
     state: AtomicU8,
+    /// When `state` last changed.
+    state_since: Mutex<Instant>,
     alerts: AtomicU64,
     suppressed: AtomicU64,
     /// The latest analysed frame's normalised score (f32 bits).
@@ -187,6 +189,7 @@ impl CameraMetrics {
             batched: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             state: AtomicU8::new(CameraState::Starting.to_u8()),
+            state_since: Mutex::new(Instant::now()),
             alerts: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
             last_score: AtomicU32::new(0),
@@ -304,7 +307,20 @@ impl CameraMetrics {
     }
 
     pub fn set_state(&self, state: CameraState) {
-        self.state.store(state.to_u8(), Ordering::Relaxed);
+        let before = self.state.swap(state.to_u8(), Ordering::Relaxed);
+        if before != state.to_u8()
+            && let Ok(mut since) = self.state_since.lock()
+        {
+            *since = Instant::now();
+        }
+    }
+
+    /// How long the camera has been in its state.
+    pub fn state_age(&self) -> Duration {
+        self.state_since
+            .lock()
+            .map(|since| since.elapsed())
+            .unwrap_or_default()
     }
 
     /// The latest analysed frame's normalised score.
@@ -445,23 +461,39 @@ impl Metrics {
             .collect()
     }
 
-    /// Healthy when every camera is online or has ended; the JSON lists each camera's state.
-    pub fn health(&self) -> (bool, String) {
-        let states: Vec<(String, CameraState)> = self
+    /// Healthy when every camera is online or has ended, or has been offline for at most
+    /// `grace` (a reconnect); the JSON lists each camera's state and for how long, and names
+    /// the cameras that make it unhealthy.
+    pub fn health(&self, grace: Duration) -> (bool, String) {
+        let states: Vec<(String, CameraState, Duration)> = self
             .state
             .cameras
             .iter()
-            .map(|c| (c.camera.clone(), c.state()))
+            .map(|c| (c.camera.clone(), c.state(), c.state_age()))
             .collect();
-        let healthy = states
+        let failing: Vec<&str> = states
             .iter()
-            .all(|(_, s)| matches!(s, CameraState::Online | CameraState::Ended));
+            .filter(|(_, state, age)| match state {
+                CameraState::Online | CameraState::Ended => false,
+                CameraState::Offline => *age > grace,
+                CameraState::Starting => true,
+            })
+            .map(|(camera, _, _)| camera.as_str())
+            .collect();
+        let healthy = failing.is_empty();
         let cameras: Vec<serde_json::Value> = states
             .iter()
-            .map(|(camera, state)| serde_json::json!({"camera": camera, "state": state.name()}))
+            .map(|(camera, state, age)| {
+                serde_json::json!({
+                    "camera": camera,
+                    "state": state.name(),
+                    "seconds": (age.as_secs_f64() * 10.0).round() / 10.0,
+                })
+            })
             .collect();
         let body = serde_json::json!({
             "status": if healthy { "ok" } else { "unhealthy" },
+            "unhealthy": failing,
             "cameras": cameras,
         });
         (healthy, body.to_string())
@@ -561,18 +593,31 @@ mod tests {
                 .contains("# TYPE stpm_encoder info\nstpm_encoder_info{encoder=\"x264enc\"} 1\n")
         );
 
-        let (healthy, body) = metrics.health();
+        let none = Duration::ZERO;
+        let (healthy, body) = metrics.health(none);
         assert!(!healthy, "line2 is still starting: {body}");
         assert!(
-            body.contains(r#"{"camera":"line2","state":"starting"}"#),
+            body.contains(r#""camera":"line2""#)
+                && body.contains(r#""state":"starting""#)
+                && body.contains(r#""unhealthy":["line2"]"#),
             "{body}"
         );
         line2.set_state(CameraState::Ended);
-        assert!(metrics.health().0);
+        assert!(metrics.health(none).0);
         line1.set_state(CameraState::Offline);
-        let (healthy, body) = metrics.health();
+        std::thread::sleep(Duration::from_millis(20));
+        let (healthy, body) = metrics.health(none);
         assert!(!healthy);
-        assert!(body.contains(r#""state":"offline""#), "{body}");
+        assert!(
+            body.contains(r#""state":"offline""#) && body.contains(r#""unhealthy":["line1"]"#),
+            "{body}"
+        );
+        // Offline for less than the grace: still healthy (a reconnect); longer: not.
+        assert!(metrics.health(Duration::from_secs(60)).0);
+        if let Ok(mut since) = line1.state_since.lock() {
+            *since = Instant::now() - Duration::from_secs(61);
+        }
+        assert!(!metrics.health(Duration::from_secs(60)).0);
     }
 
     #[test]
