@@ -116,10 +116,10 @@ fn rtsp_clients_get_annotated_frames_and_metrics_count_them() {
             _ => std::thread::sleep(Duration::from_millis(200)),
         }
     };
-    assert!(
-        health.contains(r#"{"camera":"line1","state":"online"}"#),
-        "{health}"
-    );
+    let health: serde_json::Value = serde_json::from_str(&health).expect("health JSON");
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["cameras"][0]["camera"], "line1", "{health}");
+    assert_eq!(health["cameras"][0]["state"], "online", "{health}");
 
     // Two clients one after the other: the second gets a freshly configured media.
     let url = format!("rtsp://127.0.0.1:{rtsp_port}/line1");
@@ -524,7 +524,10 @@ fn a_missing_usb_camera_retries_while_another_camera_runs() {
         });
         let health = common::http_get(http_port, "/health");
         assert!(
-            matches!(&health, Some((503, body)) if body.contains(r#"{"camera":"line1","state":"online"}"#)),
+            matches!(&health, Some((503, body))
+                if body.contains(r#""camera":"line1","seconds""#)
+                    && body.contains(r#""state":"online""#)
+                    && body.contains(r#""unhealthy":["usb"]"#)),
             "{health:?}"
         );
         // Backoff starts at 0.5 s: a second failed attempt comes within a few seconds.
