@@ -840,3 +840,67 @@ fn rtsp_with_a_password_turns_strangers_away_without_encoding() {
     assert!(after.contains("encoding the annotated video"), "{after}");
     assert!(status.success(), "{after}");
 }
+
+/// Hostile video files: random bytes, an empty file and a recording cut off mid-way. Each camera
+/// ends with a message naming it, what could be decoded is analysed, and nothing panics.
+#[test]
+fn garbage_and_truncated_video_files_end_their_camera_without_a_panic() {
+    let dir = tempfile::tempdir().expect("dir");
+    // A real recording of 24 frames, then cut to 40 % of its bytes.
+    let pipeline = write_recording_pipeline(dir.path(), CONVEYOR_24, "");
+    let out = stpm(&["run", "--pipeline", path(&pipeline)], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let recorded = recordings(dir.path()).pop().expect("a recording");
+    let bytes = std::fs::read(&recorded).expect("read");
+    let truncated = dir.path().join("truncated.mkv");
+    std::fs::write(&truncated, &bytes[..bytes.len() * 2 / 5]).expect("write");
+    // Random bytes from a fixed seed (xorshift), and nothing at all.
+    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+    let noise: Vec<u8> = (0..200_000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect();
+    let random = dir.path().join("random.mkv");
+    std::fs::write(&random, noise).expect("write");
+    let empty = dir.path().join("empty.mp4");
+    std::fs::write(&empty, b"").expect("write");
+    let cameras: String = [("cut", &truncated), ("noise", &random), ("nothing", &empty)]
+        .iter()
+        .map(|(name, file)| {
+            format!(
+                "[[camera]]\nname = \"{name}\"\nsource = \"file://{}\"\nrealtime = false\n\n",
+                path(file)
+            )
+        })
+        .collect();
+    let hostile = dir.path().join("hostile.toml");
+    std::fs::write(
+        &hostile,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n{cameras}[storage]\nenabled = false\n",
+            path(bundle())
+        ),
+    )
+    .expect("write pipeline");
+    let out = stpm(&["run", "--pipeline", path(&hostile)], dir.path());
+    let log = text(&out);
+    assert!(!log.contains("panicked"), "{log}");
+    for camera in ["noise", "nothing"] {
+        assert!(
+            log.contains(&format!("[{camera}] source failed")),
+            "{camera}: {log}"
+        );
+    }
+    // The cut recording's first frames decode and are analysed.
+    let analysed = log
+        .lines()
+        .find_map(|line| line.strip_prefix("camera cut: "))
+        .and_then(|rest| rest.split(" frames").next())
+        .and_then(|n| n.trim().parse::<u32>().ok())
+        .expect("the cut camera's summary");
+    assert!((1..24).contains(&analysed), "{analysed} frames: {log}");
+}
