@@ -388,6 +388,9 @@ pub struct Bundle {
     pub precision: Precision,
 }
 
+/// The largest input side a bundle may declare (pixels).
+pub const MAX_INPUT_SIDE: usize = 4096;
+
 impl Bundle {
     pub fn open(dir: &Path) -> Result<Self, BundleError> {
         let path = dir.join(MANIFEST_FILE);
@@ -416,6 +419,21 @@ impl Bundle {
             path: path.clone(),
             message: e.to_string(),
         })?;
+        // Sizes buffers and the graph's input: a hand-edited or damaged manifest must not ask for
+        // gigabytes (or zero-sized maps).
+        let [height, width] = manifest.model.input_size;
+        if !(16..=MAX_INPUT_SIDE).contains(&height)
+            || !(16..=MAX_INPUT_SIDE).contains(&width)
+            || height % 16 != 0
+            || width % 16 != 0
+        {
+            return Err(BundleError::Parse {
+                path,
+                message: format!(
+                    "[model] input_size = [{height}, {width}] (each side a multiple of 16 from 16 to {MAX_INPUT_SIDE})"
+                ),
+            });
+        }
         if !FUSION_STRIDES.contains(&manifest.model.fusion_stride) {
             return Err(BundleError::Parse {
                 path,
