@@ -1218,3 +1218,29 @@ fn clips_of_real_detections_hold_the_first_defective_frame() {
         events.len()
     );
 }
+
+/// A spool that cannot be written (its folder replaced by a file, which even root cannot write
+/// into, like a full disk): every event still reaches the broker, from memory, in order, and
+/// each failure is counted.
+#[test]
+fn events_the_spool_cannot_write_still_reach_the_broker() {
+    let broker = Broker::start();
+    let folder = tempfile::tempdir().unwrap();
+    let spool = folder.path().join("spool");
+    let subscriber = Subscriber::new(broker.port, "t_full/+/events", None);
+    let runtime = runtime();
+    let publisher = start_publisher(&runtime, config(broker.port, "t_full"), &spool);
+    publisher.wait_connected(WAIT).unwrap();
+    fs::remove_dir_all(&spool).unwrap();
+    fs::write(&spool, b"not a folder").unwrap();
+
+    let events = one_alert("line1", 0);
+    for event in &events {
+        publisher.event(event).expect("sent from memory");
+    }
+    let received = subscriber.take(events.len());
+    assert_eq!(kinds_and_ids(&received), expected(&events));
+    let status = publisher.status();
+    assert_eq!(status.spool_failures, events.len() as u64, "{status:?}");
+    assert_eq!(status.events_pending, 0, "{status:?}");
+}

@@ -12,6 +12,7 @@ use super::publisher::{
     Command, LinkError, PublishError, PublisherError, PublisherHandle, PublisherStatus, Shared,
     ShutdownOutcome, lock,
 };
+use super::spool::SpoolError;
 use super::tracker::{AlertEvent, CameraState};
 
 impl PublisherHandle {
@@ -22,7 +23,10 @@ impl PublisherHandle {
     pub fn event(&self, event: &AlertEvent) -> Result<u64, PublishError> {
         check_camera(&event.camera)?;
         let topic = self.shared.config.events_topic(&event.camera);
-        let pushed = lock(&self.shared.spool).push_event(&topic, event)?;
+        let pushed = match lock(&self.shared.spool).push_event(&topic, event) {
+            Ok(pushed) => pushed,
+            Err(error) => return self.unspooled(topic, event, error),
+        };
         for dropped in &pushed.dropped {
             log::warn!(
                 "alert spool in {} full: dropped {:?} entry {} for {}",
@@ -34,6 +38,33 @@ impl PublisherHandle {
         }
         self.shared.wake.notify_one();
         Ok(pushed.seq)
+    }
+
+    /// The spool could not take `event` (a full or broken disk): it goes to the broker from
+    /// memory instead, and the failure is counted (`stpm_alert_spool_write_failures`). It is
+    /// lost only if the process ends before a connection.
+    fn unspooled(
+        &self,
+        topic: String,
+        event: &AlertEvent,
+        error: SpoolError,
+    ) -> Result<u64, PublishError> {
+        self.shared.spool_failures.fetch_add(1, Ordering::Relaxed);
+        log::error!(
+            "alert spool: {error}; event {} sent from memory instead",
+            event.id
+        );
+        let payload = serde_json::to_vec(event).map_err(|source| PublishError::Encode {
+            camera: event.camera.clone(),
+            source,
+        })?;
+        self.send(
+            Command::Unspooled { topic, payload },
+            "event",
+            &event.camera,
+        )?;
+        self.shared.wake.notify_one();
+        Ok(0)
     }
 
     /// Queues the annotated JPEG for `<prefix>/<camera>/snapshot` (QoS 1, not retained, not
@@ -84,6 +115,7 @@ impl PublisherHandle {
             messages_dropped: self.shared.messages_dropped.load(Ordering::Relaxed),
             reconnects: link.connects.saturating_sub(1),
             connection_failures: self.shared.connection_failures.load(Ordering::Relaxed),
+            spool_failures: self.shared.spool_failures.load(Ordering::Relaxed),
             last_error: link.last_error.as_ref().map(ToString::to_string),
         }
     }

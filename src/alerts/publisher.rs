@@ -116,6 +116,9 @@ pub struct PublisherStatus {
     pub messages_published: u64,
     /// Snapshots and states dropped (queue full or no connection) and unpublishable spool entries.
     pub messages_dropped: u64,
+    /// Events the spool could not write (a full or broken disk): each went to the broker from
+    /// memory instead (at once when connected, else held up to [`HELD_EVENTS`]).
+    pub spool_failures: u64,
     /// Successful connections after the first.
     pub reconnects: u64,
     /// Failed connection attempts and lost connections.
@@ -157,6 +160,7 @@ pub(super) struct Shared {
     pub(super) messages_published: AtomicU64,
     pub(super) messages_dropped: AtomicU64,
     pub(super) connection_failures: AtomicU64,
+    pub(super) spool_failures: AtomicU64,
 }
 
 pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -173,9 +177,23 @@ impl Shared {
 /// What the pipeline hands the publisher task besides events (which go through the spool).
 #[derive(Debug)]
 pub(super) enum Command {
-    Snapshot { topic: String, jpeg: Vec<u8> },
-    State { topic: String, payload: Vec<u8> },
+    Snapshot {
+        topic: String,
+        jpeg: Vec<u8>,
+    },
+    State {
+        topic: String,
+        payload: Vec<u8>,
+    },
+    /// An event the spool could not write: published from memory.
+    Unspooled {
+        topic: String,
+        payload: Vec<u8>,
+    },
 }
+
+/// Unspooled events held in memory while disconnected, at most (the oldest goes first).
+pub const HELD_EVENTS: usize = 1000;
 
 /// The pipeline's side: cheap to clone, every method returns at once (an event costs a spool
 /// file write and fsync, never a network wait). Usable from any thread, inside tokio or not,
@@ -220,6 +238,7 @@ impl AlertPublisher {
             messages_published: AtomicU64::new(0),
             messages_dropped: AtomicU64::new(0),
             connection_failures: AtomicU64::new(0),
+            spool_failures: AtomicU64::new(0),
         });
         let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
         let (net_tx, net_rx) = mpsc::unbounded_channel();
@@ -240,6 +259,7 @@ impl AlertPublisher {
             session: Session::default(),
             states: BTreeMap::new(),
             held_snapshots: BTreeMap::new(),
+            held_events: std::collections::VecDeque::new(),
         };
         let task = runtime.spawn(publisher.run());
         Ok((
@@ -288,6 +308,8 @@ struct Publisher {
     /// Per snapshot topic, the latest JPEG that could not be sent while disconnected: sent on the
     /// next connect (a newer one replaces it; in memory only, so a restart loses it).
     held_snapshots: BTreeMap<String, Vec<u8>>,
+    /// Events the spool could not write, waiting for a connection (in memory only).
+    held_events: std::collections::VecDeque<(String, Vec<u8>)>,
 }
 
 impl Publisher {
@@ -452,6 +474,33 @@ impl Publisher {
         for (topic, jpeg) in std::mem::take(&mut self.held_snapshots) {
             self.send_snapshot(topic, jpeg);
         }
+        for (topic, payload) in std::mem::take(&mut self.held_events) {
+            self.send_unspooled(topic, payload);
+        }
+    }
+
+    /// Publishes an event the spool could not write, now if connected, else holds it for the
+    /// next connect (the oldest held one is dropped and counted past [`HELD_EVENTS`]).
+    fn send_unspooled(&mut self, topic: String, payload: Vec<u8>) {
+        if self.connected
+            && self.publish(
+                topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                payload.clone(),
+                Tag::Other,
+            )
+        {
+            self.shared
+                .messages_published
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.held_events.push_back((topic, payload));
+        if self.held_events.len() > HELD_EVENTS {
+            self.held_events.pop_front();
+            self.shared.messages_dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Publishes a snapshot now if connected; otherwise holds it (the latest per topic) for the
@@ -496,6 +545,7 @@ impl Publisher {
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Snapshot { topic, jpeg } => self.send_snapshot(topic, jpeg),
+            Command::Unspooled { topic, payload } => self.send_unspooled(topic, payload),
             Command::State { topic, payload } => {
                 self.states.insert(topic.clone(), payload.clone());
                 if self.connected

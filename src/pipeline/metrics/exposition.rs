@@ -220,6 +220,11 @@ impl Collector for Exported {
                     Value::Count(status.events_dropped),
                 ),
                 (
+                    "stpm_alert_spool_write_failures",
+                    "Alert events the spool could not write (a full or broken disk), sent from memory instead.",
+                    Value::Count(status.spool_failures),
+                ),
+                (
                     "stpm_mqtt_reconnects",
                     "Reconnections to the MQTT broker.",
                     Value::Count(status.reconnects),
