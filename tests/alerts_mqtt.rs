@@ -1123,7 +1123,10 @@ fn an_event_gets_a_clip_that_decodes() {
         .list(&Query::default())
         .expect("list");
     assert_eq!(events.len(), 1, "{events:?}");
-    let clip = events[0].clip_path.clone().expect("the event has a clip");
+    let clip = events[0]
+        .clip_path
+        .clone()
+        .unwrap_or_else(|| panic!("the event has no clip: {log}"));
     assert!(
         clip.ends_with(format!("clips/line1/{}.mp4", events[0].id)),
         "{clip:?}"

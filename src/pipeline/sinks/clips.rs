@@ -132,6 +132,9 @@ struct ClipState {
     log: ClipLog,
     ring: VecDeque<Unit>,
     open: Vec<OpenClip>,
+    /// Events that started before the encoder's first key frame (the run's first frames): their
+    /// clips open with it; the stream time of their end + post once known.
+    waiting: Vec<(AlertEvent, Option<Duration>)>,
     /// Clips being finished (EOS, `moov` written) on threads of their own.
     closing: Vec<JoinHandle<()>>,
 }
@@ -150,6 +153,7 @@ pub fn clips(
         log,
         ring: VecDeque::new(),
         open: Vec::new(),
+        waiting: Vec::new(),
         closing: Vec::new(),
     }));
     (
@@ -358,11 +362,12 @@ impl Sink for ClipAlerts {
     ) -> Result<(), SinkError> {
         let mut state = lock(&self.state);
         match event.kind {
-            EventKind::New => {
-                if let Err(error) = state.open(event) {
-                    log::warn!("[{}] {error}", state.camera);
-                }
-            }
+            EventKind::New => match state.open(event) {
+                // No video yet (the encoder is starting): the clip opens with its first key frame.
+                Err(ClipError::NoVideo { .. }) => state.waiting.push((event.clone(), None)),
+                Err(error) => log::warn!("[{}] {error}", state.camera),
+                Ok(()) => {}
+            },
             EventKind::End => {
                 let end = stream_time(
                     state.epoch,
@@ -370,6 +375,13 @@ impl Sink for ClipAlerts {
                 );
                 if let Some(clip) = state.open.iter_mut().find(|clip| clip.id == event.id) {
                     clip.end_pts = Some(end);
+                }
+                if let Some((_, waiting_end)) = state
+                    .waiting
+                    .iter_mut()
+                    .find(|(waiting, _)| waiting.id == event.id)
+                {
+                    *waiting_end = Some(end);
                 }
             }
             EventKind::Update => {}
@@ -408,6 +420,18 @@ impl VideoSink for ClipFeed {
         {
             state.ring.drain(..=next_key);
         }
+        if unit.key {
+            for (event, end) in std::mem::take(&mut state.waiting) {
+                match state.open(&event) {
+                    Ok(()) => {
+                        if let Some(clip) = state.open.last_mut() {
+                            clip.end_pts = end;
+                        }
+                    }
+                    Err(error) => log::warn!("[{}] {error}", state.camera),
+                }
+            }
+        }
         let max_seconds = state.config.max_seconds;
         let mut index = 0;
         while index < state.open.len() {
@@ -427,6 +451,9 @@ impl VideoSink for ClipFeed {
     /// Closes the clips still open and waits for every clip to be written.
     fn finish(&self, _timeout: Duration) -> SinkReport {
         let mut state = lock(&self.state);
+        for (event, _) in std::mem::take(&mut state.waiting) {
+            log::warn!("[{}] {}", state.camera, ClipError::NoVideo { id: event.id });
+        }
         for clip in std::mem::take(&mut state.open) {
             state.close(clip);
         }
@@ -508,6 +535,39 @@ mod tests {
     /// 4 s) and ends at 8 s, so it holds the event's first anomalous frame (5 s).
     #[test]
     fn a_clip_runs_from_the_key_frame_before_the_pre_roll_to_the_post_roll() {
+        // The event starts at frame 56; the key frame at or before 5.6 s − 1 s is frame 30.
+        let (first, frames) = clip_of_an_event_from(56);
+        // I420 is limited range: grey g is luma 16 + g·219/255.
+        assert!(
+            (first - luma(grey(30))).abs() < 1.5,
+            "starts at frame 30 (luma {:.1}), not {first:.1}",
+            luma(grey(30))
+        );
+        assert!((49..=52).contains(&frames), "3 s to 8 s: {frames} frames");
+    }
+
+    #[test]
+    fn an_event_before_the_first_encoded_frame_gets_a_clip_from_it() {
+        // `new` before any frame reached the encoder (the run's first frames): the clip opens
+        // with the first key frame, frame 0, and runs to the end + post-roll (8 s).
+        let (first, frames) = clip_of_an_event_from(0);
+        assert!(
+            (first - luma(grey(0))).abs() < 1.5,
+            "starts at frame 0 (luma {:.1}), not {first:.1}",
+            luma(grey(0))
+        );
+        assert!((78..=82).contains(&frames), "0 s to 8 s: {frames} frames");
+    }
+
+    /// I420 is limited range: grey g is luma 16 + g·219/255.
+    fn luma(g: u8) -> f64 {
+        16.0 + f64::from(g) * 219.0 / 255.0
+    }
+
+    /// 100 frames at 10 frames/s (each its own grey level, a key frame every 3 s) with an event
+    /// announced after frame `new_at` (its start time is 5 s) that ends at 7 s, with 1 s of pre-
+    /// and post-roll: the clip's first frame's luma and its frame count.
+    fn clip_of_an_event_from(new_at: u32) -> (f64, usize) {
         let dir = tempfile::tempdir().expect("dir");
         let storage = StorageConfig {
             path: dir.path().to_path_buf(),
@@ -544,11 +604,11 @@ mod tests {
             // The encoder runs on its own thread: let it catch up.
             std::thread::sleep(Duration::from_millis(300));
         };
-        feed_frames(0, 56);
+        feed_frames(0, new_at);
         alerts
             .alert(&event(EventKind::New, None), None)
             .expect("new");
-        feed_frames(56, 72);
+        feed_frames(new_at, 72);
         alerts
             .alert(&event(EventKind::End, Some(EPOCH + 7.0)), None)
             .expect("end");
@@ -558,15 +618,6 @@ mod tests {
         // The writer ends once every sender is gone (in a run, with the workers' sinks).
         drop(alerts);
         writer.finish();
-        let path = dir.path().join("clips/line1/line1-1005000-1.mp4");
-        let (first, frames) = decode(&path);
-        // I420 is limited range: grey g is luma 16 + g·219/255.
-        let luma = |g: u8| 16.0 + f64::from(g) * 219.0 / 255.0;
-        assert!(
-            (first - luma(grey(30))).abs() < 1.5,
-            "starts at frame 30 (luma {:.1}), not {first:.1}",
-            luma(grey(30))
-        );
-        assert!((49..=52).contains(&frames), "3 s to 8 s: {frames} frames");
+        decode(&dir.path().join("clips/line1/line1-1005000-1.mp4"))
     }
 }
