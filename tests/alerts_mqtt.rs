@@ -1143,7 +1143,7 @@ fn an_event_gets_a_clip_that_decodes() {
 #[test]
 fn clips_of_real_detections_hold_the_first_defective_frame() {
     const FPS: f64 = 15.0;
-    const FRAMES: u64 = 600;
+    const FRAMES: u64 = 900;
     let dir = tempfile::tempdir().expect("dir");
     let pipeline = run_pipeline_with(
         dir.path(),
