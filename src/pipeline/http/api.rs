@@ -356,7 +356,7 @@ async fn cameras(State(served): State<Arc<Served>>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{call, call_with, runtime};
+    use super::super::tests::{call, call_with, runtime, served};
     use super::super::{Served, router};
     use crate::alerts::{AlertEvent, EventKind};
     use crate::pipeline::metrics::Metrics;
@@ -404,14 +404,9 @@ mod tests {
             .expect("a-3");
         let metrics = Arc::new(Metrics::new("cpu", "fp32", &["line1".into()]));
         let app = router(Arc::new(Served {
-            metrics,
             storage: Some(dir.path().to_path_buf()),
             model: "demo".into(),
-            auth: None,
-            live: Default::default(),
-            event_feed: tokio::sync::broadcast::channel(4).0,
-            stopping: Default::default(),
-            offline_grace: std::time::Duration::ZERO,
+            ..served(metrics)
         }));
         let json = |body: &str| serde_json::from_str::<Value>(body).expect("json");
         let ids = |body: &str| -> Vec<String> {
@@ -580,16 +575,7 @@ mod tests {
 
     #[test]
     fn without_storage_the_events_api_says_so() {
-        let app = router(Arc::new(Served {
-            metrics: Arc::new(Metrics::new("cpu", "fp32", &[])),
-            storage: None,
-            model: String::new(),
-            auth: None,
-            live: Default::default(),
-            event_feed: tokio::sync::broadcast::channel(4).0,
-            stopping: Default::default(),
-            offline_grace: std::time::Duration::ZERO,
-        }));
+        let app = router(Arc::new(served(Arc::new(Metrics::new("cpu", "fp32", &[])))));
         runtime().block_on(async {
             let (status, _, body) = call(&app, "GET", "/api/events", "").await;
             assert_eq!(status, 404);

@@ -154,7 +154,7 @@ async fn events(State(served): State<Arc<Served>>) -> Response {
 mod tests {
     use std::sync::Arc;
 
-    use super::super::tests::{call, call_with, runtime};
+    use super::super::tests::{call, call_with, runtime, served};
     use super::super::{Served, router};
     use crate::pipeline::metrics::Metrics;
     use crate::pipeline::sinks::live::LiveView;
@@ -169,19 +169,10 @@ mod tests {
 
     #[test]
     fn the_live_view_wants_a_websocket_from_a_page_of_this_server() {
+        let metrics = Metrics::new("cpu", "fp32", &["line1".into(), "line2".into()]);
         let app = router(Arc::new(Served {
-            metrics: Arc::new(Metrics::new(
-                "cpu",
-                "fp32",
-                &["line1".into(), "line2".into()],
-            )),
-            storage: None,
-            model: String::new(),
-            auth: None,
             live: [("line1".to_string(), LiveView::new("line1"))].into(),
-            event_feed: tokio::sync::broadcast::channel(4).0,
-            stopping: Default::default(),
-            offline_grace: std::time::Duration::ZERO,
+            ..served(Arc::new(metrics))
         }));
         runtime().block_on(async {
             let (status, body) = from_page_of(&app, "http://elsewhere.example").await;

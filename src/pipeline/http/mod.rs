@@ -264,6 +264,21 @@ mod tests {
     use axum::http::Request;
     use tower::ServiceExt;
 
+    /// What the endpoints read, with `metrics` and everything else off or empty: no event
+    /// store, no auth, no live views.
+    pub(super) fn served(metrics: Arc<Metrics>) -> Served {
+        Served {
+            metrics,
+            storage: None,
+            model: String::new(),
+            auth: None,
+            live: Default::default(),
+            event_feed: tokio::sync::broadcast::channel(4).0,
+            stopping: Default::default(),
+            offline_grace: std::time::Duration::ZERO,
+        }
+    }
+
     /// (status, content type, body) of `method path` on `app`.
     pub(super) async fn call(
         app: &Router,
@@ -315,14 +330,8 @@ mod tests {
     fn routes_metrics_health_and_errors() {
         let metrics = Arc::new(Metrics::new("cpu", "fp32", &["line1".into()]));
         let app = router(Arc::new(Served {
-            metrics: Arc::clone(&metrics),
-            storage: None,
             model: "demo".into(),
-            auth: None,
-            live: Default::default(),
-            event_feed: tokio::sync::broadcast::channel(4).0,
-            stopping: Default::default(),
-            offline_grace: std::time::Duration::ZERO,
+            ..served(Arc::clone(&metrics))
         }));
         runtime().block_on(async {
             let (status, kind, body) = call(&app, "GET", "/metrics", "").await;
@@ -393,14 +402,9 @@ mod tests {
             .and_then(|store| store.record(&event, "m", None, 1.0))
             .expect("an event");
         let app = router(Arc::new(Served {
-            metrics: Arc::new(Metrics::new("cpu", "fp32", &[])),
             storage: Some(dir.path().to_path_buf()),
-            model: String::new(),
             auth,
-            live: Default::default(),
-            event_feed: tokio::sync::broadcast::channel(4).0,
-            stopping: Default::default(),
-            offline_grace: std::time::Duration::ZERO,
+            ..served(Arc::new(Metrics::new("cpu", "fp32", &[])))
         }));
         let basic = |credentials: &str| {
             use base64::Engine;
@@ -463,19 +467,10 @@ mod tests {
 
     #[test]
     fn a_taken_port_is_a_start_error_naming_the_key() {
-        let served = || Served {
-            metrics: Arc::new(Metrics::new("cpu", "fp32", &[])),
-            storage: None,
-            model: String::new(),
-            auth: None,
-            live: Default::default(),
-            event_feed: tokio::sync::broadcast::channel(4).0,
-            stopping: Default::default(),
-            offline_grace: std::time::Duration::ZERO,
-        };
-        let server = HttpServer::start("127.0.0.1:0", served()).expect("start");
+        let fresh = || served(Arc::new(Metrics::new("cpu", "fp32", &[])));
+        let server = HttpServer::start("127.0.0.1:0", fresh()).expect("start");
         let taken = server.address().to_string();
-        let message = HttpServer::start(&taken, served())
+        let message = HttpServer::start(&taken, fresh())
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
