@@ -394,13 +394,15 @@ impl PipelineConfig {
         }
         for (index, camera) in self.camera.iter().enumerate() {
             let section = format!("camera[{index}].clips");
-            let clips = camera.clips.resolve(&self.clips);
             // `[clips]`' own problems are reported once, above.
+            let reported = self.clips.problems(&section);
             problems.extend(
-                clips
+                camera
+                    .clips
+                    .resolve(&self.clips)
                     .problems(&section)
                     .into_iter()
-                    .filter(|p| !self.clips.problems(&section).contains(p)),
+                    .filter(|p| !reported.contains(p)),
             );
             if camera.clips.enabled == Some(true) && !self.storage.enabled {
                 problems.push(format!(

@@ -255,12 +255,7 @@ pub fn run_with(
         .into_iter()
         .map(|engine| Arc::new(SharedSession::new(engine, batch, wait)))
         .collect();
-    let model_name = config
-        .model
-        .bundle
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let model_name = config.model.bundle_name();
     let events = if config.storage.enabled {
         Some(EventWriter::start(
             &config.storage,
@@ -469,6 +464,7 @@ fn camera_sinks(
 ) -> Vec<Box<dyn Sink>> {
     let camera = config.name.as_str();
     let started = epoch as u64;
+    let clip_config = config.clips.resolve(&shared.config.clips);
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if shared.print_alerts {
         sinks.push(Box::new(Console));
@@ -476,7 +472,7 @@ fn camera_sinks(
     if let Some(publisher) = shared.publisher {
         let served = (shared.events.is_some() && shared.config.http.enabled).then_some(
             crate::pipeline::sinks::mqtt::Served {
-                clips: config.clips.resolve(&shared.config.clips).enabled,
+                clips: clip_config.enabled,
             },
         );
         sinks.push(Box::new(MqttAlerts::new(camera, publisher.clone(), served)));
@@ -487,7 +483,6 @@ fn camera_sinks(
     }
     let mut video: Vec<Arc<dyn VideoSink>> = Vec::new();
     let clip_log = shared.events.and_then(EventWriter::clip_log);
-    let clip_config = config.clips.resolve(&shared.config.clips);
     if let (true, Some(log)) = (clip_config.enabled, clip_log) {
         let (alerts, feed) = clips(camera, &clip_config, epoch, log);
         sinks.push(Box::new(alerts));

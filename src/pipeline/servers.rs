@@ -75,12 +75,7 @@ impl LiveOutputs {
                 auth,
                 metrics: Arc::clone(&metrics),
                 storage: config.storage.enabled.then(|| config.storage.path.clone()),
-                model: config
-                    .model
-                    .bundle
-                    .file_name()
-                    .map(|name| name.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
+                model: config.model.bundle_name(),
                 live: cameras
                     .iter()
                     .zip(&views)
