@@ -1247,3 +1247,233 @@ fn events_the_spool_cannot_write_still_reach_the_broker() {
     assert_eq!(status.spool_failures, events.len() as u64, "{status:?}");
     assert_eq!(status.events_pending, 0, "{status:?}");
 }
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`32m`) at `at`; the error says why not (mounting needs root).
+    fn mount(at: &Path, size: &str) -> Result<Self, String> {
+        fs::create_dir_all(at).map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(Self(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Appends zeros to `path` until the disk refuses (ENOSPC); the bytes written.
+fn fill_disk(path: &Path) -> u64 {
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("filler");
+    let chunk = vec![0u8; 64 << 10];
+    let mut written = 0;
+    loop {
+        match file.write(&chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => written += n as u64,
+        }
+    }
+    let _ = file.flush();
+    written
+}
+
+/// The id of the next `new` event to arrive within `within`.
+fn next_new_event(subscriber: &Subscriber, within: Duration) -> Option<String> {
+    let start = Instant::now();
+    while let Some(left) = within.checked_sub(start.elapsed()) {
+        let event = subscriber.messages.recv_timeout(left).ok()?.json();
+        if event["type"] == "new" {
+            return Some(event["id"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    None
+}
+
+/// Spool, event store and recordings on a small tmpfs driven past full (issue 25): retention
+/// deletes the oldest recordings first when free space falls under `[storage] min_free`; while
+/// the disk is full every alert still reaches the broker (from memory) and the run goes on; when
+/// space returns, events are stored and recorded again.
+#[test]
+fn a_full_disk_loses_no_alert_and_frees_the_oldest_recordings() {
+    let dir = tempfile::tempdir().expect("dir");
+    let small = dir.path().join("small");
+    let _tmpfs = match Tmpfs::mount(&small, "40m") {
+        Ok(tmpfs) => tmpfs,
+        Err(reason) => {
+            println!("SKIPPED: cannot mount a tmpfs to fill ({reason}); needs root");
+            return;
+        }
+    };
+    let broker = Broker::start();
+    let data = small.join("data");
+    let recordings = small.join("recordings");
+    fs::create_dir_all(&recordings).expect("dir");
+    // Three recordings of earlier runs, 4 MB each, 3, 2 and 1 hours old.
+    let now = std::time::SystemTime::now();
+    let old: Vec<PathBuf> = [3, 2, 1]
+        .into_iter()
+        .enumerate()
+        .map(|(index, hours)| {
+            let path = recordings.join(format!("line1-100{index}.mkv"));
+            fs::write(&path, vec![1u8; 4 << 20]).expect("old recording");
+            fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(now - Duration::from_secs(hours * 3600)))
+                .expect("mtime");
+            path
+        })
+        .collect();
+    let http = free_port();
+    let pipeline = dir.path().join("disk.toml");
+    fs::write(
+        &pipeline,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
+             [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?fps=15\"\nrealtime = true\n\n\
+             [alerts]\nspool_dir = \"{}\"\nmin_clear_seconds = 0.5\ncooldown_seconds = 0.0\n\
+             max_events_per_hour = 3600\n\n\
+             [storage]\npath = \"{}\"\nmin_free = \"6MB\"\n\n\
+             [output.record]\nenabled = true\ndir = \"{}\"\n\n\
+             [output.rtsp]\nenabled = false\n\n\
+             [http]\nenabled = true\nbind = \"127.0.0.1:{http}\"\n\n\
+             [mqtt]\nport = {}\nprefix = \"t_disk\"\nclient_id = \"stpm-t_disk-{}\"\n",
+            common::detecting_conveyor_bundle().display(),
+            data.join("spool").display(),
+            data.display(),
+            recordings.display(),
+            broker.port,
+            std::process::id()
+        ),
+    )
+    .expect("pipeline file");
+    let subscriber = Subscriber::new(broker.port, "t_disk/+/events", None);
+    let log = dir.path().join("run.log");
+    let mut child = common::spawn_run(&pipeline, &log, dir.path());
+    let log_text = || fs::read_to_string(&log).unwrap_or_default();
+    let fail = |child: &mut std::process::Child, what: String| -> ! {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{what}\n{}", log_text());
+    };
+
+    // Room to work: the first event is stored, nothing old is deleted.
+    let Some(first) = next_new_event(&subscriber, Duration::from_secs(60)) else {
+        fail(&mut child, "no event within 60 s".into());
+    };
+    assert!(old.iter().all(|p| p.exists()), "deleted with room to spare");
+
+    // Under the floor: the oldest recordings go, oldest first, until 6 MB are free.
+    let free_now = stpm::store::disk::free_bytes(&small).expect("statvfs");
+    let filler = vec![0u8; free_now.saturating_sub(2 << 20) as usize];
+    fs::write(small.join("filler-floor"), filler).expect("filler");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while old[0].exists() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(250));
+    }
+    if old[0].exists() {
+        fail(
+            &mut child,
+            "the oldest recording was not deleted under the floor".into(),
+        );
+    }
+    let gone: Vec<bool> = old.iter().map(|p| !p.exists()).collect();
+    assert!(
+        gone.windows(2).all(|w| w[0] || !w[1]),
+        "deleted out of age order: {gone:?}"
+    );
+
+    // Full: nothing old is left to delete (the rest of the old recordings go, then the filler
+    // takes every byte); alerts still reach the broker.
+    for round in 0..3 {
+        fill_disk(&small.join(format!("filler-full-{round}")));
+        thread::sleep(Duration::from_secs(6));
+    }
+    fill_disk(&small.join("filler-full-last"));
+    assert!(
+        old.iter().all(|p| !p.exists()),
+        "old recordings left on a full disk"
+    );
+    let Some(while_full) = next_new_event(&subscriber, Duration::from_secs(40)) else {
+        fail(
+            &mut child,
+            "no event reached the broker while the disk was full".into(),
+        );
+    };
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "the run ended on a full disk: {}",
+        log_text()
+    );
+
+    // Space returns: the events are stored, those of the full disk too (kept in memory).
+    for entry in fs::read_dir(&small).expect("list").flatten() {
+        if entry.file_name().to_string_lossy().starts_with("filler") {
+            fs::remove_file(entry.path()).expect("filler");
+        }
+    }
+    let Some(after) = next_new_event(&subscriber, Duration::from_secs(60)) else {
+        fail(&mut child, "no event after space returned".into());
+    };
+    let (status, metrics) = common::http_get(http, "/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("stpm_disk_free_bytes{folder=\"recordings\"")),
+        "{metrics}"
+    );
+    thread::sleep(Duration::from_secs(2));
+    common::sigterm(&child);
+    let status = child.wait().expect("wait");
+    let text = log_text();
+    // An orderly stop (the recordings the full disk broke make its exit status an error).
+    assert!(status.code().is_some(), "killed by a signal: {text}");
+    assert!(text.contains("stopping: finishing recordings"), "{text}");
+    assert!(text.contains("under [storage] min_free"), "{text}");
+    let store = EventStore::open(&data).expect("store");
+    let stored = store.list(&Query::default()).expect("list");
+    for id in [&first, &while_full, &after] {
+        assert!(
+            stored.iter().any(|e| &e.id == id),
+            "event {id} is not in the store: {stored:?}\n{text}"
+        );
+    }
+    let recorded: Vec<PathBuf> = fs::read_dir(&recordings)
+        .expect("list")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.metadata().is_ok_and(|m| m.len() > 0))
+        .collect();
+    assert!(!recorded.is_empty(), "no recording written: {text}");
+    // The file the full disk broke keeps what it had: it decodes up to there.
+    let broken = recorded
+        .iter()
+        .find(|p| !p.to_string_lossy().contains("-r"))
+        .expect("the run's first recording");
+    let (frames, width, height) = common::decode_mkv(broken);
+    assert!(
+        frames >= 15 && (width, height) == (640, 480),
+        "{}: {frames} frames of {width}×{height}",
+        broken.display()
+    );
+    println!(
+        "events {first} before, {while_full} while full, {after} after, all stored; \
+         recordings {recorded:?}"
+    );
+}

@@ -266,9 +266,9 @@ pub fn run_with(
         log::info!("storage: off (storage.enabled = false), events are not kept");
         None
     };
-    let retention = events
-        .as_ref()
-        .and_then(|_| retention::Retention::start(config, Arc::clone(&live.metrics)));
+    live.metrics
+        .set_disk_folders(retention::written_folders(config));
+    let retention = retention::Retention::start(config, Arc::clone(&live.metrics));
     let shared = SharedOutputs {
         config,
         events: events.as_ref(),

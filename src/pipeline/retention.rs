@@ -1,11 +1,12 @@
 //! The run's retention thread: a sweep of snapshots, clips and recordings (`store::retention`) at
-//! start and every minute, reported in the metrics.
+//! start, every minute, and at once when a disk the run writes to falls below `[storage]
+//! min_free`; reported in the metrics and, when a disk stays short, in the log.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::pipeline::config::PipelineConfig;
 use crate::pipeline::metrics::Metrics;
@@ -14,6 +15,12 @@ use crate::store::retention::{self, Limits};
 
 /// Time between sweeps.
 const EVERY: Duration = Duration::from_secs(60);
+/// Time between free-space checks of the folders the run writes to.
+const CHECK: Duration = Duration::from_secs(2);
+/// Time between sweeps while a disk stays below the floor.
+const SHORT_EVERY: Duration = Duration::from_secs(5);
+/// Time between warnings while a disk stays below the floor.
+const WARN_EVERY: Duration = Duration::from_secs(600);
 
 /// The running thread; [`Retention::stop`] ends it.
 pub struct Retention {
@@ -25,7 +32,7 @@ impl Retention {
     /// Starts sweeping what `config` keeps, when `[storage]` sets a limit; `None` otherwise.
     pub fn start(config: &PipelineConfig, metrics: Arc<Metrics>) -> Option<Self> {
         let limits = config.storage.limits();
-        if limits.max_bytes == 0 && limits.keep_days <= 0.0 {
+        if !limits.any() {
             return None;
         }
         let recordings = config
@@ -35,15 +42,25 @@ impl Retention {
             .then(|| config.output.record.dir.clone());
         let folders = retention::folders(&config.storage.path, recordings.as_deref());
         let storage = config.storage.path.clone();
+        let watched = written_folders(config);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("retention".into())
-            .spawn(move || run(&storage, &folders, limits, &metrics, &flag))
+            .spawn(move || {
+                let run = Run {
+                    storage: &storage,
+                    folders: &folders,
+                    watched: &watched,
+                    limits,
+                    metrics: &metrics,
+                };
+                run.run(&flag)
+            })
             .map_err(|e| log::warn!("storage: cannot start retention: {e}"))
             .ok()?;
         log::info!(
-            "storage: retention keeps {} and {} (snapshots, clips{})",
+            "storage: retention keeps {}, {} and {} (snapshots, clips{})",
             if limits.max_bytes > 0 {
                 format!("at most {} MB", limits.max_bytes / 1_000_000)
             } else {
@@ -53,6 +70,11 @@ impl Retention {
                 format!("{} days", limits.keep_days)
             } else {
                 "any age".into()
+            },
+            if limits.min_free > 0 {
+                format!("{} MB free on their disks", limits.min_free / 1_000_000)
+            } else {
+                "no free-space floor".into()
             },
             if recordings.is_some() {
                 ", recordings"
@@ -74,13 +96,91 @@ impl Retention {
     }
 }
 
-fn run(storage: &Path, folders: &[PathBuf], limits: Limits, metrics: &Metrics, stop: &AtomicBool) {
-    while !stop.load(Ordering::Relaxed) {
-        let store = EventStore::open(storage);
+/// The folders the run writes to, named for the `stpm_disk_free_bytes` gauge: the data folder,
+/// the recordings (when on) and the alert spool.
+pub fn written_folders(config: &PipelineConfig) -> Vec<(&'static str, PathBuf)> {
+    let mut folders = vec![("data", config.storage.path.clone())];
+    if config.output.record.enabled {
+        folders.push(("recordings", config.output.record.dir.clone()));
+    }
+    folders.push(("spool", config.alerts.spool_dir.clone()));
+    folders
+}
+
+/// What the thread works on.
+struct Run<'a> {
+    storage: &'a Path,
+    folders: &'a [PathBuf],
+    watched: &'a [(&'static str, PathBuf)],
+    limits: Limits,
+    metrics: &'a Metrics,
+}
+
+impl Run<'_> {
+    fn run(&self, stop: &AtomicBool) {
+        let mut swept_at: Option<Instant> = None;
+        let mut warned_at: Option<Instant> = None;
+        let mut was_short = false;
+        while !stop.load(Ordering::Relaxed) {
+            let short = self.short();
+            let since = swept_at.map(|at| at.elapsed());
+            if since.is_none_or(|since| since >= EVERY || (short.is_some() && since >= SHORT_EVERY))
+            {
+                self.sweep();
+                swept_at = Some(Instant::now());
+                match self.short() {
+                    Some((folder, free)) => {
+                        if warned_at.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                            log::warn!(
+                                "storage: {} MB free on the disk of {}, under [storage] min_free \
+                                 ({} MB), and nothing older than a minute left to delete there; \
+                                 alerts still reach MQTT from memory, files fail until space returns",
+                                free / 1_000_000,
+                                folder.display(),
+                                self.limits.min_free / 1_000_000
+                            );
+                            warned_at = Some(Instant::now());
+                        }
+                        was_short = true;
+                    }
+                    None if was_short => {
+                        log::info!("storage: free space is above [storage] min_free again");
+                        was_short = false;
+                        warned_at = None;
+                    }
+                    None => {}
+                }
+            }
+            let mut waited = Duration::ZERO;
+            while waited < CHECK && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                waited += Duration::from_millis(200);
+            }
+        }
+    }
+
+    /// A written folder whose disk has less than the floor free, with its free bytes.
+    fn short(&self) -> Option<(PathBuf, u64)> {
+        if self.limits.min_free == 0 {
+            return None;
+        }
+        self.watched.iter().find_map(|(_, folder)| {
+            let free = crate::store::disk::free_bytes(folder).ok()?;
+            (free < self.limits.min_free).then(|| (folder.clone(), free))
+        })
+    }
+
+    fn sweep(&self) {
+        let store = EventStore::open(self.storage);
         if let Err(e) = &store {
             log::warn!("storage: retention cannot open the store: {e}");
         }
-        match retention::sweep(folders, limits, SystemTime::now(), store.as_ref().ok()) {
+        match retention::sweep(
+            self.folders,
+            self.limits,
+            SystemTime::now(),
+            store.as_ref().ok(),
+        ) {
             Ok(swept) => {
                 if !swept.deleted.is_empty() {
                     log::info!(
@@ -89,15 +189,10 @@ fn run(storage: &Path, folders: &[PathBuf], limits: Limits, metrics: &Metrics, s
                         swept.deleted[0].display()
                     );
                 }
-                metrics.storage_swept(swept.bytes, swept.deleted.len() as u64);
+                self.metrics
+                    .storage_swept(swept.bytes, swept.deleted.len() as u64);
             }
             Err(e) => log::warn!("storage: retention: {e}"),
-        }
-        drop(store);
-        let mut waited = Duration::ZERO;
-        while waited < EVERY && !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(200));
-            waited += Duration::from_millis(200);
         }
     }
 }

@@ -2,6 +2,7 @@
 //! applied in order through `PRAGMA user_version`) with one row per alert event, written on the
 //! same transitions that publish MQTT `new` / `update` / `end`, and read by whoever lists events.
 
+pub mod disk;
 pub mod lock;
 pub mod retention;
 

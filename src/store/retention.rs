@@ -1,7 +1,9 @@
-//! Retention: keeps the data folder and the recordings within an age limit and a disk budget,
-//! deleting the oldest files first; events keep their rows, with the deleted media's paths
-//! cleared and `media_gone` set.
+//! Retention: keeps the data folder and the recordings within an age limit, a disk budget and a
+//! free-space floor, deleting the oldest files first; events keep their rows, with the deleted
+//! media's paths cleared and `media_gone` set.
 
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -17,6 +19,15 @@ pub struct Limits {
     pub max_bytes: u64,
     /// Days at most (0: no age limit).
     pub keep_days: f64,
+    /// Bytes to keep free on each filesystem that holds swept files (0: no floor).
+    pub min_free: u64,
+}
+
+impl Limits {
+    /// Whether any limit is set.
+    pub fn any(&self) -> bool {
+        self.max_bytes > 0 || self.keep_days > 0.0 || self.min_free > 0
+    }
 }
 
 /// What one sweep found and did.
@@ -25,6 +36,18 @@ pub struct Sweep {
     /// Bytes of the files kept.
     pub bytes: u64,
     pub deleted: Vec<PathBuf>,
+    /// Free bytes of a filesystem still under `min_free` after the sweep (nothing left that it
+    /// may delete there), with a folder on it.
+    pub short: Option<(PathBuf, u64)>,
+}
+
+/// A media file found by [`files`].
+struct Media {
+    path: PathBuf,
+    size: u64,
+    modified: SystemTime,
+    /// The filesystem's device id.
+    device: u64,
 }
 
 /// The files retention may delete: snapshots, clips and recordings. Anything else (a database, a
@@ -32,8 +55,8 @@ pub struct Sweep {
 /// is never touched.
 const MEDIA: [&str; 3] = ["jpg", "mp4", "mkv"];
 
-/// Every media file under `folders` (recursively) with its size and modification time.
-fn files(folders: &[PathBuf]) -> Vec<(PathBuf, u64, SystemTime)> {
+/// Every media file under `folders` (recursively) with its size, modification time and device.
+fn files(folders: &[PathBuf]) -> Vec<Media> {
     let mut found = Vec::new();
     let mut pending: Vec<PathBuf> = folders.to_vec();
     while let Some(dir) = pending.pop() {
@@ -53,8 +76,12 @@ fn files(folders: &[PathBuf]) -> Vec<(PathBuf, u64, SystemTime)> {
                     .and_then(|e| e.to_str())
                     .is_some_and(|e| MEDIA.contains(&e))
             {
-                let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                found.push((entry.path(), meta.len(), modified));
+                found.push(Media {
+                    path: entry.path(),
+                    size: meta.len(),
+                    modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    device: meta.dev(),
+                });
             }
         }
     }
@@ -62,8 +89,8 @@ fn files(folders: &[PathBuf]) -> Vec<(PathBuf, u64, SystemTime)> {
 }
 
 /// Deletes what is older than `limits.keep_days`, then the oldest files until the rest fits
-/// `limits.max_bytes`, never a file modified within [`IN_USE`] of `now`. Deleted media of events
-/// are marked in `store`.
+/// `limits.max_bytes` and every filesystem holding them has `limits.min_free` bytes free, never
+/// a file modified within [`IN_USE`] of `now`. Deleted media of events are marked in `store`.
 pub fn sweep(
     folders: &[PathBuf],
     limits: Limits,
@@ -71,34 +98,58 @@ pub fn sweep(
     store: Option<&EventStore>,
 ) -> Result<Sweep, StoreError> {
     let mut all = files(folders);
-    all.sort_by_key(|(_, _, modified)| *modified);
+    all.sort_by_key(|media| media.modified);
     let age = |modified: SystemTime| now.duration_since(modified).unwrap_or(Duration::ZERO);
     let too_old = |modified: SystemTime| {
         limits.keep_days > 0.0 && age(modified).as_secs_f64() > limits.keep_days * 86_400.0
     };
-    let mut total: u64 = all.iter().map(|(_, size, _)| size).sum();
+    // Free bytes per filesystem, measured once at its first file and counted up as files go.
+    let mut free: HashMap<u64, (PathBuf, Option<u64>)> = HashMap::new();
+    if limits.min_free > 0 {
+        for media in &all {
+            free.entry(media.device).or_insert_with(|| {
+                let folder = media.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+                let bytes = super::disk::free_bytes(&folder)
+                    .map_err(|e| log::warn!("storage: free space of {}: {e}", folder.display()))
+                    .ok();
+                (folder, bytes)
+            });
+        }
+    }
+    let mut total: u64 = all.iter().map(|media| media.size).sum();
     let mut report = Sweep::default();
-    for (path, size, modified) in all {
+    for media in all {
         let over_budget = limits.max_bytes > 0 && total > limits.max_bytes;
-        if !(too_old(modified) || over_budget) || age(modified) < IN_USE {
+        let short = free
+            .get(&media.device)
+            .and_then(|(_, bytes)| *bytes)
+            .is_some_and(|bytes| bytes < limits.min_free);
+        if !(too_old(media.modified) || over_budget || short) || age(media.modified) < IN_USE {
             continue;
         }
         // Written again since the listing (a snapshot replaced at a new peak): keep it.
-        let now_modified = std::fs::metadata(&path).and_then(|m| m.modified());
+        let now_modified = std::fs::metadata(&media.path).and_then(|m| m.modified());
         if now_modified.is_ok_and(|m| age(m) < IN_USE) {
             continue;
         }
-        if let Err(e) = std::fs::remove_file(&path) {
-            log::warn!("storage: cannot delete {}: {e}", path.display());
+        if let Err(e) = std::fs::remove_file(&media.path) {
+            log::warn!("storage: cannot delete {}: {e}", media.path.display());
             continue;
         }
-        total = total.saturating_sub(size);
-        if let Some(store) = store {
-            store.media_deleted(&path)?;
+        total = total.saturating_sub(media.size);
+        if let Some((_, Some(bytes))) = free.get_mut(&media.device) {
+            *bytes = bytes.saturating_add(media.size);
         }
-        report.deleted.push(path);
+        if let Some(store) = store {
+            store.media_deleted(&media.path)?;
+        }
+        report.deleted.push(media.path);
     }
     report.bytes = total;
+    report.short = free
+        .into_values()
+        .filter_map(|(folder, bytes)| Some((folder, bytes?)))
+        .find(|(_, bytes)| *bytes < limits.min_free);
     Ok(report)
 }
 
@@ -149,6 +200,45 @@ mod tests {
         assert_eq!(parse_size("0"), Some(0));
         assert_eq!(parse_size("12 parsecs"), None);
         assert_eq!(parse_size("MB"), None);
+    }
+
+    /// Sparse files of 100 MB each (no blocks used): the floor counts what a deletion frees by
+    /// the file's length, so a floor 150 MB above the free space measured now takes the two
+    /// oldest, whatever else the disk holds.
+    #[test]
+    fn a_free_space_floor_deletes_the_oldest_until_it_is_met() {
+        let dir = tempfile::tempdir().expect("dir");
+        let now = SystemTime::now();
+        let recordings = dir.path().join("recordings");
+        std::fs::create_dir_all(&recordings).expect("dir");
+        let mut paths = Vec::new();
+        for (index, age) in [4 * 3600, 3 * 3600, 2 * 3600, 3600].into_iter().enumerate() {
+            let path = recordings.join(format!("line1-{index}.mkv"));
+            let file = std::fs::File::create(&path).expect("file");
+            file.set_len(100 << 20).expect("length");
+            file.set_modified(now - Duration::from_secs(age))
+                .expect("mtime");
+            paths.push(path);
+        }
+        let free = super::super::disk::free_bytes(&recordings).expect("statvfs");
+        let limits = Limits {
+            max_bytes: 0,
+            keep_days: 0.0,
+            min_free: free + (150 << 20),
+        };
+        let folders = folders(dir.path(), Some(&recordings));
+        let swept = sweep(&folders, limits, now, None).expect("sweep");
+        assert_eq!(swept.deleted, paths[..2]);
+        assert!(swept.short.is_none(), "{:?}", swept.short);
+        // A floor no deletion can reach: everything old goes and the sweep says it fell short.
+        let limits = Limits {
+            min_free: u64::MAX / 2,
+            ..limits
+        };
+        let swept = sweep(&folders, limits, now, None).expect("sweep");
+        assert_eq!(swept.deleted, paths[2..]);
+        let (folder, _) = swept.short.expect("still short");
+        assert_eq!(folder, recordings);
     }
 
     #[test]
@@ -204,6 +294,7 @@ mod tests {
         let limits = Limits {
             max_bytes: 250,
             keep_days: 0.0,
+            min_free: 0,
         };
         let swept = sweep(&folders, limits, now, Some(&store)).expect("sweep");
         assert_eq!(swept.deleted, paths[..2]);
@@ -218,6 +309,7 @@ mod tests {
         let limits = Limits {
             max_bytes: 1,
             keep_days: 1.5 / 24.0,
+            min_free: 0,
         };
         let swept = sweep(&folders, limits, now, Some(&store)).expect("sweep");
         assert_eq!(swept.deleted, paths[2..3]);

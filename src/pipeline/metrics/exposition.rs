@@ -181,6 +181,23 @@ impl Collector for Exported {
             None,
             MetricType::Gauge,
         )?)?;
+        if let Some(folders) = self.disk_folders.get() {
+            let mut family = encoder.encode_descriptor(
+                "stpm_disk_free_bytes",
+                "Free bytes on the disk of each folder the run writes to (data, recordings, spool).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (name, folder) in folders {
+                let Ok(free) = crate::store::disk::free_bytes(folder) else {
+                    continue;
+                };
+                let path = folder.display().to_string();
+                let labels = [("folder", *name), ("path", path.as_str())];
+                ConstGauge::new(i64::try_from(free).unwrap_or(i64::MAX))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
         if self.storage.get().is_some() {
             for (name, help, value) in [
                 (

@@ -6,6 +6,7 @@
 mod exposition;
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -385,6 +386,8 @@ struct Exported {
     storage: OnceLock<()>,
     storage_bytes: AtomicU64,
     storage_deleted: AtomicU64,
+    /// The folders the run writes to, by name, whose disks' free space is reported.
+    disk_folders: OnceLock<Vec<(&'static str, PathBuf)>>,
 }
 
 impl Metrics {
@@ -402,6 +405,7 @@ impl Metrics {
             storage: OnceLock::new(),
             storage_bytes: AtomicU64::new(0),
             storage_deleted: AtomicU64::new(0),
+            disk_folders: OnceLock::new(),
         });
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Arc::clone(&state)));
@@ -416,6 +420,11 @@ impl Metrics {
     /// Exports the publisher's counters from now on.
     pub fn set_publisher(&self, publisher: crate::alerts::PublisherHandle) {
         let _ = self.state.publisher.set(publisher);
+    }
+
+    /// Reports the free space of the disks holding `folders` (name, folder) from now on.
+    pub fn set_disk_folders(&self, folders: Vec<(&'static str, PathBuf)>) {
+        let _ = self.state.disk_folders.set(folders);
     }
 
     /// A retention sweep kept `bytes` and deleted `deleted` files.

@@ -3,9 +3,11 @@
 //! training) as JPEG files under `<path>/snapshots/<camera>/`. One writer thread, shared by the
 //! cameras, does the encoding and the disk and database work; a camera's sink only hands it on.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -33,6 +35,10 @@ pub struct StorageConfig {
     /// Age limit of the same files, in days (0: none).
     #[serde(default = "default_keep_days")]
     pub keep_days: f64,
+    /// Free space to keep on the disks of the data folder, the recordings and the spool: below
+    /// it the oldest snapshots, clips and recordings go (`1GB`; `0`: no floor).
+    #[serde(default = "default_min_free")]
+    pub min_free: String,
 }
 
 impl StorageConfig {
@@ -43,6 +49,12 @@ impl StorageConfig {
             problems.push(format!(
                 "storage.max_size = `{}`: use a size such as 500MB or 20GB, or 0 for no budget",
                 self.max_size
+            ));
+        }
+        if crate::store::retention::parse_size(&self.min_free).is_none() {
+            problems.push(format!(
+                "storage.min_free = `{}`: use a size such as 1GB, or 0 for no free-space floor",
+                self.min_free
             ));
         }
         if !(self.keep_days.is_finite() && self.keep_days >= 0.0) {
@@ -59,6 +71,7 @@ impl StorageConfig {
         crate::store::retention::Limits {
             max_bytes: crate::store::retention::parse_size(&self.max_size).unwrap_or(0),
             keep_days: self.keep_days,
+            min_free: crate::store::retention::parse_size(&self.min_free).unwrap_or(0),
         }
     }
 }
@@ -70,6 +83,7 @@ impl Default for StorageConfig {
             path: default_path(),
             max_size: default_max_size(),
             keep_days: default_keep_days(),
+            min_free: default_min_free(),
         }
     }
 }
@@ -88,6 +102,10 @@ fn default_max_size() -> String {
 
 fn default_keep_days() -> f64 {
     30.0
+}
+
+fn default_min_free() -> String {
+    "1GB".into()
 }
 
 /// What the cameras hand the writer.
@@ -175,27 +193,7 @@ impl EventWriter {
         let folder = config.path.clone();
         let thread = std::thread::Builder::new()
             .name("events".into())
-            .spawn(move || {
-                for job in queue {
-                    let (id, written) = match job {
-                        Job::Event(job) => (job.event.id.clone(), write(&store, &folder, *job)),
-                        Job::Clip { id, path, start } => {
-                            let written =
-                                store.set_clip(&id, &path, start).map_err(WriteError::from);
-                            (id, written)
-                        }
-                    };
-                    match written {
-                        // No listener is no error.
-                        Ok(()) => {
-                            if let Some(changes) = &changes {
-                                let _ = changes.send(id);
-                            }
-                        }
-                        Err(error) => log::warn!("storage: {error}"),
-                    }
-                }
-            })
+            .spawn(move || Writer::new(store, folder, changes).run(&queue))
             .map_err(|source| StoreError::Folder {
                 path: config.path.clone(),
                 source,
@@ -234,11 +232,179 @@ impl EventWriter {
     }
 }
 
-/// Why one job was not written.
+/// Rows the store refused (a full disk) wait in memory, in order, at most this many; the oldest
+/// go first beyond it.
+const BACKLOG: usize = 1000;
+/// How often the backlog is tried again while no new job arrives.
+const RETRY_EVERY: Duration = Duration::from_secs(2);
+
+/// A row for the store, its pictures already written.
+enum Row {
+    Event {
+        event: Box<AlertEvent>,
+        model: String,
+        peak: Option<Peak>,
+    },
+    Clip {
+        id: String,
+        path: PathBuf,
+        start: f64,
+    },
+}
+
+impl Row {
+    fn id(&self) -> &str {
+        match self {
+            Row::Event { event, .. } => &event.id,
+            Row::Clip { id, .. } => id,
+        }
+    }
+
+    fn store(&self, store: &EventStore) -> Result<(), StoreError> {
+        match self {
+            Row::Event { event, model, peak } => {
+                store.record(event, model, peak.as_ref(), crate::pipeline::unix_now())
+            }
+            Row::Clip { id, path, start } => store.set_clip(id, path, *start),
+        }
+    }
+}
+
+/// The writer thread's state: rows the store could not take yet are kept and retried, so a
+/// full disk delays events in the store instead of losing them.
+struct Writer {
+    store: EventStore,
+    folder: PathBuf,
+    changes: Option<Changes>,
+    backlog: VecDeque<Row>,
+    /// Rows dropped from a full backlog.
+    dropped: u64,
+}
+
+impl Writer {
+    fn new(store: EventStore, folder: PathBuf, changes: Option<Changes>) -> Self {
+        Self {
+            store,
+            folder,
+            changes,
+            backlog: VecDeque::new(),
+            dropped: 0,
+        }
+    }
+
+    /// Writes jobs until every sender is gone, then what it can of the backlog.
+    fn run(mut self, queue: &mpsc::Receiver<Job>) {
+        loop {
+            let job = if self.backlog.is_empty() {
+                match queue.recv() {
+                    Ok(job) => Some(job),
+                    Err(_) => break,
+                }
+            } else {
+                match queue.recv_timeout(RETRY_EVERY) {
+                    Ok(job) => Some(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            if let Some(job) = job {
+                let row = self.prepare(job);
+                if self.backlog.len() == BACKLOG {
+                    self.backlog.pop_front();
+                    self.dropped += 1;
+                }
+                self.backlog.push_back(row);
+            }
+            self.drain();
+        }
+        self.drain();
+        if !self.backlog.is_empty() || self.dropped > 0 {
+            log::warn!(
+                "storage: {} event change(s) could not be stored (the store refused them{})",
+                self.backlog.len() as u64 + self.dropped,
+                if self.dropped > 0 {
+                    format!(", {} dropped from a full backlog", self.dropped)
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+
+    /// Stores the backlog in order, up to the first row the store refuses.
+    fn drain(&mut self) {
+        let waiting = self.backlog.len();
+        while let Some(row) = self.backlog.front() {
+            if let Err(error) = row.store(&self.store) {
+                // Once per outage: the first refusal, then the recovery.
+                if waiting == 1 && self.backlog.len() == 1 {
+                    log::warn!("storage: {error}; the event is kept in memory and stored later");
+                }
+                return;
+            }
+            if let Some(changes) = &self.changes {
+                // No listener is no error.
+                let _ = changes.send(row.id().to_string());
+            }
+            self.backlog.pop_front();
+        }
+        if waiting > 1 {
+            log::info!("storage: {waiting} event change(s) kept in memory are stored now");
+        }
+    }
+
+    /// Writes the job's pictures (at a new peak; one that cannot be written is left out of the
+    /// row, with a warning) and returns its row.
+    fn prepare(&self, job: Job) -> Row {
+        match job {
+            Job::Clip { id, path, start } => Row::Clip { id, path, start },
+            Job::Event(job) => {
+                let EventJob { event, model, peak } = *job;
+                let peak = peak.map(|frames| match self.snapshots(&event, &frames) {
+                    Ok(peak) => peak,
+                    Err(error) => {
+                        log::warn!("storage: snapshot of {}: {error}", event.id);
+                        Peak {
+                            raw_score: Some(frames.raw_score),
+                            ..Peak::default()
+                        }
+                    }
+                });
+                Row::Event {
+                    event: Box::new(event),
+                    model,
+                    peak,
+                }
+            }
+        }
+    }
+
+    /// Writes the annotated and the clean peak frame as JPEG files.
+    fn snapshots(&self, event: &AlertEvent, frames: &PeakFrames) -> Result<Peak, WriteError> {
+        let dir = self.folder.join("snapshots").join(&event.camera);
+        let annotated = dir.join(format!("{}.jpg", event.id));
+        let clean = dir.join(format!("{}-clean.jpg", event.id));
+        for (path, rgb) in [(&annotated, &frames.annotated), (&clean, &frames.clean)] {
+            let bytes = jpeg(&Picture {
+                rgb,
+                clean: rgb,
+                width: frames.width,
+                height: frames.height,
+                raw_score: frames.raw_score,
+            })?;
+            write_file(path, &bytes)?;
+        }
+        Ok(Peak {
+            raw_score: Some(frames.raw_score),
+            snapshot_path: Some(annotated),
+            clean_path: Some(clean),
+        })
+    }
+}
+
+/// Why a snapshot was not written.
 #[derive(Debug, thiserror::Error)]
 enum WriteError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error("cannot write {path}: {source}")]
@@ -246,40 +412,6 @@ enum WriteError {
         path: PathBuf,
         source: std::io::Error,
     },
-}
-
-/// Writes the job's pictures (at a new peak), then its row.
-fn write(store: &EventStore, folder: &Path, job: EventJob) -> Result<(), WriteError> {
-    let peak = match job.peak {
-        Some(frames) => {
-            let dir = folder.join("snapshots").join(&job.event.camera);
-            let annotated = dir.join(format!("{}.jpg", job.event.id));
-            let clean = dir.join(format!("{}-clean.jpg", job.event.id));
-            for (path, rgb) in [(&annotated, &frames.annotated), (&clean, &frames.clean)] {
-                let bytes = jpeg(&Picture {
-                    rgb,
-                    clean: rgb,
-                    width: frames.width,
-                    height: frames.height,
-                    raw_score: frames.raw_score,
-                })?;
-                write_file(path, &bytes)?;
-            }
-            Some(Peak {
-                raw_score: Some(frames.raw_score),
-                snapshot_path: Some(annotated),
-                clean_path: Some(clean),
-            })
-        }
-        None => None,
-    };
-    store.record(
-        &job.event,
-        &job.model,
-        peak.as_ref(),
-        crate::pipeline::unix_now(),
-    )?;
-    Ok(())
 }
 
 /// Writes `bytes` to `path` through a temporary file, so a reader never sees half a JPEG.

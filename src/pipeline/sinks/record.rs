@@ -349,7 +349,7 @@ fn same_size(a: &gst::Caps, b: &gst::Caps) -> bool {
     size(a) == size(b)
 }
 
-/// After a recorder could not start, how long before the next try.
+/// After a recorder could not start or failed, how long before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 
 /// Where a recording's files go.
@@ -484,6 +484,8 @@ impl VideoSink for Recording {
         let pushed = state.recorder.as_mut().map(|recorder| recorder.push(unit));
         if let Some(Err(error)) = pushed {
             state.errors.push(error);
+            // The next file after a pause: a full disk would fail a new one at every key frame.
+            state.retry_at = Some(Instant::now() + RETRY_AFTER);
             if let Some(mut recorder) = state.recorder.take() {
                 let files = recorder.files();
                 state.files.extend(files);
