@@ -87,9 +87,11 @@ path = "$out/data"
 max_size = "200MB"
 EOF
 
+mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+[ -x "$mosquitto" ] || { echo "soak: mosquitto is missing (scripts/setup.sh installs it)" >&2; exit 2; }
 broker_pid="" client_pid="" run_pid=""
 start_broker() {
-    mosquitto -p "$mqtt_port" > "$out/broker.log" 2>&1 &
+    "$mosquitto" -p "$mqtt_port" >> "$out/broker.log" 2>&1 &
     broker_pid=$!
 }
 start_client() {
