@@ -139,6 +139,51 @@ fn sigterm_finishes_the_recording_and_exits_zero() {
     );
 }
 
+/// SIGKILL mid-recording (no EOS, no index written): the Matroska file still decodes, up to
+/// shortly before the kill.
+#[test]
+fn a_recording_killed_mid_run_decodes_up_to_the_kill() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = write_pipeline(dir.path(), "source = \"test://conveyor?fps=20\"", "");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stpm"))
+        .args(["run", "--pipeline", path(&pipeline)])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    let recorded = loop {
+        let size = std::fs::read_dir(dir.path().join("rec"))
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok()?.metadata().ok())
+            .map_or(0, |m| m.len());
+        if size > 0 {
+            break Instant::now();
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("no recording started");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_secs(4));
+    child.kill().expect("SIGKILL");
+    let seconds = recorded.elapsed().as_secs_f64();
+    child.wait().expect("wait");
+    let (frames, w, h) = decode(&recording(dir.path()));
+    // 20 frames/s for about `seconds`; what the muxer and the file had not written yet is lost
+    // (up to about a second), the rest decodes.
+    let expected = (seconds * 20.0) as usize;
+    println!("{frames} frames decoded of about {expected} recorded");
+    assert!((w, h) == (640, 480), "{w}x{h}");
+    assert!(
+        frames + 25 >= expected,
+        "{frames} frames decoded of about {expected} recorded before SIGKILL"
+    );
+}
+
 #[test]
 fn pipeline_errors_name_the_key() {
     let dir = tempfile::tempdir().expect("dir");

@@ -158,6 +158,10 @@ impl fmt::Display for Destination {
 /// as finished without its EOS (see [`Recorder::segments_settled`]).
 const SEGMENT_SETTLE: Duration = Duration::from_secs(1);
 
+/// Encoded bytes waiting in a recorder's appsrc beyond which frames are left out (a disk too
+/// slow to keep up) until the queue is below it again and a key frame comes.
+const MAX_QUEUED_BYTES: u64 = 32 << 20;
+
 /// An open recording of one camera.
 pub struct Recorder {
     pipeline: gst::Pipeline,
@@ -170,6 +174,10 @@ pub struct Recorder {
     last_closed: Option<Instant>,
     caps: gst::Caps,
     last_pts: Option<Duration>,
+    /// Frames are left out until the next key frame (the queue was full).
+    skipping: bool,
+    /// Frames left out so far.
+    skipped: u64,
 }
 
 impl Recorder {
@@ -210,14 +218,34 @@ impl Recorder {
             last_closed: None,
             caps: caps.clone(),
             last_pts: None,
+            skipping: false,
+            skipped: 0,
         })
     }
 
-    /// Appends one encoded frame. Frames with a timestamp not after the previous one are skipped.
+    /// Appends one encoded frame. Frames with a timestamp not after the previous one are skipped;
+    /// so are frames while the queue to the file holds more than [`MAX_QUEUED_BYTES`] (memory
+    /// stays bounded when the disk cannot keep up), up to the next key frame after it drained,
+    /// so that the file stays decodable.
     pub fn push(&mut self, unit: &Unit) -> Result<(), RecordError> {
         if self.last_pts.is_some_and(|last| unit.pts <= last) {
             return Ok(());
         }
+        let full = self.appsrc.current_level_bytes() >= MAX_QUEUED_BYTES;
+        if full || (self.skipping && !unit.key) {
+            if !self.skipping {
+                log::warn!(
+                    "recording {}: the disk is not keeping up ({} MB queued); frames are left out \
+                     up to the next key frame after the queue drains",
+                    self.destination,
+                    MAX_QUEUED_BYTES >> 20
+                );
+            }
+            self.skipping = true;
+            self.skipped += 1;
+            return Ok(());
+        }
+        self.skipping = false;
         self.last_pts = Some(unit.pts);
         if unit.caps != self.caps {
             self.appsrc.set_caps(Some(&unit.caps));
@@ -298,6 +326,13 @@ impl Recorder {
     /// Sends EOS and waits (up to `timeout`) until the file, or the last segment, is complete;
     /// returns the files written.
     pub fn finish(mut self, timeout: Duration) -> Result<Vec<PathBuf>, RecordError> {
+        if self.skipped > 0 {
+            log::warn!(
+                "recording {}: {} frame(s) were left out while the disk did not keep up",
+                self.destination,
+                self.skipped
+            );
+        }
         let _ = self.appsrc.end_of_stream();
         let eos_sent = Instant::now();
         let mut result = Err(RecordError::Unfinished {
