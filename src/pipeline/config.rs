@@ -137,6 +137,13 @@ pub struct HttpConfig {
     /// `/health` stays 200 while a camera has been offline (reconnecting) for at most this long.
     #[serde(default)]
     pub offline_grace_seconds: f64,
+    /// Connections served at once; more wait until one closes.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_connections() -> usize {
+    256
 }
 
 impl Default for HttpConfig {
@@ -147,6 +154,7 @@ impl Default for HttpConfig {
             auth: Default::default(),
             live: true,
             offline_grace_seconds: 0.0,
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -427,6 +435,12 @@ impl PipelineConfig {
         if !(0.0..=86_400.0).contains(&grace) {
             problems.push(format!(
                 "http.offline_grace_seconds = {grace}: use 0 to 86400"
+            ));
+        }
+        if !(1..=65_536).contains(&self.http.max_connections) {
+            problems.push(format!(
+                "http.max_connections = {}: use 1 to 65536",
+                self.http.max_connections
             ));
         }
         if let Err(e) = self.output.encoder.parse::<EncoderRequest>() {

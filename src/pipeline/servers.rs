@@ -87,7 +87,7 @@ impl LiveOutputs {
                     config.http.offline_grace_seconds,
                 ),
             };
-            let server = HttpServer::start(&config.http.bind, served)?;
+            let server = HttpServer::start(&config.http.bind, config.http.max_connections, served)?;
             log::info!(
                 "http: console at http://{0}/, metrics at http://{0}/metrics, health at http://{0}/health, events at http://{0}/api/events",
                 server.address()

@@ -5,6 +5,7 @@
 
 mod api;
 pub mod auth;
+mod listener;
 mod live;
 
 use std::collections::HashMap;
@@ -63,8 +64,9 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    /// Binds `bind` (`ip:port`) at once, so a taken port fails the start, then serves on a thread.
-    pub fn start(bind: &str, served: Served) -> Result<Self, HttpError> {
+    /// Binds `bind` (`ip:port`) at once, so a taken port fails the start, then serves on a thread,
+    /// at most `max_connections` connections at once.
+    pub fn start(bind: &str, max_connections: usize, served: Served) -> Result<Self, HttpError> {
         let bind_error = |source| HttpError::Bind {
             bind: bind.to_string(),
             source,
@@ -82,7 +84,7 @@ impl HttpServer {
         let app = router(Arc::clone(&served));
         let thread = std::thread::Builder::new()
             .name("http".into())
-            .spawn(move || runtime.block_on(serve(listener, app, stopped)))
+            .spawn(move || runtime.block_on(serve(listener, max_connections, app, stopped)))
             .map_err(HttpError::Start)?;
         Ok(Self {
             address,
@@ -120,9 +122,14 @@ impl Drop for HttpServer {
     }
 }
 
-async fn serve(listener: std::net::TcpListener, app: Router, stopped: oneshot::Receiver<()>) {
+async fn serve(
+    listener: std::net::TcpListener,
+    max_connections: usize,
+    app: Router,
+    stopped: oneshot::Receiver<()>,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(listener) => listener,
+        Ok(listener) => listener::Capped::new(listener, max_connections),
         Err(e) => {
             log::warn!("http: cannot serve: {e}");
             return;
@@ -468,9 +475,9 @@ mod tests {
     #[test]
     fn a_taken_port_is_a_start_error_naming_the_key() {
         let fresh = || served(Arc::new(Metrics::new("cpu", "fp32", &[])));
-        let server = HttpServer::start("127.0.0.1:0", fresh()).expect("start");
+        let server = HttpServer::start("127.0.0.1:0", 8, fresh()).expect("start");
         let taken = server.address().to_string();
-        let message = HttpServer::start(&taken, fresh())
+        let message = HttpServer::start(&taken, 8, fresh())
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -478,6 +485,49 @@ mod tests {
             message.contains(&format!("http.bind = `{taken}`")),
             "{message}"
         );
+        server.stop();
+    }
+
+    #[test]
+    fn connections_beyond_the_cap_wait_for_a_place() {
+        use std::io::{Read, Write};
+        let server = HttpServer::start(
+            "127.0.0.1:0",
+            2,
+            served(Arc::new(Metrics::new("cpu", "fp32", &[]))),
+        )
+        .expect("start");
+        let address = server.address();
+        let connect = || {
+            let stream = std::net::TcpStream::connect(address).expect("connect");
+            stream
+                .set_read_timeout(Some(std::time::Duration::from_millis(700)))
+                .expect("timeout");
+            stream
+        };
+        let ask = |stream: &mut std::net::TcpStream| {
+            stream
+                .write_all(b"GET /health HTTP/1.0\r\n\r\n")
+                .expect("send");
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer);
+            String::from_utf8_lossy(&answer).into_owned()
+        };
+        // Two idle connections take both places.
+        let idle: Vec<_> = (0..2).map(|_| connect()).collect();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut third = connect();
+        let waiting = ask(&mut third);
+        assert!(waiting.is_empty(), "served beyond the cap: {waiting}");
+        // One closes: the third is served.
+        drop(idle);
+        third
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let mut answer = Vec::new();
+        let _ = third.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
         server.stop();
     }
 }

@@ -37,6 +37,9 @@ pub struct RtspConfig {
     /// the configuration nor on a command line.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// Clients connected at once, over every camera; one more is disconnected at once.
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
 }
 
 impl Default for RtspConfig {
@@ -47,8 +50,13 @@ impl Default for RtspConfig {
             port: default_rtsp_port(),
             username: None,
             password_file: None,
+            max_clients: default_max_clients(),
         }
     }
+}
+
+fn default_max_clients() -> usize {
+    16
 }
 
 fn default_bind() -> String {
@@ -97,6 +105,12 @@ impl RtspConfig {
         let mut problems = Vec::new();
         if !self.enabled {
             return problems;
+        }
+        if !(1..=1000).contains(&self.max_clients) {
+            problems.push(format!(
+                "output.rtsp.max_clients = {}: use 1 to 1000",
+                self.max_clients
+            ));
         }
         match (&self.username, &self.password_file) {
             (Some(user), Some(_)) if user.is_empty() || user.contains(':') => problems.push(
@@ -279,7 +293,34 @@ impl RtspServer {
         // A client joining a running (shared) media gets a key frame asked for, rather than waiting
         // for the next regular one.
         let slots = Arc::new(slots);
-        server.connect_client_connected(move |_, client| {
+        let max_clients = config.max_clients;
+        let context = glib::MainContext::new();
+        let server_context = context.clone();
+        server.connect_client_connected(move |server, client| {
+            // The server's list does not hold the new client yet.
+            let clients = server.client_filter(None).len();
+            if clients >= max_clients {
+                log::warn!(
+                    "RTSP: {clients} clients are connected, output.rtsp.max_clients: a new one \
+                     is turned away"
+                );
+                // Whatever it asks is refused (503), and it is closed once the server has set
+                // the connection up, right after this signal.
+                let busy = |_: &rtsp_server::RTSPClient, _: &rtsp_server::RTSPContext| {
+                    rtsp_server::gst_rtsp::RTSPStatusCode::ServiceUnavailable
+                };
+                client.connect_pre_options_request(busy);
+                client.connect_pre_describe_request(busy);
+                client.connect_pre_setup_request(busy);
+                client.connect_pre_play_request(busy);
+                let client = client.clone();
+                glib::source::idle_source_new(None, glib::Priority::DEFAULT, move || {
+                    client.close();
+                    glib::ControlFlow::Break
+                })
+                .attach(Some(&server_context));
+                return;
+            }
             let slots = Arc::clone(&slots);
             client.connect_play_request(move |_, context| {
                 let Some(url) = context.uri() else {
@@ -302,7 +343,6 @@ impl RtspServer {
         let source = server
             .create_source(None::<&gstreamer_rtsp_server::gio::Cancellable>)
             .map_err(|e| bind_error(e.to_string()))?;
-        let context = glib::MainContext::new();
         source.attach(Some(&context));
         let port = u16::try_from(server.bound_port())
             .map_err(|_| bind_error("no port was bound".into()))?;
@@ -446,6 +486,63 @@ mod tests {
         server.stop();
     }
 
+    /// `OPTIONS` on a new connection: the first line of the answer, or `None` when the server
+    /// closed the connection without one.
+    fn options(port: u16) -> (std::net::TcpStream, Option<String>) {
+        use std::io::{BufRead, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let request = format!("OPTIONS rtsp://127.0.0.1:{port}/line1 RTSP/1.0\r\nCSeq: 1\r\n\r\n");
+        let sent = stream.write_all(request.as_bytes());
+        let mut line = String::new();
+        let answer = sent
+            .ok()
+            .and_then(|_| {
+                std::io::BufReader::new(stream.try_clone().ok()?)
+                    .read_line(&mut line)
+                    .ok()
+            })
+            .filter(|&n| n > 0)
+            .map(|_| line.trim().to_string());
+        (stream, answer)
+    }
+
+    #[test]
+    fn clients_beyond_max_clients_are_turned_away() {
+        let config = RtspConfig {
+            enabled: true,
+            port: 0,
+            max_clients: 2,
+            ..RtspConfig::default()
+        };
+        let (server, _feeds) = RtspServer::start(&config, &["line1".into()]).expect("start");
+        let (first, answer) = options(server.port());
+        assert_eq!(answer.as_deref(), Some("RTSP/1.0 200 OK"));
+        let (second, answer) = options(server.port());
+        assert_eq!(answer.as_deref(), Some("RTSP/1.0 200 OK"));
+        // Closed at once, or refused if its request came first.
+        let (_third, answer) = options(server.port());
+        assert!(
+            answer.is_none() || answer.as_deref() == Some("RTSP/1.0 503 Service Unavailable"),
+            "a third client was served: {answer:?}"
+        );
+        // A place freed is a place taken.
+        drop(first);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let answer = loop {
+            let (_next, answer) = options(server.port());
+            if answer.is_some() || std::time::Instant::now() > deadline {
+                break answer;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(answer.as_deref(), Some("RTSP/1.0 200 OK"));
+        drop(second);
+        server.stop();
+    }
+
     #[test]
     fn credentials_come_in_pairs_and_open_binds_need_them() {
         let dir = tempfile::tempdir().expect("dir");
@@ -457,6 +554,7 @@ mod tests {
             port: 0,
             username: user.map(String::from),
             password_file: file.map(std::path::Path::to_path_buf),
+            ..RtspConfig::default()
         };
         assert!(config("127.0.0.1", None, None).problems().is_empty());
         let open = config("0.0.0.0", None, None).problems().join("\n");
