@@ -472,6 +472,70 @@ mod tests {
         });
     }
 
+    /// Percent-encodes every byte that is not unreserved, so any bytes make a valid URI part.
+    fn encoded(bytes: &[u8]) -> String {
+        bytes
+            .iter()
+            .map(|&b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        /// Any method, route, path segment, query and body: an answer, never a panic or a 500.
+        #[test]
+        fn any_request_gets_an_answer_that_is_not_a_server_error(
+            method in proptest::sample::select(vec!["GET", "HEAD", "POST", "PUT", "DELETE"]),
+            route in proptest::sample::select(vec![
+                "/", "/metrics", "/health", "/api/events", "/api/events/{}",
+                "/api/events/{}/snapshot.jpg", "/api/events/{}/clean.jpg",
+                "/api/events/{}/clip.mp4", "/api/events/{}/verdict", "/api/cameras",
+                "/api/cameras/{}/live", "/{}", "/api/{}/{}",
+            ]),
+            segment in proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+            query in proptest::collection::vec(
+                (proptest::collection::vec(proptest::num::u8::ANY, 0..12),
+                 proptest::collection::vec(proptest::num::u8::ANY, 0..24)),
+                0..5,
+            ),
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+            json_body in proptest::bool::ANY,
+        ) {
+            let dir = tempfile::tempdir().expect("dir");
+            crate::store::EventStore::open(dir.path()).expect("store");
+            let app = router(Arc::new(Served {
+                storage: Some(dir.path().to_path_buf()),
+                // No camera: /health answers 200, not 503 for a camera still starting.
+                ..served(Arc::new(Metrics::new("cpu", "fp32", &[])))
+            }));
+            let mut path = route.replace("{}", &encoded(&segment));
+            if !query.is_empty() {
+                let pairs: Vec<String> = query
+                    .iter()
+                    .map(|(k, v)| format!("{}={}", encoded(k), encoded(v)))
+                    .collect();
+                path = format!("{path}?{}", pairs.join("&"));
+            }
+            let body = if json_body {
+                format!(r#"{{"verdict":"{}","by":"x"}}"#, String::from_utf8_lossy(&body).escape_default())
+            } else {
+                String::from_utf8_lossy(&body).into_owned()
+            };
+            let (status, _, answer) = runtime().block_on(call(&app, method, &path, &body));
+            proptest::prop_assert!(
+                (200..500).contains(&status),
+                "{method} {path}: {status} {answer}"
+            );
+        }
+    }
+
     #[test]
     fn a_taken_port_is_a_start_error_naming_the_key() {
         let fresh = || served(Arc::new(Metrics::new("cpu", "fp32", &[])));
