@@ -184,6 +184,63 @@ fn a_recording_killed_mid_run_decodes_up_to_the_kill() {
     );
 }
 
+/// Encodes `frames` test frames of `width`×`height` as H.264 in MPEG-TS to `path` (runs to EOS).
+fn write_ts(path: &Path, width: u32, height: u32, frames: u32) {
+    gst::init().expect("gst");
+    let pipeline = gst::parse::launch(&format!(
+        "videotestsrc num-buffers={frames} pattern=ball ! \
+         video/x-raw,width={width},height={height},framerate=15/1 ! x264enc key-int-max=15 ! \
+         h264parse ! mpegtsmux ! filesink location={}",
+        path.display()
+    ))
+    .expect("encoder pipeline");
+    pipeline.set_state(gst::State::Playing).expect("play");
+    let bus = pipeline.bus().expect("bus");
+    let message = bus
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(60),
+            &[gst::MessageType::Eos, gst::MessageType::Error],
+        )
+        .expect("EOS within 60 s");
+    assert!(
+        matches!(message.view(), gst::MessageView::Eos(_)),
+        "{message:?}"
+    );
+    let _ = pipeline.set_state(gst::State::Null);
+}
+
+/// A camera whose frames change size mid-stream (MPEG-TS can be concatenated: 30 frames of
+/// 640×480, then 30 of 320×240): the recording starts a new file at the new size and drops
+/// nothing.
+#[test]
+fn a_resolution_change_starts_a_new_recording_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (large, small) = (dir.path().join("a.ts"), dir.path().join("b.ts"));
+    write_ts(&large, 640, 480, 30);
+    write_ts(&small, 320, 240, 30);
+    let mut joined = std::fs::read(&large).expect("read");
+    joined.extend(std::fs::read(&small).expect("read"));
+    let video = dir.path().join("camera.ts");
+    std::fs::write(&video, joined).expect("write");
+    let pipeline = write_pipeline(
+        dir.path(),
+        &format!("source = \"file://{}\"\nrealtime = false", video.display()),
+        "",
+    );
+    let out = stpm(&["run", "--pipeline", path(&pipeline)], dir.path());
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path().join("rec"))
+        .expect("recordings")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort_by_key(|p| p.to_string_lossy().len());
+    assert_eq!(files.len(), 2, "{files:?}: {log}");
+    assert!(files[1].to_string_lossy().ends_with("-r1.mkv"), "{files:?}");
+    assert_eq!(decode(&files[0]), (30, 640, 480), "{log}");
+    assert_eq!(decode(&files[1]), (30, 320, 240), "{log}");
+}
+
 #[test]
 fn pipeline_errors_name_the_key() {
     let dir = tempfile::tempdir().expect("dir");
