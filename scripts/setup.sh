@@ -31,8 +31,9 @@ apt_packages=(build-essential pkg-config ca-certificates curl unzip python3 pyth
     gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
     # OpenCV 4.6 for the live overlay; the opencv crate generates its bindings with libclang
     libopencv-dev clang libclang-dev
-    # the RTSP output ([output.rtsp]: gst-rtsp-server) and the rtspsrc client used by the tests
-    libgstrtspserver-1.0-dev gstreamer1.0-rtsp
+    # the RTSP output ([output.rtsp]: gst-rtsp-server) and the rtspsrc client used by the tests;
+    # glib-networking: GLib's TLS for RTSPS; openssl makes the tests' certificates
+    libgstrtspserver-1.0-dev gstreamer1.0-rtsp glib-networking openssl
     # systemd-analyze, which checks deploy/stpm.service (the service runs under systemd)
     systemd
     # the console's browser test (tests/console_browser.rs): headless Chromium through chromedriver

@@ -841,6 +841,73 @@ fn rtsp_with_a_password_turns_strangers_away_without_encoding() {
     assert!(status.success(), "{after}");
 }
 
+/// RTSPS: with `tls_cert` and `tls_key` every connection is TLS; a client that accepts the
+/// (self-signed) certificate decodes the stream, one speaking plain RTSP gets nothing.
+#[test]
+fn rtsps_serves_tls_clients_and_nobody_in_plain_text() {
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            path(&key),
+            "-out",
+            path(&cert),
+        ])
+        .output()
+        .expect("openssl (scripts/setup.sh installs it)");
+    assert!(made.status.success(), "{}", text(&made));
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
+             [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?fps=15\"\n\n\
+             [storage]\nenabled = false\n\n\
+             [output.rtsp]\nenabled = true\nport = {port}\n\
+             tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            path(bundle()),
+            path(&cert),
+            path(&key)
+        ),
+    )
+    .expect("write pipeline");
+    let log = dir.path().join("stpm.log");
+    let mut child = common::spawn_run(&pipeline, &log, dir.path());
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "RTSP never listened"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let plain = watch(
+        &format!("rtsp://127.0.0.1:{port}/line1"),
+        1,
+        Duration::from_secs(5),
+    );
+    // rtspsrc's own property after the location: accept a certificate no authority signed.
+    let tls = watch(
+        &format!("rtsps://127.0.0.1:{port}/line1 tls-validation-flags=0"),
+        5,
+        Duration::from_secs(30),
+    );
+    common::sigterm(&child);
+    let status = child.wait().expect("wait");
+    let after = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(plain.is_empty(), "plain RTSP was served: {after}");
+    assert_eq!(tls.len(), 5, "{after}");
+    assert_eq!((tls[0].width, tls[0].height), (640, 480));
+    assert!(status.success(), "{after}");
+}
+
 /// Hostile video files: random bytes, an empty file and a recording cut off mid-way. Each camera
 /// ends with a message naming it, what could be decoded is analysed, and nothing panics.
 #[test]

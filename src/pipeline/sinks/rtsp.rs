@@ -40,6 +40,12 @@ pub struct RtspConfig {
     /// Clients connected at once, over every camera; one more is disconnected at once.
     #[serde(default = "default_max_clients")]
     pub max_clients: usize,
+    /// With `tls_key`: serve RTSPS (RTSP over TLS) with this PEM certificate (chain).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for RtspConfig {
@@ -51,6 +57,8 @@ impl Default for RtspConfig {
             username: None,
             password_file: None,
             max_clients: default_max_clients(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -97,6 +105,12 @@ pub enum RtspError {
     Thread(std::io::Error),
     #[error("output.rtsp.password_file = {path}: {why}")]
     Password { path: PathBuf, why: String },
+    #[error("output.rtsp.tls_cert = {cert}, tls_key = {key}: {why}")]
+    Tls {
+        cert: PathBuf,
+        key: PathBuf,
+        why: String,
+    },
 }
 
 impl RtspConfig {
@@ -105,6 +119,12 @@ impl RtspConfig {
         let mut problems = Vec::new();
         if !self.enabled {
             return problems;
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            problems.push(
+                "output.rtsp.tls_cert and output.rtsp.tls_key go together (a PEM certificate and its key)"
+                    .into(),
+            );
         }
         if !(1..=1000).contains(&self.max_clients) {
             problems.push(format!(
@@ -139,6 +159,20 @@ impl RtspConfig {
             _ => {}
         }
         problems
+    }
+
+    /// The TLS certificate and key (`tls_cert`, `tls_key`), when both are set.
+    fn certificate(&self) -> Result<Option<gstreamer_rtsp_server::gio::TlsCertificate>, RtspError> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        gstreamer_rtsp_server::gio::TlsCertificate::from_files(cert, key)
+            .map(Some)
+            .map_err(|e| RtspError::Tls {
+                cert: cert.clone(),
+                key: key.clone(),
+                why: e.to_string(),
+            })
     }
 
     /// The password of `username`, read from `password_file` (its first line); `None` without
@@ -256,15 +290,24 @@ impl RtspServer {
         server.set_address(&config.bind);
         server.set_service(&config.port.to_string());
         // With credentials, only the signed-in user's role may open and build the media;
-        // anyone else gets 401 and no encoder starts.
-        if let Some((user, password)) = &credentials {
+        // anyone else gets 401 and no encoder starts. With a certificate, every connection is
+        // TLS (RTSPS); without credentials anyone who connects gets the role.
+        let certificate = config.certificate()?;
+        let auth = (credentials.is_some() || certificate.is_some()).then(|| {
             let auth = rtsp_server::RTSPAuth::new();
-            let token = rtsp_server::RTSPToken::builder()
+            let mut token = rtsp_server::RTSPToken::builder()
                 .field(rtsp_server::RTSP_TOKEN_MEDIA_FACTORY_ROLE, ROLE)
                 .build();
-            auth.add_basic(&rtsp_server::RTSPAuth::make_basic(user, password), &token);
-            server.set_auth(Some(&auth));
-        }
+            match &credentials {
+                Some((user, password)) => {
+                    auth.add_basic(&rtsp_server::RTSPAuth::make_basic(user, password), &token)
+                }
+                None => auth.set_default_token(Some(&mut token)),
+            }
+            auth.set_tls_certificate(certificate.as_ref());
+            auth
+        });
+        server.set_auth(auth.as_ref());
         let mounts = server.mount_points().ok_or(RtspError::MountPoints)?;
         let mut outputs = Vec::new();
         let mut slots = std::collections::HashMap::new();
@@ -273,7 +316,7 @@ impl RtspServer {
             let factory = rtsp_server::RTSPMediaFactory::new();
             factory.set_launch(LAUNCH);
             factory.set_shared(true);
-            if credentials.is_some() {
+            if auth.is_some() {
                 factory.add_role_from_structure(
                     &gst::Structure::builder(ROLE)
                         .field(rtsp_server::RTSP_PERM_MEDIA_FACTORY_ACCESS, true)
@@ -541,6 +584,37 @@ mod tests {
         assert_eq!(answer.as_deref(), Some("RTSP/1.0 200 OK"));
         drop(second);
         server.stop();
+    }
+
+    #[test]
+    fn a_certificate_needs_its_key_and_a_bad_one_names_both_files() {
+        let dir = tempfile::tempdir().expect("dir");
+        let cert = dir.path().join("cert.pem");
+        std::fs::write(&cert, "not a certificate").expect("write");
+        let half = RtspConfig {
+            enabled: true,
+            tls_cert: Some(cert.clone()),
+            ..RtspConfig::default()
+        };
+        let problems = half.problems().join("\n");
+        assert!(
+            problems.contains("tls_cert and output.rtsp.tls_key go together"),
+            "{problems}"
+        );
+        let bad = RtspConfig {
+            tls_key: Some(cert.clone()),
+            port: 0,
+            ..half
+        };
+        assert!(bad.problems().is_empty());
+        let message = RtspServer::start(&bad, &["line1".into()])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.starts_with(&format!("output.rtsp.tls_cert = {}", cert.display())),
+            "{message}"
+        );
     }
 
     #[test]
