@@ -802,14 +802,7 @@ fn rtsp_with_a_password_turns_strangers_away_without_encoding() {
     .expect("write pipeline");
     let log = dir.path().join("stpm.log");
     let mut child = common::spawn_run(&pipeline, &log, dir.path());
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "RTSP never listened"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_for_port(port, "RTSP");
     let stranger = watch(
         &format!("rtsp://127.0.0.1:{port}/line1"),
         1,
@@ -880,14 +873,7 @@ fn rtsps_serves_tls_clients_and_nobody_in_plain_text() {
     .expect("write pipeline");
     let log = dir.path().join("stpm.log");
     let mut child = common::spawn_run(&pipeline, &log, dir.path());
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "RTSP never listened"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_for_port(port, "RTSP");
     let plain = watch(
         &format!("rtsp://127.0.0.1:{port}/line1"),
         1,

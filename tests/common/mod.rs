@@ -295,3 +295,15 @@ pub fn rtsp_watcher_pipeline(
     .expect("write the watcher's pipeline");
     pipeline
 }
+
+/// Waits up to 30 s until something listens on 127.0.0.1:`port` (`what`, for the failure).
+pub fn wait_for_port(port: u16, what: &str) {
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{what} never listened on port {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
