@@ -921,15 +921,41 @@ fn garbage_and_truncated_video_files_end_their_camera_without_a_panic() {
     std::fs::write(&random, noise).expect("write");
     let empty = dir.path().join("empty.mp4");
     std::fs::write(&empty, b"").expect("write");
-    let cameras: String = [("cut", &truncated), ("noise", &random), ("nothing", &empty)]
-        .iter()
-        .map(|(name, file)| {
-            format!(
-                "[[camera]]\nname = \"{name}\"\nsource = \"file://{}\"\nrealtime = false\n\n",
-                path(file)
-            )
-        })
-        .collect();
+    // One picture larger than 8K UHD (a JPEG of a flat colour: small on disk).
+    let huge = dir.path().join("huge.jpg");
+    let made = std::process::Command::new("gst-launch-1.0")
+        .args([
+            "-q",
+            "videotestsrc",
+            "num-buffers=1",
+            "pattern=solid-color",
+            "!",
+        ])
+        .args([
+            "video/x-raw,width=7700,height=4400",
+            "!",
+            "jpegenc",
+            "!",
+            "filesink",
+        ])
+        .arg(format!("location={}", path(&huge)))
+        .output()
+        .expect("gst-launch-1.0");
+    assert!(made.status.success(), "{}", text(&made));
+    let cameras: String = [
+        ("cut", &truncated),
+        ("noise", &random),
+        ("nothing", &empty),
+        ("huge", &huge),
+    ]
+    .iter()
+    .map(|(name, file)| {
+        format!(
+            "[[camera]]\nname = \"{name}\"\nsource = \"file://{}\"\nrealtime = false\n\n",
+            path(file)
+        )
+    })
+    .collect();
     let hostile = dir.path().join("hostile.toml");
     std::fs::write(
         &hostile,
@@ -948,6 +974,11 @@ fn garbage_and_truncated_video_files_end_their_camera_without_a_panic() {
             "{camera}: {log}"
         );
     }
+    assert!(
+        log.contains("[huge] source failed: frames of 7700×4400 are larger than the 7680×4320"),
+        "{log}"
+    );
+    assert!(log.contains("camera huge: 0 frames"), "{log}");
     // The cut recording's first frames decode and are analysed.
     let analysed = log
         .lines()

@@ -122,6 +122,17 @@ fn source_description(uri: &SourceUri) -> String {
     format!("{head} ! videoconvert ! video/x-raw,format=RGB ! appsink name=sink max-buffers=2")
 }
 
+/// The largest frame a camera may send (8K UHD, 7680×4320): more is a misconfigured or hostile
+/// source, and would take the memory of several frames in every queue.
+pub const MAX_FRAME_PIXELS: usize = 7680 * 4320;
+
+/// The size of a sample's frames when it is above [`MAX_FRAME_PIXELS`].
+fn oversized(sample: &gst::Sample) -> Option<(u32, u32)> {
+    let info = gst_video::VideoInfo::from_caps(sample.caps()?).ok()?;
+    let (w, h) = (info.width(), info.height());
+    (w as usize * h as usize > MAX_FRAME_PIXELS).then_some((w, h))
+}
+
 /// Copies a mapped RGB video frame (rows may be padded) into a tight [`RgbFrame`].
 fn copy_frame(sample: &gst::Sample) -> Option<(RgbFrame, Duration, f64)> {
     let buffer = sample.buffer()?;
@@ -327,6 +338,14 @@ fn play_once(
                         .ok()
                         .and_then(|input| input.map(|t| arrived.saturating_duration_since(t)));
                     let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    if let Some((w, h)) = oversized(&sample) {
+                        gst::element_error!(
+                            sink,
+                            gst::StreamError::Format,
+                            ("frames of {w}×{h} are larger than the 7680×4320 stpm accepts")
+                        );
+                        return Err(gst::FlowError::Error);
+                    }
                     let Some((frame, pts, fps)) = copy_frame(&sample) else {
                         return Ok(gst::FlowSuccess::Ok);
                     };
