@@ -782,6 +782,16 @@ fn a_second_run_on_the_same_data_folder_is_refused() {
 /// and starts no encoder; with it (in the URL, as players take it) it decodes the stream.
 #[test]
 fn rtsp_with_a_password_turns_strangers_away_without_encoding() {
+    rtsp_password_check("basic");
+}
+
+/// The same with `auth_method = "digest"` (only a hash of the password crosses the network).
+#[test]
+fn rtsp_with_digest_authentication_turns_strangers_away() {
+    rtsp_password_check("digest");
+}
+
+fn rtsp_password_check(method: &str) {
     let dir = tempfile::tempdir().expect("dir");
     let port = free_port();
     let password = dir.path().join("rtsp-password");
@@ -794,7 +804,7 @@ fn rtsp_with_a_password_turns_strangers_away_without_encoding() {
              [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?fps=15\"\n\n\
              [storage]\nenabled = false\n\n\
              [output.rtsp]\nenabled = true\nbind = \"127.0.0.1\"\nport = {port}\n\
-             username = \"anna\"\npassword_file = \"{}\"\n",
+             username = \"anna\"\npassword_file = \"{}\"\nauth_method = \"{method}\"\n",
             path(bundle()),
             path(&password)
         ),
@@ -803,6 +813,33 @@ fn rtsp_with_a_password_turns_strangers_away_without_encoding() {
     let log = dir.path().join("stpm.log");
     let mut child = common::spawn_run(&pipeline, &log, dir.path());
     common::wait_for_port(port, "RTSP");
+    // What the server asks a stranger for: the configured method only.
+    let challenge = {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let request = format!("DESCRIBE rtsp://127.0.0.1:{port}/line1 RTSP/1.0\r\nCSeq: 1\r\n\r\n");
+        stream.write_all(request.as_bytes()).expect("send");
+        let mut answer = vec![0u8; 4096];
+        let n = stream.read(&mut answer).unwrap_or(0);
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    };
+    assert!(challenge.starts_with("RTSP/1.0 401"), "{challenge}");
+    let offered: Vec<&str> = challenge
+        .lines()
+        .filter_map(|l| l.strip_prefix("WWW-Authenticate: "))
+        .collect();
+    let scheme = if method == "digest" {
+        "Digest "
+    } else {
+        "Basic "
+    };
+    assert!(
+        !offered.is_empty() && offered.iter().all(|o| o.starts_with(scheme)),
+        "{challenge}"
+    );
     let stranger = watch(
         &format!("rtsp://127.0.0.1:{port}/line1"),
         1,

@@ -40,6 +40,10 @@ pub struct RtspConfig {
     /// Clients connected at once, over every camera; one more is disconnected at once.
     #[serde(default = "default_max_clients")]
     pub max_clients: usize,
+    /// How `username` signs in: `basic` (the password sent encoded) or `digest` (only a hash of
+    /// it crosses the network).
+    #[serde(default = "default_auth_method")]
+    pub auth_method: String,
     /// With `tls_key`: serve RTSPS (RTSP over TLS) with this PEM certificate (chain).
     #[serde(default)]
     pub tls_cert: Option<PathBuf>,
@@ -57,6 +61,7 @@ impl Default for RtspConfig {
             username: None,
             password_file: None,
             max_clients: default_max_clients(),
+            auth_method: default_auth_method(),
             tls_cert: None,
             tls_key: None,
         }
@@ -65,6 +70,10 @@ impl Default for RtspConfig {
 
 fn default_max_clients() -> usize {
     16
+}
+
+fn default_auth_method() -> String {
+    "basic".into()
 }
 
 fn default_bind() -> String {
@@ -119,6 +128,12 @@ impl RtspConfig {
         let mut problems = Vec::new();
         if !self.enabled {
             return problems;
+        }
+        if !["basic", "digest"].contains(&self.auth_method.as_str()) {
+            problems.push(format!(
+                "output.rtsp.auth_method = `{}`: use basic or digest",
+                self.auth_method
+            ));
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             problems.push(
@@ -299,6 +314,10 @@ impl RtspServer {
                 .field(rtsp_server::RTSP_TOKEN_MEDIA_FACTORY_ROLE, ROLE)
                 .build();
             match &credentials {
+                Some((user, password)) if config.auth_method == "digest" => {
+                    auth.add_digest(user, password, &token);
+                    auth.set_supported_methods(rtsp_server::gst_rtsp::RTSPAuthMethod::Digest);
+                }
                 Some((user, password)) => {
                     auth.add_basic(&rtsp_server::RTSPAuth::make_basic(user, password), &token)
                 }
