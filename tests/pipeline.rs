@@ -241,6 +241,87 @@ fn a_resolution_change_starts_a_new_recording_file() {
     assert_eq!(decode(&files[1]), (30, 320, 240), "{log}");
 }
 
+/// `stpm collect` on the generated conveyor, screened by a model that finds its defects: 60
+/// decodable frames in `train/good`, none of them showing a defect by the generator's labels,
+/// each listed in `collect.json`.
+#[test]
+fn collect_saves_good_frames_only() {
+    const FPS: f64 = 15.0;
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = dir.path().join("collect.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
+             [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?frames=1500&fps={FPS}\"\n\
+             realtime = false\n",
+            path(common::detecting_conveyor_bundle())
+        ),
+    )
+    .expect("pipeline");
+    let out = dir.path().join("line1-good");
+    let run = stpm(
+        &[
+            "collect",
+            "--pipeline",
+            path(&pipeline),
+            "--camera",
+            "line1",
+            "--out",
+            path(&out),
+            "--frames",
+            "60",
+            "--every",
+            "0.2",
+        ],
+        dir.path(),
+    );
+    let log = text(&run);
+    assert!(run.status.success(), "{log}");
+    let (width, height) = stpm::pipeline::conveyor::CONVEYOR_SIZE;
+    let mut conveyor = stpm::pipeline::conveyor::Conveyor::new(width, height, 1);
+    let listed: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("collect.json")).expect("collect.json"))
+            .expect("JSON");
+    let saved = listed["runs"][0]["saved"].as_array().expect("saved frames");
+    assert_eq!(saved.len(), 60, "{log}");
+    for frame in saved {
+        let file = out.join(frame["file"].as_str().expect("file"));
+        let image = image::open(&file).expect("a decodable PNG");
+        assert_eq!(
+            (image.width(), image.height()),
+            (width as u32, height as u32)
+        );
+        let seconds = frame["stream_seconds"].as_f64().expect("time");
+        let index = (seconds * FPS).round() as u64;
+        assert!(
+            conveyor.frame(index).defect.is_none(),
+            "frame {index} ({}) shows a defect: {log}",
+            file.display()
+        );
+    }
+    let files = std::fs::read_dir(out.join("train/good"))
+        .expect("folder")
+        .count();
+    assert_eq!(files, 60);
+    // The stretch of belt it collected from had defects to leave out.
+    let indices: Vec<u64> = saved
+        .iter()
+        .filter_map(|f| f["stream_seconds"].as_f64())
+        .map(|s| (s * FPS).round() as u64)
+        .collect();
+    let (first, last) = (indices[0], indices[indices.len() - 1]);
+    let defective = (first..=last)
+        .filter(|&i| conveyor.frame(i).defect.is_some())
+        .count();
+    assert!(
+        defective > 0,
+        "frames {first}..={last} show no defect at all"
+    );
+    let screened = listed["runs"][0]["near_anomalies"].as_u64().unwrap_or(0);
+    assert!(screened > 0, "no frame was screened out: {log}");
+}
+
 #[test]
 fn pipeline_errors_name_the_key() {
     let dir = tempfile::tempdir().expect("dir");

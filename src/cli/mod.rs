@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod calibrate;
+mod collect;
 mod devset;
 mod eval;
 mod export;
@@ -18,6 +19,7 @@ mod train;
 
 use bench::BenchArgs;
 use calibrate::CalibrateArgs;
+use collect::CollectArgs;
 use devset::DevsetArgs;
 use eval::EvalArgs;
 use export::ExportArgs;
@@ -46,6 +48,8 @@ pub enum Command {
     Infer(InferArgs),
     /// Set a bundle's alert threshold from good images of the deployment (its own camera and parts).
     Calibrate(CalibrateArgs),
+    /// Save good training frames from a camera of a pipeline file (train/good, collect.json).
+    Collect(CollectArgs),
     /// Convert a bundle's model for faster inference: INT8 ONNX, or a TensorRT engine (FP16/INT8).
     Export(ExportArgs),
     /// Run a live pipeline: capture, inference, overlay, recordings, alerts.
@@ -100,6 +104,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Infer(args) => infer::run(args),
         Command::Calibrate(args) => calibrate::run(args),
+        Command::Collect(args) => collect::run(args),
         Command::Export(args) => export::run(args),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::run(args),

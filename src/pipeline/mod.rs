@@ -436,7 +436,7 @@ fn lock_folders(
 
 /// The model id kept with each stored event: the first 12 hex digits of the sha256 of the
 /// bundle's manifest (which names the graph's own hash), or `unknown`.
-fn model_id(bundle: &std::path::Path) -> String {
+pub(crate) fn model_id(bundle: &std::path::Path) -> String {
     crate::bundle::sha256_file(&bundle.join(crate::bundle::MANIFEST_FILE))
         .map(|hash| hash.chars().take(12).collect())
         .unwrap_or_else(|_| "unknown".into())

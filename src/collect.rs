@@ -1,0 +1,428 @@
+//! `stpm collect`: good training frames from a camera of a pipeline file. Saves the camera's raw
+//! frames (no overlay) as PNG files in an MVTec-layout `train/good` folder, at most one per
+//! `every` seconds of stream time, skipping near-duplicates (a stopped belt) and, when the
+//! pipeline's model can be loaded, every frame it scores as an anomaly and every frame within
+//! `margin` seconds of an alert (`[alerts] k` of the last `m` frames anomalous, as `stpm run`
+//! starts an event), so that defects do not become "good". `collect.json` says where each frame
+//! came from.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::bundle::{Bundle, Precision};
+use crate::engine::{Engine, EngineOptions};
+use crate::pipeline::config::{PipelineConfig, SourceUri};
+use crate::pipeline::queue::{FrameQueue, Item};
+use crate::pipeline::source::{self, Captured, SourceSpec};
+use crate::preprocess::{self, RgbFrame};
+
+/// What to collect.
+#[derive(Debug, Clone)]
+pub struct CollectOptions {
+    /// Frames to save.
+    pub frames: usize,
+    /// Stream seconds at least between two saved frames.
+    pub every: f64,
+    /// A frame whose mean absolute difference from the last saved one (on a small grey
+    /// thumbnail, in 0..1) is below this is a near-duplicate.
+    pub min_change: f32,
+    /// Stream seconds before and after an alert in which nothing is saved.
+    pub margin: f64,
+    /// An alert is `k` of the last `m` frames scored as anomalies (`[alerts] k`, `m`).
+    pub k: usize,
+    pub m: usize,
+    /// Score frames with the pipeline's model (when it loads).
+    pub use_model: bool,
+}
+
+impl Default for CollectOptions {
+    fn default() -> Self {
+        Self {
+            frames: 150,
+            every: 0.5,
+            min_change: 0.02,
+            margin: 1.0,
+            k: 3,
+            m: 5,
+            use_model: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    #[error("the pipeline has no camera `{camera}` (it has: {known})")]
+    NoCamera { camera: String, known: String },
+    #[error("camera `{camera}`: {message}")]
+    Source { camera: String, message: String },
+    #[error("model {path}: {message}")]
+    Model { path: PathBuf, message: String },
+    #[error("cannot write {path}: {message}")]
+    Write { path: PathBuf, message: String },
+}
+
+/// One saved frame, as `collect.json` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SavedFrame {
+    /// The file, relative to the output folder.
+    pub file: String,
+    /// The frame's stream time (seconds; the camera's own clock for files and the conveyor).
+    pub stream_seconds: f64,
+    /// The model's normalised score (none without a model).
+    pub score: Option<f32>,
+}
+
+/// What one collection did (also `collect.json`'s entry for it).
+#[derive(Debug, Clone, Serialize)]
+pub struct Collected {
+    pub camera: String,
+    pub source: String,
+    /// The model id (first 12 hex digits of its manifest's sha256) that screened the frames.
+    pub model: Option<String>,
+    pub saved: Vec<SavedFrame>,
+    /// Frames seen, and why the others were not saved.
+    pub seen: u64,
+    pub too_soon: u64,
+    pub duplicates: u64,
+    /// Frames scored as anomalies, in an alert or within `margin` of one.
+    pub near_anomalies: u64,
+    /// The source ended before enough frames were saved.
+    pub ended_early: bool,
+}
+
+/// A frame waiting for `margin` seconds of stream time without an anomaly before it is saved.
+struct Pending {
+    frame: RgbFrame,
+    stream_seconds: f64,
+    score: Option<f32>,
+}
+
+/// The model that screens frames.
+struct Screen {
+    engine: Engine,
+    bundle: Bundle,
+}
+
+impl Screen {
+    fn score(&mut self, frame: &RgbFrame) -> Result<f32, String> {
+        let manifest = &self.bundle.manifest;
+        let input = preprocess::to_chw(frame, manifest.model.input_size, &manifest.normalisation);
+        let scored = self.engine.run(&input, 1).map_err(|e| e.to_string())?;
+        Ok(self.bundle.calibration().normalise(scored.scores[0]))
+    }
+}
+
+/// Grey thumbnail (32×24) of a frame, for the near-duplicate test.
+fn thumbnail(frame: &RgbFrame) -> Vec<f32> {
+    const W: usize = 32;
+    const H: usize = 24;
+    let mut out = Vec::with_capacity(W * H);
+    for ty in 0..H {
+        for tx in 0..W {
+            let x = (tx * frame.width + frame.width / (2 * W)) / W;
+            let y = (ty * frame.height + frame.height / (2 * H)) / H;
+            let i = (y.min(frame.height - 1) * frame.width + x.min(frame.width - 1)) * 3;
+            let p = &frame.pixels[i..i + 3];
+            out.push((p[0] as f32 + p[1] as f32 + p[2] as f32) / (3.0 * 255.0));
+        }
+    }
+    out
+}
+
+fn mean_abs_difference(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len().max(1) as f32
+}
+
+/// Collects `options.frames` frames of `camera` into `out/train/good` (stopping early on
+/// `stop` or at the end of a file) and adds the run to `out/collect.json`.
+pub fn collect(
+    config: &PipelineConfig,
+    camera: &str,
+    out: &Path,
+    options: &CollectOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<Collected, CollectError> {
+    let Some(camera_config) = config.camera.iter().find(|c| c.name == camera) else {
+        return Err(CollectError::NoCamera {
+            camera: camera.into(),
+            known: config
+                .camera
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
+    let source_error = |message: String| CollectError::Source {
+        camera: camera.into(),
+        message,
+    };
+    let uri = SourceUri::parse(&camera_config.source).map_err(|e| source_error(e.to_string()))?;
+    let mut screen = if options.use_model {
+        let path = &config.model.bundle;
+        let model_error = |message: String| CollectError::Model {
+            path: path.clone(),
+            message,
+        };
+        let bundle =
+            Bundle::open_as(path, Precision::Fp32).map_err(|e| model_error(e.to_string()))?;
+        let engine = Engine::for_bundle(&bundle, EngineOptions::default())
+            .map_err(|e| model_error(e.to_string()))?;
+        Some(Screen { engine, bundle })
+    } else {
+        None
+    };
+    let folder = out.join("train").join("good");
+    std::fs::create_dir_all(&folder).map_err(|e| CollectError::Write {
+        path: folder.clone(),
+        message: e.to_string(),
+    })?;
+    let queue = Arc::new(FrameQueue::new(2));
+    let spec = SourceSpec {
+        camera: camera.into(),
+        uri,
+        looping: camera_config.looping,
+        realtime: camera_config.realtime,
+        stall: (camera_config.stall_seconds > 0.0)
+            .then(|| Duration::from_secs_f64(camera_config.stall_seconds)),
+    };
+    let capture_stop = Arc::new(AtomicBool::new(false));
+    let capture = source::spawn(spec, Arc::clone(&queue), Arc::clone(&capture_stop))
+        .map_err(|e| source_error(e.to_string()))?;
+    let mut report = Collected {
+        camera: camera.into(),
+        source: camera_config.source.clone(),
+        model: screen
+            .as_ref()
+            .map(|_| crate::pipeline::model_id(&config.model.bundle)),
+        saved: Vec::new(),
+        seen: 0,
+        too_soon: 0,
+        duplicates: 0,
+        near_anomalies: 0,
+        ended_early: false,
+    };
+    let result = gather(&queue, &mut screen, &folder, options, &stop, &mut report);
+    capture_stop.store(true, Ordering::Relaxed);
+    while queue.pop(Duration::from_millis(10)).is_some() {}
+    let _ = capture.join();
+    result?;
+    write_log(out, &report)?;
+    Ok(report)
+}
+
+/// The frame loop of [`collect`].
+fn gather(
+    queue: &FrameQueue<Captured>,
+    screen: &mut Option<Screen>,
+    folder: &Path,
+    options: &CollectOptions,
+    stop: &AtomicBool,
+    report: &mut Collected,
+) -> Result<(), CollectError> {
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut last_kept: Option<(f64, Vec<f32>)> = None;
+    let mut last_alert: Option<f64> = None;
+    let mut recent: VecDeque<bool> = VecDeque::new();
+    let mut next_index = next_free_index(folder, &report.camera);
+    while report.saved.len() < options.frames && !stop.load(Ordering::Relaxed) {
+        let Some(item) = queue.pop(Duration::from_millis(200)) else {
+            continue;
+        };
+        let captured = match item {
+            Item::Frame(captured) => captured,
+            Item::Offline(why) => {
+                log::warn!("[{}] offline: {why}", report.camera);
+                continue;
+            }
+            Item::Online => continue,
+            Item::End => {
+                report.ended_early = true;
+                break;
+            }
+        };
+        report.seen += 1;
+        let t = captured.pts.as_secs_f64();
+        let score = match screen.as_mut() {
+            Some(screen) => {
+                Some(
+                    screen
+                        .score(&captured.frame)
+                        .map_err(|message| CollectError::Model {
+                            path: screen.bundle.dir.clone(),
+                            message,
+                        })?,
+                )
+            }
+            None => None,
+        };
+        let anomalous = score.is_some_and(|s| s >= 0.5);
+        recent.push_back(anomalous);
+        if recent.len() > options.m.max(1) {
+            recent.pop_front();
+        }
+        if recent.iter().filter(|&&a| a).count() >= options.k.max(1) {
+            // An alert: what waits within the margin before it goes, and so does what follows.
+            let before = pending.len();
+            pending.retain(|p| t - p.stream_seconds > options.margin);
+            report.near_anomalies += (before - pending.len()) as u64;
+            last_alert = Some(t);
+        }
+        if anomalous || last_alert.is_some_and(|a| t - a <= options.margin) {
+            report.near_anomalies += 1;
+            continue;
+        }
+        if last_kept
+            .as_ref()
+            .is_some_and(|(kept, _)| t - kept < options.every)
+        {
+            report.too_soon += 1;
+            continue;
+        }
+        let thumb = thumbnail(&captured.frame);
+        if last_kept
+            .as_ref()
+            .is_some_and(|(_, kept)| mean_abs_difference(kept, &thumb) < options.min_change)
+        {
+            report.duplicates += 1;
+            continue;
+        }
+        last_kept = Some((t, thumb));
+        pending.push_back(Pending {
+            frame: captured.frame,
+            stream_seconds: t,
+            score,
+        });
+        // Frames that have waited `margin` seconds without an alert are saved (without a model
+        // there is nothing to wait for).
+        while let Some(first) = pending.front() {
+            let settled = screen.is_none() || t - first.stream_seconds > options.margin;
+            if !settled || report.saved.len() >= options.frames {
+                break;
+            }
+            if let Some(first) = pending.pop_front() {
+                let saved = save(folder, &report.camera, next_index, first)?;
+                next_index += 1;
+                report.saved.push(saved);
+                if report.saved.len().is_multiple_of(10) || report.saved.len() == options.frames {
+                    log::info!(
+                        "[{}] {} of {} frames saved",
+                        report.camera,
+                        report.saved.len(),
+                        options.frames
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The first index `n` for which `<camera>-<n>.png` is not in `folder` after every existing one.
+fn next_free_index(folder: &Path, camera: &str) -> u64 {
+    let prefix = format!("{camera}-");
+    std::fs::read_dir(folder)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            name.strip_prefix(&prefix)?
+                .strip_suffix(".png")?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |n| n + 1)
+}
+
+fn save(
+    folder: &Path,
+    camera: &str,
+    index: u64,
+    pending: Pending,
+) -> Result<SavedFrame, CollectError> {
+    let name = format!("{camera}-{index:06}.png");
+    let path = folder.join(&name);
+    let frame = &pending.frame;
+    crate::overlay::save_png(&path, &frame.pixels, frame.width, frame.height).map_err(|e| {
+        CollectError::Write {
+            path: path.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    Ok(SavedFrame {
+        file: format!("train/good/{name}"),
+        stream_seconds: pending.stream_seconds,
+        score: pending.score,
+    })
+}
+
+/// Appends this run to `out/collect.json` (`{"runs": [...]}`), written through a temporary file.
+fn write_log(out: &Path, report: &Collected) -> Result<(), CollectError> {
+    let path = out.join("collect.json");
+    let write_error = |message: String| CollectError::Write {
+        path: path.clone(),
+        message,
+    };
+    let mut log: serde_json::Value = std::fs::read(&path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .filter(|v: &serde_json::Value| v.get("runs").is_some_and(|r| r.is_array()))
+        .unwrap_or_else(|| serde_json::json!({ "runs": [] }));
+    let run = serde_json::to_value(report).map_err(|e| write_error(e.to_string()))?;
+    if let Some(runs) = log.get_mut("runs").and_then(|r| r.as_array_mut()) {
+        runs.push(run);
+    }
+    let text = serde_json::to_string_pretty(&log).map_err(|e| write_error(e.to_string()))?;
+    let staged = path.with_extension("json.part");
+    std::fs::write(&staged, text).map_err(|e| write_error(e.to_string()))?;
+    std::fs::rename(&staged, &path).map_err(|e| write_error(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thumbnails_tell_a_moved_belt_from_a_stopped_one() {
+        let frame = |shift: usize| RgbFrame {
+            width: 64,
+            height: 48,
+            pixels: (0..64 * 48)
+                .flat_map(|i| {
+                    let v = if (((i % 64) + shift) / 8).is_multiple_of(2) {
+                        200
+                    } else {
+                        20
+                    };
+                    [v, v, v]
+                })
+                .collect(),
+        };
+        let still = mean_abs_difference(&thumbnail(&frame(0)), &thumbnail(&frame(0)));
+        let moved = mean_abs_difference(&thumbnail(&frame(0)), &thumbnail(&frame(4)));
+        assert_eq!(still, 0.0);
+        assert!(moved > 0.1, "{moved}");
+    }
+
+    #[test]
+    fn numbering_continues_after_the_files_already_there() {
+        let dir = tempfile::tempdir().expect("dir");
+        assert_eq!(next_free_index(dir.path(), "line1"), 0);
+        for name in [
+            "line1-000003.png",
+            "line1-000010.png",
+            "other-000099.png",
+            "x.txt",
+        ] {
+            std::fs::write(dir.path().join(name), b"").expect("file");
+        }
+        assert_eq!(next_free_index(dir.path(), "line1"), 11);
+    }
+}
