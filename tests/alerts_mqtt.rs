@@ -1477,3 +1477,55 @@ fn a_full_disk_loses_no_alert_and_frees_the_oldest_recordings() {
          recordings {recorded:?}"
     );
 }
+
+/// SIGHUP reloads the alert settings of a running `stpm run`: a camera whose zone ignored the
+/// whole frame raises no event; the file rewritten without it and SIGHUP sent, events start on
+/// the next frames, without a restart (issue 23).
+#[test]
+fn sighup_reloads_alert_settings_without_a_restart() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().expect("dir");
+    let bundle = always_anomalous_bundle(dir.path());
+    let zones = "\n[camera.alerts]\nignore = [[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]]\n";
+    let pipeline = run_pipeline_with(
+        dir.path(),
+        &bundle,
+        "test://conveyor?fps=15",
+        broker.port,
+        "t_hup",
+        zones,
+    );
+    let subscriber = Subscriber::new(broker.port, "t_hup/+/events", None);
+    let log = dir.path().join("run.log");
+    let mut child = common::spawn_run(&pipeline, &log, dir.path());
+    let text = || fs::read_to_string(&log).unwrap_or_default();
+    let started = Instant::now();
+    while !text().contains("stream time 0") {
+        assert!(started.elapsed() < Duration::from_secs(30), "{}", text());
+        thread::sleep(Duration::from_millis(100));
+    }
+    let quiet = next_new_event(&subscriber, Duration::from_secs(3));
+    // The same file without the ignore zone, then SIGHUP.
+    let rewritten = fs::read_to_string(&pipeline)
+        .expect("pipeline")
+        .replace(zones, "\n");
+    fs::write(&pipeline, rewritten).expect("rewrite");
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let after = next_new_event(&subscriber, Duration::from_secs(10));
+    let alive = child.try_wait().expect("wait").is_none();
+    common::sigterm(&child);
+    let status = child.wait().expect("wait");
+    let log_text = text();
+    assert_eq!(quiet, None, "an event inside the ignored zone: {log_text}");
+    assert!(alive, "SIGHUP ended the run: {log_text}");
+    assert!(after.is_some(), "no event after the reload: {log_text}");
+    assert!(
+        log_text.contains("[line1] alert settings reloaded"),
+        "{log_text}"
+    );
+    assert!(status.success(), "{log_text}");
+}

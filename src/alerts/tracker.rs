@@ -207,6 +207,14 @@ impl AlertTracker {
         }
     }
 
+    /// New settings (a reload) from the next frame on; an event in progress goes on under them.
+    pub fn set_config(&mut self, config: AlertConfig) {
+        while self.recent.len() > config.m {
+            self.recent.pop_front();
+        }
+        self.config = config;
+    }
+
     /// Feeds one analysed frame at unix time `t`. A `new` needs the current frame and at least
     /// `k - 1` of the `m - 1` frames before it above the on-threshold; during a cooldown the
     /// debounce keeps counting, so an anomaly still present when it expires starts an event then.

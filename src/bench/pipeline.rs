@@ -307,6 +307,7 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
         RunOptions {
             keep_samples: true,
             print_alerts: false,
+            reload_from: None,
         },
     )?;
     let cpu_samples = sampler.finish();

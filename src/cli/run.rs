@@ -20,7 +20,12 @@ pub(super) fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = stpm::pipeline::config::PipelineConfig::load(&args.pipeline, &args.sets)?;
     let stop =
         stop_on_interrupt("\nstopping: finishing recordings and pending alerts (again to abort)")?;
-    let summary = stpm::pipeline::run(&config, stop).context("the pipeline failed")?;
+    let options = stpm::pipeline::RunOptions {
+        reload_from: Some((args.pipeline.clone(), args.sets.clone())),
+        ..Default::default()
+    };
+    let summary =
+        stpm::pipeline::run_with(&config, stop, options).context("the pipeline failed")?;
     let mut failed = false;
     for camera in &summary.cameras {
         let mean_ms = if camera.analysed > 0 {

@@ -13,6 +13,7 @@ mod gpu;
 pub mod http;
 pub mod metrics;
 pub mod queue;
+pub mod reload;
 pub mod retention;
 pub mod servers;
 pub mod sinks;
@@ -138,12 +139,15 @@ pub struct CameraStats {
 }
 
 /// How `run` reports, beyond what the pipeline file says.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Keep every frame's stage durations (for `stpm bench`) in [`CameraStats::samples`].
     pub keep_samples: bool,
     /// Print alert events as `alert {…}` lines on stdout (`stpm bench` keeps stdout for its report).
     pub print_alerts: bool,
+    /// The pipeline file and `--set` overrides it was loaded with: SIGHUP reads it again and
+    /// applies the cameras' alert settings (`None`: SIGHUP is not caught).
+    pub reload_from: Option<(std::path::PathBuf, Vec<String>)>,
 }
 
 impl Default for RunOptions {
@@ -151,6 +155,7 @@ impl Default for RunOptions {
         Self {
             keep_samples: false,
             print_alerts: true,
+            reload_from: None,
         }
     }
 }
@@ -279,6 +284,7 @@ pub fn run_with(
     let mut workers = Vec::new();
     let mut analysers = Vec::new();
     let mut captures = Vec::new();
+    let mut inboxes = Vec::new();
     for (index, camera) in config.camera.iter().enumerate() {
         let spawn_error = |source| PipelineError::Spawn {
             camera: camera.name.clone(),
@@ -362,6 +368,11 @@ pub fn run_with(
             epoch,
             metrics: Arc::clone(&camera_outputs.metrics),
             sinks: camera_sinks(camera, epoch, camera_outputs, &shared),
+            settings: {
+                let inbox = reload::Inbox::default();
+                inboxes.push((camera.name.clone(), Arc::clone(&inbox)));
+                inbox
+            },
             #[cfg(feature = "gpu")]
             gpu: gpu_overlay,
         };
@@ -372,6 +383,12 @@ pub fn run_with(
                 .map_err(spawn_error)?,
         );
     }
+    let reloader = match options.reload_from {
+        Some((path, sets)) => reload::Reloader::start(path, sets, config.clone(), inboxes)
+            .map_err(|e| log::warn!("reload: cannot watch for SIGHUP: {e}"))
+            .ok(),
+        None => None,
+    };
     let mut cameras = Vec::new();
     for handle in workers {
         match handle.join() {
@@ -381,6 +398,9 @@ pub fn run_with(
                 ..Default::default()
             }),
         }
+    }
+    if let Some(reloader) = reloader {
+        reloader.stop();
     }
     if let Some(events) = events {
         events.finish();

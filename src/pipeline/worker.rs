@@ -35,6 +35,8 @@ pub(super) struct Worker {
     pub(super) epoch: f64,
     /// The camera's outputs.
     pub(super) sinks: Vec<Box<dyn Sink>>,
+    /// New alert settings from a reload (SIGHUP), applied before the next frame.
+    pub(super) settings: super::reload::Inbox,
     /// The overlay on the GPU, when the engine runs there.
     #[cfg(feature = "gpu")]
     pub(super) gpu: Option<gpu::GpuStage>,
@@ -248,6 +250,16 @@ impl Worker {
         scored: &Scores,
         t: f64,
     ) -> Vec<u8> {
+        if let Some(settings) = super::reload::take(&self.settings) {
+            self.tracker.set_config(settings.alerts);
+            self.zones = ZoneMask::new(
+                self.zones.width(),
+                self.zones.height(),
+                &settings.roi,
+                &settings.ignore,
+            );
+            log::info!("[{}] alert settings reloaded", self.camera.name);
+        }
         let frame = &captured.frame;
         let size = self.manifest.model.input_size;
         let overlay_started = Instant::now();

@@ -1,0 +1,205 @@
+//! Reloading a running pipeline's settings without a restart: on SIGHUP the pipeline file is read
+//! again and each camera's alert settings (`[alerts]`, `[camera.alerts]`: thresholds, k/m,
+//! cooldowns, zones) go to its worker, which applies them before its next frame. Settings that
+//! cannot change while running (cameras, ports, outputs, the model, the spool) are named and left
+//! as they are.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::alerts::{AlertConfig, Polygon};
+use crate::pipeline::config::PipelineConfig;
+
+/// One camera's alert settings as the pipeline file now says.
+#[derive(Debug, Clone)]
+pub struct LiveSettings {
+    pub alerts: AlertConfig,
+    pub roi: Vec<Polygon>,
+    pub ignore: Vec<Polygon>,
+}
+
+/// Where new settings wait for a camera's worker (it takes them before its next frame).
+pub type Inbox = Arc<Mutex<Option<LiveSettings>>>;
+
+/// Takes what waits in `inbox`, if anything.
+pub fn take(inbox: &Inbox) -> Option<LiveSettings> {
+    inbox.lock().unwrap_or_else(PoisonError::into_inner).take()
+}
+
+static HANGUP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_hangup(_: libc::c_int) {
+    HANGUP.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGHUP ask for a reload instead of ending the process.
+fn catch_hangup() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGHUP,
+            on_hangup as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
+}
+
+/// The thread that waits for SIGHUP; [`Reloader::stop`] ends it.
+pub struct Reloader {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Reloader {
+    /// Catches SIGHUP from now on; on each, reads `path` (with `sets` applied, as at the start)
+    /// and hands each camera of `running` its new alert settings through `inboxes` (by camera).
+    pub fn start(
+        path: PathBuf,
+        sets: Vec<String>,
+        running: PipelineConfig,
+        inboxes: Vec<(String, Inbox)>,
+    ) -> std::io::Result<Self> {
+        catch_hangup();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("reload".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    if HANGUP.swap(false, Ordering::SeqCst) {
+                        reload(&path, &sets, &running, &inboxes);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Reads the file again and hands out what may change; logs what may not.
+fn reload(
+    path: &std::path::Path,
+    sets: &[String],
+    running: &PipelineConfig,
+    inboxes: &[(String, Inbox)],
+) {
+    let new = match PipelineConfig::load(path, sets) {
+        Ok(new) => new,
+        Err(e) => {
+            log::warn!("reload refused, the running settings stay: {e}");
+            return;
+        }
+    };
+    let fixed = fixed_changes(running, &new);
+    if !fixed.is_empty() {
+        log::warn!(
+            "reload: {} cannot change while running (restart stpm run for them); the alert \
+             settings are applied",
+            fixed.join(", ")
+        );
+    }
+    let mut applied = 0;
+    for (camera, inbox) in inboxes {
+        let Some(config) = new.camera.iter().find(|c| &c.name == camera) else {
+            continue;
+        };
+        let settings = LiveSettings {
+            alerts: config.alerts.resolve(&new.alerts),
+            roi: config.alerts.roi.clone(),
+            ignore: config.alerts.ignore.clone(),
+        };
+        *inbox.lock().unwrap_or_else(PoisonError::into_inner) = Some(settings);
+        applied += 1;
+    }
+    log::info!(
+        "reload: alert settings of {applied} camera(s) read from {}",
+        path.display()
+    );
+}
+
+/// The sections (and keys) that differ between `running` and `new` outside what a reload may
+/// change: everything but `[alerts]` (its spool excepted) and each camera's `[camera.alerts]`.
+pub fn fixed_changes(running: &PipelineConfig, new: &PipelineConfig) -> Vec<String> {
+    let mut probe = new.clone();
+    probe.alerts = AlertConfig {
+        spool_dir: new.alerts.spool_dir.clone(),
+        spool_max_events: new.alerts.spool_max_events,
+        ..running.alerts.clone()
+    };
+    if probe.camera.len() == running.camera.len() {
+        for (camera, old) in probe.camera.iter_mut().zip(&running.camera) {
+            camera.alerts = old.alerts.clone();
+        }
+    }
+    let same =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+    let mut changed = Vec::new();
+    if !same(&probe.model, &running.model) {
+        changed.push("[model]".to_string());
+    }
+    if !same(&probe.camera, &running.camera) {
+        changed.push("[[camera]] (other than [camera.alerts])".to_string());
+    }
+    if !same(&probe.output, &running.output) {
+        changed.push("[output]".to_string());
+    }
+    if probe.alerts.spool_dir != running.alerts.spool_dir
+        || probe.alerts.spool_max_events != running.alerts.spool_max_events
+    {
+        changed.push("[alerts] spool_dir / spool_max_events".to_string());
+    }
+    if !same(&probe.mqtt, &running.mqtt) {
+        changed.push("[mqtt]".to_string());
+    }
+    if !same(&probe.http, &running.http) {
+        changed.push("[http]".to_string());
+    }
+    if !same(&probe.storage, &running.storage) {
+        changed.push("[storage]".to_string());
+    }
+    if !same(&probe.clips, &running.clips) {
+        changed.push("[clips]".to_string());
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> PipelineConfig {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, text).expect("write");
+        PipelineConfig::load(&path, &[]).expect("config")
+    }
+
+    #[test]
+    fn only_what_cannot_change_live_is_named() {
+        let base = "[model]\nbundle = \"b\"\n\n[[camera]]\nname = \"line1\"\nsource = \"test://conveyor\"\n";
+        let running = config(base);
+        let alerts_only = config(&format!(
+            "{base}\n[camera.alerts]\non_threshold = 0.7\n\n[alerts]\nk = 2\nm = 4\n"
+        ));
+        assert!(fixed_changes(&running, &alerts_only).is_empty());
+        let moved = config(&format!(
+            "{base}\n[alerts]\nk = 2\nspool_dir = \"elsewhere\"\n\n[http]\nenabled = true\n"
+        ));
+        assert_eq!(
+            fixed_changes(&running, &moved),
+            ["[alerts] spool_dir / spool_max_events", "[http]"]
+        );
+    }
+}
