@@ -6,6 +6,7 @@
 //! camera's sinks, threads), shutdown and the run summary.
 
 pub mod analyse;
+mod background;
 pub mod config;
 pub mod conveyor;
 #[cfg(feature = "gpu")]

@@ -7,8 +7,9 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::Duration;
+
+use super::background::Background;
 
 use crate::alerts::{AlertConfig, Polygon};
 use crate::pipeline::config::PipelineConfig;
@@ -47,10 +48,7 @@ fn catch_hangup() {
 }
 
 /// The thread that waits for SIGHUP; [`Reloader::stop`] ends it.
-pub struct Reloader {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
+pub struct Reloader(Background);
 
 impl Reloader {
     /// Catches SIGHUP from now on; on each, reads `path` (with `sets` applied, as at the start)
@@ -62,29 +60,19 @@ impl Reloader {
         inboxes: Vec<(String, Inbox)>,
     ) -> std::io::Result<Self> {
         catch_hangup();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("reload".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    if HANGUP.swap(false, Ordering::SeqCst) {
-                        reload(&path, &sets, &running, &inboxes);
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
+        Background::spawn("reload", move |stop| {
+            while !stop.load(Ordering::Relaxed) {
+                if HANGUP.swap(false, Ordering::SeqCst) {
+                    reload(&path, &sets, &running, &inboxes);
                 }
-            })?;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
+                std::thread::sleep(Duration::from_millis(100));
+            }
         })
+        .map(Self)
     }
 
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+    pub fn stop(self) {
+        self.0.stop();
     }
 }
 

@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::background::Background;
 use crate::pipeline::config::PipelineConfig;
 use crate::pipeline::metrics::Metrics;
 use crate::store::EventStore;
@@ -23,10 +23,7 @@ const SHORT_EVERY: Duration = Duration::from_secs(5);
 const WARN_EVERY: Duration = Duration::from_secs(600);
 
 /// The running thread; [`Retention::stop`] ends it.
-pub struct Retention {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
+pub struct Retention(Background);
 
 impl Retention {
     /// Starts sweeping what `config` keeps, when `[storage]` sets a limit; `None` otherwise.
@@ -43,22 +40,18 @@ impl Retention {
         let folders = retention::folders(&config.storage.path, recordings.as_deref());
         let storage = config.storage.path.clone();
         let watched = written_folders(config);
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("retention".into())
-            .spawn(move || {
-                let run = Run {
-                    storage: &storage,
-                    folders: &folders,
-                    watched: &watched,
-                    limits,
-                    metrics: &metrics,
-                };
-                run.run(&flag)
-            })
-            .map_err(|e| log::warn!("storage: cannot start retention: {e}"))
-            .ok()?;
+        let thread = Background::spawn("retention", move |stop| {
+            let run = Run {
+                storage: &storage,
+                folders: &folders,
+                watched: &watched,
+                limits,
+                metrics: &metrics,
+            };
+            run.run(stop)
+        })
+        .map_err(|e| log::warn!("storage: cannot start retention: {e}"))
+        .ok()?;
         log::info!(
             "storage: retention keeps {}, {} and {} (snapshots, clips{})",
             if limits.max_bytes > 0 {
@@ -82,17 +75,11 @@ impl Retention {
                 ""
             }
         );
-        Some(Self {
-            stop,
-            thread: Some(thread),
-        })
+        Some(Self(thread))
     }
 
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+    pub fn stop(self) {
+        self.0.stop();
     }
 }
 
