@@ -60,7 +60,7 @@ pub enum CollectError {
     NoCamera { camera: String, known: String },
     #[error("camera `{camera}`: {message}")]
     Source { camera: String, message: String },
-    #[error("model {path}: {message}")]
+    #[error("model {path}: {message} (--no-model collects without screening frames)")]
     Model { path: PathBuf, message: String },
     #[error("cannot write {path}: {message}")]
     Write { path: PathBuf, message: String },
