@@ -95,6 +95,23 @@ pub struct Collected {
     pub ended_early: bool,
 }
 
+impl Collected {
+    /// Nothing collected yet from `camera` (`source`), screened by `model`.
+    pub fn start(camera: &str, source: &str, model: Option<String>) -> Self {
+        Self {
+            camera: camera.into(),
+            source: source.into(),
+            model,
+            saved: Vec::new(),
+            seen: 0,
+            too_soon: 0,
+            duplicates: 0,
+            near_anomalies: 0,
+            ended_early: false,
+        }
+    }
+}
+
 /// A frame waiting for `margin` seconds of stream time without an anomaly before it is saved.
 struct Pending {
     frame: RgbFrame,
@@ -194,19 +211,13 @@ pub fn collect(
     let capture_stop = Arc::new(AtomicBool::new(false));
     let capture = source::spawn(spec, Arc::clone(&queue), Arc::clone(&capture_stop))
         .map_err(|e| source_error(e.to_string()))?;
-    let mut report = Collected {
-        camera: camera.into(),
-        source: camera_config.source.clone(),
-        model: screen
+    let mut report = Collected::start(
+        camera,
+        &camera_config.source,
+        screen
             .as_ref()
             .map(|_| crate::pipeline::model_id(&config.model.bundle)),
-        saved: Vec::new(),
-        seen: 0,
-        too_soon: 0,
-        duplicates: 0,
-        near_anomalies: 0,
-        ended_early: false,
-    };
+    );
     let result = gather(&queue, &mut screen, &folder, options, &stop, &mut report);
     capture_stop.store(true, Ordering::Relaxed);
     while queue.pop(Duration::from_millis(10)).is_some() {}
@@ -225,12 +236,8 @@ fn gather(
     stop: &AtomicBool,
     report: &mut Collected,
 ) -> Result<(), CollectError> {
-    let mut pending: VecDeque<Pending> = VecDeque::new();
-    let mut last_kept: Option<(f64, Vec<f32>)> = None;
-    let mut last_alert: Option<f64> = None;
-    let mut recent: VecDeque<bool> = VecDeque::new();
-    let mut next_index = next_free_index(folder, &report.camera);
-    while report.saved.len() < options.frames && !stop.load(Ordering::Relaxed) {
+    let mut collector = Collector::new(folder, options.clone(), screen.is_some(), report.clone());
+    while !collector.done() && !stop.load(Ordering::Relaxed) {
         let Some(item) = queue.pop(Duration::from_millis(200)) else {
             continue;
         };
@@ -242,12 +249,10 @@ fn gather(
             }
             Item::Online => continue,
             Item::End => {
-                report.ended_early = true;
+                collector.report.ended_early = true;
                 break;
             }
         };
-        report.seen += 1;
-        let t = captured.pts.as_secs_f64();
         let score = match screen.as_mut() {
             Some(screen) => {
                 Some(
@@ -261,66 +266,125 @@ fn gather(
             }
             None => None,
         };
+        collector.offer(&captured.frame, captured.pts.as_secs_f64(), score)?;
+    }
+    *report = collector.report;
+    Ok(())
+}
+
+/// The screening and saving of one collection, frame by frame: what `stpm collect` runs on its
+/// own capture, and what a running pipeline's worker runs on its analysed frames.
+pub struct Collector {
+    folder: PathBuf,
+    options: CollectOptions,
+    /// Frames come with scores: wait `margin` before saving, screen out anomalies.
+    screened: bool,
+    pending: VecDeque<Pending>,
+    last_kept: Option<(f64, Vec<f32>)>,
+    last_alert: Option<f64>,
+    recent: VecDeque<bool>,
+    next_index: u64,
+    /// What it did so far.
+    pub report: Collected,
+}
+
+impl Collector {
+    /// Saves into `folder` (created by the caller) with `options`; `report` names the camera,
+    /// source and model, its counts start at zero.
+    pub fn new(folder: &Path, options: CollectOptions, screened: bool, report: Collected) -> Self {
+        Self {
+            next_index: next_free_index(folder, &report.camera),
+            folder: folder.to_path_buf(),
+            options,
+            screened,
+            pending: VecDeque::new(),
+            last_kept: None,
+            last_alert: None,
+            recent: VecDeque::new(),
+            report,
+        }
+    }
+
+    /// Enough frames saved.
+    pub fn done(&self) -> bool {
+        self.report.saved.len() >= self.options.frames
+    }
+
+    /// One frame at stream time `t` (seconds) with its normalised score (`None`: unscreened).
+    pub fn offer(
+        &mut self,
+        frame: &RgbFrame,
+        t: f64,
+        score: Option<f32>,
+    ) -> Result<(), CollectError> {
+        if self.done() {
+            return Ok(());
+        }
+        let options = &self.options;
+        self.report.seen += 1;
         let anomalous = score.is_some_and(|s| s >= 0.5);
-        recent.push_back(anomalous);
-        if recent.len() > options.m.max(1) {
-            recent.pop_front();
+        self.recent.push_back(anomalous);
+        if self.recent.len() > options.m.max(1) {
+            self.recent.pop_front();
         }
-        if recent.iter().filter(|&&a| a).count() >= options.k.max(1) {
+        if self.recent.iter().filter(|&&a| a).count() >= options.k.max(1) {
             // An alert: what waits within the margin before it goes, and so does what follows.
-            let before = pending.len();
-            pending.retain(|p| t - p.stream_seconds > options.margin);
-            report.near_anomalies += (before - pending.len()) as u64;
-            last_alert = Some(t);
+            let before = self.pending.len();
+            self.pending
+                .retain(|p| t - p.stream_seconds > options.margin);
+            self.report.near_anomalies += (before - self.pending.len()) as u64;
+            self.last_alert = Some(t);
         }
-        if anomalous || last_alert.is_some_and(|a| t - a <= options.margin) {
-            report.near_anomalies += 1;
-            continue;
+        if anomalous || self.last_alert.is_some_and(|a| t - a <= options.margin) {
+            self.report.near_anomalies += 1;
+            return Ok(());
         }
-        if last_kept
+        if self
+            .last_kept
             .as_ref()
             .is_some_and(|(kept, _)| t - kept < options.every)
         {
-            report.too_soon += 1;
-            continue;
+            self.report.too_soon += 1;
+            return Ok(());
         }
-        let thumb = thumbnail(&captured.frame);
-        if last_kept
+        let thumb = thumbnail(frame);
+        if self
+            .last_kept
             .as_ref()
             .is_some_and(|(_, kept)| mean_abs_difference(kept, &thumb) < options.min_change)
         {
-            report.duplicates += 1;
-            continue;
+            self.report.duplicates += 1;
+            return Ok(());
         }
-        last_kept = Some((t, thumb));
-        pending.push_back(Pending {
-            frame: captured.frame,
+        self.last_kept = Some((t, thumb));
+        self.pending.push_back(Pending {
+            frame: frame.clone(),
             stream_seconds: t,
             score,
         });
-        // Frames that have waited `margin` seconds without an alert are saved (without a model
-        // there is nothing to wait for).
-        while let Some(first) = pending.front() {
-            let settled = screen.is_none() || t - first.stream_seconds > options.margin;
-            if !settled || report.saved.len() >= options.frames {
+        // Frames that have waited `margin` seconds without an alert are saved (unscreened frames
+        // have nothing to wait for).
+        while let Some(first) = self.pending.front() {
+            let settled = !self.screened || t - first.stream_seconds > self.options.margin;
+            if !settled || self.done() {
                 break;
             }
-            if let Some(first) = pending.pop_front() {
-                let saved = save(folder, &report.camera, next_index, first)?;
-                next_index += 1;
-                report.saved.push(saved);
-                if report.saved.len().is_multiple_of(10) || report.saved.len() == options.frames {
+            if let Some(first) = self.pending.pop_front() {
+                let saved = save(&self.folder, &self.report.camera, self.next_index, first)?;
+                self.next_index += 1;
+                self.report.saved.push(saved);
+                let count = self.report.saved.len();
+                if count.is_multiple_of(10) || count == self.options.frames {
                     log::info!(
-                        "[{}] {} of {} frames saved",
-                        report.camera,
-                        report.saved.len(),
-                        options.frames
+                        "[{}] {count} of {} frames saved",
+                        self.report.camera,
+                        self.options.frames
                     );
                 }
             }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The first index `n` for which `<camera>-<n>.png` is not in `folder` after every existing one.
@@ -363,8 +427,8 @@ fn save(
     })
 }
 
-/// Appends this run to `out/collect.json` (`{"runs": [...]}`), written through a temporary file.
-fn write_log(out: &Path, report: &Collected) -> Result<(), CollectError> {
+/// Appends a run to `out/collect.json` (`{"runs": [...]}`), written through a temporary file.
+pub fn write_log(out: &Path, report: &Collected) -> Result<(), CollectError> {
     let path = out.join("collect.json");
     let write_error = |message: String| CollectError::Write {
         path: path.clone(),

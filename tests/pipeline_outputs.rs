@@ -931,6 +931,82 @@ fn rtsps_serves_tls_clients_and_nobody_in_plain_text() {
     assert!(status.success(), "{after}");
 }
 
+/// `POST /api/cameras/{camera}/collect` on a running pipeline (issue 23): 20 good frames of the
+/// conveyor land in `<storage>/collect/line1/train/good`, none showing a defect by the
+/// generator's labels; a second request while it runs is refused; progress is readable.
+#[test]
+fn a_running_pipeline_collects_good_frames_through_the_api() {
+    const FPS: f64 = 15.0;
+    let dir = tempfile::tempdir().expect("dir");
+    let http = free_port();
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
+             [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?fps={FPS}\"\n\n\
+             [storage]\npath = \"{}\"\n\n\
+             [http]\nenabled = true\nbind = \"127.0.0.1:{http}\"\n",
+            path(common::detecting_conveyor_bundle()),
+            path(&dir.path().join("data"))
+        ),
+    )
+    .expect("write pipeline");
+    let log = dir.path().join("stpm.log");
+    let mut child = common::spawn_run(&pipeline, &log, dir.path());
+    common::wait_for_port(http, "HTTP");
+    let ask = |method: &str, target: &str, body: &str| {
+        common::http_request(http, method, target, body).expect("an answer")
+    };
+    let (status, body) = ask(
+        "POST",
+        "/api/cameras/line1/collect",
+        r#"{"frames": 20, "every": 0.2}"#,
+    );
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains(r#""wanted":20"#), "{body}");
+    let (status, body) = ask("POST", "/api/cameras/line1/collect", "");
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(ask("GET", "/api/cameras/nowhere/collect", "").0, 404);
+    let started = Instant::now();
+    let progress = loop {
+        let (status, body) = ask("GET", "/api/cameras/line1/collect", "");
+        assert_eq!(status, 200, "{body}");
+        let progress: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        if progress["done"] == true {
+            break progress;
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            panic!("not done in 90 s: {body}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    common::sigterm(&child);
+    let status = child.wait().expect("wait");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "{text}");
+    assert_eq!(progress["saved"], 20, "{progress}");
+    assert!(progress["error"].is_null(), "{progress}");
+    let folder = dir.path().join("data/collect/line1");
+    let listed: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folder.join("collect.json")).expect("collect.json"))
+            .expect("JSON");
+    let saved = listed["runs"][0]["saved"].as_array().expect("saved");
+    assert_eq!(saved.len(), 20);
+    let (width, height) = stpm::pipeline::conveyor::CONVEYOR_SIZE;
+    let mut conveyor = stpm::pipeline::conveyor::Conveyor::new(width, height, 1);
+    for frame in saved {
+        let file = folder.join(frame["file"].as_str().expect("file"));
+        assert!(file.is_file(), "{}", file.display());
+        let index = (frame["stream_seconds"].as_f64().expect("time") * FPS).round() as u64;
+        assert!(
+            conveyor.frame(index).defect.is_none(),
+            "frame {index} shows a defect: {text}"
+        );
+    }
+}
+
 /// Hostile video files: random bytes, an empty file and a recording cut off mid-way. Each camera
 /// ends with a message naming it, what could be decoded is analysed, and nothing panics.
 #[test]

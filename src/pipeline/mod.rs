@@ -7,6 +7,7 @@
 
 pub mod analyse;
 mod background;
+pub mod collecting;
 pub mod config;
 pub mod conveyor;
 #[cfg(feature = "gpu")]
@@ -368,6 +369,7 @@ pub fn run_with(
             queue,
             epoch,
             metrics: Arc::clone(&camera_outputs.metrics),
+            collect: camera_outputs.collect.clone(),
             sinks: camera_sinks(camera, epoch, camera_outputs, &shared),
             settings: {
                 let inbox = reload::Inbox::default();

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::pipeline::collecting::CollectSlot;
 use crate::pipeline::config::PipelineConfig;
 use crate::pipeline::http::{HttpError, HttpServer, Served};
 use crate::pipeline::metrics::{CameraMetrics, Metrics};
@@ -23,6 +24,8 @@ pub struct LiveOutputs {
     feeds: Vec<Option<RtspFeed>>,
     /// The console's live view of each camera, in configuration order (`[http] live`).
     views: Vec<Option<Arc<LiveView>>>,
+    /// Each camera's frame collection (with `[http]` and `[storage]`), in configuration order.
+    slots: Vec<Option<Arc<CollectSlot>>>,
     /// Changed events, for the console's live list.
     event_feed: Changes,
 }
@@ -32,6 +35,8 @@ pub struct CameraOutputs {
     pub metrics: Arc<CameraMetrics>,
     pub rtsp: Option<RtspFeed>,
     pub live: Option<Arc<LiveView>>,
+    /// Frame collection for training (`POST /api/cameras/{camera}/collect`).
+    pub collect: Option<Arc<CollectSlot>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +73,24 @@ impl LiveOutputs {
                     .then(|| LiveView::new(camera))
             })
             .collect();
+        // Collections go under the data folder, so they need the HTTP API and `[storage]`.
+        let slots: Vec<Option<Arc<CollectSlot>>> = config
+            .camera
+            .iter()
+            .map(|camera| {
+                let alerts = camera.alerts.resolve(&config.alerts);
+                (config.http.enabled && config.storage.enabled).then(|| {
+                    Arc::new(CollectSlot::new(
+                        &camera.name,
+                        &camera.source,
+                        &crate::pipeline::model_id(&config.model.bundle),
+                        config.storage.path.join("collect").join(&camera.name),
+                        alerts.k,
+                        alerts.m,
+                    ))
+                })
+            })
+            .collect();
         let http = if config.http.enabled {
             let auth =
                 crate::pipeline::http::auth::Auth::load(&config.http.auth, &config.http.bind)?;
@@ -80,6 +103,11 @@ impl LiveOutputs {
                     .iter()
                     .zip(&views)
                     .filter_map(|(camera, view)| Some((camera.clone(), Arc::clone(view.as_ref()?))))
+                    .collect(),
+                collect: cameras
+                    .iter()
+                    .zip(&slots)
+                    .filter_map(|(camera, slot)| Some((camera.clone(), Arc::clone(slot.as_ref()?))))
                     .collect(),
                 event_feed: event_feed.clone(),
                 stopping: Default::default(),
@@ -115,6 +143,7 @@ impl LiveOutputs {
             rtsp,
             feeds,
             views,
+            slots,
             event_feed,
         })
     }
@@ -129,6 +158,7 @@ impl LiveOutputs {
                 .unwrap_or_else(|| Arc::new(CameraMetrics::new(name))),
             rtsp: self.feeds.get_mut(index).and_then(Option::take),
             live: self.views.get(index).cloned().flatten(),
+            collect: self.slots.get(index).cloned().flatten(),
         }
     }
 

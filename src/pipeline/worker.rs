@@ -37,6 +37,8 @@ pub(super) struct Worker {
     pub(super) sinks: Vec<Box<dyn Sink>>,
     /// New alert settings from a reload (SIGHUP), applied before the next frame.
     pub(super) settings: super::reload::Inbox,
+    /// Where analysed frames go while a collection for training runs.
+    pub(super) collect: Option<Arc<super::collecting::CollectSlot>>,
     /// The overlay on the GPU, when the engine runs there.
     #[cfg(feature = "gpu")]
     pub(super) gpu: Option<gpu::GpuStage>,
@@ -104,6 +106,9 @@ impl Worker {
             self.report_progress(&mut state);
         }
         self.metrics.set_state(CameraState::Ended);
+        if let Some(slot) = &self.collect {
+            slot.stop();
+        }
         let events = self.tracker.shutdown(state.last_t);
         self.emit(&mut state, events, None);
         state.stats.dropped = self.queue.dropped();
@@ -201,7 +206,11 @@ impl Worker {
                 if batch > 1 {
                     state.stats.batched += 1;
                 }
-                self.annotate(state, &captured, &scored, t)
+                let pixels = self.annotate(state, &captured, &scored, t);
+                if let Some(slot) = &self.collect {
+                    slot.offer(frame, captured.pts.as_secs_f64(), state.last_score);
+                }
+                pixels
             }
             Some(Err(error)) => {
                 state.stats.note_error(error.to_string());

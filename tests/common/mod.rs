@@ -231,10 +231,23 @@ fn decode_with(file: &Path, demuxer: &str) -> (usize, i32, i32) {
 
 /// `GET path` over HTTP/1.0: (status, body), or `None` while nothing answers.
 pub fn http_get(port: u16, target: &str) -> Option<(u16, String)> {
+    http_request(port, "GET", target, "")
+}
+
+/// `method target` with a JSON `body` over HTTP/1.0: (status, body), or `None` while nothing
+/// answers.
+pub fn http_request(port: u16, method: &str, target: &str, body: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     stream
-        .write_all(format!("GET {target} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .write_all(
+            format!(
+                "{method} {target} HTTP/1.0\r\nHost: localhost\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
         .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;

@@ -5,6 +5,7 @@
 
 mod api;
 pub mod auth;
+mod collect;
 mod listener;
 mod live;
 
@@ -47,6 +48,8 @@ pub struct Served {
     pub auth: Option<auth::Auth>,
     /// Each camera's live view (`[http] live`, with an encoder), by camera name.
     pub live: HashMap<String, Arc<LiveView>>,
+    /// Each camera's frame collection for training (with `[storage]`), by camera name.
+    pub collect: HashMap<String, Arc<crate::pipeline::collecting::CollectSlot>>,
     /// Ids of changed events (the writer's rows, verdicts), for the live event list.
     pub event_feed: Changes,
     /// Set when the server stops: long-lived answers (the event stream) end on it.
@@ -154,6 +157,7 @@ fn router(served: Arc<Served>) -> Router {
         .route("/health", get(health))
         .merge(api::routes())
         .merge(live::routes())
+        .merge(collect::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&served),
@@ -280,6 +284,7 @@ mod tests {
             model: String::new(),
             auth: None,
             live: Default::default(),
+            collect: Default::default(),
             event_feed: tokio::sync::broadcast::channel(4).0,
             stopping: Default::default(),
             offline_grace: std::time::Duration::ZERO,
