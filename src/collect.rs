@@ -33,6 +33,8 @@ pub struct CollectOptions {
     pub min_change: f32,
     /// Stream seconds before and after an alert in which nothing is saved.
     pub margin: f64,
+    /// A frame scoring above this (normalised) is an anomaly (`[alerts] on_threshold`).
+    pub on_threshold: f32,
     /// An alert is `k` of the last `m` frames scored as anomalies (`[alerts] k`, `m`).
     pub k: usize,
     pub m: usize,
@@ -47,6 +49,7 @@ impl Default for CollectOptions {
             every: 0.5,
             min_change: 0.02,
             margin: 1.0,
+            on_threshold: 0.5,
             k: 3,
             m: 5,
             use_model: true,
@@ -320,9 +323,14 @@ impl Collector {
         if self.done() {
             return Ok(());
         }
-        let options = &self.options;
         self.report.seen += 1;
-        let anomalous = score.is_some_and(|s| s >= 0.5);
+        // What has waited `margin` seconds without an alert is saved first, whatever this frame is.
+        self.save_settled(t)?;
+        if self.done() {
+            return Ok(());
+        }
+        let options = &self.options;
+        let anomalous = score.is_some_and(|s| s > options.on_threshold);
         self.recent.push_back(anomalous);
         if self.recent.len() > options.m.max(1) {
             self.recent.pop_front();
@@ -362,8 +370,12 @@ impl Collector {
             stream_seconds: t,
             score,
         });
-        // Frames that have waited `margin` seconds without an alert are saved (unscreened frames
-        // have nothing to wait for).
+        self.save_settled(t)
+    }
+
+    /// Saves the waiting frames that are more than `margin` seconds older than `t` (unscreened
+    /// frames do not wait).
+    fn save_settled(&mut self, t: f64) -> Result<(), CollectError> {
         while let Some(first) = self.pending.front() {
             let settled = !self.screened || t - first.stream_seconds > self.options.margin;
             if !settled || self.done() {

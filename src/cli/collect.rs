@@ -56,13 +56,23 @@ pub(super) fn run(args: CollectArgs) -> anyhow::Result<()> {
     );
     let config = stpm::pipeline::config::PipelineConfig::load(&args.pipeline, &args.sets)?;
     let stop = stop_on_interrupt("\nstopping: keeping the frames saved so far (again to abort)")?;
+    // The camera's own alert rule, as `stpm run` applies it.
+    let alerts = config
+        .camera
+        .iter()
+        .find(|c| c.name == args.camera)
+        .map_or_else(
+            || config.alerts.clone(),
+            |c| c.alerts.resolve(&config.alerts),
+        );
     let options = CollectOptions {
         frames: args.frames,
         every: args.every,
         min_change: args.min_change,
         margin: args.margin,
-        k: config.alerts.k,
-        m: config.alerts.m,
+        on_threshold: alerts.on_threshold,
+        k: alerts.k,
+        m: alerts.m,
         use_model: !args.no_model,
     };
     let report = stpm::collect::collect(&config, &args.camera, &args.out, &options, stop)

@@ -58,9 +58,8 @@ pub struct CollectSlot {
     model: String,
     /// `<storage>/collect/<camera>`.
     folder: PathBuf,
-    /// The pipeline's alert rule (`[alerts] k` of `m`), for the margin around alerts.
-    k: usize,
-    m: usize,
+    /// The camera's alert rule at the start (`on_threshold`, `k` of `m`).
+    alerts: crate::alerts::AlertConfig,
     job: Mutex<Option<Job>>,
 }
 
@@ -70,16 +69,14 @@ impl CollectSlot {
         source: &str,
         model: &str,
         folder: PathBuf,
-        k: usize,
-        m: usize,
+        alerts: crate::alerts::AlertConfig,
     ) -> Self {
         Self {
             camera: camera.into(),
             source: source.into(),
             model: model.into(),
             folder,
-            k,
-            m,
+            alerts,
             job: Mutex::new(None),
         }
     }
@@ -106,8 +103,9 @@ impl CollectSlot {
         let options = CollectOptions {
             frames,
             every,
-            k: self.k,
-            m: self.m,
+            on_threshold: self.alerts.on_threshold,
+            k: self.alerts.k,
+            m: self.alerts.m,
             ..CollectOptions::default()
         };
         let report = Collected::start(&self.camera, &self.source, Some(self.model.clone()));
@@ -173,24 +171,33 @@ impl CollectSlot {
     /// Offers one analysed frame (its raw pixels, stream time, normalised score) to a running
     /// collection; never waits.
     pub fn offer(&self, frame: &RgbFrame, t: f64, score: f32) {
-        let mut job = self.lock();
-        let Some(running) = job.as_mut() else {
+        // The sender only under the lock: the frame is copied outside it.
+        let Some(sender) = self.lock().as_ref().and_then(|job| job.frames.clone()) else {
             return;
         };
-        let Some(sender) = &running.frames else {
-            return;
-        };
-        match sender.try_send((frame.clone(), t, Some(score))) {
-            Ok(()) | Err(mpsc::TrySendError::Full(_)) => {}
+        if let Err(mpsc::TrySendError::Disconnected(_)) =
+            sender.try_send((frame.clone(), t, Some(score)))
+        {
             // The collection finished: no more frames.
-            Err(mpsc::TrySendError::Disconnected(_)) => running.frames = None,
+            if let Some(job) = self.lock().as_mut() {
+                job.frames = None;
+            }
         }
     }
 
-    /// Ends a running collection (the run stops) and waits for its thread.
+    /// Ends a running collection (the run stops) and waits for its thread; its progress stays
+    /// readable.
     pub fn stop(&self) {
-        if let Some(job) = self.lock().take() {
-            finish(job);
+        let (frames, thread) = {
+            let mut job = self.lock();
+            match job.as_mut() {
+                Some(job) => (job.frames.take(), job.thread.take()),
+                None => return,
+            }
+        };
+        drop(frames);
+        if let Some(thread) = thread {
+            let _ = thread.join();
         }
     }
 }

@@ -193,6 +193,10 @@ pub fn run_with(
 ) -> Result<RunSummary, PipelineError> {
     // First, so a second instance on the same folders fails at once.
     let _locks = lock_folders(config)?;
+    if options.reload_from.is_some() {
+        // Before the slow start (the model), so an early SIGHUP does not end the run.
+        reload::catch_hangup();
+    }
     let encoder = output_encoder(config)?;
     let Sessions {
         bundle,

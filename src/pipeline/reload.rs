@@ -36,8 +36,9 @@ extern "C" fn on_hangup(_: libc::c_int) {
     HANGUP.store(true, Ordering::SeqCst);
 }
 
-/// Makes SIGHUP ask for a reload instead of ending the process.
-fn catch_hangup() {
+/// Makes SIGHUP ask for a reload instead of ending the process (one that arrives before the
+/// reload thread runs is handled when it starts).
+pub fn catch_hangup() {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(

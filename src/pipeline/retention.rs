@@ -37,12 +37,21 @@ impl Retention {
             .record
             .enabled
             .then(|| config.output.record.dir.clone());
-        let folders = retention::folders(&config.storage.path, recordings.as_deref());
-        let storage = config.storage.path.clone();
+        // Without `[storage]` only the recordings are this run's to sweep (the data folder may
+        // be another run's, and it has no event store to mark).
+        let folders = if config.storage.enabled {
+            retention::folders(&config.storage.path, recordings.as_deref())
+        } else {
+            recordings.clone().into_iter().collect()
+        };
+        if folders.is_empty() {
+            return None;
+        }
+        let storage = config.storage.enabled.then(|| config.storage.path.clone());
         let watched = written_folders(config);
         let thread = Background::spawn("retention", move |stop| {
             let run = Run {
-                storage: &storage,
+                storage: storage.as_deref(),
                 folders: &folders,
                 watched: &watched,
                 limits,
@@ -83,10 +92,13 @@ impl Retention {
     }
 }
 
-/// The folders the run writes to, named for the `stpm_disk_free_bytes` gauge: the data folder,
-/// the recordings (when on) and the alert spool.
+/// The folders the run writes to, named for the `stpm_disk_free_bytes` gauge: the data folder
+/// (with `[storage]`), the recordings (when on) and the alert spool.
 pub fn written_folders(config: &PipelineConfig) -> Vec<(&'static str, PathBuf)> {
-    let mut folders = vec![("data", config.storage.path.clone())];
+    let mut folders = Vec::new();
+    if config.storage.enabled {
+        folders.push(("data", config.storage.path.clone()));
+    }
     if config.output.record.enabled {
         folders.push(("recordings", config.output.record.dir.clone()));
     }
@@ -96,7 +108,8 @@ pub fn written_folders(config: &PipelineConfig) -> Vec<(&'static str, PathBuf)> 
 
 /// What the thread works on.
 struct Run<'a> {
-    storage: &'a Path,
+    /// The event store's folder, when `[storage]` is on.
+    storage: Option<&'a Path>,
     folders: &'a [PathBuf],
     watched: &'a [(&'static str, PathBuf)],
     limits: Limits,
@@ -158,16 +171,12 @@ impl Run<'_> {
     }
 
     fn sweep(&self) {
-        let store = EventStore::open(self.storage);
+        let store = self.storage.map(EventStore::open).transpose();
         if let Err(e) = &store {
             log::warn!("storage: retention cannot open the store: {e}");
         }
-        match retention::sweep(
-            self.folders,
-            self.limits,
-            SystemTime::now(),
-            store.as_ref().ok(),
-        ) {
+        let store = store.ok().flatten();
+        match retention::sweep(self.folders, self.limits, SystemTime::now(), store.as_ref()) {
             Ok(swept) => {
                 if !swept.deleted.is_empty() {
                     log::info!(

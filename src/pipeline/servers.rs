@@ -85,8 +85,7 @@ impl LiveOutputs {
                         &camera.source,
                         &crate::pipeline::model_id(&config.model.bundle),
                         config.storage.path.join("collect").join(&camera.name),
-                        alerts.k,
-                        alerts.m,
+                        alerts.clone(),
                     ))
                 })
             })

@@ -279,6 +279,8 @@ struct Writer {
     backlog: VecDeque<Row>,
     /// Rows dropped from a full backlog.
     dropped: u64,
+    /// The store refused the backlog's first row (said once, until it takes it).
+    refusing: bool,
 }
 
 impl Writer {
@@ -289,6 +291,7 @@ impl Writer {
             changes,
             backlog: VecDeque::new(),
             dropped: 0,
+            refusing: false,
         }
     }
 
@@ -337,8 +340,9 @@ impl Writer {
         while let Some(row) = self.backlog.front() {
             if let Err(error) = row.store(&self.store) {
                 // Once per outage: the first refusal, then the recovery.
-                if waiting == 1 && self.backlog.len() == 1 {
+                if !self.refusing {
                     log::warn!("storage: {error}; the event is kept in memory and stored later");
+                    self.refusing = true;
                 }
                 return;
             }
@@ -348,8 +352,9 @@ impl Writer {
             }
             self.backlog.pop_front();
         }
-        if waiting > 1 {
+        if self.refusing {
             log::info!("storage: {waiting} event change(s) kept in memory are stored now");
+            self.refusing = false;
         }
     }
 
