@@ -203,14 +203,7 @@ pub fn collect(
         message: e.to_string(),
     })?;
     let queue = Arc::new(FrameQueue::new(2));
-    let spec = SourceSpec {
-        camera: camera.into(),
-        uri,
-        looping: camera_config.looping,
-        realtime: camera_config.realtime,
-        stall: (camera_config.stall_seconds > 0.0)
-            .then(|| Duration::from_secs_f64(camera_config.stall_seconds)),
-    };
+    let spec = SourceSpec::for_camera(camera_config, uri);
     let capture_stop = Arc::new(AtomicBool::new(false));
     let capture = source::spawn(spec, Arc::clone(&queue), Arc::clone(&capture_stop))
         .map_err(|e| source_error(e.to_string()))?;

@@ -6,7 +6,7 @@
 mod common;
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -791,28 +791,42 @@ fn rtsp_with_digest_authentication_turns_strangers_away() {
     rtsp_password_check("digest");
 }
 
-fn rtsp_password_check(method: &str) {
-    let dir = tempfile::tempdir().expect("dir");
-    let port = free_port();
-    let password = dir.path().join("rtsp-password");
-    std::fs::write(&password, "s3cret\n").expect("password file");
-    let pipeline = dir.path().join("p.toml");
+/// `stpm run` of the tiny bundle on the generated conveyor (15 frames/s, no event store) with
+/// RTSP on `port` and `rtsp` (more `[output.rtsp]` keys), started and listening: the process and
+/// its log file.
+fn rtsp_run(dir: &Path, port: u16, rtsp: &str) -> (std::process::Child, PathBuf) {
+    let pipeline = dir.join("p.toml");
     std::fs::write(
         &pipeline,
         format!(
             "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
              [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?fps=15\"\n\n\
              [storage]\nenabled = false\n\n\
-             [output.rtsp]\nenabled = true\nbind = \"127.0.0.1\"\nport = {port}\n\
-             username = \"anna\"\npassword_file = \"{}\"\nauth_method = \"{method}\"\n",
+             [output.rtsp]\nenabled = true\nport = {port}\n{rtsp}",
             path(bundle()),
-            path(&password)
         ),
     )
     .expect("write pipeline");
-    let log = dir.path().join("stpm.log");
-    let mut child = common::spawn_run(&pipeline, &log, dir.path());
+    let log = dir.join("stpm.log");
+    let child = common::spawn_run(&pipeline, &log, dir);
     common::wait_for_port(port, "RTSP");
+    (child, log)
+}
+
+fn rtsp_password_check(method: &str) {
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let password = dir.path().join("rtsp-password");
+    std::fs::write(&password, "s3cret\n").expect("password file");
+    let (mut child, log) = rtsp_run(
+        dir.path(),
+        port,
+        &format!(
+            "bind = \"127.0.0.1\"\nusername = \"anna\"\npassword_file = \"{}\"\n\
+             auth_method = \"{method}\"\n",
+            path(&password)
+        ),
+    );
     // What the server asks a stranger for: the configured method only.
     let challenge = {
         use std::io::{Read, Write};
@@ -893,24 +907,15 @@ fn rtsps_serves_tls_clients_and_nobody_in_plain_text() {
         .output()
         .expect("openssl (scripts/setup.sh installs it)");
     assert!(made.status.success(), "{}", text(&made));
-    let pipeline = dir.path().join("p.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n\
-             [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?fps=15\"\n\n\
-             [storage]\nenabled = false\n\n\
-             [output.rtsp]\nenabled = true\nport = {port}\n\
-             tls_cert = \"{}\"\ntls_key = \"{}\"\n",
-            path(bundle()),
+    let (mut child, log) = rtsp_run(
+        dir.path(),
+        port,
+        &format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
             path(&cert),
             path(&key)
         ),
-    )
-    .expect("write pipeline");
-    let log = dir.path().join("stpm.log");
-    let mut child = common::spawn_run(&pipeline, &log, dir.path());
-    common::wait_for_port(port, "RTSP");
+    );
     let plain = watch(
         &format!("rtsp://127.0.0.1:{port}/line1"),
         1,

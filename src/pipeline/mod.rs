@@ -306,14 +306,7 @@ pub fn run_with(
         } else {
             OFFLINE_QUEUE_FRAMES
         }));
-        let spec = SourceSpec {
-            camera: camera.name.clone(),
-            uri,
-            looping: camera.looping,
-            realtime: camera.realtime,
-            stall: (camera.stall_seconds > 0.0)
-                .then(|| Duration::from_secs_f64(camera.stall_seconds)),
-        };
+        let spec = SourceSpec::for_camera(camera, uri);
         captures
             .push(source::spawn(spec, Arc::clone(&queue), Arc::clone(&stop)).map_err(spawn_error)?);
         // One frame between analyser and worker: the next frame is scored while this one is drawn.

@@ -132,36 +132,31 @@ pub fn fixed_changes(running: &PipelineConfig, new: &PipelineConfig) -> Vec<Stri
             camera.alerts = old.alerts.clone();
         }
     }
-    let same =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
-    let mut changed = Vec::new();
-    if !same(&probe.model, &running.model) {
-        changed.push("[model]".to_string());
-    }
-    if !same(&probe.camera, &running.camera) {
-        changed.push("[[camera]] (other than [camera.alerts])".to_string());
-    }
-    if !same(&probe.output, &running.output) {
-        changed.push("[output]".to_string());
-    }
-    if probe.alerts.spool_dir != running.alerts.spool_dir
-        || probe.alerts.spool_max_events != running.alerts.spool_max_events
-    {
-        changed.push("[alerts] spool_dir / spool_max_events".to_string());
-    }
-    if !same(&probe.mqtt, &running.mqtt) {
-        changed.push("[mqtt]".to_string());
-    }
-    if !same(&probe.http, &running.http) {
-        changed.push("[http]".to_string());
-    }
-    if !same(&probe.storage, &running.storage) {
-        changed.push("[storage]".to_string());
-    }
-    if !same(&probe.clips, &running.clips) {
-        changed.push("[clips]".to_string());
-    }
-    changed
+    // `probe` equals `running` except where a reload cannot apply the change (its `[alerts]`
+    // differs only in the spool keys).
+    let sections: [(&str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 8] = [
+        ("[model]", &probe.model, &running.model),
+        (
+            "[[camera]] (other than [camera.alerts])",
+            &probe.camera,
+            &running.camera,
+        ),
+        ("[output]", &probe.output, &running.output),
+        (
+            "[alerts] spool_dir / spool_max_events",
+            &probe.alerts,
+            &running.alerts,
+        ),
+        ("[mqtt]", &probe.mqtt, &running.mqtt),
+        ("[http]", &probe.http, &running.http),
+        ("[storage]", &probe.storage, &running.storage),
+        ("[clips]", &probe.clips, &running.clips),
+    ];
+    sections
+        .into_iter()
+        .filter(|(_, new, old)| format!("{new:?}") != format!("{old:?}"))
+        .map(|(name, _, _)| name.to_string())
+        .collect()
 }
 
 #[cfg(test)]

@@ -74,6 +74,7 @@ impl LiveOutputs {
             })
             .collect();
         // Collections go under the data folder, so they need the HTTP API and `[storage]`.
+        let model = crate::pipeline::model_id(&config.model.bundle);
         let slots: Vec<Option<Arc<CollectSlot>>> = config
             .camera
             .iter()
@@ -83,7 +84,7 @@ impl LiveOutputs {
                     Arc::new(CollectSlot::new(
                         &camera.name,
                         &camera.source,
-                        &crate::pipeline::model_id(&config.model.bundle),
+                        &model,
                         config.storage.path.join("collect").join(&camera.name),
                         alerts.clone(),
                     ))

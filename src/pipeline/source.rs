@@ -42,6 +42,19 @@ pub struct SourceSpec {
 }
 
 impl SourceSpec {
+    /// The capture of `camera` (its source already parsed into `uri`), as its `[[camera]]`
+    /// table says: looping, realtime, the stall watchdog.
+    pub fn for_camera(camera: &crate::pipeline::config::CameraConfig, uri: SourceUri) -> Self {
+        Self {
+            camera: camera.name.clone(),
+            uri,
+            looping: camera.looping,
+            realtime: camera.realtime,
+            stall: (camera.stall_seconds > 0.0)
+                .then(|| Duration::from_secs_f64(camera.stall_seconds)),
+        }
+    }
+
     fn is_live(&self) -> bool {
         matches!(self.uri, SourceUri::Rtsp(_) | SourceUri::V4l2(_))
     }

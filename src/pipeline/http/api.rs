@@ -49,6 +49,16 @@ fn fail(status: StatusCode, message: String) -> ApiError {
 }
 
 /// A JSON error response.
+/// 404 for `camera`: `known` says what it lacks when the run has it, else it is not configured.
+pub(super) fn camera_lacks(served: &Served, camera: &str, known: &str) -> Response {
+    let why = if served.metrics.camera(camera).is_some() {
+        known
+    } else {
+        "is not configured"
+    };
+    error(StatusCode::NOT_FOUND, format!("camera {camera} {why}"))
+}
+
 pub(super) fn error(status: StatusCode, message: String) -> Response {
     fail(status, message).into_response()
 }

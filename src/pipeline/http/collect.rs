@@ -12,7 +12,7 @@ use axum::routing::get;
 use serde::Deserialize;
 
 use super::Served;
-use super::api::error;
+use super::api::{camera_lacks, error};
 use crate::pipeline::collecting::{CollectSlot, StartError};
 
 /// The most frames one collection may ask for.
@@ -42,14 +42,10 @@ fn default_every() -> f64 {
 /// The camera's collection slot, or the 404 that says why there is none.
 fn slot(served: &Served, camera: &str) -> Result<Arc<CollectSlot>, Box<Response>> {
     served.collect.get(camera).cloned().ok_or_else(|| {
-        let why = if served.metrics.camera(camera).is_some() {
-            "cannot collect frames: [storage] is off"
-        } else {
-            "is not configured"
-        };
-        Box::new(error(
-            StatusCode::NOT_FOUND,
-            format!("camera {camera} {why}"),
+        Box::new(camera_lacks(
+            served,
+            camera,
+            "cannot collect frames: [storage] is off",
         ))
     })
 }

@@ -15,7 +15,7 @@ use axum::routing::get;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::Served;
-use super::api::{error, event_json, with_store};
+use super::api::{camera_lacks, error, event_json, with_store};
 use crate::pipeline::sinks::live::{LiveMessage, LiveStream};
 
 /// A comment line on a quiet event stream this often, so proxies keep it open.
@@ -51,12 +51,11 @@ async fn live(
         }
     }
     let Some(view) = served.live.get(&camera).cloned() else {
-        let why = if served.metrics.camera(&camera).is_some() {
-            "has no live view (http.live is off, or no H.264 encoder is installed)"
-        } else {
-            "is not configured"
-        };
-        return error(StatusCode::NOT_FOUND, format!("camera {camera} {why}"));
+        return camera_lacks(
+            &served,
+            &camera,
+            "has no live view (http.live is off, or no H.264 encoder is installed)",
+        );
     };
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
