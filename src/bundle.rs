@@ -386,6 +386,9 @@ pub struct Bundle {
     pub manifest: Manifest,
     /// The graph `model_path` and `calibration` refer to.
     pub precision: Precision,
+    /// sha256 of `stpm.toml` as read (it names the graph's own hash, so it identifies the model
+    /// and its calibration).
+    pub manifest_sha256: String,
 }
 
 /// The largest input side a bundle may declare (pixels).
@@ -448,6 +451,7 @@ impl Bundle {
             dir: dir.to_path_buf(),
             manifest,
             precision: Precision::Fp32,
+            manifest_sha256: sha256_hex(text.as_bytes()),
         })
     }
 

@@ -212,7 +212,7 @@ pub fn collect(
         &camera_config.source,
         screen
             .as_ref()
-            .map(|_| crate::pipeline::model_id(&config.model.bundle)),
+            .map(|_| crate::pipeline::model::id_on_disk(&config.model.bundle)),
     );
     let result = gather(&queue, &mut screen, &folder, options, &stop, &mut report);
     capture_stop.store(true, Ordering::Relaxed);

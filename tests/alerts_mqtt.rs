@@ -1505,17 +1505,45 @@ fn sighup_reloads_alert_settings_without_a_restart() {
         thread::sleep(Duration::from_millis(100));
     }
     let quiet = next_new_event(&subscriber, Duration::from_secs(3));
-    // The same file without the ignore zone, then SIGHUP.
-    let rewritten = fs::read_to_string(&pipeline)
-        .expect("pipeline")
-        .replace(zones, "\n");
-    fs::write(&pipeline, rewritten).expect("rewrite");
-    let hup = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(hup.success());
+    // Rewrites the pipeline file, then sends SIGHUP.
+    let rewrite_and_hang_up = |from: &str, to: &str| {
+        let rewritten = fs::read_to_string(&pipeline)
+            .expect("pipeline")
+            .replace(from, to);
+        fs::write(&pipeline, rewritten).expect("rewrite");
+        let hup = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(hup.success());
+    };
+    // The same file without the ignore zone.
+    rewrite_and_hang_up(zones, "\n");
     let after = next_new_event(&subscriber, Duration::from_secs(10));
+    // The file names another bundle, one that never alerts: SIGHUP swaps it in and the event in
+    // progress ends, its `end` naming the new model.
+    let quiet_bundle = common::recalibrated_bundle(
+        common::tiny_conveyor_bundle(),
+        &dir.path().join("quiet"),
+        "1e9",
+        "0.0",
+    );
+    rewrite_and_hang_up(common::path_str(&bundle), common::path_str(&quiet_bundle));
+    let ended = {
+        let start = Instant::now();
+        loop {
+            let Some(left) = Duration::from_secs(15).checked_sub(start.elapsed()) else {
+                break None;
+            };
+            let Ok(message) = subscriber.messages.recv_timeout(left) else {
+                break None;
+            };
+            let event = message.json();
+            if event["type"] == "end" {
+                break Some(event);
+            }
+        }
+    };
     let alive = child.try_wait().expect("wait").is_none();
     common::sigterm(&child);
     let status = child.wait().expect("wait");
@@ -1527,5 +1555,12 @@ fn sighup_reloads_alert_settings_without_a_restart() {
         log_text.contains("[line1] alert settings reloaded"),
         "{log_text}"
     );
+    let ended = ended.unwrap_or_else(|| panic!("no end after the model swap: {log_text}"));
+    assert_eq!(
+        ended["model"],
+        stpm::pipeline::model::id_on_disk(&quiet_bundle),
+        "{log_text}"
+    );
+    assert!(log_text.contains("model: quiet ("), "{log_text}");
     assert!(status.success(), "{log_text}");
 }

@@ -1106,3 +1106,214 @@ fn garbage_and_truncated_video_files_end_their_camera_without_a_panic() {
         .expect("the cut camera's summary");
     assert!((1..24).contains(&analysed), "{analysed} frames: {log}");
 }
+
+/// An RTSP client that decodes until `stop` is set: the arrival time of every decoded frame and
+/// whether the stream ended or failed on the way (a reconnect would be one).
+fn watch_until(url: &str, stop: &std::sync::atomic::AtomicBool) -> (Vec<Instant>, Option<String>) {
+    let (pipeline, sink) = common::appsink_pipeline(&format!(
+        "rtspsrc location={url} protocols=tcp latency=0 ! rtph264depay ! avdec_h264 ! \
+         videoconvert ! video/x-raw,format=RGB ! appsink name=sink sync=false"
+    ));
+    pipeline.set_state(gst::State::Playing).expect("play");
+    let bus = pipeline.bus().expect("bus");
+    let mut arrivals = Vec::new();
+    let mut broken = None;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && broken.is_none() {
+        if sink
+            .try_pull_sample(gst::ClockTime::from_mseconds(100))
+            .is_some()
+        {
+            arrivals.push(Instant::now());
+        }
+        while let Some(message) = bus.pop() {
+            match message.view() {
+                gst::MessageView::Eos(_) => broken = Some("end of stream".to_string()),
+                gst::MessageView::Error(e) => broken = Some(e.error().to_string()),
+                _ => {}
+            }
+        }
+    }
+    let _ = pipeline.set_state(gst::State::Null);
+    (arrivals, broken)
+}
+
+/// The loop of training on the line: frames collected from the running camera, a model trained
+/// on them, swapped in with `POST /api/model` while an RTSP client decodes (no gap over 1 s, no
+/// reconnect), events after the swap naming the new model; broken bundles refused with the old
+/// model running; `[model] watch` swapping in new thresholds written into the live bundle.
+#[test]
+fn a_model_trained_on_collected_frames_is_swapped_in_while_a_client_watches() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (http, rtsp) = (free_port(), free_port());
+    // The first model never alerts; the new one always does.
+    let first = common::recalibrated_bundle(bundle(), &dir.path().join("first"), "1e9", "0.0");
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\nwatch = true\n\n\
+             [[camera]]\nname = \"line1\"\nsource = \"test://conveyor?fps=15\"\n\n\
+             [storage]\npath = \"{}\"\n\n\
+             [http]\nenabled = true\nbind = \"127.0.0.1:{http}\"\n\n\
+             [output.rtsp]\nenabled = true\nport = {rtsp}\n",
+            path(&first),
+            path(&dir.path().join("data"))
+        ),
+    )
+    .expect("write pipeline");
+    let log = dir.path().join("stpm.log");
+    let mut child = common::spawn_run(&pipeline, &log, dir.path());
+    common::wait_for_port(http, "HTTP");
+    common::wait_for_port(rtsp, "RTSP");
+    let ask = |method: &str, target: &str, body: &str| {
+        common::http_request(http, method, target, body).expect("an answer")
+    };
+    let json = |body: &str| -> serde_json::Value { serde_json::from_str(body).expect("JSON") };
+    let live_id = || json(&ask("GET", "/api/model", "").1)["id"].to_string();
+    let first_id = live_id();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = std::sync::Arc::clone(&stop);
+        let url = format!("rtsp://127.0.0.1:{rtsp}/line1");
+        std::thread::spawn(move || watch_until(&url, &stop))
+    };
+
+    // Collect, then train on what was collected.
+    let (status, body) = ask(
+        "POST",
+        "/api/cameras/line1/collect",
+        r#"{"frames": 16, "every": 0.1}"#,
+    );
+    assert_eq!(status, 202, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while json(&ask("GET", "/api/cameras/line1/collect", "").1)["done"] != true {
+        assert!(Instant::now() < deadline, "the collection did not end");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let trained = dir.path().join("trained");
+    let out = stpm(
+        &[
+            "train",
+            "--data",
+            path(&dir.path().join("data/collect/line1")),
+            "--out",
+            path(&trained),
+            "--quiet",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "64",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "train: {}", text(&out));
+    let new = common::recalibrated_bundle(&trained, &dir.path().join("new"), "0.0", "-1.0");
+
+    // Broken bundles are refused and the first model keeps running.
+    let bad_hash = common::recalibrated_bundle(&new, &dir.path().join("bad-hash"), "0.0", "-1.0");
+    let mut graph = std::fs::read(bad_hash.join("model.onnx")).expect("graph");
+    graph.push(0);
+    std::fs::write(bad_hash.join("model.onnx"), graph).expect("graph");
+    let resized = common::recalibrated_bundle(&new, &dir.path().join("resized"), "0.0", "-1.0");
+    let manifest = std::fs::read_to_string(resized.join("stpm.toml")).expect("manifest");
+    std::fs::write(
+        resized.join("stpm.toml"),
+        manifest.replace(
+            "input_size = [\n    64,\n    64,\n]",
+            "input_size = [\n    128,\n    128,\n]",
+        ),
+    )
+    .expect("manifest");
+    for (bundle, why) in [
+        (&bad_hash, "does not match its manifest"),
+        (&resized, "input size"),
+        (&dir.path().join("nowhere"), "no such bundle folder"),
+    ] {
+        let (status, body) = ask(
+            "POST",
+            "/api/model",
+            &format!(r#"{{"bundle": "{}"}}"#, path(bundle)),
+        );
+        assert_eq!(status, 422, "{}: {body}", bundle.display());
+        assert!(body.contains(why), "{}: {body}", bundle.display());
+    }
+    assert_eq!(ask("POST", "/api/model", "{\"bundel\": 1}").0, 400);
+    assert_eq!(live_id(), first_id, "a refused bundle changed the model");
+
+    // The swap.
+    let swapped_at = Instant::now();
+    let (status, body) = ask(
+        "POST",
+        "/api/model",
+        &format!(r#"{{"bundle": "{}"}}"#, path(&new)),
+    );
+    let answered = swapped_at.elapsed();
+    assert_eq!(status, 200, "{body}");
+    let new_id = json(&body)["model"]["id"].to_string();
+    assert_ne!(new_id, first_id);
+    assert_eq!(live_id(), new_id);
+    let cameras = json(&ask("GET", "/api/cameras", "").1);
+    assert_eq!(cameras["cameras"][0]["model"].to_string(), new_id);
+    std::thread::sleep(Duration::from_secs(3));
+
+    // New thresholds written into the live bundle are picked up by `[model] watch`.
+    let manifest = std::fs::read_to_string(new.join("stpm.toml")).expect("manifest");
+    std::fs::write(
+        new.join("stpm.toml"),
+        manifest.replace("floor = -1.0", "floor = -2.0"),
+    )
+    .expect("manifest");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while live_id() == new_id {
+        assert!(Instant::now() < deadline, "model.watch did not swap");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let watched_id = live_id();
+    let metrics = ask("GET", "/metrics", "").1;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (arrivals, broken) = client.join().expect("client");
+    common::sigterm(&child);
+    let status = child.wait().expect("wait");
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "{log_text}");
+
+    assert_eq!(broken, None, "the RTSP client's stream broke: {log_text}");
+    let after = arrivals
+        .iter()
+        .filter(|&&t| t > swapped_at + answered)
+        .count();
+    assert!(after >= 15, "{after} frames after the swap");
+    let gap = arrivals
+        .windows(2)
+        .filter(|pair| pair[1] > swapped_at)
+        .map(|pair| pair[1] - pair[0])
+        .max()
+        .expect("frames");
+    eprintln!("swap answered in {answered:?}; longest frame gap after it {gap:?}");
+    assert!(
+        gap < Duration::from_secs(1),
+        "the client waited {gap:?} for a frame around the swap"
+    );
+    // Every alert came from a swapped-in model (the first never alerts), the new one first.
+    let alerts: Vec<serde_json::Value> = log_text
+        .lines()
+        .filter_map(|line| line.strip_prefix("alert "))
+        .map(json)
+        .collect();
+    assert!(!alerts.is_empty(), "no alert after the swap: {log_text}");
+    assert_eq!(alerts[0]["model"].to_string(), new_id, "{log_text}");
+    assert!(
+        alerts
+            .iter()
+            .all(|alert| [&new_id, &watched_id].contains(&&alert["model"].to_string())),
+        "{log_text}"
+    );
+    let id = watched_id.trim_matches('"');
+    assert!(
+        metrics.contains(&format!("stpm_model_info{{id=\"{id}\",bundle=\"new\"}} 1")),
+        "{metrics}"
+    );
+    assert_eq!(sample(&metrics, "stpm_model_swaps_total"), Some(2.0));
+}

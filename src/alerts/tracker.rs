@@ -53,7 +53,8 @@ pub struct AlertEvent {
     /// True when this frame is the event's highest-scoring so far: the pipeline publishes its
     /// annotated JPEG on `<prefix>/<camera>/snapshot`.
     pub snapshot: bool,
-    /// Name of the model bundle that produced the scores.
+    /// Id of the model that scored the frame (the first 12 hex digits of the sha256 of its
+    /// bundle's `stpm.toml`; `stpm run` names the live model so in `/api/cameras`).
     pub model: String,
     /// Only on `end` events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -213,6 +214,11 @@ impl AlertTracker {
             self.recent.pop_front();
         }
         self.config = config;
+    }
+
+    /// Events from the next frame on name model `id` (a swapped-in model scored it).
+    pub fn set_model(&mut self, id: &str) {
+        self.model = id.to_string();
     }
 
     /// Feeds one analysed frame at unix time `t`. A `new` needs the current frame and at least

@@ -54,6 +54,10 @@ pub struct ModelConfig {
     /// goes as soon as those are in.
     #[serde(default = "default_batch_wait_ms")]
     pub batch_wait_ms: u64,
+    /// `stpm run` swaps the bundle in again whenever its `stpm.toml` changes (a new `stpm train`
+    /// or `stpm calibrate` into the same folder), checked every 2 s.
+    #[serde(default)]
+    pub watch: bool,
 }
 
 fn default_batch_wait_ms() -> u64 {

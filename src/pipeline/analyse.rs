@@ -7,10 +7,10 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::bundle::Manifest;
 use crate::engine::Scores;
-use crate::engine::batch::{Input, Participant, ScoreError, SharedSession};
+use crate::engine::batch::{Input, Participant, ScoreError};
 use crate::pipeline::metrics::{CameraMetrics, Stage};
+use crate::pipeline::model::{Model, ModelSlot};
 use crate::pipeline::queue::{FrameQueue, Item};
 use crate::pipeline::source::Captured;
 use crate::preprocess;
@@ -21,6 +21,8 @@ pub struct Analysed {
     /// The engine's maps and score for a frame that was due; `Err` when inference failed; `None`
     /// for a frame above `max_fps`, passed through un-analysed.
     pub scores: Option<Result<Scores, ScoreError>>,
+    /// The model that scored it (`None` when not analysed).
+    pub model: Option<Arc<Model>>,
     /// Engine time of this frame's call (zero when not analysed).
     pub inference: Duration,
     /// Images in that call (other cameras' frames beside this one when more than 1; 0 when not
@@ -141,10 +143,11 @@ impl Intake {
 
 /// One inference loop of a camera (one of `model.sessions`).
 pub struct Analyser {
-    pub manifest: Arc<Manifest>,
-    /// This analyser's session (shared with the same-numbered analyser of other cameras, whose
-    /// frames it may run in the same call).
-    pub engine: Arc<SharedSession>,
+    /// The live model; this analyser runs its session `number` (shared with the same-numbered
+    /// analyser of other cameras, whose frames it may run in the same call) and moves to a new
+    /// model's between two frames.
+    pub models: Arc<ModelSlot>,
+    pub number: usize,
     pub intake: Arc<Intake>,
     pub metrics: Arc<CameraMetrics>,
     /// The model input of the host path, written in place for every frame (no 3×H×W float
@@ -160,15 +163,39 @@ impl Analyser {
     /// on), or the worker is gone.
     pub fn run(mut self) {
         let intake = Arc::clone(&self.intake);
-        let session = Arc::clone(&self.engine);
-        let participant = session.join();
         loop {
+            let (generation, live) = self.models.current();
+            let Some(session) = live.sessions.get(self.number).cloned() else {
+                log::error!("analyser {}: the model has no session for it", self.number);
+                return;
+            };
+            let model = Arc::clone(&live.model);
+            drop(live);
+            if !self.run_model(&intake, &session.join(), &model, generation) {
+                return;
+            }
+        }
+    }
+
+    /// Runs frames on one model's session until a swap (true: run the new model) or the end
+    /// (false).
+    fn run_model(
+        &mut self,
+        intake: &Intake,
+        participant: &Participant,
+        model: &Arc<Model>,
+        generation: u64,
+    ) -> bool {
+        loop {
+            if self.models.generation() != generation {
+                return true;
+            }
             // While it waits for its camera's next frame (an offline camera, a live one between
             // frames), a batch leader on the session does not wait for it. Handing on counts as
             // busy: a file or a backlog has the next frame ready at once.
             participant.waiting_for_frame(true);
             let Some(Ticket { number, item, due }) = intake.take() else {
-                return;
+                return false;
             };
             // Only a frame due for inference is one a batch leader should wait for.
             participant.waiting_for_frame(!due);
@@ -183,20 +210,22 @@ impl Analyser {
                     return Analysed {
                         captured,
                         scores: None,
+                        model: None,
                         inference: Duration::ZERO,
                         batch: 0,
                     };
                 }
-                let (scores, inference, batch) = self.score(&captured, &participant);
+                let (scores, inference, batch) = self.score(&captured, participant, model);
                 Analysed {
                     captured,
                     scores: Some(scores),
+                    model: Some(Arc::clone(model)),
                     inference,
                     batch,
                 }
             });
             if !intake.hand_on(number, item) || end {
-                return;
+                return false;
             }
         }
     }
@@ -206,16 +235,17 @@ impl Analyser {
         &mut self,
         captured: &Captured,
         participant: &Participant,
+        model: &Model,
     ) -> (Result<Scores, ScoreError>, Duration, usize) {
         let started = Instant::now();
-        let on_gpu = self.preprocess_on_gpu(captured);
+        let on_gpu = self.preprocess_on_gpu(captured, model);
         if !on_gpu {
-            let size = self.manifest.model.input_size;
+            let size = model.manifest.model.input_size;
             self.input.resize(3 * size[0] * size[1], 0.0);
             preprocess::frame_to_chw(
                 &captured.frame,
                 size,
-                &self.manifest.normalisation,
+                &model.manifest.normalisation,
                 &mut self.input,
             );
         }
@@ -242,11 +272,11 @@ impl Analyser {
     /// Preprocesses the frame on the GPU when this camera has a GPU stage; false means the host
     /// path does it. A GPU failure is said once and hands the camera to the host path.
     #[cfg(feature = "gpu")]
-    fn preprocess_on_gpu(&mut self, captured: &Captured) -> bool {
+    fn preprocess_on_gpu(&mut self, captured: &Captured, model: &Model) -> bool {
         let Some(stage) = self.gpu.as_mut() else {
             return false;
         };
-        match stage.preprocess(&captured.frame, &self.manifest) {
+        match stage.preprocess(&captured.frame, &model.manifest) {
             Ok(()) => true,
             Err(e) => {
                 log::warn!("GPU preprocessing failed ({e}); this camera continues on the CPU");
@@ -257,7 +287,7 @@ impl Analyser {
     }
 
     #[cfg(not(feature = "gpu"))]
-    fn preprocess_on_gpu(&mut self, _captured: &Captured) -> bool {
+    fn preprocess_on_gpu(&mut self, _captured: &Captured, _model: &Model) -> bool {
         false
     }
 
@@ -317,6 +347,7 @@ mod tests {
             let item = item.map(|captured| Analysed {
                 captured,
                 scores: due.then_some(Err(ScoreError::Runner("no engine in this test"))),
+                model: None,
                 inference: Duration::ZERO,
                 batch: 0,
             });

@@ -55,7 +55,6 @@ struct Job {
 pub struct CollectSlot {
     camera: String,
     source: String,
-    model: String,
     /// `<storage>/collect/<camera>`.
     folder: PathBuf,
     /// The camera's alert rule at the start (`on_threshold`, `k` of `m`).
@@ -67,14 +66,12 @@ impl CollectSlot {
     pub fn new(
         camera: &str,
         source: &str,
-        model: &str,
         folder: PathBuf,
         alerts: crate::alerts::AlertConfig,
     ) -> Self {
         Self {
             camera: camera.into(),
             source: source.into(),
-            model: model.into(),
             folder,
             alerts,
             job: Mutex::new(None),
@@ -86,8 +83,8 @@ impl CollectSlot {
     }
 
     /// Starts collecting `frames` frames, at most one per `every` seconds (a finished collection
-    /// is replaced; a running one is not).
-    pub fn start(&self, frames: usize, every: f64) -> Result<Progress, StartError> {
+    /// is replaced; a running one is not); `model` is the id of the live model that screens them.
+    pub fn start(&self, frames: usize, every: f64, model: &str) -> Result<Progress, StartError> {
         let mut job = self.lock();
         if job
             .as_ref()
@@ -108,7 +105,7 @@ impl CollectSlot {
             m: self.alerts.m,
             ..CollectOptions::default()
         };
-        let report = Collected::start(&self.camera, &self.source, Some(self.model.clone()));
+        let report = Collected::start(&self.camera, &self.source, Some(model.to_string()));
         let progress = Arc::new(Mutex::new(Progress {
             folder: self.folder.clone(),
             wanted: frames,

@@ -14,6 +14,7 @@ pub mod conveyor;
 mod gpu;
 pub mod http;
 pub mod metrics;
+pub mod model;
 pub mod queue;
 pub mod reload;
 pub mod retention;
@@ -29,7 +30,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::alerts::{AlertTracker, MqttSetupError, PublisherHandle, Spool, SpoolError, ZoneMask};
 use crate::bundle::BundleError;
-use crate::engine::batch::SharedSession;
 use crate::engine::select::{SelectError, Sessions};
 use crate::engine::{EngineError, ExecutionProvider};
 use analyse::{Analyser, Intake};
@@ -198,20 +198,21 @@ pub fn run_with(
         reload::catch_hangup();
     }
     let encoder = output_encoder(config)?;
-    let Sessions {
-        bundle,
-        manifest,
-        engines,
-        provider,
-        provider_reason,
-        precision_reason,
-        batch,
-    } = Sessions::open(&config.model)?;
-    let sessions = engines.len();
+    let opened = Sessions::open(&config.model)?;
+    let (provider, provider_reason, batch) = (
+        opened.provider,
+        opened.provider_reason.clone(),
+        opened.batch,
+    );
+    let (bundle, precision_reason) = (opened.bundle.clone(), opened.precision_reason.clone());
+    let manifest = Arc::clone(&opened.manifest);
+    let sessions = opened.engines.len();
+    let models = Arc::new(model::ModelSlot::new(&config.model, opened));
     log::info!(
-        "engine: ONNX Runtime, provider {provider} ({}); model {} ({}, {} ({precision_reason}), {}×{}); {}{}",
+        "engine: ONNX Runtime, provider {provider} ({}); model {} (id {}, {}, {} ({precision_reason}), {}×{}); {}{}",
         provider_reason,
         config.model.bundle.display(),
+        model::id_of(&bundle.manifest_sha256),
         manifest.model.backbone,
         bundle.precision,
         manifest.model.input_size[1],
@@ -239,9 +240,10 @@ pub fn run_with(
     let mut live = LiveOutputs::start(
         config,
         &provider.to_string(),
-        bundle.precision.name(),
+        Arc::clone(&models),
         encoder.as_ref(),
     )?;
+    models.report_to(Arc::clone(&live.metrics));
     if config.output.record.enabled {
         std::fs::create_dir_all(&config.output.record.dir).map_err(|source| {
             PipelineError::RecordDir {
@@ -261,18 +263,8 @@ pub fn run_with(
             None
         }
     };
-    let wait = Duration::from_millis(config.model.batch_wait_ms);
-    let engines: Vec<Arc<SharedSession>> = engines
-        .into_iter()
-        .map(|engine| Arc::new(SharedSession::new(engine, batch, wait)))
-        .collect();
-    let model_name = config.model.bundle_name();
     let events = if config.storage.enabled {
-        Some(EventWriter::start(
-            &config.storage,
-            &model_id(&config.model.bundle),
-            Some(live.changes()),
-        )?)
+        Some(EventWriter::start(&config.storage, Some(live.changes()))?)
     } else {
         log::info!("storage: off (storage.enabled = false), events are not kept");
         None
@@ -329,10 +321,10 @@ pub fn run_with(
         ));
         #[cfg(feature = "gpu")]
         let mut gpu_analyse = gpu_analyse;
-        for (number, engine) in engines.iter().enumerate() {
+        for number in 0..sessions {
             let analyser = Analyser {
-                manifest: Arc::clone(&manifest),
-                engine: Arc::clone(engine),
+                models: Arc::clone(&models),
+                number,
                 intake: Arc::clone(&intake),
                 metrics: Arc::clone(&camera_outputs.metrics),
                 input: Vec::new(),
@@ -352,7 +344,7 @@ pub fn run_with(
             camera: camera.clone(),
             tracker: AlertTracker::new(
                 camera.name.clone(),
-                model_name.clone(),
+                models.live().model.id.clone(),
                 camera.alerts.resolve(&config.alerts),
             ),
             zones: ZoneMask::new(
@@ -361,7 +353,7 @@ pub fn run_with(
                 &camera.alerts.roi,
                 &camera.alerts.ignore,
             ),
-            manifest: Arc::clone(&manifest),
+            model: Arc::clone(&models.live().model),
             frames,
             queue,
             epoch,
@@ -384,10 +376,23 @@ pub fn run_with(
         );
     }
     let reloader = match options.reload_from {
-        Some((path, sets)) => reload::Reloader::start(path, sets, config.clone(), inboxes)
-            .map_err(|e| log::warn!("reload: cannot watch for SIGHUP: {e}"))
-            .ok(),
+        Some((path, sets)) => {
+            reload::Reloader::start(path, sets, config.clone(), inboxes, Arc::clone(&models))
+                .map_err(|e| log::warn!("reload: cannot watch for SIGHUP: {e}"))
+                .ok()
+        }
         None => None,
+    };
+    let watch = if config.model.watch {
+        log::info!(
+            "model: watching {} (model.watch): a changed stpm.toml is swapped in",
+            config.model.bundle.display()
+        );
+        model::Watch::start(Arc::clone(&models))
+            .map_err(|e| log::warn!("model: cannot watch the bundle: {e}"))
+            .ok()
+    } else {
+        None
     };
     let mut cameras = Vec::new();
     for handle in workers {
@@ -401,6 +406,9 @@ pub fn run_with(
     }
     if let Some(reloader) = reloader {
         reloader.stop();
+    }
+    if let Some(watch) = watch {
+        watch.stop();
     }
     if let Some(events) = events {
         events.finish();
@@ -452,14 +460,6 @@ fn lock_folders(
         }
     }
     Ok(locks)
-}
-
-/// The model id kept with each stored event: the first 12 hex digits of the sha256 of the
-/// bundle's manifest (which names the graph's own hash), or `unknown`.
-pub(crate) fn model_id(bundle: &std::path::Path) -> String {
-    crate::bundle::sha256_file(&bundle.join(crate::bundle::MANIFEST_FILE))
-        .map(|hash| hash.chars().take(12).collect())
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// What every camera's sinks share.

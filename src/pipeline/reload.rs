@@ -1,8 +1,10 @@
 //! Reloading a running pipeline's settings without a restart: on SIGHUP the pipeline file is read
 //! again and each camera's alert settings (`[alerts]`, `[camera.alerts]`: thresholds, k/m,
-//! cooldowns, zones) go to its worker, which applies them before its next frame. Settings that
-//! cannot change while running (cameras, ports, outputs, the model, the spool) are named and left
-//! as they are.
+//! cooldowns, zones) go to its worker, which applies them before its next frame; the model is
+//! swapped when `[model] bundle` names another folder or the bundle changed on disk (new
+//! thresholds from `stpm calibrate`, a new `stpm train`). Settings that cannot change while
+//! running (cameras, ports, outputs, the model's other keys, the spool) are named and left as
+//! they are.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +15,7 @@ use super::background::Background;
 
 use crate::alerts::{AlertConfig, Polygon};
 use crate::pipeline::config::PipelineConfig;
+use crate::pipeline::model::{ModelControl, ModelSlot, SwapError};
 
 /// One camera's alert settings as the pipeline file now says.
 #[derive(Debug, Clone)]
@@ -53,18 +56,22 @@ pub struct Reloader(Background);
 
 impl Reloader {
     /// Catches SIGHUP from now on; on each, reads `path` (with `sets` applied, as at the start)
-    /// and hands each camera of `running` its new alert settings through `inboxes` (by camera).
+    /// and hands each camera of `running` its new alert settings through `inboxes` (by camera),
+    /// and `models` the bundle when it changed.
     pub fn start(
         path: PathBuf,
         sets: Vec<String>,
         running: PipelineConfig,
         inboxes: Vec<(String, Inbox)>,
+        models: Arc<ModelSlot>,
     ) -> std::io::Result<Self> {
         catch_hangup();
         Background::spawn("reload", move |stop| {
             while !stop.load(Ordering::Relaxed) {
-                if HANGUP.swap(false, Ordering::SeqCst) {
-                    reload(&path, &sets, &running, &inboxes);
+                if HANGUP.swap(false, Ordering::SeqCst)
+                    && let Some(new) = reload(&path, &sets, &running, &inboxes)
+                {
+                    swap_model(&new, &models);
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -77,18 +84,32 @@ impl Reloader {
     }
 }
 
-/// Reads the file again and hands out what may change; logs what may not.
+/// Swaps in `new`'s bundle when it is another folder than the live model's, or the same one
+/// changed on disk.
+fn swap_model(new: &PipelineConfig, models: &ModelSlot) {
+    match models.swap(&new.model.bundle) {
+        Ok(swapped) if swapped.unchanged => {
+            log::info!("reload: model {} unchanged", swapped.model.id)
+        }
+        Ok(_) => {}
+        Err(e @ SwapError::Busy) => log::warn!("reload: model not reloaded: {e}"),
+        Err(e) => log::warn!("reload: model refused, the live model stays: {e}"),
+    }
+}
+
+/// Reads the file again and hands out the alert settings; logs what may not change. Returns
+/// the file's settings (`None` when it cannot be read).
 fn reload(
     path: &std::path::Path,
     sets: &[String],
     running: &PipelineConfig,
     inboxes: &[(String, Inbox)],
-) {
+) -> Option<PipelineConfig> {
     let new = match PipelineConfig::load(path, sets) {
         Ok(new) => new,
         Err(e) => {
             log::warn!("reload refused, the running settings stay: {e}");
-            return;
+            return None;
         }
     };
     let fixed = fixed_changes(running, &new);
@@ -116,12 +137,15 @@ fn reload(
         "reload: alert settings of {applied} camera(s) read from {}",
         path.display()
     );
+    Some(new)
 }
 
 /// The sections (and keys) that differ between `running` and `new` outside what a reload may
-/// change: everything but `[alerts]` (its spool excepted) and each camera's `[camera.alerts]`.
+/// change: everything but `[alerts]` (its spool excepted), each camera's `[camera.alerts]` and
+/// `[model] bundle`.
 pub fn fixed_changes(running: &PipelineConfig, new: &PipelineConfig) -> Vec<String> {
     let mut probe = new.clone();
+    probe.model.bundle = running.model.bundle.clone();
     probe.alerts = AlertConfig {
         spool_dir: new.alerts.spool_dir.clone(),
         spool_max_events: new.alerts.spool_max_events,
@@ -135,7 +159,7 @@ pub fn fixed_changes(running: &PipelineConfig, new: &PipelineConfig) -> Vec<Stri
     // `probe` equals `running` except where a reload cannot apply the change (its `[alerts]`
     // differs only in the spool keys).
     let sections: [(&str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 8] = [
-        ("[model]", &probe.model, &running.model),
+        ("[model] (other than bundle)", &probe.model, &running.model),
         (
             "[[camera]] (other than [camera.alerts])",
             &probe.camera,
@@ -184,6 +208,15 @@ mod tests {
         assert_eq!(
             fixed_changes(&running, &moved),
             ["[alerts] spool_dir / spool_max_events", "[http]"]
+        );
+        // Another bundle is swapped in; another provider waits for a restart.
+        let swapped = config(&base.replace("bundle = \"b\"", "bundle = \"c\""));
+        assert!(fixed_changes(&running, &swapped).is_empty());
+        let provider =
+            config(&base.replace("bundle = \"b\"", "bundle = \"c\"\nprovider = \"cpu\""));
+        assert_eq!(
+            fixed_changes(&running, &provider),
+            ["[model] (other than bundle)"]
         );
     }
 }

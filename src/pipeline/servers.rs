@@ -7,6 +7,7 @@ use crate::pipeline::collecting::CollectSlot;
 use crate::pipeline::config::PipelineConfig;
 use crate::pipeline::http::{HttpError, HttpServer, Served};
 use crate::pipeline::metrics::{CameraMetrics, Metrics};
+use crate::pipeline::model::{ModelControl, ModelSlot};
 use crate::pipeline::sinks::encoder::Encoder;
 use crate::pipeline::sinks::live::LiveView;
 use crate::pipeline::sinks::rtsp::{RtspError, RtspFeed, RtspServer};
@@ -50,17 +51,18 @@ pub enum LiveError {
 }
 
 impl LiveOutputs {
-    /// Starts what `config` enables; `provider` and `precision` are the execution provider and the
-    /// bundle's graph reported in /metrics, `encoder` the H.264 encoder of the video outputs (RTSP
-    /// starts only with one).
+    /// Starts what `config` enables; `provider` is the execution provider reported in /metrics,
+    /// `models` the live model (`/api/cameras`, `POST /api/model`), `encoder` the H.264 encoder of
+    /// the video outputs (RTSP starts only with one).
     pub fn start(
         config: &PipelineConfig,
         provider: &str,
-        precision: &str,
+        models: Arc<ModelSlot>,
         encoder: Option<&Encoder>,
     ) -> Result<Self, LiveError> {
         let cameras: Vec<String> = config.camera.iter().map(|c| c.name.clone()).collect();
-        let metrics = Arc::new(Metrics::new(provider, precision, &cameras));
+        let precision = models.live_model().precision;
+        let metrics = Arc::new(Metrics::new(provider, &precision, &cameras));
         if let Some(encoder) = encoder {
             metrics.set_encoder(encoder.element());
         }
@@ -74,7 +76,6 @@ impl LiveOutputs {
             })
             .collect();
         // Collections go under the data folder, so they need the HTTP API and `[storage]`.
-        let model = crate::pipeline::model_id(&config.model.bundle);
         let slots: Vec<Option<Arc<CollectSlot>>> = config
             .camera
             .iter()
@@ -84,7 +85,6 @@ impl LiveOutputs {
                     Arc::new(CollectSlot::new(
                         &camera.name,
                         &camera.source,
-                        &model,
                         config.storage.path.join("collect").join(&camera.name),
                         alerts.clone(),
                     ))
@@ -98,7 +98,7 @@ impl LiveOutputs {
                 auth,
                 metrics: Arc::clone(&metrics),
                 storage: config.storage.enabled.then(|| config.storage.path.clone()),
-                model: config.model.bundle_name(),
+                model: models,
                 live: cameras
                     .iter()
                     .zip(&views)

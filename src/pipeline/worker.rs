@@ -15,9 +15,9 @@ use super::queue::{FrameQueue, Item};
 use super::sinks::{Annotated, Picture, Sink, SinkError};
 use super::source::Captured;
 use crate::alerts::{AlertEvent, AlertTracker, CameraStatus, ZoneMask};
-use crate::bundle::Manifest;
 use crate::engine::Scores;
 use crate::overlay;
+use crate::pipeline::model::Model;
 use crate::preprocess::RgbFrame;
 
 /// One camera's drawing, alerting and output loop.
@@ -25,7 +25,8 @@ pub(super) struct Worker {
     pub(super) camera: CameraConfig,
     pub(super) tracker: AlertTracker,
     pub(super) zones: ZoneMask,
-    pub(super) manifest: Arc<Manifest>,
+    /// The model that scored the latest analysed frame (its calibration normalises the maps).
+    pub(super) model: Arc<Model>,
     /// Frames from the camera's analyser, scored or passed through.
     pub(super) frames: Arc<FrameQueue<Analysed>>,
     /// The capture queue (for its count of dropped frames).
@@ -191,9 +192,14 @@ impl Worker {
         let Analysed {
             captured,
             scores,
+            model,
             inference,
             batch,
         } = analysed;
+        if let Some(model) = model.filter(|model| !Arc::ptr_eq(model, &self.model)) {
+            self.tracker.set_model(&model.id);
+            self.model = model;
+        }
         state.stats.frames += 1;
         self.metrics.frame();
         let frame = &captured.frame;
@@ -270,12 +276,12 @@ impl Worker {
             log::info!("[{}] alert settings reloaded", self.camera.name);
         }
         let frame = &captured.frame;
-        let size = self.manifest.model.input_size;
+        let model = Arc::clone(&self.model);
+        let size = model.manifest.model.input_size;
         let overlay_started = Instant::now();
         state.stats.analysed += 1;
         state.analysed_since_report += 1;
-        let manifest = Arc::clone(&self.manifest);
-        let calibration = &manifest.calibration;
+        let calibration = &model.manifest.calibration;
         let raw_score = scored.scores.first().copied().unwrap_or(0.0);
         state.last_score = calibration.normalise(raw_score);
         self.metrics.set_score(state.last_score);
@@ -334,9 +340,10 @@ impl Worker {
         caption: &overlay::live::Caption,
     ) -> Option<Vec<u8>> {
         let stage = self.gpu.as_mut()?;
-        let calibration = &self.manifest.calibration;
+        let manifest = &self.model.manifest;
+        let calibration = &manifest.calibration;
         let heat = stage
-            .heat(frame, map, self.manifest.model.input_size, calibration)
+            .heat(frame, map, manifest.model.input_size, calibration)
             .map_err(|e| e.to_string())
             .and_then(|heat| {
                 overlay::live::decorate_rgb(

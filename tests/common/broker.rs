@@ -158,25 +158,10 @@ impl Drop for Broker {
 /// The tiny bundle recalibrated so that every frame is an anomaly (threshold 0, floor -1: any raw
 /// score normalises to 1), so events are certain.
 pub fn always_anomalous_bundle(dir: &Path) -> PathBuf {
-    let bundle = dir.join("bundle");
-    fs::create_dir(&bundle).expect("bundle dir");
-    for file in ["model.onnx", "student.safetensors"] {
-        fs::copy(super::tiny_conveyor_bundle().join(file), bundle.join(file)).expect("copy");
-    }
-    let manifest =
-        fs::read_to_string(super::tiny_conveyor_bundle().join("stpm.toml")).expect("manifest");
-    let recalibrated: Vec<String> = manifest
-        .lines()
-        .map(|line| {
-            if line.starts_with("threshold = ") {
-                "threshold = 0.0".to_string()
-            } else if line.starts_with("floor = ") {
-                "floor = -1.0".to_string()
-            } else {
-                line.to_string()
-            }
-        })
-        .collect();
-    fs::write(bundle.join("stpm.toml"), recalibrated.join("\n")).expect("manifest");
-    bundle
+    super::recalibrated_bundle(
+        super::tiny_conveyor_bundle(),
+        &dir.join("bundle"),
+        "0.0",
+        "-1.0",
+    )
 }

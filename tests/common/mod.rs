@@ -238,7 +238,10 @@ pub fn http_get(port: u16, target: &str) -> Option<(u16, String)> {
 /// answers.
 pub fn http_request(port: u16, method: &str, target: &str, body: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    // Long enough for an answer that loads a model (`POST /api/model`) on a loaded machine.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .ok()?;
     stream
         .write_all(
             format!(
@@ -254,6 +257,30 @@ pub fn http_request(port: u16, method: &str, target: &str, body: &str) -> Option
     let (head, body) = response.split_once("\r\n\r\n")?;
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, body.to_string()))
+}
+
+/// A copy of bundle `from` in `to` with the manifest's `[calibration]` `threshold` and `floor`
+/// replaced (TOML values as written), so its id differs and its frames normalise as wanted.
+pub fn recalibrated_bundle(from: &Path, to: &Path, threshold: &str, floor: &str) -> PathBuf {
+    std::fs::create_dir_all(to).expect("bundle dir");
+    for file in ["model.onnx", "student.safetensors"] {
+        std::fs::copy(from.join(file), to.join(file)).expect("copy");
+    }
+    let manifest = std::fs::read_to_string(from.join("stpm.toml")).expect("manifest");
+    let recalibrated: Vec<String> = manifest
+        .lines()
+        .map(|line| {
+            if line.starts_with("threshold = ") {
+                format!("threshold = {threshold}")
+            } else if line.starts_with("floor = ") {
+                format!("floor = {floor}")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect();
+    std::fs::write(to.join("stpm.toml"), recalibrated.join("\n")).expect("manifest");
+    to.to_path_buf()
 }
 
 /// Starts `stpm run --pipeline <pipeline>` with its output in `log`.

@@ -340,9 +340,11 @@ async fn verdict(
     }
 }
 
-/// `GET /api/cameras`: `{"cameras": [{"name", "state", "fps", "score", "model", "live"}, …]}`,
-/// `live` the path of its live view when it has one.
+/// `GET /api/cameras`: `{"cameras": [{"name", "state", "fps", "score", "model", "bundle",
+/// "live"}, …]}`: `model` the live model's id, `bundle` its folder's name, `live` the path of the
+/// camera's live view when it has one.
 async fn cameras(State(served): State<Arc<Served>>) -> Response {
+    let model = served.model.live_model();
     let cameras: Vec<Value> = served
         .metrics
         .cameras()
@@ -353,7 +355,8 @@ async fn cameras(State(served): State<Arc<Served>>) -> Response {
                 "state": state.name(),
                 "fps": (fps * 1000.0).round() / 1000.0,
                 "score": score,
-                "model": served.model,
+                "model": model.id,
+                "bundle": model.name,
                 "live": served
                     .live
                     .contains_key(&name)
@@ -415,7 +418,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new("cpu", "fp32", &["line1".into()]));
         let app = router(Arc::new(Served {
             storage: Some(dir.path().to_path_buf()),
-            model: "demo".into(),
+            model: super::super::tests::fixed_model("demo"),
             ..served(metrics)
         }));
         let json = |body: &str| serde_json::from_str::<Value>(body).expect("json");

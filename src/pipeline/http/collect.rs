@@ -83,8 +83,10 @@ async fn start(
         );
     }
     // Creating the folder and the thread is quick, but off the server's one thread anyway.
+    let model = served.model.live_model().id;
     let started =
-        tokio::task::spawn_blocking(move || slot.start(request.frames, request.every)).await;
+        tokio::task::spawn_blocking(move || slot.start(request.frames, request.every, &model))
+            .await;
     match started {
         Ok(Ok(progress)) => (StatusCode::ACCEPTED, axum::Json(progress)).into_response(),
         Ok(Err(e @ StartError::Busy(_))) => error(StatusCode::CONFLICT, e.to_string()),

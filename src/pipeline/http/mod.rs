@@ -8,6 +8,7 @@ pub mod auth;
 mod collect;
 mod listener;
 mod live;
+mod model;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -42,8 +43,8 @@ pub struct Served {
     pub metrics: Arc<Metrics>,
     /// The event store's folder (`[storage] path`), when events are kept.
     pub storage: Option<PathBuf>,
-    /// The model bundle's name, for `/api/cameras`.
-    pub model: String,
+    /// The live model (`/api/cameras`, `POST /api/model`).
+    pub model: Arc<dyn crate::pipeline::model::ModelControl>,
     /// Who may use it (`[http.auth]`); `None`: anyone who reaches it (loopback only).
     pub auth: Option<auth::Auth>,
     /// Each camera's live view (`[http] live`, with an encoder), by camera name.
@@ -158,6 +159,7 @@ fn router(served: Arc<Served>) -> Router {
         .merge(api::routes())
         .merge(live::routes())
         .merge(collect::routes())
+        .merge(model::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&served),
@@ -281,7 +283,7 @@ mod tests {
         Served {
             metrics,
             storage: None,
-            model: String::new(),
+            model: fixed_model(""),
             auth: None,
             live: Default::default(),
             collect: Default::default(),
@@ -289,6 +291,34 @@ mod tests {
             stopping: Default::default(),
             offline_grace: std::time::Duration::ZERO,
         }
+    }
+
+    /// A live model that stays: it refuses every swap as a missing folder.
+    struct Fixed(crate::pipeline::model::ModelInfo);
+
+    impl crate::pipeline::model::ModelControl for Fixed {
+        fn live_model(&self) -> crate::pipeline::model::ModelInfo {
+            self.0.clone()
+        }
+
+        fn swap(
+            &self,
+            bundle: &std::path::Path,
+        ) -> Result<crate::pipeline::model::Swapped, crate::pipeline::model::SwapError> {
+            Err(crate::pipeline::model::SwapError::Missing(
+                bundle.to_path_buf(),
+            ))
+        }
+    }
+
+    /// A model with id `id` that refuses every swap.
+    pub(super) fn fixed_model(id: &str) -> Arc<dyn crate::pipeline::model::ModelControl> {
+        Arc::new(Fixed(crate::pipeline::model::ModelInfo {
+            id: id.into(),
+            name: "demo".into(),
+            bundle: "engines/demo".into(),
+            precision: "fp32".into(),
+        }))
     }
 
     /// (status, content type, body) of `method path` on `app`.
@@ -339,10 +369,56 @@ mod tests {
     }
 
     #[test]
+    fn the_model_endpoint_names_the_live_model_and_passes_refusals_on() {
+        let metrics = Arc::new(Metrics::new("cpu", "fp32", &["line1".into()]));
+        metrics.set_model("0123456789ab", "demo", "int8");
+        let app = router(Arc::new(Served {
+            model: fixed_model("0123456789ab"),
+            ..served(Arc::clone(&metrics))
+        }));
+        runtime().block_on(async {
+            let (status, _, body) = call(&app, "GET", "/api/model", "").await;
+            assert_eq!(status, 200);
+            assert!(body.contains(r#""id":"0123456789ab""#), "{body}");
+            let (status, _, body) = call(&app, "POST", "/api/model", "{\"bundel\": 1}").await;
+            assert_eq!(status, 400, "{body}");
+            assert!(body.contains("expected `bundle`"), "{body}");
+            let (status, _, body) = call(
+                &app,
+                "POST",
+                "/api/model",
+                r#"{"bundle": "engines/nowhere"}"#,
+            )
+            .await;
+            assert_eq!(status, 422, "{body}");
+            assert!(
+                body.contains("engines/nowhere: no such bundle folder"),
+                "{body}"
+            );
+            let (_, _, body) = call(&app, "GET", "/metrics", "").await;
+            assert!(
+                body.contains("stpm_model_info{id=\"0123456789ab\",bundle=\"demo\"} 1"),
+                "{body}"
+            );
+            assert!(body.contains("stpm_engine_info{provider=\"cpu\",precision=\"int8\"} 1"));
+            assert!(body.contains("stpm_model_swaps_total 0"), "{body}");
+        });
+        metrics.set_model("ba9876543210", "line1", "fp32");
+        runtime().block_on(async {
+            let (_, _, body) = call(&app, "GET", "/metrics", "").await;
+            assert!(body.contains("stpm_model_swaps_total 1"), "{body}");
+            assert!(
+                body.contains("id=\"ba9876543210\",bundle=\"line1\""),
+                "{body}"
+            );
+        });
+    }
+
+    #[test]
     fn routes_metrics_health_and_errors() {
         let metrics = Arc::new(Metrics::new("cpu", "fp32", &["line1".into()]));
         let app = router(Arc::new(Served {
-            model: "demo".into(),
+            model: fixed_model("demo"),
             ..served(Arc::clone(&metrics))
         }));
         runtime().block_on(async {
@@ -502,7 +578,8 @@ mod tests {
                 "/", "/metrics", "/health", "/api/events", "/api/events/{}",
                 "/api/events/{}/snapshot.jpg", "/api/events/{}/clean.jpg",
                 "/api/events/{}/clip.mp4", "/api/events/{}/verdict", "/api/cameras",
-                "/api/cameras/{}/live", "/{}", "/api/{}/{}",
+                "/api/cameras/{}/live", "/api/cameras/{}/collect", "/api/model", "/{}",
+                "/api/{}/{}",
             ]),
             segment in proptest::collection::vec(proptest::num::u8::ANY, 0..40),
             query in proptest::collection::vec(

@@ -90,9 +90,14 @@ const CAMERA_FAMILIES: [CameraFamily; 8] = [
 
 impl Collector for Exported {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let precision = self
+            .precision
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let engine = Info::new([
             ("provider", self.provider.clone()),
-            ("precision", self.precision.clone()),
+            ("precision", precision),
         ]);
         engine.encode(encoder.encode_descriptor(
             "stpm_engine",
@@ -100,6 +105,28 @@ impl Collector for Exported {
             None,
             engine.metric_type(),
         )?)?;
+        let model = self
+            .model
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some((id, bundle)) = model {
+            let info = Info::new([("id", id), ("bundle", bundle)]);
+            info.encode(encoder.encode_descriptor(
+                "stpm_model",
+                "The live model: its id (the first 12 hex digits of the sha256 of its stpm.toml) and bundle folder.",
+                None,
+                info.metric_type(),
+            )?)?;
+            let swaps = Value::Count(self.model_swaps.load(Ordering::Relaxed));
+            let kind = swaps.metric_type();
+            swaps.encode(encoder.encode_descriptor(
+                "stpm_model_swaps",
+                "Models swapped in while running (POST /api/model, SIGHUP, model.watch).",
+                None,
+                kind,
+            )?)?;
+        }
         if let Some(element) = self.encoder.get() {
             let info = Info::new([("encoder", element.clone())]);
             info.encode(encoder.encode_descriptor(

@@ -374,8 +374,12 @@ pub struct Metrics {
 #[derive(Debug)]
 struct Exported {
     provider: String,
-    /// The bundle's graph that runs (`fp32` or `int8`).
-    precision: String,
+    /// The bundle's graph that runs (`fp32` or `int8`; a model swap may change it).
+    precision: Mutex<String>,
+    /// The live model's id and bundle name, once the run reports it.
+    model: Mutex<Option<(String, String)>>,
+    /// Models swapped in since the start.
+    model_swaps: AtomicU64,
     started: Instant,
     cameras: Vec<Arc<CameraMetrics>>,
     /// The MQTT publisher, when `[mqtt]` is configured (its link and spool counters).
@@ -394,7 +398,9 @@ impl Metrics {
     pub fn new(provider: &str, precision: &str, cameras: &[String]) -> Self {
         let state = Arc::new(Exported {
             provider: provider.to_string(),
-            precision: precision.to_string(),
+            precision: Mutex::new(precision.to_string()),
+            model: Mutex::new(None),
+            model_swaps: AtomicU64::new(0),
             started: Instant::now(),
             cameras: cameras
                 .iter()
@@ -410,6 +416,24 @@ impl Metrics {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Arc::clone(&state)));
         Self { state, registry }
+    }
+
+    /// The live model (`id`, bundle `name`, the graph's `precision`): at the start, and after
+    /// each swap (counted).
+    pub fn set_model(&self, id: &str, name: &str, precision: &str) {
+        let mut model = self
+            .state
+            .model
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if model.replace((id.to_string(), name.to_string())).is_some() {
+            self.state.model_swaps.fetch_add(1, Ordering::Relaxed);
+        }
+        *self
+            .state
+            .precision
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = precision.to_string();
     }
 
     /// Exports the H.264 encoder element of the video outputs.

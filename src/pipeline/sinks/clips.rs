@@ -573,7 +573,7 @@ mod tests {
             path: dir.path().to_path_buf(),
             ..StorageConfig::default()
         };
-        let writer = EventWriter::start(&storage, "m", None).expect("writer");
+        let writer = EventWriter::start(&storage, None).expect("writer");
         let config = ClipsConfig {
             enabled: true,
             pre_seconds: 1.0,

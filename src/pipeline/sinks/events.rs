@@ -139,7 +139,6 @@ struct PeakFrames {
 pub struct EventWriter {
     jobs: Option<mpsc::SyncSender<Job>>,
     thread: Option<JoinHandle<()>>,
-    model: String,
     folder: PathBuf,
 }
 
@@ -170,13 +169,9 @@ impl ClipLog {
 
 impl EventWriter {
     /// Opens the store in `config.path`, ends the events an earlier run left open, and starts
-    /// the writer. `model` identifies the bundle in every row; the id of each row written goes to
+    /// the writer. Each row names the model of its event; the id of each row written goes to
     /// `changes` (the console's live event list).
-    pub fn start(
-        config: &StorageConfig,
-        model: &str,
-        changes: Option<Changes>,
-    ) -> Result<Self, StoreError> {
+    pub fn start(config: &StorageConfig, changes: Option<Changes>) -> Result<Self, StoreError> {
         let store = EventStore::open(&config.path)?;
         let dangling = store.end_dangling()?;
         if dangling > 0 {
@@ -201,7 +196,6 @@ impl EventWriter {
         Ok(Self {
             jobs: Some(jobs),
             thread: Some(thread),
-            model: model.to_string(),
             folder: config.path.clone(),
         })
     }
@@ -210,7 +204,6 @@ impl EventWriter {
     pub fn sink(&self, camera: &str) -> Option<EventLog> {
         Some(EventLog {
             camera: camera.to_string(),
-            model: self.model.clone(),
             jobs: self.jobs.clone()?,
         })
     }
@@ -436,7 +429,6 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
 /// One camera's events into the store.
 pub struct EventLog {
     camera: String,
-    model: String,
     jobs: mpsc::SyncSender<Job>,
 }
 
@@ -458,7 +450,7 @@ impl Sink for EventLog {
         self.jobs
             .send(Job::Event(Box::new(EventJob {
                 event: event.clone(),
-                model: self.model.clone(),
+                model: event.model.clone(),
                 peak,
             })))
             .map_err(|_| SinkError::Stored(self.camera.clone()))
