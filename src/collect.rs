@@ -78,6 +78,9 @@ pub struct SavedFrame {
     pub stream_seconds: f64,
     /// The model's normalised score (none without a model).
     pub score: Option<f32>,
+    /// The event whose peak frame it is (frames of events an operator marked "not a defect").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
 }
 
 /// What one collection did (also `collect.json`'s entry for it).
@@ -429,7 +432,62 @@ fn save(
         file: format!("train/good/{name}"),
         stream_seconds: pending.stream_seconds,
         score: pending.score,
+        event: None,
     })
+}
+
+/// Adds the clean peak frames (no overlay) of `events`, which an operator marked "not a defect",
+/// to the collection in `out` (`train/good/<camera>-event-<id>.jpg`, listed in `collect.json` as
+/// a run of its own); frames already there are skipped. Returns that run.
+pub fn add_reviewed(
+    out: &Path,
+    camera: &str,
+    model: Option<String>,
+    events: &[crate::store::StoredEvent],
+) -> Result<Collected, CollectError> {
+    let folder = out.join("train").join("good");
+    std::fs::create_dir_all(&folder).map_err(|e| CollectError::Write {
+        path: folder.clone(),
+        message: e.to_string(),
+    })?;
+    let mut report = Collected::start(camera, "events marked not a defect", model);
+    for event in events {
+        report.seen += 1;
+        let Some(clean) = event.clean_path.as_ref().filter(|path| path.is_file()) else {
+            continue;
+        };
+        let id: String = event
+            .id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let name = format!("{camera}-event-{id}.jpg");
+        let path = folder.join(&name);
+        if path.exists() {
+            report.duplicates += 1;
+            continue;
+        }
+        std::fs::copy(clean, &path).map_err(|e| CollectError::Write {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        report.saved.push(SavedFrame {
+            file: format!("train/good/{name}"),
+            stream_seconds: 0.0,
+            score: Some(event.score),
+            event: Some(event.id.clone()),
+        });
+    }
+    if !report.saved.is_empty() {
+        write_log(out, &report)?;
+    }
+    Ok(report)
 }
 
 /// Appends a run to `out/collect.json` (`{"runs": [...]}`), written through a temporary file.
@@ -457,6 +515,61 @@ pub fn write_log(out: &Path, report: &Collected) -> Result<(), CollectError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_marked_not_a_defect_are_added_once_each() {
+        let dir = tempfile::tempdir().expect("dir");
+        let clean = dir.path().join("clean.jpg");
+        std::fs::write(&clean, b"jpeg bytes").expect("clean");
+        let event = |id: &str, clean_path: Option<PathBuf>| crate::store::StoredEvent {
+            id: id.into(),
+            camera: "line1".into(),
+            start_time: 1.0,
+            end_time: Some(2.0),
+            end_reason: None,
+            score: 0.7,
+            raw_score: None,
+            boxes: None,
+            zone: None,
+            model: "m".into(),
+            snapshot_path: None,
+            clean_path,
+            clip_path: None,
+            clip_start: None,
+            media_gone: false,
+            verdict: crate::store::Verdict::NotADefect,
+            verdict_by: None,
+            verdict_at: None,
+        };
+        let out = dir.path().join("collection");
+        let events = [
+            event("line1-1-0", Some(clean.clone())),
+            event("line1/../2", Some(clean.clone())),
+            // Retention deleted its pictures: nothing to add.
+            event("line1-3-0", None),
+        ];
+        let first = add_reviewed(&out, "line1", Some("abc".into()), &events).expect("added");
+        assert_eq!((first.saved.len(), first.seen), (2, 3));
+        let saved: Vec<&str> = first.saved.iter().map(|f| f.file.as_str()).collect();
+        assert_eq!(
+            saved,
+            [
+                "train/good/line1-event-line1-1-0.jpg",
+                "train/good/line1-event-line1____2.jpg"
+            ]
+        );
+        assert_eq!(
+            std::fs::read(out.join(saved[0])).expect("copied"),
+            b"jpeg bytes"
+        );
+        let again = add_reviewed(&out, "line1", None, &events).expect("again");
+        assert_eq!((again.saved.len(), again.duplicates), (0, 2));
+        let log: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("collect.json")).expect("log"))
+                .expect("JSON");
+        assert_eq!(log["runs"].as_array().map(Vec::len), Some(1));
+        assert_eq!(log["runs"][0]["saved"][0]["event"], "line1-1-0");
+    }
 
     #[test]
     fn thumbnails_tell_a_moved_belt_from_a_stopped_one() {

@@ -61,6 +61,11 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Keep a JSON account of the progress in this file (phase, epoch, step, loss, ETA), rewritten
+    /// about once a second: for a program that supervises the training (`stpm run`'s `POST
+    /// /api/train` uses it).
+    #[arg(long)]
+    pub progress_file: Option<PathBuf>,
 }
 
 pub(super) fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -82,6 +87,7 @@ pub(super) fn run(args: TrainArgs) -> anyhow::Result<()> {
     config.augment = args.augment;
     config.seed = args.seed;
     config.progress = !args.quiet;
+    config.progress_file = args.progress_file;
 
     let stop = stop_on_interrupt(
         "\ninterrupted: finishing the current step and saving the best checkpoint (Ctrl-C again to abort)",

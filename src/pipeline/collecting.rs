@@ -43,6 +43,8 @@ pub enum StartError {
     },
     #[error("cannot start the collection thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Added(crate::collect::CollectError),
 }
 
 struct Job {
@@ -156,6 +158,36 @@ impl CollectSlot {
             finish(old);
         }
         Ok(first)
+    }
+
+    /// Adds the peak frames of this camera's `events` marked "not a defect" to its collection
+    /// (see [`crate::collect::add_reviewed`]); refused while a collection runs.
+    pub fn add_reviewed(
+        &self,
+        events: &[crate::store::StoredEvent],
+        model: &str,
+    ) -> Result<Collected, StartError> {
+        let job = self.lock();
+        if job
+            .as_ref()
+            .is_some_and(|j| !j.progress.lock().is_ok_and(|p| p.done))
+        {
+            return Err(StartError::Busy(self.camera.clone()));
+        }
+        let added = crate::collect::add_reviewed(
+            &self.folder,
+            &self.camera,
+            Some(model.to_string()),
+            events,
+        )
+        .map_err(StartError::Added)?;
+        log::info!(
+            "[{}] {} frame(s) of events marked not a defect added to {}",
+            self.camera,
+            added.saved.len(),
+            self.folder.display()
+        );
+        Ok(added)
     }
 
     /// The latest collection's progress, if one was started.

@@ -21,6 +21,7 @@ pub mod retention;
 pub mod servers;
 pub mod sinks;
 pub mod source;
+pub mod training;
 mod worker;
 
 use std::path::PathBuf;

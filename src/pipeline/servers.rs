@@ -11,6 +11,7 @@ use crate::pipeline::model::{ModelControl, ModelSlot};
 use crate::pipeline::sinks::encoder::Encoder;
 use crate::pipeline::sinks::live::LiveView;
 use crate::pipeline::sinks::rtsp::{RtspError, RtspFeed, RtspServer};
+use crate::pipeline::training::TrainSlot;
 use crate::store::Changes;
 
 /// Changed events kept for a slow listener of the console's live list before it skips some.
@@ -29,6 +30,8 @@ pub struct LiveOutputs {
     slots: Vec<Option<Arc<CollectSlot>>>,
     /// Changed events, for the console's live list.
     event_feed: Changes,
+    /// Training from the running pipeline (`POST /api/train`, with `[http]`).
+    train: Option<Arc<TrainSlot>>,
 }
 
 /// What one camera's worker gets.
@@ -91,6 +94,16 @@ impl LiveOutputs {
                 })
             })
             .collect();
+        let train = config.http.enabled.then(|| {
+            Arc::new(TrainSlot::new(
+                Arc::clone(&models),
+                config
+                    .storage
+                    .enabled
+                    .then(|| config.storage.path.join("collect")),
+                cameras.clone(),
+            ))
+        });
         let http = if config.http.enabled {
             let auth =
                 crate::pipeline::http::auth::Auth::load(&config.http.auth, &config.http.bind)?;
@@ -99,6 +112,7 @@ impl LiveOutputs {
                 metrics: Arc::clone(&metrics),
                 storage: config.storage.enabled.then(|| config.storage.path.clone()),
                 model: models,
+                train: train.clone(),
                 live: cameras
                     .iter()
                     .zip(&views)
@@ -145,6 +159,7 @@ impl LiveOutputs {
             views,
             slots,
             event_feed,
+            train,
         })
     }
 
@@ -169,6 +184,9 @@ impl LiveOutputs {
 
     /// Stops the servers (after the workers have finished).
     pub fn stop(self) {
+        if let Some(train) = &self.train {
+            train.stop();
+        }
         if let Some(rtsp) = self.rtsp {
             rtsp.stop();
         }

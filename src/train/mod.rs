@@ -4,6 +4,7 @@
 
 mod holdout;
 mod prepare;
+pub mod progress;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -69,6 +70,8 @@ pub struct TrainConfig {
     pub augment: Augment,
     pub seed: u64,
     pub progress: bool,
+    /// Where to keep a JSON account of the progress (`progress::TrainProgress`), for a supervisor.
+    pub progress_file: Option<PathBuf>,
 }
 
 /// Training-image augmentation. With `Flips` every training image also comes mirrored left-right,
@@ -124,6 +127,7 @@ impl TrainConfig {
             augment: Augment::None,
             seed: 0,
             progress: true,
+            progress_file: None,
         }
     }
 
@@ -315,7 +319,12 @@ impl Schedule {
 }
 
 /// The SGD loop on the cached teacher features.
-fn fit(config: &TrainConfig, data: &Prepared, stop: &AtomicBool) -> Fitted {
+fn fit(
+    config: &TrainConfig,
+    data: &Prepared,
+    stop: &AtomicBool,
+    report_to: &mut progress::ProgressFile,
+) -> Fitted {
     let size = config.image_size;
     let train_device = data.device.clone().autodiff();
     let mut student = config.backbone.init_seeded(&train_device, config.seed);
@@ -359,6 +368,8 @@ fn fit(config: &TrainConfig, data: &Prepared, stop: &AtomicBool) -> Fitted {
         );
     }
     let progress = progress_bar(config, schedule.total_steps());
+    report_to.phase("training");
+    let mut steps_done = 0;
     let mut rng = SplitMix::new(config.seed.wrapping_add(1));
     let mut best: Option<(usize, f32, Backbone)> = None;
     let mut epochs_run = 0;
@@ -389,6 +400,14 @@ fn fit(config: &TrainConfig, data: &Prepared, stop: &AtomicBool) -> Fitted {
                 config.epochs
             ));
             progress.inc(1);
+            steps_done += 1;
+            report_to.step(
+                epoch,
+                config.epochs,
+                steps_done,
+                schedule.total_steps(),
+                mean_loss,
+            );
         }
         epochs_run = epoch;
         let snapshot = student.valid();
@@ -577,10 +596,14 @@ fn write_bundle(
 pub fn train(config: &TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainOutcome, TrainError> {
     validate(config)?;
     let started = Instant::now();
+    let mut report_to = progress::ProgressFile::new(config.progress_file.as_deref());
+    report_to.phase("preparing");
     let data = Prepared::load(config)?;
-    let fitted = fit(config, &data, &stop);
+    let fitted = fit(config, &data, &stop, &mut report_to);
+    report_to.phase("writing");
     let (bundle, holdout_scores) =
         write_bundle(config, &data, &fitted, started.elapsed().as_secs_f64())?;
+    report_to.phase("done");
     Ok(TrainOutcome {
         bundle,
         holdout_scores,

@@ -283,6 +283,16 @@ pub fn recalibrated_bundle(from: &Path, to: &Path, threshold: &str, floor: &str)
     to.to_path_buf()
 }
 
+/// A child process killed when dropped, so that a failed assertion leaves no `stpm run` behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `stpm run --pipeline <pipeline>` with its output in `log`.
 pub fn spawn_run(pipeline: &Path, log: &Path, dir: &Path) -> std::process::Child {
     let file = std::fs::File::create(log).expect("log file");

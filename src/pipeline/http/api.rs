@@ -44,7 +44,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn fail(status: StatusCode, message: String) -> ApiError {
+pub(super) fn fail(status: StatusCode, message: String) -> ApiError {
     ApiError { status, message }
 }
 

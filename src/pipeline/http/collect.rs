@@ -1,6 +1,8 @@
 //! `POST /api/cameras/{camera}/collect` starts collecting good training frames from a running
 //! camera into `<storage>/collect/<camera>/train/good` (body, optional: `{"frames": 150,
 //! "every": 0.5}`); `GET` on the same path says how far it is.
+//! `POST /api/cameras/{camera}/collect/not-a-defect` adds the clean peak frames of the camera's
+//! events an operator marked "not a defect".
 
 use std::sync::Arc;
 
@@ -19,7 +21,12 @@ use crate::pipeline::collecting::{CollectSlot, StartError};
 const MAX_FRAMES: usize = 100_000;
 
 pub(super) fn routes() -> Router<Arc<Served>> {
-    Router::new().route("/api/cameras/{camera}/collect", get(progress).post(start))
+    Router::new()
+        .route("/api/cameras/{camera}/collect", get(progress).post(start))
+        .route(
+            "/api/cameras/{camera}/collect/not-a-defect",
+            axum::routing::post(add_reviewed),
+        )
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +99,38 @@ async fn start(
         Ok(Err(e @ StartError::Busy(_))) => error(StatusCode::CONFLICT, e.to_string()),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn add_reviewed(State(served): State<Arc<Served>>, Path(camera): Path<String>) -> Response {
+    let slot = match slot(&served, &camera) {
+        Ok(slot) => slot,
+        Err(response) => return *response,
+    };
+    let model = served.model.live_model().id;
+    let query = crate::store::Query {
+        camera: Some(camera.clone()),
+        verdict: Some(crate::store::Verdict::NotADefect),
+        limit: 100_000,
+        ..Default::default()
+    };
+    let added = super::api::with_store(&served, move |store| {
+        let events = store.list(&query).map_err(super::api::internal)?;
+        slot.add_reviewed(&events, &model).map_err(|e| match e {
+            StartError::Busy(_) => super::api::fail(StatusCode::CONFLICT, e.to_string()),
+            e => super::api::internal(e),
+        })
+    })
+    .await;
+    match added {
+        Ok(added) => axum::Json(serde_json::json!({
+            "added": added.saved.len(),
+            "already": added.duplicates,
+            "events": added.seen,
+            "frames": added.saved,
+        }))
+        .into_response(),
+        Err(e) => e.into_response(),
     }
 }
 

@@ -9,6 +9,7 @@ mod collect;
 mod listener;
 mod live;
 mod model;
+mod train;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -45,6 +46,8 @@ pub struct Served {
     pub storage: Option<PathBuf>,
     /// The live model (`/api/cameras`, `POST /api/model`).
     pub model: Arc<dyn crate::pipeline::model::ModelControl>,
+    /// Training from the running pipeline (`POST /api/train`); `None`: not offered.
+    pub train: Option<Arc<crate::pipeline::training::TrainSlot>>,
     /// Who may use it (`[http.auth]`); `None`: anyone who reaches it (loopback only).
     pub auth: Option<auth::Auth>,
     /// Each camera's live view (`[http] live`, with an encoder), by camera name.
@@ -160,6 +163,7 @@ fn router(served: Arc<Served>) -> Router {
         .merge(live::routes())
         .merge(collect::routes())
         .merge(model::routes())
+        .merge(train::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&served),
@@ -284,6 +288,7 @@ mod tests {
             metrics,
             storage: None,
             model: fixed_model(""),
+            train: None,
             auth: None,
             live: Default::default(),
             collect: Default::default(),
@@ -578,7 +583,7 @@ mod tests {
                 "/", "/metrics", "/health", "/api/events", "/api/events/{}",
                 "/api/events/{}/snapshot.jpg", "/api/events/{}/clean.jpg",
                 "/api/events/{}/clip.mp4", "/api/events/{}/verdict", "/api/cameras",
-                "/api/cameras/{}/live", "/api/cameras/{}/collect", "/api/model", "/{}",
+                "/api/cameras/{}/live", "/api/cameras/{}/collect", "/api/model", "/api/train", "/{}",
                 "/api/{}/{}",
             ]),
             segment in proptest::collection::vec(proptest::num::u8::ANY, 0..40),

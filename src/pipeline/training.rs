@@ -1,0 +1,425 @@
+//! Training a new model from a running pipeline (`POST /api/train`): `stpm train` runs as a child
+//! process at a lowered priority (nice 10) and with a thread limit, so the cameras keep their
+//! frame rate; its progress file is read for `GET /api/train`, its messages go to the run's log,
+//! and the bundle it writes is swapped in when it is done (unless asked not to). One training at a
+//! time; the run's end stops it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::model::{ModelControl, ModelInfo, ModelSlot};
+use crate::train::progress::{self, TrainProgress};
+
+/// Nice value of the training process: the cameras' threads go first.
+const NICENESS: libc::c_int = 10;
+
+/// What `POST /api/train` asks for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainRequest {
+    /// Good images (an MVTec category or a folder of images); default: the camera's collection
+    /// folder, `<storage>/collect/<camera>`.
+    #[serde(default)]
+    pub data: Option<PathBuf>,
+    /// Whose collection to train on, when `data` is not given.
+    #[serde(default)]
+    pub camera: Option<String>,
+    /// The bundle to write; default: beside the live bundle, `<name>-<unix seconds>`.
+    #[serde(default)]
+    pub out: Option<PathBuf>,
+    /// Swap the new bundle in once it is written.
+    #[serde(default = "yes")]
+    pub swap: bool,
+    /// Threads the training may use.
+    #[serde(default = "one")]
+    pub threads: usize,
+    /// `stpm train --epochs` (its default when absent).
+    #[serde(default)]
+    pub epochs: Option<usize>,
+    /// `stpm train --max-steps` (its default when absent).
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn one() -> usize {
+    1
+}
+
+/// How a training stands (`GET /api/train`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainStatus {
+    /// `running`, `done`, `failed` or `cancelled`.
+    pub state: String,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    /// The child's progress (phase, epoch, step, loss, ETA), once it wrote some.
+    pub progress: Option<TrainProgress>,
+    pub seconds: f64,
+    /// The model swapped in when done (with `swap`).
+    pub model: Option<ModelInfo>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainStartError {
+    #[error(
+        "a training is already running (GET /api/train says how far; DELETE /api/train stops it)"
+    )]
+    Busy,
+    #[error("{0}")]
+    Request(String),
+    #[error("cannot start stpm train: {0}")]
+    Spawn(std::io::Error),
+}
+
+struct Job {
+    status: Arc<Mutex<TrainStatus>>,
+    child: Arc<Mutex<Option<Child>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The run's training slot.
+pub struct TrainSlot {
+    models: Arc<ModelSlot>,
+    /// `<storage>/collect`, where each camera's collection is (with `[storage]`).
+    collections: Option<PathBuf>,
+    cameras: Vec<String>,
+    job: Mutex<Option<Job>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl TrainSlot {
+    pub fn new(models: Arc<ModelSlot>, collections: Option<PathBuf>, cameras: Vec<String>) -> Self {
+        Self {
+            models,
+            collections,
+            cameras,
+            job: Mutex::new(None),
+        }
+    }
+
+    /// The latest training's status, if one ran.
+    pub fn status(&self) -> Option<TrainStatus> {
+        let job = lock(&self.job);
+        job.as_ref().map(|job| lock(&job.status).clone())
+    }
+
+    /// Starts `stpm train` for `request`; fails at once on a bad request or while one runs.
+    pub fn start(&self, request: TrainRequest) -> Result<TrainStatus, TrainStartError> {
+        let mut job = lock(&self.job);
+        if job
+            .as_ref()
+            .is_some_and(|job| lock(&job.status).state == "running")
+        {
+            return Err(TrainStartError::Busy);
+        }
+        let (data, out) = self.folders(&request)?;
+        if !(1..=64).contains(&request.threads) {
+            return Err(TrainStartError::Request("threads must be 1 to 64".into()));
+        }
+        let live = self.models.live();
+        let manifest = &live.model.manifest;
+        let progress_file = out.with_extension("progress.json");
+        let _ = std::fs::remove_file(&progress_file);
+        let program = std::env::current_exe().map_err(TrainStartError::Spawn)?;
+        let mut command = Command::new(program);
+        command
+            .arg("train")
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .arg("--progress-file")
+            .arg(&progress_file)
+            // The same teacher and input size as the live model, so the new one can replace it.
+            .args(["--backbone", manifest.model.backbone.name()])
+            .args(["--image-size", &manifest.model.input_size[0].to_string()])
+            .env("RAYON_NUM_THREADS", request.threads.to_string())
+            .env("OMP_NUM_THREADS", request.threads.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let teacher = Path::new(&manifest.training.teacher_weights);
+        if teacher.is_file() {
+            command.arg("--teacher-weights").arg(teacher);
+        }
+        if let Some(epochs) = request.epochs {
+            command.args(["--epochs", &epochs.to_string()]);
+        }
+        if let Some(steps) = request.max_steps {
+            command.args(["--max-steps", &steps.to_string()]);
+        }
+        // SAFETY: between fork and exec the closure only calls setpriority, which is
+        // async-signal-safe, and allocates nothing.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                libc::setpriority(libc::PRIO_PROCESS, 0, NICENESS);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(TrainStartError::Spawn)?;
+        log::info!(
+            "train: stpm train on {} → {} started (pid {}, nice {NICENESS}, {} thread(s)){}",
+            data.display(),
+            out.display(),
+            child.id(),
+            request.threads,
+            if request.swap {
+                "; swapped in when done"
+            } else {
+                ""
+            }
+        );
+        let status = Arc::new(Mutex::new(TrainStatus {
+            state: "running".into(),
+            data,
+            out: out.clone(),
+            progress: None,
+            seconds: 0.0,
+            model: None,
+            error: None,
+        }));
+        let forwarders = [
+            child.stdout.take().map(|out| forward(out, "train")),
+            child.stderr.take().map(|err| forward(err, "train")),
+        ];
+        let child = Arc::new(Mutex::new(Some(child)));
+        let supervisor = Supervisor {
+            status: Arc::clone(&status),
+            child: Arc::clone(&child),
+            models: Arc::clone(&self.models),
+            progress_file,
+            swap: request.swap,
+            started: Instant::now(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("train".into())
+            .spawn(move || {
+                supervisor.run();
+                for forwarder in forwarders.into_iter().flatten() {
+                    let _ = forwarder.join();
+                }
+            })
+            .map_err(TrainStartError::Spawn)?;
+        let first = lock(&status).clone();
+        *job = Some(Job {
+            status,
+            child,
+            thread: Some(thread),
+        });
+        Ok(first)
+    }
+
+    /// The data and output folders of `request`.
+    fn folders(&self, request: &TrainRequest) -> Result<(PathBuf, PathBuf), TrainStartError> {
+        let bad = |message: String| Err(TrainStartError::Request(message));
+        let data = match (&request.data, &request.camera) {
+            (Some(data), _) => data.clone(),
+            (None, Some(camera)) => {
+                if !self.cameras.contains(camera) {
+                    return bad(format!("no camera {camera} in this pipeline"));
+                }
+                match &self.collections {
+                    Some(folder) => folder.join(camera),
+                    None => {
+                        return bad(format!(
+                            "camera {camera} has no collection ([storage] is off): name the images with \"data\""
+                        ));
+                    }
+                }
+            }
+            (None, None) => return bad("name the images: \"data\" (a folder) or \"camera\"".into()),
+        };
+        if !data.is_dir() {
+            return bad(format!("{}: no such folder", data.display()));
+        }
+        let out = match &request.out {
+            Some(out) => out.clone(),
+            None => {
+                let live = &self.models.live().model.bundle;
+                let name = request
+                    .camera
+                    .clone()
+                    .or_else(|| Some(data.file_name()?.to_string_lossy().into_owned()))
+                    .unwrap_or_else(|| "trained".into());
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                live.parent()
+                    .unwrap_or(Path::new("."))
+                    .join(format!("{name}-{now}"))
+            }
+        };
+        if out.join(crate::bundle::MANIFEST_FILE).exists()
+            && same_folder(&out, &self.models.live().model.bundle)
+        {
+            return bad(format!(
+                "{} is the live bundle: train into another folder and swap it in",
+                out.display()
+            ));
+        }
+        Ok((data, out))
+    }
+
+    /// Stops a running training (SIGTERM: `stpm train` ends its step and writes the best
+    /// checkpoint so far, which is not swapped in). False when none runs.
+    pub fn cancel(&self) -> bool {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// Marks a running training cancelled and sends its process `signal`.
+    fn signal(&self, signal: libc::c_int) -> bool {
+        let job = lock(&self.job);
+        let Some(job) = job.as_ref() else {
+            return false;
+        };
+        let mut status = lock(&job.status);
+        if status.state != "running" {
+            return false;
+        }
+        status.state = "cancelled".into();
+        drop(status);
+        if let Some(child) = lock(&job.child).as_ref() {
+            // SAFETY: kill() with a pid this process spawned and has not yet waited for.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, signal);
+            }
+        }
+        true
+    }
+
+    /// At the run's end: kills a running training (its bundle is not needed) and waits for its
+    /// supervisor.
+    pub fn stop(&self) {
+        if self.signal(libc::SIGKILL) {
+            log::warn!("train: the run is ending, the training was stopped");
+        }
+        let thread = lock(&self.job).as_mut().and_then(|job| job.thread.take());
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn same_folder(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Copies each line the child writes into the log.
+fn forward(
+    stream: impl std::io::Read + Send + 'static,
+    prefix: &'static str,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            let line = line.trim_end();
+            if !line.is_empty() {
+                log::info!("{prefix}: {line}");
+            }
+        }
+    })
+}
+
+/// Waits for the child, keeping its status up to date, then swaps its bundle in.
+struct Supervisor {
+    status: Arc<Mutex<TrainStatus>>,
+    child: Arc<Mutex<Option<Child>>>,
+    models: Arc<ModelSlot>,
+    progress_file: PathBuf,
+    swap: bool,
+    started: Instant,
+}
+
+impl Supervisor {
+    fn run(self) {
+        let exit = loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let progress = progress::read(&self.progress_file);
+            {
+                let mut status = lock(&self.status);
+                status.seconds = self.started.elapsed().as_secs_f64();
+                if progress.is_some() {
+                    status.progress = progress;
+                }
+            }
+            let mut child = lock(&self.child);
+            let Some(running) = child.as_mut() else {
+                break None;
+            };
+            match running.try_wait() {
+                Ok(Some(exit)) => {
+                    *child = None;
+                    break Some(Ok(exit));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    *child = None;
+                    break Some(Err(e));
+                }
+            }
+        };
+        let _ = std::fs::remove_file(&self.progress_file);
+        let cancelled = lock(&self.status).state == "cancelled";
+        let outcome = match exit {
+            _ if cancelled => Err("stopped (DELETE /api/train or the run's end)".to_string()),
+            Some(Ok(exit)) if exit.success() => Ok(()),
+            Some(Ok(exit)) => Err(format!(
+                "stpm train failed ({exit}); its messages are in the log"
+            )),
+            Some(Err(e)) => Err(format!("cannot wait for stpm train: {e}")),
+            None => Err("stpm train was lost".into()),
+        };
+        let out = lock(&self.status).out.clone();
+        let result = outcome.and_then(|()| {
+            if !self.swap {
+                return Ok(None);
+            }
+            self.models
+                .swap(&out)
+                .map(Some)
+                .map_err(|e| format!("trained, but not swapped in: {e}"))
+        });
+        let mut status = lock(&self.status);
+        status.seconds = self.started.elapsed().as_secs_f64();
+        match result {
+            Ok(swapped) => {
+                status.state = "done".into();
+                status.model = swapped.map(|s| s.model);
+                log::info!(
+                    "train: done in {:.0} s, bundle {}{}",
+                    status.seconds,
+                    out.display(),
+                    status
+                        .model
+                        .as_ref()
+                        .map(|m| format!(", model {} live", m.id))
+                        .unwrap_or_default()
+                );
+            }
+            Err(error) => {
+                if !cancelled {
+                    status.state = "failed".into();
+                }
+                log::warn!("train: {error}");
+                status.error = Some(error);
+            }
+        }
+    }
+}
