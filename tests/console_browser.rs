@@ -268,7 +268,31 @@ fn the_console_shows_live_video_pushes_events_plays_clips_and_stores_verdicts() 
             assert_eq!(status, 200, "{body}");
             let stored: Value = serde_json::from_str(&body).expect("json");
             assert_eq!(stored["verdict"], "defect", "{stored}");
-            println!("screenshots: {} {}", live_png.display(), event_png.display());
+            // Training on the line from the console: the collection starts (this model finds
+            // every frame anomalous, so it saves none), and a training on the empty collection
+            // fails, which the page says.
+            until(&browser, Duration::from_secs(5), "the live model is named",
+                  "return document.getElementById('model').textContent.includes('bundle')").await;
+            for button in ["collect", "train"] {
+                browser
+                    .find(Locator::Id(button))
+                    .await
+                    .expect("the button")
+                    .click()
+                    .await
+                    .expect("click");
+            }
+            until(&browser, Duration::from_secs(5), "the collection shows",
+                  "return document.getElementById('training-status').textContent.includes('collecting: 0 of 150 frames')").await;
+            until(&browser, Duration::from_secs(60), "the failed training shows",
+                  "return document.getElementById('training-status').textContent.includes('training failed: stpm train failed')").await;
+            let training_png = screenshot(&browser, "training.png").await;
+            println!(
+                "screenshots: {} {} {}",
+                live_png.display(),
+                event_png.display(),
+                training_png.display()
+            );
 
             // SIGTERM with the console open (its live video and event stream): stpm still stops.
             common::sigterm(&watcher.0);

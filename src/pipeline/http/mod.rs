@@ -455,6 +455,9 @@ mod tests {
                 "/verdict",
                 "snapshot_url",
                 "clip_url",
+                "/collect",
+                "/collect/not-a-defect",
+                "/api/train",
             ] {
                 assert!(body.contains(used), "{used}");
             }
