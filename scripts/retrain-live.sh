@@ -102,14 +102,16 @@ monitor() { # phase: samples every 2 s into fps.tsv until the file $out/stop-$1 
 : > "$out/fps.tsv"
 t0=$EPOCHREALTIME
 monitor collect & mon=$!
-api POST /api/cameras/line1/collect "{\"frames\": $frames, \"every\": $every}" > /dev/null
+api POST /api/cameras/line1/collect "{\"frames\": $frames, \"every\": $every}" | grep -q '"wanted"' \
+    || { echo "POST /api/cameras/line1/collect failed" >&2; exit 1; }
 until [ "$(api GET /api/cameras/line1/collect | field '["done"]')" = True ]; do sleep 1; done
 touch "$out/stop-collect"; wait "$mon"
 t1=$EPOCHREALTIME
 api GET /api/cameras/line1/collect > "$out/collect.json"
 monitor train & mon=$!
 request="{\"camera\": \"line1\", \"out\": \"$out/line1-model\", \"threads\": $threads${max_steps:+, \"max_steps\": $max_steps}}"
-api POST /api/train "$request" > /dev/null
+api POST /api/train "$request" | tee "$out/train-start.json" | grep -q '"state":"running"' \
+    || { echo "POST /api/train failed: $(cat "$out/train-start.json")" >&2; exit 1; }
 while [ "$(api GET /api/train | field '["state"]')" = running ]; do sleep 2; done
 touch "$out/stop-train"; wait "$mon"
 t2=$EPOCHREALTIME

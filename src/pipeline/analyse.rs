@@ -54,6 +54,15 @@ struct Taken {
     ended: bool,
 }
 
+/// What [`Intake::take`] gives.
+enum Next {
+    Ticket(Ticket),
+    /// The end was taken (by any analyser), or the worker is gone.
+    Stop,
+    /// Another model was swapped in: move to its session before taking a frame.
+    Swapped,
+}
+
 /// An item taken from the capture queue, with its place in the order.
 struct Ticket {
     number: u64,
@@ -81,15 +90,19 @@ impl Intake {
         Arc::strong_count(&self.output) == 1
     }
 
-    /// The next item with its ticket; `None` once the end was taken (by any analyser) or the
-    /// worker is gone. The lock makes taking and numbering one step.
-    fn take(&self) -> Option<Ticket> {
+    /// The next item with its ticket, or why there is none. `swapped` is asked while waiting
+    /// (a camera without frames must not keep a replaced model's session). The lock makes taking
+    /// and numbering one step.
+    fn take(&self, swapped: &dyn Fn() -> bool) -> Next {
         let Ok(mut taken) = self.taken.lock() else {
-            return None;
+            return Next::Stop;
         };
         loop {
             if taken.ended || self.worker_gone() {
-                return None;
+                return Next::Stop;
+            }
+            if swapped() {
+                return Next::Swapped;
             }
             let Some(item) = self.input.pop(Duration::from_millis(200)) else {
                 continue;
@@ -113,7 +126,7 @@ impl Intake {
             };
             let number = taken.next;
             taken.next += 1;
-            return Some(Ticket { number, item, due });
+            return Next::Ticket(Ticket { number, item, due });
         }
     }
 
@@ -186,16 +199,17 @@ impl Analyser {
         model: &Arc<Model>,
         generation: u64,
     ) -> bool {
+        let models = Arc::clone(&self.models);
+        let swapped = move || models.generation() != generation;
         loop {
-            if self.models.generation() != generation {
-                return true;
-            }
             // While it waits for its camera's next frame (an offline camera, a live one between
             // frames), a batch leader on the session does not wait for it. Handing on counts as
             // busy: a file or a backlog has the next frame ready at once.
             participant.waiting_for_frame(true);
-            let Some(Ticket { number, item, due }) = intake.take() else {
-                return false;
+            let Ticket { number, item, due } = match intake.take(&swapped) {
+                Next::Ticket(ticket) => ticket,
+                Next::Swapped => return true,
+                Next::Stop => return false,
             };
             // Only a frame due for inference is one a batch leader should wait for.
             participant.waiting_for_frame(!due);
@@ -341,7 +355,7 @@ mod tests {
 
     /// What an analyser does with a ticket, less the engine: a varying delay, then hand it on.
     fn analyse_slowly(intake: Arc<Intake>, seed: u64) {
-        while let Some(Ticket { number, item, due }) = intake.take() {
+        while let Next::Ticket(Ticket { number, item, due }) = intake.take(&|| false) {
             let end = matches!(item, Item::End);
             std::thread::sleep(Duration::from_millis((number * 7 + seed) % 5));
             let item = item.map(|captured| Analysed {
@@ -395,16 +409,43 @@ mod tests {
     fn max_fps_is_kept_across_analysers() {
         // 25 frames/s in, at most 12.5 analysed: every other frame is due.
         let (intake, _output) = intake_of(10, true, 12.5);
-        let due: Vec<bool> = std::iter::from_fn(|| intake.take())
-            .filter(|ticket| matches!(ticket.item, Item::Frame(_)))
-            .map(|ticket| ticket.due)
-            .collect();
+        let due: Vec<bool> = std::iter::from_fn(|| match intake.take(&|| false) {
+            Next::Ticket(ticket) => Some(ticket),
+            _ => None,
+        })
+        .filter(|ticket| matches!(ticket.item, Item::Frame(_)))
+        .map(|ticket| ticket.due)
+        .collect();
         assert_eq!(
             due,
             [
                 true, false, true, false, true, false, true, false, true, false
             ]
         );
+    }
+
+    #[test]
+    fn a_camera_without_frames_lets_its_analyser_move_to_a_new_model() {
+        let (intake, _output) = intake_of(0, false, 0.0);
+        let swap = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waiting = {
+            let (intake, swap) = (Arc::clone(&intake), Arc::clone(&swap));
+            std::thread::spawn(move || {
+                matches!(
+                    intake.take(&|| swap.load(std::sync::atomic::Ordering::Relaxed)),
+                    Next::Swapped
+                )
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let swapped_at = Instant::now();
+        swap.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            waiting.join().ok(),
+            Some(true),
+            "it went on waiting for a frame"
+        );
+        assert!(swapped_at.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct CollectSlot {
     /// The camera's alert rule at the start (`on_threshold`, `k` of `m`).
     alerts: crate::alerts::AlertConfig,
     job: Mutex<Option<Job>>,
+    /// Held while frames of events marked "not a defect" are added.
+    adding: Mutex<()>,
 }
 
 impl CollectSlot {
@@ -77,6 +79,7 @@ impl CollectSlot {
             folder,
             alerts,
             job: Mutex::new(None),
+            adding: Mutex::new(()),
         }
     }
 
@@ -167,8 +170,13 @@ impl CollectSlot {
         events: &[crate::store::StoredEvent],
         model: &str,
     ) -> Result<Collected, StartError> {
-        let job = self.lock();
-        if job
+        // One at a time, and not while frames are collected (both write collect.json); the
+        // copying runs without the job's lock, which the progress endpoint takes.
+        let Ok(_adding) = self.adding.try_lock() else {
+            return Err(StartError::Busy(self.camera.clone()));
+        };
+        if self
+            .lock()
             .as_ref()
             .is_some_and(|j| !j.progress.lock().is_ok_and(|p| p.done))
         {

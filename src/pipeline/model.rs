@@ -47,6 +47,8 @@ pub struct Model {
     pub precision: Precision,
     /// The manifest with the calibration of that graph.
     pub manifest: Arc<Manifest>,
+    /// 0 for the model the run started with, then one more for each swap.
+    pub generation: u64,
 }
 
 /// What `/api/cameras`, `/metrics` and the swap answer say about the live model.
@@ -114,9 +116,13 @@ pub enum SwapError {
 }
 
 impl SwapError {
-    /// True when the bundle itself was refused (not "try again later").
+    /// True when the bundle itself was refused; false for "try again later" (another swap
+    /// loading, sessions that could not be opened: memory, a driver).
     pub fn refused(&self) -> bool {
-        !matches!(self, SwapError::Busy)
+        !matches!(
+            self,
+            SwapError::Busy | SwapError::Open(SelectError::Engine(_))
+        )
     }
 }
 
@@ -158,7 +164,7 @@ pub struct ModelSlot {
 impl ModelSlot {
     /// The slot of a run whose sessions `sessions` opened for `config`.
     pub fn new(config: &ModelConfig, sessions: Sessions) -> Self {
-        let model = model_of(&sessions);
+        let model = model_of(&sessions, 0);
         let wait = Duration::from_millis(config.batch_wait_ms);
         let batch = sessions.batch;
         let live = Live {
@@ -299,7 +305,7 @@ impl ModelControl for ModelSlot {
         Self::check_manifest(bundle, &checked.manifest, &live)?;
         let sessions = Sessions::open(&config)?;
         self.check_sessions(bundle, &sessions, &live)?;
-        let model = Arc::new(model_of(&sessions));
+        let model = Arc::new(model_of(&sessions, self.generation() + 1));
         let wait = Duration::from_millis(self.config.batch_wait_ms);
         let new = Live {
             model: Arc::clone(&model),
@@ -334,7 +340,7 @@ impl ModelControl for ModelSlot {
     }
 }
 
-fn model_of(sessions: &Sessions) -> Model {
+fn model_of(sessions: &Sessions, generation: u64) -> Model {
     let bundle = &sessions.bundle;
     Model {
         id: id_of(&bundle.manifest_sha256),
@@ -346,6 +352,7 @@ fn model_of(sessions: &Sessions) -> Model {
         bundle: bundle.dir.clone(),
         precision: bundle.precision,
         manifest: Arc::clone(&sessions.manifest),
+        generation,
     }
 }
 
@@ -356,8 +363,9 @@ pub struct Watch(Background);
 impl Watch {
     pub fn start(slot: Arc<ModelSlot>) -> std::io::Result<Self> {
         Background::spawn("model-watch", move |stop| {
-            // A bundle refused once is not tried again until its manifest changes once more.
-            let mut refused: Option<String> = None;
+            // A bundle refused once is not tried again until its manifest changes once more; one
+            // that failed for another reason (memory, a driver) is tried again after a minute.
+            let mut refused: Option<(String, Option<Instant>)> = None;
             let mut next = Instant::now() + WATCH_INTERVAL;
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
@@ -367,10 +375,10 @@ impl Watch {
                 next = Instant::now() + WATCH_INTERVAL;
                 let live = slot.live();
                 let on_disk = id_on_disk(&live.model.bundle);
-                if on_disk == live.model.id
-                    || on_disk == "unknown"
-                    || refused == Some(on_disk.clone())
-                {
+                let waiting = refused.as_ref().is_some_and(|(id, retry)| {
+                    id == &on_disk && retry.is_none_or(|at| Instant::now() < at)
+                });
+                if on_disk == live.model.id || on_disk == "unknown" || waiting {
                     continue;
                 }
                 let bundle = live.model.bundle.clone();
@@ -380,8 +388,17 @@ impl Watch {
                     Ok(_) => refused = None,
                     Err(SwapError::Busy) => {}
                     Err(e) => {
-                        log::warn!("model: refused, the live model stays: {e}");
-                        refused = Some(on_disk);
+                        let retry =
+                            (!e.refused()).then(|| Instant::now() + Duration::from_secs(60));
+                        log::warn!(
+                            "model: not swapped in, the live model stays{}: {e}",
+                            if retry.is_some() {
+                                " (tried again in a minute)"
+                            } else {
+                                ""
+                            }
+                        );
+                        refused = Some((on_disk, retry));
                     }
                 }
             }

@@ -67,11 +67,22 @@ impl Reloader {
     ) -> std::io::Result<Self> {
         catch_hangup();
         Background::spawn("reload", move |stop| {
+            // What `[model] bundle` said at the last reload (or the start).
+            let mut named = running.model.bundle.clone();
             while !stop.load(Ordering::Relaxed) {
                 if HANGUP.swap(false, Ordering::SeqCst)
                     && let Some(new) = reload(&path, &sets, &running, &inboxes)
                 {
-                    swap_model(&new, &models);
+                    let live = models.live().model.bundle.clone();
+                    match bundle_to_load(&named, &new.model.bundle, &live) {
+                        Some(bundle) => swap_model(&bundle, &models),
+                        None => log::info!(
+                            "reload: [model] bundle unchanged; the live model ({}, swapped in \
+                             through the API or a training) stays",
+                            live.display()
+                        ),
+                    }
+                    named = new.model.bundle;
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -84,10 +95,24 @@ impl Reloader {
     }
 }
 
-/// Swaps in `new`'s bundle when it is another folder than the live model's, or the same one
-/// changed on disk.
-fn swap_model(new: &PipelineConfig, models: &ModelSlot) {
-    match models.swap(&new.model.bundle) {
+/// The bundle a reload swaps in: the file's when it names another folder than at the last reload
+/// (`named_before`), or the live one's when the file names it (its thresholds or graph may have
+/// changed on disk; an unchanged one is not loaded again); `None` when the file still names what
+/// it did and the live model came from elsewhere (`POST /api/model`, a training), which stays.
+pub fn bundle_to_load(
+    named_before: &std::path::Path,
+    named_now: &std::path::Path,
+    live: &std::path::Path,
+) -> Option<PathBuf> {
+    let same = |a: &std::path::Path, b: &std::path::Path| {
+        a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
+    };
+    (!same(named_before, named_now) || same(named_now, live)).then(|| named_now.to_path_buf())
+}
+
+/// Swaps `bundle` in (nothing is loaded when it is the live one, unchanged).
+fn swap_model(bundle: &std::path::Path, models: &ModelSlot) {
+    match models.swap(bundle) {
         Ok(swapped) if swapped.unchanged => {
             log::info!("reload: model {} unchanged", swapped.model.id)
         }
@@ -192,6 +217,26 @@ mod tests {
         let path = dir.path().join("p.toml");
         std::fs::write(&path, text).expect("write");
         PipelineConfig::load(&path, &[]).expect("config")
+    }
+
+    #[test]
+    fn a_reload_reverts_no_model_swapped_in_through_the_api() {
+        let dir = tempfile::tempdir().expect("dir");
+        let [a, b, c] = ["a", "b", "c"].map(|name| {
+            let path = dir.path().join(name);
+            std::fs::create_dir(&path).expect("bundle dir");
+            path
+        });
+        // The file names the live bundle: reloaded (in case its manifest changed).
+        assert_eq!(bundle_to_load(&a, &a, &a), Some(a.clone()));
+        // The file names another bundle than before: that one.
+        assert_eq!(bundle_to_load(&a, &b, &a), Some(b.clone()));
+        assert_eq!(bundle_to_load(&a, &b, &c), Some(b.clone()));
+        // The file unchanged, the live model from the API: it stays.
+        assert_eq!(bundle_to_load(&a, &a, &c), None);
+        // The same folder written another way is the same folder.
+        let dotted = dir.path().join(".").join("a");
+        assert_eq!(bundle_to_load(&a, &dotted, &c), None);
     }
 
     #[test]

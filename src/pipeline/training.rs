@@ -1,8 +1,8 @@
 //! Training a new model from a running pipeline (`POST /api/train`): `stpm train` runs as a child
-//! process at a lowered priority (nice 10) and with a thread limit, so the cameras keep their
-//! frame rate; its progress file is read for `GET /api/train`, its messages go to the run's log,
-//! and the bundle it writes is swapped in when it is done (unless asked not to). One training at a
-//! time; the run's end stops it.
+//! process at a lowered priority (nice +10) and with a thread limit for its SGD steps, so the
+//! cameras keep their frame rate; its progress file is read for `GET /api/train`, its messages go
+//! to the run's log, and the bundle it writes is swapped in when it is done (unless asked not
+//! to). One training at a time; the run's end kills it.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::model::{ModelControl, ModelInfo, ModelSlot};
 use crate::train::progress::{self, TrainProgress};
 
-/// Nice value of the training process: the cameras' threads go first.
+/// How much nicer than `stpm run` the training process is: the cameras' threads go first.
 const NICENESS: libc::c_int = 10;
 
 /// What `POST /api/train` asks for.
@@ -57,7 +57,7 @@ fn one() -> usize {
 /// How a training stands (`GET /api/train`).
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainStatus {
-    /// `running`, `done`, `failed` or `cancelled`.
+    /// `running`, `swapping` (written, being swapped in), `done`, `failed` or `cancelled`.
     pub state: String,
     pub data: PathBuf,
     pub out: PathBuf,
@@ -81,10 +81,30 @@ pub enum TrainStartError {
     Spawn(std::io::Error),
 }
 
+/// What `DELETE /api/train` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    /// The training was told to stop.
+    Stopped,
+    /// None runs.
+    NotRunning,
+    /// Its bundle is written and being swapped in: too late to stop.
+    Swapping,
+}
+
 struct Job {
     status: Arc<Mutex<TrainStatus>>,
+    /// The child, until its supervisor has reaped it.
     child: Arc<Mutex<Option<Child>>>,
+    /// The supervisor: runs until the child has exited and its bundle is swapped in.
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Job {
+    /// The child runs, or its bundle is being swapped in.
+    fn busy(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
 }
 
 /// The run's training slot.
@@ -119,10 +139,7 @@ impl TrainSlot {
     /// Starts `stpm train` for `request`; fails at once on a bad request or while one runs.
     pub fn start(&self, request: TrainRequest) -> Result<TrainStatus, TrainStartError> {
         let mut job = lock(&self.job);
-        if job
-            .as_ref()
-            .is_some_and(|job| lock(&job.status).state == "running")
-        {
+        if job.as_ref().is_some_and(Job::busy) {
             return Err(TrainStartError::Busy);
         }
         let (data, out) = self.folders(&request)?;
@@ -133,7 +150,11 @@ impl TrainSlot {
         let manifest = &live.model.manifest;
         let progress_file = out.with_extension("progress.json");
         let _ = std::fs::remove_file(&progress_file);
-        let program = std::env::current_exe().map_err(TrainStartError::Spawn)?;
+        // The running binary itself, even when a newer one has replaced it on disk since.
+        let program = match Path::new("/proc/self/exe") {
+            path if path.exists() => path.to_path_buf(),
+            _ => std::env::current_exe().map_err(TrainStartError::Spawn)?,
+        };
         let mut command = Command::new(program);
         command
             .arg("train")
@@ -154,6 +175,12 @@ impl TrainSlot {
         let teacher = Path::new(&manifest.training.teacher_weights);
         if teacher.is_file() {
             command.arg("--teacher-weights").arg(teacher);
+        } else if manifest.model.backbone != crate::model::BackboneKind::EfficientNetLite0 {
+            return Err(TrainStartError::Request(format!(
+                "the live model's teacher weights ({}) are not there: a {} student needs them",
+                teacher.display(),
+                manifest.model.backbone.name()
+            )));
         }
         if let Some(epochs) = request.epochs {
             command.args(["--epochs", &epochs.to_string()]);
@@ -161,18 +188,25 @@ impl TrainSlot {
         if let Some(steps) = request.max_steps {
             command.args(["--max-steps", &steps.to_string()]);
         }
-        // SAFETY: between fork and exec the closure only calls setpriority, which is
-        // async-signal-safe, and allocates nothing.
+        // SAFETY: between fork and exec the closure only makes the nice(2) system call and
+        // allocates nothing.
         unsafe {
             use std::os::unix::process::CommandExt;
             command.pre_exec(|| {
-                libc::setpriority(libc::PRIO_PROCESS, 0, NICENESS);
+                // -1 is also a valid new niceness: errno tells a failure, which fails the start.
+                *libc::__errno_location() = 0;
+                if libc::nice(NICENESS) == -1 && *libc::__errno_location() != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 Ok(())
             });
         }
-        let mut child = command.spawn().map_err(TrainStartError::Spawn)?;
+        let mut child = command.spawn().map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidInput => TrainStartError::Request(e.to_string()),
+            _ => TrainStartError::Spawn(e),
+        })?;
         log::info!(
-            "train: stpm train on {} → {} started (pid {}, nice {NICENESS}, {} thread(s)){}",
+            "train: stpm train on {} → {} started (pid {}, nice +{NICENESS}, {} thread(s) for its steps){}",
             data.display(),
             out.display(),
             child.id(),
@@ -193,8 +227,8 @@ impl TrainSlot {
             error: None,
         }));
         let forwarders = [
-            child.stdout.take().map(|out| forward(out, "train")),
-            child.stderr.take().map(|err| forward(err, "train")),
+            child.stdout.take().map(forward),
+            child.stderr.take().map(forward),
         ];
         let child = Arc::new(Mutex::new(Some(child)));
         let supervisor = Supervisor {
@@ -205,16 +239,29 @@ impl TrainSlot {
             swap: request.swap,
             started: Instant::now(),
         };
-        let thread = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("train".into())
             .spawn(move || {
                 supervisor.run();
                 for forwarder in forwarders.into_iter().flatten() {
                     let _ = forwarder.join();
                 }
-            })
-            .map_err(TrainStartError::Spawn)?;
+            });
+        let thread = match spawned {
+            Ok(thread) => thread,
+            Err(e) => {
+                if let Some(mut child) = lock(&child).take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                return Err(TrainStartError::Spawn(e));
+            }
+        };
         let first = lock(&status).clone();
+        if let Some(old) = job.as_mut().and_then(|old| old.thread.take()) {
+            // Finished (not busy): joined at once.
+            let _ = old.join();
+        }
         *job = Some(Job {
             status,
             child,
@@ -276,36 +323,42 @@ impl TrainSlot {
     }
 
     /// Stops a running training (SIGTERM: `stpm train` ends its step and writes the best
-    /// checkpoint so far, which is not swapped in). False when none runs.
-    pub fn cancel(&self) -> bool {
+    /// checkpoint so far, which is not swapped in).
+    pub fn cancel(&self) -> Cancel {
         self.signal(libc::SIGTERM)
     }
 
-    /// Marks a running training cancelled and sends its process `signal`.
-    fn signal(&self, signal: libc::c_int) -> bool {
+    /// Marks a running training cancelled and sends its process `signal` (a cancelled one still
+    /// finishing gets it too).
+    fn signal(&self, signal: libc::c_int) -> Cancel {
         let job = lock(&self.job);
         let Some(job) = job.as_ref() else {
-            return false;
+            return Cancel::NotRunning;
         };
         let mut status = lock(&job.status);
-        if status.state != "running" {
-            return false;
+        match status.state.as_str() {
+            "swapping" => return Cancel::Swapping,
+            "running" => status.state = "cancelled".into(),
+            _ => {}
         }
-        status.state = "cancelled".into();
         drop(status);
-        if let Some(child) = lock(&job.child).as_ref() {
-            // SAFETY: kill() with a pid this process spawned and has not yet waited for.
-            unsafe {
-                libc::kill(child.id() as libc::pid_t, signal);
+        // The child is reaped (and taken) under this lock, so its pid is still ours here.
+        match lock(&job.child).as_ref() {
+            Some(child) => {
+                // SAFETY: kill() on the pid of a child this process has not yet reaped.
+                unsafe {
+                    libc::kill(child.id() as libc::pid_t, signal);
+                }
+                Cancel::Stopped
             }
+            None => Cancel::NotRunning,
         }
-        true
     }
 
-    /// At the run's end: kills a running training (its bundle is not needed) and waits for its
-    /// supervisor.
+    /// At the run's end: kills a training process still there (its bundle is not needed) and
+    /// waits for its supervisor.
     pub fn stop(&self) {
-        if self.signal(libc::SIGKILL) {
+        if self.signal(libc::SIGKILL) == Cancel::Stopped {
             log::warn!("train: the run is ending, the training was stopped");
         }
         let thread = lock(&self.job).as_mut().and_then(|job| job.thread.take());
@@ -322,16 +375,15 @@ fn same_folder(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Copies each line the child writes into the log.
-fn forward(
-    stream: impl std::io::Read + Send + 'static,
-    prefix: &'static str,
-) -> std::thread::JoinHandle<()> {
+/// Copies each line the child writes into the log, its warnings and errors as warnings.
+fn forward(stream: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
             let line = line.trim_end();
-            if !line.is_empty() {
-                log::info!("{prefix}: {line}");
+            if line.starts_with("warning:") || line.starts_with("error:") {
+                log::warn!("train: {line}");
+            } else if !line.is_empty() {
+                log::info!("train: {line}");
             }
         }
     })
@@ -370,7 +422,10 @@ impl Supervisor {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    *child = None;
+                    if let Some(mut lost) = child.take() {
+                        let _ = lost.kill();
+                        let _ = lost.wait();
+                    }
                     break Some(Err(e));
                 }
             }
@@ -390,6 +445,14 @@ impl Supervisor {
         let result = outcome.and_then(|()| {
             if !self.swap {
                 return Ok(None);
+            }
+            // From here on a DELETE is too late (it answers so).
+            {
+                let mut status = lock(&self.status);
+                if status.state == "cancelled" {
+                    return Err("stopped (DELETE /api/train)".to_string());
+                }
+                status.state = "swapping".into();
             }
             self.models
                 .swap(&out)
@@ -414,7 +477,7 @@ impl Supervisor {
                 );
             }
             Err(error) => {
-                if !cancelled {
+                if status.state != "cancelled" {
                     status.state = "failed".into();
                 }
                 log::warn!("train: {error}");

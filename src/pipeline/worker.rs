@@ -196,9 +196,12 @@ impl Worker {
             inference,
             batch,
         } = analysed;
-        if let Some(model) = model.filter(|model| !Arc::ptr_eq(model, &self.model)) {
+        // Events name the newest model that scored a frame: with several sessions, a frame the
+        // previous model scored can still follow the first of the new one.
+        let model = model.unwrap_or_else(|| Arc::clone(&self.model));
+        if model.generation > self.model.generation {
             self.tracker.set_model(&model.id);
-            self.model = model;
+            self.model = Arc::clone(&model);
         }
         state.stats.frames += 1;
         self.metrics.frame();
@@ -212,7 +215,7 @@ impl Worker {
                 if batch > 1 {
                     state.stats.batched += 1;
                 }
-                let pixels = self.annotate(state, &captured, &scored, t);
+                let pixels = self.annotate(state, &captured, &scored, t, &model);
                 if let Some(slot) = &self.collect {
                     slot.offer(frame, captured.pts.as_secs_f64(), state.last_score);
                 }
@@ -256,14 +259,15 @@ impl Worker {
         }
     }
 
-    /// Draws the engine's result on one frame and updates the alert tracker; returns the
-    /// annotated pixels.
+    /// Draws the engine's result on one frame (scored by `model`, whose calibration normalises
+    /// it) and updates the alert tracker; returns the annotated pixels.
     fn annotate(
         &mut self,
         state: &mut WorkerState,
         captured: &Captured,
         scored: &Scores,
         t: f64,
+        model: &Model,
     ) -> Vec<u8> {
         if let Some(settings) = super::reload::take(&self.settings) {
             self.tracker.set_config(settings.alerts);
@@ -276,7 +280,6 @@ impl Worker {
             log::info!("[{}] alert settings reloaded", self.camera.name);
         }
         let frame = &captured.frame;
-        let model = Arc::clone(&self.model);
         let size = model.manifest.model.input_size;
         let overlay_started = Instant::now();
         state.stats.analysed += 1;
@@ -299,7 +302,7 @@ impl Worker {
             camera: &camera,
             fps: state.fps,
         };
-        let pixels = match self.overlay_on_gpu(frame, &scored.maps, raw_score, &caption) {
+        let pixels = match self.overlay_on_gpu(frame, &scored.maps, raw_score, &caption, model) {
             Some(pixels) => pixels,
             None => {
                 let (pixels, error) = overlay::annotate_live(
@@ -338,9 +341,10 @@ impl Worker {
         map: &[f32],
         raw_score: f32,
         caption: &overlay::live::Caption,
+        model: &Model,
     ) -> Option<Vec<u8>> {
         let stage = self.gpu.as_mut()?;
-        let manifest = &self.model.manifest;
+        let manifest = &model.manifest;
         let calibration = &manifest.calibration;
         let heat = stage
             .heat(frame, map, manifest.model.input_size, calibration)
@@ -377,6 +381,7 @@ impl Worker {
         _map: &[f32],
         _raw_score: f32,
         _caption: &overlay::live::Caption,
+        _model: &Model,
     ) -> Option<Vec<u8>> {
         None
     }

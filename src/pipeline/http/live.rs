@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -36,19 +36,11 @@ async fn live(
     headers: axum::http::HeaderMap,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        let origin_host = origin
-            .to_str()
-            .ok()
-            .and_then(|origin| origin.split_once("://"))
-            .map(|(_, host)| host);
-        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-        if origin_host.is_none() || origin_host != host {
-            return error(
-                StatusCode::FORBIDDEN,
-                "the live view is only for pages of this server (Origin differs from Host)".into(),
-            );
-        }
+    if !super::same_origin(&headers) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "the live view is only for pages of this server (Origin differs from Host)".into(),
+        );
     }
     let Some(view) = served.live.get(&camera).cloned() else {
         return camera_lacks(

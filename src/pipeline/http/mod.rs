@@ -180,13 +180,43 @@ pub struct SignedIn(pub String);
 /// a flood of wrong passwords waits here instead of taking every core and that memory each.
 static CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
-/// Lets a request through when `[http.auth]` is off, for `/health`, or with valid credentials;
+/// True unless the request carries an `Origin` (browsers send one with every cross-site request
+/// and every POST) whose host differs from the `Host` it was sent to.
+pub(super) fn same_origin(headers: &axum::http::HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|origin| origin.split_once("://"))
+        .map(|(_, host)| host);
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    origin_host.is_some() && origin_host == host
+}
+
+/// Refuses changes asked for by pages of other sites (any method but GET and HEAD with a
+/// foreign `Origin`); then lets a request through when `[http.auth]` is off, for `/health`, or with valid credentials;
 /// else 401 asking for Basic credentials. Checking a password (argon2) runs off the async thread.
 async fn guard(
     axum::extract::State(served): axum::extract::State<Arc<Served>>,
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    if !same_origin(request.headers()) {
+        // A page of another site can make the browser send a request here (with the user's
+        // credentials, or to a loopback address); it may not change anything.
+        if !matches!(
+            *request.method(),
+            axum::http::Method::GET | axum::http::Method::HEAD
+        ) {
+            return api::error(
+                StatusCode::FORBIDDEN,
+                "only pages of this server may change things here (Origin differs from Host)"
+                    .into(),
+            );
+        }
+    }
     if served.auth.is_none() || request.uri().path() == "/health" {
         return next.run(request).await;
     }
@@ -400,6 +430,25 @@ mod tests {
                 body.contains("engines/nowhere: no such bundle folder"),
                 "{body}"
             );
+            // A page of another site may read but not change.
+            let foreign = [
+                ("origin", "http://evil.example"),
+                ("host", "127.0.0.1:9090"),
+            ];
+            let (status, _, body) =
+                call_with(&app, "POST", "/api/model", r#"{"bundle": "x"}"#, &foreign).await;
+            assert_eq!(status, 403, "{body}");
+            assert_eq!(
+                call_with(&app, "GET", "/api/model", "", &foreign).await.0,
+                200
+            );
+            let own = [
+                ("origin", "http://127.0.0.1:9090"),
+                ("host", "127.0.0.1:9090"),
+            ];
+            let (status, _, body) =
+                call_with(&app, "POST", "/api/model", r#"{"bundle": "x"}"#, &own).await;
+            assert_eq!(status, 422, "{body}");
             let (_, _, body) = call(&app, "GET", "/metrics", "").await;
             assert!(
                 body.contains("stpm_model_info{id=\"0123456789ab\",bundle=\"demo\"} 1"),

@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use super::Served;
 use super::api::error;
+use crate::pipeline::model::SwapError;
 
 pub(super) fn routes() -> Router<Arc<Served>> {
     Router::new().route("/api/model", get(live).post(swap))
@@ -45,11 +46,15 @@ async fn swap(State(served): State<Arc<Served>>, body: axum::body::Bytes) -> Res
     let swapped = tokio::task::spawn_blocking(move || model.swap(&request.bundle)).await;
     match swapped {
         Ok(Ok(swapped)) => axum::Json(swapped).into_response(),
+        Ok(Err(e @ SwapError::Busy)) => error(StatusCode::CONFLICT, e.to_string()),
         Ok(Err(e)) if e.refused() => {
             log::warn!("model: refused, the live model stays: {e}");
             error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
         }
-        Ok(Err(e)) => error(StatusCode::CONFLICT, e.to_string()),
+        Ok(Err(e)) => {
+            log::warn!("model: not swapped in, the live model stays: {e}");
+            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -13,7 +13,7 @@ use axum::routing::get;
 
 use super::Served;
 use super::api::error;
-use crate::pipeline::training::{TrainRequest, TrainSlot, TrainStartError};
+use crate::pipeline::training::{Cancel, TrainRequest, TrainSlot, TrainStartError};
 
 pub(super) fn routes() -> Router<Arc<Served>> {
     Router::new().route("/api/train", get(status).post(start).delete(cancel))
@@ -73,9 +73,12 @@ async fn cancel(State(served): State<Arc<Served>>) -> Response {
         Ok(slot) => slot,
         Err(response) => return *response,
     };
-    if slot.cancel() {
-        (StatusCode::ACCEPTED, axum::Json(slot.status())).into_response()
-    } else {
-        error(StatusCode::NOT_FOUND, "no training is running".into())
+    match slot.cancel() {
+        Cancel::Stopped => (StatusCode::ACCEPTED, axum::Json(slot.status())).into_response(),
+        Cancel::Swapping => error(
+            StatusCode::CONFLICT,
+            "the training is done and its model is being swapped in".into(),
+        ),
+        Cancel::NotRunning => error(StatusCode::NOT_FOUND, "no training is running".into()),
     }
 }
