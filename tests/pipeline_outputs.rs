@@ -966,10 +966,10 @@ fn a_running_pipeline_collects_good_frames_through_the_api() {
     let (status, body) = ask(
         "POST",
         "/api/cameras/line1/collect",
-        r#"{"frames": 20, "every": 0.2}"#,
+        r#"{"frames": 60, "every": 0.1}"#,
     );
     assert_eq!(status, 202, "{body}");
-    assert!(body.contains(r#""wanted":20"#), "{body}");
+    assert!(body.contains(r#""wanted":60"#), "{body}");
     let (status, body) = ask("POST", "/api/cameras/line1/collect", "");
     assert_eq!(status, 409, "{body}");
     assert_eq!(ask("GET", "/api/cameras/nowhere/collect", "").0, 404);
@@ -991,19 +991,27 @@ fn a_running_pipeline_collects_good_frames_through_the_api() {
     let status = child.wait().expect("wait");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "{text}");
-    assert_eq!(progress["saved"], 20, "{progress}");
+    assert_eq!(progress["saved"], 60, "{progress}");
     assert!(progress["error"].is_null(), "{progress}");
     let folder = dir.path().join("data/collect/line1");
     let listed: serde_json::Value =
         serde_json::from_slice(&std::fs::read(folder.join("collect.json")).expect("collect.json"))
             .expect("JSON");
     let saved = listed["runs"][0]["saved"].as_array().expect("saved");
-    assert_eq!(saved.len(), 20);
+    assert_eq!(saved.len(), 60);
     let (width, height) = stpm::pipeline::conveyor::CONVEYOR_SIZE;
     let mut conveyor = stpm::pipeline::conveyor::Conveyor::new(width, height, 1);
     for frame in saved {
         let file = folder.join(frame["file"].as_str().expect("file"));
-        assert!(file.is_file(), "{}", file.display());
+        let decoded = image::open(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+            .to_rgb8();
+        assert_eq!(
+            (decoded.width(), decoded.height()),
+            (width as u32, height as u32),
+            "{}",
+            file.display()
+        );
         let index = (frame["stream_seconds"].as_f64().expect("time") * FPS).round() as u64;
         assert!(
             conveyor.frame(index).defect.is_none(),
