@@ -112,7 +112,9 @@ monitor train & mon=$!
 request="{\"camera\": \"line1\", \"out\": \"$out/line1-model\", \"threads\": $threads${max_steps:+, \"max_steps\": $max_steps}}"
 api POST /api/train "$request" | tee "$out/train-start.json" | grep -q '"state":"running"' \
     || { echo "POST /api/train failed: $(cat "$out/train-start.json")" >&2; exit 1; }
-while [ "$(api GET /api/train | field '["state"]')" = running ]; do sleep 2; done
+while case "$(api GET /api/train | field '["state"]')" in running|swapping) true ;; *) false ;; esac; do
+    sleep 2
+done
 touch "$out/stop-train"; wait "$mon"
 t2=$EPOCHREALTIME
 api GET /api/train > "$out/train.json"

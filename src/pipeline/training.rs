@@ -44,6 +44,10 @@ pub struct TrainRequest {
     /// `stpm train --max-steps` (its default when absent).
     #[serde(default)]
     pub max_steps: Option<usize>,
+    /// Also write the INT8 graph (`stpm export --precision int8`) before the swap; default: when
+    /// the live model runs its INT8 graph, so the CPU engine stays as fast.
+    #[serde(default)]
+    pub int8: Option<bool>,
 }
 
 fn yes() -> bool {
@@ -150,12 +154,8 @@ impl TrainSlot {
         let manifest = &live.model.manifest;
         let progress_file = out.with_extension("progress.json");
         let _ = std::fs::remove_file(&progress_file);
-        // The running binary itself, even when a newer one has replaced it on disk since.
-        let program = match Path::new("/proc/self/exe") {
-            path if path.exists() => path.to_path_buf(),
-            _ => std::env::current_exe().map_err(TrainStartError::Spawn)?,
-        };
-        let mut command = Command::new(program);
+        let program = own_binary().map_err(TrainStartError::Spawn)?;
+        let mut command = child_command(&program, request.threads);
         command
             .arg("train")
             .arg("--data")
@@ -166,12 +166,7 @@ impl TrainSlot {
             .arg(&progress_file)
             // The same teacher and input size as the live model, so the new one can replace it.
             .args(["--backbone", manifest.model.backbone.name()])
-            .args(["--image-size", &manifest.model.input_size[0].to_string()])
-            .env("RAYON_NUM_THREADS", request.threads.to_string())
-            .env("OMP_NUM_THREADS", request.threads.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .args(["--image-size", &manifest.model.input_size[0].to_string()]);
         let teacher = Path::new(&manifest.training.teacher_weights);
         if teacher.is_file() {
             command.arg("--teacher-weights").arg(teacher);
@@ -188,19 +183,9 @@ impl TrainSlot {
         if let Some(steps) = request.max_steps {
             command.args(["--max-steps", &steps.to_string()]);
         }
-        // SAFETY: between fork and exec the closure only makes the nice(2) system call and
-        // allocates nothing.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
-                // -1 is also a valid new niceness: errno tells a failure, which fails the start.
-                *libc::__errno_location() = 0;
-                if libc::nice(NICENESS) == -1 && *libc::__errno_location() != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let int8 = request
+            .int8
+            .unwrap_or(live.model.precision == crate::bundle::Precision::Int8);
         let mut child = command.spawn().map_err(|e| match e.kind() {
             std::io::ErrorKind::InvalidInput => TrainStartError::Request(e.to_string()),
             _ => TrainStartError::Spawn(e),
@@ -237,6 +222,7 @@ impl TrainSlot {
             models: Arc::clone(&self.models),
             progress_file,
             swap: request.swap,
+            int8: int8.then_some((program, request.threads)),
             started: Instant::now(),
         };
         let spawned = std::thread::Builder::new()
@@ -368,6 +354,40 @@ impl TrainSlot {
     }
 }
 
+/// The running binary itself (even when a newer one has replaced it on disk since).
+fn own_binary() -> std::io::Result<PathBuf> {
+    match Path::new("/proc/self/exe") {
+        path if path.exists() => Ok(path.to_path_buf()),
+        _ => std::env::current_exe(),
+    }
+}
+
+/// `program` as a child of the run: nicer by [`NICENESS`], its compute threads (rayon, OpenMP)
+/// limited to `threads`, its output piped (for [`forward`]).
+fn child_command(program: &Path, threads: usize) -> Command {
+    let mut command = Command::new(program);
+    command
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec the closure only makes the nice(2) system call and reads and
+    // writes errno; it allocates nothing.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            // -1 is also a valid new niceness: errno tells a failure, which fails the start.
+            *libc::__errno_location() = 0;
+            if libc::nice(NICENESS) == -1 && *libc::__errno_location() != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
 fn same_folder(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
@@ -396,12 +416,16 @@ struct Supervisor {
     models: Arc<ModelSlot>,
     progress_file: PathBuf,
     swap: bool,
+    /// Write the INT8 graph after training: with this binary, at this many threads.
+    int8: Option<(PathBuf, usize)>,
     started: Instant,
 }
 
 impl Supervisor {
-    fn run(self) {
-        let exit = loop {
+    /// Waits for the child in `self.child` (the training, then the export), keeping the status's
+    /// time and progress up to date; `None` when there was none.
+    fn wait(&self) -> Option<std::io::Result<std::process::ExitStatus>> {
+        loop {
             std::thread::sleep(Duration::from_millis(200));
             let progress = progress::read(&self.progress_file);
             {
@@ -412,13 +436,11 @@ impl Supervisor {
                 }
             }
             let mut child = lock(&self.child);
-            let Some(running) = child.as_mut() else {
-                break None;
-            };
+            let running = child.as_mut()?;
             match running.try_wait() {
                 Ok(Some(exit)) => {
                     *child = None;
-                    break Some(Ok(exit));
+                    return Some(Ok(exit));
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -426,10 +448,57 @@ impl Supervisor {
                         let _ = lost.kill();
                         let _ = lost.wait();
                     }
-                    break Some(Err(e));
+                    return Some(Err(e));
                 }
             }
-        };
+        }
+    }
+
+    /// `stpm export --precision int8` on the new bundle, as a child like the training.
+    fn export_int8(&self, out: &Path, program: &Path, threads: usize) -> Result<(), String> {
+        log::info!("train: writing the INT8 graph of {}", out.display());
+        let mut command = child_command(program, threads);
+        command
+            .arg("export")
+            .arg("--model")
+            .arg(out)
+            .args(["--precision", "int8", "--quiet"]);
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot start stpm export: {e}"))?;
+        let forwarders = [
+            child.stdout.take().map(forward),
+            child.stderr.take().map(forward),
+        ];
+        {
+            // A DELETE meanwhile stops this child.
+            let mut slot = lock(&self.child);
+            if lock(&self.status).state == "cancelled" {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("stopped (DELETE /api/train or the run's end)".into());
+            }
+            *slot = Some(child);
+        }
+        let exit = self.wait();
+        for forwarder in forwarders.into_iter().flatten() {
+            let _ = forwarder.join();
+        }
+        match exit {
+            _ if lock(&self.status).state == "cancelled" => {
+                Err("stopped (DELETE /api/train or the run's end)".into())
+            }
+            Some(Ok(exit)) if exit.success() => Ok(()),
+            Some(Ok(exit)) => Err(format!(
+                "stpm export --precision int8 failed ({exit}); its messages are in the log"
+            )),
+            Some(Err(e)) => Err(format!("cannot wait for stpm export: {e}")),
+            None => Err("stpm export was lost".into()),
+        }
+    }
+
+    fn run(self) {
+        let exit = self.wait();
         let _ = std::fs::remove_file(&self.progress_file);
         let cancelled = lock(&self.status).state == "cancelled";
         let outcome = match exit {
@@ -442,6 +511,10 @@ impl Supervisor {
             None => Err("stpm train was lost".into()),
         };
         let out = lock(&self.status).out.clone();
+        let outcome = outcome.and_then(|()| match &self.int8 {
+            Some((program, threads)) => self.export_int8(&out, program, *threads),
+            None => Ok(()),
+        });
         let result = outcome.and_then(|()| {
             if !self.swap {
                 return Ok(None);

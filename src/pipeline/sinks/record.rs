@@ -595,6 +595,7 @@ mod tests {
 
     #[test]
     fn a_segmented_recording_settles_after_its_last_segment_closed() {
+        gst::init().expect("gst init");
         let dir = tempfile::tempdir().expect("dir");
         let destination = Destination::for_camera(dir.path(), "line1", 1, 0, 0.5);
         let caps = gst::Caps::builder("video/x-h264")
