@@ -59,8 +59,9 @@ pub struct CollectSlot {
     source: String,
     /// `<storage>/collect/<camera>`.
     folder: PathBuf,
-    /// The camera's alert rule at the start (`on_threshold`, `k` of `m`).
-    alerts: crate::alerts::AlertConfig,
+    /// The camera's alert rule (`on_threshold`, `k` of `m`), as a reload last set it; a
+    /// collection screens with the rule of its start.
+    alerts: Mutex<crate::alerts::AlertConfig>,
     job: Mutex<Option<Job>>,
     /// Held while frames of events marked "not a defect" are added.
     adding: Mutex<()>,
@@ -77,7 +78,7 @@ impl CollectSlot {
             camera: camera.into(),
             source: source.into(),
             folder,
-            alerts,
+            alerts: Mutex::new(alerts),
             job: Mutex::new(None),
             adding: Mutex::new(()),
         }
@@ -102,12 +103,17 @@ impl CollectSlot {
             path: good.clone(),
             source,
         })?;
+        let alerts = self
+            .alerts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let options = CollectOptions {
             frames,
             every,
-            on_threshold: self.alerts.on_threshold,
-            k: self.alerts.k,
-            m: self.alerts.m,
+            on_threshold: alerts.on_threshold,
+            k: alerts.k,
+            m: alerts.m,
             ..CollectOptions::default()
         };
         let report = Collected::start(&self.camera, &self.source, Some(model.to_string()));
@@ -196,6 +202,11 @@ impl CollectSlot {
             self.folder.display()
         );
         Ok(added)
+    }
+
+    /// The camera's alert rule after a reload (SIGHUP), for the next collection.
+    pub fn set_alerts(&self, alerts: &crate::alerts::AlertConfig) {
+        *self.alerts.lock().unwrap_or_else(PoisonError::into_inner) = alerts.clone();
     }
 
     /// The latest collection's progress, if one was started.

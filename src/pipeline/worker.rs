@@ -270,6 +270,9 @@ impl Worker {
         model: &Model,
     ) -> Vec<u8> {
         if let Some(settings) = super::reload::take(&self.settings) {
+            if let Some(slot) = &self.collect {
+                slot.set_alerts(&settings.alerts);
+            }
             self.tracker.set_config(settings.alerts);
             self.zones = ZoneMask::new(
                 self.zones.width(),
