@@ -936,7 +936,7 @@ fn rtsps_serves_tls_clients_and_nobody_in_plain_text() {
     assert!(status.success(), "{after}");
 }
 
-/// `POST /api/cameras/{camera}/collect` on a running pipeline (issue 23): 20 good frames of the
+/// `POST /api/cameras/{camera}/collect` on a running pipeline (issue 23): 60 good frames of the
 /// conveyor land in `<storage>/collect/line1/train/good`, none showing a defect by the
 /// generator's labels; a second request while it runs is refused; progress is readable.
 #[test]

@@ -208,6 +208,11 @@ impl ModelSlot {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// `[model] precision = "int8"`: every bundle swapped in needs its INT8 graph.
+    pub fn precision_required(&self) -> bool {
+        self.config.precision == crate::bundle::PrecisionChoice::Int8
+    }
+
     /// Sessions of the run (one analyser per camera and session).
     pub fn sessions(&self) -> usize {
         self.live().sessions.len()

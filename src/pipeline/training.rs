@@ -183,9 +183,20 @@ impl TrainSlot {
         if let Some(steps) = request.max_steps {
             command.args(["--max-steps", &steps.to_string()]);
         }
-        let int8 = request
-            .int8
-            .unwrap_or(live.model.precision == crate::bundle::Precision::Int8);
+        // The INT8 graph `stpm export --precision int8` writes is the CPU kind: by default only
+        // when the live model runs one of that kind.
+        let live_int8 = live.model.precision == crate::bundle::Precision::Int8;
+        let live_tensorrt_int8 = manifest.int8.as_ref().is_some_and(|int8| {
+            int8.activations
+                .starts_with(crate::bundle::TENSORRT_INT8_ACTIVATIONS)
+        });
+        let int8 = request.int8.unwrap_or(live_int8 && !live_tensorrt_int8);
+        if live_int8 && !int8 && self.models.precision_required() {
+            return Err(TrainStartError::Request(
+                "[model] precision = \"int8\": the new bundle needs its INT8 graph (\"int8\": true)"
+                    .into(),
+            ));
+        }
         let mut child = command.spawn().map_err(|e| match e.kind() {
             std::io::ErrorKind::InvalidInput => TrainStartError::Request(e.to_string()),
             _ => TrainStartError::Spawn(e),
@@ -322,11 +333,14 @@ impl TrainSlot {
             return Cancel::NotRunning;
         };
         let mut status = lock(&job.status);
-        match status.state.as_str() {
+        let was_running = match status.state.as_str() {
             "swapping" => return Cancel::Swapping,
-            "running" => status.state = "cancelled".into(),
-            _ => {}
-        }
+            "running" => {
+                status.state = "cancelled".into();
+                true
+            }
+            _ => false,
+        };
         drop(status);
         // The child is reaped (and taken) under this lock, so its pid is still ours here.
         match lock(&job.child).as_ref() {
@@ -337,6 +351,8 @@ impl TrainSlot {
                 }
                 Cancel::Stopped
             }
+            // Between the training and the export: the supervisor sees the state and stops.
+            None if was_running => Cancel::Stopped,
             None => Cancel::NotRunning,
         }
     }
