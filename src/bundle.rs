@@ -349,6 +349,16 @@ pub struct Manifest {
     pub int8: Option<Int8Section>,
 }
 
+impl Manifest {
+    /// The INT8 graph is TensorRT's kind (symmetric int8 activations), which ONNX Runtime's CPU
+    /// provider does not run.
+    pub fn int8_is_for_tensorrt(&self) -> bool {
+        self.int8
+            .as_ref()
+            .is_some_and(|int8| int8.activations.starts_with(TENSORRT_INT8_ACTIVATIONS))
+    }
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
     digest.iter().map(|b| format!("{b:02x}")).collect()
@@ -550,10 +560,7 @@ impl Bundle {
     /// Whether the bundle's INT8 graph is TensorRT's kind (symmetric int8 activations, from `stpm
     /// export --format tensorrt --precision int8`), which TensorRT can build an engine from.
     pub fn int8_is_for_tensorrt(&self) -> bool {
-        self.manifest
-            .int8
-            .as_ref()
-            .is_some_and(|int8| int8.activations.starts_with(TENSORRT_INT8_ACTIVATIONS))
+        self.manifest.int8_is_for_tensorrt()
     }
 
     /// The graph of the chosen precision.

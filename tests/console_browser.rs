@@ -9,25 +9,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::broker::{Broker, always_anomalous_bundle, free_port};
-use common::{http_get, spawn_run};
+use common::{KillOnDrop, http_get, spawn_run};
 use fantoccini::{Client, ClientBuilder, Locator};
 use rumqttc::{Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
-
-/// A child process killed (and waited for) on drop, so a failing test leaves nothing running.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn chromedriver() -> PathBuf {
     ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
@@ -43,7 +33,7 @@ fn chromedriver() -> PathBuf {
 }
 
 /// Starts chromedriver on a free port and waits until it answers.
-fn start_chromedriver() -> (Killed, u16) {
+fn start_chromedriver() -> (KillOnDrop, u16) {
     let port = free_port();
     let child = Command::new(chromedriver())
         .arg(format!("--port={port}"))
@@ -51,7 +41,7 @@ fn start_chromedriver() -> (Killed, u16) {
         .stderr(Stdio::null())
         .spawn()
         .expect("start chromedriver");
-    let child = Killed(child);
+    let child = KillOnDrop(child);
     let started = Instant::now();
     // chromedriver speaks HTTP/1.1 only; listening is enough, the WebDriver client does the rest.
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -155,7 +145,7 @@ fn the_console_shows_live_video_pushes_events_plays_clips_and_stores_verdicts() 
     );
     let new_events = subscribe_new_events(broker.port, "console/line1/events");
     let watcher_log = dir.path().join("watcher.log");
-    let mut watcher = Killed(spawn_run(&watcher_pipeline, &watcher_log, dir.path()));
+    let mut watcher = KillOnDrop(spawn_run(&watcher_pipeline, &watcher_log, dir.path()));
     let started = Instant::now();
     while http_get(http_port, "/api/cameras").is_none() {
         assert!(
@@ -201,7 +191,7 @@ fn the_console_shows_live_video_pushes_events_plays_clips_and_stores_verdicts() 
 
             // The camera comes up: the watcher connects and its first event starts.
             let camera_started = unix_now();
-            let _camera = Killed(spawn_run(&camera_pipeline, &dir.path().join("camera.log"), dir.path()));
+            let _camera = KillOnDrop(spawn_run(&camera_pipeline, &dir.path().join("camera.log"), dir.path()));
             let (published, new) = new_events
                 .recv_timeout(Duration::from_secs(60))
                 .expect("an MQTT `new` event once the camera serves");

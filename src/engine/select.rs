@@ -78,14 +78,6 @@ pub const MAX_SESSIONS: usize = 16;
 pub const AUTO_CPU_SESSIONS: usize = 2;
 
 impl ModelConfig {
-    /// The bundle's folder name, as events and `/api/cameras` name the model.
-    pub fn bundle_name(&self) -> String {
-        self.bundle
-            .file_name()
-            .map(|name| name.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    }
-
     /// The most images per inference call: `batch`, or 1 for 0 (auto). On the CPU a batch of N
     /// costs N times one image and only adds the wait, and on a GPU batching across cameras was
     /// measured slower than one by one (docs/results.md), so auto batches nowhere until that

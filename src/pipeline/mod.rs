@@ -200,22 +200,19 @@ pub fn run_with(
     }
     let encoder = output_encoder(config)?;
     let opened = Sessions::open(&config.model)?;
-    let (provider, provider_reason, batch) = (
-        opened.provider,
-        opened.provider_reason.clone(),
-        opened.batch,
-    );
-    let (bundle, precision_reason) = (opened.bundle.clone(), opened.precision_reason.clone());
-    let manifest = Arc::clone(&opened.manifest);
-    let sessions = opened.engines.len();
+    let (provider, batch, sessions) = (opened.provider, opened.batch, opened.engines.len());
+    let provider_reason = opened.provider_reason.clone();
+    let precision_reason = opened.precision_reason.clone();
     let models = Arc::new(model::ModelSlot::new(&config.model, opened));
+    let first = Arc::clone(&models.live().model);
+    let manifest = &first.manifest;
     log::info!(
         "engine: ONNX Runtime, provider {provider} ({}); model {} (id {}, {}, {} ({precision_reason}), {}×{}); {}{}",
         provider_reason,
         config.model.bundle.display(),
-        model::id_of(&bundle.manifest_sha256),
+        first.id,
         manifest.model.backbone,
-        bundle.precision,
+        first.precision,
         manifest.model.input_size[1],
         manifest.model.input_size[0],
         match crate::engine::threads_per_session(config.model.threads, sessions) {
@@ -345,7 +342,7 @@ pub fn run_with(
             camera: camera.clone(),
             tracker: AlertTracker::new(
                 camera.name.clone(),
-                models.live().model.id.clone(),
+                first.id.clone(),
                 camera.alerts.resolve(&config.alerts),
             ),
             zones: ZoneMask::new(
@@ -354,7 +351,7 @@ pub fn run_with(
                 &camera.alerts.roi,
                 &camera.alerts.ignore,
             ),
-            model: Arc::clone(&models.live().model),
+            model: Arc::clone(&first),
             frames,
             queue,
             epoch,

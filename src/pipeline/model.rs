@@ -35,6 +35,11 @@ pub fn id_on_disk(dir: &Path) -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// `a` and `b` name the same folder (written alike, or resolving to the same place).
+pub fn same_folder(a: &Path, b: &Path) -> bool {
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
+}
+
 /// A model as the run scores with it.
 #[derive(Debug)]
 pub struct Model {
@@ -157,31 +162,19 @@ pub struct ModelSlot {
     /// The run's `[model]` (a swap opens the new bundle with the same settings).
     config: ModelConfig,
     provider: ExecutionProvider,
-    batch: usize,
     metrics: OnceLock<Arc<Metrics>>,
 }
 
 impl ModelSlot {
     /// The slot of a run whose sessions `sessions` opened for `config`.
     pub fn new(config: &ModelConfig, sessions: Sessions) -> Self {
-        let model = model_of(&sessions, 0);
-        let wait = Duration::from_millis(config.batch_wait_ms);
-        let batch = sessions.batch;
-        let live = Live {
-            model: Arc::new(model),
-            sessions: sessions
-                .engines
-                .into_iter()
-                .map(|engine| Arc::new(SharedSession::new(engine, batch, wait)))
-                .collect(),
-        };
+        let provider = sessions.provider;
         Self {
-            live: RwLock::new(Arc::new(live)),
+            live: RwLock::new(Arc::new(live_of(sessions, 0, config))),
             generation: AtomicU64::new(0),
             loading: Mutex::new(()),
             config: config.clone(),
-            provider: sessions.provider,
-            batch,
+            provider,
             metrics: OnceLock::new(),
         }
     }
@@ -211,11 +204,6 @@ impl ModelSlot {
     /// `[model] precision = "int8"`: every bundle swapped in needs its INT8 graph.
     pub fn precision_required(&self) -> bool {
         self.config.precision == crate::bundle::PrecisionChoice::Int8
-    }
-
-    /// Sessions of the run (one analyser per camera and session).
-    pub fn sessions(&self) -> usize {
-        self.live().sessions.len()
     }
 
     fn install(&self, live: Live) {
@@ -283,10 +271,6 @@ impl ModelControl for ModelSlot {
         if !bundle.is_dir() {
             return Err(SwapError::Missing(bundle.to_path_buf()));
         }
-        let same_folder = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
-            (Ok(a), Ok(b)) => a == b,
-            _ => false,
-        };
         if same_folder(bundle, &live.model.bundle) && id_on_disk(bundle) == live.model.id {
             return Ok(Swapped {
                 model: previous.clone(),
@@ -310,16 +294,8 @@ impl ModelControl for ModelSlot {
         Self::check_manifest(bundle, &checked.manifest, &live)?;
         let sessions = Sessions::open(&config)?;
         self.check_sessions(bundle, &sessions, &live)?;
-        let model = Arc::new(model_of(&sessions, self.generation() + 1));
-        let wait = Duration::from_millis(self.config.batch_wait_ms);
-        let new = Live {
-            model: Arc::clone(&model),
-            sessions: sessions
-                .engines
-                .into_iter()
-                .map(|engine| Arc::new(SharedSession::new(engine, self.batch, wait)))
-                .collect(),
-        };
+        let new = live_of(sessions, self.generation() + 1, &self.config);
+        let model = Arc::clone(&new.model);
         let load_seconds = started.elapsed().as_secs_f64();
         self.install(new);
         let info = model.info();
@@ -342,6 +318,20 @@ impl ModelControl for ModelSlot {
             unchanged: false,
             load_seconds,
         })
+    }
+}
+
+/// The model and shared sessions of `sessions` (opened for `config`), the `generation`-th model
+/// of the run.
+fn live_of(sessions: Sessions, generation: u64, config: &ModelConfig) -> Live {
+    let (batch, wait) = (sessions.batch, Duration::from_millis(config.batch_wait_ms));
+    Live {
+        model: Arc::new(model_of(&sessions, generation)),
+        sessions: sessions
+            .engines
+            .into_iter()
+            .map(|engine| Arc::new(SharedSession::new(engine, batch, wait)))
+            .collect(),
     }
 }
 

@@ -15,7 +15,7 @@ use super::background::Background;
 
 use crate::alerts::{AlertConfig, Polygon};
 use crate::pipeline::config::PipelineConfig;
-use crate::pipeline::model::{ModelControl, ModelSlot, SwapError};
+use crate::pipeline::model::{ModelControl, ModelSlot, SwapError, same_folder};
 
 /// One camera's alert settings as the pipeline file now says.
 #[derive(Debug, Clone)]
@@ -104,10 +104,8 @@ pub fn bundle_to_load(
     named_now: &std::path::Path,
     live: &std::path::Path,
 ) -> Option<PathBuf> {
-    let same = |a: &std::path::Path, b: &std::path::Path| {
-        a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
-    };
-    (!same(named_before, named_now) || same(named_now, live)).then(|| named_now.to_path_buf())
+    (!same_folder(named_before, named_now) || same_folder(named_now, live))
+        .then(|| named_now.to_path_buf())
 }
 
 /// Swaps `bundle` in (nothing is loaded when it is the live one, unchanged).

@@ -186,11 +186,9 @@ impl TrainSlot {
         // The INT8 graph `stpm export --precision int8` writes is the CPU kind: by default only
         // when the live model runs one of that kind.
         let live_int8 = live.model.precision == crate::bundle::Precision::Int8;
-        let live_tensorrt_int8 = manifest.int8.as_ref().is_some_and(|int8| {
-            int8.activations
-                .starts_with(crate::bundle::TENSORRT_INT8_ACTIVATIONS)
-        });
-        let int8 = request.int8.unwrap_or(live_int8 && !live_tensorrt_int8);
+        let int8 = request
+            .int8
+            .unwrap_or(live_int8 && !manifest.int8_is_for_tensorrt());
         if live_int8 && !int8 && self.models.precision_required() {
             return Err(TrainStartError::Request(
                 "[model] precision = \"int8\": the new bundle needs its INT8 graph (\"int8\": true)"
@@ -222,10 +220,7 @@ impl TrainSlot {
             model: None,
             error: None,
         }));
-        let forwarders = [
-            child.stdout.take().map(forward),
-            child.stderr.take().map(forward),
-        ];
+        let forwarders = forward_output(&mut child);
         let child = Arc::new(Mutex::new(Some(child)));
         let supervisor = Supervisor {
             status: Arc::clone(&status),
@@ -309,7 +304,7 @@ impl TrainSlot {
             }
         };
         if out.join(crate::bundle::MANIFEST_FILE).exists()
-            && same_folder(&out, &self.models.live().model.bundle)
+            && super::model::same_folder(&out, &self.models.live().model.bundle)
         {
             return bad(format!(
                 "{} is the live bundle: train into another folder and swap it in",
@@ -404,11 +399,12 @@ fn child_command(program: &Path, threads: usize) -> Command {
     command
 }
 
-fn same_folder(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
+/// Copies what `child` writes (stdout and stderr) into the log; the threads end at its exit.
+fn forward_output(child: &mut Child) -> [Option<std::thread::JoinHandle<()>>; 2] {
+    [
+        child.stdout.take().map(forward),
+        child.stderr.take().map(forward),
+    ]
 }
 
 /// Copies each line the child writes into the log, its warnings and errors as warnings.
@@ -482,10 +478,7 @@ impl Supervisor {
         let mut child = command
             .spawn()
             .map_err(|e| format!("cannot start stpm export: {e}"))?;
-        let forwarders = [
-            child.stdout.take().map(forward),
-            child.stderr.take().map(forward),
-        ];
+        let forwarders = forward_output(&mut child);
         {
             // A DELETE meanwhile stops this child.
             let mut slot = lock(&self.child);
