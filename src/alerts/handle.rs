@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::mqtt::is_topic_level;
-use super::publisher::{
+use super::shared::{
     Command, LinkError, PublishError, PublisherError, PublisherHandle, PublisherStatus, Shared,
     ShutdownOutcome, lock,
 };

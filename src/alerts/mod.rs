@@ -7,15 +7,16 @@ mod driver;
 mod handle;
 mod mqtt;
 mod publisher;
+mod shared;
 mod spool;
 mod tracker;
 mod zones;
 
 pub use config::{AlertConfig, AlertConfigError, CameraAlertOverrides};
 pub use mqtt::{MqttConfig, MqttConfigError, MqttSetupError, is_publish_topic, is_topic_level};
-pub use publisher::{
-    AlertPublisher, LinkError, PublishError, PublisherError, PublisherHandle, PublisherStatus,
-    ShutdownOutcome,
+pub use publisher::AlertPublisher;
+pub use shared::{
+    LinkError, PublishError, PublisherError, PublisherHandle, PublisherStatus, ShutdownOutcome,
 };
 pub use spool::{EntryKind, Pushed, Spool, SpoolEntry, SpoolError, SpoolWarning};
 pub use tracker::{AlertEvent, AlertTracker, CameraState, CameraStatus, EndReason, EventKind};
