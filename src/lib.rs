@@ -5,7 +5,6 @@ pub mod alerts;
 pub mod bench;
 pub mod bundle;
 pub mod calibrate;
-pub mod collect;
 pub mod dataset;
 pub mod devset;
 pub mod engine;

@@ -9,8 +9,8 @@ use std::path::Path;
 use proptest::prelude::*;
 use stpm::alerts::Spool;
 use stpm::bundle::Bundle;
+use stpm::pipeline::auth::{Auth, AuthConfig};
 use stpm::pipeline::config::{PipelineConfig, SourceUri};
-use stpm::pipeline::http::auth::{Auth, AuthConfig};
 use stpm::store::retention::parse_size;
 
 /// Text that looks like a pipeline file: known sections and keys with odd values, or anything.

@@ -250,7 +250,12 @@ pub fn bench_pipeline(options: &PipelineBenchOptions) -> Result<PipelineBenchRep
         config.camera.truncate(1);
     }
     let scratch = ScratchDir::create()?;
-    let (video, generated) = choose_source(&config, options, &scratch.0)?;
+    let (video, generated) = choose_source(
+        &config,
+        options.source.as_deref(),
+        options.frames,
+        &scratch.0,
+    )?;
     let source = format!("file://{}", video.display());
     // Self-contained and (unless `realtime`) unthrottled: every frame analysed and encoded, nothing
     // served.

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::BenchError;
-use super::pipeline::PipelineBenchOptions;
 use crate::pipeline::config::{PipelineConfig, SourceUri};
 use crate::pipeline::conveyor::{self, Conveyor};
 use crate::pipeline::sinks::encoder::Encoder;
@@ -18,14 +17,16 @@ use crate::pipeline::sinks::{Annotated, Sink};
 /// as it can unless `realtime`).
 const GENERATED_FPS: f64 = 25.0;
 
-/// Where the measured frames come from: the camera's file, `--source`, or a generated file.
+/// Where the measured frames come from: the camera's file, `--source` (`source`), or a generated
+/// file of `frames` frames.
 pub(super) fn choose_source(
     config: &PipelineConfig,
-    options: &PipelineBenchOptions,
+    source: Option<&str>,
+    frames: usize,
     scratch: &Path,
 ) -> Result<(PathBuf, bool), BenchError> {
     let camera = &config.camera[0];
-    if let Some(uri) = &options.source {
+    if let Some(uri) = source {
         return match SourceUri::parse(uri) {
             Ok(SourceUri::File(path)) if path.is_file() => Ok((path, false)),
             Ok(SourceUri::File(path)) => Err(BenchError::Source(format!(
@@ -46,7 +47,7 @@ pub(super) fn choose_source(
         "bench: camera {} reads {}, not a file; measuring a generated 640×480 conveyor file of {} frames instead (choose a file with --source file:///…)",
         camera.name,
         camera.source,
-        options.frames
+        frames
     );
     let encoder = config
         .output
@@ -54,7 +55,7 @@ pub(super) fn choose_source(
         .parse()
         .and_then(Encoder::resolve)
         .map_err(|e| BenchError::Source(e.to_string()))?;
-    write_conveyor(&path, options.frames as u64, GENERATED_FPS, &encoder)?;
+    write_conveyor(&path, frames as u64, GENERATED_FPS, &encoder)?;
     Ok((path, true))
 }
 

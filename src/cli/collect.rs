@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use stpm::collect::CollectOptions;
+use stpm::pipeline::collect::CollectOptions;
 
 use super::stop_on_interrupt;
 
@@ -75,7 +75,7 @@ pub(super) fn run(args: CollectArgs) -> anyhow::Result<()> {
         m: alerts.m,
         use_model: !args.no_model,
     };
-    let report = stpm::collect::collect(&config, &args.camera, &args.out, &options, stop)
+    let report = stpm::pipeline::collect::collect(&config, &args.camera, &args.out, &options, stop)
         .context("collecting frames failed")?;
     println!(
         "{} of {} frames saved to {} ({} seen: {} too soon, {} near-duplicates, {} near an anomaly{})",

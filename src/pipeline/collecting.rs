@@ -1,6 +1,6 @@
 //! Collecting good training frames from a running pipeline (`POST /api/cameras/{camera}/collect`):
 //! each camera's slot, to which its worker offers the raw frames with their scores while a
-//! collection runs, and the thread that screens and saves them (`crate::collect::Collector`) into
+//! collection runs, and the thread that screens and saves them (`super::collect::Collector`) into
 //! `<storage>/collect/<camera>/train/good`, never on the frame path.
 
 use std::path::PathBuf;
@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use serde::Serialize;
 
-use crate::collect::{CollectOptions, Collected, Collector};
+use super::collect::{CollectOptions, Collected, Collector};
 use crate::preprocess::RgbFrame;
 
 /// Frames waiting for the collection thread; more are not offered (the worker never waits).
@@ -44,7 +44,7 @@ pub enum StartError {
     #[error("cannot start the collection thread: {0}")]
     Thread(std::io::Error),
     #[error(transparent)]
-    Added(crate::collect::CollectError),
+    Added(super::collect::CollectError),
 }
 
 struct Job {
@@ -142,7 +142,7 @@ impl CollectSlot {
                     }
                 }
                 collector.report.ended_early = !collector.done();
-                if let Err(e) = crate::collect::write_log(&folder, &collector.report) {
+                if let Err(e) = super::collect::write_log(&folder, &collector.report) {
                     error.get_or_insert(e.to_string());
                 }
                 log::info!(
@@ -170,7 +170,7 @@ impl CollectSlot {
     }
 
     /// Adds the peak frames of this camera's `events` marked "not a defect" to its collection
-    /// (see [`crate::collect::add_reviewed`]); refused while a collection runs.
+    /// (see [`super::collect::add_reviewed`]); refused while a collection runs.
     pub fn add_reviewed(
         &self,
         events: &[crate::store::StoredEvent],
@@ -188,7 +188,7 @@ impl CollectSlot {
         {
             return Err(StartError::Busy(self.camera.clone()));
         }
-        let added = crate::collect::add_reviewed(
+        let added = super::collect::add_reviewed(
             &self.folder,
             &self.camera,
             Some(model.to_string()),

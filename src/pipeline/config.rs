@@ -129,7 +129,7 @@ pub struct HttpConfig {
     pub bind: String,
     /// `[http.auth]`: required unless `bind` is a loopback address.
     #[serde(default)]
-    pub auth: crate::pipeline::http::auth::AuthConfig,
+    pub auth: crate::pipeline::auth::AuthConfig,
     /// Serve each camera's live view to the console (the camera's video is encoded while someone
     /// watches).
     #[serde(default = "default_true")]

@@ -6,7 +6,9 @@
 //! camera's sinks, threads), shutdown and the run summary.
 
 pub mod analyse;
+pub mod auth;
 mod background;
+pub mod collect;
 pub mod collecting;
 pub mod config;
 pub mod conveyor;

@@ -50,7 +50,7 @@ pub enum LiveError {
     #[error(transparent)]
     Rtsp(#[from] RtspError),
     #[error(transparent)]
-    Auth(#[from] crate::pipeline::http::auth::AuthError),
+    Auth(#[from] crate::pipeline::auth::AuthError),
 }
 
 impl LiveOutputs {
@@ -105,8 +105,7 @@ impl LiveOutputs {
             ))
         });
         let http = if config.http.enabled {
-            let auth =
-                crate::pipeline::http::auth::Auth::load(&config.http.auth, &config.http.bind)?;
+            let auth = crate::pipeline::auth::Auth::load(&config.http.auth, &config.http.bind)?;
             let served = Served {
                 auth,
                 metrics: Arc::clone(&metrics),

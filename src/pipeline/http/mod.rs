@@ -4,7 +4,6 @@
 //! live views; never touches frames or the engine.
 
 mod api;
-pub mod auth;
 mod collect;
 mod listener;
 mod live;
@@ -49,7 +48,7 @@ pub struct Served {
     /// Training from the running pipeline (`POST /api/train`); `None`: not offered.
     pub train: Option<Arc<crate::pipeline::training::TrainSlot>>,
     /// Who may use it (`[http.auth]`); `None`: anyone who reaches it (loopback only).
-    pub auth: Option<auth::Auth>,
+    pub auth: Option<crate::pipeline::auth::Auth>,
     /// Each camera's live view (`[http] live`, with an encoder), by camera name.
     pub live: HashMap<String, Arc<LiveView>>,
     /// Each camera's frame collection for training (with `[storage]`), by camera name.
@@ -527,7 +526,11 @@ mod tests {
     #[test]
     fn with_auth_only_health_is_open() {
         let dir = tempfile::tempdir().expect("dir");
-        let auth = auth::Auth::load(&auth::tests::files(dir.path()), "0.0.0.0:9090").expect("load");
+        let auth = crate::pipeline::auth::Auth::load(
+            &crate::pipeline::auth::tests::files(dir.path()),
+            "0.0.0.0:9090",
+        )
+        .expect("load");
         let event = crate::alerts::AlertEvent {
             kind: crate::alerts::EventKind::New,
             id: "e1".into(),

@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::config::{PipelineConfig, SourceUri};
+use super::queue::{FrameQueue, Item};
+use super::source::{self, Captured, SourceSpec};
 use crate::bundle::{Bundle, Precision};
 use crate::engine::{Engine, EngineOptions};
-use crate::pipeline::config::{PipelineConfig, SourceUri};
-use crate::pipeline::queue::{FrameQueue, Item};
-use crate::pipeline::source::{self, Captured, SourceSpec};
 use crate::preprocess::{self, RgbFrame};
 
 /// What to collect.
@@ -215,7 +215,7 @@ pub fn collect(
         &camera_config.source,
         screen
             .as_ref()
-            .map(|_| crate::pipeline::model::id_on_disk(&config.model.bundle)),
+            .map(|_| super::model::id_on_disk(&config.model.bundle)),
     );
     let result = gather(&queue, &mut screen, &folder, options, &stop, &mut report);
     capture_stop.store(true, Ordering::Relaxed);
