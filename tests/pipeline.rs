@@ -626,3 +626,80 @@ fn which(name: &str) -> Result<PathBuf, ()> {
         })
         .ok_or(())
 }
+
+/// `stpm run --shard i/n`: two processes on one pipeline file at once take disjoint cameras that
+/// together are all of the file's; a shard without a camera is refused by name.
+#[test]
+fn two_shards_of_one_file_split_its_cameras() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("p.toml");
+    let cameras: String = ["line1", "line2", "line3"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            format!(
+                "[[camera]]\nname = \"{name}\"\nsource = \"test://conveyor?frames=12&fps=12&seed={}\"\n\
+                 realtime = false\n\n",
+                i + 1
+            )
+        })
+        .collect();
+    std::fs::write(
+        &file,
+        format!(
+            "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\nsessions = 1\n\n{cameras}",
+            path(common::tiny_conveyor_bundle())
+        ),
+    )
+    .expect("write pipeline");
+    let shards: Vec<_> = ["0/2", "1/2"]
+        .iter()
+        .map(|shard| {
+            let own = dir.path().join(shard.replace('/', "-of-"));
+            std::fs::create_dir(&own).expect("shard dir");
+            Command::new(env!("CARGO_BIN_EXE_stpm"))
+                .args(["run", "--pipeline", path(&file), "--shard", shard])
+                .current_dir(&own)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn stpm run")
+        })
+        .collect();
+    let mut owners: Vec<Vec<String>> = Vec::new();
+    for child in shards {
+        let out = child.wait_with_output().expect("wait");
+        let log = text(&out);
+        assert!(out.status.success(), "{log}");
+        let mine: Vec<String> = log
+            .lines()
+            .filter_map(|l| l.strip_prefix("camera "))
+            .filter(|l| l.contains(": 12 frames, 12 analysed"))
+            .filter_map(|l| l.split(':').next().map(str::to_owned))
+            .collect();
+        owners.push(mine);
+    }
+    assert_eq!(owners[0], ["line1", "line3"], "{owners:?}");
+    assert_eq!(owners[1], ["line2"], "{owners:?}");
+
+    let out = stpm(
+        &["run", "--pipeline", path(&file), "--shard", "3/4"],
+        dir.path(),
+    );
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains("--shard 3/4 has no camera: the pipeline has 3"),
+        "{log}"
+    );
+    let out = stpm(
+        &["run", "--pipeline", path(&file), "--shard", "2/2"],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("INDEX must be below COUNT"),
+        "{}",
+        text(&out)
+    );
+}

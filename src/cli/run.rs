@@ -14,14 +14,27 @@ pub struct RunArgs {
     /// Override one key, e.g. `--set model.provider=cpu` (repeatable; after STPM__… variables).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub sets: Vec<String>,
+    /// Run only this share of the file's cameras: INDEX/COUNT, e.g. 1/3 (camera k of the file
+    /// belongs to shard k mod COUNT), so COUNT processes on one file split its cameras.
+    #[arg(long, value_name = "INDEX/COUNT")]
+    pub shard: Option<stpm::pipeline::shard::Shard>,
 }
 
 pub(super) fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = stpm::pipeline::config::PipelineConfig::load(&args.pipeline, &args.sets)?;
+    let file = stpm::pipeline::config::PipelineFile {
+        path: args.pipeline.clone(),
+        sets: args.sets.clone(),
+        shard: args.shard,
+    };
+    let config = file.load()?;
+    if let Some(shard) = args.shard {
+        let names: Vec<&str> = config.camera.iter().map(|c| c.name.as_str()).collect();
+        log::info!("shard {shard}: cameras {}", names.join(", "));
+    }
     let stop =
         stop_on_interrupt("\nstopping: finishing recordings and pending alerts (again to abort)")?;
     let options = stpm::pipeline::RunOptions {
-        reload_from: Some((args.pipeline.clone(), args.sets.clone())),
+        reload_from: Some(file),
         ..Default::default()
     };
     let summary =

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::shard::{Shard, ShardError};
 use crate::alerts::{AlertConfig, CameraAlertOverrides, MqttConfig};
 use crate::engine::batch::MAX_BATCH;
 pub use crate::engine::select::{AUTO_CPU_SESSIONS, MAX_SESSIONS, ModelConfig};
@@ -175,6 +176,29 @@ pub enum ConfigError {
         path: PathBuf,
         problems: Vec<String>,
     },
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+}
+
+/// Where a run's settings come from: the pipeline file, its `--set` overrides and its `--shard`
+/// (read again, the same way, on SIGHUP).
+#[derive(Debug, Clone)]
+pub struct PipelineFile {
+    pub path: PathBuf,
+    pub sets: Vec<String>,
+    /// This process's share of the file's cameras (`None`: all of them).
+    pub shard: Option<Shard>,
+}
+
+impl PipelineFile {
+    /// [`PipelineConfig::load`], then only the shard's cameras.
+    pub fn load(&self) -> Result<PipelineConfig, ConfigError> {
+        let mut config = PipelineConfig::load(&self.path, &self.sets)?;
+        if let Some(shard) = self.shard {
+            config.camera = shard.select(std::mem::take(&mut config.camera))?;
+        }
+        Ok(config)
+    }
 }
 
 /// Parses a camera source URI.

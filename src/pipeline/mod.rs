@@ -21,6 +21,7 @@ pub mod queue;
 pub mod reload;
 pub mod retention;
 pub mod servers;
+pub mod shard;
 pub mod sinks;
 pub mod source;
 pub mod training;
@@ -150,9 +151,9 @@ pub struct RunOptions {
     pub keep_samples: bool,
     /// Print alert events as `alert {…}` lines on stdout (`stpm bench` keeps stdout for its report).
     pub print_alerts: bool,
-    /// The pipeline file and `--set` overrides it was loaded with: SIGHUP reads it again and
-    /// applies the cameras' alert settings (`None`: SIGHUP is not caught).
-    pub reload_from: Option<(std::path::PathBuf, Vec<String>)>,
+    /// The pipeline file, `--set` overrides and shard it was loaded with: SIGHUP reads it again
+    /// and applies the cameras' alert settings (`None`: SIGHUP is not caught).
+    pub reload_from: Option<config::PipelineFile>,
 }
 
 impl Default for RunOptions {
@@ -376,11 +377,9 @@ pub fn run_with(
         );
     }
     let reloader = match options.reload_from {
-        Some((path, sets)) => {
-            reload::Reloader::start(path, sets, config.clone(), inboxes, Arc::clone(&models))
-                .map_err(|e| log::warn!("reload: cannot watch for SIGHUP: {e}"))
-                .ok()
-        }
+        Some(file) => reload::Reloader::start(file, config.clone(), inboxes, Arc::clone(&models))
+            .map_err(|e| log::warn!("reload: cannot watch for SIGHUP: {e}"))
+            .ok(),
         None => None,
     };
     let watch = if config.model.watch {

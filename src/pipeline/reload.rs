@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::background::Background;
 
 use crate::alerts::{AlertConfig, Polygon};
-use crate::pipeline::config::PipelineConfig;
+use crate::pipeline::config::{PipelineConfig, PipelineFile};
 use crate::pipeline::model::{ModelControl, ModelSlot, SwapError, same_folder};
 
 /// One camera's alert settings as the pipeline file now says.
@@ -55,12 +55,11 @@ pub fn catch_hangup() {
 pub struct Reloader(Background);
 
 impl Reloader {
-    /// Catches SIGHUP from now on; on each, reads `path` (with `sets` applied, as at the start)
-    /// and hands each camera of `running` its new alert settings through `inboxes` (by camera),
-    /// and `models` the bundle when it changed.
+    /// Catches SIGHUP from now on; on each, reads `file` (with its `--set` overrides and shard,
+    /// as at the start) and hands each camera of `running` its new alert settings through
+    /// `inboxes` (by camera), and `models` the bundle when it changed.
     pub fn start(
-        path: PathBuf,
-        sets: Vec<String>,
+        file: PipelineFile,
         running: PipelineConfig,
         inboxes: Vec<(String, Inbox)>,
         models: Arc<ModelSlot>,
@@ -71,7 +70,7 @@ impl Reloader {
             let mut named = running.model.bundle.clone();
             while !stop.load(Ordering::Relaxed) {
                 if HANGUP.swap(false, Ordering::SeqCst)
-                    && let Some(new) = reload(&path, &sets, &running, &inboxes)
+                    && let Some(new) = reload(&file, &running, &inboxes)
                 {
                     let live = models.live().model.bundle.clone();
                     match bundle_to_load(&named, &new.model.bundle, &live) {
@@ -123,12 +122,11 @@ fn swap_model(bundle: &std::path::Path, models: &ModelSlot) {
 /// Reads the file again and hands out the alert settings; logs what may not change. Returns
 /// the file's settings (`None` when it cannot be read).
 fn reload(
-    path: &std::path::Path,
-    sets: &[String],
+    file: &PipelineFile,
     running: &PipelineConfig,
     inboxes: &[(String, Inbox)],
 ) -> Option<PipelineConfig> {
-    let new = match PipelineConfig::load(path, sets) {
+    let new = match file.load() {
         Ok(new) => new,
         Err(e) => {
             log::warn!("reload refused, the running settings stay: {e}");
@@ -158,7 +156,7 @@ fn reload(
     }
     log::info!(
         "reload: alert settings of {applied} camera(s) read from {}",
-        path.display()
+        file.path.display()
     );
     Some(new)
 }
