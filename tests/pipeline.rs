@@ -703,3 +703,30 @@ fn two_shards_of_one_file_split_its_cameras() {
         text(&out)
     );
 }
+
+/// `stpm demo` with a pipeline whose bundle exists runs it without training; `--frames` belongs
+/// to the embedded pipeline only.
+#[test]
+fn demo_runs_a_pipeline_whose_model_exists_without_training() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pipeline = write_pipeline(
+        dir.path(),
+        "source = \"test://conveyor?frames=12&fps=12\"\nrealtime = false",
+        "",
+    );
+    let out = stpm(&["demo", "--pipeline", path(&pipeline)], dir.path());
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("(--retrain trains it again)"), "{log}");
+    assert!(!log.contains("training the demo model"), "{log}");
+    assert!(
+        log.contains("camera line1: 12 frames, 12 analysed"),
+        "{log}"
+    );
+    let out = stpm(
+        &["demo", "--pipeline", path(&pipeline), "--frames", "5"],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--frames applies to the embedded demo pipeline"));
+}

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod calibrate;
 mod collect;
+mod demo;
 mod devset;
 mod eval;
 mod export;
@@ -20,6 +21,7 @@ mod train;
 use bench::BenchArgs;
 use calibrate::CalibrateArgs;
 use collect::CollectArgs;
+use demo::DemoArgs;
 use devset::DevsetArgs;
 use eval::EvalArgs;
 use export::ExportArgs;
@@ -58,6 +60,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Write a synthetic MVTec-layout category (textures with scratches and stains) for demos and tests.
     Devset(DevsetArgs),
+    /// The demo: train a small model on generated conveyor frames (first time only), then run the demo pipeline.
+    Demo(DemoArgs),
 }
 
 /// The one logger: every library record (`log` crate) on stderr, set up once here. Information
@@ -109,6 +113,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Devset(args) => devset::run(args),
+        Command::Demo(args) => demo::run(args),
     }
 }
 
