@@ -4,6 +4,7 @@
 # release build of `stpm`.
 #   bash scripts/setup.sh            # everything
 #   STPM_SKIP_APT=1 bash scripts/setup.sh   # when the packages are already installed (no root)
+#   STPM_SKIP_BUILD=1 bash scripts/setup.sh # everything but the build (deploy/Containerfile)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -109,6 +110,10 @@ elif [ -n "${STPM_NVRTC:-}" ]; then
     say "NVRTC already at $nvrtc_lib"
 fi
 
+if [ -n "${STPM_SKIP_BUILD:-}" ]; then
+    say "not building stpm (STPM_SKIP_BUILD is set)"
+    exit 0
+fi
 say "building stpm (release; the first build takes 15-20 minutes on 2 cores)"
 cargo build --release --locked
 say "done: $repo/target/release/stpm"

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Builds the CPU image from deploy/Containerfile with Podman and runs it the way a user would, then
+# checks it from the host (CI runs this):
+#   - the base is made here (deploy/base-image.sh: mmdebstrap from the configured Debian mirror),
+#     and the build stage uses this machine's Rust toolchain, mounted (no registry is reached);
+#   - the image's default command (the demo) runs with --network host next to a mosquitto
+#     container: /health on 127.0.0.1:9090 answers 200, an RTSP client decodes the annotated
+#     stream from 127.0.0.1:8554, an MQTT subscriber receives an alert event, the image's
+#     HEALTHCHECK passes, the process runs as uid 10001, and `podman stop` ends it with status 0.
+# Prints the image size and the build time. Needs root (apt-get, podman).
+#   bash deploy/test-container.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+say() { printf '\033[1m[container-test]\033[0m %s\n' "$*"; }
+
+sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+needed=(podman buildah mmdebstrap runc gstreamer1.0-tools mosquitto-clients curl)
+missing=()
+for p in "${needed[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    say "installing ${missing[*]}"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+tmp="$(mktemp -d)"
+# crun fails on this kind of machine's cgroups: runc, and ulimits a container may have.
+if [ -z "${CONTAINERS_CONF:-}" ]; then
+    cat > "$tmp/containers.conf" <<'CONF'
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+CONF
+    export CONTAINERS_CONF="$tmp/containers.conf"
+fi
+cleanup() {
+    podman rm -f -t 5 stpm-test stpm-test-mqtt >/dev/null 2>&1 || true
+    [ -n "${sub_pid:-}" ] && kill "$sub_pid" 2>/dev/null || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+bash deploy/base-image.sh localhost/debian:bookworm
+sysroot="$(rustc --print sysroot)"
+say "building localhost/stpm:latest (Rust from $sysroot)"
+start=$SECONDS
+podman build --quiet --format docker -f deploy/Containerfile \
+    --build-arg BASE=localhost/debian:bookworm --build-arg BUILDER=localhost/debian:bookworm \
+    -v "$sysroot:/opt/rust:ro" -t localhost/stpm:latest . >/dev/null
+build_seconds=$((SECONDS - start))
+size="$(podman image inspect --format '{{.Size}}' localhost/stpm:latest)"
+say "image localhost/stpm:latest: $(numfmt --to=iec "$size")B ($size bytes), built in ${build_seconds}s"
+
+say "building the broker image localhost/mosquitto:test"
+printf '%s\n' 'FROM localhost/debian:bookworm' \
+    'RUN apt-get update && apt-get install -y --no-install-recommends mosquitto && rm -rf /var/lib/apt/lists/*' \
+    'USER mosquitto' > "$tmp/Containerfile.mosquitto"
+podman build --quiet -f "$tmp/Containerfile.mosquitto" -t localhost/mosquitto:test "$tmp" >/dev/null
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for port in 9090 8554; do
+    port_free "$port" || { echo "port $port is taken on this host; the image's demo serves there" >&2; exit 1; }
+done
+mqtt_port=1883
+sets=()
+if ! port_free "$mqtt_port"; then
+    mqtt_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    sets=(--set "mqtt.port=$mqtt_port")
+fi
+podman run -d --name stpm-test-mqtt --network host localhost/mosquitto:test \
+    /usr/sbin/mosquitto -p "$mqtt_port" >/dev/null
+mosquitto_sub -h 127.0.0.1 -p "$mqtt_port" -t 'stpm/+/events' -C 1 -W 900 > "$tmp/event.json" &
+sub_pid=$!
+
+say "running the image's default command (the demo; it trains its model first)"
+podman run -d --name stpm-test --network host localhost/stpm:latest demo "${sets[@]}" >/dev/null
+fail() {
+    echo "container-test: $*" >&2
+    podman logs --tail 60 stpm-test >&2 || true
+    exit 1
+}
+deadline=$((SECONDS + 900))
+until [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:9090/health)" = 200 ]; do
+    [ "$(podman inspect --format '{{.State.Running}}' stpm-test)" = true ] || fail "the container stopped"
+    [ $SECONDS -lt $deadline ] || fail "/health did not answer 200 within 900 s"
+    sleep 5
+done
+say "/health: 200 after $((SECONDS - start - build_seconds))s"
+
+[ "$(podman exec stpm-test id -u)" = 10001 ] || fail "the process does not run as uid 10001"
+
+timeout 60 gst-launch-1.0 -q rtspsrc location=rtsp://127.0.0.1:8554/line1 protocols=tcp latency=0 \
+    ! rtph264depay ! h264parse ! avdec_h264 ! identity eos-after=30 ! videoconvert ! jpegenc \
+    ! multifilesink location="$tmp/frame-%03d.jpg" >/dev/null || fail "the RTSP client failed"
+frames=$(find "$tmp" -name 'frame-*.jpg' -size +1k | wc -l)
+[ "$frames" -ge 25 ] || fail "the RTSP client decoded $frames frames, expected 30"
+say "RTSP: $frames frames decoded from rtsp://127.0.0.1:8554/line1"
+
+wait "$sub_pid" || fail "no alert event on MQTT stpm/+/events"
+sub_pid=""
+grep -q '"camera":"line1"' "$tmp/event.json" || fail "the MQTT message is not an event of line1: $(cat "$tmp/event.json")"
+say "MQTT: event $(head -c 160 "$tmp/event.json")…"
+
+podman healthcheck run stpm-test || fail "the image's HEALTHCHECK failed"
+say "HEALTHCHECK: healthy"
+
+podman stop -t 30 stpm-test >/dev/null
+code="$(podman inspect --format '{{.State.ExitCode}}' stpm-test)"
+[ "$code" = 0 ] || fail "stpm exited $code after podman stop"
+say "podman stop: exit 0"
+say "passed (image $(numfmt --to=iec "$size")B, build ${build_seconds}s)"
