@@ -14,7 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 say() { printf '\033[1m[container-test]\033[0m %s\n' "$*"; }
 
 sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-needed=(podman buildah mmdebstrap runc gstreamer1.0-tools mosquitto-clients curl)
+needed=(podman buildah mmdebstrap runc gstreamer1.0-tools mosquitto-clients curl argon2)
 missing=()
 for p in "${needed[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -36,12 +36,17 @@ runtime = "runc"
 CONF
     export CONTAINERS_CONF="$tmp/containers.conf"
 fi
+remove_containers() {
+    podman rm --force --ignore -t 5 stpm-test stpm-test-mqtt stpm-test-compose >/dev/null 2>&1 || true
+    podman volume rm --force stpm-test-data >/dev/null 2>&1 || true
+}
 cleanup() {
-    podman rm -f -t 5 stpm-test stpm-test-mqtt >/dev/null 2>&1 || true
+    remove_containers
     [ -n "${sub_pid:-}" ] && kill "$sub_pid" 2>/dev/null || true
     rm -rf "$tmp"
 }
 trap cleanup EXIT
+remove_containers  # left by an earlier run that was killed
 
 bash deploy/base-image.sh localhost/debian:bookworm
 sysroot="$(rustc --print sysroot)"
@@ -72,11 +77,14 @@ if ! port_free "$mqtt_port"; then
 fi
 podman run -d --name stpm-test-mqtt --network host localhost/mosquitto:test \
     /usr/sbin/mosquitto -p "$mqtt_port" >/dev/null
+for _ in $(seq 100); do port_free "$mqtt_port" || break; sleep 0.2; done
+port_free "$mqtt_port" && { podman logs stpm-test-mqtt >&2; echo "the broker container did not listen" >&2; exit 1; }
 mosquitto_sub -h 127.0.0.1 -p "$mqtt_port" -t 'stpm/+/events' -C 1 -W 900 > "$tmp/event.json" &
 sub_pid=$!
 
 say "running the image's default command (the demo; it trains its model first)"
-podman run -d --name stpm-test --network host localhost/stpm:latest demo "${sets[@]}" >/dev/null
+podman run -d --name stpm-test --network host -v stpm-test-data:/var/lib/stpm \
+    localhost/stpm:latest demo "${sets[@]}" >/dev/null
 fail() {
     echo "container-test: $*" >&2
     podman logs --tail 60 stpm-test >&2 || true
@@ -111,4 +119,38 @@ podman stop -t 30 stpm-test >/dev/null
 code="$(podman inspect --format '{{.State.ExitCode}}' stpm-test)"
 [ "$code" = 0 ] || fail "stpm exited $code after podman stop"
 say "podman stop: exit 0"
+
+# The compose stack's stpm service, on a bridge network with published ports: the compose
+# pipeline (every interface, so passwords on) and secrets from make-secrets.sh, the model trained
+# above (same volume).
+say "the compose service's settings: bridge network, published ports, [http.auth], RTSP password"
+bash deploy/compose/make-secrets.sh "$tmp/secrets" > "$tmp/secrets.txt"
+rtsp_url="$(grep -o 'rtsp://[^ ]*' "$tmp/secrets.txt" | sed 's/localhost:8554/127.0.0.1:18554/')"
+token="$(cat "$tmp/secrets/scrape-token")"
+podman run -d --name stpm-test-compose -p 127.0.0.1:19090:9090 -p 127.0.0.1:18554:8554 \
+    -v stpm-test-data:/var/lib/stpm -v "$PWD/deploy/compose/pipeline.toml:/etc/stpm/pipeline.toml:ro" \
+    -v "$tmp/secrets:/run/secrets:ro" localhost/stpm:latest demo --pipeline /etc/stpm/pipeline.toml >/dev/null
+deadline=$((SECONDS + 300))
+until [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:19090/health)" = 200 ]; do
+    [ "$(podman inspect --format '{{.State.Running}}' stpm-test-compose)" = true ] \
+        || { podman logs --tail 40 stpm-test-compose >&2; fail "the compose-style container stopped"; }
+    [ $SECONDS -lt $deadline ] || { podman logs --tail 40 stpm-test-compose >&2; fail "no /health 200 on the published port"; }
+    sleep 2
+done
+status="$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:19090/metrics)"
+[ "$status" = 401 ] || fail "/metrics without the token answered $status, expected 401"
+curl -sf -H "Authorization: Bearer $token" http://127.0.0.1:19090/metrics | grep -q '^stpm_frames_total' \
+    || fail "/metrics with the scrape token did not answer"
+if timeout 20 gst-launch-1.0 -q rtspsrc location=rtsp://127.0.0.1:18554/line1 protocols=tcp \
+    ! rtph264depay ! identity eos-after=3 ! fakesink >/dev/null 2>&1; then
+    fail "RTSP without the password was served"
+fi
+rm -f "$tmp"/frame-*.jpg
+timeout 60 gst-launch-1.0 -q rtspsrc location="$rtsp_url" protocols=tcp latency=0 \
+    ! rtph264depay ! h264parse ! avdec_h264 ! identity eos-after=10 ! videoconvert ! jpegenc \
+    ! multifilesink location="$tmp/frame-%03d.jpg" >/dev/null || fail "RTSP with the password failed"
+frames=$(find "$tmp" -name 'frame-*.jpg' -size +1k | wc -l)
+[ "$frames" -ge 8 ] || fail "RTSP with the password decoded $frames frames"
+say "published ports: /health 200, /metrics 401 without and 200 with the token, RTSP refused without and $frames frames with the password"
+podman stop -t 30 stpm-test-compose >/dev/null
 say "passed (image $(numfmt --to=iec "$size")B, build ${build_seconds}s)"

@@ -2,8 +2,9 @@
 # Writes the compose stack's secrets into deploy/compose/secrets/ (git-ignored) and prints the
 # passwords once: the console user `operator` (HTTP Basic, argon2 hash; needs Debian's `argon2`),
 # the RTSP user `viewer`, and Prometheus' scrape token (stpm keeps only its SHA-256).
+#   bash deploy/compose/make-secrets.sh [DIR]    # default deploy/compose/secrets
 set -euo pipefail
-dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/secrets"
+dir="${1:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/secrets}"
 command -v argon2 >/dev/null || { echo "needs argon2: sudo apt-get install argon2" >&2; exit 1; }
 mkdir -p "$dir"
 umask 077
