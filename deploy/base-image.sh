@@ -2,7 +2,7 @@
 # Makes the Debian base image `localhost/debian:bookworm` without a container registry: a minbase
 # root filesystem from this machine's configured Debian mirror (read from its apt sources) by
 # mmdebstrap, imported into Podman. deploy/test-container.sh passes it to deploy/Containerfile as
-# BASE and BUILDER. Needs root and the Debian packages podman and mmdebstrap.
+# BASE (the base of both stages). Needs root and the Debian packages podman and mmdebstrap.
 #   bash deploy/base-image.sh [IMAGE]      # default localhost/debian:bookworm
 set -euo pipefail
 image="${1:-localhost/debian:bookworm}"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the CPU image from deploy/Containerfile with Podman and runs it the way a user would, then
 # checks it from the host (CI runs this):
-#   - the base is made here (deploy/base-image.sh: mmdebstrap from the configured Debian mirror),
-#     and the build stage uses this machine's Rust toolchain, mounted (no registry is reached);
+#   - the base is made here (deploy/base-image.sh: mmdebstrap from the configured Debian mirror)
+#     and is both stages' base (BASE); the build stage uses this machine's Rust toolchain, mounted
+#     (no container registry and no Rust download);
 #   - the image's default command (the demo) runs with --network host next to a mosquitto
 #     container: /health on 127.0.0.1:9090 answers 200, an RTSP client decodes the annotated
 #     stream from 127.0.0.1:8554, an MQTT subscriber receives an alert event, the image's
@@ -53,8 +54,8 @@ sysroot="$(rustc --print sysroot)"
 say "building localhost/stpm:latest (Rust from $sysroot)"
 start=$SECONDS
 podman build --quiet --format docker -f deploy/Containerfile \
-    --build-arg BASE=localhost/debian:bookworm --build-arg BUILDER=localhost/debian:bookworm \
-    -v "$sysroot:/opt/rust:ro" -t localhost/stpm:latest . >/dev/null
+    --build-arg BASE=localhost/debian:bookworm -v "$sysroot:/opt/rust:ro" \
+    -t localhost/stpm:latest . >/dev/null
 build_seconds=$((SECONDS - start))
 size="$(podman image inspect --format '{{.Size}}' localhost/stpm:latest)"
 say "image localhost/stpm:latest: $(numfmt --to=iec "$size")B ($size bytes), built in ${build_seconds}s"
