@@ -101,11 +101,18 @@ say "/health: 200 after $((SECONDS - start - build_seconds))s"
 
 [ "$(podman exec stpm-test id -u)" = 10001 ] || fail "the process does not run as uid 10001"
 
-timeout 60 gst-launch-1.0 -q rtspsrc location=rtsp://127.0.0.1:8554/line1 protocols=tcp latency=0 \
-    ! rtph264depay ! h264parse ! avdec_h264 ! identity eos-after=30 ! videoconvert ! jpegenc \
-    ! multifilesink location="$tmp/frame-%03d.jpg" >/dev/null || fail "the RTSP client failed"
-frames=$(find "$tmp" -name 'frame-*.jpg' -size +1k | wc -l)
-[ "$frames" -ge 25 ] || fail "the RTSP client decoded $frames frames, expected 30"
+# Decodes up to `count` frames of RTSP `url` into $tmp/frame-*.jpg and prints how many there are.
+# gst-launch's status is not used: after the EOS, rtspsrc's PAUSE/TEARDOWN may meet a closed
+# connection and report an error although every frame arrived.
+decode_rtsp() { # url count
+    rm -f "$tmp"/frame-*.jpg
+    timeout 60 gst-launch-1.0 -q rtspsrc location="$1" protocols=tcp latency=0 \
+        ! rtph264depay ! h264parse ! avdec_h264 ! identity eos-after="$2" ! videoconvert ! jpegenc \
+        ! multifilesink location="$tmp/frame-%03d.jpg" > "$tmp/rtsp.log" 2>&1 || true
+    find "$tmp" -name 'frame-*.jpg' -size +1k | wc -l
+}
+frames=$(decode_rtsp rtsp://127.0.0.1:8554/line1 30)
+[ "$frames" -ge 25 ] || fail "the RTSP client decoded $frames frames, expected 30: $(cat "$tmp/rtsp.log")"
 say "RTSP: $frames frames decoded from rtsp://127.0.0.1:8554/line1"
 
 wait "$sub_pid" || fail "no alert event on MQTT stpm/+/events"
@@ -142,16 +149,10 @@ status="$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:19090/metrics)
 [ "$status" = 401 ] || fail "/metrics without the token answered $status, expected 401"
 curl -sf -H "Authorization: Bearer $token" http://127.0.0.1:19090/metrics | grep -q '^stpm_frames_total' \
     || fail "/metrics with the scrape token did not answer"
-if timeout 20 gst-launch-1.0 -q rtspsrc location=rtsp://127.0.0.1:18554/line1 protocols=tcp \
-    ! rtph264depay ! identity eos-after=3 ! fakesink >/dev/null 2>&1; then
-    fail "RTSP without the password was served"
-fi
-rm -f "$tmp"/frame-*.jpg
-timeout 60 gst-launch-1.0 -q rtspsrc location="$rtsp_url" protocols=tcp latency=0 \
-    ! rtph264depay ! h264parse ! avdec_h264 ! identity eos-after=10 ! videoconvert ! jpegenc \
-    ! multifilesink location="$tmp/frame-%03d.jpg" >/dev/null || fail "RTSP with the password failed"
-frames=$(find "$tmp" -name 'frame-*.jpg' -size +1k | wc -l)
-[ "$frames" -ge 8 ] || fail "RTSP with the password decoded $frames frames"
+frames=$(decode_rtsp rtsp://127.0.0.1:18554/line1 3)
+[ "$frames" = 0 ] || fail "RTSP without the password was served ($frames frames)"
+frames=$(decode_rtsp "$rtsp_url" 10)
+[ "$frames" -ge 8 ] || fail "RTSP with the password decoded $frames frames: $(cat "$tmp/rtsp.log")"
 say "published ports: /health 200, /metrics 401 without and 200 with the token, RTSP refused without and $frames frames with the password"
 podman stop -t 30 stpm-test-compose >/dev/null
 say "passed (image $(numfmt --to=iec "$size")B, build ${build_seconds}s)"
