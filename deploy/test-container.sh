@@ -14,17 +14,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 say() { printf '\033[1m[container-test]\033[0m %s\n' "$*"; }
 
-sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-needed=(podman buildah mmdebstrap runc gstreamer1.0-tools mosquitto-clients curl argon2)
-missing=()
-for p in "${needed[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    say "installing ${missing[*]}"
-    $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+bash scripts/apt-install.sh podman buildah mmdebstrap runc gstreamer1.0-tools mosquitto-clients \
+    curl argon2
 
 tmp="$(mktemp -d)"
 # crun fails on this kind of machine's cgroups: runc, and ulimits a container may have.
@@ -86,17 +77,22 @@ sub_pid=$!
 say "running the image's default command (the demo; it trains its model first)"
 podman run -d --name stpm-test --network host -v stpm-test-data:/var/lib/stpm \
     localhost/stpm:latest demo "${sets[@]}" >/dev/null
+container=stpm-test  # the one whose log a failure shows
 fail() {
     echo "container-test: $*" >&2
-    podman logs --tail 60 stpm-test >&2 || true
+    podman logs --tail 60 "$container" >&2 || true
     exit 1
 }
-deadline=$((SECONDS + 900))
-until [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:9090/health)" = 200 ]; do
-    [ "$(podman inspect --format '{{.State.Running}}' stpm-test)" = true ] || fail "the container stopped"
-    [ $SECONDS -lt $deadline ] || fail "/health did not answer 200 within 900 s"
-    sleep 5
-done
+wait_healthy() { # port seconds: until /health on 127.0.0.1:port answers 200
+    local deadline=$((SECONDS + $2))
+    until [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$1/health")" = 200 ]; do
+        [ "$(podman inspect --format '{{.State.Running}}' "$container")" = true ] \
+            || fail "$container stopped"
+        [ $SECONDS -lt $deadline ] || fail "/health on port $1 did not answer 200 within $2 s"
+        sleep 2
+    done
+}
+wait_healthy 9090 900
 say "/health: 200 after $((SECONDS - start - build_seconds))s"
 
 [ "$(podman exec stpm-test id -u)" = 10001 ] || fail "the process does not run as uid 10001"
@@ -138,13 +134,8 @@ token="$(cat "$tmp/secrets/scrape-token")"
 podman run -d --name stpm-test-compose -p 127.0.0.1:19090:9090 -p 127.0.0.1:18554:8554 \
     -v stpm-test-data:/var/lib/stpm -v "$PWD/deploy/compose/pipeline.toml:/etc/stpm/pipeline.toml:ro" \
     -v "$tmp/secrets:/run/secrets:ro" localhost/stpm:latest demo --pipeline /etc/stpm/pipeline.toml >/dev/null
-deadline=$((SECONDS + 300))
-until [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:19090/health)" = 200 ]; do
-    [ "$(podman inspect --format '{{.State.Running}}' stpm-test-compose)" = true ] \
-        || { podman logs --tail 40 stpm-test-compose >&2; fail "the compose-style container stopped"; }
-    [ $SECONDS -lt $deadline ] || { podman logs --tail 40 stpm-test-compose >&2; fail "no /health 200 on the published port"; }
-    sleep 2
-done
+container=stpm-test-compose
+wait_healthy 19090 300
 status="$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:19090/metrics)"
 [ "$status" = 401 ] || fail "/metrics without the token answered $status, expected 401"
 curl -sf -H "Authorization: Bearer $token" http://127.0.0.1:19090/metrics | grep -q '^stpm_frames_total' \

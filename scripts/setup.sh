@@ -40,19 +40,7 @@ apt_packages=(build-essential pkg-config ca-certificates curl unzip python3 pyth
     # the console's browser test (tests/console_browser.rs): headless Chromium through chromedriver
     chromium chromium-driver)
 if [ -z "${STPM_SKIP_APT:-}" ]; then
-    missing=()
-    for p in "${apt_packages[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-    done
-    if [ "${#missing[@]}" -gt 0 ]; then
-        sudo_cmd=""
-        [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-        say "installing Debian packages: ${missing[*]}"
-        $sudo_cmd apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}"
-    else
-        say "Debian packages already installed"
-    fi
+    bash scripts/apt-install.sh "${apt_packages[@]}"
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -151,6 +151,8 @@ fn stpm(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How to watch the stream and the alerts (the run itself names the console, metrics and health
+/// addresses when it starts).
 fn print_where_to_look(config: &stpm::pipeline::config::PipelineConfig) {
     let camera = config.camera.first().map_or("line1", |c| c.name.as_str());
     let rtsp = &config.output.rtsp;
@@ -159,12 +161,6 @@ fn print_where_to_look(config: &stpm::pipeline::config::PipelineConfig) {
             "  watch:   gst-launch-1.0 rtspsrc location=rtsp://{}:{}/{camera} latency=0 ! decodebin ! autovideosink",
             rtsp.bind,
             rtsp.port
-        );
-    }
-    if config.http.enabled {
-        let bind = &config.http.bind;
-        log::info!(
-            "  console: http://{bind}/   metrics: http://{bind}/metrics   health: http://{bind}/health"
         );
     }
     if let Some(mqtt) = &config.mqtt {
