@@ -163,11 +163,14 @@ fn int8_export_runs_int8_kernels_and_follows_fp32() {
 
     // ONNX Runtime fuses every QDQ convolution of both backbones into QLinearConv; the only fp32
     // convolutions left are the two stems, the three 1×1 whitenings of the residuals (scoring),
-    // the two of the Gaussian blur on the fused map and the scoring's 11 channel sums (6 L2 norms,
-    // 3 whitened distances, 2 feature energies).
+    // the two of the Gaussian blur on the fused map, the scoring's 11 channel sums (6 L2 norms,
+    // 3 whitened distances, 2 feature energies) and the defect head's output; its hidden layer
+    // stays fp32 too, fused with its ReLU.
     let ops = stpm::engine::optimised_ops(&int8.model_path(), true).expect("optimised graph");
+    assert!(int8.manifest.model.head.is_some());
     assert_eq!(ops.get("QLinearConv"), Some(&INT8_CONVS), "{ops:?}");
-    assert_eq!(ops.get("Conv"), Some(&18), "{ops:?}");
+    assert_eq!(ops.get("Conv"), Some(&19), "{ops:?}");
+    assert_eq!(ops.get("FusedConv"), Some(&1), "{ops:?}");
     assert_eq!(ops.get("ReduceSum"), None, "{ops:?}");
 
     // The maps of test images through both graphs. INT8 rounding adds noise to both feature

@@ -10,7 +10,7 @@ use burn::prelude::*;
 use stpm::bundle::Bundle;
 use stpm::devset::{DevsetSpec, write_category};
 use stpm::engine::{Engine, EngineOptions};
-use stpm::model::features::{FUSION_STRIDE, anomaly_map, image_score};
+use stpm::model::map::{FUSION_STRIDE, anomaly_map, image_score};
 use stpm::model::{BackboneKind, Fusion, compute_device, weights};
 use stpm::rng::SplitMix;
 use stpm::train::{Augment, TeacherWeights, TrainConfig, train};
@@ -143,6 +143,8 @@ fn check_parity_at(
         .expect("bundle")
         .map_options()
         .expect("map options");
+    // The standardising fusions carry the defect head by default; the others cannot.
+    assert_eq!(map_options.head.is_some(), fusion.standardises());
     if fusion == Fusion::Whitened {
         let whitening = map_options.whitening.as_ref().expect("whitening read");
         let channels = backbone.tap_channels();
@@ -346,6 +348,63 @@ fn same_seed_gives_the_same_student() {
         other_seed > 1e-2 * scale,
         "seeds 17 and 18 should give different models"
     );
+}
+
+#[test]
+fn a_reused_student_gets_the_defect_head_without_training_again() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = good_images(dir.path(), 7, 64, 4);
+    let plain = dir.path().join("plain");
+    let mut config = tiny_config(&data, &plain, BackboneKind::ResNet18);
+    config.teacher = TeacherWeights::Random;
+    config.fusion = Fusion::Whitened;
+    config.head_weight = 0.0;
+    config.seed = 17;
+    let first = train(&config, Arc::new(AtomicBool::new(false))).expect("train");
+    assert!(first.bundle.manifest.model.head.is_none());
+
+    let with_head = dir.path().join("with-head");
+    let mut again = tiny_config(&data, &with_head, BackboneKind::ResNet18);
+    again.teacher = TeacherWeights::Random;
+    again.reuse_student = Some(plain.clone());
+    again.seed = 99;
+    let second = train(&again, Arc::new(AtomicBool::new(false))).expect("reuse");
+    let manifest = &second.bundle.manifest;
+    let head = manifest.model.head.as_ref().expect("a head section");
+    assert!(head.logit_std > 0.0 && head.weight == 1.0, "{head:?}");
+    // The student's seed, so the same images are held out; the student itself unchanged.
+    assert_eq!(manifest.training.seed, 17);
+    assert_eq!(
+        manifest.training.n_holdout,
+        first.bundle.manifest.training.n_holdout
+    );
+    // The same student: its features of one input agree.
+    let device = compute_device();
+    let image = Tensor::<4>::from_data(
+        TensorData::new(vec![0.25f32; 3 * SIZE * SIZE], [1, 3, SIZE, SIZE]),
+        &device,
+    );
+    let features = |dir: &std::path::Path| {
+        let student = weights::load_safetensors(
+            BackboneKind::ResNet18,
+            &dir.join("student.safetensors"),
+            &device,
+        )
+        .expect("student");
+        let [_, _, deepest] = student.pyramid(image.clone()).0;
+        stpm::model::to_vec(deepest)
+    };
+    let (difference, scale) = common::max_abs_diff(&features(&plain), &features(&with_head));
+    assert!(
+        difference <= 1e-6 * scale.max(1.0),
+        "the reused student changed: {difference:e}"
+    );
+
+    let mut wrong_size = tiny_config(&data, &dir.path().join("wrong"), BackboneKind::ResNet18);
+    wrong_size.reuse_student = Some(plain);
+    wrong_size.image_size = 128;
+    let error = train(&wrong_size, Arc::new(AtomicBool::new(false))).expect_err("size");
+    assert!(error.to_string().contains("--image-size is 128"), "{error}");
 }
 
 #[test]

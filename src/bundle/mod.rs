@@ -6,11 +6,15 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::features::{FUSION_STRIDES, MapOptions, MapStats};
+use crate::model::features::MapStats;
+use crate::model::map::{FUSION_STRIDES, MapOptions};
 use crate::model::{BackboneKind, Fusion};
 use crate::preprocess::Normalisation;
 
+mod head;
+mod tensors;
 mod whitening;
+pub use head::{HeadSection, read_head, write_head};
 pub use whitening::{WhiteningSection, read_whitening, write_whitening};
 
 /// Bumped whenever the bundle layout or the manifest's meaning changes.
@@ -27,6 +31,8 @@ pub const TENSORRT_INT8_ACTIVATIONS: &str = "int8-symmetric";
 pub const TEACHER_FILE: &str = "teacher.safetensors";
 /// The residual whitening of the `whitened` fusion (also baked into `model.onnx`).
 pub const WHITENING_FILE: &str = "whitening.safetensors";
+/// The defect head's weights (also baked into `model.onnx`).
+pub const HEAD_FILE: &str = "head.safetensors";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -58,6 +64,8 @@ pub enum BundleError {
     Parse { path: PathBuf, message: String },
     #[error("{path} is not a valid whitening file: {message}")]
     Whitening { path: PathBuf, message: String },
+    #[error("{path} is not a valid defect-head file: {message}")]
+    Head { path: PathBuf, message: String },
     #[error(
         "{path} has format version {found}; this stpm reads version {FORMAT_VERSION} (retrain or use a matching stpm)"
     )]
@@ -94,6 +102,9 @@ pub struct ModelSection {
     /// The residual whitening (`whitened` fusion only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub whitening: Option<WhiteningSection>,
+    /// The defect head trained on synthetic defects, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<HeadSection>,
     /// The map is fused and blurred at 1/`fusion_stride` of the input size, then upsampled (1 for
     /// bundles made before this was recorded).
     #[serde(default = "full_resolution")]
@@ -118,6 +129,7 @@ impl ModelSection {
             stats: self.map_stats.unwrap_or_default(),
             whitening: None,
             fusion_stride: self.fusion_stride,
+            head: None,
         }
     }
 }
@@ -493,13 +505,18 @@ impl Bundle {
     }
 
     /// How the graph turns the pyramids into the map (to rebuild it, or to check it), with the
-    /// whitening read from its file (hash checked) when the manifest names one.
+    /// whitening and the defect head read from their files (hash checked) when the manifest names them.
     pub fn map_options(&self) -> Result<MapOptions, BundleError> {
         let mut options = self.manifest.model.map_options();
         if let Some(section) = &self.manifest.model.whitening {
             let path = self.dir.join(&section.file);
             let bytes = read_verified(&path, &section.sha256)?;
             options.whitening = Some(read_whitening(&bytes, &path)?);
+        }
+        if let Some(section) = &self.manifest.model.head {
+            let path = self.dir.join(&section.file);
+            let bytes = read_verified(&path, &section.sha256)?;
+            options.head = Some(read_head(&bytes, &path, section)?);
         }
         Ok(options)
     }

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::BundleError;
+use super::tensors::{F32Tensors, write_f32};
 use crate::model::features::{ScaleWhitening, Whitening};
 
 /// `[model.whitening]`: where the `whitened` fusion's per-scale μ and W are kept.
@@ -20,32 +21,16 @@ pub struct WhiteningSection {
 
 /// Writes a whitening as safetensors (f32, `mean.<scale>` and `matrix.<scale>`); returns the bytes.
 pub fn write_whitening(whitening: &Whitening, path: &Path) -> Result<Vec<u8>, BundleError> {
-    let bytes_of =
-        |values: &[f32]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
-    let mut buffers = Vec::new();
+    let mut tensors = Vec::new();
     for (scale, w) in whitening.0.iter().enumerate() {
         let c = w.channels();
-        buffers.push((format!("mean.{scale}"), vec![c], bytes_of(&w.mean)));
-        buffers.push((format!("matrix.{scale}"), vec![c, c], bytes_of(&w.matrix)));
+        tensors.push((format!("mean.{scale}"), vec![c], w.mean.as_slice()));
+        tensors.push((format!("matrix.{scale}"), vec![c, c], w.matrix.as_slice()));
     }
-    let invalid = |message: String| BundleError::Whitening {
+    write_f32(path, &tensors, |message| BundleError::Whitening {
         path: path.to_path_buf(),
         message,
-    };
-    let views = buffers
-        .iter()
-        .map(|(name, shape, data)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
-                .map(|view| (name.clone(), view))
-                .map_err(|e| invalid(e.to_string()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let bytes = safetensors::serialize(views, None).map_err(|e| invalid(e.to_string()))?;
-    std::fs::write(path, &bytes).map_err(|source| BundleError::Write {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(bytes)
+    })
 }
 
 /// Reads a file written by [`write_whitening`], checking names, types and shapes.
@@ -54,34 +39,16 @@ pub fn read_whitening(bytes: &[u8], path: &Path) -> Result<Whitening, BundleErro
         path: path.to_path_buf(),
         message,
     };
-    let tensors =
-        safetensors::SafeTensors::deserialize(bytes).map_err(|e| invalid(e.to_string()))?;
-    let read = |name: &str, shape: Option<&[usize]>| -> Result<Vec<f32>, BundleError> {
-        let view = tensors
-            .tensor(name)
-            .map_err(|_| invalid(format!("tensor `{name}` is missing")))?;
-        if view.dtype() != safetensors::Dtype::F32 {
-            return Err(invalid(format!("`{name}` is {:?}, not F32", view.dtype())));
-        }
-        if let Some(shape) = shape
-            && view.shape() != shape
-        {
-            return Err(invalid(format!(
-                "`{name}` has shape {:?}, expected {shape:?}",
-                view.shape()
-            )));
-        }
-        Ok(view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
-    };
+    let tensors = F32Tensors::parse(bytes).map_err(invalid)?;
     let mut scales = Vec::with_capacity(3);
     for scale in 0..3 {
-        let mean = read(&format!("mean.{scale}"), None)?;
+        let mean = tensors
+            .read(&format!("mean.{scale}"), None)
+            .map_err(invalid)?;
         let c = mean.len();
-        let matrix = read(&format!("matrix.{scale}"), Some(&[c, c]))?;
+        let matrix = tensors
+            .read(&format!("matrix.{scale}"), Some(&[c, c]))
+            .map_err(invalid)?;
         scales.push(ScaleWhitening { mean, matrix });
     }
     let scales: [ScaleWhitening; 3] = scales

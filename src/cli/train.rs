@@ -55,6 +55,17 @@ pub struct TrainArgs {
     /// whose mirror image is normal too; not where orientation is what a defect changes.
     #[arg(long, value_enum, default_value_t = Augment::None)]
     pub augment: Augment,
+    /// Weight of the defect head in the anomaly map: a small classifier on the teacher's features,
+    /// trained after the student on the training images with synthetic defects pasted in (stains,
+    /// foreign texture, blur, thin lines). 0 leaves it out (the map is STPM's alone).
+    #[arg(long, default_value_t = stpm::model::head::DEFAULT_HEAD_WEIGHT)]
+    pub head_weight: f32,
+    /// Reuse the student of this bundle instead of training one: the map's statistics, the defect
+    /// head and the threshold are made again around it (for a bundle trained without the head, or
+    /// with other map settings). Its seed is used, so its held-out images stay held out; --data
+    /// must be the folder it was trained on.
+    #[arg(long, value_name = "BUNDLE")]
+    pub reuse_student: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
@@ -85,6 +96,8 @@ pub(super) fn run(args: TrainArgs) -> anyhow::Result<()> {
     config.fusion = args.fusion;
     config.blur_sigma = args.blur_sigma;
     config.augment = args.augment;
+    config.head_weight = args.head_weight;
+    config.reuse_student = args.reuse_student;
     config.seed = args.seed;
     config.progress = !args.quiet;
     config.progress_file = args.progress_file;

@@ -424,44 +424,6 @@ pub fn upsample(map: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
     burn::tensor::module::interpolate(map, options)
 }
 
-/// How the per-scale distances become one anomaly map.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MapOptions {
-    pub fusion: Fusion,
-    /// Standard deviation in pixels of the Gaussian blur applied to the fused map (0: none).
-    pub blur_sigma: f32,
-    /// Term statistics for [`Fusion::Standardised`] and [`Fusion::Whitened`] (ignored by the
-    /// other fusions).
-    pub stats: MapStats,
-    /// The residual whitening of [`Fusion::Whitened`] (ignored by the other fusions; when absent,
-    /// the identity for each scale's channel count).
-    pub whitening: Option<Whitening>,
-    /// Terms are fused and blurred at 1/`fusion_stride` of the input size, then upsampled once: 1
-    /// (bundles before it was recorded) or [`FUSION_STRIDE`] (1, 2 or 4: it must divide the
-    /// smallest term stride).
-    pub fusion_stride: usize,
-}
-
-/// Where new bundles fuse and blur the map: at stride 4, the finest feature map, so that the
-/// blur and the sums run on 1/16 of the pixels (the map is the same to within the bilinear
-/// interpolation; AUROCs in docs/results.md).
-pub const FUSION_STRIDE: usize = 4;
-
-/// Fusion strides a graph can be built with (divisors of the smallest term stride, 4).
-pub const FUSION_STRIDES: [usize; 3] = [1, 2, 4];
-
-impl MapOptions {
-    /// The whitening the terms use: `None` unless the fusion is [`Fusion::Whitened`], the identity
-    /// for `channels` when that fusion has none.
-    pub fn term_whitening(&self, channels: [usize; 3]) -> Option<Whitening> {
-        (self.fusion == Fusion::Whitened).then(|| {
-            self.whitening
-                .clone()
-                .unwrap_or_else(|| Whitening(channels.map(ScaleWhitening::identity)))
-        })
-    }
-}
-
 /// Normalised 1-D Gaussian taps for `sigma`, radius ⌈3σ⌉ (empty for σ ≤ 0).
 pub fn gaussian_kernel(sigma: f32) -> Vec<f32> {
     if sigma <= 0.0 {
@@ -490,70 +452,6 @@ pub fn gaussian_blur(map: Tensor<4>, sigma: f32) -> Tensor<4> {
     let pad_h = ConvOptions::new([1, 1], [0, radius], [1, 1], 1);
     let blurred = conv2d(map, vertical, None, pad_v);
     conv2d(blurred, horizontal, None, pad_h)
-}
-
-/// The anomaly map [N, 1, H, W]: per-scale distances upsampled to `size / fusion_stride`, fused,
-/// blurred there (σ / fusion_stride) and upsampled to `size`.
-pub fn anomaly_map(
-    teacher: &Pyramid,
-    student: &Pyramid,
-    size: [usize; 2],
-    options: &MapOptions,
-) -> Tensor<4> {
-    let stride = options.fusion_stride.max(1);
-    let low = [size[0] / stride, size[1] / stride];
-    let fused = if options.fusion.standardises() {
-        let whitening = options.term_whitening(teacher.channels());
-        standardise(teacher, student, low, &options.stats, whitening.as_ref())
-    } else {
-        fuse(teacher, student, low, options.fusion)
-    };
-    upsample(
-        gaussian_blur(fused, options.blur_sigma / stride as f32),
-        size,
-    )
-}
-
-fn standardise(
-    teacher: &Pyramid,
-    student: &Pyramid,
-    size: [usize; 2],
-    stats: &MapStats,
-    whitening: Option<&Whitening>,
-) -> Tensor<4> {
-    let mut fused: Option<Tensor<4>> = None;
-    for (index, term) in standardised_terms(teacher, student, whitening)
-        .into_iter()
-        .enumerate()
-    {
-        let z = upsample(term, size)
-            .sub_scalar(stats.mean[index])
-            .div_scalar(stats.divisor(index));
-        fused = Some(match fused {
-            Some(acc) => acc + z,
-            None => z,
-        });
-    }
-    fused.expect("four terms")
-}
-
-fn fuse(teacher: &Pyramid, student: &Pyramid, size: [usize; 2], fusion: Fusion) -> Tensor<4> {
-    let mut fused: Option<Tensor<4>> = None;
-    for (t, s) in teacher.0.iter().zip(student.0.iter()) {
-        let map = upsample(scale_distance(t.clone(), s.clone()), size);
-        fused = Some(match (fused, fusion) {
-            (None, _) => map,
-            (Some(acc), Fusion::Product) => acc * map,
-            (Some(acc), _) => acc + map,
-        });
-    }
-    fused.expect("a pyramid has three scales")
-}
-
-/// Image score: the maximum of each map, [N].
-pub fn image_score(map: Tensor<4>) -> Tensor<1> {
-    let [n, _, _, _] = map.dims();
-    map.reshape([n as i64, -1]).max_dim(1).reshape([n])
 }
 
 #[cfg(test)]

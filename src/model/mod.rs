@@ -1,9 +1,12 @@
 //! The STPM model: backbones (teacher and student share one architecture), loading pretrained
-//! weights, and the feature-matching loss and anomaly map. No I/O beyond reading weights.
+//! weights, the feature-matching loss, the defect head and the anomaly map. No I/O beyond reading
+//! weights.
 
 pub mod backbone;
 pub mod efficientnet;
 pub mod features;
+pub mod head;
+pub mod map;
 pub mod resnet;
 pub mod weights;
 

@@ -3,6 +3,7 @@
 //! it) with its tensor names. Low level: training and the engine use it; it runs nothing.
 
 pub mod graph;
+mod head;
 pub mod proto;
 
 use std::path::{Path, PathBuf};
@@ -11,9 +12,11 @@ use prost::Message;
 
 use crate::model::efficientnet::{EfficientNetLite, TAP_BLOCKS};
 use crate::model::features::{
-    MAGNITUDE_EPS, MapOptions, NORM_EPS, STANDARDISED_STRIDES, STANDARDISED_TERMS, ScaleWhitening,
-    Whitening, gaussian_kernel,
+    MAGNITUDE_EPS, NORM_EPS, STANDARDISED_STRIDES, STANDARDISED_TERMS, ScaleWhitening, Whitening,
+    gaussian_kernel,
 };
+use crate::model::head::HEAD_STRIDE;
+use crate::model::map::MapOptions;
 use crate::model::resnet::ResNet18;
 use crate::model::{Backbone, Fusion};
 use graph::{GraphBuilder, float_value_info};
@@ -125,17 +128,17 @@ fn pyramid(g: &mut GraphBuilder, net: &Backbone, input: &str, tag: &str) -> [Str
 fn distance_terms(
     g: &mut GraphBuilder,
     teacher_taps: &[String; 3],
+    teacher_hat: &[String; 3],
     student_taps: &[String; 3],
     channels: [usize; 3],
     fusion: Fusion,
     whitening: Option<&Whitening>,
 ) -> Vec<(String, usize)> {
     let mut terms = Vec::with_capacity(STANDARDISED_TERMS);
-    for (scale, (t, s)) in teacher_taps.iter().zip(student_taps.iter()).enumerate() {
+    for (scale, (t_hat, s)) in teacher_hat.iter().zip(student_taps.iter()).enumerate() {
         let c = channels[scale];
-        let t_hat = g.l2_normalize(t, c, NORM_EPS as f32);
         let s_hat = g.l2_normalize(s, c, NORM_EPS as f32);
-        let diff = g.binary("Sub", &t_hat, &s_hat);
+        let diff = g.binary("Sub", t_hat, &s_hat);
         let term = match whitening {
             Some(w) => {
                 let whitened = whiten(g, &diff, &w.0[scale]);
@@ -228,16 +231,29 @@ pub fn stpm_model(
     let student_taps = pyramid(&mut g, student, INPUT_NAME, "s");
     let channels = student.kind().tap_channels();
     let whitening = options.term_whitening(channels);
+    let teacher_hat: [String; 3] = std::array::from_fn(|scale| {
+        g.l2_normalize(&teacher_taps[scale], channels[scale], NORM_EPS as f32)
+    });
     let terms = distance_terms(
         &mut g,
         &teacher_taps,
+        &teacher_hat,
         &student_taps,
         channels,
         options.fusion,
         whitening.as_ref(),
     );
-    let fused = fuse_terms(&mut g, terms, options);
+    let mut fused = fuse_terms(&mut g, terms, options);
     let fusion_stride = options.fusion_stride.max(1);
+    if let Some(defect_head) = &options.head {
+        let term = head::head_term(
+            &mut g,
+            &teacher_hat,
+            defect_head,
+            HEAD_STRIDE / fusion_stride,
+        );
+        fused = g.binary("Add", &fused, &term);
+    }
     let blurred = g.gaussian_blur(
         &fused,
         &gaussian_kernel(options.blur_sigma / fusion_stride as f32),

@@ -2,9 +2,11 @@
 //! the STPM loss, checkpoint chosen on held-out good images), then exports, calibrates and writes
 //! the bundle. Owns the training loop; the maths lives in `model`, the file format in `bundle`.
 
+mod head;
 mod holdout;
 mod prepare;
 pub mod progress;
+mod synth;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,8 +22,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::bundle::{self, Bundle, Manifest, ModelSection, TrainingSummary};
 use crate::dataset::{self, DEFAULT_HOLDOUT_FRACTION, shuffle};
 use crate::model::features::{
-    self, MapOptions, MapStats, MapStatsAccumulator, Pyramid, Whitening, WhiteningAccumulator,
+    self, MapStats, MapStatsAccumulator, Pyramid, Whitening, WhiteningAccumulator,
 };
+use crate::model::head::DEFAULT_HEAD_WEIGHT;
+use crate::model::map::{self, MapOptions};
 use crate::model::weights::{self, WeightsError};
 use crate::model::{Backbone, BackboneKind, Fusion};
 use crate::onnx;
@@ -63,11 +67,17 @@ pub struct TrainConfig {
     pub fusion: Fusion,
     /// Gaussian blur (σ in pixels) of the anomaly map inside the graph; 0 disables it.
     pub blur_sigma: f32,
-    /// Resolution of the fusion and blur, as a stride of the input (`features::FUSION_STRIDE`
+    /// Resolution of the fusion and blur, as a stride of the input (`map::FUSION_STRIDE`
     /// by default; 1 rebuilds the full-resolution graph of older bundles).
     pub fusion_stride: usize,
     /// Mirror images of the training images the student also learns from.
     pub augment: Augment,
+    /// Weight of the defect head's standardised logit in the map (0: no head; only with the
+    /// standardising fusions).
+    pub head_weight: f32,
+    /// Take the student of this bundle instead of training one (its seed, so its held-out images
+    /// stay held out): rebuilds the map, head and threshold around it.
+    pub reuse_student: Option<PathBuf>,
     pub seed: u64,
     pub progress: bool,
     /// Where to keep a JSON account of the progress (`progress::TrainProgress`), for a supervisor.
@@ -123,12 +133,20 @@ impl TrainConfig {
             patience: 0,
             fusion: Fusion::Whitened,
             blur_sigma: 4.0,
-            fusion_stride: features::FUSION_STRIDE,
+            fusion_stride: map::FUSION_STRIDE,
             augment: Augment::None,
+            head_weight: DEFAULT_HEAD_WEIGHT,
+            reuse_student: None,
             seed: 0,
             progress: true,
             progress_file: None,
         }
+    }
+
+    /// Whether training adds the defect head: a positive weight and a fusion that standardises
+    /// its terms (the head's logit is standardised to join them).
+    pub fn uses_head(&self) -> bool {
+        self.head_weight > 0.0 && self.fusion.standardises()
     }
 
     /// How the exported graph turns per-scale distances into the anomaly map.
@@ -139,6 +157,7 @@ impl TrainConfig {
             stats: MapStats::default(),
             whitening: None,
             fusion_stride: self.fusion_stride,
+            head: None,
         }
     }
 }
@@ -201,10 +220,10 @@ fn validate(config: &TrainConfig) -> Result<(), TrainError> {
     if config.epochs == 0 {
         problems.push("--epochs must be at least 1".to_string());
     }
-    if !features::FUSION_STRIDES.contains(&config.fusion_stride) {
+    if !map::FUSION_STRIDES.contains(&config.fusion_stride) {
         problems.push(format!(
             "fusion stride must be one of {:?} (got {})",
-            features::FUSION_STRIDES,
+            map::FUSION_STRIDES,
             config.fusion_stride
         ));
     }
@@ -212,6 +231,12 @@ fn validate(config: &TrainConfig) -> Result<(), TrainError> {
         problems.push(format!(
             "holdout fraction must be in [0, 1) (got {})",
             config.holdout_fraction
+        ));
+    }
+    if !(0.0..=16.0).contains(&config.head_weight) {
+        problems.push(format!(
+            "--head-weight must be in [0, 16] (got {})",
+            config.head_weight
         ));
     }
     if config.learning_rate.is_nan() || config.learning_rate <= 0.0 {
@@ -463,12 +488,62 @@ fn fit(
     }
 }
 
+/// The settings a reused student was trained with that the rest of training must share: backbone,
+/// image size and seed (the held-out split).
+fn adopt_student_settings(
+    config: &TrainConfig,
+    source: &Bundle,
+) -> Result<TrainConfig, TrainError> {
+    let model = &source.manifest.model;
+    if model.input_size != [config.image_size, config.image_size] {
+        return Err(TrainError::Invalid(format!(
+            "the student of {} takes {}×{} images; --image-size is {}",
+            source.dir.display(),
+            model.input_size[0],
+            model.input_size[1],
+            config.image_size
+        )));
+    }
+    let mut adopted = config.clone();
+    adopted.backbone = model.backbone;
+    adopted.seed = source.manifest.training.seed;
+    if config.progress {
+        log::info!(
+            "reusing the student of {} (seed {}, its held-out images stay held out)",
+            source.dir.display(),
+            adopted.seed
+        );
+    }
+    Ok(adopted)
+}
+
+/// A bundle's student with its training record, in place of [`fit`].
+fn reuse_student(source: &Bundle, data: &Prepared) -> Result<Fitted, TrainError> {
+    let training = &source.manifest.training;
+    let student = weights::load_safetensors(
+        source.manifest.model.backbone,
+        &source.dir.join(bundle::STUDENT_FILE),
+        &data.device,
+    )?;
+    Ok(Fitted {
+        student,
+        epoch_losses: training.epoch_losses.clone(),
+        epoch_holdout_losses: training.epoch_holdout_losses.clone(),
+        best_epoch: training.best_epoch,
+        best_loss: training.best_holdout_loss,
+        epochs_run: training.epochs_run,
+        steps_per_epoch: training.steps_per_epoch,
+        interrupted: training.interrupted,
+    })
+}
+
 /// Files are written under a staging folder and moved into place manifest-last, so an aborted
 /// run never leaves a bundle whose parts disagree.
 fn write_bundle(
     config: &TrainConfig,
     data: &Prepared,
     fitted: &Fitted,
+    with_head: bool,
     seconds: f64,
 ) -> Result<(Bundle, Vec<f32>), TrainError> {
     let size = config.image_size;
@@ -484,14 +559,18 @@ fn write_bundle(
         ("stpm.fusion_stride", config.fusion_stride.to_string()),
     ];
     let mut map_options = config.map_options();
-    let map_stats = config.fusion.standardises().then(|| {
+    let mut map_stats = None;
+    if config.fusion.standardises() {
         let pyramids = data.holdout_pyramids(&fitted.student, config);
         map_options.whitening =
             (config.fusion == Fusion::Whitened).then(|| residual_whitening(&pyramids));
         let stats = term_stats(&pyramids, map_options.whitening.as_ref());
         map_options.stats = stats;
-        stats
-    });
+        map_stats = Some(stats);
+        if with_head {
+            map_options.head = Some(head::train_head(data, config, &map_options, &pyramids)?);
+        }
+    }
     let onnx = onnx::stpm_model(
         &data.teacher,
         &fitted.student,
@@ -509,6 +588,20 @@ fn write_bundle(
             Some(bundle::WhiteningSection {
                 file: bundle::WHITENING_FILE.to_string(),
                 sha256: bundle::sha256_hex(&whitening_bytes),
+            })
+        }
+        None => None,
+    };
+    let head = match &map_options.head {
+        Some(defect_head) => {
+            let head_bytes = bundle::write_head(defect_head, &staging.join(bundle::HEAD_FILE))?;
+            files.push(bundle::HEAD_FILE);
+            Some(bundle::HeadSection {
+                file: bundle::HEAD_FILE.to_string(),
+                sha256: bundle::sha256_hex(&head_bytes),
+                logit_mean: defect_head.logit_mean,
+                logit_std: defect_head.logit_std,
+                weight: defect_head.weight,
             })
         }
         None => None,
@@ -545,6 +638,7 @@ fn write_bundle(
             blur_sigma: config.blur_sigma,
             map_stats,
             whitening,
+            head,
             fusion_stride: map_options.fusion_stride,
             onnx: bundle::MODEL_FILE.to_string(),
             onnx_sha256: bundle::sha256_hex(&bytes),
@@ -598,11 +692,32 @@ pub fn train(config: &TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainOutcome
     let started = Instant::now();
     let mut report_to = progress::ProgressFile::new(config.progress_file.as_deref());
     report_to.phase("preparing");
+    let reused = match &config.reuse_student {
+        Some(dir) => Some(Bundle::open(dir)?),
+        None => None,
+    };
+    let adopted;
+    let config = match &reused {
+        Some(source) => {
+            adopted = adopt_student_settings(config, source)?;
+            &adopted
+        }
+        None => config,
+    };
     let data = Prepared::load(config)?;
-    let fitted = fit(config, &data, &stop, &mut report_to);
+    let fitted = match &reused {
+        Some(source) => reuse_student(source, &data)?,
+        None => fit(config, &data, &stop, &mut report_to),
+    };
     report_to.phase("writing");
-    let (bundle, holdout_scores) =
-        write_bundle(config, &data, &fitted, started.elapsed().as_secs_f64())?;
+    let with_head = config.uses_head() && !stop.load(Ordering::SeqCst);
+    let (bundle, holdout_scores) = write_bundle(
+        config,
+        &data,
+        &fitted,
+        with_head,
+        started.elapsed().as_secs_f64(),
+    )?;
     report_to.phase("done");
     Ok(TrainOutcome {
         bundle,
