@@ -544,7 +544,7 @@ fn write_bundle(
     data: &Prepared,
     fitted: &Fitted,
     with_head: bool,
-    seconds: f64,
+    started: Instant,
 ) -> Result<(Bundle, Vec<f32>), TrainError> {
     let size = config.image_size;
     let staging = config.out.join(".staging");
@@ -657,7 +657,8 @@ fn write_bundle(
             batch_size: config.batch_size,
             learning_rate: config.learning_rate,
             seed: config.seed,
-            seconds,
+            // Up to the manifest: the defect head and the threshold included.
+            seconds: started.elapsed().as_secs_f64(),
             interrupted: fitted.interrupted,
             teacher_weights,
             teacher_weights_sha256: data.teacher_hash.clone(),
@@ -711,13 +712,7 @@ pub fn train(config: &TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainOutcome
     };
     report_to.phase("writing");
     let with_head = config.uses_head() && !stop.load(Ordering::SeqCst);
-    let (bundle, holdout_scores) = write_bundle(
-        config,
-        &data,
-        &fitted,
-        with_head,
-        started.elapsed().as_secs_f64(),
-    )?;
+    let (bundle, holdout_scores) = write_bundle(config, &data, &fitted, with_head, started)?;
     report_to.phase("done");
     Ok(TrainOutcome {
         bundle,
