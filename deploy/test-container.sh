@@ -138,8 +138,16 @@ container=stpm-test-compose
 wait_healthy 19090 300
 status="$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:19090/metrics)"
 [ "$status" = 401 ] || fail "/metrics without the token answered $status, expected 401"
-curl -sf -H "Authorization: Bearer $token" http://127.0.0.1:19090/metrics | grep -q '^stpm_frames_total' \
-    || fail "/metrics with the scrape token did not answer"
+# The frame counter appears with the first analysed frame, which can come after /health; the answer
+# is read whole before grep (with pipefail, `curl | grep -q` fails when grep stops reading early).
+metrics=""
+for _ in $(seq 30); do
+    metrics="$(curl -sf -H "Authorization: Bearer $token" http://127.0.0.1:19090/metrics)" || true
+    grep -q '^stpm_frames_total' <<<"$metrics" && break
+    sleep 1
+done
+grep -q '^stpm_frames_total' <<<"$metrics" \
+    || fail "/metrics with the scrape token: no stpm_frames_total after 30 s (answer: ${metrics:0:200})"
 frames=$(decode_rtsp rtsp://127.0.0.1:18554/line1 3)
 [ "$frames" = 0 ] || fail "RTSP without the password was served ($frames frames)"
 frames=$(decode_rtsp "$rtsp_url" 10)

@@ -400,6 +400,21 @@ fn a_reused_student_gets_the_defect_head_without_training_again() {
         "the reused student changed: {difference:e}"
     );
 
+    // Another folder (other images, so another split) is refused.
+    let other = good_images(&dir.path().join("other"), 9, 64, 5);
+    let mut wrong_data = tiny_config(
+        &other,
+        &dir.path().join("wrong-data"),
+        BackboneKind::ResNet18,
+    );
+    wrong_data.teacher = TeacherWeights::Random;
+    wrong_data.reuse_student = Some(plain.clone());
+    let error = train(&wrong_data, Arc::new(AtomicBool::new(false))).expect_err("other data");
+    assert!(
+        error.to_string().contains("give --data the folder"),
+        "{error}"
+    );
+
     let mut wrong_size = tiny_config(&data, &dir.path().join("wrong"), BackboneKind::ResNet18);
     wrong_size.reuse_student = Some(plain);
     wrong_size.image_size = 128;

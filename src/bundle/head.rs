@@ -19,8 +19,8 @@ pub struct HeadSection {
     pub file: String,
     /// sha256 of that file, checked when it is read.
     pub sha256: String,
-    /// The logit's mean over the held-out good images, and its divisor (the spread of the head's
-    /// blurred term there over that of the STPM map: at weight 1 both count alike).
+    /// The mean of the head's (blurred, upsampled) term over the held-out good images, and its
+    /// divisor: that term's spread there over the STPM map's (at weight 1 both count alike).
     pub logit_mean: f32,
     pub logit_std: f32,
     /// The standardised logit's weight in the map (`stpm train --head-weight`).
@@ -68,11 +68,14 @@ pub fn read_head(bytes: &[u8], path: &Path, section: &HeadSection) -> Result<Hea
         .read("w1", Some(&[hidden, inputs]))
         .map_err(invalid)?;
     let b2 = tensors.read("b2", Some(&[1])).map_err(invalid)?;
-    if !(section.logit_std.is_finite() && section.logit_std > 0.0 && section.logit_mean.is_finite())
+    if !(section.logit_std.is_finite()
+        && section.logit_std > 0.0
+        && section.logit_mean.is_finite()
+        && section.weight.is_finite())
     {
         return Err(invalid(format!(
-            "the manifest's logit statistics are not usable (mean {}, std {})",
-            section.logit_mean, section.logit_std
+            "the manifest's logit statistics or weight are not usable (mean {}, divisor {}, weight {})",
+            section.logit_mean, section.logit_std, section.weight
         )));
     }
     Ok(Head {
@@ -127,7 +130,10 @@ mod tests {
             ..section.clone()
         };
         let error = read_head(&bytes, &path, &no_spread).expect_err("std 0");
-        assert!(error.to_string().contains("logit statistics"), "{error}");
+        assert!(
+            error.to_string().contains("logit statistics or weight"),
+            "{error}"
+        );
         let tensors = [
             ("w1".to_string(), vec![2, 3], head.w1.as_slice()),
             ("b1".to_string(), vec![2], head.b1.as_slice()),

@@ -516,7 +516,19 @@ impl Bundle {
         if let Some(section) = &self.manifest.model.head {
             let path = self.dir.join(&section.file);
             let bytes = read_verified(&path, &section.sha256)?;
-            options.head = Some(read_head(&bytes, &path, section)?);
+            let head = read_head(&bytes, &path, section)?;
+            let expected =
+                crate::model::head::input_channels(self.manifest.model.backbone.tap_channels());
+            if head.inputs != expected {
+                return Err(BundleError::Head {
+                    path,
+                    message: format!(
+                        "the head takes {} input channels; a {} teacher gives {expected}",
+                        head.inputs, self.manifest.model.backbone
+                    ),
+                });
+            }
+            options.head = Some(head);
         }
         Ok(options)
     }

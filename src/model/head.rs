@@ -46,15 +46,16 @@ pub fn head_features(teacher: &Pyramid) -> Tensor<4> {
 pub struct Head {
     /// Input channels.
     pub inputs: usize,
+    /// Hidden ReLU units (the averaged perceptrons' side by side).
     pub hidden: usize,
-    /// [hidden, inputs], row-major.
+    /// First layer: weights [hidden, inputs], row-major, and biases [hidden].
     pub w1: Vec<f32>,
     pub b1: Vec<f32>,
-    /// [hidden].
+    /// Output layer: weights [hidden] and bias.
     pub w2: Vec<f32>,
     pub b2: f32,
-    /// The logit's mean over the held-out good images, and its divisor: the spread of the head's
-    /// blurred term there over that of the STPM map, so that at weight 1 both count alike.
+    /// The mean of the head's (blurred, upsampled) logit over the held-out good images, and its
+    /// divisor: that term's spread there over the STPM map's, so that at weight 1 both count alike.
     pub logit_mean: f32,
     pub logit_std: f32,
     /// What the standardised logit is multiplied by before it joins the map.

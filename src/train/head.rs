@@ -24,8 +24,8 @@ const MAX_SYNTHETIC: usize = 800;
 const GOOD_POSITIONS_PER_IMAGE: usize = 256;
 /// Images whose teacher features are computed at once (bounds memory).
 const CHUNK: usize = 64;
-/// Perceptrons trained from different initialisations whose logits are averaged: one alone
-/// varies with its initialisation by several hundredths of image AUROC on textures.
+/// Perceptrons trained from different initialisations whose logits are averaged (one alone
+/// varies with its initialisation: docs/results.md §1.9).
 const ENSEMBLE: usize = 3;
 /// Adam steps of `BATCH` positions, whatever the number of samples (passes over them repeat).
 const STEPS: usize = 1000;

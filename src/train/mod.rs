@@ -504,9 +504,19 @@ fn adopt_student_settings(
             config.image_size
         )));
     }
+    let training = &source.manifest.training;
     let mut adopted = config.clone();
     adopted.backbone = model.backbone;
-    adopted.seed = source.manifest.training.seed;
+    adopted.seed = training.seed;
+    // The record of the student's own training, not of this run's command line.
+    adopted.batch_size = training.batch_size;
+    adopted.learning_rate = training.learning_rate;
+    adopted.max_steps = training.max_steps;
+    adopted.augment = if training.augment == Augment::Flips.name() {
+        Augment::Flips
+    } else {
+        Augment::None
+    };
     if config.progress {
         log::info!(
             "reusing the student of {} (seed {}, its held-out images stay held out)",
@@ -517,9 +527,41 @@ fn adopt_student_settings(
     Ok(adopted)
 }
 
-/// A bundle's student with its training record, in place of [`fit`].
+/// A bundle's student with its training record, in place of [`fit`]: refused when this run's
+/// teacher or images are not those it was trained with (its held-out images would not be).
 fn reuse_student(source: &Bundle, data: &Prepared) -> Result<Fitted, TrainError> {
     let training = &source.manifest.training;
+    let mismatch = |what: String| {
+        TrainError::Invalid(format!("--reuse-student {}: {what}", source.dir.display()))
+    };
+    if data.teacher_hash != training.teacher_weights_sha256 {
+        return Err(mismatch(format!(
+            "its student learnt from teacher {} (sha256 {}); this run's teacher is {} (sha256 {})",
+            training.teacher_weights,
+            training.teacher_weights_sha256,
+            data.teacher_path.display(),
+            data.teacher_hash
+        )));
+    }
+    if (data.train_idx.len(), data.holdout_idx.len()) != (training.n_train, training.n_holdout) {
+        return Err(mismatch(format!(
+            "it was trained on {} + {} held-out images of {}; {} has {} + {} (give --data the folder it was trained on)",
+            training.n_train,
+            training.n_holdout,
+            training.data,
+            data.folder.display(),
+            data.train_idx.len(),
+            data.holdout_idx.len()
+        )));
+    }
+    let recorded = std::fs::canonicalize(&training.data).ok();
+    if recorded.is_some() && recorded != std::fs::canonicalize(&data.folder).ok() {
+        log::warn!(
+            "--reuse-student: the student was trained on {}, this run reads {}",
+            training.data,
+            data.folder.display()
+        );
+    }
     let student = weights::load_safetensors(
         source.manifest.model.backbone,
         &source.dir.join(bundle::STUDENT_FILE),
@@ -711,6 +753,12 @@ pub fn train(config: &TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainOutcome
         None => fit(config, &data, &stop, &mut report_to),
     };
     report_to.phase("writing");
+    if config.head_weight > 0.0 && !config.fusion.standardises() && config.progress {
+        log::warn!(
+            "--fusion {} does not standardise its terms: no defect head (only whitened and standardised take one)",
+            config.fusion.name()
+        );
+    }
     let with_head = config.uses_head() && !stop.load(Ordering::SeqCst);
     let (bundle, holdout_scores) = write_bundle(config, &data, &fitted, with_head, started)?;
     report_to.phase("done");
