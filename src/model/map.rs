@@ -58,8 +58,7 @@ pub fn anomaly_map(
     size: [usize; 2],
     options: &MapOptions,
 ) -> Tensor<4> {
-    let stride = options.fusion_stride.max(1);
-    let low = [size[0] / stride, size[1] / stride];
+    let low = fusion_size(size, options);
     let fused = if options.fusion.standardises() {
         let whitening = options.term_whitening(teacher.channels());
         standardise(teacher, student, low, &options.stats, whitening.as_ref())
@@ -70,6 +69,19 @@ pub fn anomaly_map(
         Some(head) => fused + head.term(teacher, low),
         None => fused,
     };
+    finish(fused, size, options)
+}
+
+/// Where the terms are fused: 1/`fusion_stride` of `size`.
+pub fn fusion_size(size: [usize; 2], options: &MapOptions) -> [usize; 2] {
+    let stride = options.fusion_stride.max(1);
+    [size[0] / stride, size[1] / stride]
+}
+
+/// The last step of [`anomaly_map`]: a map at [`fusion_size`] blurred there (σ / fusion_stride)
+/// and upsampled to `size`. Linear, so it also gives any one term's share of the final map.
+pub fn finish(fused: Tensor<4>, size: [usize; 2], options: &MapOptions) -> Tensor<4> {
+    let stride = options.fusion_stride.max(1);
     upsample(
         gaussian_blur(fused, options.blur_sigma / stride as f32),
         size,

@@ -8,12 +8,12 @@ use std::time::Instant;
 use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid};
 
-use super::prepare::{FeatureCache, ImageSet, Prepared};
+use super::prepare::{FeatureCache, ImageSet, Prepared, TeacherRunner};
 use super::synth::{block_targets, normal, paste_defect};
 use super::{TrainConfig, TrainError};
 use crate::model::features::Pyramid;
 use crate::model::head::{DEFAULT_HIDDEN, HEAD_STRIDE, Head, head_features, input_channels};
-use crate::model::map::{MapOptions, anomaly_map};
+use crate::model::map::{MapOptions, anomaly_map, finish, fusion_size};
 use crate::model::to_vec;
 use crate::rng::SplitMix;
 
@@ -112,6 +112,7 @@ pub(super) fn train_head(
         .map(|&i| data.images.pixels[i].as_slice())
         .collect();
     let count = (originals.len() * SYNTHETIC_PER_IMAGE).min(MAX_SYNTHETIC);
+    let mut teacher = TeacherRunner::open(&data.teacher, size)?;
     let mut made = 0;
     while made < count {
         let batch = CHUNK.min(count - made);
@@ -123,7 +124,7 @@ pub(super) fn train_head(
             targets.push(block_targets(&synthetic.mask, size, HEAD_STRIDE));
             pixels.push(synthetic.pixels);
         }
-        let cache = FeatureCache::compute(&data.teacher, &ImageSet { pixels }, size)?;
+        let cache = teacher.features(&ImageSet { pixels })?;
         let all: Vec<usize> = (0..batch).collect();
         sample_cached(&cache, &all, Some(&targets), device, &mut samples, &mut rng);
         made += batch;
@@ -180,23 +181,20 @@ fn scale_to_map(
 ) {
     let mut unit = head.clone();
     (unit.logit_mean, unit.logit_std, unit.weight) = (0.0, 1.0, 1.0);
-    let without = MapOptions {
+    let stpm_only = MapOptions {
         head: None,
         ..options.clone()
     };
-    let with = MapOptions {
-        head: Some(unit),
-        ..options.clone()
-    };
+    let size = [size, size];
+    let low = fusion_size(size, options);
     let mut map = Moments::default();
     let mut term = Moments::default();
     for (teacher, student) in pyramids {
-        let plain = anomaly_map(teacher, student, [size, size], &without);
-        let both = anomaly_map(teacher, student, [size, size], &with);
-        let plain = to_vec(plain);
-        for (p, b) in plain.iter().zip(to_vec(both)) {
-            map.add(*p);
-            term.add(b - p);
+        for v in to_vec(anomaly_map(teacher, student, size, &stpm_only)) {
+            map.add(v);
+        }
+        for v in to_vec(finish(unit.term(teacher, low), size, options)) {
+            term.add(v);
         }
     }
     head.logit_mean = term.mean() as f32;

@@ -770,7 +770,7 @@ pub fn train(config: &TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainOutcome
 
 #[cfg(test)]
 mod tests {
-    use super::prepare::ImageSet;
+    use super::prepare::{ImageSet, turn};
     use super::*;
 
     #[test]
@@ -789,6 +789,19 @@ mod tests {
             [4.0, 3.0, 2.0, 1.0, 40.0, 30.0, 20.0, 10.0]
         );
         assert_eq!(set.pixels[0], [1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0]);
+    }
+
+    #[test]
+    fn turning_four_quarters_or_mirroring_twice_is_the_identity() {
+        let size = 5;
+        let img: Vec<f32> = (0..3 * size * size).map(|i| i as f32).collect();
+        let mut once = img.clone();
+        for _ in 0..4 {
+            once = turn(&once, size, 1, false);
+        }
+        assert_eq!(once, img);
+        assert_ne!(turn(&img, size, 1, false), img);
+        assert_eq!(turn(&turn(&img, size, 0, true), size, 0, true), img);
     }
 
     #[test]

@@ -77,31 +77,12 @@ impl ImageSet {
     /// Appends the left-right, top-bottom and both-ways mirror images of image `index` (CHW,
     /// `size`²); returns their indices.
     pub(super) fn add_flips(&mut self, index: usize, size: usize) -> [usize; 3] {
-        let flip = |source: &[f32], horizontal: bool, vertical: bool| {
-            let mut out = vec![0.0; source.len()];
-            for (plane_out, plane_in) in out
-                .chunks_exact_mut(size * size)
-                .zip(source.chunks_exact(size * size))
-            {
-                for y in 0..size {
-                    let from_y = if vertical { size - 1 - y } else { y };
-                    let row_in = &plane_in[from_y * size..(from_y + 1) * size];
-                    let row_out = &mut plane_out[y * size..(y + 1) * size];
-                    row_out.copy_from_slice(row_in);
-                    if horizontal {
-                        row_out.reverse();
-                    }
-                }
-            }
-            out
-        };
         let mut added = [0; 3];
-        for (slot, (horizontal, vertical)) in
-            added
-                .iter_mut()
-                .zip([(true, false), (false, true), (true, true)])
+        // Left-right: mirrored; top-bottom: mirrored and half a turn; both ways: half a turn.
+        for (slot, (quarter_turns, mirror)) in
+            added.iter_mut().zip([(0, true), (2, true), (2, false)])
         {
-            let flipped = flip(&self.pixels[index], horizontal, vertical);
+            let flipped = turn(&self.pixels[index], size, quarter_turns, mirror);
             *slot = self.pixels.len();
             self.pixels.push(flipped);
         }
@@ -120,6 +101,29 @@ impl ImageSet {
     }
 }
 
+/// A CHW image turned by `quarter_turns` × 90° and optionally mirrored left-right (square only).
+pub(super) fn turn(image: &[f32], size: usize, quarter_turns: usize, mirror: bool) -> Vec<f32> {
+    let mut out = vec![0.0; image.len()];
+    for (plane_out, plane_in) in out
+        .chunks_exact_mut(size * size)
+        .zip(image.chunks_exact(size * size))
+    {
+        for y in 0..size {
+            for x in 0..size {
+                let mx = if mirror { size - 1 - x } else { x };
+                let (sy, sx) = match quarter_turns % 4 {
+                    0 => (y, mx),
+                    1 => (size - 1 - mx, y),
+                    2 => (size - 1 - y, size - 1 - mx),
+                    _ => (mx, size - 1 - y),
+                };
+                plane_out[y * size + x] = plane_in[sy * size + sx];
+            }
+        }
+    }
+    out
+}
+
 /// Frozen-teacher features of every image (augmented copies included), computed once.
 pub(super) struct FeatureCache {
     /// Per scale: per image, the flattened [C, h, w] features.
@@ -127,28 +131,37 @@ pub(super) struct FeatureCache {
     pub(super) dims: [[usize; 3]; 3],
 }
 
-impl FeatureCache {
-    /// Runs the teacher alone through ONNX Runtime (its part of the bundle's graph, from the same
-    /// exporter; 150 images at 256² took 0.9–1.2 s against 5.8 s with burn's forward on 2 cores).
-    pub(super) fn compute(
-        teacher: &Backbone,
-        images: &ImageSet,
-        size: usize,
-    ) -> Result<Self, TrainError> {
+/// The teacher alone in ONNX Runtime (its part of the bundle's graph, from the same exporter; 150
+/// images at 256² took 0.9–1.2 s against 5.8 s with burn's forward on 2 cores), opened once for
+/// any number of image sets.
+pub(super) struct TeacherRunner {
+    probe: crate::engine::Probe,
+    taps: [String; 3],
+    dims: [[usize; 3]; 3],
+}
+
+impl TeacherRunner {
+    pub(super) fn open(teacher: &Backbone, size: usize) -> Result<Self, TrainError> {
         let (model, taps) = onnx::teacher_model(teacher, [size, size]);
-        let mut probe = crate::engine::Probe::open(
+        let probe = crate::engine::Probe::open(
             &model.encode_to_vec(),
             [size, size],
             Path::new("the teacher graph"),
         )?;
         let channels = teacher.kind().tap_channels();
-        let dims: [[usize; 3]; 3] = std::array::from_fn(|scale| {
+        let dims = std::array::from_fn(|scale| {
             [channels[scale], size >> (scale + 2), size >> (scale + 2)]
         });
+        Ok(Self { probe, taps, dims })
+    }
+
+    /// The teacher's features of every image of `images`.
+    pub(super) fn features(&mut self, images: &ImageSet) -> Result<FeatureCache, TrainError> {
+        let dims = self.dims;
         let mut scales: [Vec<Vec<f32>>; 3] = Default::default();
         let mut wrong_size = None;
         for image in &images.pixels {
-            probe.run(image, &taps, |scale, values| {
+            self.probe.run(image, &self.taps, |scale, values| {
                 let [c, h, w] = dims[scale];
                 if values.len() != c * h * w {
                     wrong_size = Some((scale, values.len(), c * h * w));
@@ -162,7 +175,18 @@ impl FeatureCache {
                 4 << scale
             )));
         }
-        Ok(Self { scales, dims })
+        Ok(FeatureCache { scales, dims })
+    }
+}
+
+impl FeatureCache {
+    /// The teacher's features of `images`, through a [`TeacherRunner`] of its own.
+    pub(super) fn compute(
+        teacher: &Backbone,
+        images: &ImageSet,
+        size: usize,
+    ) -> Result<Self, TrainError> {
+        TeacherRunner::open(teacher, size)?.features(images)
     }
 
     pub(super) fn batch(&self, indices: &[usize], device: &Device) -> Pyramid {

@@ -3,7 +3,8 @@
 //! brightened, replaced by another good image turned and mirrored or by noise, or blurred; with
 //! the region's mask. Works on the normalised CHW images training uses; pure functions of the seed.
 
-use crate::preprocess::Normalisation;
+use super::prepare::turn;
+use crate::preprocess::{Normalisation, resize_plane};
 use crate::rng::SplitMix;
 
 /// A good image with a synthetic defect, and the defect's mask (`size`², values in [0, 1]).
@@ -128,7 +129,11 @@ pub(super) fn normal(rng: &mut SplitMix) -> f32 {
 fn blob_mask(size: usize, rng: &mut SplitMix) -> Vec<f32> {
     let coarse = (size / 4).max(2);
     let noise: Vec<f32> = (0..coarse * coarse).map(|_| normal(rng)).collect();
-    let field = enlarge(&blur(&noise, coarse, rng.range(1.0, 6.0)), coarse, size);
+    let field = resize_plane(
+        &blur(&noise, coarse, rng.range(1.0, 6.0)),
+        [coarse, coarse],
+        [size, size],
+    );
     let mut sorted = field.clone();
     sorted.sort_by(f32::total_cmp);
     let share = rng.range(0.005, 0.15);
@@ -167,72 +172,28 @@ fn line_mask(size: usize, rng: &mut SplitMix) -> Vec<f32> {
 fn blur(plane: &[f32], size: usize, sigma: f32) -> Vec<f32> {
     let taps = crate::model::features::gaussian_kernel(sigma);
     let r = (taps.len() / 2) as isize;
-    let clamp = |i: isize| i.clamp(0, size as isize - 1) as usize;
-    let mut rows = vec![0.0; plane.len()];
-    for y in 0..size {
-        for x in 0..size {
-            rows[y * size + x] = taps
-                .iter()
-                .enumerate()
-                .map(|(k, t)| t * plane[y * size + clamp(x as isize + k as isize - r)])
-                .sum();
-        }
-    }
-    let mut out = vec![0.0; plane.len()];
-    for y in 0..size {
-        for x in 0..size {
-            out[y * size + x] = taps
-                .iter()
-                .enumerate()
-                .map(|(k, t)| t * rows[clamp(y as isize + k as isize - r) * size + x])
-                .sum();
-        }
-    }
-    out
-}
-
-/// Bilinear (half-pixel) enlargement of a `from`² plane to `to`².
-fn enlarge(plane: &[f32], from: usize, to: usize) -> Vec<f32> {
-    let scale = from as f32 / to as f32;
-    let at = |i: usize| {
-        let p = ((i as f32 + 0.5) * scale - 0.5).clamp(0.0, (from - 1) as f32);
-        let low = p.floor() as usize;
-        (low, (low + 1).min(from - 1), p - low as f32)
+    let clamp =
+        |i: usize, k: usize| (i as isize + k as isize - r).clamp(0, size as isize - 1) as usize;
+    // One pass along the rows (`across`) or down the columns.
+    let pass = |source: &[f32], across: bool| -> Vec<f32> {
+        (0..size * size)
+            .map(|i| {
+                let (y, x) = (i / size, i % size);
+                taps.iter()
+                    .enumerate()
+                    .map(|(k, t)| {
+                        let at = if across {
+                            y * size + clamp(x, k)
+                        } else {
+                            clamp(y, k) * size + x
+                        };
+                        t * source[at]
+                    })
+                    .sum()
+            })
+            .collect()
     };
-    let mut out = vec![0.0; to * to];
-    for y in 0..to {
-        let (y0, y1, fy) = at(y);
-        for x in 0..to {
-            let (x0, x1, fx) = at(x);
-            let top = plane[y0 * from + x0] * (1.0 - fx) + plane[y0 * from + x1] * fx;
-            let bottom = plane[y1 * from + x0] * (1.0 - fx) + plane[y1 * from + x1] * fx;
-            out[y * to + x] = top * (1.0 - fy) + bottom * fy;
-        }
-    }
-    out
-}
-
-/// A CHW image turned by `quarter_turns` × 90° and optionally mirrored left-right (square only).
-fn turn(image: &[f32], size: usize, quarter_turns: usize, mirror: bool) -> Vec<f32> {
-    let mut out = vec![0.0; image.len()];
-    for (plane_out, plane_in) in out
-        .chunks_exact_mut(size * size)
-        .zip(image.chunks_exact(size * size))
-    {
-        for y in 0..size {
-            for x in 0..size {
-                let mx = if mirror { size - 1 - x } else { x };
-                let (sy, sx) = match quarter_turns % 4 {
-                    0 => (y, mx),
-                    1 => (size - 1 - mx, y),
-                    2 => (size - 1 - y, size - 1 - mx),
-                    _ => (mx, size - 1 - y),
-                };
-                plane_out[y * size + x] = plane_in[sy * size + sx];
-            }
-        }
-    }
-    out
+    pass(&pass(plane, true), false)
 }
 
 #[cfg(test)]
@@ -297,18 +258,5 @@ mod tests {
             mask[5 * size + x] = 1.0;
         }
         assert_eq!(block_targets(&mask, size, 8), vec![1.0, 0.0, 0.0, 0.0]);
-    }
-
-    #[test]
-    fn turning_four_quarters_or_mirroring_twice_is_the_identity() {
-        let size = 5;
-        let img: Vec<f32> = (0..3 * size * size).map(|i| i as f32).collect();
-        let mut once = img.clone();
-        for _ in 0..4 {
-            once = turn(&once, size, 1, false);
-        }
-        assert_eq!(once, img);
-        assert_ne!(turn(&img, size, 1, false), img);
-        assert_eq!(turn(&turn(&img, size, 0, true), size, 0, true), img);
     }
 }
