@@ -32,6 +32,8 @@ apt_packages=(build-essential pkg-config ca-certificates curl unzip python3 pyth
     gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
     # OpenCV 4.6 for the live overlay; the opencv crate generates its bindings with libclang
     libopencv-dev clang libclang-dev
+    # gst-launch-1.0, which the tests, the soak and scripts/retrain-live.sh use as a client
+    gstreamer1.0-tools
     # the RTSP output ([output.rtsp]: gst-rtsp-server) and the rtspsrc client used by the tests;
     # glib-networking: GLib's TLS for RTSPS; openssl makes the tests' certificates
     libgstrtspserver-1.0-dev gstreamer1.0-rtsp glib-networking openssl
