@@ -176,19 +176,15 @@ impl Run<'_> {
             log::warn!("storage: retention cannot open the store: {e}");
         }
         let store = store.ok().flatten();
-        match retention::sweep(self.folders, self.limits, SystemTime::now(), store.as_ref()) {
-            Ok(swept) => {
-                if !swept.deleted.is_empty() {
-                    log::info!(
-                        "storage: retention deleted {} file(s), the oldest {}",
-                        swept.deleted.len(),
-                        swept.deleted[0].display()
-                    );
-                }
-                self.metrics
-                    .storage_swept(swept.bytes, swept.deleted.len() as u64);
-            }
-            Err(e) => log::warn!("storage: retention: {e}"),
+        let swept = retention::sweep(self.folders, self.limits, SystemTime::now(), store.as_ref());
+        if !swept.deleted.is_empty() {
+            log::info!(
+                "storage: retention deleted {} file(s), the oldest {}",
+                swept.deleted.len(),
+                swept.deleted[0].display()
+            );
         }
+        self.metrics
+            .storage_swept(swept.bytes, swept.deleted.len() as u64);
     }
 }

@@ -79,6 +79,33 @@ pub enum StoreError {
     NoEvent(String),
 }
 
+impl StoreError {
+    /// Whether the store may take the same write later: the database is busy or locked, the disk
+    /// is full or failing, or the file cannot be opened now. A row the database refuses for
+    /// itself (a constraint, a value it cannot hold) never will be.
+    pub fn is_transient(&self) -> bool {
+        use rusqlite::ErrorCode::*;
+        match self {
+            StoreError::Folder { .. } => true,
+            StoreError::Sqlite {
+                source: rusqlite::Error::SqliteFailure(failure, _),
+                ..
+            } => matches!(
+                failure.code,
+                DatabaseBusy
+                    | DatabaseLocked
+                    | DiskFull
+                    | SystemIoFailure
+                    | CannotOpen
+                    | ReadOnly
+                    | OutOfMemory
+                    | FileLockingProtocolFailed
+            ),
+            StoreError::Sqlite { .. } | StoreError::TooNew { .. } | StoreError::NoEvent(_) => false,
+        }
+    }
+}
+
 /// An operator's verdict on an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

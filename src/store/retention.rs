@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use super::{EventStore, StoreError};
+use super::EventStore;
 
 /// Files modified this recently are left alone (a recording or clip may still be written).
 pub const IN_USE: Duration = Duration::from_secs(60);
@@ -36,6 +36,9 @@ pub struct Sweep {
     /// Bytes of the files kept.
     pub bytes: u64,
     pub deleted: Vec<PathBuf>,
+    /// Deleted files whose events could not be marked (`media_gone`) because the store failed;
+    /// the sweep goes on without them, since a full disk matters more than a stale link.
+    pub unmarked: usize,
     /// Free bytes of a filesystem still under `min_free` after the sweep (nothing left that it
     /// may delete there), with a folder on it.
     pub short: Option<(PathBuf, u64)>,
@@ -90,13 +93,14 @@ fn files(folders: &[PathBuf]) -> Vec<Media> {
 
 /// Deletes what is older than `limits.keep_days`, then the oldest files until the rest fits
 /// `limits.max_bytes` and every filesystem holding them has `limits.min_free` bytes free, never
-/// a file modified within [`IN_USE`] of `now`. Deleted media of events are marked in `store`.
+/// a file modified within [`IN_USE`] of `now`. Deleted media of events are marked in `store`; a
+/// store that fails to mark one is logged and counted in [`Sweep::unmarked`], and the sweep goes on.
 pub fn sweep(
     folders: &[PathBuf],
     limits: Limits,
     now: SystemTime,
     store: Option<&EventStore>,
-) -> Result<Sweep, StoreError> {
+) -> Sweep {
     let mut all = files(folders);
     all.sort_by_key(|media| media.modified);
     let age = |modified: SystemTime| now.duration_since(modified).unwrap_or(Duration::ZERO);
@@ -140,8 +144,12 @@ pub fn sweep(
         if let Some((_, Some(bytes))) = free.get_mut(&media.device) {
             *bytes = bytes.saturating_add(media.size);
         }
-        if let Some(store) = store {
-            store.media_deleted(&media.path)?;
+        if let Some(Err(e)) = store.map(|store| store.media_deleted(&media.path)) {
+            log::warn!(
+                "storage: deleted {} but cannot mark its event: {e}",
+                media.path.display()
+            );
+            report.unmarked += 1;
         }
         report.deleted.push(media.path);
     }
@@ -150,7 +158,7 @@ pub fn sweep(
         .into_values()
         .filter_map(|(folder, bytes)| Some((folder, bytes?)))
         .find(|(_, bytes)| *bytes < limits.min_free);
-    Ok(report)
+    report
 }
 
 /// Bytes of `text`: a number with an optional unit, `B`, `KB`/`KiB`, `MB`/`MiB`, `GB`/`GiB`,
@@ -192,6 +200,16 @@ mod tests {
     use crate::alerts::{AlertEvent, EventKind};
     use crate::store::Peak;
 
+    /// Writes `bytes` to `path` and dates it `age` seconds before `now`.
+    fn aged_file(path: &Path, bytes: &[u8], now: SystemTime, age: u64) {
+        std::fs::write(path, bytes).expect("file");
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_modified(now - Duration::from_secs(age)))
+            .expect("mtime");
+    }
+
     #[test]
     fn sizes_parse_with_units() {
         assert_eq!(parse_size("500MB"), Some(500_000_000));
@@ -227,7 +245,7 @@ mod tests {
             min_free: free + (150 << 20),
         };
         let folders = folders(dir.path(), Some(&recordings));
-        let swept = sweep(&folders, limits, now, None).expect("sweep");
+        let swept = sweep(&folders, limits, now, None);
         assert_eq!(swept.deleted, paths[..2]);
         assert!(swept.short.is_none(), "{:?}", swept.short);
         // A floor no deletion can reach: everything old goes and the sweep says it fell short.
@@ -235,7 +253,7 @@ mod tests {
             min_free: u64::MAX / 2,
             ..limits
         };
-        let swept = sweep(&folders, limits, now, None).expect("sweep");
+        let swept = sweep(&folders, limits, now, None);
         assert_eq!(swept.deleted, paths[2..]);
         let (folder, _) = swept.short.expect("still short");
         assert_eq!(folder, recordings);
@@ -252,12 +270,7 @@ mod tests {
         let mut paths = Vec::new();
         for (index, age) in [4 * 3600, 3 * 3600, 2 * 3600, 10].into_iter().enumerate() {
             let path = snapshots.join(format!("e{index}.jpg"));
-            std::fs::write(&path, [0u8; 100]).expect("file");
-            std::fs::File::options()
-                .write(true)
-                .open(&path)
-                .and_then(|f| f.set_modified(now - Duration::from_secs(age)))
-                .expect("mtime");
+            aged_file(&path, &[0u8; 100], now, age);
             let event = AlertEvent {
                 kind: EventKind::New,
                 id: format!("e{index}"),
@@ -283,12 +296,7 @@ mod tests {
         }
         // Not media: never deleted, whatever the budget.
         let other = snapshots.join("notes.txt");
-        std::fs::write(&other, [0u8; 1000]).expect("file");
-        std::fs::File::options()
-            .write(true)
-            .open(&other)
-            .and_then(|f| f.set_modified(now - Duration::from_secs(9 * 3600)))
-            .expect("mtime");
+        aged_file(&other, &[0u8; 1000], now, 9 * 3600);
         let folders = folders(dir.path(), None);
         // A budget of 250 bytes: the two oldest go.
         let limits = Limits {
@@ -296,7 +304,7 @@ mod tests {
             keep_days: 0.0,
             min_free: 0,
         };
-        let swept = sweep(&folders, limits, now, Some(&store)).expect("sweep");
+        let swept = sweep(&folders, limits, now, Some(&store));
         assert_eq!(swept.deleted, paths[..2]);
         assert_eq!(swept.bytes, 200);
         assert!(!paths[0].exists() && paths[2].exists());
@@ -311,9 +319,39 @@ mod tests {
             keep_days: 1.5 / 24.0,
             min_free: 0,
         };
-        let swept = sweep(&folders, limits, now, Some(&store)).expect("sweep");
+        let swept = sweep(&folders, limits, now, Some(&store));
         assert_eq!(swept.deleted, paths[2..3]);
         assert_eq!(swept.bytes, 100);
         assert!(paths[3].exists() && other.exists());
+        assert_eq!(swept.unmarked, 0);
+    }
+
+    /// A store that cannot mark deleted media (here its table is gone) does not stop the sweep:
+    /// every file over the budget still goes, and the failures are counted.
+    #[test]
+    fn a_failing_store_does_not_stop_the_sweep() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = EventStore::open(dir.path()).expect("store");
+        let now = SystemTime::now();
+        let clips = dir.path().join("clips/line1");
+        std::fs::create_dir_all(&clips).expect("dir");
+        let mut paths = Vec::new();
+        for (index, age) in [3 * 3600, 2 * 3600, 3600].into_iter().enumerate() {
+            let path = clips.join(format!("c{index}.mp4"));
+            aged_file(&path, &[0u8; 100], now, age);
+            paths.push(path);
+        }
+        rusqlite::Connection::open(dir.path().join(super::super::DATABASE))
+            .and_then(|db| db.execute_batch("DROP TABLE events"))
+            .expect("drop the table");
+        let limits = Limits {
+            max_bytes: 100,
+            keep_days: 0.0,
+            min_free: 0,
+        };
+        let swept = sweep(&folders(dir.path(), None), limits, now, Some(&store));
+        assert_eq!(swept.deleted, paths[..2]);
+        assert_eq!(swept.unmarked, 2);
+        assert!(!paths[1].exists() && paths[2].exists());
     }
 }

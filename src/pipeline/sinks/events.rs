@@ -327,11 +327,18 @@ impl Writer {
         }
     }
 
-    /// Stores the backlog in order, up to the first row the store refuses.
+    /// Stores the backlog in order, up to the first row the store cannot take now; a row it
+    /// refuses for good (a constraint, e.g. a NaN score) is dropped with a warning instead of
+    /// holding up the rows behind it.
     fn drain(&mut self) {
         let waiting = self.backlog.len();
         while let Some(row) = self.backlog.front() {
             if let Err(error) = row.store(&self.store) {
+                if !error.is_transient() {
+                    log::warn!("storage: event {} is not stored: {error}", row.id());
+                    self.backlog.pop_front();
+                    continue;
+                }
                 // Once per outage: the first refusal, then the recovery.
                 if !self.refusing {
                     log::warn!("storage: {error}; the event is kept in memory and stored later");
@@ -421,9 +428,7 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(error)?;
     }
-    let staged = path.with_extension("jpg.part");
-    std::fs::write(&staged, bytes).map_err(error)?;
-    std::fs::rename(&staged, path).map_err(error)
+    crate::files::write_whole(path, bytes).map_err(error)
 }
 
 /// One camera's events into the store.
@@ -454,5 +459,52 @@ impl Sink for EventLog {
                 peak,
             })))
             .map_err(|_| SinkError::Stored(self.camera.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::EventKind;
+
+    fn event(id: &str, score: f32) -> Row {
+        Row::Event {
+            event: Box::new(AlertEvent {
+                kind: EventKind::New,
+                id: id.into(),
+                camera: "line1".into(),
+                start_time: 1.0,
+                end_time: None,
+                score,
+                top_score: score,
+                boxes: Vec::new(),
+                snapshot: false,
+                model: "m".into(),
+                end_reason: None,
+                snapshot_url: None,
+                clip_url: None,
+            }),
+            model: "m".into(),
+            peak: None,
+        }
+    }
+
+    /// A row the database refuses for good (a NaN score breaks `score NOT NULL`) is dropped;
+    /// the rows behind it are stored at once instead of waiting behind it.
+    #[test]
+    fn a_row_refused_for_good_does_not_hold_up_the_rest() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = EventStore::open(dir.path()).expect("store");
+        let mut writer = Writer::new(store, dir.path().to_path_buf(), None);
+        writer
+            .backlog
+            .extend([event("bad", f32::NAN), event("good", 0.8)]);
+        writer.drain();
+        assert!(writer.backlog.is_empty());
+        assert!(!writer.refusing);
+        let check = EventStore::open(dir.path()).expect("store");
+        assert!(check.get("bad").expect("get").is_none());
+        let good = check.get("good").expect("get").expect("stored");
+        assert!((good.score - 0.8).abs() < 1e-6, "{good:?}");
     }
 }
