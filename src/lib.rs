@@ -10,6 +10,7 @@ pub mod devset;
 pub mod engine;
 pub mod eval;
 pub mod export;
+pub mod files;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod infer;

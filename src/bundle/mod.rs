@@ -553,15 +553,8 @@ impl Bundle {
             message: e.to_string(),
         })?;
         let header = "# stpm model bundle manifest (written by `stpm train`, `stpm export` and `stpm calibrate`; each model file is checked against its sha256)\n";
-        // Written beside and renamed over the old one, so an interrupted write leaves the old
-        // manifest, never half of the new one.
-        let staged = dir.join(format!("{MANIFEST_FILE}.new"));
-        std::fs::write(&staged, format!("{header}{text}")).map_err(|source| {
-            BundleError::Write {
-                path: staged.clone(),
-                source,
-            }
-        })?;
-        std::fs::rename(&staged, &path).map_err(|source| BundleError::Write { path, source })
+        // An interrupted write leaves the old manifest, never half of the new one.
+        crate::files::write_whole(&path, format!("{header}{text}"))
+            .map_err(|source| BundleError::Write { path, source })
     }
 }

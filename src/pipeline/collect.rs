@@ -507,9 +507,7 @@ pub fn write_log(out: &Path, report: &Collected) -> Result<(), CollectError> {
         runs.push(run);
     }
     let text = serde_json::to_string_pretty(&log).map_err(|e| write_error(e.to_string()))?;
-    let staged = path.with_extension("json.part");
-    std::fs::write(&staged, text).map_err(|e| write_error(e.to_string()))?;
-    std::fs::rename(&staged, &path).map_err(|e| write_error(e.to_string()))
+    crate::files::write_whole(&path, text).map_err(|e| write_error(e.to_string()))
 }
 
 #[cfg(test)]

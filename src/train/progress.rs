@@ -84,11 +84,9 @@ impl ProgressFile {
         }
         self.last = Some(Instant::now());
         self.state.elapsed_seconds = self.started.elapsed().as_secs_f64();
-        let staged = path.with_extension("json.part");
         let written = serde_json::to_vec(&self.state)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&staged, bytes))
-            .and_then(|()| std::fs::rename(&staged, path));
+            .and_then(|bytes| crate::files::write_whole(path, bytes));
         if let Err(e) = written {
             // Progress is a courtesy: training goes on without it.
             log::warn!("cannot write the progress file {}: {e}", path.display());
