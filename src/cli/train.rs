@@ -28,7 +28,7 @@ pub struct TrainArgs {
     /// Passes over the training images.
     #[arg(long, default_value_t = 12)]
     pub epochs: usize,
-    /// Most SGD steps in all (0: no cap). About 10 minutes on 2 cores at the defaults: a folder
+    /// Most SGD steps in all (0: no cap). 11–17 minutes on 2 cores at the defaults: a folder
     /// whose epochs would take more trains each epoch on a random share of its images.
     #[arg(long, default_value_t = stpm::train::DEFAULT_MAX_STEPS)]
     pub max_steps: usize,

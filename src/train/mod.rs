@@ -104,8 +104,9 @@ impl Augment {
     }
 }
 
-/// Default step budget: 400 steps of 8 images at 256² take about 10 minutes on 2 cores, so a
-/// large folder trains in about that time (a 150-image folder needs 180 steps for its 12 epochs).
+/// Default step budget: 400 steps of 8 images at 256² take 11–17 minutes on 2 cores (1.7–2.5 s a
+/// step), so a large folder trains in about that time (a 150-image folder needs 180 steps for its
+/// 12 epochs).
 pub const DEFAULT_MAX_STEPS: usize = 400;
 
 /// Most held-out images the per-epoch checkpoint loss is measured on (all of them still
