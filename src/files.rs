@@ -1,6 +1,6 @@
 //! Writing a file whole: the bytes go to `<name>.part` beside it and are renamed over it, so a
-//! reader (or a crash) sees the old content or the new, never half of it. Knows nothing of what
-//! the bytes are.
+//! reader, or a process that dies mid-write, leaves the old content or the new, never half of it
+//! (no fsync: a power cut may still lose the new one). Knows nothing of what the bytes are.
 
 use std::path::{Path, PathBuf};
 
@@ -45,5 +45,16 @@ mod tests {
         std::fs::create_dir(staged(&path)).expect("dir");
         assert!(write_whole(&path, "new").is_err());
         assert_eq!(std::fs::read_to_string(&path).expect("read"), "old");
+    }
+
+    #[test]
+    fn a_failed_rename_removes_the_staging_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        // The target is a folder with something in it: the bytes are staged, the rename fails.
+        let path = dir.path().join("snapshot.jpg");
+        std::fs::create_dir_all(path.join("inside")).expect("dir");
+        assert!(write_whole(&path, "new").is_err());
+        assert!(!staged(&path).exists());
+        assert!(path.join("inside").is_dir());
     }
 }

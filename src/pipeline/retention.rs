@@ -184,6 +184,12 @@ impl Run<'_> {
                 swept.deleted[0].display()
             );
         }
+        if swept.unmarked > 0 {
+            log::warn!(
+                "storage: {} deleted file(s) still have their paths in the event store, which failed",
+                swept.unmarked
+            );
+        }
         self.metrics
             .storage_swept(swept.bytes, swept.deleted.len() as u64);
     }

@@ -80,28 +80,28 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether the store may take the same write later: the database is busy or locked, the disk
-    /// is full or failing, or the file cannot be opened now. A row the database refuses for
-    /// itself (a constraint, a value it cannot hold) never will be.
-    pub fn is_transient(&self) -> bool {
+    /// Whether the database refused this write for what it holds (a constraint such as a NaN
+    /// score in `score NOT NULL`, a value too big or of the wrong type): the same write will
+    /// never succeed. Everything else (busy, locked, a full or failing disk, a damaged or
+    /// missing file) may pass later, so the write is kept and tried again.
+    pub fn refused_for_good(&self) -> bool {
         use rusqlite::ErrorCode::*;
         match self {
-            StoreError::Folder { .. } => true,
             StoreError::Sqlite {
                 source: rusqlite::Error::SqliteFailure(failure, _),
                 ..
             } => matches!(
                 failure.code,
-                DatabaseBusy
-                    | DatabaseLocked
-                    | DiskFull
-                    | SystemIoFailure
-                    | CannotOpen
-                    | ReadOnly
-                    | OutOfMemory
-                    | FileLockingProtocolFailed
+                ConstraintViolation | TooBig | TypeMismatch | ParameterOutOfRange
             ),
-            StoreError::Sqlite { .. } | StoreError::TooNew { .. } | StoreError::NoEvent(_) => false,
+            StoreError::Sqlite {
+                source:
+                    rusqlite::Error::ToSqlConversionFailure(_)
+                    | rusqlite::Error::InvalidParameterCount(..)
+                    | rusqlite::Error::InvalidParameterName(_),
+                ..
+            } => true,
+            _ => false,
         }
     }
 }
@@ -499,6 +499,25 @@ fn row_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
 mod tests {
     use super::*;
     use crate::alerts::{BoxN, EndReason};
+
+    /// A NaN score breaks `score NOT NULL`: refused for good. A store whose table is gone fails
+    /// every write the same way a damaged file does: kept for later, not dropped.
+    #[test]
+    fn only_a_row_the_database_refuses_for_itself_counts_as_refused_for_good() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = EventStore::open(dir.path()).expect("store");
+        let nan = store
+            .record(&event(EventKind::New, "e1", f32::NAN, None), "m", None, 1.0)
+            .expect_err("NaN score");
+        assert!(nan.refused_for_good(), "{nan}");
+        Connection::open(dir.path().join(DATABASE))
+            .and_then(|db| db.execute_batch("DROP TABLE events"))
+            .expect("drop the table");
+        let gone = store
+            .record(&event(EventKind::New, "e2", 0.8, None), "m", None, 1.0)
+            .expect_err("no table");
+        assert!(!gone.refused_for_good(), "{gone}");
+    }
 
     fn event(kind: EventKind, id: &str, top: f32, end: Option<f64>) -> AlertEvent {
         AlertEvent {

@@ -36,8 +36,9 @@ pub struct Sweep {
     /// Bytes of the files kept.
     pub bytes: u64,
     pub deleted: Vec<PathBuf>,
-    /// Deleted files whose events could not be marked (`media_gone`) because the store failed;
-    /// the sweep goes on without them, since a full disk matters more than a stale link.
+    /// Deleted files whose events were not marked (`media_gone`): the store failed on the first
+    /// of them and was not asked again in this sweep, since freeing a full disk matters more than
+    /// a stale link.
     pub unmarked: usize,
     /// Free bytes of a filesystem still under `min_free` after the sweep (nothing left that it
     /// may delete there), with a folder on it.
@@ -93,8 +94,8 @@ fn files(folders: &[PathBuf]) -> Vec<Media> {
 
 /// Deletes what is older than `limits.keep_days`, then the oldest files until the rest fits
 /// `limits.max_bytes` and every filesystem holding them has `limits.min_free` bytes free, never
-/// a file modified within [`IN_USE`] of `now`. Deleted media of events are marked in `store`; a
-/// store that fails to mark one is logged and counted in [`Sweep::unmarked`], and the sweep goes on.
+/// a file modified within [`IN_USE`] of `now`. Deleted media of events are marked in `store`; when
+/// the store fails, the sweep goes on without it and counts the rest in [`Sweep::unmarked`].
 pub fn sweep(
     folders: &[PathBuf],
     limits: Limits,
@@ -144,12 +145,21 @@ pub fn sweep(
         if let Some((_, Some(bytes))) = free.get_mut(&media.device) {
             *bytes = bytes.saturating_add(media.size);
         }
-        if let Some(Err(e)) = store.map(|store| store.media_deleted(&media.path)) {
-            log::warn!(
-                "storage: deleted {} but cannot mark its event: {e}",
-                media.path.display()
-            );
-            report.unmarked += 1;
+        // After the store's first failure the rest of this sweep leaves it alone (each try may
+        // wait out its busy timeout), so a full disk is still freed quickly.
+        match store
+            .filter(|_| report.unmarked == 0)
+            .map(|s| s.media_deleted(&media.path))
+        {
+            Some(Err(e)) => {
+                log::warn!(
+                    "storage: deleted {} but cannot mark its event (media_gone): {e}",
+                    media.path.display()
+                );
+                report.unmarked += 1;
+            }
+            None if report.unmarked > 0 => report.unmarked += 1,
+            _ => {}
         }
         report.deleted.push(media.path);
     }

@@ -104,7 +104,7 @@ impl Augment {
     }
 }
 
-/// Default step budget: 400 steps of 8 images at 256² take 11–17 minutes on 2 cores (1.7–2.5 s a
+/// Default step budget: 400 steps of 8 images at 256² take 11–17 minutes on 2 cores (1.7–2.6 s a
 /// step), so a large folder trains in about that time (a 150-image folder needs 180 steps for its
 /// 12 epochs).
 pub const DEFAULT_MAX_STEPS: usize = 400;

@@ -253,6 +253,14 @@ impl Row {
         }
     }
 
+    /// The row in a log line: the event, or the clip of an event.
+    fn what(&self) -> String {
+        match self {
+            Row::Event { event, .. } => format!("event {}", event.id),
+            Row::Clip { id, path, .. } => format!("clip {} of event {id}", path.display()),
+        }
+    }
+
     fn store(&self, store: &EventStore) -> Result<(), StoreError> {
         match self {
             Row::Event { event, model, peak } => {
@@ -272,6 +280,8 @@ struct Writer {
     backlog: VecDeque<Row>,
     /// Rows dropped from a full backlog.
     dropped: u64,
+    /// Rows the store refused for good (`StoreError::refused_for_good`), dropped.
+    refused: u64,
     /// The store refused the backlog's first row (said once, until it takes it).
     refusing: bool,
 }
@@ -284,6 +294,7 @@ impl Writer {
             changes,
             backlog: VecDeque::new(),
             dropped: 0,
+            refused: 0,
             refusing: false,
         }
     }
@@ -314,15 +325,21 @@ impl Writer {
             self.drain();
         }
         self.drain();
-        if !self.backlog.is_empty() || self.dropped > 0 {
+        if !self.backlog.is_empty() || self.dropped > 0 || self.refused > 0 {
+            let mut why = Vec::new();
+            if !self.backlog.is_empty() {
+                why.push(format!("{} still refused at the end", self.backlog.len()));
+            }
+            if self.dropped > 0 {
+                why.push(format!("{} dropped from a full backlog", self.dropped));
+            }
+            if self.refused > 0 {
+                why.push(format!("{} refused for good", self.refused));
+            }
             log::warn!(
-                "storage: {} event change(s) could not be stored (the store refused them{})",
-                self.backlog.len() as u64 + self.dropped,
-                if self.dropped > 0 {
-                    format!(", {} dropped from a full backlog", self.dropped)
-                } else {
-                    String::new()
-                }
+                "storage: {} event change(s) could not be stored ({})",
+                self.backlog.len() as u64 + self.dropped + self.refused,
+                why.join(", ")
             );
         }
     }
@@ -331,11 +348,12 @@ impl Writer {
     /// refuses for good (a constraint, e.g. a NaN score) is dropped with a warning instead of
     /// holding up the rows behind it.
     fn drain(&mut self) {
-        let waiting = self.backlog.len();
+        let mut stored = 0;
         while let Some(row) = self.backlog.front() {
             if let Err(error) = row.store(&self.store) {
-                if !error.is_transient() {
-                    log::warn!("storage: event {} is not stored: {error}", row.id());
+                if error.refused_for_good() {
+                    log::warn!("storage: {} is not stored: {error}", row.what());
+                    self.refused += 1;
                     self.backlog.pop_front();
                     continue;
                 }
@@ -351,9 +369,10 @@ impl Writer {
                 let _ = changes.send(row.id().to_string());
             }
             self.backlog.pop_front();
+            stored += 1;
         }
         if self.refusing {
-            log::info!("storage: {waiting} event change(s) kept in memory are stored now");
+            log::info!("storage: {stored} event change(s) kept in memory are stored now");
             self.refusing = false;
         }
     }
@@ -502,6 +521,7 @@ mod tests {
         writer.drain();
         assert!(writer.backlog.is_empty());
         assert!(!writer.refusing);
+        assert_eq!(writer.refused, 1);
         let check = EventStore::open(dir.path()).expect("store");
         assert!(check.get("bad").expect("get").is_none());
         let good = check.get("good").expect("get").expect("stored");
