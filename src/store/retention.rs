@@ -147,19 +147,16 @@ pub fn sweep(
         }
         // After the store's first failure the rest of this sweep leaves it alone (each try may
         // wait out its busy timeout), so a full disk is still freed quickly.
-        match store
-            .filter(|_| report.unmarked == 0)
-            .map(|s| s.media_deleted(&media.path))
-        {
-            Some(Err(e)) => {
+        if let Some(store) = store {
+            if report.unmarked > 0 {
+                report.unmarked += 1;
+            } else if let Err(e) = store.media_deleted(&media.path) {
                 log::warn!(
                     "storage: deleted {} but cannot mark its event (media_gone): {e}",
                     media.path.display()
                 );
-                report.unmarked += 1;
+                report.unmarked = 1;
             }
-            None if report.unmarked > 0 => report.unmarked += 1,
-            _ => {}
         }
         report.deleted.push(media.path);
     }

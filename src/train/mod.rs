@@ -513,11 +513,11 @@ fn adopt_student_settings(
     adopted.batch_size = training.batch_size;
     adopted.learning_rate = training.learning_rate;
     adopted.max_steps = training.max_steps;
-    adopted.augment = if training.augment == Augment::Flips.name() {
-        Augment::Flips
-    } else {
-        Augment::None
-    };
+    adopted.augment = <Augment as clap::ValueEnum>::value_variants()
+        .iter()
+        .copied()
+        .find(|augment| augment.name() == training.augment)
+        .unwrap_or_default();
     if config.progress {
         log::info!(
             "reusing the student of {} (seed {}, its held-out images stay held out)",
