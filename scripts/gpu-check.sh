@@ -8,7 +8,9 @@
 #      TensorRT is installed, `stpm export --format tensorrt` FP16 and INT8 and their engines at batch
 #      1, 8 and 32; cuda at batch 1, 8 and 32, each next to a plain ONNX Runtime session on the same provider, and the
 #      GPU path (frames preprocessed on the GPU, read by the engine on the device) for 640x480 RGB
-#      and 1080p NV12 frames, whose maps must match the host path's within 1e-3;
+#      and 1080p NV12 frames, a different frame in each place of the batch, whose maps must match
+#      the host path's at the same batch size within 1e-3 and each frame's map alone (batch 1)
+#      within 1e-2 relative; and the time of calls whose batch size changes from call to call;
 #   4. `stpm eval` of one small category on the CPU and on the GPU (CUDA; TensorRT FP16 and INT8
 #      where installed): the saved anomaly maps compared with the CPU's on the same graph (max abs
 #      and max relative error) and the AUROCs;
@@ -16,8 +18,9 @@
 #      CUDA (preprocessing and overlay on the GPU) and on the CPU: analysed frames/s and mean time
 #      per stage from /metrics (STPM_GPU_RUN_BUNDLE, STPM_GPU_RUN_FRAMES to change bundle, frames);
 #   6. batched inference across cameras: four generated cameras on the GPU session (`auto`), with
-#      `model.batch = 1` and `model.batch = 4` (one per camera; the default is 1): frames/s, frames that went in
-#      batches (none is a failure), and the alert events per camera, which must not change.
+#      `model.batch = 1` and `model.batch = 4` (one per camera; the default is 1), the latter with
+#      the default wait and with `batch_wait_ms = 0`: frames/s, frames that went in batches (none is
+#      a failure), and the alert events per camera, which must not change.
 #
 # Binaries: built here with cargo (`--features gpu`), or, with STPM_PREBUILT=DIR, DIR/stpm and
 # DIR/stpm-lib-tests (the lib test binary of `cargo test --release --features gpu --lib --no-run`).
@@ -156,13 +159,22 @@ import json, sys
 report = json.load(open(sys.argv[1]))
 paths = report.get("gpu_path", [])
 for path in paths:
-    label = f"cuda batch {report['batch']}, GPU path {path['frame']}: images/s, p50 ms, diff"
+    label = (f"cuda batch {report['batch']}, GPU path {path['frame']}: images/s, p50 ms, "
+             "diff vs host path, rel diff vs batch 1, ms/call of changing size")
     print(f"{label:<58} {path['fps']:.1f} {path['call']['p50_ms']:.3f} "
-          f"{path['max_abs_diff_vs_host_path']:.2e}")
+          f"{path['max_abs_diff_vs_host_path']:.2e} {path['max_rel_diff_vs_batch_1']:.2e} "
+          f"{path['changing_shape_ms']:.2f}")
 if not paths:
     sys.exit("no GPU path in the report")
+# Same frames (a different one in each place), same batch size, same session: only the
+# preprocessing differs (its kernels equal the CPU's, section 1), so a larger difference means a
+# place of the batch got another frame or a wrong offset.
 if any(path["max_abs_diff_vs_host_path"] > 1e-3 for path in paths):
-    sys.exit("the GPU path's map differs from the host path's by more than 1e-3")
+    sys.exit("a place of the GPU path's batch differs from the host path's by more than 1e-3")
+# Batch N against batch 1 is rounding only: the GPU libraries choose kernels per input shape
+# (CUDA against the CPU on the same graph: 1.9e-3 relative, section 4, 2026-12-04).
+if any(path["max_rel_diff_vs_batch_1"] > 1e-2 for path in paths):
+    sys.exit("a batch's map differs from its frame's map alone by more than 1e-2 relative")
 EOF
     else
         fail "bench --provider cuda --batch $batch: $(tail -1 "$out/bench-cuda-$batch.log")"
@@ -277,21 +289,26 @@ echo "== 6. batched inference across cameras"
     done
     printf '[output.record]\nenabled = false\n[output.rtsp]\nenabled = false\n'
 } >"$work/batch.toml"
-for batch in 1 4; do
+# batch:wait — one by one, batches of 4 with the default 10 ms wait, and with no wait (the worst
+# case before GPU calls were padded to a fixed size: the batch size changed at almost every call).
+for setting in 1:10 4:10 4:0; do
+    batch=${setting%%:*} wait=${setting##*:}
+    [[ $wait == 10 ]] && name=$batch || name="$batch-wait$wait"
     started=$(date +%s.%N)
-    "$stpm" run --pipeline "$work/batch.toml" --set "model.batch=$batch" >"$out/batch-$batch.log" 2>&1
+    timeout 300 "$stpm" run --pipeline "$work/batch.toml" --set "model.batch=$batch" \
+        --set "model.batch_wait_ms=$wait" >"$out/batch-$name.log" 2>&1
     status=$?
     ended=$(date +%s.%N)
-    grep -E "^engine|^camera|error|failed" "$out/batch-$batch.log" | tail -6
+    grep -E "^engine|^camera|error|failed" "$out/batch-$name.log" | tail -6
     if [[ $status -ne 0 ]]; then
-        fail "stpm run with model.batch=$batch exited $status: $(tail -1 "$out/batch-$batch.log")"
+        fail "stpm run with model.batch=$batch, batch_wait_ms=$wait exited $status: $(tail -1 "$out/batch-$name.log")"
         continue
     fi
-    frames=$(grep -o '^camera cam[0-9]: [0-9]* frames' "$out/batch-$batch.log" | awk '{s += $3} END {print s + 0}')
-    batched=$(grep -o '[0-9]* in batches with' "$out/batch-$batch.log" | awk '{s += $1} END {print s + 0}')
-    row "stpm run, 4 cameras, model.batch=$batch" \
+    frames=$(grep -o '^camera cam[0-9]: [0-9]* frames' "$out/batch-$name.log" | awk '{s += $3} END {print s + 0}')
+    batched=$(grep -o '[0-9]* in batches with' "$out/batch-$name.log" | awk '{s += $1} END {print s + 0}')
+    row "stpm run, 4 cameras, model.batch=$batch, batch_wait_ms=$wait" \
         "$frames frames in $(python3 -c "print(round($ended - $started, 1))") s ($(python3 -c "print(round($frames / ($ended - $started), 1))") frames/s with start-up), $batched in batches"
-    grep -o '^camera cam[0-9]: .* alert events' "$out/batch-$batch.log" | sed 's/ [0-9]* frames.* offline, / /' >"$out/alerts-$batch.txt"
+    grep -o '^camera cam[0-9]: .* alert events' "$out/batch-$name.log" | sed 's/ [0-9]* frames.* offline, / /' >"$out/alerts-$name.txt"
 done
 if [[ -s "$out/alerts-4.txt" ]]; then
     if ! grep -q '[1-9][0-9]* in batches with' "$out/batch-4.log"; then

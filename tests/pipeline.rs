@@ -378,9 +378,16 @@ fn tiny_engine() -> (stpm::engine::Engine, usize) {
     (engine, 3 * h * w)
 }
 
-/// `callers` threads each score one random input on a session of `max_batch`; every outcome must
-/// be its own input's batch-1 result. Returns the batch sizes.
-fn score_at_once(callers: usize, max_batch: usize) -> Vec<usize> {
+/// `callers` threads each score one random input on a session of `max_batch`, beside `idle`
+/// cameras waiting for their next frame (every call padded to one image per camera when `padded`,
+/// as on a GPU); every outcome must be its own input's batch-1 result. Returns the batch sizes and
+/// the images each call ran.
+fn score_at_once(
+    callers: usize,
+    max_batch: usize,
+    padded: bool,
+    idle: usize,
+) -> Vec<(usize, usize)> {
     use stpm::engine::batch::{Input, SharedSession};
     let (mut engine, len) = tiny_engine();
     let inputs = noise_inputs(callers, len);
@@ -388,8 +395,12 @@ fn score_at_once(callers: usize, max_batch: usize) -> Vec<usize> {
         .iter()
         .map(|input| engine.run(input, 1).expect("one image"))
         .collect();
-    let session = SharedSession::new(engine, max_batch, Duration::from_secs(1));
+    let session = SharedSession::new(engine, max_batch, Duration::from_secs(1)).padded(padded);
     let participants: Vec<_> = (0..callers).map(|_| session.join()).collect();
+    let waiting: Vec<_> = (0..idle).map(|_| session.join()).collect();
+    for camera in &waiting {
+        camera.waiting_for_frame(true);
+    }
     let outcomes: Vec<_> = std::thread::scope(|scope| {
         let handles: Vec<_> = participants
             .iter()
@@ -405,7 +416,7 @@ fn score_at_once(callers: usize, max_batch: usize) -> Vec<usize> {
     });
     let mut batches = Vec::new();
     for ((outcome, expected), input) in outcomes.into_iter().zip(&alone).zip(&inputs) {
-        batches.push(outcome.batch);
+        batches.push((outcome.batch, outcome.images));
         let scores = outcome.scores.expect("scores");
         let (diff, scale) = common::max_abs_diff(&scores.maps, &expected.maps);
         assert!(diff <= 1e-4 * scale, "map differs by {diff} (max {scale})");
@@ -421,12 +432,28 @@ fn score_at_once(callers: usize, max_batch: usize) -> Vec<usize> {
 fn a_shared_session_runs_the_cameras_frames_in_one_call_and_hands_each_its_own() {
     // Three callers with a frame in hand: the leader waits for all three (well inside its 1 s).
     let started = Instant::now();
-    assert_eq!(score_at_once(3, 3), [3, 3, 3]);
+    assert_eq!(score_at_once(3, 3, false, 0), [(3, 3); 3]);
     assert!(started.elapsed() < Duration::from_secs(10));
     // More frames than a batch holds: batches of at most two, every frame its own result.
-    let batches = score_at_once(5, 2);
-    assert!(batches.iter().all(|&b| (1..=2).contains(&b)), "{batches:?}");
-    assert!(batches.contains(&2), "{batches:?}");
+    let batches = score_at_once(5, 2, false, 0);
+    assert!(
+        batches
+            .iter()
+            .all(|&(b, images)| (1..=2).contains(&b) && images == b),
+        "{batches:?}"
+    );
+    assert!(batches.iter().any(|&(b, _)| b == 2), "{batches:?}");
+}
+
+#[test]
+fn a_padded_session_keeps_one_call_size_and_drops_the_padding() {
+    // As on a GPU provider: a call holds one image per camera on the session, up to the batch,
+    // whoever has a frame: three frames in a call of four (a fourth camera between frames), one
+    // alone in a call of two (of three cameras, batch 2); each caller gets its own image's
+    // result, none the padding's.
+    assert_eq!(score_at_once(3, 4, true, 1), [(3, 4); 3]);
+    assert_eq!(score_at_once(1, 2, true, 2), [(1, 2)]);
+    assert_eq!(score_at_once(2, 8, true, 0), [(2, 2); 2]);
 }
 
 #[test]

@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use cudarc::driver::DevicePtr;
+
 use serde::Serialize;
 
 use super::{BenchError, StageStats};
@@ -23,13 +25,24 @@ pub struct GpuPath {
     pub fps: f64,
     /// Latency of one call of `batch` images.
     pub call: StageStats,
-    /// Largest difference between this path's anomaly map and the host path's (CPU preprocessing,
-    /// host input tensor) on the same session and frame: the two paths must agree.
+    /// Largest difference between this path's anomaly maps and the host path's (CPU preprocessing,
+    /// host input tensor) for the same frames, a different one in each place of the batch, run in
+    /// a call of the same size on the same session: the two paths must agree place by place (a
+    /// frame in the wrong place, or at a wrong offset, shows here).
     pub max_abs_diff_vs_host_path: f32,
+    /// Largest difference between a place's map and its frame's map run alone (host path, batch
+    /// 1), relative to that map's largest value: what the batch size alone changes (the GPU
+    /// libraries pick their kernels per input shape, and their rounding differs).
+    pub max_rel_diff_vs_batch_1: f32,
+    /// Mean time of a call when the number of images changes from call to call (1, 2, …, `batch`,
+    /// unpadded), against `call`'s at a fixed size: what the provider pays for a new input shape.
+    pub changing_shape_ms: f64,
 }
 
-/// Times the GPU path for `frame` as RGB (the host stages' 640×480 frame) and a 1080p NV12 frame of
-/// the same scene (what hardware decoders hand over), `frames` calls of `batch` images each after 3 warm-up calls.
+/// Times the GPU path for frames of `frame`'s size as RGB (the host stages' 640×480 frame first,
+/// then conveyor frames of that size) and 1080p NV12 conveyor frames (what hardware decoders hand
+/// over), `frames` calls of `batch` images each after 3 warm-up calls; then checks each place of
+/// the batch against the host path and times calls whose size changes.
 pub(super) fn measure(
     engine: &mut Engine,
     frame: &RgbFrame,
@@ -39,16 +52,36 @@ pub(super) fn measure(
 ) -> Result<Vec<GpuPath>, BenchError> {
     let gpu = GpuContext::try_new().and_then(|gpu| Preprocessor::new(&gpu))?;
     let size = engine.input_size();
-    let full_hd = Conveyor::new(1920, 1080, 1).frame(60).frame;
+    let image_len = 3 * size[0] * size[1];
+    // A different scene in each place of the batch (the belt moves between them).
+    let scenes = |width: usize, height: usize, first: Option<&RgbFrame>| -> Vec<RgbFrame> {
+        let mut conveyor = Conveyor::new(width, height, 1);
+        (0..batch)
+            .map(|index| match (index, first) {
+                (0, Some(frame)) => frame.clone(),
+                _ => conveyor.frame(60 + 7 * index as u64).frame,
+            })
+            .collect()
+    };
     let mut paths = Vec::new();
-    for (rgb, format) in [(frame, PixelFormat::Rgb), (&full_hd, PixelFormat::Nv12)] {
-        let (layout, data) = raw::encode(rgb, format, 64);
-        let raw_frame = RawFrame::new(format, rgb.width, rgb.height, layout, &data)
+    for (rgb, format) in [
+        (
+            scenes(frame.width, frame.height, Some(frame)),
+            PixelFormat::Rgb,
+        ),
+        (scenes(1920, 1080, None), PixelFormat::Nv12),
+    ] {
+        let encoded: Vec<_> = rgb.iter().map(|f| raw::encode(f, format, 64)).collect();
+        let raw_frames = rgb
+            .iter()
+            .zip(&encoded)
+            .map(|(f, (layout, data))| RawFrame::new(format, f.width, f.height, *layout, data))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| BenchError::Gpu(e.to_string()))?;
         let mut staging = Staging::default();
         let mut call = |staging: &mut Staging| -> Result<Vec<f32>, BenchError> {
-            for index in 0..batch {
-                gpu.run_at(staging, &raw_frame, size, norm, Slot { index, batch })?;
+            for (index, raw_frame) in raw_frames.iter().enumerate() {
+                gpu.run_at(staging, raw_frame, size, norm, Slot { index, batch })?;
             }
             let input = staging
                 .output()
@@ -67,20 +100,77 @@ pub(super) fn measure(
             samples.push(tick.elapsed());
         }
         let fps = (frames * batch) as f64 / start.elapsed().as_secs_f64().max(1e-9);
-        let mut host_input = vec![0.0; 3 * size[0] * size[1]];
-        raw::raw_to_chw(&raw_frame, size, norm, &mut host_input);
-        let host = engine.run(&host_input, 1)?.maps;
-        let max_abs_diff_vs_host_path = maps
+
+        // The host path: the same frames preprocessed on the CPU, one call of the same size.
+        let mut host_input = vec![0.0; image_len * batch];
+        for (raw_frame, image) in raw_frames
             .iter()
-            .zip(&host)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+            .zip(host_input.chunks_exact_mut(image_len))
+        {
+            raw::raw_to_chw(raw_frame, size, norm, image);
+        }
+        let host = engine.run(&host_input, batch)?.maps;
+        if host.len() != maps.len() || maps.is_empty() {
+            return Err(BenchError::Gpu(format!(
+                "the GPU path gave {} map values, the host path {}",
+                maps.len(),
+                host.len()
+            )));
+        }
+        let max_abs_diff_vs_host_path = max_abs_diff(&maps, &host);
+        let per_map = maps.len() / batch;
+        let mut max_rel_diff_vs_batch_1 = 0.0f32;
+        for (image, map) in host_input
+            .chunks_exact(image_len)
+            .zip(maps.chunks_exact(per_map))
+        {
+            let alone = engine.run(image, 1)?.maps;
+            let scale = alone.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+            max_rel_diff_vs_batch_1 =
+                max_rel_diff_vs_batch_1.max(max_abs_diff(map, &alone) / scale);
+        }
+
+        // Calls of 1, 2, …, batch images in turn, on the tensor of the last call.
+        let mut changing = Duration::ZERO;
+        let mut calls = 0u32;
+        if batch > 1 {
+            let input = staging
+                .output()
+                .ok_or_else(|| BenchError::Gpu("no tensor after preprocessing".into()))?;
+            gpu.stream()
+                .synchronize()
+                .map_err(|e| BenchError::Gpu(e.to_string()))?;
+            let (pointer, _record) = input.device_ptr(gpu.stream());
+            for _ in 0..3 {
+                for n in 1..=batch {
+                    let tick = Instant::now();
+                    // SAFETY: `input` holds `batch` ≥ n finished images (the stream was
+                    // synchronised) and outlives these calls.
+                    unsafe { engine.run_device_at(pointer, n * image_len, n) }?;
+                    changing += tick.elapsed();
+                    calls += 1;
+                }
+            }
+        }
         paths.push(GpuPath {
-            frame: format!("{format} {}x{}", rgb.width, rgb.height),
+            frame: format!("{format} {}x{}", rgb[0].width, rgb[0].height),
             fps,
             call: StageStats::of(&mut samples),
             max_abs_diff_vs_host_path,
+            max_rel_diff_vs_batch_1,
+            changing_shape_ms: if calls == 0 {
+                0.0
+            } else {
+                changing.as_secs_f64() * 1e3 / f64::from(calls)
+            },
         });
     }
     Ok(paths)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max)
 }

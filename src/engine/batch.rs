@@ -4,6 +4,12 @@
 //! participants that have one in hand (not those still waiting for their camera's next frame),
 //! runs the batch and hands each caller its own map and score. With `max_batch = 1` it is a plain
 //! lock around the session.
+//!
+//! On a GPU provider every call runs as many images as the session has cameras (at most
+//! `max_batch`), the unused places padded: ONNX Runtime's CUDA provider keeps one input shape per
+//! convolution and, with cuDNN 9, builds that layer's cuDNN plan again whenever the shape changes,
+//! so calls of 1, 3, 2, 4 … images (a batch takes the frames that are there) would each pay for
+//! every layer's plan. The shape then changes only when a camera joins or leaves.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -13,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use super::{Engine, EngineError, Scores};
+use super::{Engine, EngineError, ExecutionProvider, Scores};
 
 /// Most images one call may hold (`model.batch`; also the TensorRT profile's largest batch).
 pub const MAX_BATCH: usize = 32;
@@ -86,8 +92,11 @@ pub struct Outcome {
     pub scores: Result<Scores, ScoreError>,
     /// Engine time of the call its image was in.
     pub inference: Duration,
-    /// Images in that call.
+    /// Frames in that call (its callers' images).
     pub batch: usize,
+    /// Images the call ran, padding included (on a GPU: the session's cameras, at most its
+    /// `max_batch`).
+    pub images: usize,
 }
 
 struct Request {
@@ -114,6 +123,9 @@ struct Runner {
     engine: Engine,
     /// The host batch, reused from call to call.
     host: Vec<f32>,
+    /// Every call runs one image per participant (at most `max_batch`), padded; else the frames it
+    /// has.
+    padded: bool,
     #[cfg(feature = "gpu")]
     device: Option<DeviceBatch>,
 }
@@ -137,12 +149,15 @@ pub struct Participant<'a> {
 
 impl SharedSession {
     /// `engine` shared by callers whose images are run `max_batch` at a time (clamped to
-    /// 1..=[`MAX_BATCH`]), waiting at most `wait` (at most [`MAX_WAIT`]) for a batch to fill.
+    /// 1..=[`MAX_BATCH`]), waiting at most `wait` (at most [`MAX_WAIT`]) for a batch to fill. On a
+    /// GPU provider each call is padded to one image per participant (see the module's doc).
     pub fn new(engine: Engine, max_batch: usize, wait: Duration) -> Self {
+        let padded = engine.provider() != ExecutionProvider::Cpu;
         Self {
             runner: Mutex::new(Runner {
                 engine,
                 host: Vec::new(),
+                padded,
                 #[cfg(feature = "gpu")]
                 device: None,
             }),
@@ -151,6 +166,16 @@ impl SharedSession {
             max_batch: max_batch.clamp(1, MAX_BATCH),
             wait: wait.min(MAX_WAIT),
         }
+    }
+
+    /// Pads every call to one image per participant, at most `max_batch` (`true`, a GPU
+    /// provider's default), or runs each with the frames it has (`false`, the CPU's).
+    pub fn padded(self, padded: bool) -> Self {
+        self.runner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .padded = padded;
+        self
     }
 
     /// Registers a caller: a leader waits for the frames of every registered caller that is not
@@ -183,16 +208,17 @@ impl SharedSession {
             }
             if !queue.running {
                 queue.running = true;
-                let batch = self.gather(queue);
+                let (batch, participants) = self.gather(queue);
                 // A panic in the run (ONNX Runtime, a driver) must not leave `running` set and
                 // every other camera waiting: the batch's callers get an error instead.
                 let ids: Vec<u64> = batch.iter().map(|r| r.id).collect();
-                let outcomes = std::panic::catch_unwind(AssertUnwindSafe(|| self.run(batch)))
-                    .unwrap_or_else(|_| {
-                        ids.into_iter()
-                            .map(|id| (id, Outcome::failed(Input::Host(Vec::new()), PANICKED)))
-                            .collect()
-                    });
+                let outcomes =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| self.run(batch, participants)))
+                        .unwrap_or_else(|_| {
+                            ids.into_iter()
+                                .map(|id| (id, Outcome::failed(Input::Host(Vec::new()), PANICKED)))
+                                .collect()
+                        });
                 queue = self.queue();
                 queue.done.extend(outcomes);
                 queue.running = false;
@@ -208,8 +234,9 @@ impl SharedSession {
 
     /// As the leader: waits until the batch is full, the frames of every participant with one in
     /// hand are in, or `wait` has passed; then takes the batch out of the queue (and lets the
-    /// queue go for the run).
-    fn gather(&self, mut queue: MutexGuard<'_, Queue>) -> Vec<Request> {
+    /// queue go for the run). Also says how many images a padded call runs: one per participant,
+    /// at most `max_batch`.
+    fn gather(&self, mut queue: MutexGuard<'_, Queue>) -> (Vec<Request>, usize) {
         let deadline = Instant::now() + self.wait;
         loop {
             let busy = queue.participants.saturating_sub(queue.idle);
@@ -224,12 +251,13 @@ impl SharedSession {
             };
         }
         let take = queue.pending.len().min(self.max_batch);
-        queue.pending.drain(..take).collect()
+        let places = queue.participants.clamp(1, self.max_batch);
+        (queue.pending.drain(..take).collect(), places)
     }
 
     /// Runs one batch: host images in one call, device images in another (a camera whose GPU
     /// stage failed sends host images beside the others' device ones).
-    fn run(&self, batch: Vec<Request>) -> Vec<(u64, Outcome)> {
+    fn run(&self, batch: Vec<Request>, places: usize) -> Vec<(u64, Outcome)> {
         // A panic in an earlier run poisoned the lock; the session and buffers are still usable
         // (that run's callers got an error), so the next batches run.
         let mut runner = self.runner.lock().unwrap_or_else(|poisoned| {
@@ -238,8 +266,9 @@ impl SharedSession {
         });
         let (host, device): (Vec<Request>, Vec<Request>) =
             batch.into_iter().partition(|r| r.input.host().is_some());
-        let mut outcomes = runner.run_host(host);
-        outcomes.extend(runner.run_device(device));
+        let places = if runner.padded { places } else { 1 };
+        let mut outcomes = runner.run_host(host, places);
+        outcomes.extend(runner.run_device(device, places));
         outcomes
     }
 }
@@ -309,6 +338,7 @@ impl Outcome {
             scores: Err(ScoreError::Runner(why)),
             inference: Duration::ZERO,
             batch: 0,
+            images: 0,
         }
     }
 }
@@ -340,17 +370,20 @@ fn split(scores: Scores, n: usize) -> Result<Vec<Scores>, ScoreError> {
         .collect())
 }
 
-/// Hands each request its share of a call's result (or the call's error).
+/// Hands each request its share of a call's result of `images` images (or the call's error);
+/// the shares of padded places beyond the requests are dropped.
 fn hand_out(
     requests: Vec<Request>,
     result: Result<Scores, ScoreError>,
+    images: usize,
     inference: Duration,
 ) -> Vec<(u64, Outcome)> {
     let n = requests.len();
-    let shares: Vec<Result<Scores, ScoreError>> = match result.and_then(|scores| split(scores, n)) {
-        Ok(shares) => shares.into_iter().map(Ok).collect(),
-        Err(why) => vec![Err(why); n],
-    };
+    let shares: Vec<Result<Scores, ScoreError>> =
+        match result.and_then(|scores| split(scores, images)) {
+            Ok(shares) => shares.into_iter().take(n).map(Ok).collect(),
+            Err(why) => vec![Err(why); n],
+        };
     requests
         .into_iter()
         .zip(shares)
@@ -360,6 +393,7 @@ fn hand_out(
                 scores,
                 inference,
                 batch: n,
+                images,
             };
             (r.id, outcome)
         })
@@ -367,27 +401,32 @@ fn hand_out(
 }
 
 impl Runner {
-    fn run_host(&mut self, requests: Vec<Request>) -> Vec<(u64, Outcome)> {
+    /// Runs host inputs in one call of at least `places` images (padded).
+    fn run_host(&mut self, requests: Vec<Request>, places: usize) -> Vec<(u64, Outcome)> {
         let n = requests.len();
         if n == 0 {
             return Vec::new();
         }
+        let images = n.max(places);
         let started = Instant::now();
         let result = match requests.as_slice() {
             // One image: straight from the caller's buffer.
-            [one] => self.engine.run(one.input.host().unwrap_or_default(), 1),
+            [one] if images == 1 => self.engine.run(one.input.host().unwrap_or_default(), 1),
             _ => {
                 self.host.clear();
                 for request in &requests {
                     self.host
                         .extend_from_slice(request.input.host().unwrap_or_default());
                 }
-                self.engine.run(&self.host, n)
+                // Padded places: zeros (any finite input; their results are dropped).
+                self.host.resize(self.host.len() / n * images, 0.0);
+                self.engine.run(&self.host, images)
             }
         };
         hand_out(
             requests,
             result.map_err(ScoreError::from),
+            images,
             started.elapsed(),
         )
     }
@@ -396,7 +435,7 @@ impl Runner {
 /// Without the `gpu` feature there are no device inputs.
 #[cfg(not(feature = "gpu"))]
 impl Runner {
-    fn run_device(&mut self, requests: Vec<Request>) -> Vec<(u64, Outcome)> {
+    fn run_device(&mut self, requests: Vec<Request>, _places: usize) -> Vec<(u64, Outcome)> {
         debug_assert!(requests.is_empty());
         Vec::new()
     }
@@ -411,7 +450,8 @@ struct DeviceBatch {
 
 #[cfg(feature = "gpu")]
 impl Runner {
-    fn run_device(&mut self, requests: Vec<Request>) -> Vec<(u64, Outcome)> {
+    /// Runs device inputs in one call of at least `places` images (padded).
+    fn run_device(&mut self, requests: Vec<Request>, places: usize) -> Vec<(u64, Outcome)> {
         let n = requests.len();
         if n == 0 {
             return Vec::new();
@@ -423,20 +463,27 @@ impl Runner {
                 Input::Host(_) => None,
             })
             .collect();
+        let images = n.max(places);
         let started = Instant::now();
         let result = match inputs.as_slice() {
             // One image: in place, where its camera's preprocessing left it.
             // SAFETY: the caller blocks in `submit` until its outcome is handed out, so its
             // buffer (finished: the stage synchronised its stream) outlives this call.
-            [one] => unsafe { self.engine.run_device_at(one.pointer, one.len, 1) }
+            [one] if images == 1 => unsafe { self.engine.run_device_at(one.pointer, one.len, 1) }
                 .map_err(ScoreError::from),
-            _ => self.gather_on_device(&inputs),
+            _ => self.gather_on_device(&inputs, images),
         };
-        hand_out(requests, result, started.elapsed())
+        hand_out(requests, result, images, started.elapsed())
     }
 
-    /// Copies `inputs` one after another into the batch buffer, then runs them in one call.
-    fn gather_on_device(&mut self, inputs: &[DeviceInput]) -> Result<Scores, ScoreError> {
+    /// Copies `inputs` one after another into the batch buffer, then runs its first `images`
+    /// images (≥ `inputs.len()`; the places after the inputs hold earlier frames or zeros) in one
+    /// call.
+    fn gather_on_device(
+        &mut self,
+        inputs: &[DeviceInput],
+        images: usize,
+    ) -> Result<Scores, ScoreError> {
         let gpu = |message: String| ScoreError::Gpu(message);
         use cudarc::driver::{DevicePtrMut, result};
 
@@ -444,7 +491,13 @@ impl Runner {
         if inputs.iter().any(|i| i.len != len) {
             return Err(gpu("the cameras' device inputs differ in size".into()));
         }
-        let total = len * inputs.len();
+        if images < inputs.len() || images > MAX_BATCH {
+            return Err(gpu(format!(
+                "a call of {images} images cannot hold {} inputs",
+                inputs.len()
+            )));
+        }
+        let total = len * images;
         if self
             .device
             .as_ref()
@@ -492,9 +545,10 @@ impl Runner {
         let finished = stream.synchronize();
         copied.map_err(|e| gpu(format!("gathering the batch on the GPU: {e}")))?;
         finished.map_err(|e| gpu(format!("gathering the batch on the GPU: {e}")))?;
-        // SAFETY: `base` holds `total` values just copied (the stream has finished), owned by
-        // `self.device`, which this call does not touch.
-        unsafe { self.engine.run_device_at(base, total, inputs.len()) }.map_err(ScoreError::from)
+        // SAFETY: `base` holds `total` initialised values (the inputs just copied, the stream has
+        // finished; then zeros or earlier frames), owned by `self.device`, which this call does
+        // not touch.
+        unsafe { self.engine.run_device_at(base, total, images) }.map_err(ScoreError::from)
     }
 }
 
