@@ -200,11 +200,7 @@ pub fn collect(
     } else {
         None
     };
-    let folder = out.join("train").join("good");
-    std::fs::create_dir_all(&folder).map_err(|e| CollectError::Write {
-        path: folder.clone(),
-        message: e.to_string(),
-    })?;
+    let folder = good_folder(out)?;
     let queue = Arc::new(FrameQueue::new(2));
     let spec = SourceSpec::for_camera(camera_config, uri);
     let capture_stop = Arc::new(AtomicBool::new(false));
@@ -436,6 +432,16 @@ fn save(
     })
 }
 
+/// `out/train/good`, created if missing: where collected frames go.
+fn good_folder(out: &Path) -> Result<PathBuf, CollectError> {
+    let folder = out.join("train").join("good");
+    std::fs::create_dir_all(&folder).map_err(|e| CollectError::Write {
+        path: folder.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(folder)
+}
+
 /// Adds the clean peak frames (no overlay) of `events`, which an operator marked "not a defect",
 /// to the collection in `out` (`train/good/<camera>-event-<id>.jpg`, listed in `collect.json` as
 /// a run of its own); frames already there are skipped. Returns that run.
@@ -445,11 +451,7 @@ pub fn add_reviewed(
     model: Option<String>,
     events: &[crate::store::StoredEvent],
 ) -> Result<Collected, CollectError> {
-    let folder = out.join("train").join("good");
-    std::fs::create_dir_all(&folder).map_err(|e| CollectError::Write {
-        path: folder.clone(),
-        message: e.to_string(),
-    })?;
+    let folder = good_folder(out)?;
     let mut report = Collected::start(camera, "events marked not a defect", model);
     for event in events {
         report.seen += 1;
