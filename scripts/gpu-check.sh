@@ -10,7 +10,7 @@
 #      GPU path (frames preprocessed on the GPU, read by the engine on the device) for 640x480 RGB
 #      and 1080p NV12 frames, a different frame in each place of the batch, whose maps must match
 #      the host path's at the same batch size within 1e-3 and each frame's map alone (batch 1)
-#      within 1e-2 relative; and the time of calls whose batch size changes from call to call;
+#      within 1e-2 relative; and inference time at a fixed batch size and alternating with 1;
 #   4. `stpm eval` of one small category on the CPU and on the GPU (CUDA; TensorRT FP16 and INT8
 #      where installed): the saved anomaly maps compared with the CPU's on the same graph (max abs
 #      and max relative error) and the AUROCs;
@@ -20,7 +20,8 @@
 #   6. batched inference across cameras: four generated cameras on the GPU session (`auto`), with
 #      `model.batch = 1` and `model.batch = 4` (one per camera; the default is 1), the latter with
 #      the default wait and with `batch_wait_ms = 0`: frames/s, frames that went in batches (none is
-#      a failure), and the alert events per camera, which must not change.
+#      a failure), and the alert events per camera, which must not change (each batched run against
+#      the one by one).
 #
 # Binaries: built here with cargo (`--features gpu`), or, with STPM_PREBUILT=DIR, DIR/stpm and
 # DIR/stpm-lib-tests (the lib test binary of `cargo test --release --features gpu --lib --no-run`).
@@ -160,10 +161,10 @@ report = json.load(open(sys.argv[1]))
 paths = report.get("gpu_path", [])
 for path in paths:
     label = (f"cuda batch {report['batch']}, GPU path {path['frame']}: images/s, p50 ms, "
-             "diff vs host path, rel diff vs batch 1, ms/call of changing size")
+             "diff vs host path, rel diff vs batch 1, inference ms/call fixed | alternating size")
     print(f"{label:<58} {path['fps']:.1f} {path['call']['p50_ms']:.3f} "
           f"{path['max_abs_diff_vs_host_path']:.2e} {path['max_rel_diff_vs_batch_1']:.2e} "
-          f"{path['changing_shape_ms']:.2f}")
+          f"{path['fixed_shape_ms']:.2f} | {path['changing_shape_ms']:.2f}")
 if not paths:
     sys.exit("no GPU path in the report")
 # Same frames (a different one in each place), same batch size, same session: only the
@@ -171,8 +172,10 @@ if not paths:
 # place of the batch got another frame or a wrong offset.
 if any(path["max_abs_diff_vs_host_path"] > 1e-3 for path in paths):
     sys.exit("a place of the GPU path's batch differs from the host path's by more than 1e-3")
-# Batch N against batch 1 is rounding only: the GPU libraries choose kernels per input shape
-# (CUDA against the CPU on the same graph: 1.9e-3 relative, section 4, 2026-12-04).
+# Batch N against batch 1 should be rounding only (the GPU libraries choose kernels per input
+# shape; float32, TF32 off). Before TF32 was turned off it was 0.016-0.020 (2026-12-04): on maps
+# of the scale section 4 showed then (largest value about 0.4) that is about 5 %, fifty times
+# CUDA against the CPU at batch 1 (1e-3 of the maximum).
 if any(path["max_rel_diff_vs_batch_1"] > 1e-2 for path in paths):
     sys.exit("a batch's map differs from its frame's map alone by more than 1e-2 relative")
 EOF
@@ -310,15 +313,16 @@ for setting in 1:10 4:10 4:0; do
         "$frames frames in $(python3 -c "print(round($ended - $started, 1))") s ($(python3 -c "print(round($frames / ($ended - $started), 1))") frames/s with start-up), $batched in batches"
     grep -o '^camera cam[0-9]: .* alert events' "$out/batch-$name.log" | sed 's/ [0-9]* frames.* offline, / /' >"$out/alerts-$name.txt"
 done
-if [[ -s "$out/alerts-4.txt" ]]; then
-    if ! grep -q '[1-9][0-9]* in batches with' "$out/batch-4.log"; then
-        fail "four cameras on one GPU session ran no frame in a batch"
+for name in 4 4-wait0; do
+    [[ -s "$out/alerts-$name.txt" ]] || continue
+    if ! grep -q '[1-9][0-9]* in batches with' "$out/batch-$name.log"; then
+        fail "four cameras on one GPU session ran no frame in a batch ($name)"
     fi
     # Batch sizes change the GPU's kernels and so the last bits of a score: a frame right at the
     # threshold may flip, so only a larger difference fails.
-    row "alert events per camera, one by one | batched" \
-        "$(tr '\n' ';' <"$out/alerts-1.txt") | $(tr '\n' ';' <"$out/alerts-4.txt")"
-    if ! python3 - "$out/alerts-1.txt" "$out/alerts-4.txt" <<'EOF'
+    row "alert events per camera, one by one | batched ($name)" \
+        "$(tr '\n' ';' <"$out/alerts-1.txt") | $(tr '\n' ';' <"$out/alerts-$name.txt")"
+    if ! python3 - "$out/alerts-1.txt" "$out/alerts-$name.txt" <<'EOF'
 import re, sys
 def counts(path):
     return {m[1]: int(m[2]) for m in re.finditer(r"camera (\S+): (\d+) alert events", open(path).read())}
@@ -326,9 +330,9 @@ one, batched = counts(sys.argv[1]), counts(sys.argv[2])
 sys.exit(one.keys() != batched.keys() or any(abs(one[c] - batched[c]) > 2 for c in one))
 EOF
     then
-        fail "batching changed the alert events by more than 2 on a camera"
+        fail "batching ($name) changed the alert events by more than 2 on a camera"
     fi
-fi
+done
 
 echo
 echo "== summary"

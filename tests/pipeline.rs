@@ -447,7 +447,7 @@ fn a_shared_session_runs_the_cameras_frames_in_one_call_and_hands_each_its_own()
 
 #[test]
 fn a_padded_session_keeps_one_call_size_and_drops_the_padding() {
-    // As on a GPU provider: a call holds one image per camera on the session, up to the batch,
+    // As on CUDA: a call holds one image per camera on the session, up to the batch,
     // whoever has a frame: three frames in a call of four (a fourth camera between frames), one
     // alone in a call of two (of three cameras, batch 2); each caller gets its own image's
     // result, none the padding's.

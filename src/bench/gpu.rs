@@ -34,10 +34,15 @@ pub struct GpuPath {
     /// 1), relative to that map's largest value: what the batch size alone changes (the GPU
     /// libraries pick their kernels per input shape, and their rounding differs).
     pub max_rel_diff_vs_batch_1: f32,
-    /// Mean time of a call when the number of images changes from call to call (1, 2, …, `batch`,
-    /// unpadded), against `call`'s at a fixed size: what the provider pays for a new input shape.
+    /// Inference alone (the tensor already on the device), mean ms per call: calls of `batch`
+    /// images, and calls alternating between 1 and `batch` images (what the provider pays for a
+    /// new input shape). Both 0 at batch 1.
+    pub fixed_shape_ms: f64,
     pub changing_shape_ms: f64,
 }
+
+/// Calls of each kind [`GpuPath::changing_shape_ms`] is timed over.
+const SHAPE_CALLS: usize = 8;
 
 /// Times the GPU path for frames of `frame`'s size as RGB (the host stages' 640×480 frame first,
 /// then conveyor frames of that size) and 1080p NV12 conveyor frames (what hardware decoders hand
@@ -130,9 +135,9 @@ pub(super) fn measure(
                 max_rel_diff_vs_batch_1.max(max_abs_diff(map, &alone) / scale);
         }
 
-        // Calls of 1, 2, …, batch images in turn, on the tensor of the last call.
-        let mut changing = Duration::ZERO;
-        let mut calls = 0u32;
+        // Inference alone on the tensor of the last call: `batch` images each time, then 1 and
+        // `batch` in turn.
+        let (mut fixed_shape_ms, mut changing_shape_ms) = (0.0, 0.0);
         if batch > 1 {
             let input = staging
                 .output()
@@ -141,16 +146,18 @@ pub(super) fn measure(
                 .synchronize()
                 .map_err(|e| BenchError::Gpu(e.to_string()))?;
             let (pointer, _record) = input.device_ptr(gpu.stream());
-            for _ in 0..3 {
-                for n in 1..=batch {
-                    let tick = Instant::now();
+            let mut mean_ms = |sizes: &dyn Fn(usize) -> usize| -> Result<f64, BenchError> {
+                let tick = Instant::now();
+                for call in 0..SHAPE_CALLS {
+                    let n = sizes(call);
                     // SAFETY: `input` holds `batch` ≥ n finished images (the stream was
                     // synchronised) and outlives these calls.
                     unsafe { engine.run_device_at(pointer, n * image_len, n) }?;
-                    changing += tick.elapsed();
-                    calls += 1;
                 }
-            }
+                Ok(tick.elapsed().as_secs_f64() * 1e3 / SHAPE_CALLS as f64)
+            };
+            fixed_shape_ms = mean_ms(&|_| batch)?;
+            changing_shape_ms = mean_ms(&|call| if call % 2 == 0 { 1 } else { batch })?;
         }
         paths.push(GpuPath {
             frame: format!("{format} {}x{}", rgb[0].width, rgb[0].height),
@@ -158,11 +165,8 @@ pub(super) fn measure(
             call: StageStats::of(&mut samples),
             max_abs_diff_vs_host_path,
             max_rel_diff_vs_batch_1,
-            changing_shape_ms: if calls == 0 {
-                0.0
-            } else {
-                changing.as_secs_f64() * 1e3 / f64::from(calls)
-            },
+            fixed_shape_ms,
+            changing_shape_ms,
         });
     }
     Ok(paths)

@@ -414,13 +414,15 @@ pub fn summary(report: &BenchReport) -> String {
         text.push_str(&format!(
             "GPU path, {} frames (upload + GPU preprocess + inference on the device), batch {}: \
              {:.1} images/s, p50 {:.2} ms/call, maps differ from the host path's by ≤ {:.1e} \
-             (from batch 1 by ≤ {:.1e} relative); calls changing size {:.2} ms each\n",
+             (from batch 1 by ≤ {:.1e} relative); inference {:.2} ms/call, {:.2} ms when the \
+             size alternates with 1\n",
             path.frame,
             report.batch,
             path.fps,
             path.call.p50_ms,
             path.max_abs_diff_vs_host_path,
             path.max_rel_diff_vs_batch_1,
+            path.fixed_shape_ms,
             path.changing_shape_ms
         ));
     }

@@ -5,11 +5,13 @@
 //! runs the batch and hands each caller its own map and score. With `max_batch = 1` it is a plain
 //! lock around the session.
 //!
-//! On a GPU provider every call runs as many images as the session has cameras (at most
+//! On the CUDA provider every call runs as many images as the session has cameras (at most
 //! `max_batch`), the unused places padded: ONNX Runtime's CUDA provider keeps one input shape per
 //! convolution and, with cuDNN 9, builds that layer's cuDNN plan again whenever the shape changes,
 //! so calls of 1, 3, 2, 4 … images (a batch takes the frames that are there) would each pay for
-//! every layer's plan. The shape then changes only when a camera joins or leaves.
+//! every layer's plan. The shape then changes only when a camera joins or leaves; the price is
+//! that a call with fewer frames costs as much as a full one. (TensorRT's engine takes any batch
+//! of its optimisation profile without rebuilding, so it is not padded.)
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -94,7 +96,7 @@ pub struct Outcome {
     pub inference: Duration,
     /// Frames in that call (its callers' images).
     pub batch: usize,
-    /// Images the call ran, padding included (on a GPU: the session's cameras, at most its
+    /// Images the call ran, padding included (on CUDA: the session's cameras, at most its
     /// `max_batch`).
     pub images: usize,
 }
@@ -150,9 +152,9 @@ pub struct Participant<'a> {
 impl SharedSession {
     /// `engine` shared by callers whose images are run `max_batch` at a time (clamped to
     /// 1..=[`MAX_BATCH`]), waiting at most `wait` (at most [`MAX_WAIT`]) for a batch to fill. On a
-    /// GPU provider each call is padded to one image per participant (see the module's doc).
+    /// CUDA each call is padded to one image per participant (see the module's doc).
     pub fn new(engine: Engine, max_batch: usize, wait: Duration) -> Self {
-        let padded = engine.provider() != ExecutionProvider::Cpu;
+        let padded = engine.provider() == ExecutionProvider::Cuda;
         Self {
             runner: Mutex::new(Runner {
                 engine,
@@ -168,8 +170,8 @@ impl SharedSession {
         }
     }
 
-    /// Pads every call to one image per participant, at most `max_batch` (`true`, a GPU
-    /// provider's default), or runs each with the frames it has (`false`, the CPU's).
+    /// Pads every call to one image per participant, at most `max_batch` (`true`, CUDA's
+    /// default), or runs each with the frames it has (`false`, the CPU's and TensorRT's).
     pub fn padded(self, padded: bool) -> Self {
         self.runner
             .lock()

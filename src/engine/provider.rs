@@ -243,7 +243,16 @@ pub(super) fn register(
         Err(e) => Err(unavailable(e.to_string())),
     };
     compiled_in("CUDAExecutionProvider", ep::CUDA::is_available())?;
-    let cuda = ep::CUDA::default().build().error_on_failure();
+    // Full float32 convolutions, not TensorFloat-32 (ONNX Runtime's default): the model is trained
+    // and its threshold calibrated in float32, and with TF32 the map depended on the batch size
+    // (cuDNN picks kernels per shape). A plain session keeps ONNX Runtime's default, so `stpm
+    // bench`'s ratio against it shows what this costs.
+    let cuda = if options.plain {
+        ep::CUDA::default()
+    } else {
+        ep::CUDA::default().with_tf32(false)
+    };
+    let cuda = cuda.build().error_on_failure();
     let providers = match provider {
         ExecutionProvider::TensorRt => {
             compiled_in("TensorrtExecutionProvider", ep::TensorRT::is_available())?;
