@@ -22,6 +22,8 @@
 #      the default wait and with `batch_wait_ms = 0`: frames/s, frames that went in batches (none is
 #      a failure), and the alert events per camera, which must not change (each batched run against
 #      the one by one).
+#   7. decoding on the GPU: `stpm bench --pipeline` on a generated H.264 file with the engine on
+#      CUDA; which decoder ran (NVDEC expected), frames/s and the decode stage's time.
 #
 # Binaries: built here with cargo (`--features gpu`), or, with STPM_PREBUILT=DIR, DIR/stpm and
 # DIR/stpm-lib-tests (the lib test binary of `cargo test --release --features gpu --lib --no-run`).
@@ -333,6 +335,27 @@ EOF
         fail "batching ($name) changed the alert events by more than 2 on a camera"
     fi
 done
+
+echo "== 7. decoding on the GPU (NVDEC)"
+# `stpm bench --pipeline` encodes a 640x480 H.264 file of the conveyor (x264) and runs the camera
+# on it: decodebin takes NVIDIA's decoder where nvcodec registers one (the pack has no CPU H.264
+# decoder, so without NVDEC nothing decodes).
+if timeout 300 "$stpm" bench --pipeline "$work/run.toml" --provider cuda --frames 300 --json \
+    >"$out/decode.json" 2>"$out/decode.log"; then
+    decoder=$(grep -o 'decoding with [^ ]* ([A-Z]*)' "$out/decode.log" | head -1)
+    row "bench --pipeline, H.264 640x480 file on cuda: decoder" "${decoder:-none reported}"
+    python3 - "$out/decode.json" >>"$summary" <<'EOF' || fail "bench --pipeline report"
+import json, sys
+report = json.load(open(sys.argv[1]))
+stages = report.get("stages", {})
+label = "bench --pipeline: frames/s, decode p50 ms, end to end p50 ms"
+print(f"{label:<58} {report.get('fps', 0):.1f} {stages.get('decode', {}).get('p50_ms', float('nan')):.2f} "
+      f"{stages.get('end_to_end', {}).get('p50_ms', float('nan')):.2f}")
+EOF
+    [[ $decoder == *NVDEC* ]] || fail "the H.264 file was not decoded by NVDEC: ${decoder:-no decoder line}"
+else
+    fail "bench --pipeline on cuda: $(tail -1 "$out/decode.log")"
+fi
 
 echo
 echo "== summary"

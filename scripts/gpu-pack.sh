@@ -44,11 +44,12 @@ out="${OUT_DIR:-$root/gpu-pack}"
 # (playback, typefindfunctions, qtdemux of isomp4, matroskademux; rtspsrc of rtsp with rtpmanager,
 # udp and rtp's depayloaders). Outputs: videoconvert (videoconvertscale), x264enc, h264parse
 # (videoparsersbad), matroskamux, splitmuxsink (multifile), rtph264pay (rtp) for the RTSP server.
-# videotestsrc for the lib tests. Not libav (avdec_h264, to decode H.264 sources): with the
-# libraries it needs (FFmpeg's codecs and filters) part 2 measured 94 MiB; add it to GST_PLUGINS
-# where a transfer takes that.
+# videotestsrc for the lib tests. nvcodec: NVIDIA's decoders (nvh264dec, nvh265dec: NVDEC, loaded
+# from the driver at run time) for H.264/H.265 files and cameras. Not libav (avdec_h264, to decode
+# H.264 on the CPU): with the libraries it needs (FFmpeg's codecs and filters) part 2 measured
+# 94 MiB; add it to GST_PLUGINS where a transfer takes that.
 GST_PLUGINS="${GST_PLUGINS:-coreelements app videoconvertscale x264 videoparsersbad matroska \
-multifile playback typefindfunctions isomp4 rtp rtpmanager rtsp udp videotestsrc}"
+multifile playback typefindfunctions isomp4 rtp rtpmanager rtsp udp videotestsrc nvcodec}"
 gst_dir=/usr/lib/x86_64-linux-gnu/gstreamer-1.0
 scanner=/usr/lib/x86_64-linux-gnu/gstreamer1.0/gstreamer-1.0/gst-plugin-scanner
 teacher=engines/teachers/efficientnet-lite0.pth

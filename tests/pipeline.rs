@@ -96,6 +96,11 @@ fn file_source_runs_to_the_end_and_max_fps_passes_frames_through() {
         log.contains("camera line1: 30 frames, 15 analysed"),
         "{log}"
     );
+    // Which decoder ran (no NVIDIA GPU here: the CPU's).
+    assert!(
+        log.contains("[line1] decoding with ") && log.contains(" (CPU)"),
+        "{log}"
+    );
     assert_eq!(decode(&recording(dir.path())), (30, 320, 240));
 }
 

@@ -238,6 +238,9 @@ pub fn run_with(
         manifest.calibration.method,
         manifest.calibration.n_images
     );
+    if provider != ExecutionProvider::Cpu {
+        announce_decoders(config);
+    }
     let mut live = LiveOutputs::start(
         config,
         &provider.to_string(),
@@ -600,6 +603,31 @@ fn stop_publisher(publisher: &PublisherHandle) {
         log::warn!("alerts: {left} event(s) stay in the spool for the next run");
     }
     let _ = publisher.shutdown(Duration::from_secs(3));
+}
+
+/// With the engine on a GPU: NVIDIA's decoders (NVDEC) first for cameras whose video is decoded
+/// (files, RTSP, V4L2), and the start line says whether there are any; each camera's line says
+/// which decoder ran once its first frame is in.
+fn announce_decoders(config: &PipelineConfig) {
+    let decoded = config.camera.iter().any(|camera| {
+        matches!(
+            SourceUri::parse(&camera.source),
+            Ok(SourceUri::File(_) | SourceUri::Rtsp(_) | SourceUri::V4l2(_))
+        )
+    });
+    if !decoded {
+        return;
+    }
+    match source::prefer_nvdec().as_slice() {
+        [] => log::info!(
+            "decode: on the CPU (no NVIDIA decoder registered: gst-plugins-bad's nvcodec registers \
+             them where an NVIDIA GPU and its driver's NVDEC library are found)"
+        ),
+        nvdec => log::info!(
+            "decode: NVIDIA's NVDEC first ({}), the CPU's decoders where it cannot or fails",
+            nvdec.join(", ")
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! Capture: one thread per camera turns its source (a GStreamer pipeline ending in an appsink, or
 //! the generated conveyor) into RGB frames on the camera's [`FrameQueue`]. Owns reconnecting with
-//! capped exponential backoff, looping files and the end-of-stream marker; never runs inference.
+//! capped exponential backoff, looping files and the end-of-stream marker, and which decoder runs
+//! (NVIDIA's NVDEC where preferred and registered, the CPU's otherwise or after NVDEC failed);
+//! never runs inference.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -124,12 +126,57 @@ fn run_conveyor(
     }
 }
 
+/// NVIDIA's hardware decoders (gst-plugins-bad's nvcodec registers them only where an NVIDIA GPU
+/// and its driver's NVDEC library are found), in the order they are preferred.
+const NVDEC_DECODERS: [&str; 4] = ["nvh264dec", "nvh265dec", "nvh264sldec", "nvh265sldec"];
+
+fn is_nvdec(factory: &str) -> bool {
+    NVDEC_DECODERS.contains(&factory)
+}
+
+/// Makes `decodebin` try NVIDIA's decoders before the CPU's (`avdec_*`, primary rank) for the rest
+/// of the process; returns those this machine registers (none without an NVIDIA GPU and driver
+/// or without gst-plugins-bad's nvcodec plugin).
+pub fn prefer_nvdec() -> Vec<&'static str> {
+    if gst::init().is_err() {
+        return Vec::new();
+    }
+    NVDEC_DECODERS
+        .iter()
+        .zip((1..=NVDEC_DECODERS.len() as i32).rev())
+        .filter_map(|(name, above)| {
+            let factory = gst::ElementFactory::find(name)?;
+            factory.set_rank(gst::Rank::PRIMARY + above);
+            Some(*name)
+        })
+        .collect()
+}
+
+/// Makes `decodebin` pass over the factories `skip` names (NVIDIA's decoders after they failed,
+/// so that the CPU's decode).
+fn skip_factories(decodebin: &gst::Element, skip: fn(&str) -> bool) {
+    // decodebin's "autoplug-select" answers with this enum: 0 tries the factory, 2 skips it.
+    let Some(answers) = gst::glib::Type::from_name("GstAutoplugSelectResult")
+        .and_then(gst::glib::EnumClass::with_type)
+    else {
+        log::warn!("decodebin has no autoplug-select answers: no decoder can be left out");
+        return;
+    };
+    decodebin.connect("autoplug-select", false, move |values| {
+        let skipped = values
+            .get(3)
+            .and_then(|v| v.get::<gst::ElementFactory>().ok())
+            .is_some_and(|factory| skip(factory.name().as_str()));
+        answers.to_value(if skipped { 2 } else { 0 })
+    });
+}
+
 /// The GStreamer description of a source up to (excluding) the appsink.
 fn source_description(uri: &SourceUri) -> String {
     let head = match uri {
-        SourceUri::File(_) => "filesrc name=src ! decodebin",
-        SourceUri::Rtsp(_) => "rtspsrc name=src latency=200 ! decodebin",
-        SourceUri::V4l2(_) => "v4l2src name=src ! decodebin",
+        SourceUri::File(_) => "filesrc name=src ! decodebin name=decode",
+        SourceUri::Rtsp(_) => "rtspsrc name=src latency=200 ! decodebin name=decode",
+        SourceUri::V4l2(_) => "v4l2src name=src ! decodebin name=decode",
         SourceUri::Conveyor { .. } => "videotestsrc name=src",
     };
     format!("{head} ! videoconvert ! video/x-raw,format=RGB ! appsink name=sink max-buffers=2")
@@ -197,8 +244,8 @@ pub enum SourceError {
 enum Ending {
     /// End of stream (file finished).
     Eos,
-    /// An error message from the pipeline.
-    Error(String),
+    /// An error message from the pipeline, and whether an NVIDIA decoder sent it.
+    Error(String, bool),
     /// `stop` was set.
     Stopped,
 }
@@ -212,14 +259,27 @@ fn run_gstreamer(spec: &SourceSpec, queue: &Arc<FrameQueue<Captured>>, stop: &Ar
     let offset = Arc::new(std::sync::Mutex::new(Duration::ZERO));
     let last_pts = Arc::new(std::sync::Mutex::new(Duration::ZERO));
     let wall = spec.is_live().then(Instant::now);
+    // After NVDEC failed once, this camera decodes on the CPU.
+    let mut cpu_decode = false;
     loop {
         let started = Instant::now();
-        let ending = match play_once(spec, queue, stop, &offset, &last_pts, wall) {
+        let ending = match play_once(spec, queue, stop, &offset, &last_pts, wall, cpu_decode) {
             Ok(ending) => ending,
-            Err(error) => Ending::Error(error.to_string()),
+            Err(error) => Ending::Error(error.to_string(), false),
         };
         match ending {
             Ending::Stopped => return,
+            Ending::Error(message, true) if !cpu_decode => {
+                log::warn!(
+                    "[{}] the NVIDIA decoder failed ({message}); decoding on the CPU from now on",
+                    spec.camera
+                );
+                cpu_decode = true;
+                if let (Ok(mut offset), Ok(last)) = (offset.lock(), last_pts.lock()) {
+                    *offset = *last + Duration::from_millis(40);
+                }
+                continue;
+            }
             Ending::Eos if spec.looping && !spec.is_live() => {
                 if let (Ok(mut offset), Ok(last)) = (offset.lock(), last_pts.lock()) {
                     *offset = *last + Duration::from_millis(40);
@@ -230,15 +290,15 @@ fn run_gstreamer(spec: &SourceSpec, queue: &Arc<FrameQueue<Captured>>, stop: &Ar
                 log::info!("[{}] end of file", spec.camera);
                 return;
             }
-            Ending::Eos | Ending::Error(_) if !spec.is_live() => {
-                if let Ending::Error(message) = ending {
+            Ending::Eos | Ending::Error(..) if !spec.is_live() => {
+                if let Ending::Error(message, _) = ending {
                     log::warn!("[{}] source failed: {message}", spec.camera);
                 }
                 return;
             }
-            Ending::Eos | Ending::Error(_) => {
+            Ending::Eos | Ending::Error(..) => {
                 let why = match ending {
-                    Ending::Error(message) => message,
+                    Ending::Error(message, _) => message,
                     _ => "end of stream".into(),
                 };
                 if started.elapsed() > Duration::from_secs(10) {
@@ -266,21 +326,46 @@ fn run_gstreamer(spec: &SourceSpec, queue: &Arc<FrameQueue<Captured>>, stop: &Ar
     }
 }
 
-/// Watches the video decoder that `decodebin` plugs into `pipeline`: the returned cell holds when
-/// the latest compressed frame (or the end of stream, which drains the decoder) entered it. The
-/// decoder, colour conversion and appsink run on one streaming thread, so at the appsink the time
-/// since then is what decoding that frame took, without waiting downstream.
-fn time_decoder(pipeline: &gst::Pipeline) -> Arc<std::sync::Mutex<Option<Instant>>> {
-    let input = Arc::new(std::sync::Mutex::new(None));
-    let cell = Arc::clone(&input);
+/// What [`time_decoder`] learns of the video decoder `decodebin` plugged.
+#[derive(Default)]
+struct DecoderWatch {
+    /// When the latest compressed frame (or the end of stream, which drains the decoder) entered
+    /// it.
+    input: std::sync::Mutex<Option<Instant>>,
+    /// Its factory, e.g. `avdec_h264` or `nvh264dec`.
+    factory: std::sync::Mutex<Option<String>>,
+}
+
+impl DecoderWatch {
+    /// "avdec_h264 (CPU)", "nvh264dec (NVDEC)", or None before a decoder was plugged.
+    fn describe(&self) -> Option<String> {
+        let factory = self.factory.lock().ok()?.clone()?;
+        let on = if is_nvdec(&factory) { "NVDEC" } else { "CPU" };
+        Some(format!("{factory} ({on})"))
+    }
+}
+
+/// Watches the video decoder that `decodebin` plugs into `pipeline`: its factory, and when the
+/// latest compressed frame entered it. The decoder, colour conversion and appsink run on one
+/// streaming thread, so at the appsink the time since then is what decoding that frame took,
+/// without waiting downstream.
+fn time_decoder(pipeline: &gst::Pipeline) -> Arc<DecoderWatch> {
+    let watch = Arc::new(DecoderWatch::default());
+    let seen = Arc::clone(&watch);
     pipeline.connect_deep_element_added(move |_, _, element| {
-        let is_decoder = element
+        let Some(factory) = element
             .factory()
-            .is_some_and(|f| f.klass().contains("Decoder") && f.klass().contains("Video"));
-        let Some(pad) = element.static_pad("sink").filter(|_| is_decoder) else {
+            .filter(|f| f.klass().contains("Decoder") && f.klass().contains("Video"))
+        else {
             return;
         };
-        let cell = Arc::clone(&cell);
+        let Some(pad) = element.static_pad("sink") else {
+            return;
+        };
+        if let Ok(mut name) = seen.factory.lock() {
+            *name = Some(factory.name().to_string());
+        }
+        let seen = Arc::clone(&seen);
         pad.add_probe(
             gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM,
             move |_, info| {
@@ -289,17 +374,18 @@ fn time_decoder(pipeline: &gst::Pipeline) -> Arc<std::sync::Mutex<Option<Instant
                     Some(gst::PadProbeData::Event(event)) => event.type_() == gst::EventType::Eos,
                     _ => false,
                 };
-                if starts_work && let Ok(mut input) = cell.lock() {
+                if starts_work && let Ok(mut input) = seen.input.lock() {
                     *input = Some(Instant::now());
                 }
                 gst::PadProbeReturn::Ok
             },
         );
     });
-    input
+    watch
 }
 
-/// Builds, plays and tears down the source pipeline once.
+/// Builds, plays and tears down the source pipeline once (`cpu_decode`: without NVIDIA's
+/// decoders).
 fn play_once(
     spec: &SourceSpec,
     queue: &Arc<FrameQueue<Captured>>,
@@ -307,6 +393,7 @@ fn play_once(
     offset: &Arc<std::sync::Mutex<Duration>>,
     last_pts: &Arc<std::sync::Mutex<Duration>>,
     wall: Option<Instant>,
+    cpu_decode: bool,
 ) -> Result<Ending, SourceError> {
     gst::init().map_err(|e| SourceError::Init(e.to_string()))?;
     let pipeline = gst::parse::launch(&source_description(&spec.uri))
@@ -322,7 +409,10 @@ fn play_once(
         SourceUri::V4l2(device) => src.set_property("device", device.to_string_lossy().as_ref()),
         SourceUri::Conveyor { .. } => {}
     }
-    let decoder_input = time_decoder(&pipeline);
+    if cpu_decode && let Some(decodebin) = pipeline.by_name("decode") {
+        skip_factories(&decodebin, is_nvdec);
+    }
+    let decoder = time_decoder(&pipeline);
     let sink = pipeline
         .by_name("sink")
         .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
@@ -339,6 +429,7 @@ fn play_once(
         let last_pts = Arc::clone(last_pts);
         let online = Arc::clone(&online);
         let realtime = spec.realtime || spec.is_live();
+        let camera = spec.camera.clone();
         sink.set_callbacks(
             gst_app::AppSinkCallbacks::builder()
                 .new_sample(move |sink| {
@@ -346,7 +437,8 @@ fn play_once(
                     if let Ok(mut last) = last_frame.lock() {
                         *last = arrived;
                     }
-                    let decode = decoder_input
+                    let decode = decoder
+                        .input
                         .lock()
                         .ok()
                         .and_then(|input| input.map(|t| arrived.saturating_duration_since(t)));
@@ -377,6 +469,9 @@ fn play_once(
                     }
                     if !online.swap(true, Ordering::Relaxed) {
                         queue.push_drop_oldest(Item::Online);
+                        if let Some(decoder) = decoder.describe() {
+                            log::info!("[{camera}] decoding with {decoder}");
+                        }
                     }
                     let item = Item::Frame(Captured {
                         frame,
@@ -416,10 +511,13 @@ fn play_once(
         if let Some(stall) = spec.stall.filter(|_| spec.is_live())
             && last_frame.lock().is_ok_and(|last| last.elapsed() > stall)
         {
-            break Ending::Error(format!(
-                "no frame for {} s (camera.stall_seconds): the camera stalled",
-                stall.as_secs_f64()
-            ));
+            break Ending::Error(
+                format!(
+                    "no frame for {} s (camera.stall_seconds): the camera stalled",
+                    stall.as_secs_f64()
+                ),
+                false,
+            );
         }
         let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
             continue;
@@ -427,13 +525,21 @@ fn play_once(
         match message.view() {
             gst::MessageView::Eos(_) => break Ending::Eos,
             gst::MessageView::Error(err) => {
-                break Ending::Error(format!(
-                    "{} ({})",
-                    err.error(),
-                    err.src()
-                        .map(|s| s.path_string().to_string())
-                        .unwrap_or_default()
-                ));
+                let nvdec = err
+                    .src()
+                    .and_then(|s| s.downcast_ref::<gst::Element>())
+                    .and_then(|element| element.factory())
+                    .is_some_and(|factory| is_nvdec(factory.name().as_str()));
+                break Ending::Error(
+                    format!(
+                        "{} ({})",
+                        err.error(),
+                        err.src()
+                            .map(|s| s.path_string().to_string())
+                            .unwrap_or_default()
+                    ),
+                    nvdec,
+                );
             }
             _ => {}
         }
@@ -445,6 +551,87 @@ fn play_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nvidia_decoders_are_told_from_the_cpus() {
+        for name in NVDEC_DECODERS {
+            assert!(is_nvdec(name));
+        }
+        for name in ["avdec_h264", "avdec_h265", "openh264dec", "vah264dec", ""] {
+            assert!(!is_nvdec(name), "{name}");
+        }
+        // Only decoders this machine registers are preferred, each above the CPU's.
+        for name in prefer_nvdec() {
+            let factory = gst::ElementFactory::find(name).expect("registered");
+            assert!(factory.rank() > gst::Rank::PRIMARY, "{name}");
+        }
+    }
+
+    /// Frames decoded from `video` (H.264 in Matroska) through decodebin, leaving out the
+    /// factories `skip` names; the error when decoding failed.
+    fn decode_skipping(video: &std::path::Path, skip: fn(&str) -> bool) -> Result<usize, String> {
+        let pipeline = gst::parse::launch(&format!(
+            "filesrc location={} ! decodebin name=decode ! videoconvert ! appsink name=sink sync=false",
+            video.display()
+        ))
+        .map_err(|e| e.to_string())?
+        .downcast::<gst::Pipeline>()
+        .map_err(|_| "not a pipeline".to_string())?;
+        let decodebin = pipeline.by_name("decode").ok_or("no decodebin")?;
+        skip_factories(&decodebin, skip);
+        let sink = pipeline
+            .by_name("sink")
+            .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
+            .ok_or("no appsink")?;
+        let frames = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&frames);
+        sink.set_callbacks(
+            gst_app::AppSinkCallbacks::builder()
+                .new_sample(move |sink| {
+                    sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    Ok(gst::FlowSuccess::Ok)
+                })
+                .build(),
+        );
+        let started = pipeline.set_state(gst::State::Playing);
+        let bus = pipeline.bus().ok_or("no bus")?;
+        let ending = bus.timed_pop_filtered(
+            gst::ClockTime::from_seconds(30),
+            &[gst::MessageType::Eos, gst::MessageType::Error],
+        );
+        let _ = pipeline.set_state(gst::State::Null);
+        started.map_err(|e| e.to_string())?;
+        match ending.as_ref().map(|m| m.view()) {
+            Some(gst::MessageView::Error(err)) => Err(err.error().to_string()),
+            Some(_) => Ok(frames.load(Ordering::Relaxed)),
+            None => Err("no end of stream in 30 s".into()),
+        }
+    }
+
+    #[test]
+    fn decodebin_passes_over_the_decoders_it_is_told_to_skip() {
+        gst::init().expect("gst init");
+        let dir = tempfile::tempdir().expect("dir");
+        let video = dir.path().join("in.mkv");
+        let writer = gst::parse::launch(&format!(
+            "videotestsrc num-buffers=5 ! video/x-raw,width=64,height=48 ! x264enc ! h264parse ! \
+             matroskamux ! filesink location={}",
+            video.display()
+        ))
+        .expect("writer");
+        writer.set_state(gst::State::Playing).expect("write");
+        let bus = writer.bus().expect("bus");
+        bus.timed_pop_filtered(gst::ClockTime::from_seconds(30), &[gst::MessageType::Eos])
+            .expect("test video written");
+        let _ = writer.set_state(gst::State::Null);
+        // Leaving out NVIDIA's decoders (none here) decodes as before.
+        assert_eq!(decode_skipping(&video, is_nvdec), Ok(5));
+        // Leaving out every H.264 decoder leaves decodebin nothing to decode with.
+        let error = decode_skipping(&video, |name| name.contains("264"))
+            .expect_err("no H.264 decoder left");
+        assert!(!error.is_empty());
+    }
 
     #[test]
     fn descriptions_end_in_an_rgb_appsink() {
