@@ -126,35 +126,43 @@ fn run_conveyor(
     }
 }
 
-/// NVIDIA's hardware decoders (gst-plugins-bad's nvcodec registers them only where an NVIDIA GPU
-/// and its driver's NVDEC library are found), in the order they are preferred.
-const NVDEC_DECODERS: [&str; 4] = ["nvh264dec", "nvh265dec", "nvh264sldec", "nvh265sldec"];
-
-fn is_nvdec(factory: &str) -> bool {
-    NVDEC_DECODERS.contains(&factory)
+/// Whether `factory` is one of NVIDIA's video decoders (gst-plugins-bad's nvcodec registers them,
+/// e.g. `nvh264dec`, `nvh265dec` or `nvh264device1dec` on a second GPU, only where an NVIDIA GPU and
+/// its driver's NVDEC library are found).
+fn is_nvdec(factory: &gst::ElementFactory) -> bool {
+    factory
+        .plugin_name()
+        .is_some_and(|plugin| plugin == "nvcodec")
+        && factory.klass().contains("Decoder")
+        && factory.klass().contains("Video")
 }
 
-/// Makes `decodebin` try NVIDIA's decoders before the CPU's (`avdec_*`, primary rank) for the rest
-/// of the process; returns those this machine registers (none without an NVIDIA GPU and driver
-/// or without gst-plugins-bad's nvcodec plugin).
-pub fn prefer_nvdec() -> Vec<&'static str> {
+/// Makes `decodebin` try NVIDIA's decoders before the CPU's (`avdec_*`, primary rank, which wins
+/// a tie by name) for the rest of the process, the parser-based ones before the stateless
+/// (`…sldec`); returns those this machine registers (none without an NVIDIA GPU and driver or
+/// without the nvcodec plugin).
+pub fn prefer_nvdec() -> Vec<String> {
     if gst::init().is_err() {
         return Vec::new();
     }
-    NVDEC_DECODERS
-        .iter()
-        .zip((1..=NVDEC_DECODERS.len() as i32).rev())
-        .filter_map(|(name, above)| {
-            let factory = gst::ElementFactory::find(name)?;
-            factory.set_rank(gst::Rank::PRIMARY + above);
-            Some(*name)
+    let mut names: Vec<String> = gst::Registry::get()
+        .features_by_plugin("nvcodec")
+        .into_iter()
+        .filter_map(|feature| feature.downcast::<gst::ElementFactory>().ok())
+        .filter(is_nvdec)
+        .map(|factory| {
+            let stateless = factory.name().ends_with("sldec");
+            factory.set_rank(gst::Rank::PRIMARY + if stateless { 1 } else { 2 });
+            factory.name().to_string()
         })
-        .collect()
+        .collect();
+    names.sort();
+    names
 }
 
-/// Makes `decodebin` pass over the factories `skip` names (NVIDIA's decoders after they failed,
-/// so that the CPU's decode).
-fn skip_factories(decodebin: &gst::Element, skip: fn(&str) -> bool) {
+/// Makes `decodebin` pass over the factories `skip` picks (NVIDIA's decoders after they failed, so
+/// that the CPU's decode).
+fn skip_factories(decodebin: &gst::Element, skip: fn(&gst::ElementFactory) -> bool) {
     // decodebin's "autoplug-select" answers with this enum: 0 tries the factory, 2 skips it.
     let Some(answers) = gst::glib::Type::from_name("GstAutoplugSelectResult")
         .and_then(gst::glib::EnumClass::with_type)
@@ -166,7 +174,7 @@ fn skip_factories(decodebin: &gst::Element, skip: fn(&str) -> bool) {
         let skipped = values
             .get(3)
             .and_then(|v| v.get::<gst::ElementFactory>().ok())
-            .is_some_and(|factory| skip(factory.name().as_str()));
+            .is_some_and(|factory| skip(&factory));
         answers.to_value(if skipped { 2 } else { 0 })
     });
 }
@@ -240,11 +248,23 @@ pub enum SourceError {
     Start(String),
 }
 
+/// How a camera's video is decoded, kept across its source's restarts.
+#[derive(Default)]
+struct Decoding {
+    /// NVIDIA's decoders failed once: decodebin passes over them.
+    cpu_only: bool,
+    /// Frames up to this stream time were delivered before a restart (a file played again).
+    resume_after: Option<Duration>,
+    /// The decoder the camera last said it decodes with (said again only when it changes).
+    said: Arc<std::sync::Mutex<Option<String>>>,
+}
+
 /// What ended one run of a GStreamer source pipeline.
 enum Ending {
     /// End of stream (file finished).
     Eos,
-    /// An error message from the pipeline, and whether an NVIDIA decoder sent it.
+    /// An error message from the pipeline (or a stall, or a file that gave no frame), and whether
+    /// an NVIDIA decoder was decoding: the camera then tries the CPU's.
     Error(String, bool),
     /// `stop` was set.
     Stopped,
@@ -259,24 +279,28 @@ fn run_gstreamer(spec: &SourceSpec, queue: &Arc<FrameQueue<Captured>>, stop: &Ar
     let offset = Arc::new(std::sync::Mutex::new(Duration::ZERO));
     let last_pts = Arc::new(std::sync::Mutex::new(Duration::ZERO));
     let wall = spec.is_live().then(Instant::now);
-    // After NVDEC failed once, this camera decodes on the CPU.
-    let mut cpu_decode = false;
+    let mut decoding = Decoding::default();
     loop {
         let started = Instant::now();
-        let ending = match play_once(spec, queue, stop, &offset, &last_pts, wall, cpu_decode) {
+        let ending = match play_once(spec, queue, stop, &offset, &last_pts, wall, &decoding) {
             Ok(ending) => ending,
             Err(error) => Ending::Error(error.to_string(), false),
         };
         match ending {
             Ending::Stopped => return,
-            Ending::Error(message, true) if !cpu_decode => {
+            Ending::Error(message, true) if !decoding.cpu_only => {
                 log::warn!(
                     "[{}] the NVIDIA decoder failed ({message}); decoding on the CPU from now on",
                     spec.camera
                 );
-                cpu_decode = true;
-                if let (Ok(mut offset), Ok(last)) = (offset.lock(), last_pts.lock()) {
-                    *offset = *last + Duration::from_millis(40);
+                decoding.cpu_only = true;
+                if spec.is_live() {
+                    if let (Ok(mut offset), Ok(last)) = (offset.lock(), last_pts.lock()) {
+                        *offset = *last + Duration::from_millis(40);
+                    }
+                } else {
+                    // A file plays again from its start: the frames already delivered are skipped.
+                    decoding.resume_after = last_pts.lock().ok().map(|last| *last);
                 }
                 continue;
             }
@@ -332,16 +356,22 @@ struct DecoderWatch {
     /// When the latest compressed frame (or the end of stream, which drains the decoder) entered
     /// it.
     input: std::sync::Mutex<Option<Instant>>,
-    /// Its factory, e.g. `avdec_h264` or `nvh264dec`.
-    factory: std::sync::Mutex<Option<String>>,
+    /// Its factory's name, e.g. `avdec_h264` or `nvh264dec`, and whether it is NVIDIA's.
+    factory: std::sync::Mutex<Option<(String, bool)>>,
 }
 
 impl DecoderWatch {
     /// "avdec_h264 (CPU)", "nvh264dec (NVDEC)", or None before a decoder was plugged.
     fn describe(&self) -> Option<String> {
-        let factory = self.factory.lock().ok()?.clone()?;
-        let on = if is_nvdec(&factory) { "NVDEC" } else { "CPU" };
-        Some(format!("{factory} ({on})"))
+        let (name, nvidia) = self.factory.lock().ok()?.clone()?;
+        Some(format!("{name} ({})", if nvidia { "NVDEC" } else { "CPU" }))
+    }
+
+    /// An NVIDIA decoder was plugged.
+    fn nvidia(&self) -> bool {
+        self.factory
+            .lock()
+            .is_ok_and(|factory| factory.as_ref().is_some_and(|(_, nvidia)| *nvidia))
     }
 }
 
@@ -362,8 +392,8 @@ fn time_decoder(pipeline: &gst::Pipeline) -> Arc<DecoderWatch> {
         let Some(pad) = element.static_pad("sink") else {
             return;
         };
-        if let Ok(mut name) = seen.factory.lock() {
-            *name = Some(factory.name().to_string());
+        if let Ok(mut seen) = seen.factory.lock() {
+            *seen = Some((factory.name().to_string(), is_nvdec(&factory)));
         }
         let seen = Arc::clone(&seen);
         pad.add_probe(
@@ -384,8 +414,7 @@ fn time_decoder(pipeline: &gst::Pipeline) -> Arc<DecoderWatch> {
     watch
 }
 
-/// Builds, plays and tears down the source pipeline once (`cpu_decode`: without NVIDIA's
-/// decoders).
+/// Builds, plays and tears down the source pipeline once, decoding as `decoding` says.
 fn play_once(
     spec: &SourceSpec,
     queue: &Arc<FrameQueue<Captured>>,
@@ -393,7 +422,7 @@ fn play_once(
     offset: &Arc<std::sync::Mutex<Duration>>,
     last_pts: &Arc<std::sync::Mutex<Duration>>,
     wall: Option<Instant>,
-    cpu_decode: bool,
+    decoding: &Decoding,
 ) -> Result<Ending, SourceError> {
     gst::init().map_err(|e| SourceError::Init(e.to_string()))?;
     let pipeline = gst::parse::launch(&source_description(&spec.uri))
@@ -409,7 +438,9 @@ fn play_once(
         SourceUri::V4l2(device) => src.set_property("device", device.to_string_lossy().as_ref()),
         SourceUri::Conveyor { .. } => {}
     }
-    if cpu_decode && let Some(decodebin) = pipeline.by_name("decode") {
+    if decoding.cpu_only
+        && let Some(decodebin) = pipeline.by_name("decode")
+    {
         skip_factories(&decodebin, is_nvdec);
     }
     let decoder = time_decoder(&pipeline);
@@ -430,6 +461,9 @@ fn play_once(
         let online = Arc::clone(&online);
         let realtime = spec.realtime || spec.is_live();
         let camera = spec.camera.clone();
+        let decoder = Arc::clone(&decoder);
+        let said = Arc::clone(&decoding.said);
+        let resume_after = decoding.resume_after;
         sink.set_callbacks(
             gst_app::AppSinkCallbacks::builder()
                 .new_sample(move |sink| {
@@ -464,13 +498,21 @@ fn play_once(
                         *offset = now.saturating_sub(pts);
                     }
                     let pts = pts + offset.lock().map(|o| *o).unwrap_or_default();
+                    if resume_after.is_some_and(|resume| pts <= resume) {
+                        return Ok(gst::FlowSuccess::Ok);
+                    }
                     if let Ok(mut last) = last_pts.lock() {
                         *last = (*last).max(pts);
                     }
                     if !online.swap(true, Ordering::Relaxed) {
                         queue.push_drop_oldest(Item::Online);
-                        if let Some(decoder) = decoder.describe() {
+                        // Said with the first frame, and again only when it changes.
+                        if let Some(decoder) = decoder.describe()
+                            && let Ok(mut said) = said.lock()
+                            && said.as_deref() != Some(decoder.as_str())
+                        {
                             log::info!("[{camera}] decoding with {decoder}");
+                            *said = Some(decoder);
                         }
                     }
                     let item = Item::Frame(Captured {
@@ -516,20 +558,29 @@ fn play_once(
                     "no frame for {} s (camera.stall_seconds): the camera stalled",
                     stall.as_secs_f64()
                 ),
-                false,
+                decoder.nvidia() && !online.load(Ordering::Relaxed),
             );
         }
         let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
             continue;
         };
         match message.view() {
+            // An NVIDIA decoder that drops every frame (its decode errors are warnings) reaches
+            // the end of a file without one.
+            gst::MessageView::Eos(_) if decoder.nvidia() && !online.load(Ordering::Relaxed) => {
+                break Ending::Error("the NVIDIA decoder gave no frame".into(), true);
+            }
             gst::MessageView::Eos(_) => break Ending::Eos,
             gst::MessageView::Error(err) => {
-                let nvdec = err
-                    .src()
-                    .and_then(|s| s.downcast_ref::<gst::Element>())
-                    .and_then(|element| element.factory())
-                    .is_some_and(|factory| is_nvdec(factory.name().as_str()));
+                // NVDEC's decode failures reach the bus as errors of the elements before it (a
+                // demuxer, the RTSP source): with an NVIDIA decoder that gave no frame yet, they
+                // count as its failure (after frames, a lost connection is likelier).
+                let nvdec = (decoder.nvidia() && !online.load(Ordering::Relaxed))
+                    || err
+                        .src()
+                        .and_then(|s| s.downcast_ref::<gst::Element>())
+                        .and_then(|element| element.factory())
+                        .is_some_and(|factory| is_nvdec(&factory));
                 break Ending::Error(
                     format!(
                         "{} ({})",
@@ -554,22 +605,28 @@ mod tests {
 
     #[test]
     fn nvidia_decoders_are_told_from_the_cpus() {
-        for name in NVDEC_DECODERS {
-            assert!(is_nvdec(name));
+        gst::init().expect("gst init");
+        // The CPU's decoders and nvcodec's other elements are not NVIDIA decoders.
+        for name in ["avdec_h264", "avdec_h265", "videoconvert", "x264enc"] {
+            if let Some(factory) = gst::ElementFactory::find(name) {
+                assert!(!is_nvdec(&factory), "{name}");
+            }
         }
-        for name in ["avdec_h264", "avdec_h265", "openh264dec", "vah264dec", ""] {
-            assert!(!is_nvdec(name), "{name}");
-        }
-        // Only decoders this machine registers are preferred, each above the CPU's.
+        // Those this machine registers (none without an NVIDIA GPU) are preferred, above the
+        // CPU's, and are NVIDIA decoders.
         for name in prefer_nvdec() {
-            let factory = gst::ElementFactory::find(name).expect("registered");
+            let factory = gst::ElementFactory::find(&name).expect("registered");
+            assert!(is_nvdec(&factory), "{name}");
             assert!(factory.rank() > gst::Rank::PRIMARY, "{name}");
         }
     }
 
     /// Frames decoded from `video` (H.264 in Matroska) through decodebin, leaving out the
     /// factories `skip` names; the error when decoding failed.
-    fn decode_skipping(video: &std::path::Path, skip: fn(&str) -> bool) -> Result<usize, String> {
+    fn decode_skipping(
+        video: &std::path::Path,
+        skip: fn(&gst::ElementFactory) -> bool,
+    ) -> Result<usize, String> {
         let pipeline = gst::parse::launch(&format!(
             "filesrc location={} ! decodebin name=decode ! videoconvert ! appsink name=sink sync=false",
             video.display()
@@ -627,8 +684,8 @@ mod tests {
         let _ = writer.set_state(gst::State::Null);
         // Leaving out NVIDIA's decoders (none here) decodes as before.
         assert_eq!(decode_skipping(&video, is_nvdec), Ok(5));
-        // Leaving out every H.264 decoder leaves decodebin nothing to decode with.
-        let error = decode_skipping(&video, |name| name.contains("264"))
+        // Leaving out the CPU's H.264 decoder (the only one here) leaves nothing to decode with.
+        let error = decode_skipping(&video, |factory| factory.name().starts_with("avdec_"))
             .expect_err("no H.264 decoder left");
         assert!(!error.is_empty());
     }
