@@ -504,18 +504,9 @@ mod tests {
         let mut spool = Spool::open(folder.path(), 10).unwrap();
         let event = AlertEvent {
             kind: EventKind::Update,
-            id: "line1-1700000000000-0".into(),
-            camera: "line1".into(),
-            start_time: 1_700_000_000.0,
-            end_time: None,
-            score: 0.7,
             top_score: 0.8,
-            boxes: Vec::new(),
-            snapshot: false,
             model: "brick-v1".into(),
-            end_reason: None,
-            snapshot_url: None,
-            clip_url: None,
+            ..AlertEvent::sample("line1-1700000000000-0", "line1", 1_700_000_000.0, 0.7)
         };
         spool.push_event("stpm/line1/events", &event).unwrap();
         let entry = spool.pending().next().unwrap();

@@ -410,6 +410,29 @@ fn cleared(below_since: &mut Option<f64>, t: f64, score: f32, config: &AlertConf
     t - since >= config.min_clear_seconds
 }
 
+/// A `new` event with one score (as top score too) and nothing else: what the tests of the
+/// modules that store, serve or publish events start from.
+#[cfg(test)]
+impl AlertEvent {
+    pub(crate) fn sample(id: &str, camera: &str, start_time: f64, score: f32) -> Self {
+        Self {
+            kind: EventKind::New,
+            id: id.into(),
+            camera: camera.into(),
+            start_time,
+            end_time: None,
+            score,
+            top_score: score,
+            boxes: Vec::new(),
+            snapshot: false,
+            model: "m".into(),
+            end_reason: None,
+            snapshot_url: None,
+            clip_url: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -522,12 +522,7 @@ mod tests {
     fn event(kind: EventKind, id: &str, top: f32, end: Option<f64>) -> AlertEvent {
         AlertEvent {
             kind,
-            id: id.into(),
-            camera: "line1".into(),
-            start_time: 1_700_000_000.125,
             end_time: end,
-            score: top,
-            top_score: top,
             boxes: vec![BoxN {
                 x: 0.25,
                 y: 0.5,
@@ -537,8 +532,7 @@ mod tests {
             snapshot: true,
             model: "demo".into(),
             end_reason: end.map(|_| EndReason::Cleared),
-            snapshot_url: None,
-            clip_url: None,
+            ..AlertEvent::sample(id, "line1", 1_700_000_000.125, top)
         }
     }
 

@@ -204,7 +204,7 @@ pub fn folders(storage: &Path, recordings: Option<&Path>) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alerts::{AlertEvent, EventKind};
+    use crate::alerts::AlertEvent;
     use crate::store::Peak;
 
     /// Writes `bytes` to `path` and dates it `age` seconds before `now`.
@@ -279,19 +279,8 @@ mod tests {
             let path = snapshots.join(format!("e{index}.jpg"));
             aged_file(&path, &[0u8; 100], now, age);
             let event = AlertEvent {
-                kind: EventKind::New,
-                id: format!("e{index}"),
-                camera: "line1".into(),
-                start_time: index as f64,
-                end_time: None,
-                score: 0.9,
-                top_score: 0.9,
-                boxes: Vec::new(),
                 snapshot: true,
-                model: "m".into(),
-                end_reason: None,
-                snapshot_url: None,
-                clip_url: None,
+                ..AlertEvent::sample(&format!("e{index}"), "line1", index as f64, 0.9)
             };
             let peak = Peak {
                 raw_score: None,

@@ -371,7 +371,7 @@ async fn cameras(State(served): State<Arc<Served>>) -> Response {
 mod tests {
     use super::super::tests::{call, call_with, runtime, served};
     use super::super::{Served, router};
-    use crate::alerts::{AlertEvent, EventKind};
+    use crate::alerts::AlertEvent;
     use crate::pipeline::metrics::Metrics;
     use crate::store::{EventStore, Peak};
     use serde_json::Value;
@@ -379,19 +379,9 @@ mod tests {
 
     fn event(id: &str, camera: &str, start: f64, score: f32) -> AlertEvent {
         AlertEvent {
-            kind: EventKind::New,
-            id: id.into(),
-            camera: camera.into(),
-            start_time: start,
-            end_time: None,
-            score,
-            top_score: score,
-            boxes: Vec::new(),
             snapshot: true,
             model: "demo".into(),
-            end_reason: None,
-            snapshot_url: None,
-            clip_url: None,
+            ..AlertEvent::sample(id, camera, start, score)
         }
     }
 

@@ -531,21 +531,7 @@ mod tests {
             "0.0.0.0:9090",
         )
         .expect("load");
-        let event = crate::alerts::AlertEvent {
-            kind: crate::alerts::EventKind::New,
-            id: "e1".into(),
-            camera: "line1".into(),
-            start_time: 1.0,
-            end_time: None,
-            score: 0.9,
-            top_score: 0.9,
-            boxes: Vec::new(),
-            snapshot: false,
-            model: "m".into(),
-            end_reason: None,
-            snapshot_url: None,
-            clip_url: None,
-        };
+        let event = crate::alerts::AlertEvent::sample("e1", "line1", 1.0, 0.9);
         crate::store::EventStore::open(dir.path())
             .and_then(|store| store.record(&event, "m", None, 1.0))
             .expect("an event");

@@ -481,18 +481,9 @@ mod tests {
     fn event(kind: EventKind, end: Option<f64>) -> AlertEvent {
         AlertEvent {
             kind,
-            id: "line1-1005000-1".into(),
-            camera: "line1".into(),
-            start_time: EPOCH + 5.0,
             end_time: end,
-            score: 0.9,
-            top_score: 0.9,
-            boxes: Vec::new(),
-            snapshot: false,
-            model: "m".into(),
             end_reason: end.map(|_| EndReason::Cleared),
-            snapshot_url: None,
-            clip_url: None,
+            ..AlertEvent::sample("line1-1005000-1", "line1", EPOCH + 5.0, 0.9)
         }
     }
 

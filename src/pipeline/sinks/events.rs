@@ -484,25 +484,10 @@ impl Sink for EventLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alerts::EventKind;
 
     fn event(id: &str, score: f32) -> Row {
         Row::Event {
-            event: Box::new(AlertEvent {
-                kind: EventKind::New,
-                id: id.into(),
-                camera: "line1".into(),
-                start_time: 1.0,
-                end_time: None,
-                score,
-                top_score: score,
-                boxes: Vec::new(),
-                snapshot: false,
-                model: "m".into(),
-                end_reason: None,
-                snapshot_url: None,
-                clip_url: None,
-            }),
+            event: Box::new(AlertEvent::sample(id, "line1", 1.0, score)),
             model: "m".into(),
             peak: None,
         }
