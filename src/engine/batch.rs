@@ -151,7 +151,7 @@ pub struct Participant<'a> {
 
 impl SharedSession {
     /// `engine` shared by callers whose images are run `max_batch` at a time (clamped to
-    /// 1..=[`MAX_BATCH`]), waiting at most `wait` (at most [`MAX_WAIT`]) for a batch to fill. On a
+    /// 1..=[`MAX_BATCH`]), waiting at most `wait` (at most [`MAX_WAIT`]) for a batch to fill. On
     /// CUDA each call is padded to one image per participant (see the module's doc).
     pub fn new(engine: Engine, max_batch: usize, wait: Duration) -> Self {
         let padded = engine.provider() == ExecutionProvider::Cuda;

@@ -133,8 +133,11 @@ fn is_nvdec(factory: &gst::ElementFactory) -> bool {
     factory
         .plugin_name()
         .is_some_and(|plugin| plugin == "nvcodec")
-        && factory.klass().contains("Decoder")
-        && factory.klass().contains("Video")
+        && is_video_decoder(factory)
+}
+
+fn is_video_decoder(factory: &gst::ElementFactory) -> bool {
+    factory.klass().contains("Decoder") && factory.klass().contains("Video")
 }
 
 /// Makes `decodebin` try NVIDIA's decoders before the CPU's (`avdec_*`, primary rank, which wins
@@ -383,10 +386,7 @@ fn time_decoder(pipeline: &gst::Pipeline) -> Arc<DecoderWatch> {
     let watch = Arc::new(DecoderWatch::default());
     let seen = Arc::clone(&watch);
     pipeline.connect_deep_element_added(move |_, _, element| {
-        let Some(factory) = element
-            .factory()
-            .filter(|f| f.klass().contains("Decoder") && f.klass().contains("Video"))
-        else {
+        let Some(factory) = element.factory().filter(is_video_decoder) else {
             return;
         };
         let Some(pad) = element.static_pad("sink") else {
@@ -544,6 +544,11 @@ fn play_once(
         let _ = pipeline.set_state(gst::State::Null);
         return Err(SourceError::Start(why.unwrap_or_else(|| e.to_string())));
     }
+    // An NVIDIA decoder that gave no frame yet is blamed for how this play ends: NVDEC's decode
+    // failures reach the bus as errors of the elements before it (a demuxer, the RTSP source),
+    // its decode errors are only warnings (a file then ends without a frame); after frames, a
+    // lost connection is likelier.
+    let nvdec_gave_nothing = || decoder.nvidia() && !online.load(Ordering::Relaxed);
     let ending = loop {
         if stop.load(Ordering::Relaxed) {
             break Ending::Stopped;
@@ -558,24 +563,19 @@ fn play_once(
                     "no frame for {} s (camera.stall_seconds): the camera stalled",
                     stall.as_secs_f64()
                 ),
-                decoder.nvidia() && !online.load(Ordering::Relaxed),
+                nvdec_gave_nothing(),
             );
         }
         let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
             continue;
         };
         match message.view() {
-            // An NVIDIA decoder that drops every frame (its decode errors are warnings) reaches
-            // the end of a file without one.
-            gst::MessageView::Eos(_) if decoder.nvidia() && !online.load(Ordering::Relaxed) => {
+            gst::MessageView::Eos(_) if nvdec_gave_nothing() => {
                 break Ending::Error("the NVIDIA decoder gave no frame".into(), true);
             }
             gst::MessageView::Eos(_) => break Ending::Eos,
             gst::MessageView::Error(err) => {
-                // NVDEC's decode failures reach the bus as errors of the elements before it (a
-                // demuxer, the RTSP source): with an NVIDIA decoder that gave no frame yet, they
-                // count as its failure (after frames, a lost connection is likelier).
-                let nvdec = (decoder.nvidia() && !online.load(Ordering::Relaxed))
+                let nvdec = nvdec_gave_nothing()
                     || err
                         .src()
                         .and_then(|s| s.downcast_ref::<gst::Element>())
