@@ -512,7 +512,7 @@ fn bench_pipeline_times_every_stage_of_the_run_path_on_a_generated_file() {
         &pipeline,
         format!(
             "[model]\nbundle = \"{}\"\nprovider = \"cpu\"\n\n[[camera]]\nname = \"line1\"\n\
-             source = \"test://conveyor\"\nmax_fps = 1\n\n[output.rtsp]\nenabled = true\nport = {}\n\n\
+             source = \"test://conveyor?size=320x240\"\nmax_fps = 1\n\n[output.rtsp]\nenabled = true\nport = {}\n\n\
              [http]\nenabled = true\nbind = \"127.0.0.1:{}\"\n",
             path(common::tiny_conveyor_bundle()),
             port(0),
@@ -539,6 +539,9 @@ fn bench_pipeline_times_every_stage_of_the_run_path_on_a_generated_file() {
     assert!(number("cpu_utilisation") > 0.0, "{json}");
     assert_eq!(json["provider"], "cpu");
     assert_eq!(json["source_generated"], true);
+    // The generated file has the camera's conveyor size.
+    let source = json["source"].as_str().unwrap_or("");
+    assert!(source.ends_with("conveyor-320x240.mkv"), "{source}");
     // Every frame of the file analysed (max_fps ignored) and encoded, none dropped.
     for key in ["frames", "frames_analysed", "frames_encoded"] {
         assert_eq!(json[key], 12, "{key}: {json}");

@@ -1,6 +1,5 @@
 #!/usr/bin/env python3
-"""The many-camera table (issue 26): `stpm run` with N generated 640x480 cameras (test://conveyor), each recorded, paced at 25 frames/s like real cameras and as fast as the pipeline takes them, with
-batching across cameras off (model.batch = 1) and on (model.batch = min(N, 32)). For each run:
+"""The many-camera table (issue 26): `stpm run` with N cameras of the generated conveyor (640x480 unless --size says otherwise), each recorded, paced at 25 frames/s like real cameras and as fast as the pipeline takes them, with batching across cameras off (model.batch = 1) and on (model.batch = min(N, 32)). For each run:
 aggregate analysed frames/s (steady state, between the first scrape with analysed frames and the
 last), frames dropped, end-to-end latency (appsink to encoded frame: median of the cameras' p50,
 worst camera's p95, over each camera's last 1000 frames), mean ms per stage, CPU cores used.
@@ -8,8 +7,15 @@ worst camera's p95, over each camera's last 1000 frames), mean ms per stage, CPU
 Usage (from the repository root; stdlib only):
 
     scripts/dev/scale_table.py [--bundle <bundle>] [--stpm PATH] [--cameras 1 8 32 64]
+        [--size 640x480 1920x1080] [--source generated|file]
         [--modes paced fast] [--batching off on] [--seconds 12] [--frames 150]
         [--provider auto] [--out DIR]
+
+--source generated: each camera is test://conveyor?size=WxH (frames drawn on the CPU, no decode).
+--source file: each camera plays one H.264 Matroska file of the conveyor (decoded like a camera's
+stream: NVDEC where the engine is on a GPU and nvcodec has a decoder), made once per size in
+DIR/files by a one-camera `stpm run` that records it (annotated, so the file shows that run's
+overlay), --seconds x 25 frames long; paced and fast runs both play it once.
 
 Without --bundle, trains a one-epoch bundle on a generated set first (as scripts/gpu-check.sh
 does; kept in DIR/bundle for the next call). Prints a Markdown table and writes it, with each
@@ -19,6 +25,7 @@ with RTSP clients, measured over a window: live_measure.py, whose /metrics reade
 """
 
 import argparse
+import itertools
 import os
 import re
 import shutil
@@ -40,16 +47,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-def pipeline(work, bundle, cameras, paced, frames, port):
+def pipeline(work, bundle, sources, paced, port):
+    """A pipeline of one camera per source URI, each recorded under work/recordings; /metrics on
+    `port` (no HTTP server when None)."""
     text = f'[model]\nbundle = "{bundle}"\n'
-    for k in range(cameras):
-        query = f"frames={frames}&fps={FPS}&seed={k + 1}"
-        text += (f'[[camera]]\nname = "cam{k + 1}"\nsource = "test://conveyor?{query}"\n'
+    for k, source in enumerate(sources):
+        text += (f'[[camera]]\nname = "cam{k + 1}"\nsource = "{source}"\n'
                  f'realtime = {"true" if paced else "false"}\n')
     text += (f'[output.record]\nenabled = true\ndir = "{work}/recordings"\n'
-             f'[output.rtsp]\nenabled = false\n'
-             f'[http]\nenabled = true\nbind = "127.0.0.1:{port}"\nlive = false\n')
-    return text
+             f'[output.rtsp]\nenabled = false\n')
+    if port is None:
+        return text + '[http]\nenabled = false\n'
+    return text + f'[http]\nenabled = true\nbind = "127.0.0.1:{port}"\nlive = false\n'
 
 
 def scrape(port):
@@ -65,12 +74,41 @@ def total(samples, name):
     return sum(v for n, _, v in samples if n == name)
 
 
-def run_one(args, work, cameras, paced, batch):
+def conveyor(size, frames, seed):
+    return f"test://conveyor?frames={frames}&fps={FPS}&seed={seed}&size={size}"
+
+
+def make_file(args, out, size):
+    """The conveyor at `size` as an H.264 Matroska file of --seconds x 25 frames (made once)."""
+    folder = out / "files" / size
+    made = sorted(folder.glob("recordings/*.mkv"))
+    if made:
+        return made[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"scale_table: recording a {size} conveyor file", flush=True)
+    toml = folder / "make.toml"
+    toml.write_text(pipeline(folder, args.bundle, [conveyor(size, FPS * args.seconds, 1)],
+                             False, None))
+    with open(folder / "make.log", "w") as log:
+        subprocess.run([args.stpm, "run", "--pipeline", str(toml), "--set",
+                        f"model.provider={args.provider}"], check=True, stdout=log,
+                       stderr=subprocess.STDOUT)
+    made = sorted(folder.glob("recordings/*.mkv"))
+    if len(made) != 1:
+        sys.exit(f"scale_table: expected one recording in {folder}/recordings, found {len(made)}")
+    return made[0]
+
+
+def run_one(args, work, cameras, paced, batch, size, file):
     port = free_port()
-    frames = FPS * args.seconds if paced else args.frames
-    name = f"n{cameras}-{'paced' if paced else 'fast'}-batch{batch}"
+    if file:
+        sources = [f"file://{file.resolve()}"] * cameras
+    else:
+        frames = FPS * args.seconds if paced else args.frames
+        sources = [conveyor(size, frames, k + 1) for k in range(cameras)]
+    name = f"{size}-{'file' if file else 'gen'}-n{cameras}-{'paced' if paced else 'fast'}-batch{batch}"
     toml = work / f"{name}.toml"
-    toml.write_text(pipeline(work / name, args.bundle, cameras, paced, frames, port))
+    toml.write_text(pipeline(work / name, args.bundle, sources, paced, port))
     log = open(work / f"{name}.log", "w")
     cmd = [args.stpm, "run", "--pipeline", str(toml), "--set", f"model.batch={batch}",
            "--set", f"model.provider={args.provider}"]
@@ -89,7 +127,8 @@ def run_one(args, work, cameras, paced, batch):
         time.sleep(0.5)
     wall = time.time() - started
     log.close()
-    row = {"name": name, "cameras": cameras, "mode": "paced 25/s" if paced else "as fast",
+    row = {"name": name, "cameras": cameras, "size": size,
+           "mode": ("paced 25/s" if paced else "as fast") + (", file" if file else ""),
            "batch": batch, "status": proc.returncode, "wall": wall}
     if samples is None:
         return row
@@ -127,6 +166,9 @@ def main():
     parser.add_argument("--bundle", help="default: a one-epoch bundle trained in DIR/bundle")
     parser.add_argument("--stpm", default=os.environ.get("STPM", "target/release/stpm"))
     parser.add_argument("--cameras", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--size", nargs="+", default=["640x480"],
+                        help="camera frame sizes, WIDTHxHEIGHT (each even, 64 to 4096)")
+    parser.add_argument("--source", choices=["generated", "file"], default="generated")
     parser.add_argument("--modes", nargs="+", choices=["paced", "fast"], default=["paced", "fast"])
     parser.add_argument("--batching", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--seconds", type=int, default=12, help="length of a paced run")
@@ -151,27 +193,32 @@ def main():
     if not Path(args.bundle, "stpm.toml").is_file():
         sys.exit(f"scale_table: {args.bundle} is not a bundle (no stpm.toml)")
     args.bundle = str(Path(args.bundle).resolve())
-    header = ("| cameras | frames | batch | analysed frames/s | dropped | e2e p50 / worst p95 ms "
-              "| cores | mean ms per stage | exit |\n|---|---|---|---|---|---|---|---|---|")
+    for size in args.size:
+        if not re.fullmatch(r"\d+x\d+", size):
+            sys.exit(f"scale_table: --size {size}: give WIDTHxHEIGHT, e.g. 1920x1080")
+    files = {size: make_file(args, out, size) if args.source == "file" else None
+             for size in args.size}
+    header = ("| size | cameras | frames | batch | analysed frames/s | dropped "
+              "| e2e p50 / worst p95 ms | cores | mean ms per stage | exit |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
     print(header, flush=True)
     lines = [header]
-    for cameras in args.cameras:
-        for mode in args.modes:
-            for batching in args.batching:
-                batch = min(cameras, 32) if batching == "on" else 1
-                if batching == "on" and batch == 1 and "off" in args.batching:
-                    continue  # the same run as batching off
-                row = run_one(args, out, cameras, mode == "paced", batch)
-                if "fps" in row:
-                    line = (f"| {row['cameras']} | {row['mode']} | {row['batch']} | "
-                            f"{row['fps']:.1f} | {row['dropped']} of {row['frames']} | "
-                            f"{row['p50']:.1f} / {row['p95']:.1f} | {row['cores']:.1f} | "
-                            f"{row['stages']} | {row['status']} |")
-                else:
-                    line = (f"| {row['cameras']} | {row['mode']} | {row['batch']} | "
-                            f"no metrics (see {row['name']}.log) | | | | | {row['status']} |")
-                print(line, flush=True)
-                lines.append(line)
+    for size, cameras, mode, batching in itertools.product(args.size, args.cameras, args.modes,
+                                                           args.batching):
+        batch = min(cameras, 32) if batching == "on" else 1
+        if batching == "on" and batch == 1 and "off" in args.batching:
+            continue  # the same run as batching off
+        row = run_one(args, out, cameras, mode == "paced", batch, size, files[size])
+        if "fps" in row:
+            line = (f"| {row['size']} | {row['cameras']} | {row['mode']} | {row['batch']} | "
+                    f"{row['fps']:.1f} | {row['dropped']} of {row['frames']} | "
+                    f"{row['p50']:.1f} / {row['p95']:.1f} | {row['cores']:.1f} | "
+                    f"{row['stages']} | {row['status']} |")
+        else:
+            line = (f"| {row['size']} | {row['cameras']} | {row['mode']} | {row['batch']} | "
+                    f"no metrics (see {row['name']}.log) | | | | | {row['status']} |")
+        print(line, flush=True)
+        lines.append(line)
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print(f"scale_table: table, logs and scrapes in {out}")
 

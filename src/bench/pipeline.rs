@@ -67,7 +67,8 @@ pub struct PipelineBenchReport {
     pub camera: String,
     /// The file measured (`file:///…`).
     pub source: String,
-    /// True when the camera had no file source and a 640×480 conveyor file was generated.
+    /// True when the camera had no file source and a conveyor file was generated (at its
+    /// `test://conveyor` size, else 640×480).
     pub source_generated: bool,
     /// True when the file played at its frame rate (`--realtime`), false when as fast as possible.
     pub realtime: bool,

@@ -1,5 +1,5 @@
 //! What `stpm bench --pipeline` measures on: the camera's file, `--source`, or a conveyor file it
-//! writes the way recordings are written.
+//! writes the way recordings are written (at the camera's `test://conveyor?size=…`, else 640×480).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,17 +34,20 @@ pub(super) fn choose_source(
                 path.display()
             ))),
             Ok(_) => Err(BenchError::Source(format!(
-                "--source {uri}: the bench measures a file source (file:///abs/path.mkv|.mp4); leave --source out to measure a generated 640×480 conveyor file"
+                "--source {uri}: the bench measures a file source (file:///abs/path.mkv|.mp4); leave --source out to measure a generated conveyor file (the camera's test://conveyor size, else 640×480)"
             ))),
             Err(message) => Err(BenchError::Source(format!("--source: {message}"))),
         };
     }
-    if let Ok(SourceUri::File(path)) = SourceUri::parse(&camera.source) {
-        return Ok((path, false));
-    }
-    let path = scratch.join("conveyor-640x480.mkv");
+    let size = match SourceUri::parse(&camera.source) {
+        Ok(SourceUri::File(path)) => return Ok((path, false)),
+        Ok(SourceUri::Conveyor { size, .. }) => size,
+        _ => conveyor::CONVEYOR_SIZE,
+    };
+    let (width, height) = size;
+    let path = scratch.join(format!("conveyor-{width}x{height}.mkv"));
     log::info!(
-        "bench: camera {} reads {}, not a file; measuring a generated 640×480 conveyor file of {} frames instead (choose a file with --source file:///…)",
+        "bench: camera {} reads {}, not a file; measuring a generated {width}×{height} conveyor file of {} frames instead (choose a file with --source file:///…)",
         camera.name,
         camera.source,
         frames
@@ -55,14 +58,19 @@ pub(super) fn choose_source(
         .parse()
         .and_then(Encoder::resolve)
         .map_err(|e| BenchError::Source(e.to_string()))?;
-    write_conveyor(&path, frames as u64, GENERATED_FPS, &encoder)?;
+    write_conveyor(&path, frames as u64, GENERATED_FPS, size, &encoder)?;
     Ok((path, true))
 }
 
-/// Writes `frames` frames of the conveyor (640×480, seed 1) at `fps` as an H.264 Matroska file
-/// with `encoder`, the way recordings are written.
-fn write_conveyor(path: &Path, frames: u64, fps: f64, encoder: &Encoder) -> Result<(), BenchError> {
-    let (width, height) = conveyor::CONVEYOR_SIZE;
+/// Writes `frames` frames of the conveyor (`width`×`height`, seed 1) at `fps` as an H.264
+/// Matroska file with `encoder`, the way recordings are written.
+fn write_conveyor(
+    path: &Path,
+    frames: u64,
+    fps: f64,
+    (width, height): (usize, usize),
+    encoder: &Encoder,
+) -> Result<(), BenchError> {
     let mut conveyor = Conveyor::new(width, height, 1);
     let recording: Arc<dyn VideoSink> =
         Arc::new(Recording::to(Destination::File(path.to_path_buf())));

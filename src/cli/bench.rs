@@ -39,7 +39,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub pipeline: Option<PathBuf>,
     /// With --pipeline: measure this file (file:///abs/path.mkv) instead of the camera's source.
-    /// Without it, a camera that does not read a file is measured on a generated 640×480 file.
+    /// Without it, a camera that does not read a file is measured on a generated conveyor file
+    /// (its test://conveyor?size=WxH, else 640×480).
     #[arg(long, requires = "pipeline")]
     pub source: Option<String>,
     /// With --pipeline: override one key, as `stpm run --set` (repeatable).

@@ -53,7 +53,7 @@ pub struct CameraConfig {
     /// Name used in RTSP paths, recordings, metrics and alert topics (letters, digits, `-`, `_`).
     pub name: String,
     /// `rtsp://…`, `file:///abs/path.mkv|.mp4`, `v4l2:///dev/videoN` or `test://conveyor`
-    /// (`test://conveyor?frames=N&fps=F&seed=S`).
+    /// (`test://conveyor?frames=N&fps=F&seed=S&size=WxH`).
     pub source: String,
     /// Files: start again at the end instead of ending the camera.
     #[serde(default, rename = "loop")]
@@ -211,8 +211,14 @@ pub enum SourceUri {
         frames: Option<u64>,
         fps: f64,
         seed: u64,
+        /// Frame width and height (`size=1920x1080`; 640×480 unless given).
+        size: (usize, usize),
     },
 }
+
+/// The smallest and largest conveyor frame side (`test://conveyor?size=WxH`); sides are even (the
+/// encoder's I420 halves them).
+const CONVEYOR_SIDES: std::ops::RangeInclusive<usize> = 64..=4096;
 
 /// Why a camera's `source` is not one we read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -221,8 +227,10 @@ pub enum SourceUriError {
     RelativeFile { uri: String },
     #[error("`{uri}`: `{option}` needs a number")]
     NotANumber { uri: String, option: String },
-    #[error("`{uri}`: unknown option `{key}` (frames, fps, seed)")]
+    #[error("`{uri}`: unknown option `{key}` (frames, fps, seed, size)")]
     UnknownOption { uri: String, key: String },
+    #[error("`{uri}`: `{option}`: give WIDTHxHEIGHT, each even and 64 to 4096 (size=1920x1080)")]
+    BadSize { uri: String, option: String },
     #[error(
         "`{uri}` is not a supported source (rtsp://…, file:///abs/path, v4l2:///dev/videoN, test://conveyor)"
     )]
@@ -246,11 +254,18 @@ impl SourceUri {
                 frames: None,
                 fps: 15.0,
                 seed: 1,
+                size: crate::pipeline::conveyor::CONVEYOR_SIZE,
             };
             let query = rest.strip_prefix('?').unwrap_or(rest);
             for pair in query.split('&').filter(|p| !p.is_empty()) {
                 let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                let Self::Conveyor { frames, fps, seed } = &mut source else {
+                let Self::Conveyor {
+                    frames,
+                    fps,
+                    seed,
+                    size,
+                } = &mut source
+                else {
                     break;
                 };
                 let bad = || SourceUriError::NotANumber {
@@ -261,6 +276,12 @@ impl SourceUri {
                     "frames" => *frames = Some(value.parse().map_err(|_| bad())?),
                     "fps" => *fps = value.parse().map_err(|_| bad())?,
                     "seed" => *seed = value.parse().map_err(|_| bad())?,
+                    "size" => {
+                        *size = parse_size(value).ok_or_else(|| SourceUriError::BadSize {
+                            uri: uri.into(),
+                            option: pair.into(),
+                        })?
+                    }
                     _ => {
                         return Err(SourceUriError::UnknownOption {
                             uri: uri.into(),
@@ -274,6 +295,14 @@ impl SourceUri {
             Err(SourceUriError::Unsupported { uri: uri.into() })
         }
     }
+}
+
+/// `WIDTHxHEIGHT` with both sides even and within [`CONVEYOR_SIDES`].
+fn parse_size(value: &str) -> Option<(usize, usize)> {
+    let (width, height) = value.split_once(['x', 'X'])?;
+    let (width, height) = (width.parse().ok()?, height.parse().ok()?);
+    let fits = |side: usize| CONVEYOR_SIDES.contains(&side) && side.is_multiple_of(2);
+    (fits(width) && fits(height)).then_some((width, height))
 }
 
 impl PipelineConfig {
@@ -574,8 +603,48 @@ mod tests {
             Ok(SourceUri::Conveyor {
                 frames: Some(5),
                 fps: 15.0,
-                seed: 1
+                seed: 1,
+                size: (640, 480)
             })
+        );
+    }
+
+    #[test]
+    fn a_conveyor_takes_its_frame_size_and_refuses_odd_ones() {
+        let parsed = SourceUri::parse("test://conveyor?size=1920x1080&fps=25");
+        assert_eq!(
+            parsed,
+            Ok(SourceUri::Conveyor {
+                frames: None,
+                fps: 25.0,
+                seed: 1,
+                size: (1920, 1080)
+            })
+        );
+        for bad in [
+            "1921x1080",
+            "1920",
+            "1920x",
+            "x1080",
+            "32x32",
+            "8192x64",
+            "axb",
+        ] {
+            let uri = format!("test://conveyor?size={bad}");
+            let message = SourceUri::parse(&uri).err().map(|e| e.to_string());
+            assert!(
+                message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("WIDTHxHEIGHT")),
+                "{uri}: {message:?}"
+            );
+        }
+        let message = SourceUri::parse("test://conveyor?width=5")
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            message.as_deref().is_some_and(|m| m.contains("size")),
+            "{message:?}"
         );
     }
 

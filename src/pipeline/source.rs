@@ -72,9 +72,12 @@ pub fn spawn(
         .name(format!("capture-{}", spec.camera))
         .spawn(move || {
             match spec.uri.clone() {
-                SourceUri::Conveyor { frames, fps, seed } => {
-                    run_conveyor(&spec, frames, fps, seed, &queue, &stop)
-                }
+                SourceUri::Conveyor {
+                    frames,
+                    fps,
+                    seed,
+                    size,
+                } => run_conveyor(&spec, frames, fps, seed, size, &queue, &stop),
                 _ => run_gstreamer(&spec, &queue, &stop),
             }
             queue.push_drop_oldest(Item::End);
@@ -94,10 +97,10 @@ fn run_conveyor(
     frames: Option<u64>,
     fps: f64,
     seed: u64,
+    (w, h): (usize, usize),
     queue: &FrameQueue<Captured>,
     stop: &AtomicBool,
 ) {
-    let (w, h) = crate::pipeline::conveyor::CONVEYOR_SIZE;
     let mut conveyor = Conveyor::new(w, h, seed);
     let period = Duration::from_secs_f64(1.0 / fps.max(0.1));
     let start = Instant::now();
