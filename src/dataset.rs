@@ -1,5 +1,6 @@
 //! Finding images on disk: plain image folders and the MVTec AD layout (`train/good`, `test/<type>`,
-//! `ground_truth/<type>/<stem>_mask.png`). Lists paths only; decoding is `preprocess`'s job.
+//! `ground_truth/<type>/<stem>_mask.png`, or the image's own name). Lists paths only; decoding is
+//! `preprocess`'s job.
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +26,44 @@ pub fn is_image(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// The masks of one defect type's folder (`ground_truth/<type>`), listed once.
+struct MaskFolder {
+    dir: PathBuf,
+    /// Lower-cased file name → path.
+    files: std::collections::HashMap<String, PathBuf>,
+}
+
+impl MaskFolder {
+    fn list(dir: &Path) -> Self {
+        let files = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| entry.ok())
+            .map(|entry| entry.path())
+            .filter(|path| path.is_file())
+            .filter_map(|path| {
+                let name = path.file_name()?.to_string_lossy().to_lowercase();
+                Some((name, path))
+            })
+            .collect();
+        Self {
+            dir: dir.to_path_buf(),
+            files,
+        }
+    }
+
+    /// The mask of test image `image`: `<stem>_mask.png` (MVTec AD), else `<stem>.png` (the
+    /// image's own name, as BTAD and VisA's MVTec-style splits have it), else either with another
+    /// image extension; letter case aside.
+    fn find(&self, image: &Path) -> Option<PathBuf> {
+        let stem = image.file_stem()?.to_string_lossy().to_lowercase();
+        [format!("{stem}_mask"), stem]
+            .iter()
+            .flat_map(|name| IMAGE_EXTENSIONS.map(|ext| format!("{name}.{ext}")))
+            .find_map(|name| self.files.get(&name).cloned())
+    }
 }
 
 /// Image files directly inside `dir`, sorted by name.
@@ -84,7 +123,9 @@ pub enum LayoutError {
         "{dir} is not an MVTec-layout category: {problem}. Expected test/good/*.png, test/<defect_type>/*.png and ground_truth/<defect_type>/<stem>_mask.png"
     )]
     Layout { dir: PathBuf, problem: String },
-    #[error("no ground-truth mask for {image}: expected {mask}")]
+    #[error(
+        "no ground-truth mask for {image}: expected {mask} (or the image's own name with .png or another image extension)"
+    )]
     MissingMask { image: PathBuf, mask: PathBuf },
     #[error(transparent)]
     Dataset(#[from] DatasetError),
@@ -117,22 +158,18 @@ pub fn test_set(dir: &Path) -> Result<Vec<TestImage>, LayoutError> {
     }
     let mut images = Vec::new();
     for defect_type in types {
+        let masks = (defect_type != "good")
+            .then(|| MaskFolder::list(&dir.join("ground_truth").join(&defect_type)));
         for path in images_in(&test.join(&defect_type))? {
-            let mask = if defect_type == "good" {
-                None
-            } else {
-                let stem = path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let mask = dir
-                    .join("ground_truth")
-                    .join(&defect_type)
-                    .join(format!("{stem}_mask.png"));
-                if !mask.is_file() {
-                    return Err(LayoutError::MissingMask { image: path, mask });
-                }
-                Some(mask)
+            let mask = match &masks {
+                None => None,
+                Some(masks) => Some(masks.find(&path).ok_or_else(|| {
+                    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+                    LayoutError::MissingMask {
+                        mask: masks.dir.join(format!("{stem}_mask.png")),
+                        image: path.clone(),
+                    }
+                })?),
             };
             images.push(TestImage {
                 path,
@@ -227,10 +264,27 @@ mod tests {
                 .contains("ground_truth/crack/007_mask.png"),
             "{error}"
         );
-        std::fs::write(dir.path().join("ground_truth/crack/007_mask.png"), b"x").expect("write");
+        // A mask with the image's own name (BTAD, VisA's MVTec-style split) is taken; MVTec's
+        // `_mask.png` wins where both are there; extensions and letter case may differ.
+        std::fs::write(dir.path().join("ground_truth/crack/007.PNG"), b"x").expect("write");
         let images = test_set(dir.path()).expect("layout");
         assert_eq!(images.len(), 2);
         assert!(!images[0].is_anomalous() && images[1].is_anomalous());
+        let mask = |images: &[TestImage]| images[1].mask.clone().unwrap_or_default();
+        assert!(mask(&images).ends_with("ground_truth/crack/007.PNG"));
+        std::fs::write(dir.path().join("ground_truth/crack/007_mask.png"), b"x").expect("write");
+        let images = test_set(dir.path()).expect("layout");
+        assert!(mask(&images).ends_with("ground_truth/crack/007_mask.png"));
+        std::fs::write(dir.path().join("test/crack/008.bmp"), b"x").expect("write");
+        std::fs::write(dir.path().join("ground_truth/crack/008_mask.bmp"), b"x").expect("write");
+        let images = test_set(dir.path()).expect("layout");
+        assert!(
+            images[2]
+                .mask
+                .clone()
+                .unwrap_or_default()
+                .ends_with("008_mask.bmp")
+        );
     }
 
     #[test]

@@ -209,7 +209,19 @@ fn read_mask(path: &Path) -> Result<(Vec<bool>, [usize; 2]), EvalError> {
         })?
         .to_luma8();
     let size = [mask.height() as usize, mask.width() as usize];
-    Ok((mask.pixels().map(|p| p.0[0] > 127).collect(), size))
+    Ok((binarise_mask(mask.as_raw()), size))
+}
+
+/// A defect where a mask's grey level is above 127 (masks of 0 and 255, anti-aliased edges in
+/// between), or, in a mask whose levels all stay at or below 127 (label images of 0 and 1 or of
+/// small class numbers), anywhere above 0.
+fn binarise_mask(levels: &[u8]) -> Vec<bool> {
+    let threshold = if levels.iter().any(|&v| v > 127) {
+        127
+    } else {
+        0
+    };
+    levels.iter().map(|&v| v > threshold).collect()
 }
 
 /// Nearest-neighbour resize of a boolean mask from `from` = [h, w] to `to`.
@@ -590,7 +602,19 @@ pub fn summary_table(report: &Report) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::csv_field;
+    use super::{binarise_mask, csv_field};
+
+    #[test]
+    fn masks_of_255_and_label_masks_of_1_both_mark_their_defects() {
+        // 0/255 with an anti-aliased edge: above half.
+        assert_eq!(
+            binarise_mask(&[0, 100, 128, 255]),
+            vec![false, false, true, true]
+        );
+        // 0/1 (or class numbers): anything above 0.
+        assert_eq!(binarise_mask(&[0, 1, 0, 3]), vec![false, true, false, true]);
+        assert_eq!(binarise_mask(&[0, 0]), vec![false, false]);
+    }
 
     #[test]
     fn csv_fields_are_quoted_only_when_they_need_it() {
