@@ -191,6 +191,15 @@ pub fn test_set(dir: &Path) -> Result<Vec<TestImage>, LayoutError> {
 /// manifest: `stpm export` reproduces the split from it, the image list and the seed).
 pub const DEFAULT_HOLDOUT_FRACTION: f64 = 0.2;
 
+/// `most` indices of `0..count` spread evenly from first to last (all of them when `count` ≤
+/// `most`), ascending.
+pub fn evenly_spaced(count: usize, most: usize) -> Vec<usize> {
+    if count <= most {
+        return (0..count).collect();
+    }
+    (0..most).map(|k| k * count / most).collect()
+}
+
 /// Splits `count` items into (train, holdout) index lists, shuffled with `seed`.
 pub fn split_holdout(count: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
     let mut order: Vec<usize> = (0..count).collect();
@@ -215,6 +224,19 @@ pub fn shuffle(indices: &mut [usize], rng: &mut SplitMix) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn evenly_spaced_indices_cover_the_whole_range_once() {
+        assert_eq!(evenly_spaced(3, 5), vec![0, 1, 2]);
+        assert_eq!(evenly_spaced(10, 4), vec![0, 2, 5, 7]);
+        let picked = evenly_spaced(100_000, 1000);
+        assert_eq!(picked.len(), 1000);
+        assert!(
+            picked.windows(2).all(|w| w[1] - w[0] == 100),
+            "evenly, ascending"
+        );
+        assert_eq!((picked[0], picked[999]), (0, 99_900));
+    }
 
     #[test]
     fn holdout_split_is_deterministic_disjoint_and_twenty_percent() {

@@ -360,8 +360,19 @@ fn a_reused_student_gets_the_defect_head_without_training_again() {
     config.fusion = Fusion::Whitened;
     config.head_weight = 0.0;
     config.seed = 17;
+    // Six of the seven images (the image cap), recorded as such.
+    config.max_images = 6;
     let first = train(&config, Arc::new(AtomicBool::new(false))).expect("train");
     assert!(first.bundle.manifest.model.head.is_none());
+    let recorded = &first.bundle.manifest.training;
+    assert_eq!(
+        (
+            recorded.n_train + recorded.n_holdout,
+            recorded.images_found,
+            recorded.max_images
+        ),
+        (6, 7, 6)
+    );
 
     let with_head = dir.path().join("with-head");
     let mut again = tiny_config(&data, &with_head, BackboneKind::ResNet18);
@@ -372,12 +383,14 @@ fn a_reused_student_gets_the_defect_head_without_training_again() {
     let manifest = &second.bundle.manifest;
     let head = manifest.model.head.as_ref().expect("a head section");
     assert!(head.logit_std > 0.0 && head.weight == 1.0, "{head:?}");
-    // The student's seed, so the same images are held out; the student itself unchanged.
+    // The student's seed and image cap (this run's default is larger), so the same images are
+    // held out; the student itself unchanged.
     assert_eq!(manifest.training.seed, 17);
     assert_eq!(
-        manifest.training.n_holdout,
-        first.bundle.manifest.training.n_holdout
+        (manifest.training.n_train, manifest.training.n_holdout),
+        (recorded.n_train, recorded.n_holdout)
     );
+    assert_eq!(manifest.training.max_images, 6);
     // The same student: its features of one input agree.
     let device = compute_device();
     let image = Tensor::<4>::from_data(

@@ -198,6 +198,13 @@ pub struct TrainingSummary {
     /// The step budget (`stpm train --max-steps`; 0: none).
     #[serde(default)]
     pub max_steps: usize,
+    /// Images the training folder held (more than `n_train + n_holdout` when `max_images` took a
+    /// share; 0 in bundles written before the cap existed).
+    #[serde(default)]
+    pub images_found: usize,
+    /// The image cap (`stpm train --max-images`; 0: none, as in bundles written before it).
+    #[serde(default)]
+    pub max_images: usize,
 }
 
 fn no_augmentation() -> String {

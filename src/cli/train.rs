@@ -32,6 +32,10 @@ pub struct TrainArgs {
     /// whose epochs would take more trains each epoch on a random share of its images.
     #[arg(long, default_value_t = stpm::train::DEFAULT_MAX_STEPS)]
     pub max_steps: usize,
+    /// Most training images (0: all): a larger folder gives this many, evenly spaced in name
+    /// order (training keeps every image and its teacher features in memory, about 1.8 MB each).
+    #[arg(long, default_value_t = stpm::train::DEFAULT_MAX_IMAGES)]
+    pub max_images: usize,
     /// Images per SGD step (the paper uses 32; 8 gives more steps in the same time).
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -89,6 +93,7 @@ pub(super) fn run(args: TrainArgs) -> anyhow::Result<()> {
     };
     config.epochs = args.epochs;
     config.max_steps = args.max_steps;
+    config.max_images = args.max_images;
     config.batch_size = args.batch_size;
     config.image_size = args.image_size;
     config.learning_rate = args.learning_rate;

@@ -56,6 +56,10 @@ pub struct TrainConfig {
     /// Most SGD steps in all (0: no cap): when `epochs` full passes would take more, each epoch
     /// trains on a random share of the images so the run stays within this budget.
     pub max_steps: usize,
+    /// Most images taken from the training folder (0: all): a larger folder (frames collected
+    /// from a line for days) gives this many, evenly spaced in name order, so memory and the
+    /// teacher's pass stay bounded.
+    pub max_images: usize,
     pub batch_size: usize,
     pub image_size: usize,
     pub learning_rate: f64,
@@ -109,6 +113,11 @@ impl Augment {
 /// 12 epochs).
 pub const DEFAULT_MAX_STEPS: usize = 400;
 
+/// Default cap on the training folder's images: training holds every image and its teacher
+/// features in memory (about 1.8 MB an image at 256², so about 2.8 GB in all at this cap), and the
+/// step budget shows each of 1,000 images only a few times anyway (400 steps of 8).
+pub const DEFAULT_MAX_IMAGES: usize = 1000;
+
 /// Most held-out images the per-epoch checkpoint loss is measured on (all of them still
 /// calibrate the threshold and fit the map's statistics).
 const CHECKPOINT_IMAGES: usize = 64;
@@ -125,6 +134,7 @@ impl TrainConfig {
             teacher: TeacherWeights::File(PathBuf::from(DEFAULT_TEACHER)),
             epochs: 12,
             max_steps: DEFAULT_MAX_STEPS,
+            max_images: DEFAULT_MAX_IMAGES,
             batch_size: 8,
             image_size: 256,
             learning_rate: 0.4,
@@ -513,6 +523,7 @@ fn adopt_student_settings(
     adopted.batch_size = training.batch_size;
     adopted.learning_rate = training.learning_rate;
     adopted.max_steps = training.max_steps;
+    adopted.max_images = training.max_images;
     adopted.augment = <Augment as clap::ValueEnum>::value_variants()
         .iter()
         .copied()
@@ -544,15 +555,25 @@ fn reuse_student(source: &Bundle, data: &Prepared) -> Result<Fitted, TrainError>
             data.teacher_hash
         )));
     }
-    if (data.train_idx.len(), data.holdout_idx.len()) != (training.n_train, training.n_holdout) {
+    // Bundles written before the image cap record no folder size (0): the split must match.
+    let found = |n: usize| (n > 0).then_some(n);
+    if (data.train_idx.len(), data.holdout_idx.len()) != (training.n_train, training.n_holdout)
+        || found(training.images_found).is_some_and(|n| n != data.images_found)
+    {
         return Err(mismatch(format!(
-            "it was trained on {} + {} held-out images of {}; {} has {} + {} (give --data the folder it was trained on)",
+            "it was trained on {} + {} held-out images of {}{}; {} has {} + {}{} (give --data the folder it was trained on)",
             training.n_train,
             training.n_holdout,
             training.data,
+            found(training.images_found).map_or(String::new(), |n| format!(" ({n} found)")),
             data.folder.display(),
             data.train_idx.len(),
-            data.holdout_idx.len()
+            data.holdout_idx.len(),
+            if data.images_found > data.train_idx.len() + data.holdout_idx.len() {
+                format!(" ({} found)", data.images_found)
+            } else {
+                String::new()
+            }
         )));
     }
     let recorded = std::fs::canonicalize(&training.data).ok();
@@ -709,6 +730,8 @@ fn write_bundle(
             holdout_scores: holdout_scores.clone(),
             steps_per_epoch: fitted.steps_per_epoch,
             max_steps: config.max_steps,
+            images_found: data.images_found,
+            max_images: config.max_images,
         },
         int8: None,
     };

@@ -205,6 +205,8 @@ impl FeatureCache {
 /// Everything loaded before the first step: images, frozen teacher, its cached features, the split.
 pub(super) struct Prepared {
     pub(super) folder: PathBuf,
+    /// Images the folder held (more than are used when `max_images` took a share).
+    pub(super) images_found: usize,
     pub(super) norm: Normalisation,
     pub(super) device: Device,
     pub(super) teacher: Backbone,
@@ -221,7 +223,19 @@ pub(super) struct Prepared {
 
 impl Prepared {
     pub(super) fn load(config: &TrainConfig) -> Result<Self, TrainError> {
-        let (folder, paths) = dataset::training_images(&config.data)?;
+        let (folder, mut paths) = dataset::training_images(&config.data)?;
+        let images_found = paths.len();
+        if config.max_images > 0 && images_found > config.max_images {
+            paths = dataset::evenly_spaced(images_found, config.max_images)
+                .into_iter()
+                .map(|index| paths[index].clone())
+                .collect();
+            log::info!(
+                "{} holds {images_found} images: training on {} of them, evenly spaced in name order (--max-images)",
+                folder.display(),
+                paths.len()
+            );
+        }
         if paths.len() < 2 {
             return Err(TrainError::TooFewImages {
                 folder,
@@ -252,6 +266,7 @@ impl Prepared {
         }
         Ok(Self {
             folder,
+            images_found,
             norm,
             device,
             teacher,
