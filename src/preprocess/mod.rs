@@ -239,6 +239,32 @@ mod tests {
     use super::test_frame as frame;
 
     #[test]
+    fn every_listed_image_extension_decodes() {
+        // `dataset::IMAGE_EXTENSIONS` lists what training and evaluation take from a folder: each
+        // must decode (BMP and TIFF, e.g. BTAD's and other industrial sets' files, too).
+        let dir = tempfile::tempdir().expect("dir");
+        let original = frame(5, 4, |x, y, c| (x * 40 + y * 15 + c * 7) as u8);
+        let image = image::RgbImage::from_raw(5, 4, original.pixels.clone()).expect("image");
+        for ext in crate::dataset::IMAGE_EXTENSIONS {
+            let path = dir.path().join(format!("frame.{ext}"));
+            image.save(&path).expect("save");
+            let read = RgbFrame::open(&path).unwrap_or_else(|e| panic!("{ext}: {e}"));
+            assert_eq!((read.width, read.height), (5, 4), "{ext}");
+            if !matches!(ext, "jpg" | "jpeg") {
+                assert_eq!(read.pixels, original.pixels, "{ext}: lossless");
+            }
+        }
+        // Grey 16-bit (some inspection cameras' PNGs) becomes RGB.
+        let grey = image::ImageBuffer::<image::Luma<u16>, _>::from_fn(3, 2, |x, _| {
+            image::Luma([x as u16 * 30000])
+        });
+        let path = dir.path().join("grey16.png");
+        grey.save(&path).expect("save");
+        let read = RgbFrame::open(&path).expect("grey16");
+        assert_eq!(&read.pixels[..9], &[0, 0, 0, 117, 117, 117, 233, 233, 233]);
+    }
+
+    #[test]
     fn identity_size_only_normalises() {
         let f = frame(4, 3, |x, y, c| (x * 50 + y * 20 + c) as u8);
         let norm = Normalisation {
