@@ -88,12 +88,12 @@ pub fn images_in(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
 /// The defect-free training images of `dir`: `dir/train/good` for an MVTec category, else the
 /// images directly in `dir`. Returns the folder used and its images.
 pub fn training_images(dir: &Path) -> Result<(PathBuf, Vec<PathBuf>), DatasetError> {
-    let mvtec = dir.join("train").join("good");
-    let folder = if mvtec.is_dir() {
-        mvtec
-    } else {
-        dir.to_path_buf()
-    };
+    let train = dir.join("train");
+    let folder = GOOD_FOLDERS
+        .iter()
+        .map(|name| train.join(name))
+        .find(|folder| folder.is_dir())
+        .unwrap_or_else(|| dir.to_path_buf());
     let images = images_in(&folder)?;
     if images.is_empty() {
         return Err(DatasetError::Empty { path: folder });
@@ -101,11 +101,15 @@ pub fn training_images(dir: &Path) -> Result<(PathBuf, Vec<PathBuf>), DatasetErr
     Ok((folder, images))
 }
 
+/// Names of the good images' folder under `train/` and `test/`, in order of preference: MVTec AD's,
+/// then BTAD's (whose defects are in `ko`).
+const GOOD_FOLDERS: [&str; 2] = ["good", "ok"];
+
 /// One test image of an MVTec-layout category.
 #[derive(Debug, Clone)]
 pub struct TestImage {
     pub path: PathBuf,
-    /// `good`, or the defect type (the folder name under `test/`).
+    /// `good` (also for a `test/ok` folder), or the defect type (the folder name under `test/`).
     pub defect_type: String,
     /// Ground-truth mask (defect images only).
     pub mask: Option<PathBuf>,
@@ -149,18 +153,22 @@ pub fn test_set(dir: &Path) -> Result<Vec<TestImage>, LayoutError> {
         .filter(|e| e.path().is_dir())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    types.sort_by_key(|name| (name != "good", name.clone()));
-    if !types.iter().any(|t| t == "good") {
+    let Some(good) = GOOD_FOLDERS
+        .into_iter()
+        .find(|name| types.iter().any(|t| t == name))
+    else {
         return Err(LayoutError::Layout {
             dir: dir.to_path_buf(),
-            problem: "test/good is missing".into(),
+            problem: "test/good (or BTAD's test/ok) is missing".into(),
         });
-    }
+    };
+    types.sort_by_key(|name| (name != good, name.clone()));
     let mut images = Vec::new();
-    for defect_type in types {
+    for folder in types {
+        let defect_type = if folder == good { "good" } else { &folder };
         let masks = (defect_type != "good")
-            .then(|| MaskFolder::list(&dir.join("ground_truth").join(&defect_type)));
-        for path in images_in(&test.join(&defect_type))? {
+            .then(|| MaskFolder::list(&dir.join("ground_truth").join(defect_type)));
+        for path in images_in(&test.join(&folder))? {
             let mask = match &masks {
                 None => None,
                 Some(masks) => Some(masks.find(&path).ok_or_else(|| {
@@ -173,7 +181,7 @@ pub fn test_set(dir: &Path) -> Result<Vec<TestImage>, LayoutError> {
             };
             images.push(TestImage {
                 path,
-                defect_type: defect_type.clone(),
+                defect_type: defect_type.to_string(),
                 mask,
             });
         }
@@ -307,6 +315,36 @@ mod tests {
                 .unwrap_or_default()
                 .ends_with("008_mask.bmp")
         );
+    }
+
+    #[test]
+    fn btad_names_its_good_folders_ok() {
+        let dir = tempfile::tempdir().expect("dir");
+        for folder in ["train/ok", "test/ok", "test/ko", "ground_truth/ko"] {
+            std::fs::create_dir_all(dir.path().join(folder)).expect("mkdir");
+        }
+        for file in ["train/ok/0000.bmp", "test/ok/0001.bmp", "test/ko/0002.bmp"] {
+            std::fs::write(dir.path().join(file), b"x").expect("write");
+        }
+        std::fs::write(dir.path().join("ground_truth/ko/0002.png"), b"x").expect("write");
+        let (folder, images) = training_images(dir.path()).expect("training images");
+        assert_eq!(folder, dir.path().join("train/ok"));
+        assert_eq!(images.len(), 1);
+        let test = test_set(dir.path()).expect("test set");
+        let kinds: Vec<_> = test.iter().map(|t| t.defect_type.as_str()).collect();
+        assert_eq!(kinds, vec!["good", "ko"]);
+        assert!(test[0].path.ends_with("test/ok/0001.bmp") && !test[0].is_anomalous());
+        // Where both are there, `good` is the good folder and `ok` a defect type like any other.
+        std::fs::create_dir_all(dir.path().join("test/good")).expect("mkdir");
+        std::fs::write(dir.path().join("test/good/0003.png"), b"x").expect("write");
+        std::fs::create_dir_all(dir.path().join("ground_truth/ok")).expect("mkdir");
+        std::fs::write(dir.path().join("ground_truth/ok/0001_mask.png"), b"x").expect("write");
+        let kinds: Vec<_> = test_set(dir.path())
+            .expect("test set")
+            .into_iter()
+            .map(|t| t.defect_type)
+            .collect();
+        assert_eq!(kinds, vec!["good", "ko", "ok"]);
     }
 
     #[test]
