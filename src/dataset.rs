@@ -36,11 +36,19 @@ struct MaskFolder {
 }
 
 impl MaskFolder {
-    fn list(dir: &Path) -> Self {
-        let files = std::fs::read_dir(dir)
+    /// The files of `dir` (none where it does not exist: each mask is then reported missing).
+    fn list(dir: &Path) -> Result<Self, DatasetError> {
+        let list_error = |source| DatasetError::List {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries.collect::<Result<Vec<_>, _>>().map_err(list_error)?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(error) => return Err(list_error(error)),
+        };
+        let files = entries
             .into_iter()
-            .flatten()
-            .filter_map(|entry| entry.ok())
             .map(|entry| entry.path())
             .filter(|path| path.is_file())
             .filter_map(|path| {
@@ -48,20 +56,26 @@ impl MaskFolder {
                 Some((name, path))
             })
             .collect();
-        Self {
+        Ok(Self {
             dir: dir.to_path_buf(),
             files,
-        }
+        })
     }
 
     /// The mask of test image `image`: `<stem>_mask.png` (MVTec AD), else `<stem>.png` (the
     /// image's own name, as BTAD and VisA's MVTec-style splits have it), else either with another
-    /// image extension; letter case aside.
+    /// image extension (`_mask` first); letter case aside.
     fn find(&self, image: &Path) -> Option<PathBuf> {
         let stem = image.file_stem()?.to_string_lossy().to_lowercase();
-        [format!("{stem}_mask"), stem]
-            .iter()
-            .flat_map(|name| IMAGE_EXTENSIONS.map(|ext| format!("{name}.{ext}")))
+        let names = [format!("{stem}_mask"), stem];
+        let png = names.iter().map(|name| format!("{name}.png"));
+        let others = names.iter().flat_map(|name| {
+            IMAGE_EXTENSIONS
+                .iter()
+                .filter(|&&ext| ext != "png")
+                .map(move |ext| format!("{name}.{ext}"))
+        });
+        png.chain(others)
             .find_map(|name| self.files.get(&name).cloned())
     }
 }
@@ -83,6 +97,39 @@ pub fn images_in(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
         .collect();
     images.sort();
     Ok(images)
+}
+
+/// The training images `stpm train` takes from `dir` ([`training_images`]), at most `max_images`
+/// of them (0: all), and how many the folder held. `stpm export` makes the same choice to find
+/// the held-out images again.
+#[derive(Debug, Clone)]
+pub struct TrainingSelection {
+    pub folder: PathBuf,
+    /// Images in the folder.
+    pub found: usize,
+    /// The images used: all, or `max_images` of them evenly spaced in name order.
+    pub paths: Vec<PathBuf>,
+}
+
+pub fn training_selection(
+    dir: &Path,
+    max_images: usize,
+) -> Result<TrainingSelection, DatasetError> {
+    let (folder, paths) = training_images(dir)?;
+    let found = paths.len();
+    let paths = if max_images > 0 && found > max_images {
+        evenly_spaced(found, max_images)
+            .into_iter()
+            .map(|index| paths[index].clone())
+            .collect()
+    } else {
+        paths
+    };
+    Ok(TrainingSelection {
+        folder,
+        found,
+        paths,
+    })
 }
 
 /// The defect-free training images of `dir`: `dir/train/good` for an MVTec category, else the
@@ -166,8 +213,12 @@ pub fn test_set(dir: &Path) -> Result<Vec<TestImage>, LayoutError> {
     let mut images = Vec::new();
     for folder in types {
         let defect_type = if folder == good { "good" } else { &folder };
-        let masks = (defect_type != "good")
-            .then(|| MaskFolder::list(&dir.join("ground_truth").join(defect_type)));
+        let masks = match defect_type {
+            "good" => None,
+            _ => Some(MaskFolder::list(
+                &dir.join("ground_truth").join(defect_type),
+            )?),
+        };
         for path in images_in(&test.join(&folder))? {
             let mask = match &masks {
                 None => None,
@@ -196,7 +247,8 @@ pub fn test_set(dir: &Path) -> Result<Vec<TestImage>, LayoutError> {
 }
 
 /// Share of the training images held out for checkpointing and calibration (not recorded in the
-/// manifest: `stpm export` reproduces the split from it, the image list and the seed).
+/// manifest: `stpm export` reproduces the split from it, the images [`training_selection`] chose
+/// and the seed).
 pub const DEFAULT_HOLDOUT_FRACTION: f64 = 0.2;
 
 /// `most` indices of `0..count` spread evenly from first to last (all of them when `count` ≤

@@ -373,6 +373,10 @@ fn a_reused_student_gets_the_defect_head_without_training_again() {
         ),
         (6, 7, 6)
     );
+    // `stpm export` finds the same six images and their held-out share again (it measures the
+    // INT8 graph's threshold on them), the cap included.
+    let int8 = stpm::export::int8::export_int8(&plain, &Default::default()).expect("int8 export");
+    assert_eq!(int8.recalibrated_on, Some(recorded.n_holdout), "{int8:?}");
 
     let with_head = dir.path().join("with-head");
     let mut again = tiny_config(&data, &with_head, BackboneKind::ResNet18);
@@ -413,7 +417,8 @@ fn a_reused_student_gets_the_defect_head_without_training_again() {
         "the reused student changed: {difference:e}"
     );
 
-    // Another folder (other images, so another split) is refused.
+    // Another folder is refused: with the adopted cap its 9 images give the same split counts (5 +
+    // 1) as the student's 7, so the recorded folder size (`images_found`) is what tells.
     let other = good_images(&dir.path().join("other"), 9, 64, 5);
     let mut wrong_data = tiny_config(
         &other,

@@ -207,17 +207,21 @@ fn read_mask(path: &Path) -> Result<(Vec<bool>, [usize; 2]), EvalError> {
             path: path.to_path_buf(),
             source,
         })?
-        .to_luma8();
+        // 16 bits, so that a 16-bit label mask of 0 and 1 keeps its 1s (8-bit levels v become
+        // 257·v: the same rule below).
+        .to_luma16();
     let size = [mask.height() as usize, mask.width() as usize];
     Ok((binarise_mask(mask.as_raw()), size))
 }
 
-/// A defect where a mask's grey level is above 127 (masks of 0 and 255, anti-aliased edges in
-/// between), or, in a mask whose levels all stay at or below 127 (label images of 0 and 1 or of
-/// small class numbers), anywhere above 0.
-fn binarise_mask(levels: &[u8]) -> Vec<bool> {
-    let threshold = if levels.iter().any(|&v| v > 127) {
-        127
+/// A defect where a mask's grey level is above half its range (masks of 0 and 255, anti-aliased
+/// edges in between), or, in a mask whose levels all stay at or below half (label images of 0 and
+/// 1 or of small class numbers), anywhere above 0. A near-black noisy mask (a JPEG's) then counts
+/// its noise as defect.
+fn binarise_mask(levels: &[u16]) -> Vec<bool> {
+    const HALF: u16 = u16::MAX / 2;
+    let threshold = if levels.iter().any(|&v| v > HALF) {
+        HALF
     } else {
         0
     };
@@ -606,14 +610,20 @@ mod tests {
 
     #[test]
     fn masks_of_255_and_label_masks_of_1_both_mark_their_defects() {
-        // 0/255 with an anti-aliased edge: above half.
+        // 8-bit levels as `read_mask` gives them (v · 257). 0/255 with an anti-aliased edge: above
+        // half.
+        let eight =
+            |levels: &[u16]| binarise_mask(&levels.iter().map(|v| v * 257).collect::<Vec<_>>());
         assert_eq!(
-            binarise_mask(&[0, 100, 128, 255]),
-            vec![false, false, true, true]
+            eight(&[0, 100, 127, 128, 255]),
+            vec![false, false, false, true, true]
         );
-        // 0/1 (or class numbers): anything above 0.
+        // 0/1 (or class numbers), 8- or 16-bit: anything above 0.
+        assert_eq!(eight(&[0, 1, 0, 3]), vec![false, true, false, true]);
         assert_eq!(binarise_mask(&[0, 1, 0, 3]), vec![false, true, false, true]);
         assert_eq!(binarise_mask(&[0, 0]), vec![false, false]);
+        // 16-bit 0/65535.
+        assert_eq!(binarise_mask(&[0, 65535, 30000]), vec![false, true, false]);
     }
 
     #[test]

@@ -123,13 +123,19 @@ fn calibration_set(bundle: &Bundle, options: &Int8Options) -> Result<Calibration
             });
         }
     };
-    let (folder, paths) = dataset::training_images(&dir)?;
-    // The training folder, unchanged: ranges from the images the student trained on, the threshold
-    // from the held-out ones, exactly as `stpm train` split them.
+    // The images `stpm train` took (its image cap too) from the training folder, unchanged:
+    // ranges from the images the student trained on, the threshold from the held-out ones, exactly
+    // as `stpm train` split them.
+    let dataset::TrainingSelection {
+        folder,
+        found,
+        paths,
+    } = dataset::training_selection(&dir, training.max_images)?;
     let (train, held) = split_holdout(paths.len(), DEFAULT_HOLDOUT_FRACTION, training.seed);
     let reproducible = same_dir(&folder, &recorded)
         && train.len() == training.n_train
-        && held.len() == training.n_holdout;
+        && held.len() == training.n_holdout
+        && (training.images_found == 0 || training.images_found == found);
     let (candidates, holdout) = if reproducible {
         (
             train.iter().map(|&i| paths[i].clone()).collect(),
@@ -138,9 +144,9 @@ fn calibration_set(bundle: &Bundle, options: &Int8Options) -> Result<Calibration
     } else {
         (paths, Vec::new())
     };
-    let n = options.calibration_images.min(candidates.len());
-    let ranges = (0..n)
-        .map(|i| candidates[i * candidates.len() / n].clone())
+    let ranges = dataset::evenly_spaced(candidates.len(), options.calibration_images)
+        .into_iter()
+        .map(|i| candidates[i].clone())
         .collect();
     Ok(CalibrationSet {
         folder,

@@ -222,6 +222,12 @@ fn validate(config: &TrainConfig) -> Result<(), TrainError> {
     if config.batch_size == 0 {
         problems.push("--batch-size must be at least 1".to_string());
     }
+    if config.max_images == 1 {
+        problems.push(
+            "--max-images must be at least 2 (one image to train on, one held out), or 0 for all"
+                .to_string(),
+        );
+    }
     if !(0.0..=64.0).contains(&config.blur_sigma) {
         problems.push(format!(
             "--blur-sigma must be in [0, 64] pixels (got {})",

@@ -223,13 +223,12 @@ pub(super) struct Prepared {
 
 impl Prepared {
     pub(super) fn load(config: &TrainConfig) -> Result<Self, TrainError> {
-        let (folder, mut paths) = dataset::training_images(&config.data)?;
-        let images_found = paths.len();
-        if config.max_images > 0 && images_found > config.max_images {
-            paths = dataset::evenly_spaced(images_found, config.max_images)
-                .into_iter()
-                .map(|index| paths[index].clone())
-                .collect();
+        let dataset::TrainingSelection {
+            folder,
+            found: images_found,
+            paths,
+        } = dataset::training_selection(&config.data, config.max_images)?;
+        if config.progress && paths.len() < images_found {
             log::info!(
                 "{} holds {images_found} images: training on {} of them, evenly spaced in name order (--max-images)",
                 folder.display(),
