@@ -590,6 +590,21 @@ fn record_24_frames_with(set: &str) -> String {
     log
 }
 
+/// `test://conveyor?size=WxH` draws frames of that size (the many-camera table's 720p and 1080p
+/// cameras), all recorded.
+#[test]
+fn a_conveyor_of_another_size_records_frames_of_that_size() {
+    let dir = tempfile::tempdir().expect("dir");
+    let camera = "source = \"test://conveyor?frames=6&fps=12&size=320x240\"\nrealtime = false";
+    let pipeline = write_recording_pipeline(dir.path(), camera, "");
+    let out = stpm(&["run", "--pipeline", path(&pipeline)], dir.path());
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    let files = recordings(dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(common::decode_mkv(&files[0]), (6, 320, 240), "{log}");
+}
+
 #[test]
 fn openh264_records_every_frame() {
     let log = record_24_frames_with("output.encoder=openh264");

@@ -14,8 +14,9 @@ Usage (from the repository root; stdlib only):
 --source generated: each camera is test://conveyor?size=WxH (frames drawn on the CPU, no decode).
 --source file: each camera plays one H.264 Matroska file of the conveyor (decoded like a camera's
 stream: NVDEC where the engine is on a GPU and nvcodec has a decoder), made once per size in
-DIR/files by a one-camera `stpm run` that records it (annotated, so the file shows that run's
-overlay), --seconds x 25 frames long; paced and fast runs both play it once.
+DIR/files by a one-camera `stpm run` that records it (annotated: the file shows that run's
+overlay, so the model sees it too and the overlay and alert stages are not comparable with
+generated runs), --seconds x 25 frames long; paced and fast runs both play it once.
 
 Without --bundle, trains a one-epoch bundle on a generated set first (as scripts/gpu-check.sh
 does; kept in DIR/bundle for the next call). Prints a Markdown table and writes it, with each
@@ -79,24 +80,31 @@ def conveyor(size, frames, seed):
 
 
 def make_file(args, out, size):
-    """The conveyor at `size` as an H.264 Matroska file of --seconds x 25 frames (made once)."""
-    folder = out / "files" / size
+    """The conveyor at `size` as an H.264 Matroska file of --seconds x 25 frames, made once: it is
+    recorded in a scratch folder that is renamed only when the run succeeded, so an interrupted or
+    failed run leaves nothing that a later call would take."""
+    frames = FPS * args.seconds
+    folder = out / "files" / f"{size}-{frames}f"
     made = sorted(folder.glob("recordings/*.mkv"))
     if made:
         return made[0]
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"scale_table: recording a {size} conveyor file", flush=True)
-    toml = folder / "make.toml"
-    toml.write_text(pipeline(folder, args.bundle, [conveyor(size, FPS * args.seconds, 1)],
-                             False, None))
-    with open(folder / "make.log", "w") as log:
-        subprocess.run([args.stpm, "run", "--pipeline", str(toml), "--set",
-                        f"model.provider={args.provider}"], check=True, stdout=log,
-                       stderr=subprocess.STDOUT)
-    made = sorted(folder.glob("recordings/*.mkv"))
-    if len(made) != 1:
-        sys.exit(f"scale_table: expected one recording in {folder}/recordings, found {len(made)}")
-    return made[0]
+    scratch = out / "files" / f"{size}-{frames}f.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    print(f"scale_table: recording a {size} conveyor file of {frames} frames", flush=True)
+    toml = scratch / "make.toml"
+    toml.write_text(pipeline(scratch, args.bundle, [conveyor(size, frames, 1)], False, None))
+    with open(scratch / "make.log", "w") as log:
+        status = subprocess.run([args.stpm, "run", "--pipeline", str(toml), "--set",
+                                 f"model.provider={args.provider}"], stdout=log,
+                                stderr=subprocess.STDOUT).returncode
+    made = sorted(scratch.glob("recordings/*.mkv"))
+    if status != 0 or len(made) != 1:
+        sys.exit(f"scale_table: recording the {size} file failed (exit {status}, {len(made)} "
+                 f"recordings): see {scratch}/make.log")
+    shutil.rmtree(folder, ignore_errors=True)
+    scratch.rename(folder)
+    return folder / "recordings" / made[0].name
 
 
 def run_one(args, work, cameras, paced, batch, size, file):
@@ -173,7 +181,8 @@ def main():
     parser.add_argument("--batching", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--seconds", type=int, default=12, help="length of a paced run")
     parser.add_argument("--frames", type=int, default=150,
-                        help="frames per camera of a run as fast as possible")
+                        help="frames per camera of a generated run as fast as possible (with "
+                             "--source file, both modes play the --seconds x 25 frame file)")
     parser.add_argument("--provider", default="auto")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -194,8 +203,10 @@ def main():
         sys.exit(f"scale_table: {args.bundle} is not a bundle (no stpm.toml)")
     args.bundle = str(Path(args.bundle).resolve())
     for size in args.size:
-        if not re.fullmatch(r"\d+x\d+", size):
-            sys.exit(f"scale_table: --size {size}: give WIDTHxHEIGHT, e.g. 1920x1080")
+        sides = re.fullmatch(r"(\d+)x(\d+)", size)
+        if not sides or not all(64 <= int(v) <= 4096 and int(v) % 2 == 0 for v in sides.groups()):
+            sys.exit(f"scale_table: --size {size}: give WIDTHxHEIGHT, each even and 64 to 4096 "
+                     "(e.g. 1920x1080)")
     files = {size: make_file(args, out, size) if args.source == "file" else None
              for size in args.size}
     header = ("| size | cameras | frames | batch | analysed frames/s | dropped "

@@ -621,12 +621,20 @@ mod tests {
                 size: (1920, 1080)
             })
         );
+        for (good, size) in [("64x4096", (64, 4096)), ("4096X64", (4096, 64))] {
+            let parsed = SourceUri::parse(&format!("test://conveyor?size={good}"));
+            assert!(
+                matches!(parsed, Ok(SourceUri::Conveyor { size: s, .. }) if s == size),
+                "{good}: {parsed:?}"
+            );
+        }
         for bad in [
             "1921x1080",
             "1920",
             "1920x",
             "x1080",
-            "32x32",
+            "62x64",
+            "64x4098",
             "8192x64",
             "axb",
         ] {

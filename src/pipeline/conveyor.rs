@@ -98,14 +98,13 @@ impl Conveyor {
         for k in first as u64..=last as u64 {
             let left = k as i64 * pitch as i64 - offset as i64 + ((pitch - size) / 2) as i64;
             let (panel, panel_mask) = self.panel(k);
+            // The panel's columns inside the frame.
+            let visible = (-left).clamp(0, size as i64) as usize
+                ..(w as i64 - left).clamp(0, size as i64) as usize;
             for py in 0..size {
                 let y = top + py;
-                for px in 0..size {
-                    let x = left + px as i64;
-                    if x < 0 || x >= w as i64 {
-                        continue;
-                    }
-                    let i = y * w + x as usize;
+                for px in visible.clone() {
+                    let i = y * w + (left + px as i64) as usize;
                     pixels[i * 3..i * 3 + 3]
                         .copy_from_slice(&panel.get_pixel(px as u32, py as u32).0);
                     if let Some((m, kind)) = panel_mask
