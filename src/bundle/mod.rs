@@ -207,6 +207,16 @@ pub struct TrainingSummary {
     pub max_images: usize,
 }
 
+impl TrainingSummary {
+    /// Whether a training folder that gives `n_train` + `n_holdout` images of `found` is the one
+    /// recorded here (bundles written before the image cap record no folder size, 0: the split's
+    /// counts alone must agree).
+    pub fn matches_split(&self, n_train: usize, n_holdout: usize, found: usize) -> bool {
+        (n_train, n_holdout) == (self.n_train, self.n_holdout)
+            && (self.images_found == 0 || self.images_found == found)
+    }
+}
+
 fn no_augmentation() -> String {
     "none".into()
 }

@@ -132,10 +132,8 @@ fn calibration_set(bundle: &Bundle, options: &Int8Options) -> Result<Calibration
         paths,
     } = dataset::training_selection(&dir, training.max_images)?;
     let (train, held) = split_holdout(paths.len(), DEFAULT_HOLDOUT_FRACTION, training.seed);
-    let reproducible = same_dir(&folder, &recorded)
-        && train.len() == training.n_train
-        && held.len() == training.n_holdout
-        && (training.images_found == 0 || training.images_found == found);
+    let reproducible =
+        same_dir(&folder, &recorded) && training.matches_split(train.len(), held.len(), found);
     let (candidates, holdout) = if reproducible {
         (
             train.iter().map(|&i| paths[i].clone()).collect(),

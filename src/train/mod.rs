@@ -561,17 +561,21 @@ fn reuse_student(source: &Bundle, data: &Prepared) -> Result<Fitted, TrainError>
             data.teacher_hash
         )));
     }
-    // Bundles written before the image cap record no folder size (0): the split must match.
-    let found = |n: usize| (n > 0).then_some(n);
-    if (data.train_idx.len(), data.holdout_idx.len()) != (training.n_train, training.n_holdout)
-        || found(training.images_found).is_some_and(|n| n != data.images_found)
-    {
+    if !training.matches_split(
+        data.train_idx.len(),
+        data.holdout_idx.len(),
+        data.images_found,
+    ) {
         return Err(mismatch(format!(
             "it was trained on {} + {} held-out images of {}{}; {} has {} + {}{} (give --data the folder it was trained on)",
             training.n_train,
             training.n_holdout,
             training.data,
-            found(training.images_found).map_or(String::new(), |n| format!(" ({n} found)")),
+            if training.images_found > 0 {
+                format!(" ({} found)", training.images_found)
+            } else {
+                String::new()
+            },
             data.folder.display(),
             data.train_idx.len(),
             data.holdout_idx.len(),
