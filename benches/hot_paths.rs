@@ -6,7 +6,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use stpm::bundle::Calibration;
-use stpm::eval::detection;
+use stpm::eval::pixels;
 use stpm::pipeline::conveyor::Conveyor;
 use stpm::preprocess::{self, Normalisation};
 
@@ -106,16 +106,27 @@ fn hot_paths(c: &mut Criterion) {
         });
     }
 
-    // One million pixels with a few thousand distinct values and 2 % defect pixels.
-    let n = 1 << 20;
-    let scores: Vec<f32> = (0..n)
-        .map(|i| ((i * 7919) % 4096) as f32 / 4096.0)
+    // One million pixels (four 512x512 images, two good) with a few thousand distinct values and
+    // 2 % defect pixels, through what `stpm eval` runs: the pixel table and its merged sweep.
+    let side = 512;
+    let images: Vec<(Vec<f32>, Vec<bool>, u16)> = (0..4)
+        .map(|image| {
+            let scores: Vec<f32> = (0..side * side)
+                .map(|i| (((i + image * 31) * 7919) % 4096) as f32 / 4096.0)
+                .collect();
+            let mask: Vec<bool> = (0..side * side)
+                .map(|i| image % 2 == 1 && (i % side) < 20 && (i / side) % 2 == 0)
+                .collect();
+            (scores, mask, (image % 2) as u16)
+        })
         .collect();
-    let labels: Vec<bool> = (0..n).map(|i| i % 50 == 0).collect();
-    c.bench_function("pixel AUROC sort + sweep, 1M pixels", |b| {
+    c.bench_function("pixel metrics: table + merged sweep, 1M pixels", |b| {
         b.iter(|| {
-            let order = detection::descending_order(black_box(&scores));
-            detection::roc_curve(&scores, &order, &labels, |_| true).map(|c| c.area_to(1.0))
+            let mut table = pixels::PixelTable::default();
+            for (scores, mask, group) in &images {
+                table.add_image(black_box(scores), mask, side, *group);
+            }
+            table.metrics(Some(0), 2).all.auroc
         })
     });
 }

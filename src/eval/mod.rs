@@ -1,9 +1,10 @@
 //! `stpm eval`: scores a bundle on an MVTec-layout category through the runtime engine and writes
 //! `report.json`, `scores.csv`, overlays, ROC/PRO plots and optionally the raw maps. Owns the
-//! evaluation protocol; the metric maths is in `metrics`.
+//! evaluation protocol; the metric maths is in `detection` (image level) and `pixels`.
 
 pub mod detection;
 pub mod npy;
+pub mod pixels;
 pub mod plots;
 
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use pixels::{AUPRO_FPR_LIMIT, PixelTable};
 use serde::Serialize;
 
 use crate::bundle::{Bundle, BundleError, Calibration, Precision};
@@ -107,7 +109,7 @@ pub struct Report {
     pub provider: ExecutionProvider,
     /// Test images per second through preprocessing and inference.
     pub images_per_second: f64,
-    /// Seconds spent on the pixel metrics (sort + sweeps), excluding inference.
+    /// Seconds spent on the pixel metrics (the merged sweep), excluding inference.
     pub metrics_seconds: f64,
     pub per_defect_type: BTreeMap<String, TypeReport>,
 }
@@ -123,37 +125,6 @@ pub struct EvalOptions {
     pub provider: ProviderRequest,
     /// Which of the bundle's graphs runs.
     pub precision: Precision,
-}
-
-/// Every test image's pixels at mask resolution, concatenated: scores, ground-truth region ids
-/// (0 = normal, else 1-based global id) and the defect type of each pixel's image.
-#[derive(Default)]
-struct PixelTable {
-    scores: Vec<f32>,
-    regions: Vec<u32>,
-    types: Vec<u16>,
-    region_sizes: Vec<u32>,
-    region_types: Vec<u16>,
-}
-
-impl PixelTable {
-    fn add_image(&mut self, scores: Vec<f32>, truth: &[bool], width: usize, type_index: u16) {
-        let (labels, n) = detection::label_regions(truth, width);
-        let base = self.region_sizes.len() as u32;
-        self.region_sizes.extend(std::iter::repeat_n(0, n as usize));
-        self.region_types
-            .extend(std::iter::repeat_n(type_index, n as usize));
-        for &label in &labels {
-            if label > 0 {
-                self.region_sizes[(base + label - 1) as usize] += 1;
-            }
-        }
-        self.regions
-            .extend(labels.iter().map(|&l| if l == 0 { 0 } else { base + l }));
-        self.types
-            .extend(std::iter::repeat_n(type_index, scores.len()));
-        self.scores.extend(scores);
-    }
 }
 
 /// One test image's outcome.
@@ -346,7 +317,7 @@ pub fn evaluate(
             .iter()
             .position(|t| *t == test.defect_type)
             .unwrap_or(0) as u16;
-        table.add_image(map, &truth, mask_size[1], type_index);
+        table.add_image(&map, &truth, mask_size[1], type_index);
         scored.push(Scored {
             defect_type: test.defect_type.clone(),
             name: test
@@ -361,23 +332,12 @@ pub fn evaluate(
     bar.finish_and_clear();
 
     let tick = Instant::now();
-    let order = detection::descending_order(&table.scores);
-    let pixel_labels: Vec<bool> = table.regions.iter().map(|&r| r != 0).collect();
-    let good_index = type_names.iter().position(|t| t == "good").unwrap_or(0) as u16;
-    // Pixel ROC and PRO of the good images plus the defect type `only` (all types when None).
-    let pixel_curves = |only: Option<u16>| {
-        let include =
-            |i: usize| only.is_none_or(|t| table.types[i] == t || table.types[i] == good_index);
-        let roc = detection::roc_curve(&table.scores, &order, &pixel_labels, include);
-        let sizes: Vec<u32> = table
-            .region_sizes
-            .iter()
-            .zip(&table.region_types)
-            .map(|(&size, &t)| if only.is_none_or(|o| o == t) { size } else { 0 })
-            .collect();
-        let pro = detection::pro_curve(&table.scores, &order, &table.regions, &sizes, include);
-        (roc, pro)
-    };
+    let good_index = type_names
+        .iter()
+        .position(|t| t == "good")
+        .map(|g| g as u16);
+    let pixel = table.metrics(good_index, type_names.len());
+    drop(table);
     let image_roc = |members: &dyn Fn(&Scored) -> bool| {
         let chosen: Vec<&Scored> = scored.iter().filter(|s| members(s)).collect();
         let scores: Vec<f32> = chosen.iter().map(|s| s.score).collect();
@@ -385,7 +345,6 @@ pub fn evaluate(
         (scores, labels)
     };
 
-    let (pixel_roc, pro) = pixel_curves(None);
     let (scores, labels) = image_roc(&|_| true);
     let image_auroc = detection::auroc(&scores, &labels);
     let f1_max = detection::f1_max(&scores, &labels).map(|(f1, _)| f1);
@@ -395,13 +354,8 @@ pub fn evaluate(
         &labels,
         |_| true,
     );
-    let pixel_auroc = pixel_roc.as_ref().map(|c| c.area_to(1.0));
-    let aupro = pro
-        .as_ref()
-        .map(|c| detection::aupro(c, detection::AUPRO_FPR_LIMIT));
-    // Full-resolution curves have a point per distinct pixel score; plots need a few thousand.
-    let pixel_roc = pixel_roc.map(|c| c.thinned(2000));
-    let pro = pro.map(|c| c.thinned(4000));
+    let pixel_auroc = pixel.all.auroc;
+    let aupro = pixel.all.aupro;
 
     let alerting = |members: &dyn Fn(&Scored) -> bool| {
         scored
@@ -416,13 +370,13 @@ pub fn evaluate(
         }
         let (scores, labels) =
             image_roc(&|s: &Scored| s.defect_type == "good" || s.defect_type == *defect_type);
-        let (roc, pro) = pixel_curves(Some(index as u16));
+        let type_pixels = pixel.groups.get(index).cloned().unwrap_or_default();
         per_defect_type.insert(
             defect_type.clone(),
             TypeReport {
                 image_auroc: detection::auroc(&scores, &labels),
-                pixel_auroc: roc.map(|c| c.area_to(1.0)),
-                aupro: pro.map(|c| detection::aupro(&c, detection::AUPRO_FPR_LIMIT)),
+                pixel_auroc: type_pixels.auroc,
+                aupro: type_pixels.aupro,
                 n: labels.iter().filter(|&&l| l).count(),
                 caught: alerting(&|s: &Scored| s.defect_type == *defect_type),
             },
@@ -491,8 +445,8 @@ pub fn evaluate(
         out,
         &report,
         image_curve.as_ref(),
-        pixel_roc.as_ref(),
-        pro.as_ref(),
+        pixel.all.roc.as_ref(),
+        pixel.all.pro.as_ref(),
     )?;
     Ok(report)
 }
@@ -544,7 +498,7 @@ fn write_plots(
         &path,
         "Per-region overlap",
         "PRO (mean region coverage)",
-        detection::AUPRO_FPR_LIMIT,
+        AUPRO_FPR_LIMIT,
         &pro_series,
         false,
     )
