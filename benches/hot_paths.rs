@@ -107,7 +107,7 @@ fn hot_paths(c: &mut Criterion) {
     }
 
     // One million pixels (four 512x512 images, two good) with a few thousand distinct values and
-    // 2 % defect pixels, through what `stpm eval` runs: the pixel table and its merged sweep.
+    // 1 % defect pixels (2 % of the two defective images), through what `stpm eval` runs: the pixel table and its merged sweep.
     let side = 512;
     let images: Vec<(Vec<f32>, Vec<bool>, u16)> = (0..4)
         .map(|image| {

@@ -58,16 +58,15 @@ pub fn f1_max(scores: &[f32], labels: &[bool]) -> Option<(f64, f32)> {
     if positives == 0 {
         return None;
     }
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_unstable_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let order = descending_order(scores);
     let (mut true_pos, mut predicted) = (0usize, 0usize);
     let mut best = (0.0f64, f32::INFINITY);
     let mut i = 0;
     while i < order.len() {
-        let value = scores[order[i]];
-        while i < order.len() && scores[order[i]] == value {
+        let value = scores[order[i] as usize];
+        while i < order.len() && score_key(scores[order[i] as usize]) == score_key(value) {
             predicted += 1;
-            true_pos += labels[order[i]] as usize;
+            true_pos += labels[order[i] as usize] as usize;
             i += 1;
         }
         let f1 = 2.0 * true_pos as f64 / (predicted + positives) as f64;
@@ -85,44 +84,25 @@ pub struct Curve {
     pub y: Vec<f64>,
 }
 
-impl Curve {
-    /// Area under the curve for x in [0, `x_max`], interpolating linearly at `x_max`.
-    pub fn area_to(&self, x_max: f64) -> f64 {
-        let mut area = 0.0;
-        for i in 1..self.fpr.len() {
-            let (x0, x1) = (self.fpr[i - 1], self.fpr[i]);
-            let (y0, y1) = (self.y[i - 1], self.y[i]);
-            if x0 >= x_max {
-                break;
-            }
-            if x1 <= x_max {
-                area += 0.5 * (y0 + y1) * (x1 - x0);
-            } else {
-                let y_at = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0);
-                area += 0.5 * (y0 + y_at) * (x_max - x0);
-            }
-        }
-        area
+/// An order-preserving integer key of a score: a higher score has a higher key; −0.0 and 0.0
+/// share one (they are equal scores), and a NaN gets a key of its own above +∞ (below −∞ when its
+/// sign bit is set), so sorting and grouping by key always end.
+pub fn score_key(value: f32) -> u32 {
+    let bits = if value == 0.0 { 0 } else { value.to_bits() };
+    // IEEE-754 bits made monotonic: flip all bits of negatives, only the sign bit of positives.
+    if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | 1 << 31
     }
 }
 
-/// Indices of `scores` from the highest score to the lowest. Sorts packed (score bits, index)
-/// integers rather than comparing through the index, which is several times faster on millions
-/// of pixels.
+/// Indices of `scores` from the highest score to the lowest (by [`score_key`]).
 pub fn descending_order(scores: &[f32]) -> Vec<u32> {
-    // IEEE-754 bits made monotonic: flip all bits of negatives, only the sign bit of positives.
-    let key = |v: f32| {
-        let bits = v.to_bits();
-        if bits >> 31 == 1 {
-            !bits
-        } else {
-            bits | 1 << 31
-        }
-    };
     let mut packed: Vec<u64> = scores
         .iter()
         .enumerate()
-        .map(|(i, &v)| (u64::from(key(v)) << 32) | i as u64)
+        .map(|(i, &v)| (u64::from(score_key(v)) << 32) | i as u64)
         .collect();
     packed.sort_unstable_by(|a, b| b.cmp(a));
     packed.into_iter().map(|p| p as u32).collect()
@@ -178,9 +158,14 @@ impl CurveSweep {
             return;
         }
         self.moved = false;
-        // Clamp the rounding of long sums so the curve ends exactly at (1, 1).
-        let x1 = (self.sums.0 / self.totals.0).min(1.0);
-        let y1 = (self.sums.1 / self.totals.1).min(1.0);
+        // The rounding of long sums (a total known beforehand, summed again here weight by weight)
+        // must not leave the curve's end off (1, 1): a share within 1e-12 of 1 is 1.
+        let share = |sum: f64, total: f64| {
+            let share = sum / total;
+            if share > 1.0 - 1e-12 { 1.0 } else { share }
+        };
+        let x1 = share(self.sums.0, self.totals.0);
+        let y1 = share(self.sums.1, self.totals.1);
         let (x0, y0) = self.last;
         if x0 < self.x_max {
             if x1 <= self.x_max {
@@ -216,38 +201,28 @@ impl CurveSweep {
     }
 }
 
-/// ROC curve of `scores` for `labels` (true = anomalous), restricted to `include`d indices, with a
-/// point per distinct score; `order` from [`descending_order`]. `None` without both classes.
-pub fn roc_curve(
-    scores: &[f32],
-    order: &[u32],
-    labels: &[bool],
-    include: impl Fn(usize) -> bool,
-) -> Option<Curve> {
-    let positives = (0..scores.len())
-        .filter(|&i| include(i) && labels[i])
-        .count();
-    let negatives = (0..scores.len())
-        .filter(|&i| include(i) && !labels[i])
-        .count();
+/// The ROC curve of `scores` for `labels` (true = anomalous), a point per distinct score, and the
+/// area under it. `None` without both classes.
+pub fn roc_curve(scores: &[f32], labels: &[bool]) -> Option<(f64, Curve)> {
+    assert_eq!(scores.len(), labels.len(), "one label per score");
+    let positives = labels.iter().filter(|&&l| l).count();
+    let negatives = labels.len() - positives;
     let mut sweep = CurveSweep::new(negatives as f64, positives as f64, 1.0, 0.0);
+    let order = descending_order(scores);
     let mut i = 0;
     while i < order.len() {
-        let value = scores[order[i] as usize];
-        while i < order.len() && scores[order[i] as usize] == value {
-            let index = order[i] as usize;
-            if include(index) {
-                if labels[index] {
-                    sweep.add(0.0, 1.0);
-                } else {
-                    sweep.add(1.0, 0.0);
-                }
+        let key = score_key(scores[order[i] as usize]);
+        while i < order.len() && score_key(scores[order[i] as usize]) == key {
+            if labels[order[i] as usize] {
+                sweep.add(0.0, 1.0);
+            } else {
+                sweep.add(1.0, 0.0);
             }
             i += 1;
         }
         sweep.close();
     }
-    sweep.finish().map(|(_, curve)| curve)
+    sweep.finish()
 }
 
 #[cfg(test)]
@@ -356,18 +331,29 @@ mod tests {
             let n = 20 + trial * 13;
             let scores: Vec<f32> = (0..n).map(|_| (rng.unit() * 8.0).floor()).collect();
             let labels: Vec<bool> = (0..n).map(|_| rng.unit() < 0.3).collect();
-            let included: Vec<bool> = (0..n).map(|_| rng.unit() < 0.8).collect();
-            let order = descending_order(&scores);
-            let Some(curve) = roc_curve(&scores, &order, &labels, |i| included[i]) else {
+            let Some((area, curve)) = roc_curve(&scores, &labels) else {
                 continue;
             };
-            let (s, l): (Vec<f32>, Vec<bool>) = (0..n)
-                .filter(|&i| included[i])
-                .map(|i| (scores[i], labels[i]))
-                .unzip();
-            let slow = brute_force_auroc(&s, &l);
-            assert!((curve.area_to(1.0) - slow).abs() < 1e-12, "trial {trial}");
+            let slow = brute_force_auroc(&scores, &labels);
+            assert!((area - slow).abs() < 1e-12, "trial {trial}");
+            assert_eq!((curve.fpr[0], curve.y[0]), (0.0, 0.0));
+            assert_eq!(curve.fpr.last().zip(curve.y.last()), Some((&1.0, &1.0)));
         }
+    }
+
+    #[test]
+    fn nan_scores_end_the_sweeps_and_zeros_tie() {
+        let scores = [0.5, f32::NAN, 0.1, -0.0, 0.0, f32::NAN];
+        let labels = [true, true, false, false, true, false];
+        let (area, _) = roc_curve(&scores, &labels).expect("both classes");
+        assert!(area.is_finite(), "{area}");
+        assert!(f1_max(&scores, &labels).is_some());
+        assert_eq!(score_key(-0.0), score_key(0.0));
+        let keys: Vec<u32> = [-3.0f32, -1e-9, 0.0, 1e-9, 3.0, f32::INFINITY]
+            .iter()
+            .map(|&v| score_key(v))
+            .collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub enum EvalError {
         path: PathBuf,
         source: image::ImageError,
     },
+    #[error(
+        "the model's anomaly map of {path} is not finite (NaN or infinite): the bundle's graph or weights are broken; train or export it again"
+    )]
+    NotFinite { path: PathBuf },
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -109,7 +113,8 @@ pub struct Report {
     pub provider: ExecutionProvider,
     /// Test images per second through preprocessing and inference.
     pub images_per_second: f64,
-    /// Seconds spent on the pixel metrics (the merged sweep), excluding inference.
+    /// Seconds spent on the pixel metrics (each image's pixels sorted into the table, then the
+    /// merged sweep), excluding inference.
     pub metrics_seconds: f64,
     pub per_defect_type: BTreeMap<String, TypeReport>,
 }
@@ -272,6 +277,7 @@ pub fn evaluate(
     let mut inference_seconds = 0.0;
     let mut scored = Vec::with_capacity(images.len());
     let mut table = PixelTable::default();
+    let mut table_seconds = 0.0;
     for test in &images {
         let frame = RgbFrame::open(&test.path)?;
         let frame_size = [frame.height, frame.width];
@@ -279,6 +285,11 @@ pub fn evaluate(
         let input = preprocess::to_chw(&frame, size, &norm);
         let result = engine.run(&input, 1)?;
         inference_seconds += tick.elapsed().as_secs_f64();
+        if !result.scores[0].is_finite() || result.maps.iter().any(|v| !v.is_finite()) {
+            return Err(EvalError::NotFinite {
+                path: test.path.clone(),
+            });
+        }
         let (truth, mask_size) = match &test.mask {
             Some(mask) => read_mask(mask)?,
             None => (vec![false; frame.width * frame.height], frame_size),
@@ -317,7 +328,9 @@ pub fn evaluate(
             .iter()
             .position(|t| *t == test.defect_type)
             .unwrap_or(0) as u16;
+        let tick = Instant::now();
         table.add_image(&map, &truth, mask_size[1], type_index);
+        table_seconds += tick.elapsed().as_secs_f64();
         scored.push(Scored {
             defect_type: test.defect_type.clone(),
             name: test
@@ -348,12 +361,7 @@ pub fn evaluate(
     let (scores, labels) = image_roc(&|_| true);
     let image_auroc = detection::auroc(&scores, &labels);
     let f1_max = detection::f1_max(&scores, &labels).map(|(f1, _)| f1);
-    let image_curve = detection::roc_curve(
-        &scores,
-        &detection::descending_order(&scores),
-        &labels,
-        |_| true,
-    );
+    let image_curve = detection::roc_curve(&scores, &labels).map(|(_, curve)| curve);
     let pixel_auroc = pixel.all.auroc;
     let aupro = pixel.all.aupro;
 
@@ -370,19 +378,19 @@ pub fn evaluate(
         }
         let (scores, labels) =
             image_roc(&|s: &Scored| s.defect_type == "good" || s.defect_type == *defect_type);
-        let type_pixels = pixel.groups.get(index).cloned().unwrap_or_default();
+        let type_pixels = pixel.groups.get(index);
         per_defect_type.insert(
             defect_type.clone(),
             TypeReport {
                 image_auroc: detection::auroc(&scores, &labels),
-                pixel_auroc: type_pixels.auroc,
-                aupro: type_pixels.aupro,
+                pixel_auroc: type_pixels.and_then(|p| p.auroc),
+                aupro: type_pixels.and_then(|p| p.aupro),
                 n: labels.iter().filter(|&&l| l).count(),
                 caught: alerting(&|s: &Scored| s.defect_type == *defect_type),
             },
         );
     }
-    let metrics_seconds = tick.elapsed().as_secs_f64();
+    let metrics_seconds = table_seconds + tick.elapsed().as_secs_f64();
 
     let n_good = scored.iter().filter(|s| s.defect_type == "good").count();
     let at_threshold = ThresholdOutcome {
