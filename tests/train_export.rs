@@ -454,6 +454,10 @@ fn flip_augmentation_is_recorded_and_changes_what_is_learnt() {
         let (bundle, map) = train_random_resnet(&data, &out, 17, augment, &input);
         let training = &bundle.manifest.training;
         assert_eq!(training.augment, augment.name());
+        assert_eq!(
+            training.lr_schedule, "constant",
+            "the default schedule is recorded"
+        );
         // As many training images (and steps) as without augmentation.
         assert_eq!((training.n_train, training.n_holdout), (6, 1));
         let losses = &training.epoch_losses;

@@ -176,6 +176,10 @@ pub struct TrainingSummary {
     pub best_holdout_loss: f32,
     pub batch_size: usize,
     pub learning_rate: f64,
+    /// How the learning rate moved over the steps (`stpm train --lr-schedule`): "constant" (also
+    /// bundles written before the option) or "cosine".
+    #[serde(default = "constant_schedule")]
+    pub lr_schedule: String,
     pub seed: u64,
     pub seconds: f64,
     pub interrupted: bool,
@@ -219,6 +223,10 @@ impl TrainingSummary {
 
 fn no_augmentation() -> String {
     "none".into()
+}
+
+fn constant_schedule() -> String {
+    "constant".into()
 }
 
 /// `[int8]`: the INT8 (QDQ) variant of `model.onnx`, written by `stpm export --precision int8`.

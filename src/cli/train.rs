@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use stpm::model::{BackboneKind, Fusion};
-use stpm::train::{Augment, TeacherWeights, TrainConfig};
+use stpm::train::{Augment, LrSchedule, TeacherWeights, TrainConfig};
 
 use super::stop_on_interrupt;
 
@@ -45,6 +45,10 @@ pub struct TrainArgs {
     /// SGD learning rate (momentum 0.9, weight decay 1e-4, as the STPM paper).
     #[arg(long, default_value_t = 0.4)]
     pub learning_rate: f64,
+    /// How the learning rate moves over the steps: constant (the paper), or cosine (from
+    /// --learning-rate down to 0 at the last step).
+    #[arg(long, value_enum, default_value_t = LrSchedule::Constant)]
+    pub lr_schedule: LrSchedule,
     /// Stop after this many epochs without a better held-out loss (0: run all epochs).
     #[arg(long, default_value_t = 0)]
     pub patience: usize,
@@ -97,6 +101,7 @@ pub(super) fn run(args: TrainArgs) -> anyhow::Result<()> {
     config.batch_size = args.batch_size;
     config.image_size = args.image_size;
     config.learning_rate = args.learning_rate;
+    config.lr_schedule = args.lr_schedule;
     config.patience = args.patience;
     config.fusion = args.fusion;
     config.blur_sigma = args.blur_sigma;
