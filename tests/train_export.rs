@@ -455,7 +455,7 @@ fn flip_augmentation_is_recorded_and_changes_what_is_learnt() {
         let training = &bundle.manifest.training;
         assert_eq!(training.augment, augment.name());
         assert_eq!(
-            training.lr_schedule, "constant",
+            training.lr_schedule, "cosine",
             "the default schedule is recorded"
         );
         // As many training images (and steps) as without augmentation.

@@ -45,9 +45,9 @@ pub struct TrainArgs {
     /// SGD learning rate (momentum 0.9, weight decay 1e-4, as the STPM paper).
     #[arg(long, default_value_t = 0.4)]
     pub learning_rate: f64,
-    /// How the learning rate moves over the steps: constant (the paper), or cosine (from
-    /// --learning-rate down to 0 at the last step).
-    #[arg(long, value_enum, default_value_t = LrSchedule::Constant)]
+    /// How the learning rate moves over the steps: cosine (from --learning-rate down to 0 at the
+    /// last step), or constant (the paper).
+    #[arg(long, value_enum, default_value_t = LrSchedule::Cosine)]
     pub lr_schedule: LrSchedule,
     /// Stop after this many epochs without a better held-out loss (0: run all epochs).
     #[arg(long, default_value_t = 0)]

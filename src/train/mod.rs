@@ -110,13 +110,12 @@ impl Augment {
     }
 }
 
-/// The learning rate over a run's SGD steps: `Constant` (the default, as the paper) keeps
-/// `--learning-rate`; `Cosine` starts there and falls along half a cosine to 0 at the last
-/// planned step.
+/// The learning rate over a run's SGD steps: `Cosine` (the default) starts at `--learning-rate`
+/// and falls along half a cosine to 0 at the last planned step; `Constant` keeps it (the paper).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LrSchedule {
-    #[default]
     Constant,
+    #[default]
     Cosine,
 }
 
@@ -171,7 +170,7 @@ impl TrainConfig {
             batch_size: 8,
             image_size: 256,
             learning_rate: 0.4,
-            lr_schedule: LrSchedule::Constant,
+            lr_schedule: LrSchedule::Cosine,
             momentum: 0.9,
             weight_decay: 1e-4,
             holdout_fraction: DEFAULT_HOLDOUT_FRACTION,
