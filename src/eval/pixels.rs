@@ -64,15 +64,16 @@ struct ImagePixels {
     defect: Vec<u64>,
     /// The image's group (its defect type).
     group: u16,
+    /// How many ground-truth regions it has.
+    regions: u32,
 }
 
 /// The test images' pixels at mask resolution and their ground-truth regions.
 #[derive(Default)]
 pub struct PixelTable {
     images: Vec<ImagePixels>,
-    /// Pixel count and image of every region, by global id − 1.
+    /// Pixel count of every region, by global id − 1.
     region_sizes: Vec<u32>,
-    region_images: Vec<u32>,
 }
 
 /// Pixel metrics of a set of images.
@@ -112,10 +113,7 @@ impl PixelTable {
         assert_eq!(scores.len(), truth.len(), "one mask pixel per score");
         let (labels, n) = label_regions(truth, width);
         let base = self.region_sizes.len() as u32;
-        let image = self.images.len() as u32;
         self.region_sizes.extend(std::iter::repeat_n(0, n as usize));
-        self.region_images
-            .extend(std::iter::repeat_n(image, n as usize));
         let defects = labels.iter().filter(|&&l| l > 0).count();
         let mut normal = Vec::with_capacity(scores.len() - defects);
         let mut defect = Vec::with_capacity(defects);
@@ -135,6 +133,7 @@ impl PixelTable {
             normal,
             defect,
             group,
+            regions: n,
         });
     }
 
@@ -177,11 +176,7 @@ impl PixelTable {
             for &c in curves {
                 negatives[c] += image.normal.len() as u64;
                 positives[c] += image.defect.len() as u64;
-            }
-        }
-        for &image in &self.region_images {
-            for &c in &image_curves[image as usize] {
-                regions[c] += 1;
+                regions[c] += u64::from(image.regions);
             }
         }
         let mut sweeps: Vec<Sweeps> = (0..n_curves)
