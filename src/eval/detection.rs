@@ -12,14 +12,15 @@ pub fn auroc(scores: &[f32], labels: &[bool]) -> Option<f64> {
     if positives == 0 || negatives == 0 {
         return None;
     }
-    let mut order: Vec<u32> = (0..scores.len() as u32).collect();
-    order.sort_unstable_by(|&a, &b| scores[a as usize].total_cmp(&scores[b as usize]));
+    // Lowest score first; ties are grouped by `score_key`, as the curves group them.
+    let mut order = descending_order(scores);
+    order.reverse();
     let mut rank_sum_pos = 0.0f64;
     let mut start = 0;
     while start < order.len() {
-        let value = scores[order[start] as usize];
+        let key = score_key(scores[order[start] as usize]);
         let mut end = start + 1;
-        while end < order.len() && scores[order[end] as usize] == value {
+        while end < order.len() && score_key(scores[order[end] as usize]) == key {
             end += 1;
         }
         // Ranks start..end (1-based: start+1..=end) share their mean.
@@ -347,6 +348,9 @@ mod tests {
         let labels = [true, true, false, false, true, false];
         let (area, _) = roc_curve(&scores, &labels).expect("both classes");
         assert!(area.is_finite(), "{area}");
+        // The rank AUROC groups ties (NaNs, ±0) as the curve does, so both give one number.
+        let ranked = auroc(&scores, &labels).expect("both classes");
+        assert!((ranked - area).abs() < 1e-12, "{ranked} vs {area}");
         assert!(f1_max(&scores, &labels).is_some());
         assert_eq!(score_key(-0.0), score_key(0.0));
         let keys: Vec<u32> = [-3.0f32, -1e-9, 0.0, 1e-9, 3.0, f32::INFINITY]
