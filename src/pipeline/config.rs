@@ -92,7 +92,7 @@ fn default_stall_seconds() -> f64 {
 pub struct OutputConfig {
     /// H.264 encoder of recordings and RTSP: `auto` (the first found of nvh264, nvv4l2, x264,
     /// openh264) or one of those, which fails the start where its element is missing. Checked
-    /// only when recordings or RTSP are enabled.
+    /// only when recordings, RTSP, clips or the console's live view are on.
     #[serde(default = "default_encoder")]
     pub encoder: String,
     /// `[output.record]`
@@ -232,7 +232,7 @@ pub enum SourceUriError {
     #[error("`{uri}`: `{option}`: give WIDTHxHEIGHT, each even and 64 to 4096 (size=1920x1080)")]
     BadSize { uri: String, option: String },
     #[error(
-        "`{uri}` is not a supported source (rtsp://…, file:///abs/path, v4l2:///dev/videoN, test://conveyor)"
+        "`{uri}` is not a supported source (rtsp://…, rtsps://…, file:///abs/path, v4l2:///dev/videoN, test://conveyor)"
     )]
     Unsupported { uri: String },
 }
