@@ -154,10 +154,8 @@ proptest! {
     }
 }
 
-/// A real bundle whose manifest asks for an absurd input size is refused, naming the key, before
-/// anything is allocated for it.
-#[test]
-fn a_manifest_asking_for_a_huge_input_is_refused() {
+/// A copy of the tiny test bundle's graph and manifest: the folder, its manifest's path and text.
+fn copy_of_tiny_bundle() -> (tempfile::TempDir, std::path::PathBuf, String) {
     let dir = tempfile::tempdir().expect("dir");
     for file in ["model.onnx", "stpm.toml"] {
         std::fs::copy(
@@ -168,6 +166,14 @@ fn a_manifest_asking_for_a_huge_input_is_refused() {
     }
     let manifest = dir.path().join("stpm.toml");
     let text = std::fs::read_to_string(&manifest).expect("read");
+    (dir, manifest, text)
+}
+
+/// A real bundle whose manifest asks for an absurd input size is refused, naming the key, before
+/// anything is allocated for it.
+#[test]
+fn a_manifest_asking_for_a_huge_input_is_refused() {
+    let (dir, manifest, text) = copy_of_tiny_bundle();
     let mut table: toml::Table = toml::from_str(&text).expect("manifest TOML");
     table
         .get_mut("model")
@@ -186,6 +192,61 @@ fn a_manifest_asking_for_a_huge_input_is_refused() {
         message.contains("input_size = [100000, 100000]") && message.contains("4096"),
         "{message}"
     );
+    std::fs::write(&manifest, text).expect("write");
+    Bundle::open(dir.path()).expect("the unchanged manifest opens");
+}
+
+/// Numbers that would turn every score into NaN (a camera that never alerts) and a version past
+/// u32 are refused with the key named, not opened.
+#[test]
+fn a_manifest_whose_numbers_cannot_score_is_refused() {
+    let (dir, manifest, text) = copy_of_tiny_bundle();
+    let table: toml::Table = toml::from_str(&text).expect("manifest TOML");
+    let edited = |section: &str, key: &str, value: toml::Value| {
+        let mut table = table.clone();
+        match table.get_mut(section).and_then(|s| s.as_table_mut()) {
+            Some(section) => {
+                section.insert(key.into(), value);
+            }
+            None => {
+                table.insert(key.into(), value);
+            }
+        }
+        toml::to_string(&table).expect("TOML")
+    };
+    for (section, key, value, named) in [
+        (
+            "calibration",
+            "threshold",
+            toml::Value::Float(f64::NAN),
+            "threshold = NaN",
+        ),
+        (
+            "calibration",
+            "floor",
+            toml::Value::Float(f64::INFINITY),
+            "floor = inf",
+        ),
+        (
+            "normalisation",
+            "std",
+            toml::Value::try_from([0.2, 0.0, 0.2]).expect("value"),
+            "std = [0.2, 0.0, 0.2]",
+        ),
+        (
+            "",
+            "format_version",
+            toml::Value::Integer(4_294_967_297),
+            "format version 4294967297",
+        ),
+    ] {
+        std::fs::write(&manifest, edited(section, key, value)).expect("write");
+        let message = Bundle::open(dir.path())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains(named), "{key}: {message}");
+    }
     std::fs::write(&manifest, text).expect("write");
     Bundle::open(dir.path()).expect("the unchanged manifest opens");
 }

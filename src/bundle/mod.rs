@@ -69,7 +69,7 @@ pub enum BundleError {
     #[error(
         "{path} has format version {found}; this stpm reads version {FORMAT_VERSION} (retrain or use a matching stpm)"
     )]
-    Version { path: PathBuf, found: u32 },
+    Version { path: PathBuf, found: i64 },
     #[error(
         "{path} does not match its manifest: sha256 {found}, manifest says {expected} (the file was changed or replaced after training)"
     )]
@@ -359,6 +359,31 @@ pub struct Bundle {
     pub manifest_sha256: String,
 }
 
+/// What makes a manifest's numbers unusable for scoring, if anything: the calibrations' threshold
+/// and floor must be finite, the input normalisation's mean finite and its std finite and positive.
+fn unusable_numbers(manifest: &Manifest) -> Option<String> {
+    let mut calibrations = vec![("[calibration]", &manifest.calibration)];
+    if let Some(int8) = &manifest.int8 {
+        calibrations.push(("[int8.calibration]", &int8.calibration));
+    }
+    for (section, calibration) in calibrations {
+        if !calibration.threshold.is_finite() || !calibration.floor.is_finite() {
+            return Some(format!(
+                "{section} threshold = {}, floor = {} (both must be finite numbers; run `stpm \
+                 calibrate` to set them again)",
+                calibration.threshold, calibration.floor
+            ));
+        }
+    }
+    let Normalisation { mean, std } = &manifest.normalisation;
+    if mean.iter().any(|m| !m.is_finite()) || std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+        return Some(format!(
+            "[normalisation] mean = {mean:?}, std = {std:?} (finite numbers, each std above 0)"
+        ));
+    }
+    None
+}
+
 /// The largest input side a bundle may declare (pixels).
 pub const MAX_INPUT_SIDE: usize = 4096;
 
@@ -381,10 +406,7 @@ impl Bundle {
         if let Some(found) = version
             && found != FORMAT_VERSION as i64
         {
-            return Err(BundleError::Version {
-                path,
-                found: found as u32,
-            });
+            return Err(BundleError::Version { path, found });
         }
         let manifest: Manifest = toml::from_str(&text).map_err(|e| BundleError::Parse {
             path: path.clone(),
@@ -413,6 +435,11 @@ impl Bundle {
                     manifest.model.fusion_stride
                 ),
             });
+        }
+        // A non-finite threshold or a zero spread would turn every score into NaN: a camera that
+        // never alerts and looks healthy.
+        if let Some(message) = unusable_numbers(&manifest) {
+            return Err(BundleError::Parse { path, message });
         }
         read_verified(&dir.join(&manifest.model.onnx), &manifest.model.onnx_sha256)?;
         Ok(Self {

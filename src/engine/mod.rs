@@ -248,7 +248,7 @@ impl Engine {
                 .with_intra_threads(options.threads)
                 .map_err(|e| open_error(e.to_string()))?;
         }
-        builder.commit_from_file(model).map_err(|e| {
+        let session = builder.commit_from_file(model).map_err(|e| {
             if provider == ExecutionProvider::Cpu {
                 open_error(e.to_string())
             } else {
@@ -257,7 +257,9 @@ impl Engine {
                     reason: format!("a {provider} session on {} failed: {e}", model.display()),
                 }
             }
-        })
+        })?;
+        check_names(&session).map_err(open_error)?;
+        Ok(session)
     }
 
     pub fn input_size(&self) -> [usize; 2] {
@@ -299,7 +301,7 @@ impl Engine {
             .session
             .run(ort::inputs![INPUT_NAME => input])
             .map_err(|e| EngineError::Run(e.to_string()))?;
-        scores_of(&outputs)
+        scores_of(&outputs, n, [h, w])
     }
 
     /// Runs `n` images that are already on the GPU (`input`: NCHW float32 in device memory, as the
@@ -366,18 +368,63 @@ impl Engine {
             .session
             .run(ort::inputs![INPUT_NAME => tensor])
             .map_err(|e| run_error(e.to_string()))?;
-        scores_of(&outputs)
+        scores_of(&outputs, n, [h, w])
     }
 }
 
-/// The map and scores of a run, copied out of ONNX Runtime's outputs.
-fn scores_of(outputs: &ort::session::SessionOutputs) -> Result<Scores, EngineError> {
-    let (_, maps) = outputs[MAP_OUTPUT]
+/// Whether a session's graph has the input and outputs of an STPM graph; the message names the
+/// missing ones and what the graph has instead (a graph renamed or exported by another tool).
+fn check_names(session: &Session) -> Result<(), String> {
+    let inputs: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
+    let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+    let mut missing = Vec::new();
+    if !inputs.contains(&INPUT_NAME) {
+        missing.push(format!("input `{INPUT_NAME}`"));
+    }
+    for name in [MAP_OUTPUT, SCORE_OUTPUT] {
+        if !outputs.contains(&name) {
+            missing.push(format!("output `{name}`"));
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "not an STPM graph: no {} (its inputs: {}; outputs: {})",
+        missing.join(", no "),
+        inputs.join(", "),
+        outputs.join(", ")
+    ))
+}
+
+/// The map and scores of a run of `n` images of `[h, w]`, copied out of ONNX Runtime's outputs; a
+/// graph whose map is not one value per input pixel (or not one score per image) is an error here,
+/// not a wrong overlay or a zone summary that finds nothing later.
+fn scores_of(
+    outputs: &ort::session::SessionOutputs,
+    n: usize,
+    [h, w]: [usize; 2],
+) -> Result<Scores, EngineError> {
+    let output = |name: &str| {
+        outputs
+            .get(name)
+            .ok_or_else(|| EngineError::Run(format!("the graph has no output `{name}`")))
+    };
+    let (_, maps) = output(MAP_OUTPUT)?
         .try_extract_tensor::<f32>()
         .map_err(|e| EngineError::Run(e.to_string()))?;
-    let (_, scores) = outputs[SCORE_OUTPUT]
+    let (_, scores) = output(SCORE_OUTPUT)?
         .try_extract_tensor::<f32>()
         .map_err(|e| EngineError::Run(e.to_string()))?;
+    if maps.len() != n * h * w || scores.len() != n {
+        return Err(EngineError::Run(format!(
+            "the graph returned {} map values and {} scores for {n} images of {h}×{w}; expected \
+             {} and {n} (a map the size of its input)",
+            maps.len(),
+            scores.len(),
+            n * h * w
+        )));
+    }
     Ok(Scores {
         maps: maps.to_vec(),
         scores: scores.to_vec(),
@@ -487,6 +534,55 @@ static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A valid ONNX graph that is not an STPM one: `image` in, its maximum out as `peak`.
+    fn foreign_graph(dir: &Path) -> PathBuf {
+        use crate::onnx::graph::{GraphBuilder, attr_int, attr_ints, float_value_info};
+        use crate::onnx::proto::{ModelProto, OperatorSetIdProto};
+        let mut g = GraphBuilder::default();
+        let attributes = vec![attr_ints("axes", &[1, 2, 3]), attr_int("keepdims", 0)];
+        g.node_named("ReduceMax", &[INPUT_NAME], attributes, "peak");
+        let graph = g.finish(
+            "other",
+            vec![float_value_info(
+                INPUT_NAME,
+                &[None, Some(3), Some(16), Some(16)],
+            )],
+            vec![float_value_info("peak", &[None])],
+        );
+        let model = ModelProto {
+            ir_version: crate::onnx::IR_VERSION,
+            graph: Some(graph),
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: crate::onnx::OPSET,
+            }],
+            ..Default::default()
+        };
+        let path = dir.join("model.onnx");
+        crate::onnx::write_model(&model, &path).expect("written");
+        path
+    }
+
+    #[test]
+    fn a_graph_without_the_stpm_outputs_is_refused_when_opened() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = foreign_graph(dir.path());
+        let options = EngineOptions {
+            provider: ProviderRequest::Cpu,
+            ..EngineOptions::default()
+        };
+        let message = Engine::open(&path, [16, 16], options)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains("not an STPM graph")
+                && message.contains("no output `anomaly_map`, no output `score`")
+                && message.contains("outputs: peak"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn tensorrt_refuses_an_int8_graph_of_the_cpu_kind() {

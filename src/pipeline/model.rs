@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -262,8 +262,11 @@ impl ModelControl for ModelSlot {
     }
 
     fn swap(&self, bundle: &Path) -> Result<Swapped, SwapError> {
-        let Ok(_loading) = self.loading.try_lock() else {
-            return Err(SwapError::Busy);
+        // A load that panicked leaves the lock poisoned; it guards no data, so the next load goes on.
+        let _loading = match self.loading.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return Err(SwapError::Busy),
         };
         let started = Instant::now();
         let live = self.live();

@@ -58,6 +58,8 @@ struct WorkerState {
     fps: f32,
     /// The status last published on the state topic.
     published_status: Option<CameraStatus>,
+    /// Whether a map that did not fit the zone mask was reported (once per camera).
+    map_size_reported: bool,
 }
 
 impl Worker {
@@ -74,6 +76,7 @@ impl Worker {
             analysed_since_report: 0,
             fps: 0.0,
             published_status: None,
+            map_size_reported: false,
         };
         log::info!(
             "[{}] stream time 0 = unix {:.3} (alert times are this plus the frame's timestamp)",
@@ -298,7 +301,15 @@ impl Worker {
             .collect();
         let events = match self.zones.summarise(&normalised, 0.5) {
             Ok(summary) => self.tracker.observe(t, &summary),
-            Err(_) => Vec::new(),
+            Err(e) => {
+                // The engine checks the map's size, so this is a bug, not a bad bundle: say so
+                // once rather than alerting on nothing in silence.
+                if !state.map_size_reported {
+                    log::error!("[{}] no alerts from this frame on: {e}", self.camera.name);
+                    state.map_size_reported = true;
+                }
+                Vec::new()
+            }
         };
         let camera = self.camera.name.clone();
         let caption = overlay::live::Caption {
