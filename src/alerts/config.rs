@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use super::zones::Polygon;
 
+/// The longest window `m` of frames an event is decided on (400 s at 25 frames/s); each camera
+/// keeps that many scores.
+pub const MAX_WINDOW: usize = 10_000;
+
 /// How alert events are debounced, limited and kept while the broker is away.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -19,7 +23,7 @@ pub struct AlertConfig {
     /// A `new` event needs at least `k` anomalous frames ...
     #[serde(default = "default_k")]
     pub k: usize,
-    /// ... among the last `m` frames.
+    /// ... among the last `m` frames (at most [`MAX_WINDOW`]).
     #[serde(default = "default_m")]
     pub m: usize,
     /// Seconds the score must stay below `off_threshold` before the event ends.
@@ -157,6 +161,12 @@ impl AlertConfig {
         }
         if self.k == 0 {
             problems.push(format!("{section}.k must be at least 1"));
+        }
+        if self.m > MAX_WINDOW {
+            problems.push(format!(
+                "{section}.m ({}) must be at most {MAX_WINDOW} frames",
+                self.m
+            ));
         }
         if self.k > self.m {
             problems.push(format!(
@@ -362,6 +372,28 @@ mod tests {
         assert!(problems[0].starts_with("alerts.on_threshold (NaN)"));
         assert!(problems[1].starts_with("alerts.off_threshold (inf)"));
         assert_eq!(problems[2], "alerts.k must be at least 1");
+    }
+
+    #[test]
+    fn a_huge_window_is_a_problem_not_an_allocation() {
+        let config = AlertConfig {
+            k: 3,
+            m: usize::MAX,
+            ..AlertConfig::default()
+        };
+        let problems = config.validate().unwrap_err().problems;
+        assert_eq!(
+            problems,
+            vec![format!(
+                "alerts.m ({}) must be at most 10000 frames",
+                usize::MAX
+            )]
+        );
+        let widest = AlertConfig {
+            m: MAX_WINDOW,
+            ..AlertConfig::default()
+        };
+        assert!(widest.validate().is_ok());
     }
 
     #[test]

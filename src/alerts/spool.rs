@@ -315,7 +315,9 @@ fn parse_name(name: &str, extension: &str) -> Option<u64> {
     if digits.len() != SEQ_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    digits.parse().ok()
+    // A spool never counts this far (one message a microsecond for 290,000 years); a larger
+    // number was written by something else, and counting on from it would overflow.
+    digits.parse().ok().filter(|&seq| seq <= u64::MAX / 2)
 }
 
 /// `MAGIC\n<kind>\n<topic>\n<payload>`.
@@ -360,6 +362,18 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sequence_number_near_the_end_of_u64_is_not_a_spool_file() {
+        let name = |seq: u64| format!("{seq:0SEQ_DIGITS$}{EXTENSION}");
+        assert_eq!(parse_name(&name(41), EXTENSION), Some(41));
+        assert_eq!(
+            parse_name(&name(u64::MAX / 2), EXTENSION),
+            Some(u64::MAX / 2)
+        );
+        assert_eq!(parse_name(&name(u64::MAX), EXTENSION), None);
+        assert_eq!(parse_name("00000000000000000041.txt", EXTENSION), None);
+    }
 
     fn summary(spool: &Spool) -> Vec<(u64, EntryKind, String, String)> {
         spool

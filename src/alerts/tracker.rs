@@ -196,7 +196,7 @@ impl AlertTracker {
         Self {
             camera: camera.into(),
             model: model.into(),
-            recent: VecDeque::with_capacity(config.m),
+            recent: VecDeque::with_capacity(config.m.min(super::config::MAX_WINDOW)),
             config,
             phase: Phase::Idle,
             quiet_until: f64::NEG_INFINITY,

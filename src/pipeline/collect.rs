@@ -405,6 +405,8 @@ fn next_free_index(folder: &Path, camera: &str) -> u64 {
                 .parse::<u64>()
                 .ok()
         })
+        // An index this large was not written by a collection (it would overflow the count).
+        .filter(|&n| n <= u64::MAX / 2)
         .max()
         .map_or(0, |n| n + 1)
 }
@@ -499,11 +501,33 @@ pub fn write_log(out: &Path, report: &Collected) -> Result<(), CollectError> {
         path: path.clone(),
         message,
     };
-    let mut log: serde_json::Value = std::fs::read(&path)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .filter(|v: &serde_json::Value| v.get("runs").is_some_and(|r| r.is_array()))
-        .unwrap_or_else(|| serde_json::json!({ "runs": [] }));
+    let fresh = || serde_json::json!({ "runs": [] });
+    let mut log: serde_json::Value = match std::fs::read(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => fresh(),
+        Err(e) => return Err(write_error(format!("cannot read it: {e}"))),
+        Ok(bytes) => match serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .filter(|v| v.get("runs").is_some_and(|r| r.is_array()))
+        {
+            Some(log) => log,
+            None => {
+                // Hand-edited or damaged: kept beside the new log, not overwritten.
+                let seconds = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let aside = out.join(format!("collect.json.bad-{seconds}"));
+                std::fs::rename(&path, &aside)
+                    .map_err(|e| write_error(format!("cannot move it aside: {e}")))?;
+                log::warn!(
+                    "{} was not a collection log ({{\"runs\": [...]}}); kept as {} and started anew",
+                    path.display(),
+                    aside.display()
+                );
+                fresh()
+            }
+        },
+    };
     let run = serde_json::to_value(report).map_err(|e| write_error(e.to_string()))?;
     if let Some(runs) = log.get_mut("runs").and_then(|r| r.as_array_mut()) {
         runs.push(run);
@@ -606,5 +630,46 @@ mod tests {
             std::fs::write(dir.path().join(name), b"").expect("file");
         }
         assert_eq!(next_free_index(dir.path(), "line1"), 11);
+        std::fs::write(dir.path().join("line1-18446744073709551615.png"), b"").expect("file");
+        assert_eq!(next_free_index(dir.path(), "line1"), 11);
+    }
+
+    #[test]
+    fn a_damaged_collection_log_is_kept_aside_not_overwritten() {
+        let dir = tempfile::tempdir().expect("dir");
+        let log_path = dir.path().join("collect.json");
+        std::fs::write(&log_path, b"{\"runs\": [{\"camera\": \"line1\"},]}").expect("log");
+        let report = Collected {
+            camera: "line1".into(),
+            source: "test://conveyor".into(),
+            model: None,
+            saved: Vec::new(),
+            seen: 4,
+            too_soon: 0,
+            duplicates: 0,
+            near_anomalies: 0,
+            ended_early: false,
+        };
+        write_log(dir.path(), &report).expect("written");
+        let log: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&log_path).expect("log")).expect("JSON");
+        assert_eq!(log["runs"].as_array().map(Vec::len), Some(1));
+        assert_eq!(log["runs"][0]["seen"], 4);
+        let kept: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("collect.json.bad-"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(
+            std::fs::read(dir.path().join(&kept[0])).expect("kept"),
+            b"{\"runs\": [{\"camera\": \"line1\"},]}"
+        );
+        // A second run appends to the new log.
+        write_log(dir.path(), &report).expect("appended");
+        let log: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&log_path).expect("log")).expect("JSON");
+        assert_eq!(log["runs"].as_array().map(Vec::len), Some(2));
     }
 }

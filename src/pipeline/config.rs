@@ -229,6 +229,8 @@ pub enum SourceUriError {
     NotANumber { uri: String, option: String },
     #[error("`{uri}`: unknown option `{key}` (frames, fps, seed, size)")]
     UnknownOption { uri: String, key: String },
+    #[error("`{uri}`: `{option}`: give frames per second above 0, at most 1000 (fps=25)")]
+    BadFps { uri: String, option: String },
     #[error("`{uri}`: `{option}`: give WIDTHxHEIGHT, each even and 64 to 4096 (size=1920x1080)")]
     BadSize { uri: String, option: String },
     #[error(
@@ -274,7 +276,16 @@ impl SourceUri {
                 };
                 match key {
                     "frames" => *frames = Some(value.parse().map_err(|_| bad())?),
-                    "fps" => *fps = value.parse().map_err(|_| bad())?,
+                    "fps" => {
+                        let parsed: f64 = value.parse().map_err(|_| bad())?;
+                        if !(parsed > 0.0 && parsed <= 1000.0) {
+                            return Err(SourceUriError::BadFps {
+                                uri: uri.into(),
+                                option: pair.into(),
+                            });
+                        }
+                        *fps = parsed
+                    }
                     "seed" => *seed = value.parse().map_err(|_| bad())?,
                     "size" => {
                         *size = parse_size(value).ok_or_else(|| SourceUriError::BadSize {
@@ -647,6 +658,15 @@ mod tests {
                 "{uri}: {message:?}"
             );
         }
+        for bad in ["0", "-5", "NaN", "inf", "1001"] {
+            let uri = format!("test://conveyor?fps={bad}");
+            let message = SourceUri::parse(&uri).err().map(|e| e.to_string());
+            assert!(
+                message.as_deref().is_some_and(|m| m.contains("above 0")),
+                "{uri}: {message:?}"
+            );
+        }
+        assert!(SourceUri::parse("test://conveyor?fps=0.5").is_ok());
         let message = SourceUri::parse("test://conveyor?width=5")
             .err()
             .map(|e| e.to_string());

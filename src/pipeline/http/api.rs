@@ -151,9 +151,10 @@ fn parse_query(params: &HashMap<String, String>) -> Result<Query, ApiError> {
                     .ok_or_else(|| bad(format!("limit = `{value}`: use 1 to {MAX_LIMIT}")))?
             }
             "cursor" => {
-                let parsed = value
-                    .split_once(':')
-                    .and_then(|(time, id)| Some((time.parse::<f64>().ok()?, id.to_string())));
+                let parsed = value.split_once(':').and_then(|(time, id)| {
+                    let time = time.parse::<f64>().ok().filter(|t| t.is_finite())?;
+                    Some((time, id.to_string()))
+                });
                 query.before = Some(parsed.ok_or_else(|| {
                     bad(format!(
                         "cursor = `{value}`: pass the next_cursor of the previous page"
@@ -461,6 +462,8 @@ mod tests {
                 ("verdict=maybe", "verdict"),
                 ("bogus=1", "bogus"),
                 ("cursor=x", "cursor"),
+                ("cursor=NaN:a-1", "cursor"),
+                ("cursor=inf:a-1", "cursor"),
             ] {
                 let (status, _, body) =
                     call(&app, "GET", &format!("/api/events?{query}"), "").await;
