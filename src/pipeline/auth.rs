@@ -137,37 +137,40 @@ impl Auth {
     /// Who the `Authorization` header value signs in: the user of valid Basic credentials,
     /// `token` for a valid bearer token, `None` otherwise.
     pub fn identify(&self, authorization: Option<&str>) -> Option<String> {
-        self.check(authorization).then(|| {
-            authorization
-                .and_then(|value| value.strip_prefix("Basic "))
-                .and_then(|encoded| {
-                    base64::engine::general_purpose::STANDARD
-                        .decode(encoded.trim())
-                        .ok()
-                })
-                .and_then(|bytes| String::from_utf8(bytes).ok())
-                .and_then(|credentials| credentials.split_once(':').map(|(u, _)| u.to_string()))
-                .unwrap_or_else(|| "token".into())
-        })
+        self.check(authorization)
+            .then(|| Self::name_in(authorization))
+    }
+
+    /// [`Auth::identify`] where it needs no password hash: a bearer token, a header that admits
+    /// nothing, or Basic credentials verified before. `None` when only the argon2 check can tell
+    /// (run that one off the async threads, a few at a time).
+    pub fn identify_quickly(&self, authorization: Option<&str>) -> Option<Option<String>> {
+        match self.quick_check(authorization) {
+            Quick::Admitted => Some(Some(Self::name_in(authorization))),
+            Quick::Refused => Some(None),
+            Quick::NeedsHash { .. } => None,
+        }
+    }
+
+    /// The user named by Basic credentials, or `token`.
+    fn name_in(authorization: Option<&str>) -> String {
+        authorization
+            .and_then(|value| value.strip_prefix("Basic "))
+            .and_then(|encoded| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(encoded.trim())
+                    .ok()
+            })
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .and_then(|credentials| credentials.split_once(':').map(|(u, _)| u.to_string()))
+            .unwrap_or_else(|| "token".into())
     }
 
     fn check(&self, authorization: Option<&str>) -> bool {
-        let Some(value) = authorization else {
-            return false;
-        };
-        if let Some(token) = value.strip_prefix("Bearer ") {
-            let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
-            return self.tokens.contains(&digest);
-        }
-        let Some(encoded) = value.strip_prefix("Basic ") else {
-            return false;
-        };
-        let Some(credentials) = base64::engine::general_purpose::STANDARD
-            .decode(encoded.trim())
-            .ok()
-            .and_then(|bytes| String::from_utf8(bytes).ok())
-        else {
-            return false;
+        let (credentials, key) = match self.quick_check(authorization) {
+            Quick::Admitted => return true,
+            Quick::Refused => return false,
+            Quick::NeedsHash { credentials, key } => (credentials, key),
         };
         let Some((user, password)) = credentials.split_once(':') else {
             return false;
@@ -178,10 +181,6 @@ impl Auth {
             Some(hash) => (hash.as_str(), true),
             None => (DUMMY_HASH, false),
         };
-        let key: [u8; 32] = Sha256::digest(credentials.as_bytes()).into();
-        if self.verified.lock().is_ok_and(|seen| seen.contains(&key)) {
-            return true;
-        }
         let good = PasswordHash::new(hash).is_ok_and(|parsed| {
             Argon2::default()
                 .verify_password(password.as_bytes(), &parsed)
@@ -192,6 +191,50 @@ impl Auth {
         }
         good
     }
+
+    /// Everything but the argon2 check.
+    fn quick_check(&self, authorization: Option<&str>) -> Quick {
+        let Some(value) = authorization else {
+            return Quick::Refused;
+        };
+        if let Some(token) = value.strip_prefix("Bearer ") {
+            let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+            return if self.tokens.contains(&digest) {
+                Quick::Admitted
+            } else {
+                Quick::Refused
+            };
+        }
+        let Some(encoded) = value.strip_prefix("Basic ") else {
+            return Quick::Refused;
+        };
+        let Some(credentials) = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+        else {
+            return Quick::Refused;
+        };
+        if !credentials.contains(':') {
+            return Quick::Refused;
+        }
+        let key: [u8; 32] = Sha256::digest(credentials.as_bytes()).into();
+        if self.verified.lock().is_ok_and(|seen| seen.contains(&key)) {
+            return Quick::Admitted;
+        }
+        Quick::NeedsHash { credentials, key }
+    }
+}
+
+/// What a credential check can tell without hashing a password.
+enum Quick {
+    Admitted,
+    Refused,
+    /// Basic credentials (`user:password`) not verified before, and their cache key.
+    NeedsHash {
+        credentials: String,
+        key: [u8; 32],
+    },
 }
 
 /// 32 bytes from 64 hex digits.
@@ -246,9 +289,24 @@ pub(crate) mod tests {
         let auth = Auth::load(&files(dir.path()), "0.0.0.0:9090")
             .expect("load")
             .expect("on");
+        // A password not seen yet needs the argon2 check; once verified, it does not.
+        assert_eq!(auth.identify_quickly(Some(&basic("anna:secret"))), None);
         assert!(auth.admits(Some(&basic("anna:secret"))));
+        assert_eq!(
+            auth.identify_quickly(Some(&basic("anna:secret"))),
+            Some(Some("anna".into()))
+        );
         // Again, from the cache of verified credentials.
         assert!(auth.admits(Some(&basic("anna:secret"))));
+        // Tokens and headers that admit nothing are decided without a hash.
+        assert_eq!(
+            auth.identify_quickly(Some("Bearer t0ken")),
+            Some(Some("token".into()))
+        );
+        assert_eq!(auth.identify_quickly(Some("Bearer nope")), Some(None));
+        assert_eq!(auth.identify_quickly(Some("Basic !!!")), Some(None));
+        assert_eq!(auth.identify_quickly(None), Some(None));
+        assert_eq!(auth.identify_quickly(Some(&basic("anna:wrong"))), None);
         assert!(!auth.admits(Some(&basic("anna:Secret"))));
         assert!(!auth.admits(Some(&basic("bob:secret"))));
         assert!(auth.admits(Some("Bearer t0ken")));

@@ -14,11 +14,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::Listener as _;
 use tokio::sync::oneshot;
 
 use crate::pipeline::metrics::Metrics;
@@ -73,6 +75,16 @@ impl HttpServer {
     /// Binds `bind` (`ip:port`) at once, so a taken port fails the start, then serves on a thread,
     /// at most `max_connections` connections at once.
     pub fn start(bind: &str, max_connections: usize, served: Served) -> Result<Self, HttpError> {
+        Self::start_timed(bind, max_connections, HEADER_READ_TIMEOUT, served)
+    }
+
+    /// [`HttpServer::start`] with another header read timeout (tests).
+    fn start_timed(
+        bind: &str,
+        max_connections: usize,
+        header_timeout: Duration,
+        served: Served,
+    ) -> Result<Self, HttpError> {
         let bind_error = |source| HttpError::Bind {
             bind: bind.to_string(),
             source,
@@ -90,7 +102,15 @@ impl HttpServer {
         let app = router(Arc::clone(&served));
         let thread = std::thread::Builder::new()
             .name("http".into())
-            .spawn(move || runtime.block_on(serve(listener, max_connections, app, stopped)))
+            .spawn(move || {
+                runtime.block_on(serve(
+                    listener,
+                    max_connections,
+                    header_timeout,
+                    app,
+                    stopped,
+                ))
+            })
             .map_err(HttpError::Start)?;
         Ok(Self {
             address,
@@ -128,27 +148,70 @@ impl Drop for HttpServer {
     }
 }
 
+/// How long a client may take to send a request's headers, or leave a kept-alive connection
+/// idle before its next request: longer and the connection is closed, so connections that send
+/// nothing (or trickle a request) cannot hold every place of `max_connections`.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a stop waits for requests in progress before it ends their connections.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Accepts connections until `stopped`, each served by hyper's HTTP/1 (with upgrades, for the
+/// live view's websockets) under `header_timeout` ([`HEADER_READ_TIMEOUT`]); then lets requests
+/// in progress finish for up to [`STOP_GRACE`].
 async fn serve(
     listener: std::net::TcpListener,
     max_connections: usize,
+    header_timeout: Duration,
     app: Router,
-    stopped: oneshot::Receiver<()>,
+    mut stopped: oneshot::Receiver<()>,
 ) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
+    let mut listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener::Capped::new(listener, max_connections),
         Err(e) => {
             log::warn!("http: cannot serve: {e}");
             return;
         }
     };
-    let shutdown = async {
-        let _ = stopped.await;
-    };
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        log::warn!("http: {e}");
+    let (stop_connections, stopping) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let connection = tokio::select! {
+            (accepted, _) = listener.accept() => accepted,
+            _ = &mut stopped => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stopping = stopping.clone();
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let io = hyper_util::rt::TokioIo::new(connection);
+            let connection = builder.serve_connection(io, service).with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                served = connection.as_mut() => {
+                    if let Err(e) = served {
+                        log::debug!("http: connection: {e}");
+                    }
+                    return;
+                }
+                _ = stopping.changed() => connection.as_mut().graceful_shutdown(),
+            }
+            let _ = connection.await;
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = stop_connections.send(true);
+    let finished = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(STOP_GRACE, finished).await.is_err() {
+        log::warn!(
+            "http: {} connection(s) still busy after {} s; closed",
+            connections.len(),
+            STOP_GRACE.as_secs()
+        );
     }
 }
 
@@ -224,18 +287,30 @@ async fn guard(
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .map(String::from);
-    let checking = Arc::clone(&served);
-    let slot = CHECKS.acquire().await.ok();
-    let identity = tokio::task::spawn_blocking(move || {
-        checking
-            .auth
-            .as_ref()
-            .and_then(|auth| auth.identify(authorization.as_deref()))
-    })
-    .await
-    .ok()
-    .flatten();
-    drop(slot);
+    // Tokens and credentials verified before are answered at once; only a password not seen
+    // yet waits for one of the few argon2 places.
+    let quick = served
+        .auth
+        .as_ref()
+        .and_then(|auth| auth.identify_quickly(authorization.as_deref()));
+    let identity = match quick {
+        Some(decided) => decided,
+        None => {
+            let checking = Arc::clone(&served);
+            let slot = CHECKS.acquire().await.ok();
+            let identity = tokio::task::spawn_blocking(move || {
+                checking
+                    .auth
+                    .as_ref()
+                    .and_then(|auth| auth.identify(authorization.as_deref()))
+            })
+            .await
+            .ok()
+            .flatten();
+            drop(slot);
+            identity
+        }
+    };
     if let Some(identity) = identity {
         // Who signed in, for what they record (a verdict's author).
         request.extensions_mut().insert(SignedIn(identity));
@@ -680,9 +755,28 @@ mod tests {
         server.stop();
     }
 
+    /// A TCP connection to `address` whose reads give up after `timeout`.
+    fn connect_to(address: SocketAddr, timeout: std::time::Duration) -> std::net::TcpStream {
+        let stream = std::net::TcpStream::connect(address).expect("connect");
+        stream.set_read_timeout(Some(timeout)).expect("timeout");
+        stream
+    }
+
+    /// Sends `GET /health` (HTTP/1.0) and reads the answer until the server closes or the read
+    /// times out.
+    fn ask_health(stream: &mut std::net::TcpStream) -> String {
+        use std::io::{Read, Write};
+        stream
+            .write_all(b"GET /health HTTP/1.0\r\n\r\n")
+            .expect("send");
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
     #[test]
     fn connections_beyond_the_cap_wait_for_a_place() {
-        use std::io::{Read, Write};
+        use std::io::Read;
         let server = HttpServer::start(
             "127.0.0.1:0",
             2,
@@ -690,26 +784,12 @@ mod tests {
         )
         .expect("start");
         let address = server.address();
-        let connect = || {
-            let stream = std::net::TcpStream::connect(address).expect("connect");
-            stream
-                .set_read_timeout(Some(std::time::Duration::from_millis(700)))
-                .expect("timeout");
-            stream
-        };
-        let ask = |stream: &mut std::net::TcpStream| {
-            stream
-                .write_all(b"GET /health HTTP/1.0\r\n\r\n")
-                .expect("send");
-            let mut answer = Vec::new();
-            let _ = stream.read_to_end(&mut answer);
-            String::from_utf8_lossy(&answer).into_owned()
-        };
+        let connect = || connect_to(address, std::time::Duration::from_millis(700));
         // Two idle connections take both places.
         let idle: Vec<_> = (0..2).map(|_| connect()).collect();
         std::thread::sleep(std::time::Duration::from_millis(200));
         let mut third = connect();
-        let waiting = ask(&mut third);
+        let waiting = ask_health(&mut third);
         assert!(waiting.is_empty(), "served beyond the cap: {waiting}");
         // One closes: the third is served.
         drop(idle);
@@ -719,6 +799,43 @@ mod tests {
         let mut answer = Vec::new();
         let _ = third.read_to_end(&mut answer);
         let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+        server.stop();
+    }
+
+    #[test]
+    fn silent_and_trickling_connections_are_closed_and_free_their_places() {
+        use std::io::{Read, Write};
+        use std::time::Duration;
+        let server = HttpServer::start_timed(
+            "127.0.0.1:0",
+            2,
+            Duration::from_millis(300),
+            served(Arc::new(Metrics::new("cpu", "fp32", &[]))),
+        )
+        .expect("start");
+        let address = server.address();
+        let connect = || connect_to(address, Duration::from_secs(5));
+        // One sends nothing, one half a request: both take a place, and both are closed.
+        let mut silent = connect();
+        let mut trickling = connect();
+        trickling
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x")
+            .expect("send");
+        for stream in [&mut silent, &mut trickling] {
+            let mut answer = Vec::new();
+            let started = std::time::Instant::now();
+            let read = stream.read_to_end(&mut answer);
+            assert!(
+                read.is_ok() && started.elapsed() < Duration::from_secs(4),
+                "not closed by the server: {read:?} after {:?}",
+                started.elapsed()
+            );
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(!answer.contains("200 OK"), "{answer}");
+        }
+        // Their places are free again: a new client is served.
+        let answer = ask_health(&mut connect());
         assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
         server.stop();
     }

@@ -111,7 +111,7 @@ impl Collector for Exported {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         if let Some((id, bundle)) = model {
-            let info = Info::new([("id", id), ("bundle", bundle)]);
+            let info = Info::new([("id", id), ("bundle", label_value(&bundle))]);
             info.encode(encoder.encode_descriptor(
                 "stpm_model",
                 "The live model: its id (the first 12 hex digits of the sha256 of its stpm.toml) and bundle folder.",
@@ -219,7 +219,7 @@ impl Collector for Exported {
                 let Ok(free) = crate::store::disk::free_bytes(folder) else {
                     continue;
                 };
-                let path = folder.display().to_string();
+                let path = label_value(&folder.display().to_string());
                 let labels = [("folder", *name), ("path", path.as_str())];
                 ConstGauge::new(i64::try_from(free).unwrap_or(i64::MAX))
                     .encode(family.encode_family(&labels)?)?;
@@ -284,4 +284,19 @@ impl Collector for Exported {
 
 fn round3(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0
+}
+
+/// A label value as the text format writes it: prometheus-client writes values as given, so a
+/// `"`, `\` or line break in a folder's name would end the value early and break the whole scrape.
+fn label_value(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
 }

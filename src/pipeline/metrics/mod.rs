@@ -538,6 +538,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn quotes_backslashes_and_line_breaks_in_label_values_are_escaped() {
+        let metrics = Metrics::new("cpu", "fp32", &[]);
+        metrics.set_model("3f9a0c1b2d4e", "odd \"name\"\\x\ny", "fp32");
+        let dir = tempfile::tempdir().expect("dir");
+        let odd = dir.path().join("a\"b\\c\nd");
+        std::fs::create_dir(&odd).expect("folder");
+        metrics.set_disk_folders(vec![("storage", odd)]);
+        let text = metrics.render();
+        assert!(text.contains(r#"bundle="odd \"name\"\\x\ny""#), "{text}");
+        assert!(text.contains(r#"a\"b\\c\nd""#), "{text}");
+        // Every sample is still one line: name{labels} value.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(
+                line.ends_with('}') || line.split(' ').count() >= 2,
+                "broken line: {line:?}"
+            );
+            assert_eq!(
+                line.matches('{').count(),
+                line.matches('}').count(),
+                "{line:?}"
+            );
+        }
+    }
+
+    #[test]
     fn recent_quantiles_are_exact_over_the_last_frames() {
         let metrics = Metrics::new("cpu", "int8", &["line1".into()]);
         let line1 = metrics.camera("line1").expect("line1");
