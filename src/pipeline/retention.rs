@@ -42,7 +42,11 @@ impl Retention {
         let folders = if config.storage.enabled {
             retention::folders(&config.storage.path, recordings.as_deref())
         } else {
-            recordings.clone().into_iter().collect()
+            recordings
+                .clone()
+                .map(retention::Swept::Recordings)
+                .into_iter()
+                .collect()
         };
         if folders.is_empty() {
             return None;
@@ -110,7 +114,7 @@ pub fn written_folders(config: &PipelineConfig) -> Vec<(&'static str, PathBuf)> 
 struct Run<'a> {
     /// The event store's folder, when `[storage]` is on.
     storage: Option<&'a Path>,
-    folders: &'a [PathBuf],
+    folders: &'a [retention::Swept],
     watched: &'a [(&'static str, PathBuf)],
     limits: Limits,
     metrics: &'a Metrics,

@@ -59,11 +59,63 @@ struct Media {
 /// is never touched.
 const MEDIA: [&str; 3] = ["jpg", "mp4", "mkv"];
 
-/// Every media file under `folders` (recursively) with its size, modification time and device.
-fn files(folders: &[PathBuf]) -> Vec<Media> {
+/// A folder retention sweeps, and which of its files it may delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Swept {
+    /// Every media file under it, in subfolders too: the data folder's `snapshots/` and `clips/`,
+    /// which only stpm writes.
+    Media(PathBuf),
+    /// Only the recordings stpm names (`<camera>-<start>[-rN][-NNNNN].mkv`, see
+    /// [`is_recording_name`]) directly in it: `[output.record] dir` may be a folder shared with
+    /// other files (the data folder with its training collections, a media folder).
+    Recordings(PathBuf),
+}
+
+impl Swept {
+    pub fn path(&self) -> &Path {
+        match self {
+            Swept::Media(path) | Swept::Recordings(path) => path,
+        }
+    }
+}
+
+/// Whether `name` is one the recorder gives its files: `<camera>-<unix seconds>.mkv`, with
+/// `-r<n>` after a restart and `-<segment>` when segmented (camera names are letters, digits, `-`
+/// and `_`).
+pub fn is_recording_name(name: &str) -> bool {
+    let Some(stem) = name.strip_suffix(".mkv") else {
+        return false;
+    };
+    if !stem
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return false;
+    }
+    let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+    let restart = |part: &str| part.strip_prefix('r').is_some_and(digits);
+    let parts: Vec<&str> = stem.split('-').collect();
+    let tail_fits = |tail: &[&str]| match tail {
+        [] => true,
+        [one] => restart(one) || digits(one),
+        [r, segment] => restart(r) && digits(segment),
+        _ => false,
+    };
+    (1..parts.len())
+        .any(|i| digits(parts[i]) && !parts[..i].concat().is_empty() && tail_fits(&parts[i + 1..]))
+}
+
+/// The files of `folders` retention may delete, with size, modification time and device.
+fn files(folders: &[Swept]) -> Vec<Media> {
     let mut found = Vec::new();
-    let mut pending: Vec<PathBuf> = folders.to_vec();
-    while let Some(dir) = pending.pop() {
+    let mut pending: Vec<(PathBuf, bool)> = folders
+        .iter()
+        .map(|folder| {
+            let recordings = matches!(folder, Swept::Recordings(_));
+            (folder.path().to_path_buf(), recordings)
+        })
+        .collect();
+    while let Some((dir, recordings)) = pending.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
@@ -71,15 +123,20 @@ fn files(folders: &[PathBuf]) -> Vec<Media> {
             let Ok(meta) = entry.metadata() else {
                 continue;
             };
-            if meta.is_dir() {
-                pending.push(entry.path());
-            } else if meta.is_file()
-                && entry
+            let wanted = if recordings {
+                is_recording_name(&entry.file_name().to_string_lossy())
+            } else {
+                entry
                     .path()
                     .extension()
                     .and_then(|e| e.to_str())
                     .is_some_and(|e| MEDIA.contains(&e))
-            {
+            };
+            if meta.is_dir() {
+                if !recordings {
+                    pending.push((entry.path(), false));
+                }
+            } else if meta.is_file() && wanted {
                 found.push(Media {
                     path: entry.path(),
                     size: meta.len(),
@@ -97,7 +154,7 @@ fn files(folders: &[PathBuf]) -> Vec<Media> {
 /// a file modified within [`IN_USE`] of `now`. Deleted media of events are marked in `store`; when
 /// the store fails, the sweep goes on without it and counts the rest in [`Sweep::unmarked`].
 pub fn sweep(
-    folders: &[PathBuf],
+    folders: &[Swept],
     limits: Limits,
     now: SystemTime,
     store: Option<&EventStore>,
@@ -195,9 +252,12 @@ pub fn parse_size(text: &str) -> Option<u64> {
 
 /// The folders a run's retention sweeps: the data folder's snapshots and clips, and the
 /// recordings when they are on.
-pub fn folders(storage: &Path, recordings: Option<&Path>) -> Vec<PathBuf> {
-    let mut folders = vec![storage.join("snapshots"), storage.join("clips")];
-    folders.extend(recordings.map(Path::to_path_buf));
+pub fn folders(storage: &Path, recordings: Option<&Path>) -> Vec<Swept> {
+    let mut folders = vec![
+        Swept::Media(storage.join("snapshots")),
+        Swept::Media(storage.join("clips")),
+    ];
+    folders.extend(recordings.map(|dir| Swept::Recordings(dir.to_path_buf())));
     folders
 }
 
@@ -215,6 +275,68 @@ mod tests {
             .open(path)
             .and_then(|f| f.set_modified(now - Duration::from_secs(age)))
             .expect("mtime");
+    }
+
+    #[test]
+    fn recordings_are_told_by_their_names() {
+        for name in [
+            "line1-1700000000.mkv",
+            "line1-1700000000-r2.mkv",
+            "line1-1700000000-00003.mkv",
+            "line1-1700000000-r2-00003.mkv",
+            "belt-2_left-1700000000.mkv",
+            "line1-0.mkv",
+        ] {
+            assert!(is_recording_name(name), "{name}");
+        }
+        for name in [
+            "line1.mkv",
+            "line1-1700000000.mp4",
+            "-1700000000.mkv",
+            "line1-1700000000-x.mkv",
+            "line 1-1700000000.mkv",
+            "line1-r2.mkv",
+        ] {
+            assert!(!is_recording_name(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_recordings_folder_shared_with_the_data_folder_loses_only_recordings() {
+        let dir = tempfile::tempdir().expect("dir");
+        let now = SystemTime::now();
+        let day = 86_400;
+        let collected = dir.path().join("collect/line1/train/good");
+        let snapshots = dir.path().join("snapshots/line1");
+        for folder in [&collected, &snapshots] {
+            std::fs::create_dir_all(folder).expect("folder");
+        }
+        let kept = [
+            collected.join("line1-event-a-1.jpg"),
+            dir.path().join("holiday.mkv"),
+            dir.path().join("collect/line1-7.mkv"),
+        ];
+        let gone = [
+            dir.path().join("line1-1700000000.mkv"),
+            snapshots.join("ev-1.jpg"),
+        ];
+        for path in kept.iter().chain(&gone) {
+            aged_file(path, b"media", now, 40 * day);
+        }
+        let limits = Limits {
+            max_bytes: 0,
+            keep_days: 30.0,
+            min_free: 0,
+        };
+        let swept = sweep(&folders(dir.path(), Some(dir.path())), limits, now, None);
+        let mut deleted = swept.deleted.clone();
+        deleted.sort();
+        let mut expected = gone.to_vec();
+        expected.sort();
+        assert_eq!(deleted, expected);
+        for path in &kept {
+            assert!(path.exists(), "{} was deleted", path.display());
+        }
     }
 
     #[test]
