@@ -369,8 +369,8 @@ fn unusable_numbers(manifest: &Manifest) -> Option<String> {
     for (section, calibration) in calibrations {
         if !calibration.threshold.is_finite() || !calibration.floor.is_finite() {
             return Some(format!(
-                "{section} threshold = {}, floor = {} (both must be finite numbers; run `stpm \
-                 calibrate` to set them again)",
+                "{section} threshold = {}, floor = {} (both must be finite numbers: train the \
+                 bundle again, or write finite ones into its stpm.toml and run `stpm calibrate`)",
                 calibration.threshold, calibration.floor
             ));
         }

@@ -229,7 +229,7 @@ pub enum SourceUriError {
     NotANumber { uri: String, option: String },
     #[error("`{uri}`: unknown option `{key}` (frames, fps, seed, size)")]
     UnknownOption { uri: String, key: String },
-    #[error("`{uri}`: `{option}`: give frames per second above 0, at most 1000 (fps=25)")]
+    #[error("`{uri}`: `{option}`: give frames per second from 0.1 to 1000 (fps=25)")]
     BadFps { uri: String, option: String },
     #[error("`{uri}`: `{option}`: give WIDTHxHEIGHT, each even and 64 to 4096 (size=1920x1080)")]
     BadSize { uri: String, option: String },
@@ -278,7 +278,7 @@ impl SourceUri {
                     "frames" => *frames = Some(value.parse().map_err(|_| bad())?),
                     "fps" => {
                         let parsed: f64 = value.parse().map_err(|_| bad())?;
-                        if !(parsed > 0.0 && parsed <= 1000.0) {
+                        if !(0.1..=1000.0).contains(&parsed) {
                             return Err(SourceUriError::BadFps {
                                 uri: uri.into(),
                                 option: pair.into(),
@@ -658,11 +658,13 @@ mod tests {
                 "{uri}: {message:?}"
             );
         }
-        for bad in ["0", "-5", "NaN", "inf", "1001"] {
+        for bad in ["0", "0.05", "-5", "NaN", "inf", "1001"] {
             let uri = format!("test://conveyor?fps={bad}");
             let message = SourceUri::parse(&uri).err().map(|e| e.to_string());
             assert!(
-                message.as_deref().is_some_and(|m| m.contains("above 0")),
+                message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("0.1 to 1000")),
                 "{uri}: {message:?}"
             );
         }

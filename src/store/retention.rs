@@ -102,7 +102,7 @@ pub fn is_recording_name(name: &str) -> bool {
         _ => false,
     };
     (1..parts.len())
-        .any(|i| digits(parts[i]) && !parts[..i].concat().is_empty() && tail_fits(&parts[i + 1..]))
+        .any(|i| digits(parts[i]) && !parts[..i].join("-").is_empty() && tail_fits(&parts[i + 1..]))
 }
 
 /// The files of `folders` retention may delete, with size, modification time and device.
@@ -285,6 +285,7 @@ mod tests {
             "line1-1700000000-00003.mkv",
             "line1-1700000000-r2-00003.mkv",
             "belt-2_left-1700000000.mkv",
+            "--1700000000.mkv",
             "line1-0.mkv",
         ] {
             assert!(is_recording_name(name), "{name}");
