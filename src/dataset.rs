@@ -22,17 +22,37 @@ pub enum DatasetError {
     Empty { path: PathBuf },
 }
 
+/// Whether `path` names an image: an image extension, and not a hidden file (macOS's `._<name>`
+/// sidecars in archives carry an image's name but no image).
 pub fn is_image(path: &Path) -> bool {
+    !is_hidden(path) && has_image_extension(path)
+}
+
+/// Whether `path` ends in one of [`IMAGE_EXTENSIONS`] (any letter case).
+pub fn has_image_extension(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
+/// Hidden files and folders (`.name`), and the `__MACOSX` folder of archives made on a Mac:
+/// never images nor defect types.
+fn is_hidden(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|name| name.as_encoded_bytes().starts_with(b".") || name == "__MACOSX")
+}
+
+/// A file name as a case-insensitive key: ASCII letters lower-cased, every other byte kept (a
+/// lossy conversion would give names in another code page one key).
+fn name_key(name: &std::ffi::OsStr) -> Vec<u8> {
+    name.as_encoded_bytes().to_ascii_lowercase()
+}
+
 /// The masks of one defect type's folder (`ground_truth/<type>`), listed once.
 struct MaskFolder {
     dir: PathBuf,
-    /// Lower-cased file name → path.
-    files: std::collections::HashMap<String, PathBuf>,
+    /// File name ([`name_key`]) → path.
+    files: std::collections::HashMap<Vec<u8>, PathBuf>,
 }
 
 impl MaskFolder {
@@ -51,10 +71,7 @@ impl MaskFolder {
             .into_iter()
             .map(|entry| entry.path())
             .filter(|path| path.is_file())
-            .filter_map(|path| {
-                let name = path.file_name()?.to_string_lossy().to_lowercase();
-                Some((name, path))
-            })
+            .filter_map(|path| Some((name_key(path.file_name()?), path)))
             .collect();
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -66,14 +83,15 @@ impl MaskFolder {
     /// image's own name, as BTAD and VisA's MVTec-style splits have it), else either with another
     /// image extension (`_mask` first); letter case aside.
     fn find(&self, image: &Path) -> Option<PathBuf> {
-        let stem = image.file_stem()?.to_string_lossy().to_lowercase();
-        let names = [format!("{stem}_mask"), stem];
-        let png = names.iter().map(|name| format!("{name}.png"));
+        let stem = name_key(image.file_stem()?);
+        let names = [[stem.as_slice(), b"_mask"].concat(), stem.clone()];
+        let with = |name: &[u8], ext: &str| [name, b".", ext.as_bytes()].concat();
+        let png = names.iter().map(|name| with(name, "png"));
         let others = names.iter().flat_map(|name| {
             IMAGE_EXTENSIONS
                 .iter()
                 .filter(|&&ext| ext != "png")
-                .map(move |ext| format!("{name}.{ext}"))
+                .map(move |ext| with(name, ext))
         });
         png.chain(others)
             .find_map(|name| self.files.get(&name).cloned())
@@ -197,7 +215,7 @@ pub fn test_set(dir: &Path) -> Result<Vec<TestImage>, LayoutError> {
     })?;
     let mut types: Vec<String> = entries
         .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_dir())
+        .filter(|e| e.path().is_dir() && !is_hidden(&e.path()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     let Some(good) = GOOD_FOLDERS
@@ -329,6 +347,82 @@ mod tests {
             .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, vec!["a.JPG", "b.png"]);
+    }
+
+    #[test]
+    fn hidden_files_and_archive_folders_are_not_images_nor_types() {
+        let dir = tempfile::tempdir().expect("dir");
+        for folder in [
+            "test/good",
+            "test/crack",
+            "ground_truth/crack",
+            "test/__MACOSX",
+            "test/.ipynb_checkpoints",
+        ] {
+            std::fs::create_dir_all(dir.path().join(folder)).expect("mkdir");
+        }
+        for file in [
+            "test/good/000.png",
+            "test/good/._000.png",
+            "test/crack/001.png",
+            "test/crack/.001.png",
+            "ground_truth/crack/001_mask.png",
+            "test/__MACOSX/002.png",
+            "test/.ipynb_checkpoints/003.png",
+        ] {
+            std::fs::write(dir.path().join(file), b"x").expect("write");
+        }
+        let images = test_set(dir.path()).expect("layout");
+        let listed: Vec<(String, String)> = images
+            .iter()
+            .map(|image| {
+                let name = image.path.file_name().unwrap_or_default();
+                (image.defect_type.clone(), name.to_string_lossy().into())
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("good".to_string(), "000.png".to_string()),
+                ("crack".to_string(), "001.png".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn masks_of_names_outside_utf8_are_told_apart() {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().expect("dir");
+        for folder in ["test/good", "test/crack", "ground_truth/crack"] {
+            std::fs::create_dir_all(dir.path().join(folder)).expect("mkdir");
+        }
+        std::fs::write(dir.path().join("test/good/000.png"), b"x").expect("write");
+        // Latin-1 names (an archive from another code page): é and à are not UTF-8 here.
+        for stem in [&b"\xe9x"[..], &b"\xe0x"[..]] {
+            let image = [stem, b".png"].concat();
+            let mask = [stem, b"_mask.png"].concat();
+            let test = dir
+                .path()
+                .join("test/crack")
+                .join(OsStr::from_bytes(&image));
+            let truth = dir.path().join("ground_truth/crack");
+            std::fs::write(test, b"x").expect("image");
+            std::fs::write(truth.join(OsStr::from_bytes(&mask)), b"x").expect("mask");
+        }
+        let images = test_set(dir.path()).expect("layout");
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = images[1..]
+            .iter()
+            .map(|image| {
+                let stem = image.path.file_stem().unwrap_or_default().as_bytes();
+                let mask = image.mask.as_deref().and_then(Path::file_name);
+                (stem.to_vec(), mask.unwrap_or_default().as_bytes().to_vec())
+            })
+            .collect();
+        assert_eq!(pairs.len(), 2);
+        for (stem, mask) in pairs {
+            assert_eq!(mask, [&stem[..], b"_mask.png"].concat());
+        }
     }
 
     #[test]

@@ -35,14 +35,18 @@ pub struct ImageResult {
     pub overlay: PathBuf,
 }
 
-/// Expands folders into their images (sorted); files are kept as given.
+/// Expands folders into their images (sorted, hidden files left out); files are kept as given.
 pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, InferError> {
     let mut images = Vec::new();
     for input in inputs {
         if input.is_dir() {
             images.extend(dataset::images_in(input)?);
-        } else if input.is_file() && dataset::is_image(input) {
+        } else if input.is_file() && dataset::has_image_extension(input) {
             images.push(input.clone());
+        } else if !input.exists() {
+            return Err(InferError::Dataset(dataset::DatasetError::Missing {
+                path: input.clone(),
+            }));
         } else {
             return Err(InferError::NotAnImage {
                 path: input.clone(),

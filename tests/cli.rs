@@ -397,10 +397,11 @@ fn user_errors_are_messages_not_panics() {
     }
 }
 
-#[test]
-fn eval_names_a_missing_mask() {
-    let dir = tempfile::tempdir().expect("dir");
-    let data = dir.path().join("data");
+/// `stpm devset` of 32-pixel images in `dir/data`: 2 to train, `good` good test images and one
+/// of each defect kind.
+fn tiny_devset(dir: &Path, good: usize) -> std::path::PathBuf {
+    let data = dir.join("data");
+    let good = good.to_string();
     stpm_ok(&[
         "devset",
         "--out",
@@ -410,10 +411,17 @@ fn eval_names_a_missing_mask() {
         "--train",
         "2",
         "--test-good",
-        "1",
+        &good,
         "--test-per-defect",
         "1",
     ]);
+    data
+}
+
+#[test]
+fn eval_names_a_missing_mask() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = tiny_devset(dir.path(), 1);
     std::fs::remove_file(data.join("ground_truth/stain/000_mask.png")).expect("remove mask");
     let bundle = dir.path().join("bundle");
     stpm_ok(&[
@@ -443,6 +451,70 @@ fn eval_names_a_missing_mask() {
         "{}",
         text(&out)
     );
+}
+
+/// Archive junk (macOS `._` sidecars, `__MACOSX`, notebook checkpoints) is not read as images or
+/// defect types, an image is decoded by its content whatever its extension says, and a test set
+/// without good images gives no F1 (every threshold would have precision 1) and says why.
+#[test]
+fn eval_skips_archive_junk_and_says_what_needs_good_images() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = tiny_devset(dir.path(), 2);
+    std::fs::write(data.join("test/good/._000.png"), b"\0\x05\x16\x07 Mac OS X").expect("sidecar");
+    for junk in ["test/__MACOSX", "test/.ipynb_checkpoints"] {
+        std::fs::create_dir_all(data.join(junk)).expect("junk folder");
+        std::fs::copy(
+            data.join("test/good/000.png"),
+            data.join(junk).join("000.png"),
+        )
+        .expect("copy");
+    }
+    // A PNG under a JPEG's name.
+    std::fs::rename(
+        data.join("test/good/001.png"),
+        data.join("test/good/001.jpg"),
+    )
+    .expect("rename");
+    let bundle = path(common::tiny_conveyor_bundle());
+    // Runs eval into `dir/<name>`; its output and report.
+    let eval = |name: &str| {
+        let out = dir.path().join(name);
+        let run = stpm(&[
+            "eval",
+            "--model",
+            bundle,
+            "--data",
+            path(&data),
+            "--out",
+            path(&out),
+        ]);
+        assert!(run.status.success(), "{}", text(&run));
+        let report = std::fs::read_to_string(out.join("report.json")).expect("report.json");
+        let report: serde_json::Value = serde_json::from_str(&report).expect("JSON");
+        (text(&run), report)
+    };
+    let (_, first) = eval("r1");
+    let types: Vec<&String> = first["per_defect_type"]
+        .as_object()
+        .map(|types| types.keys().collect())
+        .unwrap_or_default();
+    assert!(
+        !types.is_empty()
+            && types
+                .iter()
+                .all(|t| !t.contains("MACOSX") && !t.starts_with('.')),
+        "{types:?}"
+    );
+    assert_eq!(first["at_threshold"]["good"], 2, "{first}");
+    assert!(first["f1_max"].as_f64().is_some(), "{first}");
+
+    for good in ["000.png", "001.jpg"] {
+        std::fs::remove_file(data.join("test/good").join(good)).expect("remove");
+    }
+    let (printed, second) = eval("r2");
+    assert!(printed.contains("test/good holds no images"), "{printed}");
+    assert!(second["f1_max"].is_null(), "{second}");
+    assert!(second["image_auroc"].is_null(), "{second}");
 }
 
 /// The keys both `stpm bench` reports share: positive numbers.

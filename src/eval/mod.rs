@@ -178,7 +178,7 @@ fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> EvalError + '_ {
 }
 
 fn read_mask(path: &Path) -> Result<(Vec<bool>, [usize; 2]), EvalError> {
-    let mask = image::open(path)
+    let mask = crate::preprocess::decode_file(path)
         .map_err(|source| EvalError::Mask {
             path: path.to_path_buf(),
             source,
@@ -218,6 +218,13 @@ fn resize_mask(mask: &[bool], from: [usize; 2], to: [usize; 2]) -> Vec<bool> {
         }
     }
     out
+}
+
+/// Whether two [height, width] sizes have the same aspect ratio within 1 % (a mask at half or
+/// twice its image's size is fine; one of another shape is a data error).
+fn same_shape(a: [usize; 2], b: [usize; 2]) -> bool {
+    let ratio = |[h, w]: [usize; 2]| w as f64 / h.max(1) as f64;
+    (ratio(a) / ratio(b) - 1.0).abs() <= 0.01
 }
 
 fn file_stem(path: &Path) -> String {
@@ -294,6 +301,18 @@ pub fn evaluate(
             Some(mask) => read_mask(mask)?,
             None => (vec![false; frame.width * frame.height], frame_size),
         };
+        if !same_shape(mask_size, frame_size) {
+            log::warn!(
+                "{}: its mask {} is {}×{} for a {}×{} image; stretched to fit (a rotated or \
+                 swapped mask?)",
+                test.path.display(),
+                test.mask.as_deref().unwrap_or(Path::new("")).display(),
+                mask_size[1],
+                mask_size[0],
+                frame_size[1],
+                frame_size[0]
+            );
+        }
         let stem = file_stem(&test.path);
 
         let raw_at_frame = preprocess::resize_plane(&result.maps, size, frame_size);
@@ -360,7 +379,18 @@ pub fn evaluate(
 
     let (scores, labels) = image_roc(&|_| true);
     let image_auroc = detection::auroc(&scores, &labels);
-    let f1_max = detection::f1_max(&scores, &labels).map(|(f1, _)| f1);
+    // Without good images every threshold has precision 1: an F1 of 1 that says nothing.
+    let has_good = labels.iter().any(|&defect| !defect);
+    let f1_max = has_good
+        .then(|| detection::f1_max(&scores, &labels).map(|(f1, _)| f1))
+        .flatten();
+    if !has_good {
+        log::warn!(
+            "{}: test/good holds no images: image AUROC, F1 and the false-alarm rates need good \
+             images (n/a); each defect type's pixel metrics are measured on its own images",
+            data.display()
+        );
+    }
     let image_curve = detection::roc_curve(&scores, &labels).map(|(_, curve)| curve);
     let pixel_auroc = pixel.all.auroc;
     let aupro = pixel.all.aupro;

@@ -32,10 +32,39 @@ pub enum PreprocessError {
     Empty { path: std::path::PathBuf },
 }
 
+/// Decodes the image file at `path` by its content (a JPEG named `.png` still reads), the
+/// extension deciding only where the content does not; warns when a JPEG has no end marker near
+/// its end (a cut-off file, which decodes without error with its lower part filled in).
+pub fn decode_file(path: &Path) -> Result<image::DynamicImage, image::ImageError> {
+    let bytes = std::fs::read(path).map_err(image::ImageError::IoError)?;
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes));
+    if let Ok(format) = image::ImageFormat::from_path(path) {
+        reader.set_format(format);
+    }
+    let reader = reader
+        .with_guessed_format()
+        .map_err(image::ImageError::IoError)?;
+    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_ends(&bytes) {
+        log::warn!(
+            "{}: the JPEG has no end marker (cut off?); it decodes with its missing part filled in",
+            path.display()
+        );
+    }
+    reader.decode()
+}
+
+/// Whether a JPEG's end-of-image marker (FF D9) is among its last bytes. Inside the compressed
+/// data an FF byte is always followed by 00 or a restart marker, so FF D9 there is the real end.
+fn jpeg_ends(bytes: &[u8]) -> bool {
+    let tail = &bytes[bytes.len().saturating_sub(1024)..];
+    tail.windows(2).any(|pair| pair == [0xFF, 0xD9])
+}
+
 impl RgbFrame {
-    /// Reads any image file the `image` crate decodes; grayscale and alpha become plain RGB.
+    /// Reads any image file the `image` crate decodes ([`decode_file`]); grayscale and alpha
+    /// become plain RGB.
     pub fn open(path: &Path) -> Result<Self, PreprocessError> {
-        let decoded = image::open(path).map_err(|source| PreprocessError::Read {
+        let decoded = decode_file(path).map_err(|source| PreprocessError::Read {
             path: path.to_path_buf(),
             source,
         })?;
@@ -235,6 +264,31 @@ pub(crate) fn test_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn images_are_decoded_by_content_and_cut_jpegs_are_told() {
+        let dir = tempfile::tempdir().expect("dir");
+        let picture =
+            image::RgbImage::from_fn(24, 16, |x, y| image::Rgb([x as u8 * 9, y as u8 * 9, 7]));
+        // A PNG named .jpg, and a JPEG named .png.
+        let png_as_jpg = dir.path().join("a.jpg");
+        picture
+            .save_with_format(&png_as_jpg, image::ImageFormat::Png)
+            .expect("png");
+        let jpg_as_png = dir.path().join("b.png");
+        picture
+            .save_with_format(&jpg_as_png, image::ImageFormat::Jpeg)
+            .expect("jpeg");
+        for path in [&png_as_jpg, &jpg_as_png] {
+            let frame = RgbFrame::open(path).expect("decoded by content");
+            assert_eq!((frame.width, frame.height), (24, 16), "{}", path.display());
+        }
+        let jpeg = std::fs::read(&jpg_as_png).expect("bytes");
+        assert!(jpeg_ends(&jpeg));
+        assert!(!jpeg_ends(&jpeg[..jpeg.len() / 2]));
+        // A file cut off right after its start marker still ends without one.
+        assert!(!jpeg_ends(&jpeg[..4]));
+    }
 
     use super::test_frame as frame;
 
