@@ -233,6 +233,27 @@ fn file_stem(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The name of an image's overlay and map files: its stem, or where another image of its type
+/// already took that (`000.png` beside `000.bmp`, or names outside UTF-8 that read alike) its whole
+/// file name with `_` for the dots, then a number.
+fn output_name(
+    path: &Path,
+    defect_type: &str,
+    taken: &mut std::collections::HashSet<(String, String)>,
+) -> String {
+    let stem = file_stem(path);
+    let whole = path
+        .file_name()
+        .map(|name| name.to_string_lossy().replace('.', "_"))
+        .unwrap_or_default();
+    // The numbered names never run out, so the search always ends with one.
+    [stem, whole.clone()]
+        .into_iter()
+        .chain((2..).map(|n| format!("{whole}-{n}")))
+        .find(|name| taken.insert((defect_type.to_string(), name.clone())))
+        .unwrap_or_default()
+}
+
 /// Scores every test image of `data` with the bundle at `model`; writes `out/report.json`,
 /// `out/overlays/<type>/<stem>.png`, `out/roc.png`, `out/pro.png` and, with `save_maps`,
 /// `out/maps/<type>/<stem>.npy`.
@@ -283,6 +304,7 @@ pub fn evaluate(
     );
     let mut inference_seconds = 0.0;
     let mut scored = Vec::with_capacity(images.len());
+    let mut names_taken = std::collections::HashSet::new();
     let mut table = PixelTable::default();
     let mut table_seconds = 0.0;
     for test in &images {
@@ -313,7 +335,7 @@ pub fn evaluate(
                 frame_size[0]
             );
         }
-        let stem = file_stem(&test.path);
+        let stem = output_name(&test.path, &test.defect_type, &mut names_taken);
 
         let raw_at_frame = preprocess::resize_plane(&result.maps, size, frame_size);
         let truth_at_frame = resize_mask(&truth, mask_size, frame_size);
@@ -616,6 +638,19 @@ mod tests {
         assert_eq!(binarise_mask(&[0, 0]), vec![false, false]);
         // 16-bit 0/65535.
         assert_eq!(binarise_mask(&[0, 65535, 30000]), vec![false, true, false]);
+    }
+
+    #[test]
+    fn images_of_one_stem_get_outputs_of_their_own() {
+        let mut taken = std::collections::HashSet::new();
+        let mut name = |path: &str, kind: &str| {
+            super::output_name(std::path::Path::new(path), kind, &mut taken)
+        };
+        assert_eq!(name("test/crack/000.png", "crack"), "000");
+        assert_eq!(name("test/crack/000.bmp", "crack"), "000_bmp");
+        assert_eq!(name("test/good/000.png", "good"), "000");
+        assert_eq!(name("test/crack/000_bmp.png", "crack"), "000_bmp_png");
+        assert_eq!(name("elsewhere/000.bmp", "crack"), "000_bmp-2");
     }
 
     #[test]
