@@ -401,12 +401,12 @@ pub fn evaluate(
 
     let (scores, labels) = image_roc(&|_| true);
     let image_auroc = detection::auroc(&scores, &labels);
+    let n_good = scored.iter().filter(|s| s.defect_type == "good").count();
     // Without good images every threshold has precision 1: an F1 of 1 that says nothing.
-    let has_good = labels.iter().any(|&defect| !defect);
-    let f1_max = has_good
+    let f1_max = (n_good > 0)
         .then(|| detection::f1_max(&scores, &labels).map(|(f1, _)| f1))
         .flatten();
-    if !has_good {
+    if n_good == 0 {
         log::warn!(
             "{}: test/good holds no images: image AUROC, F1 and the false-alarm rates need good \
              images (n/a); each defect type's pixel metrics are measured on its own images",
@@ -444,7 +444,6 @@ pub fn evaluate(
     }
     let metrics_seconds = table_seconds + tick.elapsed().as_secs_f64();
 
-    let n_good = scored.iter().filter(|s| s.defect_type == "good").count();
     let at_threshold = ThresholdOutcome {
         good_flagged: alerting(&|s: &Scored| s.defect_type == "good"),
         good: n_good,

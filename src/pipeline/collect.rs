@@ -512,10 +512,7 @@ pub fn write_log(out: &Path, report: &Collected) -> Result<(), CollectError> {
             Some(log) => log,
             None => {
                 // Hand-edited or damaged: kept beside the new log, not overwritten.
-                let seconds = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
+                let seconds = super::unix_now() as u64;
                 let aside = out.join(format!("collect.json.bad-{seconds}"));
                 std::fs::rename(&path, &aside)
                     .map_err(|e| write_error(format!("cannot move it aside: {e}")))?;

@@ -294,10 +294,7 @@ impl TrainSlot {
                     .clone()
                     .or_else(|| Some(data.file_name()?.to_string_lossy().into_owned()))
                     .unwrap_or_else(|| "trained".into());
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
+                let now = super::unix_now() as u64;
                 live.parent()
                     .unwrap_or(Path::new("."))
                     .join(format!("{name}-{now}"))

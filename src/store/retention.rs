@@ -108,35 +108,28 @@ pub fn is_recording_name(name: &str) -> bool {
 /// The files of `folders` retention may delete, with size, modification time and device.
 fn files(folders: &[Swept]) -> Vec<Media> {
     let mut found = Vec::new();
-    let mut pending: Vec<(PathBuf, bool)> = folders
-        .iter()
-        .map(|folder| {
-            let recordings = matches!(folder, Swept::Recordings(_));
-            (folder.path().to_path_buf(), recordings)
-        })
-        .collect();
-    while let Some((dir, recordings)) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
+    let mut pending = folders.to_vec();
+    while let Some(folder) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(folder.path()) else {
             continue;
         };
         for entry in entries.flatten() {
             let Ok(meta) = entry.metadata() else {
                 continue;
             };
-            let wanted = if recordings {
-                is_recording_name(&entry.file_name().to_string_lossy())
-            } else {
-                entry
+            let wanted = || match folder {
+                Swept::Media(_) => entry
                     .path()
                     .extension()
                     .and_then(|e| e.to_str())
-                    .is_some_and(|e| MEDIA.contains(&e))
+                    .is_some_and(|e| MEDIA.contains(&e)),
+                Swept::Recordings(_) => is_recording_name(&entry.file_name().to_string_lossy()),
             };
             if meta.is_dir() {
-                if !recordings {
-                    pending.push((entry.path(), false));
+                if let Swept::Media(_) = folder {
+                    pending.push(Swept::Media(entry.path()));
                 }
-            } else if meta.is_file() && wanted {
+            } else if meta.is_file() && wanted() {
                 found.push(Media {
                     path: entry.path(),
                     size: meta.len(),

@@ -110,6 +110,16 @@ impl Augment {
     }
 }
 
+/// The option value whose manifest name (`name`) is `recorded`; the default for a name this stpm
+/// does not know.
+fn by_name<T: clap::ValueEnum + Copy + Default>(recorded: &str, name: fn(T) -> &'static str) -> T {
+    T::value_variants()
+        .iter()
+        .copied()
+        .find(|value| name(*value) == recorded)
+        .unwrap_or_default()
+}
+
 /// The learning rate over a run's SGD steps: `Cosine` (the default) starts at `--learning-rate`
 /// and falls along half a cosine to 0 at the last planned step; `Constant` keeps it (the paper).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -565,18 +575,10 @@ fn adopt_student_settings(
     // The record of the student's own training, not of this run's command line.
     adopted.batch_size = training.batch_size;
     adopted.learning_rate = training.learning_rate;
-    adopted.lr_schedule = <LrSchedule as clap::ValueEnum>::value_variants()
-        .iter()
-        .copied()
-        .find(|schedule| schedule.name() == training.lr_schedule)
-        .unwrap_or_default();
+    adopted.lr_schedule = by_name(&training.lr_schedule, LrSchedule::name);
     adopted.max_steps = training.max_steps;
     adopted.max_images = training.max_images;
-    adopted.augment = <Augment as clap::ValueEnum>::value_variants()
-        .iter()
-        .copied()
-        .find(|augment| augment.name() == training.augment)
-        .unwrap_or_default();
+    adopted.augment = by_name(&training.augment, Augment::name);
     if config.progress {
         log::info!(
             "reusing the student of {} (seed {}, its held-out images stay held out)",
