@@ -75,7 +75,7 @@ pub fn calibrate(
     if let Some(q) = options.quantile.filter(|q| !(*q > 0.0 && *q <= 1.0)) {
         return Err(CalibrateError::Quantile(q));
     }
-    let bundle = Bundle::open(model)?;
+    let bundle = Bundle::open_to_recalibrate(model)?;
     let mut graphs = vec![bundle.clone()];
     let mut int8_skipped = None;
     if bundle.manifest.int8.is_some() {

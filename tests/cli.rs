@@ -775,13 +775,16 @@ fn calibrate_sets_each_graphs_threshold_from_good_images() {
     );
 
     // The default: each graph's threshold is the highest of its own scores, the floor the lowest.
-    stpm_ok(&[
-        "calibrate",
-        "--model",
-        path(&bundle),
-        path(&good),
-        "--quiet",
-    ]);
+    let calibrate = || {
+        stpm_ok(&[
+            "calibrate",
+            "--model",
+            path(&bundle),
+            path(&good),
+            "--quiet",
+        ])
+    };
+    calibrate();
     let (threshold, floor, method) = manifest_calibration(&bundle, false);
     assert!(close(threshold, max(&fp32)), "{threshold} vs {fp32:?}");
     assert!(close(floor, min(&fp32)), "{floor} vs {fp32:?}");
@@ -832,4 +835,41 @@ fn calibrate_sets_each_graphs_threshold_from_good_images() {
     let out = stpm(&["calibrate", "--model", path(&good), path(&good)]);
     assert!(!out.status.success());
     assert!(text(&out).contains("not a model bundle"), "{}", text(&out));
+
+    // A threshold that is not a number is refused where scores are used, and `stpm calibrate`,
+    // which the message names, repairs it (for both graphs).
+    let manifest = bundle.join("stpm.toml");
+    let mut table: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("toml");
+    table["calibration"]["threshold"] = toml::Value::Float(f64::NAN);
+    table["int8"]["calibration"]["floor"] = toml::Value::Float(f64::INFINITY);
+    std::fs::write(&manifest, toml::to_string(&table).expect("toml")).expect("write");
+    let o5 = dir.path().join("o5");
+    let out = stpm(&[
+        "infer",
+        "--model",
+        path(&bundle),
+        path(&good),
+        "--out",
+        path(&o5),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("threshold = NaN") && text(&out).contains("stpm calibrate"),
+        "{}",
+        text(&out)
+    );
+    calibrate();
+    let (threshold, _, _) = manifest_calibration(&bundle, false);
+    assert!(close(threshold, max(&fp32)), "{threshold} vs {fp32:?}");
+    let (_, floor8, _) = manifest_calibration(&bundle, true);
+    assert!(close(floor8, min(&int8)), "{floor8} vs {int8:?}");
+    stpm_ok(&[
+        "infer",
+        "--model",
+        path(&bundle),
+        path(&good),
+        "--out",
+        path(&dir.path().join("o4")),
+    ]);
 }

@@ -360,17 +360,18 @@ pub struct Bundle {
 }
 
 /// What makes a manifest's numbers unusable for scoring, if anything: the calibrations' threshold
-/// and floor must be finite, the input normalisation's mean finite and its std finite and positive.
-fn unusable_numbers(manifest: &Manifest) -> Option<String> {
+/// and floor must be finite (unless `calibration` is false: they are about to be replaced), the
+/// input normalisation's mean finite and its std finite and positive.
+fn unusable_numbers(manifest: &Manifest, calibration: bool) -> Option<String> {
     let mut calibrations = vec![("[calibration]", &manifest.calibration)];
     if let Some(int8) = &manifest.int8 {
         calibrations.push(("[int8.calibration]", &int8.calibration));
     }
-    for (section, calibration) in calibrations {
+    for (section, calibration) in calibrations.into_iter().filter(|_| calibration) {
         if !calibration.threshold.is_finite() || !calibration.floor.is_finite() {
             return Some(format!(
-                "{section} threshold = {}, floor = {} (both must be finite numbers: train the \
-                 bundle again, or write finite ones into its stpm.toml and run `stpm calibrate`)",
+                "{section} threshold = {}, floor = {} (both must be finite numbers: set them \
+                 from good images with `stpm calibrate`, or train the bundle again)",
                 calibration.threshold, calibration.floor
             ));
         }
@@ -389,6 +390,17 @@ pub const MAX_INPUT_SIDE: usize = 4096;
 
 impl Bundle {
     pub fn open(dir: &Path) -> Result<Self, BundleError> {
+        Self::open_checking(dir, true)
+    }
+
+    /// Opens the bundle for `stpm calibrate`, which replaces its thresholds: as [`Bundle::open`],
+    /// but a non-finite threshold or floor is no reason to refuse it (it is what calibrating
+    /// repairs).
+    pub fn open_to_recalibrate(dir: &Path) -> Result<Self, BundleError> {
+        Self::open_checking(dir, false)
+    }
+
+    fn open_checking(dir: &Path, calibration: bool) -> Result<Self, BundleError> {
         let path = dir.join(MANIFEST_FILE);
         if !path.is_file() {
             return Err(BundleError::NoManifest {
@@ -438,7 +450,7 @@ impl Bundle {
         }
         // A non-finite threshold or a zero spread would turn every score into NaN: a camera that
         // never alerts and looks healthy.
-        if let Some(message) = unusable_numbers(&manifest) {
+        if let Some(message) = unusable_numbers(&manifest, calibration) {
             return Err(BundleError::Parse { path, message });
         }
         read_verified(&dir.join(&manifest.model.onnx), &manifest.model.onnx_sha256)?;
