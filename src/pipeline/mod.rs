@@ -268,7 +268,9 @@ pub fn run_with(
         }
     };
     let events = if config.storage.enabled {
-        Some(EventWriter::start(&config.storage, Some(live.changes()))?)
+        let writer = EventWriter::start(&config.storage, Some(live.changes()))?;
+        live.metrics.set_event_store(writer.status());
+        Some(writer)
     } else {
         log::info!("storage: off (storage.enabled = false), events are not kept");
         None

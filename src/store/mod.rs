@@ -7,6 +7,7 @@ pub mod lock;
 pub mod retention;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -23,6 +24,19 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where the ids of changed events go (a row written, a clip added, a verdict), for whoever
 /// follows the store live (the console's event list); sending with no one listening is fine.
 pub type Changes = tokio::sync::broadcast::Sender<String>;
+
+/// How the run's event writer keeps up: kept by the writer and the cameras' hand-off to it, read
+/// by `/metrics` and `/health`.
+#[derive(Debug, Default)]
+pub struct StoreStatus {
+    /// Event changes waiting in memory for the store.
+    pub backlog: AtomicU64,
+    /// Event changes that will not be stored: handed on while the writer was too far behind,
+    /// dropped from a full backlog, or refused for good.
+    pub unstored: AtomicU64,
+    /// The store refuses writes now (a full disk, a write lock held elsewhere, a damaged file).
+    pub failing: AtomicBool,
+}
 
 /// Schema versions, applied in order; version N is `MIGRATIONS[N - 1]`. Never edit one that has
 /// shipped: add the next.

@@ -245,6 +245,30 @@ impl Collector for Exported {
                 value.encode(encoder.encode_descriptor(name, help, None, kind)?)?;
             }
         }
+        if let Some(store) = self.event_store.get() {
+            for (name, help, value) in [
+                (
+                    "stpm_event_store_failing",
+                    "1 while the event store refuses writes (a full disk, a lock held elsewhere, a damaged file).",
+                    Value::Int(i64::from(store.failing.load(Ordering::Relaxed))),
+                ),
+                (
+                    "stpm_event_store_backlog",
+                    "Event changes waiting in memory for the event store.",
+                    Value::Int(
+                        i64::try_from(store.backlog.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+                    ),
+                ),
+                (
+                    "stpm_event_store_unstored",
+                    "Event changes the event store will not get (its writer too far behind, a full backlog, or refused for good).",
+                    Value::Count(store.unstored.load(Ordering::Relaxed)),
+                ),
+            ] {
+                let kind = value.metric_type();
+                value.encode(encoder.encode_descriptor(name, help, None, kind)?)?;
+            }
+        }
         if let Some(publisher) = self.publisher.get() {
             let status = publisher.status();
             for (name, help, value) in [

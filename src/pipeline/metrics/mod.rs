@@ -392,6 +392,8 @@ struct Exported {
     storage_deleted: AtomicU64,
     /// The folders the run writes to, by name, whose disks' free space is reported.
     disk_folders: OnceLock<Vec<(&'static str, PathBuf)>>,
+    /// The event writer's status, when `[storage]` is on.
+    event_store: OnceLock<Arc<crate::store::StoreStatus>>,
 }
 
 impl Metrics {
@@ -412,6 +414,7 @@ impl Metrics {
             storage_bytes: AtomicU64::new(0),
             storage_deleted: AtomicU64::new(0),
             disk_folders: OnceLock::new(),
+            event_store: OnceLock::new(),
         });
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Arc::clone(&state)));
@@ -444,6 +447,11 @@ impl Metrics {
     /// Exports the publisher's counters from now on.
     pub fn set_publisher(&self, publisher: crate::alerts::PublisherHandle) {
         let _ = self.state.publisher.set(publisher);
+    }
+
+    /// Exports the event writer's status from now on (metrics and `/health`).
+    pub fn set_event_store(&self, status: Arc<crate::store::StoreStatus>) {
+        let _ = self.state.event_store.set(status);
     }
 
     /// Reports the free space of the disks holding `folders` (name, folder) from now on.
@@ -524,11 +532,20 @@ impl Metrics {
                 })
             })
             .collect();
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "status": if healthy { "ok" } else { "unhealthy" },
             "unhealthy": failing,
             "cameras": cameras,
         });
+        // Said, not counted against health: restarting the process does not mend a full disk or
+        // a lock held elsewhere, and the cameras and alerts go on without the store.
+        if let Some(store) = self.state.event_store.get() {
+            body["storage"] = serde_json::json!({
+                "failing": store.failing.load(Ordering::Relaxed),
+                "backlog": store.backlog.load(Ordering::Relaxed),
+                "unstored": store.unstored.load(Ordering::Relaxed),
+            });
+        }
         (healthy, body.to_string())
     }
 }
@@ -536,6 +553,34 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The event writer's status is exported and told in `/health`, whose verdict stays the
+    /// cameras'.
+    #[test]
+    fn the_event_stores_trouble_is_exported_and_told_in_health() {
+        let metrics = Metrics::new("cpu", "fp32", &[]);
+        assert!(!metrics.render().contains("stpm_event_store"));
+        let status = Arc::new(crate::store::StoreStatus::default());
+        metrics.set_event_store(Arc::clone(&status));
+        status.failing.store(true, Ordering::Relaxed);
+        status.backlog.store(7, Ordering::Relaxed);
+        status.unstored.store(3, Ordering::Relaxed);
+        let text = metrics.render();
+        for line in [
+            "stpm_event_store_failing 1",
+            "stpm_event_store_backlog 7",
+            "stpm_event_store_unstored_total 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}: {text}");
+        }
+        let (healthy, body) = metrics.health(Duration::ZERO);
+        assert!(healthy, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(
+            body["storage"],
+            serde_json::json!({"failing": true, "backlog": 7, "unstored": 3})
+        );
+    }
 
     #[test]
     fn quotes_backslashes_and_line_breaks_in_label_values_are_escaped() {

@@ -1,22 +1,25 @@
 //! `[storage]`: every alert transition into the event store (`store`, SQLite under
 //! `storage.path`), and at each new peak the annotated frame and the clean frame (no overlay, for
 //! training) as JPEG files under `<path>/snapshots/<camera>/`. One writer thread, shared by the
-//! cameras, does the encoding and the disk and database work; a camera's sink only hands it on.
+//! cameras, does the encoding and the disk and database work; a camera's sink only hands it on,
+//! and never waits for it: a store that is locked or slow costs event rows (counted), not frames.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
 use super::snapshot::{SnapshotError, jpeg};
 use super::{Picture, Sink, SinkError};
 use crate::alerts::AlertEvent;
-use crate::store::{Changes, EventStore, Peak, StoreError};
+use crate::store::{Changes, EventStore, Peak, StoreError, StoreStatus};
 
-/// Jobs waiting for the writer before a camera's worker waits for room.
+/// Jobs waiting for the writer; past it a camera's event change is not stored (counted), so the
+/// camera never waits for the store.
 const QUEUE: usize = 64;
 
 /// `[storage]`
@@ -140,6 +143,7 @@ pub struct EventWriter {
     jobs: Option<mpsc::SyncSender<Job>>,
     thread: Option<JoinHandle<()>>,
     folder: PathBuf,
+    status: Arc<StoreStatus>,
 }
 
 /// Records finished clips in the store.
@@ -186,9 +190,11 @@ impl EventWriter {
         );
         let (jobs, queue) = mpsc::sync_channel(QUEUE);
         let folder = config.path.clone();
+        let status = Arc::new(StoreStatus::default());
+        let writer = Writer::new(store, folder, changes, Arc::clone(&status));
         let thread = std::thread::Builder::new()
             .name("events".into())
-            .spawn(move || Writer::new(store, folder, changes).run(&queue))
+            .spawn(move || writer.run(&queue))
             .map_err(|source| StoreError::Folder {
                 path: config.path.clone(),
                 source,
@@ -197,7 +203,13 @@ impl EventWriter {
             jobs: Some(jobs),
             thread: Some(thread),
             folder: config.path.clone(),
+            status,
         })
+    }
+
+    /// How the writer keeps up (for `/metrics` and `/health`).
+    pub fn status(&self) -> Arc<StoreStatus> {
+        Arc::clone(&self.status)
     }
 
     /// `camera`'s sink.
@@ -205,6 +217,8 @@ impl EventWriter {
         Some(EventLog {
             camera: camera.to_string(),
             jobs: self.jobs.clone()?,
+            status: Arc::clone(&self.status),
+            behind: 0,
         })
     }
 
@@ -277,6 +291,7 @@ struct Writer {
     store: EventStore,
     folder: PathBuf,
     changes: Option<Changes>,
+    status: Arc<StoreStatus>,
     backlog: VecDeque<Row>,
     /// Rows dropped from a full backlog.
     dropped: u64,
@@ -284,18 +299,28 @@ struct Writer {
     refused: u64,
     /// The store refused the backlog's first row (said once, until it takes it).
     refusing: bool,
+    /// When the store was last tried while it was refusing: it is tried again every
+    /// [`RETRY_EVERY`], not at every job (each try may wait out the store's busy timeout).
+    tried: Instant,
 }
 
 impl Writer {
-    fn new(store: EventStore, folder: PathBuf, changes: Option<Changes>) -> Self {
+    fn new(
+        store: EventStore,
+        folder: PathBuf,
+        changes: Option<Changes>,
+        status: Arc<StoreStatus>,
+    ) -> Self {
         Self {
             store,
             folder,
             changes,
+            status,
             backlog: VecDeque::new(),
             dropped: 0,
             refused: 0,
             refusing: false,
+            tried: Instant::now(),
         }
     }
 
@@ -319,12 +344,21 @@ impl Writer {
                 if self.backlog.len() == BACKLOG {
                     self.backlog.pop_front();
                     self.dropped += 1;
+                    self.status.unstored.fetch_add(1, Ordering::Relaxed);
                 }
                 self.backlog.push_back(row);
             }
-            self.drain();
+            if !self.refusing || self.tried.elapsed() >= RETRY_EVERY {
+                self.drain();
+            }
+            self.status
+                .backlog
+                .store(self.backlog.len() as u64, Ordering::Relaxed);
         }
         self.drain();
+        self.status
+            .backlog
+            .store(self.backlog.len() as u64, Ordering::Relaxed);
         if !self.backlog.is_empty() || self.dropped > 0 || self.refused > 0 {
             let mut why = Vec::new();
             if !self.backlog.is_empty() {
@@ -354,6 +388,7 @@ impl Writer {
                 if error.refused_for_good() {
                     log::warn!("storage: {} is not stored: {error}", row.what());
                     self.refused += 1;
+                    self.status.unstored.fetch_add(1, Ordering::Relaxed);
                     self.backlog.pop_front();
                     continue;
                 }
@@ -361,7 +396,9 @@ impl Writer {
                 if !self.refusing {
                     log::warn!("storage: {error}; the event is kept in memory and stored later");
                     self.refusing = true;
+                    self.status.failing.store(true, Ordering::Relaxed);
                 }
+                self.tried = Instant::now();
                 return;
             }
             if let Some(changes) = &self.changes {
@@ -374,6 +411,7 @@ impl Writer {
         if self.refusing {
             log::info!("storage: {stored} event change(s) kept in memory are stored now");
             self.refusing = false;
+            self.status.failing.store(false, Ordering::Relaxed);
         }
     }
 
@@ -454,6 +492,9 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
 pub struct EventLog {
     camera: String,
     jobs: mpsc::SyncSender<Job>,
+    status: Arc<StoreStatus>,
+    /// This camera's event changes not handed on because the writer was too far behind.
+    behind: u64,
 }
 
 impl Sink for EventLog {
@@ -471,13 +512,31 @@ impl Sink for EventLog {
                 height: picture.height,
                 raw_score: picture.raw_score,
             });
-        self.jobs
-            .send(Job::Event(Box::new(EventJob {
-                event: event.clone(),
-                model: event.model.clone(),
-                peak,
-            })))
-            .map_err(|_| SinkError::Stored(self.camera.clone()))
+        let job = Job::Event(Box::new(EventJob {
+            event: event.clone(),
+            model: event.model.clone(),
+            peak,
+        }));
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(mpsc::TrySendError::Full(_)) => {
+                // The camera goes on; the store gets this change's successors (a row is
+                // created by whichever of an event's changes arrives first).
+                self.behind += 1;
+                self.status.unstored.fetch_add(1, Ordering::Relaxed);
+                if self.behind.is_power_of_two() {
+                    log::warn!(
+                        "storage: the event writer is {QUEUE} changes behind (a slow or locked \
+                         store); {} event change(s) of camera {} not stored so far \
+                         (stpm_event_store_unstored)",
+                        self.behind,
+                        self.camera
+                    );
+                }
+                Ok(())
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(SinkError::Stored(self.camera.clone())),
+        }
     }
 }
 
@@ -493,13 +552,67 @@ mod tests {
         }
     }
 
+    /// A store whose write lock another process holds makes no camera wait: each change is handed
+    /// on at once or counted as not stored, the status says the store is failing, and once the
+    /// lock is gone what was handed on is stored.
+    #[test]
+    fn a_locked_store_does_not_hold_up_the_cameras() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = StorageConfig {
+            path: dir.path().to_path_buf(),
+            ..StorageConfig::default()
+        };
+        let writer = EventWriter::start(&config, None).expect("writer");
+        let status = writer.status();
+        let lock = rusqlite::Connection::open(dir.path().join(crate::store::DATABASE)).expect("db");
+        lock.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+        let mut sink = writer.sink("line1").expect("sink");
+        let changes = 300;
+        let (done, handed) = mpsc::channel();
+        let camera = std::thread::spawn(move || {
+            for i in 0..changes {
+                let event = AlertEvent::sample(&format!("e{i}"), "line1", 1.0, 0.8);
+                sink.alert(&event, None).expect("handed on");
+            }
+            let _ = done.send(());
+        });
+        // Generous: a camera that waits for the store waits for this thread to unlock it.
+        let handed = handed.recv_timeout(Duration::from_secs(60)).is_ok();
+        let mut failing = false;
+        for _ in 0..300 {
+            failing = status.failing.load(Ordering::Relaxed);
+            if failing || !handed {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        lock.execute_batch("ROLLBACK").expect("unlock");
+        camera.join().expect("camera");
+        assert!(handed, "the camera waited for the locked store");
+        assert!(failing, "the status never said the store refuses writes");
+        let unstored = status.unstored.load(Ordering::Relaxed);
+        assert!(unstored > 0 && unstored < changes, "{unstored}");
+        writer.finish();
+        let stored: u64 = lock
+            .query_row("SELECT COUNT(*) FROM events", [], |row| row.get(0))
+            .expect("count");
+        assert_eq!(stored + unstored, changes);
+        assert!(!status.failing.load(Ordering::Relaxed));
+        assert_eq!(status.backlog.load(Ordering::Relaxed), 0);
+    }
+
     /// A row the database refuses for good (a NaN score breaks `score NOT NULL`) is dropped;
     /// the rows behind it are stored at once instead of waiting behind it.
     #[test]
     fn a_row_refused_for_good_does_not_hold_up_the_rest() {
         let dir = tempfile::tempdir().expect("dir");
         let store = EventStore::open(dir.path()).expect("store");
-        let mut writer = Writer::new(store, dir.path().to_path_buf(), None);
+        let mut writer = Writer::new(
+            store,
+            dir.path().to_path_buf(),
+            None,
+            Arc::new(StoreStatus::default()),
+        );
         writer
             .backlog
             .extend([event("bad", f32::NAN), event("good", 0.8)]);
