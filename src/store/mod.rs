@@ -94,6 +94,21 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the file is not a database, or a damaged one (truncated, overwritten): no write
+    /// or read of it will pass until it is replaced.
+    pub fn damaged(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sqlite {
+                source: rusqlite::Error::SqliteFailure(failure, _),
+                ..
+            } if matches!(
+                failure.code,
+                rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase
+            )
+        )
+    }
+
     /// Whether the database refused this write for what it holds (a constraint such as a NaN
     /// score in `score NOT NULL`, a value too big or of the wrong type): the same write will
     /// never succeed. Everything else (busy, locked, a full or failing disk, a damaged or
@@ -195,6 +210,27 @@ pub struct Query {
     /// Only events before this one in the list's order (`start_time`, `id`): the next page.
     pub before: Option<(f64, String)>,
     pub limit: usize,
+}
+
+/// Moves a damaged `<folder>/events.db` (and its `-wal` and `-shm` files) aside, to
+/// `events.db.bad-<unix seconds>` (SQLite can still open it there), so a new store can start in
+/// its place; returns the new name.
+pub fn set_aside(folder: &Path, unix_seconds: u64) -> Result<PathBuf, StoreError> {
+    let aside = folder.join(format!("{DATABASE}.bad-{unix_seconds}"));
+    for suffix in ["", "-wal", "-shm"] {
+        let from = folder.join(format!("{DATABASE}{suffix}"));
+        let to = PathBuf::from(format!("{}{suffix}", aside.display()));
+        match std::fs::rename(&from, &to) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StoreError::Folder {
+                    path: from,
+                    source: e,
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(aside)
 }
 
 /// An open event store (one connection; open one per thread).

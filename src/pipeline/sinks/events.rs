@@ -175,9 +175,26 @@ impl EventWriter {
     /// Opens the store in `config.path`, ends the events an earlier run left open, and starts
     /// the writer. Each row names the model of its event; the id of each row written goes to
     /// `changes` (the console's live event list).
+    /// A damaged store (not a database, truncated) is moved aside and a new one started, so one
+    /// bad file does not keep the detector from starting.
     pub fn start(config: &StorageConfig, changes: Option<Changes>) -> Result<Self, StoreError> {
-        let store = EventStore::open(&config.path)?;
-        let dangling = store.end_dangling()?;
+        let open = || -> Result<(EventStore, usize), StoreError> {
+            let store = EventStore::open(&config.path)?;
+            let dangling = store.end_dangling()?;
+            Ok((store, dangling))
+        };
+        let (store, dangling) = match open() {
+            Err(error) if error.damaged() => {
+                let aside =
+                    crate::store::set_aside(&config.path, crate::pipeline::unix_now() as u64)?;
+                log::warn!(
+                    "storage: {error}; the damaged file is kept as {} and a new event store started",
+                    aside.display()
+                );
+                open()?
+            }
+            result => result?,
+        };
         if dangling > 0 {
             log::warn!(
                 "storage: {dangling} event(s) left open by an earlier run ended as `interrupted`"
@@ -599,6 +616,72 @@ mod tests {
         assert_eq!(stored + unstored, changes);
         assert!(!status.failing.load(Ordering::Relaxed));
         assert_eq!(status.backlog.load(Ordering::Relaxed), 0);
+    }
+
+    /// A store that is not a database, or a truncated one, is kept aside and a new one starts in
+    /// its place; a sound one is kept with its rows.
+    #[test]
+    fn a_damaged_store_is_set_aside_and_a_new_one_started() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = StorageConfig {
+            path: dir.path().to_path_buf(),
+            ..StorageConfig::default()
+        };
+        let database = dir.path().join(crate::store::DATABASE);
+        let store = EventStore::open(dir.path()).expect("store");
+        for i in 0..200 {
+            let event = AlertEvent::sample(&format!("e{i}"), "line1", 1.0, 0.8);
+            store.record(&event, "m", None, 1.0).expect("record");
+        }
+        drop(store);
+        let sound = std::fs::read(&database).expect("database");
+        let asides = |dir: &Path| {
+            std::fs::read_dir(dir)
+                .expect("folder")
+                .filter_map(|entry| entry.ok())
+                .filter(|entry| {
+                    entry
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with("events.db.bad-")
+                })
+                .count()
+        };
+        // Sound: opened as it is.
+        EventWriter::start(&config, None).expect("writer").finish();
+        assert_eq!(asides(dir.path()), 0);
+        assert!(
+            EventStore::open(dir.path())
+                .expect("store")
+                .get("e199")
+                .expect("get")
+                .is_some()
+        );
+        for damaged in [
+            b"not a database at all, just some bytes".repeat(200),
+            sound[..sound.len().min(12288)].to_vec(),
+        ] {
+            std::fs::write(&database, &damaged).expect("damage");
+            let writer = EventWriter::start(&config, None).expect("a new store");
+            let mut sink = writer.sink("line1").expect("sink");
+            sink.alert(&AlertEvent::sample("new", "line1", 2.0, 0.9), None)
+                .expect("handed on");
+            drop(sink);
+            writer.finish();
+            let store = EventStore::open(dir.path()).expect("store");
+            assert!(store.get("new").expect("get").is_some());
+            assert!(store.get("e199").expect("get").is_none());
+            assert_eq!(asides(dir.path()), 1, "the damaged file is kept");
+            for entry in std::fs::read_dir(dir.path()).expect("folder").flatten() {
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("events.db.bad-")
+                {
+                    std::fs::remove_file(entry.path()).expect("clean up");
+                }
+            }
+        }
     }
 
     /// A row the database refuses for good (a NaN score breaks `score NOT NULL`) is dropped;
