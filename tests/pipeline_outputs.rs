@@ -1310,6 +1310,43 @@ fn a_model_trained_from_the_running_pipeline_is_swapped_in_while_a_client_watche
     }
     let watched_id = live_id();
     let metrics = ask("GET", "/metrics", "").1;
+
+    // A copy that writes the manifest before the graph: refused while the graph does not match
+    // it, swapped in once the graph arrives (before, only a new manifest was tried again).
+    let refusals = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("not swapped in")
+            .count()
+    };
+    let refused_before = refusals();
+    let graph = std::fs::read(new.join("model.onnx")).expect("graph");
+    std::fs::write(new.join("model.onnx"), [graph.as_slice(), &[0]].concat()).expect("graph");
+    let manifest = std::fs::read_to_string(new.join("stpm.toml")).expect("manifest");
+    std::fs::write(
+        new.join("stpm.toml"),
+        manifest.replace("floor = -2.0", "floor = -3.0"),
+    )
+    .expect("manifest");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while refusals() == refused_before {
+        assert!(
+            Instant::now() < deadline,
+            "model.watch did not refuse the copy"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(live_id(), watched_id, "a half-copied bundle was swapped in");
+    std::fs::write(new.join("model.onnx"), &graph).expect("graph");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while live_id() == watched_id {
+        assert!(
+            Instant::now() < deadline,
+            "model.watch did not retry the completed copy"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let copied_id = live_id();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (arrivals, broken) = client.join().expect("client");
     common::sigterm(&run.0);
@@ -1335,7 +1372,7 @@ fn a_model_trained_from_the_running_pipeline_is_swapped_in_while_a_client_watche
         "the client waited {gap:?} for a frame around the swap"
     );
     // Alerts name the model that scored their frame: the first never alerts, the trained one
-    // may (its threshold is that of good frames), the last two always do.
+    // may (its threshold is that of good frames), the last three always do.
     let alerts: Vec<serde_json::Value> = log_text
         .lines()
         .filter_map(|line| line.strip_prefix("alert "))
@@ -1345,11 +1382,13 @@ fn a_model_trained_from_the_running_pipeline_is_swapped_in_while_a_client_watche
     assert!(
         models
             .iter()
-            .all(|m| [&trained_id, &new_id, &watched_id].contains(&m)),
+            .all(|m| [&trained_id, &new_id, &watched_id, &copied_id].contains(&m)),
         "{models:?}: {log_text}"
     );
     assert!(
-        models.iter().any(|m| m == &new_id || m == &watched_id),
+        models
+            .iter()
+            .any(|m| [&new_id, &watched_id, &copied_id].contains(&m)),
         "no alert from the swapped-in models: {log_text}"
     );
     let id = watched_id.trim_matches('"');

@@ -354,6 +354,28 @@ fn model_of(sessions: &Sessions, generation: u64) -> Model {
     }
 }
 
+/// The name, size and modification time of every file directly in a bundle folder: what tells
+/// `[model] watch` that a refused bundle has changed since.
+#[derive(Debug, PartialEq, Eq)]
+struct FolderStamp(Vec<(std::ffi::OsString, u64, Option<std::time::SystemTime>)>);
+
+impl FolderStamp {
+    fn of(dir: &Path) -> Self {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let meta = entry.metadata().ok()?;
+                meta.is_file()
+                    .then(|| (entry.file_name(), meta.len(), meta.modified().ok()))
+            })
+            .collect();
+        files.sort();
+        Self(files)
+    }
+}
+
 /// `[model] watch`: swaps the bundle in again whenever its manifest changes on disk (a new
 /// `stpm train` or `stpm calibrate` into the live bundle's folder).
 pub struct Watch(Background);
@@ -361,9 +383,11 @@ pub struct Watch(Background);
 impl Watch {
     pub fn start(slot: Arc<ModelSlot>) -> std::io::Result<Self> {
         Background::spawn("model-watch", move |stop| {
-            // A bundle refused once is not tried again until its manifest changes once more; one
-            // that failed for another reason (memory, a driver) is tried again after a minute.
-            let mut refused: Option<(String, Option<Instant>)> = None;
+            // A bundle refused once is not tried again until one of its files changes once more
+            // (a copy that wrote the manifest before the graph is tried again when the graph
+            // arrives); one that failed for another reason (memory, a driver) is tried again
+            // after a minute.
+            let mut refused: Option<(FolderStamp, Option<Instant>)> = None;
             let mut next = Instant::now() + WATCH_INTERVAL;
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
@@ -373,8 +397,9 @@ impl Watch {
                 next = Instant::now() + WATCH_INTERVAL;
                 let live = slot.live();
                 let on_disk = id_on_disk(&live.model.bundle);
-                let waiting = refused.as_ref().is_some_and(|(id, retry)| {
-                    id == &on_disk && retry.is_none_or(|at| Instant::now() < at)
+                let stamp = FolderStamp::of(&live.model.bundle);
+                let waiting = refused.as_ref().is_some_and(|(refused, retry)| {
+                    refused == &stamp && retry.is_none_or(|at| Instant::now() < at)
                 });
                 if on_disk == live.model.id || on_disk == "unknown" || waiting {
                     continue;
@@ -396,7 +421,7 @@ impl Watch {
                                 ""
                             }
                         );
-                        refused = Some((on_disk, retry));
+                        refused = Some((stamp, retry));
                     }
                 }
             }
