@@ -125,25 +125,44 @@ pub fn annotate_live(
     }
 }
 
-/// Writes an interleaved RGB buffer as PNG.
+/// Writes an interleaved RGB buffer as PNG, whole (through `<path>.part`: a full disk or a crash
+/// leaves no cut file that a later training would fail on).
 pub fn save_png(
     path: &Path,
     pixels: &[u8],
     width: usize,
     height: usize,
 ) -> Result<(), image::ImageError> {
-    image::save_buffer(
-        path,
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::write_buffer_with_format(
+        &mut png,
         pixels,
         width as u32,
         height as u32,
         image::ExtendedColorType::Rgb8,
-    )
+        image::ImageFormat::Png,
+    )?;
+    crate::files::write_whole(path, png.into_inner()).map_err(image::ImageError::IoError)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A PNG is written whole: it decodes to the pixels given, and no staging file stays.
+    #[test]
+    fn pngs_are_written_whole() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("frame.png");
+        let pixels: Vec<u8> = (0..4 * 3 * 3).map(|i| (i * 7) as u8).collect();
+        save_png(&path, &pixels, 4, 3).expect("save");
+        let decoded = image::open(&path).expect("decode").to_rgb8();
+        assert_eq!(decoded.dimensions(), (4, 3));
+        assert_eq!(decoded.into_raw(), pixels);
+        assert!(!crate::files::staged(&path).exists());
+        let missing = dir.path().join("no/such/folder/frame.png");
+        assert!(save_png(&missing, &pixels, 4, 3).is_err());
+    }
 
     #[test]
     fn jet_endpoints_and_middle() {

@@ -52,11 +52,18 @@ struct Media {
     modified: SystemTime,
     /// The filesystem's device id.
     device: u64,
+    /// A `.part` file (a clip, a snapshot being written): deleted only once abandoned.
+    part: bool,
 }
 
-/// The files retention may delete: snapshots, clips and recordings. Anything else (a database, a
-/// spool, a bundle in a folder that was pointed here by mistake, a `.part` still being written)
-/// is never touched.
+/// A `.part` file under `snapshots/` or `clips/` not modified for this long was left by a run
+/// that stopped or failed while writing it (a clip is at most an hour long): it is deleted
+/// whatever the limits.
+const ABANDONED: Duration = Duration::from_secs(2 * 3600);
+
+/// The files retention may delete: snapshots, clips and recordings (and, under `snapshots/` and
+/// `clips/`, `.part` files once [`ABANDONED`]). Anything else (a database, a spool, a bundle in a
+/// folder that was pointed here by mistake, a `.part` still being written) is never touched.
 const MEDIA: [&str; 3] = ["jpg", "mp4", "mkv"];
 
 /// A folder retention sweeps, and which of its files it may delete.
@@ -117,12 +124,16 @@ fn files(folders: &[Swept]) -> Vec<Media> {
             let Ok(meta) = entry.metadata() else {
                 continue;
             };
+            let part = matches!(folder, Swept::Media(_))
+                && entry.path().extension().is_some_and(|e| e == "part");
             let wanted = || match folder {
-                Swept::Media(_) => entry
-                    .path()
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| MEDIA.contains(&e)),
+                Swept::Media(_) => {
+                    part || entry
+                        .path()
+                        .extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| MEDIA.contains(&e))
+                }
                 Swept::Recordings(_) => is_recording_name(&entry.file_name().to_string_lossy()),
             };
             if meta.is_dir() {
@@ -135,6 +146,7 @@ fn files(folders: &[Swept]) -> Vec<Media> {
                     size: meta.len(),
                     modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                     device: meta.dev(),
+                    part,
                 });
             }
         }
@@ -179,7 +191,12 @@ pub fn sweep(
             .get(&media.device)
             .and_then(|(_, bytes)| *bytes)
             .is_some_and(|bytes| bytes < limits.min_free);
-        if !(too_old(media.modified) || over_budget || short) || age(media.modified) < IN_USE {
+        let due = if media.part {
+            age(media.modified) >= ABANDONED
+        } else {
+            (too_old(media.modified) || over_budget || short) && age(media.modified) >= IN_USE
+        };
+        if !due {
             continue;
         }
         // Written again since the listing (a snapshot replaced at a new peak): keep it.
@@ -331,6 +348,31 @@ mod tests {
         for path in &kept {
             assert!(path.exists(), "{} was deleted", path.display());
         }
+    }
+
+    /// A clip's `.part` left by a run that failed or stopped while writing it goes after
+    /// [`ABANDONED`], whatever the limits; a fresher one stays even when space is short.
+    #[test]
+    fn abandoned_part_files_go_and_fresh_ones_stay() {
+        let dir = tempfile::tempdir().expect("dir");
+        let now = SystemTime::now();
+        let clips = dir.path().join("clips/line1");
+        std::fs::create_dir_all(&clips).expect("folder");
+        let abandoned = clips.join("ev-1.mp4.part");
+        let writing = clips.join("ev-2.mp4.part");
+        let elsewhere = dir.path().join("line1-1700000000.mkv.part");
+        aged_file(&abandoned, b"half a clip", now, 3 * 3600);
+        aged_file(&writing, b"a clip being written", now, 30 * 60);
+        aged_file(&elsewhere, b"not ours", now, 30 * 86_400);
+        let limits = Limits {
+            max_bytes: 1,
+            keep_days: 0.0,
+            min_free: 0,
+        };
+        let swept = sweep(&folders(dir.path(), Some(dir.path())), limits, now, None);
+        assert_eq!(swept.deleted, vec![abandoned.clone()]);
+        assert!(!abandoned.exists());
+        assert!(writing.exists() && elsewhere.exists());
     }
 
     #[test]

@@ -335,9 +335,14 @@ impl OpenClip {
 }
 
 impl Drop for OpenClip {
-    /// A clip dropped unfinished (a push failed) stops its pipeline.
+    /// A clip dropped unfinished (a push failed, or `finish` failed) stops its pipeline and
+    /// deletes its partial files, which would otherwise hold the space retention frees; after a
+    /// finished clip's rename there are none.
     fn drop(&mut self) {
         let _ = self.pipeline.set_state(gst::State::Null);
+        for suffix in ["part", "data.part"] {
+            let _ = std::fs::remove_file(part(&self.path, suffix));
+        }
     }
 }
 
