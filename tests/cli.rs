@@ -704,40 +704,49 @@ fn manifest_calibration(bundle: &Path, int8: bool) -> (f64, f64, String) {
     (number("threshold"), number("floor"), method)
 }
 
-#[test]
-fn calibrate_sets_each_graphs_threshold_from_good_images() {
-    let dir = tempfile::tempdir().expect("dir");
-    let data = dir.path().join("data");
-    let bundle = dir.path().join("bundle");
-    stpm_ok(&[
+/// `stpm train` options for a student of seconds: one epoch of 64-pixel images.
+const TINY_TRAINING: &[&str] = &[
+    "--epochs",
+    "1",
+    "--batch-size",
+    "4",
+    "--image-size",
+    "64",
+    "--quiet",
+];
+
+/// A generated category of 64-pixel images in `data`: 8 to train on, `test_good` good test images
+/// and one of each defect.
+fn devset_64(data: &Path, test_good: &str, more: &[&str]) {
+    let head = [
         "devset",
         "--out",
-        path(&data),
+        path(data),
         "--size",
         "64",
         "--train",
         "8",
         "--test-good",
-        "6",
+        test_good,
         "--test-per-defect",
         "1",
-        "--seed",
-        "3",
-    ]);
-    stpm_ok(&[
-        "train",
-        "--data",
-        path(&data),
-        "--out",
-        path(&bundle),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--image-size",
-        "64",
-        "--quiet",
-    ]);
+    ];
+    stpm_ok(&[head.as_slice(), more].concat());
+}
+
+#[test]
+fn calibrate_sets_each_graphs_threshold_from_good_images() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let bundle = dir.path().join("bundle");
+    devset_64(&data, "6", &["--seed", "3"]);
+    stpm_ok(
+        &[
+            &["train", "--data", path(&data), "--out", path(&bundle)],
+            TINY_TRAINING,
+        ]
+        .concat(),
+    );
     stpm_ok(&[
         "export",
         "--model",
@@ -872,4 +881,25 @@ fn calibrate_sets_each_graphs_threshold_from_good_images() {
         "--out",
         path(&dir.path().join("o4")),
     ]);
+}
+
+/// A bundle that cannot be written (here a folder stands where its graph goes) fails naming the
+/// path, and leaves no half-written staging files behind.
+#[test]
+fn a_bundle_that_cannot_be_written_leaves_no_staging_files() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let bundle = dir.path().join("bundle");
+    devset_64(&data, "2", &[]);
+    std::fs::create_dir_all(bundle.join("model.onnx").join("in the way")).expect("folder");
+    let out = stpm(
+        &[
+            &["train", "--data", path(&data), "--out", path(&bundle)],
+            TINY_TRAINING,
+        ]
+        .concat(),
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("model.onnx"), "{}", text(&out));
+    assert!(!bundle.join(".staging").exists(), "{}", text(&out));
 }
