@@ -212,37 +212,6 @@ pub struct Query {
     pub limit: usize,
 }
 
-/// What is at `<folder>/events.db` now (see [`database_file`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DatabaseFile {
-    Missing,
-    /// A file that does not start as an SQLite database does (overwritten, or cut short).
-    Damaged,
-    /// An SQLite file: its device and inode.
-    Sqlite(u64, u64),
-    /// It could not be read (what it is cannot be told).
-    Unreadable,
-}
-
-/// What is at `<folder>/events.db` now: a stat and a read of its first 16 bytes.
-pub fn database_file(folder: &Path) -> DatabaseFile {
-    use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
-    let path = folder.join(DATABASE);
-    let meta = match std::fs::metadata(&path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return DatabaseFile::Missing,
-        Err(_) => return DatabaseFile::Unreadable,
-    };
-    let mut header = [0u8; 16];
-    match std::fs::File::open(&path).and_then(|mut file| file.read_exact(&mut header)) {
-        Ok(()) if &header == b"SQLite format 3\0" => DatabaseFile::Sqlite(meta.dev(), meta.ino()),
-        Ok(()) => DatabaseFile::Damaged,
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => DatabaseFile::Damaged,
-        Err(_) => DatabaseFile::Unreadable,
-    }
-}
-
 /// Moves a damaged `<folder>/events.db` (and its `-wal` and `-shm` files) aside, to
 /// `events.db.bad-<unix seconds>` (SQLite can still open it there), so a new store can start in
 /// its place; returns the new name.

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::snapshot::{SnapshotError, jpeg};
 use super::{Picture, Sink, SinkError};
 use crate::alerts::AlertEvent;
-use crate::store::{Changes, DatabaseFile, EventStore, Peak, StoreError, StoreStatus};
+use crate::store::{Changes, EventStore, Peak, StoreError, StoreStatus};
 
 /// Jobs waiting for the writer; past it a camera's event change is not stored (counted), so the
 /// camera never waits for the store.
@@ -319,9 +319,6 @@ struct Writer {
     /// When the store was last tried while it was refusing: it is tried again every
     /// [`RETRY_EVERY`], not at every job (each try may wait out the store's busy timeout).
     tried: Instant,
-    /// The database file the store has open: one deleted, replaced or overwritten while the run
-    /// goes on is noticed (see [`Writer::check_file`]).
-    file: DatabaseFile,
 }
 
 impl Writer {
@@ -333,6 +330,7 @@ impl Writer {
     ) -> Self {
         Self {
             store,
+            folder,
             changes,
             status,
             backlog: VecDeque::new(),
@@ -340,52 +338,6 @@ impl Writer {
             refused: 0,
             refusing: false,
             tried: Instant::now(),
-            file: crate::store::database_file(&folder),
-            folder,
-        }
-    }
-
-    /// Opens a new store when the database file is no longer the one the store has open: deleted
-    /// (rows would go into a file no one can read), replaced, or overwritten or cut (kept aside
-    /// as `events.db.bad-<time>` first). Looked at before every write: a stat and 16 bytes read.
-    fn check_file(&mut self) {
-        let now = crate::store::database_file(&self.folder);
-        let what = match now {
-            _ if now == self.file => return,
-            DatabaseFile::Unreadable => return,
-            DatabaseFile::Missing => "was deleted",
-            DatabaseFile::Sqlite(..) => "was replaced",
-            DatabaseFile::Damaged => "was overwritten or cut short",
-        };
-        let path = self.folder.join(crate::store::DATABASE);
-        let mut aside = String::new();
-        if now == DatabaseFile::Damaged {
-            match crate::store::set_aside(&self.folder, crate::pipeline::unix_now() as u64) {
-                Ok(moved) => aside = format!(" (it is kept as {})", moved.display()),
-                Err(error) => {
-                    log::warn!("storage: {} {what}, and {error}", path.display());
-                    self.file = now;
-                    return;
-                }
-            }
-        }
-        match EventStore::open(&self.folder) {
-            Ok(store) => {
-                log::warn!(
-                    "storage: {} {what} while the run went on{aside}; the events from now on go \
-                     to a new store there",
-                    path.display()
-                );
-                self.store = store;
-                self.file = crate::store::database_file(&self.folder);
-            }
-            Err(error) => {
-                log::warn!(
-                    "storage: {} {what}, and a new store: {error}",
-                    path.display()
-                );
-                self.file = now;
-            }
         }
     }
 
@@ -447,7 +399,6 @@ impl Writer {
     /// refuses for good (a constraint, e.g. a NaN score) is dropped with a warning instead of
     /// holding up the rows behind it.
     fn drain(&mut self) {
-        self.check_file();
         let mut stored = 0;
         while let Some(row) = self.backlog.front() {
             if let Err(error) = row.store(&self.store) {
@@ -731,62 +682,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// A database deleted, or overwritten in place, while the run goes on is noticed before the
-    /// next write: the events from then on are in a store that can be read, and the overwritten
-    /// file is kept aside.
-    #[test]
-    fn a_store_deleted_or_overwritten_while_running_is_opened_anew() {
-        let dir = tempfile::tempdir().expect("dir");
-        let config = StorageConfig {
-            path: dir.path().to_path_buf(),
-            ..StorageConfig::default()
-        };
-        let writer = EventWriter::start(&config, None).expect("writer");
-        let mut sink = writer.sink("line1").expect("sink");
-        let database = dir.path().join(crate::store::DATABASE);
-        let stored = |id: &str| {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                let found = EventStore::open(dir.path())
-                    .and_then(|store| store.get(id))
-                    .ok()
-                    .flatten();
-                if found.is_some() {
-                    return true;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            false
-        };
-        let mut alert = |id: &str| {
-            sink.alert(&AlertEvent::sample(id, "line1", 1.0, 0.8), None)
-                .expect("handed on");
-        };
-        alert("before");
-        assert!(stored("before"));
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", database.display()));
-        }
-        alert("after-delete");
-        assert!(stored("after-delete"), "written into the deleted file");
-        std::fs::write(&database, b"overwritten by mistake".repeat(100)).expect("overwrite");
-        alert("after-overwrite");
-        assert!(
-            stored("after-overwrite"),
-            "written into the overwritten file"
-        );
-        let aside = std::fs::read_dir(dir.path())
-            .expect("folder")
-            .flatten()
-            .map(|entry| entry.file_name().to_string_lossy().into_owned())
-            .filter(|name| name.starts_with("events.db.bad-") && !name.ends_with("-wal"))
-            .filter(|name| !name.ends_with("-shm"))
-            .count();
-        assert_eq!(aside, 1, "the overwritten file is kept aside");
-        drop(sink);
-        writer.finish();
     }
 
     /// A row the database refuses for good (a NaN score breaks `score NOT NULL`) is dropped;
