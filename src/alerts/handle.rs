@@ -49,11 +49,16 @@ impl PublisherHandle {
         event: &AlertEvent,
         error: SpoolError,
     ) -> Result<u64, PublishError> {
-        self.shared.spool_failures.fetch_add(1, Ordering::Relaxed);
-        log::error!(
-            "alert spool: {error}; event {} sent from memory instead",
-            event.id
-        );
+        let failures = self.shared.spool_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        // At the 1st, 2nd, 4th, 8th… failure: a full disk fails every message.
+        if failures.is_power_of_two() {
+            log::error!(
+                "alert spool: {error}; event {} goes to the broker from memory instead (held \
+                 there until connected; {failures} such message(s) so far, \
+                 stpm_alert_spool_write_failures_total)",
+                event.id
+            );
+        }
         let payload = serde_json::to_vec(event).map_err(|source| PublishError::Encode {
             camera: event.camera.clone(),
             source,

@@ -384,8 +384,19 @@ fn same_size(a: &gst::Caps, b: &gst::Caps) -> bool {
     size(a) == size(b)
 }
 
-/// After a recorder could not start or failed, how long before the next try.
+/// After a recorder could not start or failed, how long before the next try; doubled at each
+/// failure in a row (a disk that stays full), up to [`RETRY_AT_MOST`].
 const RETRY_AFTER: Duration = Duration::from_secs(10);
+const RETRY_AT_MOST: Duration = Duration::from_secs(600);
+/// A recorder that ran this long without failing ends a run of failures.
+const RECOVERED_AFTER: Duration = Duration::from_secs(60);
+
+/// The pause before the next recorder after `failures` failures in a row (1 or more).
+fn retry_delay(failures: u32) -> Duration {
+    RETRY_AFTER
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(RETRY_AT_MOST)
+}
 
 /// Where a recording's files go.
 enum Naming {
@@ -417,6 +428,9 @@ struct RecordingState {
     retry_at: Option<Instant>,
     /// Recorders started so far.
     started: u32,
+    /// Recorders that failed in a row, and when the current one started.
+    failures: u32,
+    since: Option<Instant>,
 }
 
 impl Recording {
@@ -508,23 +522,43 @@ impl VideoSink for Recording {
                     }
                     state.recorder = Some(recorder);
                     state.retry_at = None;
+                    state.since = Some(Instant::now());
                 }
                 Err(error) => {
                     state.errors.push(error);
-                    state.retry_at = Some(Instant::now() + RETRY_AFTER);
+                    state.failures += 1;
+                    state.retry_at = Some(Instant::now() + retry_delay(state.failures));
                     return;
                 }
             }
         }
         let pushed = state.recorder.as_mut().map(|recorder| recorder.push(unit));
-        if let Some(Err(error)) = pushed {
-            state.errors.push(error);
-            // The next file after a pause: a full disk would fail a new one at every key frame.
-            state.retry_at = Some(Instant::now() + RETRY_AFTER);
-            if let Some(mut recorder) = state.recorder.take() {
-                let files = recorder.files();
-                state.files.extend(files);
+        match pushed {
+            Some(Err(error)) => {
+                state.errors.push(error);
+                // The next file after a pause: a full disk would fail a new one at every key
+                // frame, and leave an empty file each time.
+                state.failures += 1;
+                state.retry_at = Some(Instant::now() + retry_delay(state.failures));
+                if let Some(mut recorder) = state.recorder.take() {
+                    let files = recorder.files();
+                    for file in files {
+                        if std::fs::metadata(&file).is_ok_and(|meta| meta.len() == 0) {
+                            let _ = std::fs::remove_file(&file);
+                        } else {
+                            state.files.push(file);
+                        }
+                    }
+                }
             }
+            Some(Ok(()))
+                if state
+                    .since
+                    .is_some_and(|at| at.elapsed() >= RECOVERED_AFTER) =>
+            {
+                state.failures = 0;
+            }
+            _ => {}
         }
     }
 
@@ -551,6 +585,16 @@ impl VideoSink for Recording {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A disk that stays full is tried again after 10 s, then twice as long at each failure in a
+    /// row, never more than ten minutes apart.
+    #[test]
+    fn failed_recorders_are_retried_ever_less_often() {
+        let seconds: Vec<u64> = [1, 2, 3, 4, 6, 7, 40, u32::MAX]
+            .map(|failures| retry_delay(failures).as_secs())
+            .to_vec();
+        assert_eq!(seconds, [10, 20, 40, 80, 320, 600, 600, 600]);
+    }
 
     #[test]
     fn destinations_name_files_and_segments() {
