@@ -79,7 +79,7 @@ pub fn calibrate(
     let mut graphs = vec![bundle.clone()];
     let mut int8_skipped = None;
     if bundle.manifest.int8.is_some() {
-        match bundle.clone().with_precision(Precision::Int8) {
+        match bundle.clone().int8_to_recalibrate() {
             Ok(int8) => graphs.push(int8),
             Err(e) => int8_skipped = Some(e.to_string()),
         }

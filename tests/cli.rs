@@ -881,6 +881,37 @@ fn calibrate_sets_each_graphs_threshold_from_good_images() {
         "--out",
         path(&dir.path().join("o4")),
     ]);
+
+    // The INT8 graph's numbers are checked where that graph is chosen: the fp32 graph still
+    // scores, and calibrate repairs them.
+    let mut table: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("toml");
+    table["int8"]["calibration"]["threshold"] = toml::Value::Float(f64::NAN);
+    std::fs::write(&manifest, toml::to_string(&table).expect("toml")).expect("write");
+    let int8_out = dir.path().join("o6");
+    let out = stpm(&[
+        "infer",
+        "--model",
+        path(&bundle),
+        "--precision",
+        "int8",
+        path(&good),
+        "--out",
+        path(&int8_out),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("[int8.calibration] threshold = NaN"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        infer_scores(&bundle, &good, "fp32", &dir.path().join("o7")),
+        fp32
+    );
+    calibrate();
+    let (threshold8, _, _) = manifest_calibration(&bundle, true);
+    assert!(close(threshold8, max(&int8)), "{threshold8} vs {int8:?}");
 }
 
 /// A bundle that cannot be written (here a folder stands where its graph goes) fails naming the

@@ -359,22 +359,27 @@ pub struct Bundle {
     pub manifest_sha256: String,
 }
 
-/// What makes a manifest's numbers unusable for scoring, if anything: the calibrations' threshold
-/// and floor must be finite (unless `calibration` is false: they are about to be replaced), the
-/// input normalisation's mean finite and its std finite and positive.
+/// What makes a calibration unusable for scoring, if anything: its threshold and floor must be
+/// finite.
+fn unusable_calibration(section: &str, calibration: &Calibration) -> Option<String> {
+    (!calibration.threshold.is_finite() || !calibration.floor.is_finite()).then(|| {
+        format!(
+            "{section} threshold = {}, floor = {} (both must be finite numbers: set them from \
+             good images with `stpm calibrate`, or train the bundle again)",
+            calibration.threshold, calibration.floor
+        )
+    })
+}
+
+/// What makes a manifest's numbers unusable for scoring the fp32 graph, if anything: its
+/// calibration (unless `calibration` is false: it is about to be replaced), and the input
+/// normalisation's mean finite and its std finite and positive. The INT8 graph's calibration is
+/// checked when that graph is chosen.
 fn unusable_numbers(manifest: &Manifest, calibration: bool) -> Option<String> {
-    let mut calibrations = vec![("[calibration]", &manifest.calibration)];
-    if let Some(int8) = &manifest.int8 {
-        calibrations.push(("[int8.calibration]", &int8.calibration));
-    }
-    for (section, calibration) in calibrations.into_iter().filter(|_| calibration) {
-        if !calibration.threshold.is_finite() || !calibration.floor.is_finite() {
-            return Some(format!(
-                "{section} threshold = {}, floor = {} (both must be finite numbers: set them \
-                 from good images with `stpm calibrate`, or train the bundle again)",
-                calibration.threshold, calibration.floor
-            ));
-        }
+    if calibration
+        && let Some(message) = unusable_calibration("[calibration]", &manifest.calibration)
+    {
+        return Some(message);
     }
     let Normalisation { mean, std } = &manifest.normalisation;
     if mean.iter().any(|m| !m.is_finite()) || std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
@@ -471,9 +476,17 @@ impl Bundle {
     /// from this `model.onnx` and matches its hash (without re-reading the manifest or `model.onnx`).
     pub fn with_precision(mut self, precision: Precision) -> Result<Self, BundleError> {
         if precision == Precision::Int8 {
-            self.check_int8()?;
+            self.check_int8(true)?;
         }
         self.precision = precision;
+        Ok(self)
+    }
+
+    /// This bundle's INT8 graph chosen for `stpm calibrate`, which replaces its thresholds: as
+    /// [`Bundle::with_precision`], but a non-finite INT8 threshold or floor is no reason to refuse.
+    pub fn int8_to_recalibrate(mut self) -> Result<Self, BundleError> {
+        self.check_int8(false)?;
+        self.precision = Precision::Int8;
         Ok(self)
     }
 
@@ -499,14 +512,14 @@ impl Bundle {
         let (precision, reason) = match choice {
             PrecisionChoice::Fp32 => (Precision::Fp32, "requested".to_string()),
             PrecisionChoice::Int8 => {
-                self.check_int8()?;
+                self.check_int8(true)?;
                 (Precision::Int8, "requested".to_string())
             }
             PrecisionChoice::Auto if !on_cpu => (
                 Precision::Fp32,
                 "auto: the fp32 model.onnx on a GPU provider".to_string(),
             ),
-            PrecisionChoice::Auto => match self.check_int8() {
+            PrecisionChoice::Auto => match self.check_int8(true) {
                 Ok(()) if self.int8_is_for_tensorrt() => (
                     Precision::Fp32,
                     format!(
@@ -536,7 +549,8 @@ impl Bundle {
     }
 
     /// Whether the INT8 variant exists, was made from this `model.onnx` and matches its hash.
-    fn check_int8(&self) -> Result<(), BundleError> {
+    /// With `calibration`, its threshold and floor must be finite too.
+    fn check_int8(&self, calibration: bool) -> Result<(), BundleError> {
         let int8 = self
             .manifest
             .int8
@@ -549,6 +563,14 @@ impl Bundle {
                 dir: self.dir.clone(),
                 expected: self.manifest.model.onnx_sha256.clone(),
                 found: int8.source_sha256.clone(),
+            });
+        }
+        if calibration
+            && let Some(message) = unusable_calibration("[int8.calibration]", &int8.calibration)
+        {
+            return Err(BundleError::Parse {
+                path: self.dir.join(MANIFEST_FILE),
+                message,
             });
         }
         read_verified(&self.dir.join(&int8.onnx), &int8.onnx_sha256).map(|_| ())

@@ -213,13 +213,21 @@ pub struct Query {
 }
 
 /// Moves a damaged `<folder>/events.db` (and its `-wal` and `-shm` files) aside, to
-/// `events.db.bad-<unix seconds>` (SQLite can still open it there), so a new store can start in
-/// its place; returns the new name.
+/// `events.db.bad-<unix seconds>` (`-<n>` added when that name is taken; SQLite can still open it
+/// there), so a new store can start in its place; returns the new name.
 pub fn set_aside(folder: &Path, unix_seconds: u64) -> Result<PathBuf, StoreError> {
-    let aside = folder.join(format!("{DATABASE}.bad-{unix_seconds}"));
+    let aside = (0u32..)
+        .map(|n| match n {
+            0 => folder.join(format!("{DATABASE}.bad-{unix_seconds}")),
+            n => folder.join(format!("{DATABASE}.bad-{unix_seconds}-{n}")),
+        })
+        .find(|name| !name.exists())
+        .unwrap_or_else(|| folder.join(format!("{DATABASE}.bad-{unix_seconds}")));
     for suffix in ["", "-wal", "-shm"] {
         let from = folder.join(format!("{DATABASE}{suffix}"));
-        let to = PathBuf::from(format!("{}{suffix}", aside.display()));
+        let mut to = aside.clone().into_os_string();
+        to.push(suffix);
+        let to = PathBuf::from(to);
         match std::fs::rename(&from, &to) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(StoreError::Folder {

@@ -57,9 +57,10 @@ struct Media {
 }
 
 /// A `.part` file under `snapshots/` or `clips/` not modified for this long was left by a run
-/// that stopped or failed while writing it (a clip is at most an hour long): it is deleted
+/// that stopped or failed while writing it (a clip is at most an hour long, but the muxer may
+/// leave its `.part` untouched until the end, and a camera may stall mid-clip): it is deleted
 /// whatever the limits.
-const ABANDONED: Duration = Duration::from_secs(2 * 3600);
+const ABANDONED: Duration = Duration::from_secs(24 * 3600);
 
 /// The files retention may delete: snapshots, clips and recordings (and, under `snapshots/` and
 /// `clips/`, `.part` files once [`ABANDONED`]). Anything else (a database, a spool, a bundle in a
@@ -361,8 +362,8 @@ mod tests {
         let abandoned = clips.join("ev-1.mp4.part");
         let writing = clips.join("ev-2.mp4.part");
         let elsewhere = dir.path().join("line1-1700000000.mkv.part");
-        aged_file(&abandoned, b"half a clip", now, 3 * 3600);
-        aged_file(&writing, b"a clip being written", now, 30 * 60);
+        aged_file(&abandoned, b"half a clip", now, 25 * 3600);
+        aged_file(&writing, b"a clip being written", now, 3 * 3600);
         aged_file(&elsewhere, b"not ours", now, 30 * 86_400);
         let limits = Limits {
             max_bytes: 1,

@@ -841,8 +841,7 @@ pub fn train(config: &TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainOutcome
     let with_head = config.uses_head() && !stop.load(Ordering::SeqCst);
     let (bundle, holdout_scores) = write_bundle(config, &data, &fitted, with_head, started)
         .inspect_err(|_| {
-            // A write that failed (a full disk) leaves no half-written files behind: the bundle
-            // already there, if any, is untouched.
+            // A write that failed (a full disk) leaves no staging files behind.
             let _ = std::fs::remove_dir_all(config.out.join(".staging"));
         })?;
     report_to.phase("done");

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::snapshot::{SnapshotError, jpeg};
 use super::{Picture, Sink, SinkError};
-use crate::alerts::AlertEvent;
+use crate::alerts::{AlertEvent, EventKind};
 use crate::store::{Changes, EventStore, Peak, StoreError, StoreStatus};
 
 /// Jobs waiting for the writer; past it a camera's event change is not stored (counted), so the
@@ -236,6 +236,7 @@ impl EventWriter {
             jobs: self.jobs.clone()?,
             status: Arc::clone(&self.status),
             behind: 0,
+            held: VecDeque::new(),
         })
     }
 
@@ -512,6 +513,42 @@ pub struct EventLog {
     status: Arc<StoreStatus>,
     /// This camera's event changes not handed on because the writer was too far behind.
     behind: u64,
+    /// Ends of events the writer had no room for: handed on before the camera's next change, or
+    /// when the camera stops (an event whose `end` never reached the store would stay open there).
+    held: VecDeque<Job>,
+}
+
+/// Ends a camera holds for a writer that is behind, at most; the oldest is dropped beyond it.
+const HELD_ENDS: usize = 1024;
+
+impl EventLog {
+    /// Hands on the held ends, in order, while the writer has room.
+    fn hand_on_held(&mut self) -> Result<(), SinkError> {
+        while let Some(job) = self.held.pop_front() {
+            match self.jobs.try_send(job) {
+                Ok(()) => {}
+                Err(mpsc::TrySendError::Full(job)) => {
+                    self.held.push_front(job);
+                    break;
+                }
+                Err(mpsc::TrySendError::Disconnected(_)) => {
+                    return Err(SinkError::Stored(self.camera.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EventLog {
+    /// The camera stopped: its held ends are handed on, waiting for the writer if need be.
+    fn drop(&mut self) {
+        for job in self.held.drain(..) {
+            if self.jobs.send(job).is_err() {
+                break;
+            }
+        }
+    }
 }
 
 impl Sink for EventLog {
@@ -534,8 +571,22 @@ impl Sink for EventLog {
             model: event.model.clone(),
             peak,
         }));
-        match self.jobs.try_send(job) {
+        self.hand_on_held()?;
+        let sent = if self.held.is_empty() {
+            self.jobs.try_send(job)
+        } else {
+            Err(mpsc::TrySendError::Full(job))
+        };
+        match sent {
             Ok(()) => Ok(()),
+            Err(mpsc::TrySendError::Full(job)) if event.kind == EventKind::End => {
+                if self.held.len() == HELD_ENDS {
+                    self.held.pop_front();
+                    self.status.unstored.fetch_add(1, Ordering::Relaxed);
+                }
+                self.held.push_back(job);
+                Ok(())
+            }
             Err(mpsc::TrySendError::Full(_)) => {
                 // The camera goes on; the store gets this change's successors (a row is
                 // created by whichever of an event's changes arrives first).
@@ -586,9 +637,17 @@ mod tests {
         let mut sink = writer.sink("line1").expect("sink");
         let changes = 300;
         let (done, handed) = mpsc::channel();
+        let ended = 10;
         let camera = std::thread::spawn(move || {
             for i in 0..changes {
                 let event = AlertEvent::sample(&format!("e{i}"), "line1", 1.0, 0.8);
+                sink.alert(&event, None).expect("handed on");
+            }
+            // Ends are held, not dropped: an event whose end is lost would stay open.
+            for i in 0..ended {
+                let mut event = AlertEvent::sample(&format!("e{i}"), "line1", 1.0, 0.8);
+                event.kind = EventKind::End;
+                event.end_time = Some(2.0);
                 sink.alert(&event, None).expect("handed on");
             }
             let _ = done.send(());
@@ -614,6 +673,15 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM events", [], |row| row.get(0))
             .expect("count");
         assert_eq!(stored + unstored, changes);
+        let open: u64 = lock
+            .query_row(
+                "SELECT COUNT(*) FROM events WHERE id IN \
+                 ('e0','e1','e2','e3','e4','e5','e6','e7','e8','e9') AND end_time IS NULL",
+                [],
+                |row| row.get(0),
+            )
+            .expect("count");
+        assert_eq!((ended, open), (10, 0), "ends were lost");
         assert!(!status.failing.load(Ordering::Relaxed));
         assert_eq!(status.backlog.load(Ordering::Relaxed), 0);
     }
