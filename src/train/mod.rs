@@ -790,7 +790,10 @@ fn write_bundle(
         },
         int8: None,
     };
-    // Remove the old manifest first: until the new one lands, the folder is visibly not a bundle.
+    // Every byte is written before the bundle already in `out` is touched (a full disk stops the
+    // run here, leaving it whole); then renames only, which need no space. The old manifest goes
+    // first: until the new one lands, the folder is visibly not a bundle.
+    Bundle::write_manifest(&staging, &manifest)?;
     let manifest_path = config.out.join(bundle::MANIFEST_FILE);
     if manifest_path.exists() {
         std::fs::remove_file(&manifest_path).map_err(|source| TrainError::CreateDir {
@@ -798,12 +801,11 @@ fn write_bundle(
             source,
         })?;
     }
-    for file in files {
+    for file in files.into_iter().chain([bundle::MANIFEST_FILE]) {
         let (from, to) = (staging.join(file), config.out.join(file));
         std::fs::rename(&from, &to).map_err(|source| TrainError::CreateDir { path: to, source })?;
     }
     let _ = std::fs::remove_dir(&staging);
-    Bundle::write_manifest(&config.out, &manifest)?;
     Ok((Bundle::open(&config.out)?, holdout_scores))
 }
 
