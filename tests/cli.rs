@@ -847,12 +847,17 @@ fn calibrate_sets_each_graphs_threshold_from_good_images() {
 
     // A threshold that is not a number is refused where scores are used, and `stpm calibrate`,
     // which the message names, repairs it (for both graphs).
-    let manifest = bundle.join("stpm.toml");
-    let mut table: toml::Table =
-        toml::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("toml");
-    table["calibration"]["threshold"] = toml::Value::Float(f64::NAN);
-    table["int8"]["calibration"]["floor"] = toml::Value::Float(f64::INFINITY);
-    std::fs::write(&manifest, toml::to_string(&table).expect("toml")).expect("write");
+    let edit_manifest = |edit: &dyn Fn(&mut toml::Table)| {
+        let manifest = bundle.join("stpm.toml");
+        let mut table: toml::Table =
+            toml::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("toml");
+        edit(&mut table);
+        std::fs::write(&manifest, toml::to_string(&table).expect("toml")).expect("write");
+    };
+    edit_manifest(&|table| {
+        table["calibration"]["threshold"] = toml::Value::Float(f64::NAN);
+        table["int8"]["calibration"]["floor"] = toml::Value::Float(f64::INFINITY);
+    });
     let o5 = dir.path().join("o5");
     let out = stpm(&[
         "infer",
@@ -884,10 +889,9 @@ fn calibrate_sets_each_graphs_threshold_from_good_images() {
 
     // The INT8 graph's numbers are checked where that graph is chosen: the fp32 graph still
     // scores, and calibrate repairs them.
-    let mut table: toml::Table =
-        toml::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("toml");
-    table["int8"]["calibration"]["threshold"] = toml::Value::Float(f64::NAN);
-    std::fs::write(&manifest, toml::to_string(&table).expect("toml")).expect("write");
+    edit_manifest(&|table| {
+        table["int8"]["calibration"]["threshold"] = toml::Value::Float(f64::NAN);
+    });
     let int8_out = dir.path().join("o6");
     let out = stpm(&[
         "infer",

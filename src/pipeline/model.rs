@@ -397,11 +397,15 @@ impl Watch {
                 next = Instant::now() + WATCH_INTERVAL;
                 let live = slot.live();
                 let on_disk = id_on_disk(&live.model.bundle);
+                if on_disk == live.model.id || on_disk == "unknown" {
+                    continue;
+                }
+                // Only a manifest that differs from the live model's is worth listing the folder.
                 let stamp = FolderStamp::of(&live.model.bundle);
                 let waiting = refused.as_ref().is_some_and(|(refused, retry)| {
                     refused == &stamp && retry.is_none_or(|at| Instant::now() < at)
                 });
-                if on_disk == live.model.id || on_disk == "unknown" || waiting {
+                if waiting {
                     continue;
                 }
                 let bundle = live.model.bundle.clone();

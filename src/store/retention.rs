@@ -125,25 +125,20 @@ fn files(folders: &[Swept]) -> Vec<Media> {
             let Ok(meta) = entry.metadata() else {
                 continue;
             };
-            let part = matches!(folder, Swept::Media(_))
-                && entry.path().extension().is_some_and(|e| e == "part");
+            let path = entry.path();
+            let extension = path.extension().and_then(|e| e.to_str());
+            let part = matches!(folder, Swept::Media(_)) && extension == Some("part");
             let wanted = || match folder {
-                Swept::Media(_) => {
-                    part || entry
-                        .path()
-                        .extension()
-                        .and_then(|e| e.to_str())
-                        .is_some_and(|e| MEDIA.contains(&e))
-                }
+                Swept::Media(_) => part || extension.is_some_and(|e| MEDIA.contains(&e)),
                 Swept::Recordings(_) => is_recording_name(&entry.file_name().to_string_lossy()),
             };
             if meta.is_dir() {
                 if let Swept::Media(_) = folder {
-                    pending.push(Swept::Media(entry.path()));
+                    pending.push(Swept::Media(path));
                 }
             } else if meta.is_file() && wanted() {
                 found.push(Media {
-                    path: entry.path(),
+                    path,
                     size: meta.len(),
                     modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                     device: meta.dev(),

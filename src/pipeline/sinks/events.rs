@@ -620,16 +620,21 @@ mod tests {
         }
     }
 
+    /// `[storage]` with its data folder in `dir`.
+    fn storage_in(dir: &Path) -> StorageConfig {
+        StorageConfig {
+            path: dir.to_path_buf(),
+            ..StorageConfig::default()
+        }
+    }
+
     /// A store whose write lock another process holds makes no camera wait: each change is handed
     /// on at once or counted as not stored, the status says the store is failing, and once the
     /// lock is gone what was handed on is stored.
     #[test]
     fn a_locked_store_does_not_hold_up_the_cameras() {
         let dir = tempfile::tempdir().expect("dir");
-        let config = StorageConfig {
-            path: dir.path().to_path_buf(),
-            ..StorageConfig::default()
-        };
+        let config = storage_in(dir.path());
         let writer = EventWriter::start(&config, None).expect("writer");
         let status = writer.status();
         let lock = rusqlite::Connection::open(dir.path().join(crate::store::DATABASE)).expect("db");
@@ -691,10 +696,7 @@ mod tests {
     #[test]
     fn a_damaged_store_is_set_aside_and_a_new_one_started() {
         let dir = tempfile::tempdir().expect("dir");
-        let config = StorageConfig {
-            path: dir.path().to_path_buf(),
-            ..StorageConfig::default()
-        };
+        let config = storage_in(dir.path());
         let database = dir.path().join(crate::store::DATABASE);
         let store = EventStore::open(dir.path()).expect("store");
         for i in 0..200 {
