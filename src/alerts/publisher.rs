@@ -29,7 +29,7 @@ use super::mqtt::{MqttConfig, MqttSetupError, is_publish_topic};
 use super::shared::{
     Command, HELD_EVENTS, Link, LinkError, PublisherHandle, Shared, ShutdownOutcome, lock,
 };
-use super::spool::Spool;
+use super::spool::{Spool, SpoolError};
 
 impl MqttConfig {
     /// Where the settings become behaviour: validates them and starts the publisher on
@@ -108,6 +108,7 @@ impl AlertPublisher {
             states: BTreeMap::new(),
             held_snapshots: BTreeMap::new(),
             held_events: std::collections::VecDeque::new(),
+            undeletable: 0,
         };
         let task = runtime.spawn(publisher.run());
         Ok((
@@ -158,6 +159,8 @@ struct Publisher {
     held_snapshots: BTreeMap<String, Vec<u8>>,
     /// Events the spool could not write, waiting for a connection (in memory only).
     held_events: std::collections::VecDeque<(String, Vec<u8>)>,
+    /// Spool files that could not be deleted after their message left (for a rate-limited log).
+    undeletable: u64,
 }
 
 impl Publisher {
@@ -380,13 +383,30 @@ impl Publisher {
 
     fn on_spool_acked(&mut self, seq: u64) {
         self.session.spool_in_flight = self.session.spool_in_flight.saturating_sub(1);
-        match lock(&self.shared.spool).ack(seq) {
+        let acked = lock(&self.shared.spool).ack(seq);
+        match acked {
             Ok(true) => {
                 self.shared.events_published.fetch_add(1, Ordering::Relaxed);
             }
             // Dropped by the spool's bound while in flight: it reached the broker anyway.
             Ok(false) => {}
-            Err(error) => log::error!("alert spool: {error}"),
+            Err(error) => {
+                self.shared.events_published.fetch_add(1, Ordering::Relaxed);
+                self.cannot_delete(error);
+            }
+        }
+    }
+
+    /// A message left the spool but its file stayed: logged at the 1st, 2nd, 4th… time, as a
+    /// read-only disk fails every one.
+    fn cannot_delete(&mut self, error: SpoolError) {
+        self.undeletable += 1;
+        if self.undeletable.is_power_of_two() {
+            log::error!(
+                "alert spool: {error}; the message is not sent again in this run, but a restart \
+                 sends it once more ({} such file(s) so far)",
+                self.undeletable
+            );
         }
     }
 
@@ -427,8 +447,9 @@ impl Publisher {
                     entry.payload.len()
                 );
                 self.shared.messages_dropped.fetch_add(1, Ordering::Relaxed);
-                if let Err(error) = lock(&self.shared.spool).ack(entry.seq) {
-                    log::error!("alert spool: {error}");
+                let acked = lock(&self.shared.spool).ack(entry.seq);
+                if let Err(error) = acked {
+                    self.cannot_delete(error);
                 }
                 self.session.last_sent = Some(entry.seq);
                 continue;

@@ -116,7 +116,13 @@ pub struct Spool {
     next_seq: u64,
     dropped: u64,
     warnings: Vec<SpoolWarning>,
+    /// Files of messages that have left the spool but could not be deleted (a read-only
+    /// remount), oldest first: deletion is tried again at the next push or ack.
+    undeleted: VecDeque<u64>,
 }
+
+/// Most undeleted files remembered for another try; older ones wait for the next `open`.
+const UNDELETED_KEPT: usize = 4096;
 
 impl Spool {
     /// Opens (creating if needed) the spool in `dir` and picks up the entries a previous run left,
@@ -188,6 +194,7 @@ impl Spool {
             next_seq,
             dropped: 0,
             warnings,
+            undeleted: VecDeque::new(),
         })
     }
 
@@ -205,6 +212,7 @@ impl Spool {
                 topic: topic.to_string(),
             });
         }
+        self.retry_undeleted();
         let seq = self.next_seq;
         let path = self.path(seq);
         let temp = self.dir.join(format!("{seq:0SEQ_DIGITS$}{TEMP_EXTENSION}"));
@@ -237,11 +245,13 @@ impl Spool {
                 .take(older)
                 .position(|entry| entry.kind == EntryKind::Update)
                 .unwrap_or(0);
-            self.remove_file(self.entries[victim].seq)?;
-            if let Some(entry) = self.entries.remove(victim) {
-                self.dropped += 1;
-                dropped.push(entry);
-            }
+            let Some(entry) = self.entries.remove(victim) else {
+                break;
+            };
+            // The new message is stored: a file that stays is only tried again later.
+            let _ = self.forget_file(entry.seq);
+            self.dropped += 1;
+            dropped.push(entry);
         }
         Ok(Pushed { seq, dropped })
     }
@@ -262,13 +272,21 @@ impl Spool {
     }
 
     /// The broker has the message: forget it. False when `seq` was not (or no longer) spooled.
+    /// An error still forgets the message (it is not sent again in this run); only its file
+    /// stays, to be deleted at a later push or ack, or sent once more after a restart.
     pub fn ack(&mut self, seq: u64) -> Result<bool, SpoolError> {
+        self.retry_undeleted();
         let Ok(index) = self.entries.binary_search_by_key(&seq, |entry| entry.seq) else {
             return Ok(false);
         };
-        self.remove_file(seq)?;
         self.entries.remove(index);
+        self.forget_file(seq)?;
         Ok(true)
+    }
+
+    /// Files of messages that left the spool and could not be deleted yet.
+    pub fn undeleted(&self) -> usize {
+        self.undeleted.len()
     }
 
     pub fn len(&self) -> usize {
@@ -305,6 +323,28 @@ impl Spool {
             Ok(()) => Ok(()),
             Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(SpoolError::Remove { path, source }),
+        }
+    }
+
+    /// Deletes the file of a message no longer in `entries`, or remembers it for another try.
+    fn forget_file(&mut self, seq: u64) -> Result<(), SpoolError> {
+        let removed = self.remove_file(seq);
+        if removed.is_err() {
+            self.undeleted.push_back(seq);
+            if self.undeleted.len() > UNDELETED_KEPT {
+                self.undeleted.pop_front();
+            }
+        }
+        removed
+    }
+
+    /// Tries the oldest undeleted file, and the rest once that one goes.
+    fn retry_undeleted(&mut self) {
+        while let Some(&seq) = self.undeleted.front() {
+            if self.remove_file(seq).is_err() {
+                return;
+            }
+            self.undeleted.pop_front();
         }
     }
 }
@@ -528,6 +568,51 @@ mod tests {
         assert_eq!(entry.topic, "stpm/line1/events");
         let parsed: AlertEvent = serde_json::from_slice(&entry.payload).unwrap();
         assert_eq!(parsed, event);
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_deleted_does_not_keep_its_message() {
+        let folder = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(folder.path(), 2).unwrap();
+        let topic = "stpm/line1/events";
+        for payload in ["a", "b"] {
+            spool
+                .push(topic, EntryKind::New, payload.as_bytes())
+                .unwrap();
+        }
+        // A folder in place of a message's file cannot be removed as a file, even by root.
+        let dir = folder.path().to_path_buf();
+        let jam = |seq: u64| {
+            let path = dir.join(format!("{seq:0SEQ_DIGITS$}{EXTENSION}"));
+            fs::remove_file(&path).unwrap();
+            fs::create_dir(&path).unwrap();
+            fs::write(path.join("keep"), "").unwrap();
+            path
+        };
+        let first = jam(0);
+        let error = spool.ack(0).unwrap_err();
+        assert!(matches!(error, SpoolError::Remove { .. }), "{error}");
+        assert_eq!(spool.undeleted(), 1);
+        assert_eq!(summary(&spool), vec![entry(1, EntryKind::New, "b")]);
+        // Dropped by the bound with its file stuck: the new message is still stored.
+        let second = jam(1);
+        spool.push(topic, EntryKind::New, b"c").unwrap();
+        let pushed = spool.push(topic, EntryKind::New, b"d").unwrap();
+        assert_eq!(pushed.dropped.len(), 1);
+        assert_eq!(pushed.dropped[0].seq, 1);
+        assert_eq!(spool.undeleted(), 2);
+        assert_eq!(
+            summary(&spool),
+            vec![entry(2, EntryKind::New, "c"), entry(3, EntryKind::New, "d")]
+        );
+        // Once the files can go, the next change deletes them.
+        fs::remove_dir_all(&first).unwrap();
+        fs::remove_dir_all(&second).unwrap();
+        fs::write(&first, "x").unwrap();
+        fs::write(&second, "x").unwrap();
+        assert!(spool.ack(2).unwrap());
+        assert_eq!(spool.undeleted(), 0);
+        assert!(!first.exists() && !second.exists());
     }
 
     #[test]
