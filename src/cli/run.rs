@@ -47,13 +47,14 @@ pub(super) fn run(args: RunArgs) -> anyhow::Result<()> {
             0.0
         };
         println!(
-            "camera {}: {} frames, {} analysed, {} dropped, {} offline, {} alert events, inference {:.1} ms/frame ({}){}",
+            "camera {}: {} frames, {} analysed, {} dropped, {} offline, {} alert events ({} new), inference {:.1} ms/frame ({}){}",
             camera.camera,
             camera.frames,
             camera.analysed,
             camera.dropped,
             camera.offline,
             camera.alerts,
+            camera.new_alerts,
             mean_ms,
             summary.provider,
             match camera.batched {

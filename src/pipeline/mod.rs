@@ -123,8 +123,10 @@ pub struct CameraStats {
     pub dropped: u64,
     /// Times the source went offline.
     pub offline: u64,
-    /// Alert events (new, update, end) emitted.
+    /// Alert messages (new, update, end) emitted.
     pub alerts: u64,
+    /// Of those, `new` ones: the anomalies reported.
+    pub new_alerts: u64,
     /// Analysed frames that shared their inference call with other cameras' frames
     /// (`model.batch`).
     pub batched: u64,

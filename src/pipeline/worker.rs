@@ -14,7 +14,7 @@ use super::metrics::{CameraMetrics, CameraState, Stage};
 use super::queue::{FrameQueue, Item};
 use super::sinks::{Annotated, Picture, Sink, SinkError};
 use super::source::Captured;
-use crate::alerts::{AlertEvent, AlertTracker, CameraStatus, ZoneMask};
+use crate::alerts::{AlertEvent, AlertTracker, CameraStatus, EventKind, ZoneMask};
 use crate::engine::Scores;
 use crate::overlay;
 use crate::pipeline::model::Model;
@@ -173,6 +173,9 @@ impl Worker {
         self.metrics.set_suppressed(self.tracker.suppressed());
         for event in events {
             state.stats.alerts += 1;
+            if event.kind == EventKind::New {
+                state.stats.new_alerts += 1;
+            }
             self.metrics.alert();
             let mut errors = Vec::new();
             for sink in &mut self.sinks {
