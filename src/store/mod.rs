@@ -245,6 +245,34 @@ pub fn set_aside(folder: &Path, unix_seconds: u64) -> Result<PathBuf, StoreError
 pub struct EventStore {
     path: PathBuf,
     db: Connection,
+    /// The device and inode of the file it opened (to tell it from one put in its place).
+    file: Option<(u64, u64)>,
+}
+
+/// The file at an open store's path now, against the one it opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFile {
+    /// The same file (or it cannot be told).
+    Same,
+    /// No file there: rows written now would go into a file no one can open.
+    Deleted,
+    /// Another file there (a restored backup, a move).
+    Replaced,
+}
+
+/// The device and inode of `path`, where the platform has them.
+fn file_id(path: &Path) -> std::io::Result<Option<(u64, u64)>> {
+    let meta = std::fs::metadata(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Ok(Some((meta.dev(), meta.ino())))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        Ok(None)
+    }
 }
 
 impl EventStore {
@@ -260,7 +288,11 @@ impl EventStore {
             path: path.clone(),
             source,
         })?;
-        let mut store = Self { path, db };
+        let mut store = Self {
+            path,
+            db,
+            file: None,
+        };
         // Another process setting up the same new file (WAL, the schema) can make SQLite answer
         // "busy" at once, without waiting out the busy timeout: try again for a while.
         let started = std::time::Instant::now();
@@ -274,9 +306,39 @@ impl EventStore {
                 {
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                result => return result.map(|()| store),
+                result => {
+                    result?;
+                    store.file = file_id(&store.path).ok().flatten();
+                    return Ok(store);
+                }
             }
         }
+    }
+
+    /// Whether the file at this store's path is still the one it opened.
+    pub fn file_now(&self) -> StoreFile {
+        let Some(opened) = self.file else {
+            return StoreFile::Same;
+        };
+        match file_id(&self.path) {
+            Ok(now) if now == Some(opened) => StoreFile::Same,
+            Ok(_) => StoreFile::Replaced,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => StoreFile::Deleted,
+            Err(_) => StoreFile::Same,
+        }
+    }
+
+    /// Moves what the write-ahead log holds into the file this store opened (wherever it is
+    /// now) and empties the log, so that a file put at its path is not handed this store's rows
+    /// when it is opened next (SQLite finds a log by its path). False when another connection
+    /// kept it from finishing; the log is then not empty.
+    pub fn empty_log(&self) -> Result<bool, StoreError> {
+        // (busy, frames in the log, frames moved): busy is 1 when it could not finish.
+        let busy: i64 = self
+            .db
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0))
+            .map_err(self.sqlite())?;
+        Ok(busy == 0)
     }
 
     fn sqlite(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {

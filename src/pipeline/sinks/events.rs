@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::snapshot::{SnapshotError, jpeg};
 use super::{Picture, Sink, SinkError};
 use crate::alerts::{AlertEvent, EventKind};
-use crate::store::{Changes, EventStore, Peak, StoreError, StoreStatus};
+use crate::store::{Changes, EventStore, Peak, StoreError, StoreFile, StoreStatus};
 
 /// Jobs waiting for the writer; past it a camera's event change is not stored (counted), so the
 /// camera never waits for the store.
@@ -178,23 +178,7 @@ impl EventWriter {
     /// A damaged store (not a database, truncated) is moved aside and a new one started, so one
     /// bad file does not keep the detector from starting.
     pub fn start(config: &StorageConfig, changes: Option<Changes>) -> Result<Self, StoreError> {
-        let open = || -> Result<(EventStore, usize), StoreError> {
-            let store = EventStore::open(&config.path)?;
-            let dangling = store.end_dangling()?;
-            Ok((store, dangling))
-        };
-        let (store, dangling) = match open() {
-            Err(error) if error.damaged() => {
-                let aside =
-                    crate::store::set_aside(&config.path, crate::pipeline::unix_now() as u64)?;
-                log::warn!(
-                    "storage: {error}; the damaged file is kept as {} and a new event store started",
-                    aside.display()
-                );
-                open()?
-            }
-            result => result?,
-        };
+        let (store, dangling) = open_mending(&config.path, |store| store.end_dangling())?;
         if dangling > 0 {
             log::warn!(
                 "storage: {dangling} event(s) left open by an earlier run ended as `interrupted`"
@@ -257,6 +241,30 @@ impl EventWriter {
     }
 }
 
+/// Opens the store in `folder` and runs `first` on it. A damaged store (not a database,
+/// truncated) is moved aside and a new one started, so one bad file does not stop the events.
+fn open_mending<T>(
+    folder: &Path,
+    first: impl Fn(&EventStore) -> Result<T, StoreError>,
+) -> Result<(EventStore, T), StoreError> {
+    let open = || -> Result<(EventStore, T), StoreError> {
+        let store = EventStore::open(folder)?;
+        let value = first(&store)?;
+        Ok((store, value))
+    };
+    match open() {
+        Err(error) if error.damaged() => {
+            let aside = crate::store::set_aside(folder, crate::pipeline::unix_now() as u64)?;
+            log::warn!(
+                "storage: {error}; the damaged file is kept as {} and a new event store started",
+                aside.display()
+            );
+            open()
+        }
+        result => result,
+    }
+}
+
 /// Rows the store refused (a full disk) wait in memory, in order, at most this many; the oldest
 /// go first beyond it.
 const BACKLOG: usize = 1000;
@@ -306,7 +314,9 @@ impl Row {
 /// The writer thread's state: rows the store could not take yet are kept and retried, so a
 /// full disk delays events in the store instead of losing them.
 struct Writer {
-    store: EventStore,
+    /// None while a new store could not be opened in place of one deleted, replaced or damaged
+    /// (tried again like a refusing store).
+    store: Option<EventStore>,
     folder: PathBuf,
     changes: Option<Changes>,
     status: Arc<StoreStatus>,
@@ -330,7 +340,7 @@ impl Writer {
         status: Arc<StoreStatus>,
     ) -> Self {
         Self {
-            store,
+            store: Some(store),
             folder,
             changes,
             status,
@@ -345,17 +355,12 @@ impl Writer {
     /// Writes jobs until every sender is gone, then what it can of the backlog.
     fn run(mut self, queue: &mpsc::Receiver<Job>) {
         loop {
-            let job = if self.backlog.is_empty() {
-                match queue.recv() {
-                    Ok(job) => Some(job),
-                    Err(_) => break,
-                }
-            } else {
-                match queue.recv_timeout(RETRY_EVERY) {
-                    Ok(job) => Some(job),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                }
+            // Woken at least every RETRY_EVERY: to retry the backlog, and to notice a store
+            // deleted or replaced while idle.
+            let job = match queue.recv_timeout(RETRY_EVERY) {
+                Ok(job) => Some(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
             if let Some(job) = job {
                 let row = self.prepare(job);
@@ -400,9 +405,22 @@ impl Writer {
     /// refuses for good (a constraint, e.g. a NaN score) is dropped with a warning instead of
     /// holding up the rows behind it.
     fn drain(&mut self) {
+        self.check_file();
         let mut stored = 0;
+        let mut mended = false;
         while let Some(row) = self.backlog.front() {
-            if let Err(error) = row.store(&self.store) {
+            let Some(store) = &self.store else {
+                self.refuse("no event store is open");
+                return;
+            };
+            if let Err(error) = row.store(store) {
+                if error.damaged() && !mended {
+                    // Cut or overwritten while the run went on: kept aside, a new one opened.
+                    mended = true;
+                    self.store = None;
+                    self.set_aside_and_reopen(&error);
+                    continue;
+                }
                 if error.refused_for_good() {
                     log::warn!("storage: {} is not stored: {error}", row.what());
                     self.refused += 1;
@@ -410,13 +428,7 @@ impl Writer {
                     self.backlog.pop_front();
                     continue;
                 }
-                // Once per outage: the first refusal, then the recovery.
-                if !self.refusing {
-                    log::warn!("storage: {error}; the event is kept in memory and stored later");
-                    self.refusing = true;
-                    self.status.failing.store(true, Ordering::Relaxed);
-                }
-                self.tried = Instant::now();
+                self.refuse(&error.to_string());
                 return;
             }
             if let Some(changes) = &self.changes {
@@ -430,6 +442,73 @@ impl Writer {
             log::info!("storage: {stored} event change(s) kept in memory are stored now");
             self.refusing = false;
             self.status.failing.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// The store cannot take the backlog's first row now: said once per outage (the first
+    /// refusal, then the recovery), tried again after [`RETRY_EVERY`].
+    fn refuse(&mut self, why: &str) {
+        if !self.refusing {
+            log::warn!("storage: {why}; the event is kept in memory and stored later");
+            self.refusing = true;
+            self.status.failing.store(true, Ordering::Relaxed);
+        }
+        self.tried = Instant::now();
+    }
+
+    /// A store whose file was deleted or replaced while the run went on is closed and a new one
+    /// opened at its path; rows would otherwise go where no one reads them. Its log is emptied
+    /// into the file it had open first, so a replacing file is not handed its rows.
+    fn check_file(&mut self) {
+        let Some(store) = &self.store else {
+            self.reopen("no event store is open");
+            return;
+        };
+        let now = store.file_now();
+        let what = match now {
+            StoreFile::Same => return,
+            StoreFile::Deleted => "was deleted",
+            StoreFile::Replaced => "was replaced",
+        };
+        let emptied = store.empty_log();
+        let path = self.folder.join(crate::store::DATABASE);
+        if now == StoreFile::Replaced && !matches!(emptied, Ok(true)) {
+            // Opening the new file beside this log would write its rows into it.
+            let why = match emptied {
+                Err(error) => error.to_string(),
+                Ok(_) => "another connection is reading it".into(),
+            };
+            self.refuse(&format!(
+                "{} {what}, and the old store's log cannot be emptied yet ({why})",
+                path.display()
+            ));
+            return;
+        }
+        self.store = None;
+        self.reopen(&format!("{} {what} while the run went on", path.display()));
+    }
+
+    /// The store's file turned out damaged at a write: it is kept aside (SQLite may still read
+    /// it there) and a new store opened.
+    fn set_aside_and_reopen(&mut self, error: &StoreError) {
+        match crate::store::set_aside(&self.folder, crate::pipeline::unix_now() as u64) {
+            Ok(aside) => self.reopen(&format!(
+                "{error} while the run went on; the damaged file is kept as {}",
+                aside.display()
+            )),
+            Err(moving) => self.refuse(&format!("{error}, and {moving}")),
+        }
+    }
+
+    /// Opens a new store in the folder (a damaged file there is kept aside first); on failure
+    /// the backlog waits and this is tried again.
+    fn reopen(&mut self, why: &str) {
+        match open_mending(&self.folder, |_| Ok(())) {
+            Ok((store, ())) => {
+                log::warn!("storage: {why}; the events from now on go to a new store there");
+                self.store = Some(store);
+            }
+            Err(error) => self.refuse(&format!("{why}, and a new store: {error}")),
         }
     }
 
@@ -752,6 +831,83 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A store deleted, or replaced by another file (a restored backup), while the run goes on:
+    /// the next rows go to a new store at the path, the replacing file keeps its own rows and
+    /// gets none of the old store's (SQLite would hand a new file the old write-ahead log found
+    /// at its path), and the moved-away file gets the rows its log held.
+    #[test]
+    fn a_store_deleted_or_replaced_while_running_is_opened_anew() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = storage_in(dir.path());
+        let (changes, mut changed) = tokio::sync::broadcast::channel(64);
+        let writer = EventWriter::start(&config, Some(changes)).expect("writer");
+        let mut sink = writer.sink("line1").expect("sink");
+        let database = dir.path().join(crate::store::DATABASE);
+        let mut stored = |id: &str| {
+            sink.alert(&AlertEvent::sample(id, "line1", 1.0, 0.8), None)
+                .expect("handed on");
+            loop {
+                match changed.blocking_recv() {
+                    Ok(written) if written == id => return,
+                    Ok(_) => {}
+                    Err(error) => panic!("waiting for {id}: {error}"),
+                }
+            }
+        };
+        let has = |folder: &Path, id: &str| {
+            EventStore::open(folder)
+                .expect("store")
+                .get(id)
+                .expect("get")
+                .is_some()
+        };
+        stored("before-delete");
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", database.display()));
+        }
+        stored("after-delete");
+        assert!(
+            has(dir.path(), "after-delete"),
+            "written into the deleted file"
+        );
+
+        // A backup, closed (its log emptied), to restore over the running store.
+        let backup = tempfile::tempdir().expect("backup");
+        let restored = EventStore::open(backup.path()).expect("backup store");
+        restored
+            .record(
+                &AlertEvent::sample("restored", "line1", 1.0, 0.8),
+                "m",
+                None,
+                1.0,
+            )
+            .expect("record");
+        drop(restored);
+        stored("before-replace");
+        let moved = tempfile::tempdir().expect("moved");
+        std::fs::rename(&database, moved.path().join(crate::store::DATABASE)).expect("move");
+        std::fs::rename(backup.path().join(crate::store::DATABASE), &database).expect("restore");
+        stored("after-replace");
+        assert!(
+            has(dir.path(), "after-replace"),
+            "written into the moved file"
+        );
+        assert!(
+            has(dir.path(), "restored"),
+            "the restored file lost its rows"
+        );
+        assert!(
+            !has(dir.path(), "before-replace"),
+            "the old store's log went into the restored file"
+        );
+        assert!(
+            has(moved.path(), "before-replace"),
+            "the moved file did not get its log"
+        );
+        drop(sink);
+        writer.finish();
     }
 
     /// A row the database refuses for good (a NaN score breaks `score NOT NULL`) is dropped;
