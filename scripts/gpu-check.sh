@@ -313,7 +313,7 @@ for setting in 1:10 4:10 4:0; do
     batched=$(grep -o '[0-9]* in batches with' "$out/batch-$name.log" | awk '{s += $1} END {print s + 0}')
     row "stpm run, 4 cameras, model.batch=$batch, batch_wait_ms=$wait" \
         "$frames frames in $(python3 -c "print(round($ended - $started, 1))") s ($(python3 -c "print(round($frames / ($ended - $started), 1))") frames/s with start-up), $batched in batches"
-    grep -o '^camera cam[0-9]: .* alert events' "$out/batch-$name.log" | sed 's/ [0-9]* frames.* offline, / /' >"$out/alerts-$name.txt"
+    grep -o '^camera cam[0-9]: .* alert messages' "$out/batch-$name.log" | sed 's/ [0-9]* frames.* offline, / /' >"$out/alerts-$name.txt"
 done
 for name in 4 4-wait0; do
     [[ -s "$out/alerts-$name.txt" ]] || continue
@@ -327,7 +327,7 @@ for name in 4 4-wait0; do
     if ! python3 - "$out/alerts-1.txt" "$out/alerts-$name.txt" <<'EOF'
 import re, sys
 def counts(path):
-    return {m[1]: int(m[2]) for m in re.finditer(r"camera (\S+): (\d+) alert events", open(path).read())}
+    return {m[1]: int(m[2]) for m in re.finditer(r"camera (\S+): (\d+) alert messages", open(path).read())}
 one, batched = counts(sys.argv[1]), counts(sys.argv[2])
 sys.exit(one.keys() != batched.keys() or any(abs(one[c] - batched[c]) > 2 for c in one))
 EOF

@@ -404,7 +404,7 @@ impl Publisher {
         if self.undeletable.is_power_of_two() {
             log::error!(
                 "alert spool: {error}; the message is not sent again in this run, but a restart \
-                 sends it once more ({} such file(s) so far)",
+                 finds its file again ({} such file(s) so far)",
                 self.undeletable
             );
         }

@@ -47,7 +47,7 @@ pub(super) fn run(args: RunArgs) -> anyhow::Result<()> {
             0.0
         };
         println!(
-            "camera {}: {} frames, {} analysed, {} dropped, {} offline, {} alert events ({} new), inference {:.1} ms/frame ({}){}",
+            "camera {}: {} frames, {} analysed, {} dropped, {} offline, {} alert messages ({} new events), inference {:.1} ms/frame ({}){}",
             camera.camera,
             camera.frames,
             camera.analysed,

@@ -7,10 +7,10 @@ pub mod lock;
 pub mod retention;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
 use crate::alerts::{AlertEvent, EventKind};
@@ -91,6 +91,8 @@ pub enum StoreError {
     },
     #[error("no event {0}")]
     NoEvent(String),
+    #[error("event store {0} is not there (the run's writer makes a new one at its next write)")]
+    Missing(PathBuf),
 }
 
 impl StoreError {
@@ -247,6 +249,9 @@ pub struct EventStore {
     db: Connection,
     /// The device and inode of the file it opened (to tell it from one put in its place).
     file: Option<(u64, u64)>,
+    /// The file's length when this store last emptied its log into it: the store never
+    /// shrinks it, so a shorter file was cut by someone else.
+    emptied_len: AtomicU64,
 }
 
 /// The file at an open store's path now, against the one it opened.
@@ -258,6 +263,8 @@ pub enum StoreFile {
     Deleted,
     /// Another file there (a restored backup, a move).
     Replaced,
+    /// The same file, overwritten or cut short in place: SQLite does not notice at a write.
+    Damaged,
 }
 
 /// The device and inode of `path`, where the platform has them.
@@ -283,15 +290,50 @@ impl EventStore {
             path: folder.to_path_buf(),
             source,
         })?;
+        Self::open_with(folder.join(DATABASE), OpenFlags::default())
+    }
+
+    /// Opens `<folder>/events.db` only if it is there ([`StoreError::Missing`] if not): for
+    /// readers beside a running writer, which must not make a file in place of one deleted while
+    /// the writer still has the old one open (both would then share one write-ahead log).
+    pub fn open_existing(folder: &Path) -> Result<Self, StoreError> {
         let path = folder.join(DATABASE);
-        let db = Connection::open(&path).map_err(|source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        })?;
+        let flags = OpenFlags::default() - OpenFlags::SQLITE_OPEN_CREATE;
+        match Self::open_with(path.clone(), flags) {
+            Err(StoreError::Sqlite {
+                source: rusqlite::Error::SqliteFailure(failure, _),
+                ..
+            }) if failure.code == rusqlite::ErrorCode::CannotOpen && !path.exists() => {
+                Err(StoreError::Missing(path))
+            }
+            result => result,
+        }
+    }
+
+    fn open_with(path: PathBuf, flags: OpenFlags) -> Result<Self, StoreError> {
+        // The file's identity is taken before and after opening: a file swapped in between is
+        // opened again, so `file` is the one the connection has.
+        for _ in 0..3 {
+            let before = file_id(&path).ok().flatten();
+            let store = Self::connect(path.clone(), flags)?;
+            if before.is_none() || before == store.file {
+                return Ok(store);
+            }
+        }
+        Self::connect(path, flags)
+    }
+
+    fn connect(path: PathBuf, flags: OpenFlags) -> Result<Self, StoreError> {
+        let db =
+            Connection::open_with_flags(&path, flags).map_err(|source| StoreError::Sqlite {
+                path: path.clone(),
+                source,
+            })?;
         let mut store = Self {
             path,
             db,
             file: None,
+            emptied_len: AtomicU64::new(0),
         };
         // Another process setting up the same new file (WAL, the schema) can make SQLite answer
         // "busy" at once, without waiting out the busy timeout: try again for a while.
@@ -321,9 +363,29 @@ impl EventStore {
             return StoreFile::Same;
         };
         match file_id(&self.path) {
-            Ok(now) if now == Some(opened) => StoreFile::Same,
-            Ok(_) => StoreFile::Replaced,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => StoreFile::Deleted,
+            Ok(now) if now == Some(opened) => {}
+            Ok(_) => return StoreFile::Replaced,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return StoreFile::Deleted;
+            }
+            Err(_) => return StoreFile::Same,
+        }
+        // The same file: still a database of at least the length the store left it at? (A
+        // stat and 16 bytes; a 0-byte file is a database not yet written.)
+        use std::io::Read;
+        let mut header = [0u8; 16];
+        let read = std::fs::File::open(&self.path).and_then(|mut file| {
+            let len = file.metadata()?.len();
+            if len == 0 {
+                return Ok(true);
+            }
+            file.read_exact(&mut header)?;
+            Ok(&header == b"SQLite format 3\0" && len >= self.emptied_len.load(Ordering::Relaxed))
+        });
+        match read {
+            Ok(true) => StoreFile::Same,
+            Ok(false) => StoreFile::Damaged,
+            Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => StoreFile::Damaged,
             Err(_) => StoreFile::Same,
         }
     }
@@ -332,12 +394,33 @@ impl EventStore {
     /// now) and empties the log, so that a file put at its path is not handed this store's rows
     /// when it is opened next (SQLite finds a log by its path). False when another connection
     /// kept it from finishing; the log is then not empty.
+    /// It does not wait for readers: a reader that holds it up makes it answer false at once.
     pub fn empty_log(&self) -> Result<bool, StoreError> {
-        // (busy, frames in the log, frames moved): busy is 1 when it could not finish.
-        let busy: i64 = self
-            .db
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0))
+        self.db
+            .busy_timeout(Duration::ZERO)
             .map_err(self.sqlite())?;
+        // (busy, frames in the log, frames moved): busy is 1 when it could not finish.
+        let checkpoint = self
+            .db
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                row.get::<_, i64>(0)
+            });
+        let waited = self.db.busy_timeout(BUSY_TIMEOUT);
+        let busy = match checkpoint {
+            Ok(busy) => busy,
+            Err(rusqlite::Error::SqliteFailure(failure, _))
+                if failure.code == rusqlite::ErrorCode::DatabaseBusy =>
+            {
+                1
+            }
+            Err(source) => return Err(self.sqlite()(source)),
+        };
+        waited.map_err(self.sqlite())?;
+        if busy == 0
+            && let Ok(meta) = std::fs::metadata(&self.path)
+        {
+            self.emptied_len.store(meta.len(), Ordering::Relaxed);
+        }
         Ok(busy == 0)
     }
 
@@ -769,6 +852,20 @@ mod tests {
                 assert_eq!(version, MIGRATIONS.len() as i64);
             }
         }
+    }
+
+    #[test]
+    fn a_reader_never_makes_the_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let error = EventStore::open_existing(dir.path())
+            .err()
+            .expect("no store yet");
+        assert!(matches!(error, StoreError::Missing(_)), "{error}");
+        assert!(!dir.path().join(DATABASE).exists());
+        EventStore::open(dir.path()).expect("the writer makes it");
+        let store = EventStore::open_existing(dir.path()).expect("then a reader opens it");
+        assert_eq!(store.version().expect("version"), MIGRATIONS.len() as i64);
+        assert_eq!(store.file_now(), StoreFile::Same);
     }
 
     #[test]

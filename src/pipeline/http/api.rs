@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::Served;
-use crate::store::{EventStore, Query, StoredEvent, Verdict};
+use crate::store::{EventStore, Query, StoreError, StoredEvent, Verdict};
 
 /// Events per page when `limit` is not given, and the most a page holds.
 const DEFAULT_LIMIT: usize = 100;
@@ -79,7 +79,11 @@ pub(super) async fn with_store<T: Send + 'static>(
         ));
     };
     tokio::task::spawn_blocking(move || {
-        let store = EventStore::open(&folder).map_err(internal)?;
+        let store = EventStore::open_existing(&folder).map_err(|e| match e {
+            // Deleted under the running writer, which makes a new one: a moment's wait.
+            StoreError::Missing(_) => fail(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            e => internal(e),
+        })?;
         work(&store)
     })
     .await

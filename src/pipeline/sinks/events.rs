@@ -405,7 +405,9 @@ impl Writer {
     /// refuses for good (a constraint, e.g. a NaN score) is dropped with a warning instead of
     /// holding up the rows behind it.
     fn drain(&mut self) {
-        self.check_file();
+        if !self.check_file() {
+            return;
+        }
         let mut stored = 0;
         let mut mended = false;
         while let Some(row) = self.backlog.front() {
@@ -418,7 +420,7 @@ impl Writer {
                     // Cut or overwritten while the run went on: kept aside, a new one opened.
                     mended = true;
                     self.store = None;
-                    self.set_aside_and_reopen(&error);
+                    self.set_aside_and_reopen(&error.to_string());
                     continue;
                 }
                 if error.refused_for_good() {
@@ -438,8 +440,19 @@ impl Writer {
             self.backlog.pop_front();
             stored += 1;
         }
-        if self.refusing {
-            log::info!("storage: {stored} event change(s) kept in memory are stored now");
+        if stored > 0
+            && let Some(store) = &self.store
+            && store.file_now() == StoreFile::Same
+        {
+            // An empty write-ahead log between writes: a file put in the store's place (a
+            // restored backup) and opened by a reader before the writer notices cannot be handed
+            // old rows. A reader that holds it up only means it waits for the next write.
+            let _ = store.empty_log();
+        }
+        if self.refusing && self.store.is_some() {
+            log::info!(
+                "storage: the event store takes writes again ({stored} event change(s) kept in memory are stored now)"
+            );
             self.refusing = false;
             self.status.failing.store(false, Ordering::Relaxed);
         }
@@ -449,26 +462,38 @@ impl Writer {
     /// refusal, then the recovery), tried again after [`RETRY_EVERY`].
     fn refuse(&mut self, why: &str) {
         if !self.refusing {
-            log::warn!("storage: {why}; the event is kept in memory and stored later");
+            log::warn!("storage: {why}; event changes are kept in memory until it can be written");
             self.refusing = true;
             self.status.failing.store(true, Ordering::Relaxed);
         }
         self.tried = Instant::now();
     }
 
-    /// A store whose file was deleted or replaced while the run went on is closed and a new one
-    /// opened at its path; rows would otherwise go where no one reads them. Its log is emptied
-    /// into the file it had open first, so a replacing file is not handed its rows.
-    fn check_file(&mut self) {
+    /// A store whose file was deleted, replaced, or overwritten or cut in place while the run
+    /// went on is closed and a new one opened at its path; rows would otherwise go where no one
+    /// reads them (SQLite itself does not notice). The log of a deleted or replaced one is
+    /// emptied into the file it had open first, so a replacing file is not handed its rows; a
+    /// damaged one is kept aside. False when no store can be written now (refused; tried again
+    /// after [`RETRY_EVERY`]).
+    fn check_file(&mut self) -> bool {
         let Some(store) = &self.store else {
             self.reopen("no event store is open");
-            return;
+            return self.store.is_some();
         };
         let now = store.file_now();
         let what = match now {
-            StoreFile::Same => return,
+            StoreFile::Same => return true,
             StoreFile::Deleted => "was deleted",
             StoreFile::Replaced => "was replaced",
+            StoreFile::Damaged => {
+                self.store = None;
+                let path = self.folder.join(crate::store::DATABASE);
+                self.set_aside_and_reopen(&format!(
+                    "{} was overwritten or cut short",
+                    path.display()
+                ));
+                return self.store.is_some();
+            }
         };
         let emptied = store.empty_log();
         let path = self.folder.join(crate::store::DATABASE);
@@ -482,15 +507,16 @@ impl Writer {
                 "{} {what}, and the old store's log cannot be emptied yet ({why})",
                 path.display()
             ));
-            return;
+            return false;
         }
         self.store = None;
         self.reopen(&format!("{} {what} while the run went on", path.display()));
+        self.store.is_some()
     }
 
     /// The store's file turned out damaged at a write: it is kept aside (SQLite may still read
     /// it there) and a new store opened.
-    fn set_aside_and_reopen(&mut self, error: &StoreError) {
+    fn set_aside_and_reopen(&mut self, error: &str) {
         match crate::store::set_aside(&self.folder, crate::pipeline::unix_now() as u64) {
             Ok(aside) => self.reopen(&format!(
                 "{error} while the run went on; the damaged file is kept as {}",
@@ -906,6 +932,138 @@ mod tests {
             has(moved.path(), "before-replace"),
             "the moved file did not get its log"
         );
+        drop(sink);
+        writer.finish();
+    }
+
+    /// A restored file found while another connection still reads the old one: the old store's
+    /// log cannot be emptied yet, so nothing is written (into either file) until it can; then
+    /// the waiting row goes to the restored file and the old rows to the moved one.
+    #[test]
+    fn a_replaced_store_waits_for_the_old_log_to_empty() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (changes, mut changed) = tokio::sync::broadcast::channel(64);
+        let writer = EventWriter::start(&storage_in(dir.path()), Some(changes)).expect("writer");
+        let mut sink = writer.sink("line1").expect("sink");
+        let database = dir.path().join(crate::store::DATABASE);
+        let mut alert = |id: &str| {
+            sink.alert(&AlertEvent::sample(id, "line1", 1.0, 0.8), None)
+                .expect("handed on");
+        };
+        let mut written = |id: &str, within: Duration| {
+            let deadline = Instant::now() + within;
+            while Instant::now() < deadline {
+                match changed.try_recv() {
+                    Ok(row) if row == id => return true,
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            false
+        };
+        // A reader of the old file keeps the writer's log from being emptied.
+        let reader = rusqlite::Connection::open(&database).expect("reader");
+        reader.execute_batch("BEGIN").expect("begin");
+        let _: i64 = reader
+            .query_row("SELECT count(*) FROM events", [], |row| row.get(0))
+            .expect("read");
+        alert("before");
+        assert!(written("before", Duration::from_secs(20)));
+        let backup = tempfile::tempdir().expect("backup");
+        EventStore::open(backup.path())
+            .expect("backup store")
+            .record(
+                &AlertEvent::sample("restored", "line1", 1.0, 0.8),
+                "m",
+                None,
+                1.0,
+            )
+            .expect("record");
+        let moved = tempfile::tempdir().expect("moved");
+        std::fs::rename(&database, moved.path().join(crate::store::DATABASE)).expect("move");
+        std::fs::rename(backup.path().join(crate::store::DATABASE), &database).expect("restore");
+        alert("after");
+        assert!(
+            !written("after", Duration::from_secs(3)),
+            "written while the old log could not be emptied"
+        );
+        drop(reader);
+        assert!(written("after", Duration::from_secs(20)));
+        let has = |folder: &Path, id: &str| {
+            EventStore::open(folder)
+                .expect("store")
+                .get(id)
+                .expect("get")
+                .is_some()
+        };
+        assert!(has(dir.path(), "after") && has(dir.path(), "restored"));
+        assert!(
+            !has(dir.path(), "before"),
+            "the old log went into the restored file"
+        );
+        assert!(has(moved.path(), "before") && !has(moved.path(), "after"));
+        drop(sink);
+        writer.finish();
+    }
+
+    /// A store overwritten or cut short in place while the run goes on (SQLite's own writes
+    /// would not notice) is found damaged before the next write: kept aside, and the row goes to
+    /// a new store.
+    #[test]
+    fn a_store_damaged_while_running_is_set_aside() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (changes, mut changed) = tokio::sync::broadcast::channel(1024);
+        let writer = EventWriter::start(&storage_in(dir.path()), Some(changes)).expect("writer");
+        let mut sink = writer.sink("line1").expect("sink");
+        let mut stored = |id: &str| {
+            sink.alert(&AlertEvent::sample(id, "line1", 1.0, 0.8), None)
+                .expect("handed on");
+            loop {
+                match changed.blocking_recv() {
+                    Ok(row) if row == id => return,
+                    Ok(_) => {}
+                    Err(error) => panic!("waiting for {id}: {error}"),
+                }
+            }
+        };
+        let database = dir.path().join(crate::store::DATABASE);
+        let cut = |database: &Path| {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(database)
+                .expect("database");
+            file.set_len(8192).expect("cut short");
+        };
+        let overwrite = |database: &Path| {
+            std::fs::write(database, b"overwritten by mistake".repeat(1000)).expect("overwrite");
+        };
+        // Each in place: the same file, so not "replaced".
+        for (round, damage) in [&overwrite as &dyn Fn(&Path), &cut].into_iter().enumerate() {
+            for i in 0..200 {
+                stored(&format!("r{round}-e{i}"));
+            }
+            damage(&database);
+            stored(&format!("r{round}-after"));
+            let store = EventStore::open(dir.path()).expect("store");
+            assert!(
+                store
+                    .get(&format!("r{round}-after"))
+                    .expect("get")
+                    .is_some()
+            );
+            assert!(store.get(&format!("r{round}-e0")).expect("get").is_none());
+        }
+        let aside = std::fs::read_dir(dir.path())
+            .expect("folder")
+            .flatten()
+            .filter(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                name.starts_with("events.db.bad-")
+                    && !name.ends_with("-wal")
+                    && !name.ends_with("-shm")
+            })
+            .count();
+        assert_eq!(aside, 2, "each damaged file is kept aside");
         drop(sink);
         writer.finish();
     }
