@@ -859,6 +859,52 @@ mod tests {
         }
     }
 
+    /// A writer on `dir` with camera line1's sink, and the ids of the rows it writes.
+    fn watched_writer(
+        dir: &Path,
+    ) -> (
+        EventWriter,
+        EventLog,
+        tokio::sync::broadcast::Receiver<String>,
+    ) {
+        let (changes, changed) = tokio::sync::broadcast::channel(1024);
+        let writer = EventWriter::start(&storage_in(dir), Some(changes)).expect("writer");
+        let sink = writer.sink("line1").expect("sink");
+        (writer, sink, changed)
+    }
+
+    /// Hands event `id` to the writer.
+    fn hand(sink: &mut EventLog, id: &str) {
+        sink.alert(&AlertEvent::sample(id, "line1", 1.0, 0.8), None)
+            .expect("handed on");
+    }
+
+    /// Whether the writer wrote row `id` within `within`.
+    fn written(
+        changed: &mut tokio::sync::broadcast::Receiver<String>,
+        id: &str,
+        within: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            match changed.try_recv() {
+                Ok(row) if row == id => return true,
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        false
+    }
+
+    /// Whether the store in `folder` holds event `id`.
+    fn has(folder: &Path, id: &str) -> bool {
+        EventStore::open(folder)
+            .expect("store")
+            .get(id)
+            .expect("get")
+            .is_some()
+    }
+
     /// A store deleted, or replaced by another file (a restored backup), while the run goes on:
     /// the next rows go to a new store at the path, the replacing file keeps its own rows and
     /// gets none of the old store's (SQLite would hand a new file the old write-ahead log found
@@ -866,28 +912,11 @@ mod tests {
     #[test]
     fn a_store_deleted_or_replaced_while_running_is_opened_anew() {
         let dir = tempfile::tempdir().expect("dir");
-        let config = storage_in(dir.path());
-        let (changes, mut changed) = tokio::sync::broadcast::channel(64);
-        let writer = EventWriter::start(&config, Some(changes)).expect("writer");
-        let mut sink = writer.sink("line1").expect("sink");
+        let (writer, mut sink, mut changed) = watched_writer(dir.path());
         let database = dir.path().join(crate::store::DATABASE);
         let mut stored = |id: &str| {
-            sink.alert(&AlertEvent::sample(id, "line1", 1.0, 0.8), None)
-                .expect("handed on");
-            loop {
-                match changed.blocking_recv() {
-                    Ok(written) if written == id => return,
-                    Ok(_) => {}
-                    Err(error) => panic!("waiting for {id}: {error}"),
-                }
-            }
-        };
-        let has = |folder: &Path, id: &str| {
-            EventStore::open(folder)
-                .expect("store")
-                .get(id)
-                .expect("get")
-                .is_some()
+            hand(&mut sink, id);
+            assert!(written(&mut changed, id, Duration::from_secs(20)), "{id}");
         };
         stored("before-delete");
         for suffix in ["", "-wal", "-shm"] {
@@ -942,33 +971,16 @@ mod tests {
     #[test]
     fn a_replaced_store_waits_for_the_old_log_to_empty() {
         let dir = tempfile::tempdir().expect("dir");
-        let (changes, mut changed) = tokio::sync::broadcast::channel(64);
-        let writer = EventWriter::start(&storage_in(dir.path()), Some(changes)).expect("writer");
-        let mut sink = writer.sink("line1").expect("sink");
+        let (writer, mut sink, mut changed) = watched_writer(dir.path());
         let database = dir.path().join(crate::store::DATABASE);
-        let mut alert = |id: &str| {
-            sink.alert(&AlertEvent::sample(id, "line1", 1.0, 0.8), None)
-                .expect("handed on");
-        };
-        let mut written = |id: &str, within: Duration| {
-            let deadline = Instant::now() + within;
-            while Instant::now() < deadline {
-                match changed.try_recv() {
-                    Ok(row) if row == id => return true,
-                    Ok(_) => {}
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-            false
-        };
         // A reader of the old file keeps the writer's log from being emptied.
         let reader = rusqlite::Connection::open(&database).expect("reader");
         reader.execute_batch("BEGIN").expect("begin");
         let _: i64 = reader
             .query_row("SELECT count(*) FROM events", [], |row| row.get(0))
             .expect("read");
-        alert("before");
-        assert!(written("before", Duration::from_secs(20)));
+        hand(&mut sink, "before");
+        assert!(written(&mut changed, "before", Duration::from_secs(20)));
         let backup = tempfile::tempdir().expect("backup");
         EventStore::open(backup.path())
             .expect("backup store")
@@ -982,20 +994,13 @@ mod tests {
         let moved = tempfile::tempdir().expect("moved");
         std::fs::rename(&database, moved.path().join(crate::store::DATABASE)).expect("move");
         std::fs::rename(backup.path().join(crate::store::DATABASE), &database).expect("restore");
-        alert("after");
+        hand(&mut sink, "after");
         assert!(
-            !written("after", Duration::from_secs(3)),
+            !written(&mut changed, "after", Duration::from_secs(3)),
             "written while the old log could not be emptied"
         );
         drop(reader);
-        assert!(written("after", Duration::from_secs(20)));
-        let has = |folder: &Path, id: &str| {
-            EventStore::open(folder)
-                .expect("store")
-                .get(id)
-                .expect("get")
-                .is_some()
-        };
+        assert!(written(&mut changed, "after", Duration::from_secs(20)));
         assert!(has(dir.path(), "after") && has(dir.path(), "restored"));
         assert!(
             !has(dir.path(), "before"),
@@ -1012,19 +1017,10 @@ mod tests {
     #[test]
     fn a_store_damaged_while_running_is_set_aside() {
         let dir = tempfile::tempdir().expect("dir");
-        let (changes, mut changed) = tokio::sync::broadcast::channel(1024);
-        let writer = EventWriter::start(&storage_in(dir.path()), Some(changes)).expect("writer");
-        let mut sink = writer.sink("line1").expect("sink");
+        let (writer, mut sink, mut changed) = watched_writer(dir.path());
         let mut stored = |id: &str| {
-            sink.alert(&AlertEvent::sample(id, "line1", 1.0, 0.8), None)
-                .expect("handed on");
-            loop {
-                match changed.blocking_recv() {
-                    Ok(row) if row == id => return,
-                    Ok(_) => {}
-                    Err(error) => panic!("waiting for {id}: {error}"),
-                }
-            }
+            hand(&mut sink, id);
+            assert!(written(&mut changed, id, Duration::from_secs(20)), "{id}");
         };
         let database = dir.path().join(crate::store::DATABASE);
         let cut = |database: &Path| {
