@@ -258,6 +258,16 @@ pub fn run_with(
             }
         })?;
     }
+    // The store first: the events API, already served, answers from it (the publisher may
+    // wait a few seconds for its broker).
+    let events = if config.storage.enabled {
+        let writer = EventWriter::start(&config.storage, Some(live.changes()))?;
+        live.metrics.set_event_store(writer.status());
+        Some(writer)
+    } else {
+        log::info!("storage: off (storage.enabled = false), events are not kept");
+        None
+    };
     let mqtt = match &config.mqtt {
         Some(mqtt) => {
             let (runtime, handle) = start_publisher(mqtt, config)?;
@@ -268,14 +278,6 @@ pub fn run_with(
             log::info!("alerts: no [mqtt] section, events are printed only");
             None
         }
-    };
-    let events = if config.storage.enabled {
-        let writer = EventWriter::start(&config.storage, Some(live.changes()))?;
-        live.metrics.set_event_store(writer.status());
-        Some(writer)
-    } else {
-        log::info!("storage: off (storage.enabled = false), events are not kept");
-        None
     };
     live.metrics
         .set_disk_folders(retention::written_folders(config));

@@ -252,6 +252,10 @@ pub struct EventStore {
     /// The file's length when this store last emptied its log into it: the store never
     /// shrinks it, so a shorter file was cut by someone else.
     emptied_len: AtomicU64,
+    /// The writer's own handle on the file ([`EventStore::watch`]), for its header and length.
+    /// Kept open for the store's life: on Linux, closing any handle on the file drops every
+    /// lock the process holds on it, SQLite's included.
+    watched: Option<std::fs::File>,
 }
 
 /// The file at an open store's path now, against the one it opened.
@@ -265,6 +269,22 @@ pub enum StoreFile {
     Replaced,
     /// The same file, overwritten or cut short in place: SQLite does not notice at a write.
     Damaged,
+}
+
+/// The first bytes of `file`, without moving (or needing) a cursor.
+fn read_exact_at(file: &std::fs::File, buffer: &mut [u8]) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(buffer, 0)
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Read, Seek};
+        let mut file = file;
+        file.seek(std::io::SeekFrom::Start(0))?;
+        file.read_exact(buffer)
+    }
 }
 
 /// The device and inode of `path`, where the platform has them.
@@ -334,6 +354,7 @@ impl EventStore {
             db,
             file: None,
             emptied_len: AtomicU64::new(0),
+            watched: None,
         };
         // Another process setting up the same new file (WAL, the schema) can make SQLite answer
         // "busy" at once, without waiting out the busy timeout: try again for a while.
@@ -357,6 +378,20 @@ impl EventStore {
         }
     }
 
+    /// Lets [`EventStore::file_now`] also tell a file overwritten or cut short in place (the
+    /// run's writer; readers do not, as each would open and close the file).
+    pub fn watch(&mut self) -> Result<(), StoreError> {
+        let file = std::fs::File::open(&self.path).map_err(|source| StoreError::Folder {
+            path: self.path.clone(),
+            source,
+        })?;
+        if let Ok(meta) = file.metadata() {
+            self.emptied_len.store(meta.len(), Ordering::Relaxed);
+        }
+        self.watched = Some(file);
+        Ok(())
+    }
+
     /// Whether the file at this store's path is still the one it opened.
     pub fn file_now(&self) -> StoreFile {
         let Some(opened) = self.file else {
@@ -370,18 +405,21 @@ impl EventStore {
             }
             Err(_) => return StoreFile::Same,
         }
-        // The same file: still a database of at least the length the store left it at? (A
-        // stat and 16 bytes; a 0-byte file is a database not yet written.)
-        use std::io::Read;
-        let mut header = [0u8; 16];
-        let read = std::fs::File::open(&self.path).and_then(|mut file| {
+        let Some(file) = &self.watched else {
+            return StoreFile::Same;
+        };
+        // The same file: still a database of at least the length the store left it at? (An
+        // fstat and 16 bytes; a 0-byte file is a database not yet written, until it was.)
+        let read = (|| -> std::io::Result<bool> {
             let len = file.metadata()?.len();
+            let emptied = self.emptied_len.load(Ordering::Relaxed);
             if len == 0 {
-                return Ok(true);
+                return Ok(emptied == 0);
             }
-            file.read_exact(&mut header)?;
-            Ok(&header == b"SQLite format 3\0" && len >= self.emptied_len.load(Ordering::Relaxed))
-        });
+            let mut header = [0u8; 16];
+            read_exact_at(file, &mut header)?;
+            Ok(&header == b"SQLite format 3\0" && len >= emptied)
+        })();
         match read {
             Ok(true) => StoreFile::Same,
             Ok(false) => StoreFile::Damaged,
@@ -417,7 +455,7 @@ impl EventStore {
         };
         waited.map_err(self.sqlite())?;
         if busy == 0
-            && let Ok(meta) = std::fs::metadata(&self.path)
+            && let Some(Ok(meta)) = self.watched.as_ref().map(std::fs::File::metadata)
         {
             self.emptied_len.store(meta.len(), Ordering::Relaxed);
         }

@@ -248,8 +248,11 @@ fn open_mending<T>(
     first: impl Fn(&EventStore) -> Result<T, StoreError>,
 ) -> Result<(EventStore, T), StoreError> {
     let open = || -> Result<(EventStore, T), StoreError> {
-        let store = EventStore::open(folder)?;
+        let mut store = EventStore::open(folder)?;
         let value = first(&store)?;
+        if let Err(error) = store.watch() {
+            log::warn!("storage: {error}; a store overwritten in place will not be noticed");
+        }
         Ok((store, value))
     };
     match open() {
@@ -362,7 +365,11 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
-            if let Some(job) = job {
+            // A burst is taken whole, so the log is emptied once after it, not after each row.
+            for job in job
+                .into_iter()
+                .chain(std::iter::from_fn(|| queue.try_recv().ok()))
+            {
                 let row = self.prepare(job);
                 if self.backlog.len() == BACKLOG {
                     self.backlog.pop_front();
@@ -405,15 +412,38 @@ impl Writer {
     /// refuses for good (a constraint, e.g. a NaN score) is dropped with a warning instead of
     /// holding up the rows behind it.
     fn drain(&mut self) {
-        if !self.check_file() {
-            return;
+        let written = self.store_backlog();
+        if let Some(store) = &self.store
+            && store.file_now() == StoreFile::Same
+            && std::fs::metadata(self.folder.join(format!("{}-wal", crate::store::DATABASE)))
+                .is_ok_and(|log| log.len() > 0)
+        {
+            // An empty write-ahead log between writes (this writer's, the API's verdicts,
+            // retention's marks): a file put in the store's place (a restored backup) and opened
+            // by a reader before the writer notices cannot be handed old rows. A reader that holds
+            // it up only means it is tried again at the next wake-up.
+            let _ = store.empty_log();
         }
-        let mut stored = 0;
+        // Told after the log is emptied: a listener's read cannot hold up the emptying.
+        if let Some(changes) = &self.changes {
+            for id in written {
+                // No listener is no error.
+                let _ = changes.send(id);
+            }
+        }
+    }
+
+    /// [`Writer::drain`]'s writing: the ids of the rows written.
+    fn store_backlog(&mut self) -> Vec<String> {
+        let mut written = Vec::new();
+        if !self.check_file() {
+            return written;
+        }
         let mut mended = false;
         while let Some(row) = self.backlog.front() {
             let Some(store) = &self.store else {
                 self.refuse("no event store is open");
-                return;
+                return written;
             };
             if let Err(error) = row.store(store) {
                 if error.damaged() && !mended {
@@ -431,31 +461,20 @@ impl Writer {
                     continue;
                 }
                 self.refuse(&error.to_string());
-                return;
+                return written;
             }
-            if let Some(changes) = &self.changes {
-                // No listener is no error.
-                let _ = changes.send(row.id().to_string());
-            }
+            written.push(row.id().to_string());
             self.backlog.pop_front();
-            stored += 1;
-        }
-        if stored > 0
-            && let Some(store) = &self.store
-            && store.file_now() == StoreFile::Same
-        {
-            // An empty write-ahead log between writes: a file put in the store's place (a
-            // restored backup) and opened by a reader before the writer notices cannot be handed
-            // old rows. A reader that holds it up only means it waits for the next write.
-            let _ = store.empty_log();
         }
         if self.refusing && self.store.is_some() {
             log::info!(
-                "storage: the event store takes writes again ({stored} event change(s) kept in memory are stored now)"
+                "storage: the event store takes writes again ({} event change(s) kept in memory are stored now)",
+                written.len()
             );
             self.refusing = false;
             self.status.failing.store(false, Ordering::Relaxed);
         }
+        written
     }
 
     /// The store cannot take the backlog's first row now: said once per outage (the first
