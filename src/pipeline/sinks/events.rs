@@ -924,6 +924,38 @@ mod tests {
             .is_some()
     }
 
+    /// The writer's looks at the store file (every wake-up) keep SQLite's lock on it: on Linux,
+    /// closing any handle on a file drops every lock the process holds on it, and without its
+    /// lock another program's connection takes itself for the last one and deletes the live
+    /// write-ahead log.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_writer_keeps_sqlites_lock_on_the_store() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let (writer, mut sink, mut changed) = watched_writer(dir.path());
+        for id in ["first", "second"] {
+            hand(&mut sink, id);
+            assert!(written(&mut changed, id, Duration::from_secs(20)), "{id}");
+        }
+        // Past a wake-up with nothing to do, too.
+        std::thread::sleep(RETRY_EVERY + Duration::from_millis(500));
+        let inode = std::fs::metadata(dir.path().join(crate::store::DATABASE))
+            .expect("database")
+            .ino();
+        let locks = std::fs::read_to_string("/proc/locks").expect("/proc/locks");
+        let pid = std::process::id().to_string();
+        let held = locks.lines().any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 5
+                && fields[4] == pid
+                && fields[5].rsplit(':').next() == Some(inode.to_string().as_str())
+        });
+        assert!(held, "no lock of this process on inode {inode}:\n{locks}");
+        drop(sink);
+        writer.finish();
+    }
+
     /// A store deleted, or replaced by another file (a restored backup), while the run goes on:
     /// the next rows go to a new store at the path, the replacing file keeps its own rows and
     /// gets none of the old store's (SQLite would hand a new file the old write-ahead log found
