@@ -254,7 +254,9 @@ pub struct EventStore {
     emptied_len: AtomicU64,
     /// The writer's own handle on the file ([`EventStore::watch`]), for its header and length.
     /// Kept open for the store's life: on Linux, closing any handle on the file drops every
-    /// lock the process holds on it, SQLite's included.
+    /// lock the process holds on it, SQLite's included. Declared after `db`, so it is closed
+    /// after the connection; another connection of the process still on this file then loses
+    /// its lock (only at the writer's end, or for a file being replaced or set aside).
     watched: Option<std::fs::File>,
 }
 

@@ -365,11 +365,13 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
-            // A burst is taken whole, so the log is emptied once after it, not after each row.
-            for job in job
+            // A burst is taken whole (up to a queue's worth, so writing and the 2 s looks go on
+            // however fast jobs come), and the log emptied once after it, not after each row.
+            let burst = job
                 .into_iter()
                 .chain(std::iter::from_fn(|| queue.try_recv().ok()))
-            {
+                .take(QUEUE);
+            for job in burst {
                 let row = self.prepare(job);
                 if self.backlog.len() == BACKLOG {
                     self.backlog.pop_front();
