@@ -273,35 +273,11 @@ pub enum StoreFile {
     Damaged,
 }
 
-/// The first bytes of `file`, without moving (or needing) a cursor.
-fn read_exact_at(file: &std::fs::File, buffer: &mut [u8]) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileExt;
-        file.read_exact_at(buffer, 0)
-    }
-    #[cfg(not(unix))]
-    {
-        use std::io::{Read, Seek};
-        let mut file = file;
-        file.seek(std::io::SeekFrom::Start(0))?;
-        file.read_exact(buffer)
-    }
-}
-
-/// The device and inode of `path`, where the platform has them.
-fn file_id(path: &Path) -> std::io::Result<Option<(u64, u64)>> {
+/// The device and inode of `path`.
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        Ok(Some((meta.dev(), meta.ino())))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = meta;
-        Ok(None)
-    }
+    Ok((meta.dev(), meta.ino()))
 }
 
 impl EventStore {
@@ -336,7 +312,7 @@ impl EventStore {
         // The file's identity is taken before and after opening: a file swapped in between is
         // opened again, so `file` is the one the connection has.
         for _ in 0..3 {
-            let before = file_id(&path).ok().flatten();
+            let before = file_id(&path).ok();
             let store = Self::connect(path.clone(), flags)?;
             if before.is_none() || before == store.file {
                 return Ok(store);
@@ -373,7 +349,7 @@ impl EventStore {
                 }
                 result => {
                     result?;
-                    store.file = file_id(&store.path).ok().flatten();
+                    store.file = file_id(&store.path).ok();
                     return Ok(store);
                 }
             }
@@ -400,7 +376,7 @@ impl EventStore {
             return StoreFile::Same;
         };
         match file_id(&self.path) {
-            Ok(now) if now == Some(opened) => {}
+            Ok(now) if now == opened => {}
             Ok(_) => return StoreFile::Replaced,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 return StoreFile::Deleted;
@@ -419,7 +395,7 @@ impl EventStore {
                 return Ok(emptied == 0);
             }
             let mut header = [0u8; 16];
-            read_exact_at(file, &mut header)?;
+            std::os::unix::fs::FileExt::read_exact_at(file, &mut header, 0)?;
             Ok(&header == b"SQLite format 3\0" && len >= emptied)
         })();
         match read {
@@ -428,6 +404,13 @@ impl EventStore {
             Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => StoreFile::Damaged,
             Err(_) => StoreFile::Same,
         }
+    }
+
+    /// The length of the write-ahead log at this store's path (0 when there is none).
+    pub fn log_len(&self) -> u64 {
+        let mut log = self.path.clone().into_os_string();
+        log.push("-wal");
+        std::fs::metadata(log).map_or(0, |meta| meta.len())
     }
 
     /// Moves what the write-ahead log holds into the file this store opened (wherever it is

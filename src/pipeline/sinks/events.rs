@@ -416,9 +416,8 @@ impl Writer {
     fn drain(&mut self) {
         let written = self.store_backlog();
         if let Some(store) = &self.store
+            && store.log_len() > 0
             && store.file_now() == StoreFile::Same
-            && std::fs::metadata(self.folder.join(format!("{}-wal", crate::store::DATABASE)))
-                .is_ok_and(|log| log.len() > 0)
         {
             // An empty write-ahead log between writes (this writer's, the API's verdicts,
             // retention's marks): a file put in the store's place (a restored backup) and opened
@@ -502,13 +501,13 @@ impl Writer {
             return self.store.is_some();
         };
         let now = store.file_now();
+        let path = self.folder.join(crate::store::DATABASE);
         let what = match now {
             StoreFile::Same => return true,
             StoreFile::Deleted => "was deleted",
             StoreFile::Replaced => "was replaced",
             StoreFile::Damaged => {
                 self.store = None;
-                let path = self.folder.join(crate::store::DATABASE);
                 self.set_aside_and_reopen(&format!(
                     "{} was overwritten or cut short",
                     path.display()
@@ -517,7 +516,6 @@ impl Writer {
             }
         };
         let emptied = store.empty_log();
-        let path = self.folder.join(crate::store::DATABASE);
         if now == StoreFile::Replaced && !matches!(emptied, Ok(true)) {
             // Opening the new file beside this log would write its rows into it.
             let why = match emptied {
@@ -917,6 +915,35 @@ mod tests {
         false
     }
 
+    /// Hands event `id` to the writer and waits until it is written.
+    fn stored(
+        sink: &mut EventLog,
+        changed: &mut tokio::sync::broadcast::Receiver<String>,
+        id: &str,
+    ) {
+        hand(sink, id);
+        assert!(written(changed, id, Duration::from_secs(20)), "{id}");
+    }
+
+    /// Moves the store at `database` into a new folder (returned) and puts in its place a
+    /// backup, closed, that holds event `restored`.
+    fn restore_backup_over(database: &Path) -> tempfile::TempDir {
+        let backup = tempfile::tempdir().expect("backup");
+        EventStore::open(backup.path())
+            .expect("backup store")
+            .record(
+                &AlertEvent::sample("restored", "line1", 1.0, 0.8),
+                "m",
+                None,
+                1.0,
+            )
+            .expect("record");
+        let moved = tempfile::tempdir().expect("moved");
+        std::fs::rename(database, moved.path().join(crate::store::DATABASE)).expect("move");
+        std::fs::rename(backup.path().join(crate::store::DATABASE), database).expect("restore");
+        moved
+    }
+
     /// Whether the store in `folder` holds event `id`.
     fn has(folder: &Path, id: &str) -> bool {
         EventStore::open(folder)
@@ -937,8 +964,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let (writer, mut sink, mut changed) = watched_writer(dir.path());
         for id in ["first", "second"] {
-            hand(&mut sink, id);
-            assert!(written(&mut changed, id, Duration::from_secs(20)), "{id}");
+            stored(&mut sink, &mut changed, id);
         }
         // Past a wake-up with nothing to do, too.
         std::thread::sleep(RETRY_EVERY + Duration::from_millis(500));
@@ -967,37 +993,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let (writer, mut sink, mut changed) = watched_writer(dir.path());
         let database = dir.path().join(crate::store::DATABASE);
-        let mut stored = |id: &str| {
-            hand(&mut sink, id);
-            assert!(written(&mut changed, id, Duration::from_secs(20)), "{id}");
-        };
-        stored("before-delete");
+        let mut store_row = |id: &str| stored(&mut sink, &mut changed, id);
+        store_row("before-delete");
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", database.display()));
         }
-        stored("after-delete");
+        store_row("after-delete");
         assert!(
             has(dir.path(), "after-delete"),
             "written into the deleted file"
         );
 
-        // A backup, closed (its log emptied), to restore over the running store.
-        let backup = tempfile::tempdir().expect("backup");
-        let restored = EventStore::open(backup.path()).expect("backup store");
-        restored
-            .record(
-                &AlertEvent::sample("restored", "line1", 1.0, 0.8),
-                "m",
-                None,
-                1.0,
-            )
-            .expect("record");
-        drop(restored);
-        stored("before-replace");
-        let moved = tempfile::tempdir().expect("moved");
-        std::fs::rename(&database, moved.path().join(crate::store::DATABASE)).expect("move");
-        std::fs::rename(backup.path().join(crate::store::DATABASE), &database).expect("restore");
-        stored("after-replace");
+        store_row("before-replace");
+        let moved = restore_backup_over(&database);
+        store_row("after-replace");
         assert!(
             has(dir.path(), "after-replace"),
             "written into the moved file"
@@ -1032,21 +1041,8 @@ mod tests {
         let _: i64 = reader
             .query_row("SELECT count(*) FROM events", [], |row| row.get(0))
             .expect("read");
-        hand(&mut sink, "before");
-        assert!(written(&mut changed, "before", Duration::from_secs(20)));
-        let backup = tempfile::tempdir().expect("backup");
-        EventStore::open(backup.path())
-            .expect("backup store")
-            .record(
-                &AlertEvent::sample("restored", "line1", 1.0, 0.8),
-                "m",
-                None,
-                1.0,
-            )
-            .expect("record");
-        let moved = tempfile::tempdir().expect("moved");
-        std::fs::rename(&database, moved.path().join(crate::store::DATABASE)).expect("move");
-        std::fs::rename(backup.path().join(crate::store::DATABASE), &database).expect("restore");
+        stored(&mut sink, &mut changed, "before");
+        let moved = restore_backup_over(&database);
         hand(&mut sink, "after");
         assert!(
             !written(&mut changed, "after", Duration::from_secs(3)),
@@ -1071,10 +1067,7 @@ mod tests {
     fn a_store_damaged_while_running_is_set_aside() {
         let dir = tempfile::tempdir().expect("dir");
         let (writer, mut sink, mut changed) = watched_writer(dir.path());
-        let mut stored = |id: &str| {
-            hand(&mut sink, id);
-            assert!(written(&mut changed, id, Duration::from_secs(20)), "{id}");
-        };
+        let mut store_row = |id: &str| stored(&mut sink, &mut changed, id);
         let database = dir.path().join(crate::store::DATABASE);
         let cut = |database: &Path| {
             let file = std::fs::OpenOptions::new()
@@ -1089,10 +1082,10 @@ mod tests {
         // Each in place: the same file, so not "replaced".
         for (round, damage) in [&overwrite as &dyn Fn(&Path), &cut].into_iter().enumerate() {
             for i in 0..200 {
-                stored(&format!("r{round}-e{i}"));
+                store_row(&format!("r{round}-e{i}"));
             }
             damage(&database);
-            stored(&format!("r{round}-after"));
+            store_row(&format!("r{round}-after"));
             let store = EventStore::open(dir.path()).expect("store");
             assert!(
                 store
