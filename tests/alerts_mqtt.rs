@@ -1052,7 +1052,7 @@ fn stpm_run_publishes_events_snapshot_state_and_availability() {
     assert_eq!(ids.len(), 1, "one event: {ids:?}");
     // Printed events are the published ones, and the summary counts them: messages, then events.
     assert_eq!(log.matches("alert {").count(), events.len(), "{log}");
-    let counted = format!("{} alert messages (1 new events)", events.len());
+    let counted = format!("{} alert messages (1 new event)", events.len());
     assert!(log.contains(&counted), "{counted} in {log}");
     let snapshot = on("e2e/line1/snapshot").next().expect("a snapshot");
     assert_eq!(&snapshot.payload[..2], &[0xFF, 0xD8], "JPEG");

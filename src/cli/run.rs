@@ -47,7 +47,7 @@ pub(super) fn run(args: RunArgs) -> anyhow::Result<()> {
             0.0
         };
         println!(
-            "camera {}: {} frames, {} analysed, {} dropped, {} offline, {} alert messages ({} new events), inference {:.1} ms/frame ({}){}",
+            "camera {}: {} frames, {} analysed, {} dropped, {} offline, {} alert messages ({} new {}), inference {:.1} ms/frame ({}){}",
             camera.camera,
             camera.frames,
             camera.analysed,
@@ -55,6 +55,11 @@ pub(super) fn run(args: RunArgs) -> anyhow::Result<()> {
             camera.offline,
             camera.alerts,
             camera.new_alerts,
+            if camera.new_alerts == 1 {
+                "event"
+            } else {
+                "events"
+            },
             mean_ms,
             summary.provider,
             match camera.batched {
