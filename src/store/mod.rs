@@ -76,6 +76,13 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A file operation on the store other than creating its folder (`action` says which).
+    #[error("cannot {action} {path}: {source}")]
+    File {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("event store {path}: {source}")]
     Sqlite {
         path: PathBuf,
@@ -232,7 +239,8 @@ pub fn set_aside(folder: &Path, unix_seconds: u64) -> Result<PathBuf, StoreError
         let to = PathBuf::from(to);
         match std::fs::rename(&from, &to) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(StoreError::Folder {
+                return Err(StoreError::File {
+                    action: "move aside",
                     path: from,
                     source: e,
                 });
@@ -359,7 +367,8 @@ impl EventStore {
     /// Lets [`EventStore::file_now`] also tell a file overwritten or cut short in place (the
     /// run's writer; readers do not, as each would open and close the file).
     pub fn watch(&mut self) -> Result<(), StoreError> {
-        let file = std::fs::File::open(&self.path).map_err(|source| StoreError::Folder {
+        let file = std::fs::File::open(&self.path).map_err(|source| StoreError::File {
+            action: "open for watching",
             path: self.path.clone(),
             source,
         })?;
@@ -875,6 +884,19 @@ mod tests {
                 assert_eq!(version, MIGRATIONS.len() as i64);
             }
         }
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_watched_is_named_as_such() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut store = EventStore::open(dir.path()).expect("store");
+        std::fs::remove_file(dir.path().join(DATABASE)).expect("delete");
+        let error = store.watch().expect_err("nothing to watch");
+        let message = error.to_string();
+        assert!(
+            message.starts_with("cannot open for watching ") && message.contains(DATABASE),
+            "{message}"
+        );
     }
 
     #[test]

@@ -196,7 +196,8 @@ impl EventWriter {
         let thread = std::thread::Builder::new()
             .name("events".into())
             .spawn(move || writer.run(&queue))
-            .map_err(|source| StoreError::Folder {
+            .map_err(|source| StoreError::File {
+                action: "start the event writer for",
                 path: config.path.clone(),
                 source,
             })?;
