@@ -1217,6 +1217,27 @@ fn a_model_trained_from_the_running_pipeline_is_swapped_in_while_a_client_watche
     // Training from the running pipeline: a child process, its progress in the API, its bundle
     // swapped in when done.
     let trained = dir.path().join("trained");
+    // Refused before anything starts: a camera that is not ours (it would name the output
+    // folder, `../` included), and epochs or steps out of their bounds.
+    let collected = dir.path().join("data/collect/line1");
+    for (request, says) in [
+        (
+            format!(r#"{{"camera": "../../x", "data": "{}"}}"#, path(&collected)),
+            "no camera ../../x",
+        ),
+        (
+            r#"{"camera": "line1", "epochs": 0}"#.to_string(),
+            "epochs must be 1 to",
+        ),
+        (
+            r#"{"camera": "line1", "max_steps": 1000000000}"#.to_string(),
+            "max_steps must be 1 to",
+        ),
+    ] {
+        let (status, body) = ask("POST", "/api/train", &request);
+        assert_eq!(status, 400, "{request}: {body}");
+        assert!(body.contains(says), "{request}: {body}");
+    }
     let (status, body) = ask(
         "POST",
         "/api/train",

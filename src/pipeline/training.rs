@@ -50,6 +50,12 @@ pub struct TrainRequest {
     pub int8: Option<bool>,
 }
 
+/// The most epochs `POST /api/train` may ask for (`stpm train`'s default is 12).
+pub const MAX_EPOCHS: usize = 1000;
+/// The most SGD steps `POST /api/train` may ask for (default 400; 100 000 steps of 8 images are
+/// days on a CPU), so a request cannot start a training that never ends.
+pub const MAX_STEPS: usize = 100_000;
+
 fn yes() -> bool {
     true
 }
@@ -149,6 +155,22 @@ impl TrainSlot {
         let (data, out) = self.folders(&request)?;
         if !(1..=64).contains(&request.threads) {
             return Err(TrainStartError::Request("threads must be 1 to 64".into()));
+        }
+        if request
+            .epochs
+            .is_some_and(|e| !(1..=MAX_EPOCHS).contains(&e))
+        {
+            return Err(TrainStartError::Request(format!(
+                "epochs must be 1 to {MAX_EPOCHS}"
+            )));
+        }
+        if request
+            .max_steps
+            .is_some_and(|s| !(1..=MAX_STEPS).contains(&s))
+        {
+            return Err(TrainStartError::Request(format!(
+                "max_steps must be 1 to {MAX_STEPS}"
+            )));
         }
         let live = self.models.live();
         let manifest = &live.model.manifest;
@@ -265,21 +287,23 @@ impl TrainSlot {
     /// The data and output folders of `request`.
     fn folders(&self, request: &TrainRequest) -> Result<(PathBuf, PathBuf), TrainStartError> {
         let bad = |message: String| Err(TrainStartError::Request(message));
+        // The camera also names the default output folder, so it must be one of ours even when
+        // the images come from `data`.
+        if let Some(camera) = &request.camera
+            && !self.cameras.contains(camera)
+        {
+            return bad(format!("no camera {camera} in this pipeline"));
+        }
         let data = match (&request.data, &request.camera) {
             (Some(data), _) => data.clone(),
-            (None, Some(camera)) => {
-                if !self.cameras.contains(camera) {
-                    return bad(format!("no camera {camera} in this pipeline"));
+            (None, Some(camera)) => match &self.collections {
+                Some(folder) => folder.join(camera),
+                None => {
+                    return bad(format!(
+                        "camera {camera} has no collection ([storage] is off): name the images with \"data\""
+                    ));
                 }
-                match &self.collections {
-                    Some(folder) => folder.join(camera),
-                    None => {
-                        return bad(format!(
-                            "camera {camera} has no collection ([storage] is off): name the images with \"data\""
-                        ));
-                    }
-                }
-            }
+            },
             (None, None) => return bad("name the images: \"data\" (a folder) or \"camera\"".into()),
         };
         if !data.is_dir() {
