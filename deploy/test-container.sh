@@ -148,10 +148,12 @@ for _ in $(seq 30); do
 done
 grep -q '^stpm_frames_total' <<<"$metrics" \
     || fail "/metrics with the scrape token: no stpm_frames_total after 30 s (answer: ${metrics:0:200})"
+status="$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $token" http://127.0.0.1:19090/api/cameras)"
+[ "$status" = 403 ] || fail "/api/cameras with the scrape token answered $status, expected 403 (it may read only /metrics)"
 frames=$(decode_rtsp rtsp://127.0.0.1:18554/line1 3)
 [ "$frames" = 0 ] || fail "RTSP without the password was served ($frames frames)"
 frames=$(decode_rtsp "$rtsp_url" 10)
 [ "$frames" -ge 8 ] || fail "RTSP with the password decoded $frames frames: $(cat "$tmp/rtsp.log")"
-say "published ports: /health 200, /metrics 401 without and 200 with the token, RTSP refused without and $frames frames with the password"
+say "published ports: /health 200, /metrics 401 without and 200 with the token (the API 403 with it), RTSP refused without and $frames frames with the password"
 podman stop -t 30 stpm-test-compose >/dev/null
 say "passed (image $(numfmt --to=iec "$size")B, build ${build_seconds}s)"

@@ -146,10 +146,12 @@ proptest! {
         std::fs::write(&token_file, tokens).expect("write");
         let config = AuthConfig {
             password_file: Some(password_file),
-            token_file: Some(token_file),
+            token_file: Some(token_file.clone()),
+            metrics_token_file: Some(token_file),
         };
         if let Ok(Some(auth)) = Auth::load(&config, "0.0.0.0:9090") {
             let _ = auth.identify(Some(&header));
+            let _ = auth.is_metrics_token(Some(&header));
         }
     }
 }

@@ -1,13 +1,15 @@
 //! `[http.auth]`: who may use the HTTP server. Browsers and people sign in with HTTP Basic against
 //! argon2 password hashes (`password_file`: `user:$argon2id$…` lines, as `argon2 <salt> -id -e`
 //! prints them); API clients send `Authorization: Bearer <token>`, checked against the SHA-256 of
-//! each token (`token_file`: one hex digest per line). Secrets stay out of the configuration and
+//! each token (`token_file`: one hex digest per line; `metrics_token_file`: tokens that may only
+//! read `/metrics`). Secrets stay out of the configuration and
 //! the command line. `/health` stays open (it says only whether cameras run).
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
 use base64::Engine;
@@ -24,11 +26,16 @@ pub struct AuthConfig {
     /// The SHA-256 (hex) of one API token per line (`#` comments).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// As `token_file`, for tokens that may only read `/metrics` (a Prometheus scrape job).
+    #[serde(default)]
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 impl AuthConfig {
     pub fn is_on(&self) -> bool {
-        self.password_file.is_some() || self.token_file.is_some()
+        self.password_file.is_some()
+            || self.token_file.is_some()
+            || self.metrics_token_file.is_some()
     }
 }
 
@@ -46,8 +53,12 @@ pub enum AuthError {
         line: usize,
         message: String,
     },
-    #[error("http.auth.token_file {path}, line {line}: expected a SHA-256 in hex (64 digits)")]
-    Token { path: PathBuf, line: usize },
+    #[error("http.auth.{key} {path}, line {line}: expected a SHA-256 in hex (64 digits)")]
+    Token {
+        key: &'static str,
+        path: PathBuf,
+        line: usize,
+    },
     #[error(
         "http.bind = `{bind}` is reachable from other machines but [http.auth] is not set: add http.auth.password_file and/or http.auth.token_file, or bind to 127.0.0.1"
     )]
@@ -65,6 +76,60 @@ pub struct Auth {
     /// `user:sha256(password)` of credentials already verified (argon2 is slow on purpose; a
     /// browser sends its credentials with every request).
     verified: Mutex<HashSet<[u8; 32]>>,
+    /// Failed password checks per client address.
+    pub throttle: Throttle,
+    /// Tokens (their SHA-256) that may only read `/metrics`.
+    metrics_tokens: HashSet<[u8; 32]>,
+}
+
+/// Failed password checks a client address may make in [`FAILURE_WINDOW`]; beyond that its
+/// passwords not verified before are refused (429) without hashing, so a flood of guesses cannot
+/// keep the cores busy with argon2.
+pub const FAILURES_ALLOWED: u32 = 10;
+/// See [`FAILURES_ALLOWED`].
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Client addresses remembered at most; past it, those whose window has ended are forgotten.
+const CLIENTS_TRACKED: usize = 4096;
+
+/// Counts failed password checks per client address, in windows of [`FAILURE_WINDOW`] from each
+/// address's first failure.
+#[derive(Default)]
+pub struct Throttle {
+    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl Throttle {
+    /// `Err(wait)` while `client` (`None`: an unknown address, counted as one) has used its
+    /// failed checks up; `wait` is the rest of its window.
+    pub fn check(&self, client: Option<IpAddr>, now: Instant) -> Result<(), Duration> {
+        let client = client.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let Ok(failures) = self.failures.lock() else {
+            return Ok(());
+        };
+        match failures.get(&client) {
+            Some(&(since, count)) if count >= FAILURES_ALLOWED => {
+                let wait = FAILURE_WINDOW.saturating_sub(now.saturating_duration_since(since));
+                if wait.is_zero() { Ok(()) } else { Err(wait) }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a failed check of `client`.
+    pub fn failed(&self, client: Option<IpAddr>, now: Instant) {
+        let client = client.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let Ok(mut failures) = self.failures.lock() else {
+            return;
+        };
+        if failures.len() >= CLIENTS_TRACKED && !failures.contains_key(&client) {
+            failures.retain(|_, (since, _)| now.saturating_duration_since(*since) < FAILURE_WINDOW);
+        }
+        let entry = failures.entry(client).or_insert((now, 0));
+        if now.saturating_duration_since(entry.0) >= FAILURE_WINDOW {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+    }
 }
 
 /// The non-empty, non-comment lines of `path` with their numbers.
@@ -112,21 +177,27 @@ impl Auth {
                 users.insert(user.to_string(), hash.to_string());
             }
         }
-        let mut tokens = HashSet::new();
-        if let Some(path) = &config.token_file {
-            for (line, text) in lines("token_file", path)? {
-                let digest = hex32(&text).ok_or_else(|| AuthError::Token {
-                    path: path.clone(),
-                    line,
-                })?;
-                tokens.insert(digest);
-            }
-        }
+        let tokens = token_digests("token_file", config.token_file.as_deref())?;
+        let metrics_tokens =
+            token_digests("metrics_token_file", config.metrics_token_file.as_deref())?;
         Ok(Some(Self {
             users,
             tokens,
             verified: Mutex::default(),
+            throttle: Throttle::default(),
+            metrics_tokens,
         }))
+    }
+
+    /// Whether the `Authorization` header value is a token of `metrics_token_file` (which may
+    /// read `/metrics` and nothing else).
+    pub fn is_metrics_token(&self, authorization: Option<&str>) -> bool {
+        authorization
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .is_some_and(|token| {
+                let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+                self.metrics_tokens.contains(&digest)
+            })
     }
 
     /// Whether the `Authorization` header value admits the request.
@@ -208,6 +279,10 @@ impl Auth {
         let Some(encoded) = value.strip_prefix("Basic ") else {
             return Quick::Refused;
         };
+        if self.users.is_empty() {
+            // No password_file: no password can be right, and no user name can leak.
+            return Quick::Refused;
+        }
         let Some(credentials) = base64::engine::general_purpose::STANDARD
             .decode(encoded.trim())
             .ok()
@@ -224,6 +299,22 @@ impl Auth {
         }
         Quick::NeedsHash { credentials, key }
     }
+}
+
+/// The SHA-256 digests listed in `path` (`http.auth.<key>`), none without a file.
+fn token_digests(key: &'static str, path: Option<&Path>) -> Result<HashSet<[u8; 32]>, AuthError> {
+    let mut digests = HashSet::new();
+    if let Some(path) = path {
+        for (line, text) in lines(key, path)? {
+            let digest = hex32(&text).ok_or_else(|| AuthError::Token {
+                key,
+                path: path.to_path_buf(),
+                line,
+            })?;
+            digests.insert(digest);
+        }
+    }
+    Ok(digests)
 }
 
 /// What a credential check can tell without hashing a password.
@@ -264,19 +355,24 @@ pub(crate) mod tests {
             .to_string();
         let passwords = dir.join("passwords");
         std::fs::write(&passwords, format!("# operators\nanna:{hash}\n")).expect("write");
+        let hex = |token: &[u8]| -> String {
+            Sha256::digest(token)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
         let tokens = dir.join("tokens");
-        let digest: String = Sha256::digest(b"t0ken")
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        std::fs::write(&tokens, format!("{digest}\n")).expect("write");
+        std::fs::write(&tokens, format!("{}\n", hex(b"t0ken"))).expect("write");
+        let scrape = dir.join("metrics-tokens");
+        std::fs::write(&scrape, format!("# prometheus\n{}\n", hex(b"scr4pe"))).expect("write");
         AuthConfig {
             password_file: Some(passwords),
             token_file: Some(tokens),
+            metrics_token_file: Some(scrape),
         }
     }
 
-    fn basic(credentials: &str) -> String {
+    pub(crate) fn basic(credentials: &str) -> String {
         format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(credentials)
@@ -322,8 +418,64 @@ pub(crate) mod tests {
         assert!(!auth.admits(Some("Bearer token")));
         assert!(!auth.admits(Some("Basic !!!")));
         assert!(!auth.admits(None));
+        // A metrics token is only that: it signs nobody in, and other tokens are not one.
+        assert!(auth.is_metrics_token(Some("Bearer scr4pe")));
+        assert!(!auth.is_metrics_token(Some("Bearer t0ken")));
+        assert!(!auth.is_metrics_token(Some(&basic("anna:secret"))));
+        assert_eq!(auth.identify_quickly(Some("Bearer scr4pe")), Some(None));
         // The stand-in hash for unknown users is a real one (else their refusal would be quick).
         assert!(PasswordHash::new(DUMMY_HASH).is_ok());
+    }
+
+    #[test]
+    fn without_a_password_file_basic_credentials_are_refused_without_a_hash() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = AuthConfig {
+            password_file: None,
+            ..files(dir.path())
+        };
+        let auth = Auth::load(&config, "0.0.0.0:9090")
+            .expect("load")
+            .expect("on");
+        assert_eq!(
+            auth.identify_quickly(Some(&basic("anna:secret"))),
+            Some(None)
+        );
+        assert_eq!(
+            auth.identify_quickly(Some("Bearer t0ken")),
+            Some(Some("token".into()))
+        );
+    }
+
+    #[test]
+    fn a_client_that_fails_too_often_waits_out_its_window() {
+        let throttle = Throttle::default();
+        let (guesser, other) = (
+            Some(IpAddr::from([10, 0, 0, 7])),
+            Some(IpAddr::from([10, 0, 0, 8])),
+        );
+        let start = Instant::now();
+        for _ in 0..FAILURES_ALLOWED {
+            assert_eq!(throttle.check(guesser, start), Ok(()));
+            throttle.failed(guesser, start);
+        }
+        let later = start + Duration::from_secs(15);
+        assert_eq!(
+            throttle.check(guesser, later),
+            Err(FAILURE_WINDOW - Duration::from_secs(15))
+        );
+        // Another address is not held back, nor the same one once its window has passed.
+        assert_eq!(throttle.check(other, later), Ok(()));
+        let after = start + FAILURE_WINDOW;
+        assert_eq!(throttle.check(guesser, after), Ok(()));
+        // A failure after the window starts a new count.
+        throttle.failed(guesser, after);
+        assert_eq!(throttle.check(guesser, after), Ok(()));
+        // Unknown addresses share one count.
+        for _ in 0..FAILURES_ALLOWED {
+            throttle.failed(None, start);
+        }
+        assert!(throttle.check(None, start).is_err());
     }
 
     #[test]
@@ -348,7 +500,7 @@ pub(crate) mod tests {
         std::fs::write(&path, "anna:plaintext\n").expect("write");
         let config = AuthConfig {
             password_file: Some(path),
-            token_file: None,
+            ..AuthConfig::default()
         };
         let message = Auth::load(&config, "0.0.0.0:1")
             .err()
@@ -356,8 +508,8 @@ pub(crate) mod tests {
             .unwrap_or_default();
         assert!(message.contains("line 1: not an argon2 hash"), "{message}");
         let missing = AuthConfig {
-            password_file: None,
             token_file: Some(dir.path().join("nowhere")),
+            ..AuthConfig::default()
         };
         let message = Auth::load(&missing, "0.0.0.0:1")
             .err()

@@ -21,6 +21,13 @@ use crate::pipeline::sinks::live::{LiveMessage, LiveStream};
 /// A comment line on a quiet event stream this often, so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+/// How long one message to a live viewer may wait for the viewer to read: a viewer that stops
+/// reading is closed after that, and its connection's place freed.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The largest message a viewer may send (it has nothing to say but "close").
+const INCOMING_LIMIT: usize = 4096;
+
 pub(super) fn routes() -> Router<Arc<Served>> {
     Router::new()
         .route("/api/cameras/{camera}/live", get(live))
@@ -60,7 +67,10 @@ async fn live(
     };
     let joined = tokio::task::spawn_blocking(move || view.join()).await;
     match joined {
-        Ok(Ok(stream)) => upgrade.on_upgrade(move |socket| forward(socket, stream)),
+        Ok(Ok(stream)) => upgrade
+            .max_message_size(INCOMING_LIMIT)
+            .max_frame_size(INCOMING_LIMIT)
+            .on_upgrade(move |socket| forward(socket, stream)),
         Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
@@ -80,8 +90,13 @@ async fn forward(mut socket: WebSocket, mut stream: LiveStream) {
                     Some(LiveMessage::Media(bytes)) => Message::Binary(bytes.into()),
                     None => break,
                 };
-                if socket.send(message).await.is_err() {
-                    break;
+                match tokio::time::timeout(SEND_TIMEOUT, socket.send(message)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        log::info!("http: a live viewer read nothing for {} s; closed", SEND_TIMEOUT.as_secs());
+                        return;
+                    }
                 }
             }
             incoming = socket.recv() => match incoming {
@@ -90,7 +105,7 @@ async fn forward(mut socket: WebSocket, mut stream: LiveStream) {
             },
         }
     }
-    let _ = socket.send(Message::Close(None)).await;
+    let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Close(None))).await;
 }
 
 /// Server-sent events: `event` with an event's JSON each time it changes (a new event, a new

@@ -176,11 +176,21 @@ async fn serve(
     let (stop_connections, stopping) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     loop {
-        let connection = tokio::select! {
-            (accepted, _) = listener.accept() => accepted,
+        let (connection, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
             _ = &mut stopped => break,
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        // Each request knows its client's address (the password-guess throttle counts by it).
+        let service =
+            hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
+                app.clone(),
+                move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                    request
+                        .extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    request
+                },
+            ));
         let mut stopping = stopping.clone();
         connections.spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -257,14 +267,53 @@ pub(super) fn same_origin(headers: &axum::http::HeaderMap) -> bool {
     origin_host.is_some() && origin_host == host
 }
 
-/// Refuses changes asked for by pages of other sites (any method but GET and HEAD with a
-/// foreign `Origin`); then lets a request through when `[http.auth]` is off, for `/health`, or with valid credentials;
-/// else 401 asking for Basic credentials. Checking a password (argon2) runs off the async thread.
+/// True when `Host` names this machine's loopback: `localhost` or a loopback IP literal, with or
+/// without a port; also when there is no `Host` (HTTP/1.0 clients; browsers always send one).
+pub(super) fn addressed_to_loopback(headers: &axum::http::HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST) else {
+        return true;
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((inside, _)) => inside,
+            None => return false,
+        },
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Refuses, when `[http.auth]` is off (the server is on loopback), requests addressed to any
+/// other name (DNS rebinding: a page of another site whose name its owner points at 127.0.0.1
+/// would otherwise be "same origin" here); refuses changes asked for by pages of other sites
+/// (any method but GET and HEAD with a foreign `Origin`); then lets a request through when
+/// `[http.auth]` is off, for `/health`, or with valid credentials; else 401 asking for Basic
+/// credentials, or 429 for a client whose password guesses failed too often. Checking a password
+/// (argon2) runs off the async thread.
 async fn guard(
     axum::extract::State(served): axum::extract::State<Arc<Served>>,
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    if served.auth.is_none() && !addressed_to_loopback(request.headers()) {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .map(|host| String::from_utf8_lossy(host.as_bytes()).into_owned())
+            .unwrap_or_default();
+        return api::error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "without [http.auth] this server answers only requests addressed to localhost or a loopback address, not to `{host}`; set [http.auth] to serve other names (a proxy's, say)"
+            ),
+        );
+    }
     if !same_origin(request.headers()) {
         // A page of another site can make the browser send a request here (with the user's
         // credentials, or to a loopback address); it may not change anything.
@@ -287,6 +336,17 @@ async fn guard(
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .map(String::from);
+    if let Some(auth) = &served.auth
+        && auth.is_metrics_token(authorization.as_deref())
+    {
+        if request.uri().path() == "/metrics" {
+            return next.run(request).await;
+        }
+        return api::error(
+            StatusCode::FORBIDDEN,
+            "this token may read only /metrics (http.auth.metrics_token_file)".into(),
+        );
+    }
     // Tokens and credentials verified before are answered at once; only a password not seen
     // yet waits for one of the few argon2 places.
     let quick = served
@@ -296,6 +356,26 @@ async fn guard(
     let identity = match quick {
         Some(decided) => decided,
         None => {
+            let client = request
+                .extensions()
+                .get::<axum::extract::ConnectInfo<SocketAddr>>()
+                .map(|info| info.0.ip());
+            let throttle = served.auth.as_ref().map(|auth| &auth.throttle);
+            if let Some(Err(wait)) = throttle.map(|t| t.check(client, std::time::Instant::now())) {
+                let mut response = api::error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "too many wrong passwords from this address: try again in {} s",
+                        wait.as_secs().max(1)
+                    ),
+                );
+                if let Ok(value) =
+                    axum::http::HeaderValue::from_str(&wait.as_secs().max(1).to_string())
+                {
+                    response.headers_mut().insert(header::RETRY_AFTER, value);
+                }
+                return response;
+            }
             let checking = Arc::clone(&served);
             let slot = CHECKS.acquire().await.ok();
             let identity = tokio::task::spawn_blocking(move || {
@@ -308,6 +388,11 @@ async fn guard(
             .ok()
             .flatten();
             drop(slot);
+            if identity.is_none()
+                && let Some(throttle) = throttle
+            {
+                throttle.failed(client, std::time::Instant::now());
+            }
             identity
         }
     };
@@ -380,6 +465,7 @@ async fn not_found() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::auth::tests::basic;
     use crate::pipeline::metrics::CameraState;
     use axum::body::Body;
     use axum::http::Request;
@@ -523,6 +609,33 @@ mod tests {
             let (status, _, body) =
                 call_with(&app, "POST", "/api/model", r#"{"bundle": "x"}"#, &own).await;
             assert_eq!(status, 422, "{body}");
+            // DNS rebinding: a page of evil.example, its name now pointing at 127.0.0.1, is
+            // "same origin" by its headers; without [http.auth] only loopback names are served.
+            let rebound = [
+                ("origin", "http://evil.example:9090"),
+                ("host", "evil.example:9090"),
+            ];
+            for (method, body) in [("POST", r#"{"bundle": "x"}"#), ("GET", "")] {
+                let (status, _, answer) =
+                    call_with(&app, method, "/api/model", body, &rebound).await;
+                assert_eq!(status, 403, "{method}: {answer}");
+                assert!(
+                    answer.contains("only requests addressed to localhost or a loopback address, not to `evil.example:9090`"),
+                    "{answer}"
+                );
+            }
+            for host in ["localhost:9090", "LOCALHOST", "127.0.0.1", "127.0.0.2:80", "[::1]:9090"] {
+                let (status, _, answer) =
+                    call_with(&app, "GET", "/api/model", "", &[("host", host)]).await;
+                assert_eq!(status, 200, "{host}: {answer}");
+            }
+            for host in ["192.168.1.5:9090", "[::2]:9090", "localhost.evil.example", "[::1"] {
+                assert_eq!(
+                    call_with(&app, "GET", "/health", "", &[("host", host)]).await.0,
+                    403,
+                    "{host}"
+                );
+            }
             let (_, _, body) = call(&app, "GET", "/metrics", "").await;
             assert!(
                 body.contains("stpm_model_info{id=\"0123456789ab\",bundle=\"demo\"} 1"),
@@ -598,14 +711,16 @@ mod tests {
         });
     }
 
+    /// `[http.auth]` with the auth tests' files (user anna, tokens t0ken and scr4pe for metrics).
+    fn signed_in_only(dir: &std::path::Path) -> Option<crate::pipeline::auth::Auth> {
+        crate::pipeline::auth::Auth::load(&crate::pipeline::auth::tests::files(dir), "0.0.0.0:9090")
+            .expect("load")
+    }
+
     #[test]
     fn with_auth_only_health_is_open() {
         let dir = tempfile::tempdir().expect("dir");
-        let auth = crate::pipeline::auth::Auth::load(
-            &crate::pipeline::auth::tests::files(dir.path()),
-            "0.0.0.0:9090",
-        )
-        .expect("load");
+        let auth = signed_in_only(dir.path());
         let event = crate::alerts::AlertEvent::sample("e1", "line1", 1.0, 0.9);
         crate::store::EventStore::open(dir.path())
             .and_then(|store| store.record(&event, "m", None, 1.0))
@@ -615,13 +730,6 @@ mod tests {
             auth,
             ..served(Arc::new(Metrics::new("cpu", "fp32", &[])))
         }));
-        let basic = |credentials: &str| {
-            use base64::Engine;
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(credentials)
-            )
-        };
         runtime().block_on(async {
             let (status, _, body) = call(&app, "GET", "/metrics", "").await;
             assert_eq!(status, 401, "{body}");
@@ -671,6 +779,77 @@ mod tests {
             .await;
             assert_eq!(status, 200, "{body}");
             assert!(body.contains(r#""verdict_by":"anna""#), "{body}");
+            // A scrape token reads /metrics and nothing else.
+            let scrape = [("authorization", "Bearer scr4pe")];
+            assert_eq!(call_with(&app, "GET", "/metrics", "", &scrape).await.0, 200);
+            for (method, path) in [
+                ("GET", "/api/cameras"),
+                ("POST", "/api/model"),
+                ("GET", "/"),
+            ] {
+                let (status, _, body) = call_with(&app, method, path, "", &scrape).await;
+                assert_eq!(status, 403, "{method} {path}: {body}");
+                assert!(body.contains("may read only /metrics"), "{body}");
+            }
+            // With [http.auth], other host names are served (a proxy's, say).
+            let (status, _, _) = call_with(
+                &app,
+                "GET",
+                "/api/cameras",
+                "",
+                &[("authorization", "Bearer t0ken"), ("host", "line.example")],
+            )
+            .await;
+            assert_eq!(status, 200);
+        });
+    }
+
+    #[test]
+    fn a_client_guessing_passwords_is_held_back_without_hashing() {
+        use crate::pipeline::auth::{FAILURE_WINDOW, FAILURES_ALLOWED};
+        let dir = tempfile::tempdir().expect("dir");
+        let auth = signed_in_only(dir.path());
+        let app = router(Arc::new(Served {
+            auth,
+            ..served(Arc::new(Metrics::new("cpu", "fp32", &[])))
+        }));
+        let ask = |credentials: String| {
+            let app = app.clone();
+            async move {
+                let request = Request::builder()
+                    .uri("/metrics")
+                    .header(header::AUTHORIZATION, credentials)
+                    .extension(axum::extract::ConnectInfo(SocketAddr::from((
+                        [10, 0, 0, 7],
+                        50000,
+                    ))))
+                    .body(Body::empty())
+                    .expect("request");
+                app.oneshot(request).await.expect("response")
+            }
+        };
+        runtime().block_on(async {
+            // Verified once, so remembered.
+            assert_eq!(ask(basic("anna:secret")).await.status(), 200);
+            for guess in 0..FAILURES_ALLOWED {
+                let answer = ask(basic(&format!("anna:guess{guess}"))).await;
+                assert_eq!(answer.status(), 401, "guess {guess}");
+            }
+            let held = ask(basic("anna:one-more")).await;
+            assert_eq!(held.status(), 429);
+            let wait: u64 = held
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            assert!(
+                (1..=FAILURE_WINDOW.as_secs()).contains(&wait),
+                "Retry-After {wait}"
+            );
+            // What needs no hash still answers: a token, a password verified before.
+            assert_eq!(ask("Bearer t0ken".into()).await.status(), 200);
+            assert_eq!(ask(basic("anna:secret")).await.status(), 200);
         });
     }
 
