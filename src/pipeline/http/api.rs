@@ -244,11 +244,28 @@ async fn picture(served: &Served, id: String, clean: bool) -> Response {
     };
     match tokio::fs::read(&path).await {
         Ok(bytes) => ([(header::CONTENT_TYPE, "image/jpeg")], bytes).into_response(),
-        Err(e) => error(
-            StatusCode::NOT_FOUND,
-            format!("event {}: {} cannot be read: {e}", event.id, path.display()),
-        ),
+        Err(e) => unreadable(&event.id, "picture", &path, e),
     }
+}
+
+/// 404 when an event's file is gone (retention, or removed by hand), 500 when it is there but
+/// cannot be read; the answer names the file, the log its folder too.
+fn unreadable(id: &str, what: &str, path: &std::path::Path, e: std::io::Error) -> Response {
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if e.kind() == std::io::ErrorKind::NotFound {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("event {id}: its {what} {name} is gone (removed by retention or by hand)"),
+        );
+    }
+    log::warn!("http: event {id}: cannot read {}: {e}", path.display());
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("event {id}: its {what} {name} cannot be read: {e}"),
+    )
 }
 
 async fn snapshot(State(served): State<Arc<Served>>, Path(id): Path<String>) -> Response {
@@ -276,6 +293,10 @@ async fn clip(
             format!("event {} has no clip", event.id),
         );
     };
+    // ServeFile answers a missing or unreadable file with an empty body: say what is wrong.
+    if let Err(e) = tokio::fs::File::open(&path).await {
+        return unreadable(&event.id, "clip", &path, e);
+    }
     // The type comes from the extension: video/mp4.
     match tower_http::services::ServeFile::new(&path)
         .oneshot(request)
@@ -573,6 +594,11 @@ mod tests {
             let (_, _, body) = call(&app, "GET", "/api/events/a-1", "").await;
             assert_eq!(json(&body)["clip_url"], "/api/events/a-1/clip.mp4");
             assert_eq!(json(&body)["clip_start"], 9.5);
+            // A clip removed from the disk: 404 in JSON, saying so.
+            std::fs::remove_file(&clip).expect("remove");
+            let (status, kind, body) = call(&app, "GET", "/api/events/a-1/clip.mp4", "").await;
+            assert_eq!((status, kind.as_str()), (404, "application/json"), "{body}");
+            assert!(body.contains("its clip a-1.mp4 is gone"), "{body}");
 
             let (status, _, body) = call(&app, "GET", "/api/cameras", "").await;
             assert_eq!(status, 200);
