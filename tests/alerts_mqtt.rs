@@ -1489,13 +1489,20 @@ fn sighup_reloads_alert_settings_without_a_restart() {
     let dir = tempfile::tempdir().expect("dir");
     let bundle = always_anomalous_bundle(dir.path());
     let zones = "\n[camera.alerts]\nignore = [[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]]\n";
+    // The HTTP server's token file is read again too.
+    let tokens = dir.path().join("tokens");
+    fs::write(&tokens, format!("{}\n", "ab".repeat(32))).expect("tokens");
+    let http = format!(
+        "\n[http]\nenabled = true\nbind = \"127.0.0.1:0\"\n\n[http.auth]\ntoken_file = \"{}\"\n",
+        common::path_str(&tokens)
+    );
     let pipeline = run_pipeline_with(
         dir.path(),
         &bundle,
         "test://conveyor?fps=15",
         broker.port,
         "t_hup",
-        zones,
+        &format!("{zones}{http}"),
     );
     let subscriber = Subscriber::new(broker.port, "t_hup/+/events", None);
     let log = dir.path().join("run.log");
@@ -1519,7 +1526,12 @@ fn sighup_reloads_alert_settings_without_a_restart() {
             .expect("kill");
         assert!(hup.success());
     };
-    // The same file without the ignore zone.
+    // The same file without the ignore zone; a second token.
+    fs::write(
+        &tokens,
+        format!("{}\n{}\n", "ab".repeat(32), "cd".repeat(32)),
+    )
+    .expect("tokens");
     rewrite_and_hang_up(zones, "\n");
     let after = next_new_event(&subscriber, Duration::from_secs(10));
     // The file names another bundle, one that never alerts: SIGHUP swaps it in and the event in
@@ -1555,6 +1567,10 @@ fn sighup_reloads_alert_settings_without_a_restart() {
     assert!(after.is_some(), "no event after the reload: {log_text}");
     assert!(
         log_text.contains("[line1] alert settings reloaded"),
+        "{log_text}"
+    );
+    assert!(
+        log_text.contains("http.auth read again: 0 user(s), 2 token(s), 0 metrics token(s)"),
         "{log_text}"
     );
     let ended = ended.unwrap_or_else(|| panic!("no end after the model swap: {log_text}"));

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
@@ -69,17 +69,53 @@ pub enum AuthError {
 /// users.
 const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c3RwbS1kdW1teS1zYWx0$uj3qGmsK2F6ZJkmyRZK3dKwsxgqLLXAgH0TfGXjGn/s";
 
-/// The loaded credentials.
+/// The credentials, loaded at the start and read again on SIGHUP ([`Auth::reload`]).
 pub struct Auth {
-    users: HashMap<String, String>,
-    tokens: HashSet<[u8; 32]>,
+    config: AuthConfig,
+    credentials: RwLock<Credentials>,
     /// `user:sha256(password)` of credentials already verified (argon2 is slow on purpose; a
     /// browser sends its credentials with every request).
     verified: Mutex<HashSet<[u8; 32]>>,
     /// Failed password checks per client address.
     pub throttle: Throttle,
-    /// Tokens (their SHA-256) that may only read `/metrics`.
+}
+
+/// What the credential files say.
+struct Credentials {
+    /// User name → argon2 PHC hash.
+    users: HashMap<String, String>,
+    /// SHA-256 of each API token.
+    tokens: HashSet<[u8; 32]>,
+    /// SHA-256 of each token that may only read `/metrics`.
     metrics_tokens: HashSet<[u8; 32]>,
+}
+
+impl Credentials {
+    fn read(config: &AuthConfig) -> Result<Self, AuthError> {
+        let mut users = HashMap::new();
+        if let Some(path) = &config.password_file {
+            for (line, text) in lines("password_file", path)? {
+                let error = |message: &str| AuthError::Password {
+                    path: path.clone(),
+                    line,
+                    message: message.to_string(),
+                };
+                let (user, hash) = text
+                    .split_once(':')
+                    .ok_or_else(|| error("expected user:hash"))?;
+                PasswordHash::new(hash).map_err(|e| error(&format!("not an argon2 hash ({e})")))?;
+                users.insert(user.to_string(), hash.to_string());
+            }
+        }
+        Ok(Self {
+            users,
+            tokens: token_digests("token_file", config.token_file.as_deref())?,
+            metrics_tokens: token_digests(
+                "metrics_token_file",
+                config.metrics_token_file.as_deref(),
+            )?,
+        })
+    }
 }
 
 /// Failed password checks a client address may make in [`FAILURE_WINDOW`]; beyond that its
@@ -162,31 +198,39 @@ impl Auth {
             }
             return Ok(None);
         }
-        let mut users = HashMap::new();
-        if let Some(path) = &config.password_file {
-            for (line, text) in lines("password_file", path)? {
-                let error = |message: &str| AuthError::Password {
-                    path: path.clone(),
-                    line,
-                    message: message.to_string(),
-                };
-                let (user, hash) = text
-                    .split_once(':')
-                    .ok_or_else(|| error("expected user:hash"))?;
-                PasswordHash::new(hash).map_err(|e| error(&format!("not an argon2 hash ({e})")))?;
-                users.insert(user.to_string(), hash.to_string());
-            }
-        }
-        let tokens = token_digests("token_file", config.token_file.as_deref())?;
-        let metrics_tokens =
-            token_digests("metrics_token_file", config.metrics_token_file.as_deref())?;
         Ok(Some(Self {
-            users,
-            tokens,
+            credentials: RwLock::new(Credentials::read(config)?),
+            config: config.clone(),
             verified: Mutex::default(),
             throttle: Throttle::default(),
-            metrics_tokens,
         }))
+    }
+
+    /// Reads the credential files again (SIGHUP): users, passwords and tokens removed or changed
+    /// stop working at once, as the passwords verified before are forgotten. On an error the
+    /// credentials in use stay. Returns how many users, tokens and metrics tokens there are now.
+    pub fn reload(&self) -> Result<(usize, usize, usize), AuthError> {
+        let fresh = Credentials::read(&self.config)?;
+        let counts = (
+            fresh.users.len(),
+            fresh.tokens.len(),
+            fresh.metrics_tokens.len(),
+        );
+        *self
+            .credentials
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = fresh;
+        self.verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        Ok(counts)
+    }
+
+    fn credentials(&self) -> std::sync::RwLockReadGuard<'_, Credentials> {
+        self.credentials
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Whether the `Authorization` header value is a token of `metrics_token_file` (which may
@@ -196,7 +240,7 @@ impl Auth {
             .and_then(|value| value.strip_prefix("Bearer "))
             .is_some_and(|token| {
                 let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
-                self.metrics_tokens.contains(&digest)
+                self.credentials().metrics_tokens.contains(&digest)
             })
     }
 
@@ -248,11 +292,11 @@ impl Auth {
         };
         // An unknown user costs the same argon2 check as a known one: the time of a refusal
         // does not tell which user names exist.
-        let (hash, known) = match self.users.get(user) {
-            Some(hash) => (hash.as_str(), true),
-            None => (DUMMY_HASH, false),
+        let (hash, known) = match self.credentials().users.get(user) {
+            Some(hash) => (hash.clone(), true),
+            None => (DUMMY_HASH.to_string(), false),
         };
-        let good = PasswordHash::new(hash).is_ok_and(|parsed| {
+        let good = PasswordHash::new(&hash).is_ok_and(|parsed| {
             Argon2::default()
                 .verify_password(password.as_bytes(), &parsed)
                 .is_ok()
@@ -270,7 +314,7 @@ impl Auth {
         };
         if let Some(token) = value.strip_prefix("Bearer ") {
             let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
-            return if self.tokens.contains(&digest) {
+            return if self.credentials().tokens.contains(&digest) {
                 Quick::Admitted
             } else {
                 Quick::Refused
@@ -279,7 +323,7 @@ impl Auth {
         let Some(encoded) = value.strip_prefix("Basic ") else {
             return Quick::Refused;
         };
-        if self.users.is_empty() {
+        if self.credentials().users.is_empty() {
             // No password_file: no password can be right, and no user name can leak.
             return Quick::Refused;
         }
@@ -445,6 +489,38 @@ pub(crate) mod tests {
             auth.identify_quickly(Some("Bearer t0ken")),
             Some(Some("token".into()))
         );
+    }
+
+    #[test]
+    fn a_reload_revokes_what_the_files_no_longer_list_and_keeps_all_on_a_bad_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = files(dir.path());
+        let auth = Auth::load(&config, "0.0.0.0:9090")
+            .expect("load")
+            .expect("on");
+        assert!(auth.admits(Some(&basic("anna:secret"))));
+        assert!(auth.admits(Some("Bearer t0ken")));
+        // A broken password file: refused, the credentials in use stay.
+        let passwords = config.password_file.clone().expect("passwords");
+        let kept = std::fs::read_to_string(&passwords).expect("read");
+        std::fs::write(&passwords, "anna:plaintext\n").expect("write");
+        let message = auth
+            .reload()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains("line 1: not an argon2 hash"), "{message}");
+        assert!(auth.admits(Some(&basic("anna:secret"))));
+        // anna renamed to bert, the API token revoked: anna's remembered password no longer
+        // admits, nor the token.
+        std::fs::write(&passwords, kept.replace("anna:", "bert:")).expect("write");
+        let tokens = config.token_file.clone().expect("tokens");
+        std::fs::write(&tokens, "# revoked\n").expect("write");
+        assert_eq!(auth.reload().expect("reload"), (1, 0, 1));
+        assert!(!auth.admits(Some(&basic("anna:secret"))));
+        assert!(auth.admits(Some(&basic("bert:secret"))));
+        assert!(!auth.admits(Some("Bearer t0ken")));
+        assert!(auth.is_metrics_token(Some("Bearer scr4pe")));
     }
 
     #[test]

@@ -386,9 +386,15 @@ pub fn run_with(
         );
     }
     let reloader = match options.reload_from {
-        Some(file) => reload::Reloader::start(file, config.clone(), inboxes, Arc::clone(&models))
-            .map_err(|e| log::warn!("reload: cannot watch for SIGHUP: {e}"))
-            .ok(),
+        Some(file) => reload::Reloader::start(
+            file,
+            config.clone(),
+            inboxes,
+            Arc::clone(&models),
+            live.auth(),
+        )
+        .map_err(|e| log::warn!("reload: cannot watch for SIGHUP: {e}"))
+        .ok(),
         None => None,
     };
     let watch = if config.model.watch {

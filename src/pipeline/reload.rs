@@ -2,7 +2,8 @@
 //! again and each camera's alert settings (`[alerts]`, `[camera.alerts]`: thresholds, k/m,
 //! cooldowns, zones) go to its worker, which applies them before its next frame; the model is
 //! swapped when `[model] bundle` names another folder or the bundle changed on disk (new
-//! thresholds from `stpm calibrate`, a new `stpm train`). Settings that cannot change while
+//! thresholds from `stpm calibrate`, a new `stpm train`); the HTTP server's credential files
+//! (`[http.auth]`) are read again. Settings that cannot change while
 //! running (cameras, ports, outputs, the model's other keys, the spool) are named and left as
 //! they are.
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 use super::background::Background;
 
 use crate::alerts::{AlertConfig, Polygon};
+use crate::pipeline::auth::Auth;
 use crate::pipeline::config::{PipelineConfig, PipelineFile};
 use crate::pipeline::model::{ModelControl, ModelSlot, SwapError, same_folder};
 
@@ -57,21 +59,25 @@ pub struct Reloader(Background);
 impl Reloader {
     /// Catches SIGHUP from now on; on each, reads `file` (with its `--set` overrides and shard,
     /// as at the start) and hands each camera of `running` its new alert settings through
-    /// `inboxes` (by camera), and `models` the bundle when it changed.
+    /// `inboxes` (by camera), and `models` the bundle when it changed; reads the HTTP server's
+    /// credential files (`auth`) again.
     pub fn start(
         file: PipelineFile,
         running: PipelineConfig,
         inboxes: Vec<(String, Inbox)>,
         models: Arc<ModelSlot>,
+        auth: Option<Arc<Auth>>,
     ) -> std::io::Result<Self> {
         catch_hangup();
         Background::spawn("reload", move |stop| {
             // What `[model] bundle` said at the last reload (or the start).
             let mut named = running.model.bundle.clone();
             while !stop.load(Ordering::Relaxed) {
-                if HANGUP.swap(false, Ordering::SeqCst)
-                    && let Some(new) = reload(&file, &running, &inboxes)
-                {
+                let hangup = HANGUP.swap(false, Ordering::SeqCst);
+                if hangup && let Some(auth) = &auth {
+                    reload_credentials(auth);
+                }
+                if hangup && let Some(new) = reload(&file, &running, &inboxes) {
                     let live = models.live().model.bundle.clone();
                     match bundle_to_load(&named, &new.model.bundle, &live) {
                         Some(bundle) => swap_model(&bundle, &models),
@@ -91,6 +97,17 @@ impl Reloader {
 
     pub fn stop(self) {
         self.0.stop();
+    }
+}
+
+/// Reads the credential files of `[http.auth]` again (the files the run started with).
+fn reload_credentials(auth: &Auth) {
+    match auth.reload() {
+        Ok((users, tokens, metrics_tokens)) => log::info!(
+            "reload: http.auth read again: {users} user(s), {tokens} token(s), \
+             {metrics_tokens} metrics token(s); passwords are checked anew"
+        ),
+        Err(e) => log::warn!("reload: the credentials in use stay: {e}"),
     }
 }
 

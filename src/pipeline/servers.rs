@@ -54,6 +54,11 @@ pub enum LiveError {
 }
 
 impl LiveOutputs {
+    /// The HTTP server's credentials (`[http.auth]`), for a reload to read again.
+    pub fn auth(&self) -> Option<Arc<crate::pipeline::auth::Auth>> {
+        self.http.as_ref().and_then(HttpServer::auth)
+    }
+
     /// Starts what `config` enables; `provider` is the execution provider reported in /metrics,
     /// `models` the live model (`/api/cameras`, `POST /api/model`), `encoder` the H.264 encoder of
     /// the video outputs (RTSP starts only with one).
@@ -105,7 +110,8 @@ impl LiveOutputs {
             ))
         });
         let http = if config.http.enabled {
-            let auth = crate::pipeline::auth::Auth::load(&config.http.auth, &config.http.bind)?;
+            let auth = crate::pipeline::auth::Auth::load(&config.http.auth, &config.http.bind)?
+                .map(Arc::new);
             let served = Served {
                 auth,
                 metrics: Arc::clone(&metrics),

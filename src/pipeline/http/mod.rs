@@ -50,7 +50,7 @@ pub struct Served {
     /// Training from the running pipeline (`POST /api/train`); `None`: not offered.
     pub train: Option<Arc<crate::pipeline::training::TrainSlot>>,
     /// Who may use it (`[http.auth]`); `None`: anyone who reaches it (loopback only).
-    pub auth: Option<crate::pipeline::auth::Auth>,
+    pub auth: Option<Arc<crate::pipeline::auth::Auth>>,
     /// Each camera's live view (`[http] live`, with an encoder), by camera name.
     pub live: HashMap<String, Arc<LiveView>>,
     /// Each camera's frame collection for training (with `[storage]`), by camera name.
@@ -123,6 +123,11 @@ impl HttpServer {
     /// Where it listens (the real port when the configuration said 0).
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// Its credentials (`[http.auth]`), for a reload to read again.
+    pub fn auth(&self) -> Option<Arc<crate::pipeline::auth::Auth>> {
+        self.served.auth.clone()
     }
 
     /// Stops accepting, ends the open event streams, lets requests in progress finish, and ends
@@ -712,9 +717,10 @@ mod tests {
     }
 
     /// `[http.auth]` with the auth tests' files (user anna, tokens t0ken and scr4pe for metrics).
-    fn signed_in_only(dir: &std::path::Path) -> Option<crate::pipeline::auth::Auth> {
+    fn signed_in_only(dir: &std::path::Path) -> Option<Arc<crate::pipeline::auth::Auth>> {
         crate::pipeline::auth::Auth::load(&crate::pipeline::auth::tests::files(dir), "0.0.0.0:9090")
             .expect("load")
+            .map(Arc::new)
     }
 
     #[test]
