@@ -283,10 +283,18 @@ impl VideoSink for RtspFeed {
     }
 }
 
+/// The largest RTSP request body taken (viewers send none; `SET_PARAMETER` bodies are small).
+const REQUEST_BODY_LIMIT: u32 = 16 * 1024;
+
+/// How often sessions past their timeout (60 s without a keep-alive) are ended.
+const SESSION_CLEANUP: Duration = Duration::from_secs(5);
+
 /// The running server; [`RtspServer::stop`] disconnects clients and ends its thread.
 pub struct RtspServer {
     server: rtsp_server::RTSPServer,
     source: glib::Source,
+    /// The timer that ends expired sessions.
+    cleanup: Option<glib::Source>,
     main_loop: glib::MainLoop,
     thread: Option<std::thread::JoinHandle<()>>,
     port: u16,
@@ -304,6 +312,10 @@ impl RtspServer {
         let server = rtsp_server::RTSPServer::new();
         server.set_address(&config.bind);
         server.set_service(&config.port.to_string());
+        // A request body is read whole before anything is checked, credentials included, up to
+        // this limit (GStreamer's default is 4 GiB: a stranger's `Content-Length` could take the
+        // memory). Viewers send none.
+        server.set_content_length_limit(REQUEST_BODY_LIMIT);
         // With credentials, only the signed-in user's role may open and build the media;
         // anyone else gets 401 and no encoder starts. With a certificate, every connection is
         // TLS (RTSPS); without credentials anyone who connects gets the role.
@@ -406,6 +418,24 @@ impl RtspServer {
             .create_source(None::<&gstreamer_rtsp_server::gio::Cancellable>)
             .map_err(|e| bind_error(e.to_string()))?;
         source.attach(Some(&context));
+        // Sessions whose viewer went without a TEARDOWN (UDP viewers that lost power, say) end
+        // once their timeout has passed; GStreamer leaves that to the application.
+        let cleanup = server.session_pool().map(|pool| {
+            let cleanup = glib::source::timeout_source_new(
+                SESSION_CLEANUP,
+                Some("stpm-rtsp-sessions"),
+                glib::Priority::DEFAULT,
+                move || {
+                    let removed = pool.cleanup();
+                    if removed > 0 {
+                        log::info!("RTSP: {removed} session(s) of vanished viewers ended");
+                    }
+                    glib::ControlFlow::Continue
+                },
+            );
+            cleanup.attach(Some(&context));
+            cleanup
+        });
         let port = u16::try_from(server.bound_port())
             .map_err(|_| bind_error("no port was bound".into()))?;
         let main_loop = glib::MainLoop::new(Some(&context), false);
@@ -420,6 +450,7 @@ impl RtspServer {
             Self {
                 server,
                 source,
+                cleanup,
                 main_loop,
                 thread: Some(thread),
                 port,
@@ -445,6 +476,9 @@ impl RtspServer {
         self.server
             .client_filter(Some(&mut |_, _| rtsp_server::RTSPFilterResult::Remove));
         self.source.destroy();
+        if let Some(cleanup) = self.cleanup.take() {
+            cleanup.destroy();
+        }
         // A quit() that comes before the thread has entered run() is lost (a run that ends at
         // once): quit from inside the loop instead.
         let main_loop = self.main_loop.clone();
@@ -614,6 +648,49 @@ mod tests {
         };
         assert!(taken, "the freed place was not given to a new client");
         drop(second);
+        server.stop();
+    }
+
+    #[test]
+    fn a_request_announcing_a_huge_body_is_closed_not_read() {
+        use std::io::{Read, Write};
+        let config = RtspConfig {
+            enabled: true,
+            port: 0,
+            ..RtspConfig::default()
+        };
+        let (server, _feeds) = RtspServer::start(&config, &["line1".into()]).expect("start");
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", server.port())).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let request = format!(
+            "OPTIONS rtsp://127.0.0.1:{}/line1 RTSP/1.0\r\nCSeq: 1\r\nContent-Length: 2000000000\r\n\r\n",
+            server.port()
+        );
+        stream.write_all(request.as_bytes()).expect("send");
+        // Keep sending body bytes: a server that reads the body waits for 2 GB of them.
+        let started = std::time::Instant::now();
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut closed = false;
+        for _ in 0..64 {
+            if stream.write_all(&chunk).is_err() {
+                closed = true;
+                break;
+            }
+        }
+        if !closed {
+            let mut rest = Vec::new();
+            // Closed: read ends (0 bytes or a reset) well before the read timeout.
+            let read = stream.read_to_end(&mut rest);
+            closed = read.is_ok() || started.elapsed() < Duration::from_secs(9);
+            assert!(
+                !String::from_utf8_lossy(&rest).contains("200 OK"),
+                "answered as if the body were fine"
+            );
+        }
+        assert!(closed, "the connection stayed open, reading the body");
         server.stop();
     }
 
