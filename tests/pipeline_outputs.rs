@@ -150,6 +150,22 @@ fn rtsp_clients_get_annotated_frames_and_metrics_count_them() {
         );
     }
 
+    // Two clients at once whose URLs differ in a query: GStreamer gives each a media of its own,
+    // and both get frames all along (the second used to take the camera's only place and freeze
+    // the first).
+    let first = {
+        let url = url.clone();
+        std::thread::spawn(move || watch(&url, 60, Duration::from_secs(40)).len())
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let second = watch(&format!("{url}?second"), 30, Duration::from_secs(40)).len();
+    let first = first.join().expect("first client");
+    assert!(
+        first >= 60 && second >= 30,
+        "frames: {first} of 60 and {second} of 30 at once: {}",
+        log()
+    );
+
     let (status, metrics) = common::http_get(http_port, "/metrics").expect("/metrics answers");
     assert_eq!(status, 200, "{metrics}");
     let frames = sample(&metrics, "stpm_frames_total{camera=\"line1\"}").unwrap_or(0.0);
@@ -212,8 +228,8 @@ fn rtsp_clients_get_annotated_frames_and_metrics_count_them() {
     );
     assert_eq!(
         log.matches("RTSP: streaming to clients").count(),
-        2,
-        "one media per client: {log}"
+        4,
+        "one media per client (the two at once: one each): {log}"
     );
     assert!(!log.contains("panicked"), "{log}");
 }

@@ -223,54 +223,65 @@ struct LiveMedia {
     key_wanted: bool,
 }
 
-/// One camera's RTSP feed: the media of its mount point while one is running.
+/// One camera's media, while clients watch: usually one (shared by its viewers); more when
+/// viewers' URLs differ in what GStreamer keys a shared media by (a query, the port written in
+/// the URL).
+type Medias = Arc<Mutex<Vec<LiveMedia>>>;
+
+/// One camera's RTSP feed: the media of its mount point while any is running.
 pub struct RtspFeed {
-    live: Arc<Mutex<Option<LiveMedia>>>,
+    live: Medias,
 }
 
 impl VideoSink for RtspFeed {
     fn wants(&self) -> bool {
-        self.live
+        !self
+            .live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
+            .is_empty()
     }
 
     fn waiting_for_key(&self) -> bool {
         self.live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .is_some_and(|live| !live.keyed || live.key_wanted)
+            .iter()
+            .any(|live| !live.keyed || live.key_wanted)
     }
 
-    /// Restamps the frame with the media's clock and pushes it; never waits (a full appsrc drops
+    /// Restamps the frame with each media's clock and pushes it; never waits (a full appsrc drops
     /// its oldest).
     fn unit(&self, unit: &Unit) {
-        let mut guard = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(live) = guard.as_mut() else {
-            return;
-        };
-        if !(live.keyed || unit.key) {
+        let mut medias = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        for live in medias.iter_mut() {
+            live.push(unit);
+        }
+    }
+}
+
+impl LiveMedia {
+    fn push(&mut self, unit: &Unit) {
+        if !(self.keyed || unit.key) {
             return;
         }
         // A full queue would drop its oldest frame, and what follows a dropped frame decodes with
         // errors: drop this one instead and start again at a key frame.
-        if live.appsrc.current_level_buffers() >= APPSRC_FRAMES && !unit.key {
-            live.keyed = false;
+        if self.appsrc.current_level_buffers() >= APPSRC_FRAMES && !unit.key {
+            self.keyed = false;
             return;
         }
-        live.keyed = true;
-        live.key_wanted &= !unit.key;
-        if live.caps.as_ref() != Some(&unit.caps) {
-            live.appsrc.set_caps(Some(&unit.caps));
-            live.caps = Some(unit.caps.clone());
+        self.keyed = true;
+        self.key_wanted &= !unit.key;
+        if self.caps.as_ref() != Some(&unit.caps) {
+            self.appsrc.set_caps(Some(&unit.caps));
+            self.caps = Some(unit.caps.clone());
         }
-        let pts = live.configured.elapsed();
-        if live.last_pts.is_some_and(|last| pts <= last) {
+        let pts = self.configured.elapsed();
+        if self.last_pts.is_some_and(|last| pts <= last) {
             return;
         }
-        live.last_pts = Some(pts);
+        self.last_pts = Some(pts);
         let mut buffer = unit.buffer.copy();
         if let Some(buffer) = buffer.get_mut() {
             let pts = gst::ClockTime::from_nseconds(pts.as_nanos() as u64);
@@ -278,8 +289,8 @@ impl VideoSink for RtspFeed {
             buffer.set_dts(pts);
         }
         // Flushing (a paused or closing media) is not an error of ours: the frame is just not
-        // needed; `unprepared` clears the slot when the media goes away.
-        let _ = live.appsrc.push_buffer(buffer);
+        // needed; `unprepared` removes the media when it goes away.
+        let _ = self.appsrc.push_buffer(buffer);
     }
 }
 
@@ -343,7 +354,7 @@ impl RtspServer {
         let mut outputs = Vec::new();
         let mut slots = std::collections::HashMap::new();
         for camera in cameras {
-            let slot = Arc::new(Mutex::new(None));
+            let slot: Medias = Arc::default();
             let factory = rtsp_server::RTSPMediaFactory::new();
             factory.set_launch(LAUNCH);
             factory.set_shared(true);
@@ -400,12 +411,14 @@ impl RtspServer {
                 let Some(url) = context.uri() else {
                     return;
                 };
-                let uri = url.request_uri();
-                let camera = uri.trim_end_matches('/').rsplit('/').next().unwrap_or("");
-                if let Some(slot) = slots.get(camera)
-                    && let Some(live) = slot.lock().unwrap_or_else(PoisonError::into_inner).as_mut()
-                {
-                    live.key_wanted = true;
+                if let Some(slot) = slots.get(mount_of(&url.request_uri())) {
+                    for live in slot
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .iter_mut()
+                    {
+                        live.key_wanted = true;
+                    }
                 }
             });
         });
@@ -497,12 +510,18 @@ impl Drop for RtspServer {
     }
 }
 
-/// A client asked for a camera whose media was not running: take the new media's appsrc.
-fn attach_media(
-    camera: &str,
-    media: &rtsp_server::RTSPMedia,
-    slot: &Arc<Mutex<Option<LiveMedia>>>,
-) {
+/// The mount (camera) a request URI is for: the first segment of its path, so
+/// `rtsp://host:8554/line1/stream=0?x` is `line1`.
+fn mount_of(uri: &str) -> &str {
+    let path = uri
+        .split_once("://")
+        .map_or(uri, |(_, rest)| rest.find('/').map_or("", |at| &rest[at..]));
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    path.trim_start_matches('/').split('/').next().unwrap_or("")
+}
+
+/// A client asked for a camera's media that was not running: add the new media's appsrc.
+fn attach_media(camera: &str, media: &rtsp_server::RTSPMedia, slot: &Medias) {
     let appsrc = media
         .element()
         .downcast::<gst::Bin>()
@@ -518,23 +537,26 @@ fn attach_media(
     appsrc.set_max_bytes(0);
     appsrc.set_max_buffers(APPSRC_FRAMES);
     appsrc.set_leaky_type(gst_app::AppLeakyType::Downstream);
-    *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(LiveMedia {
-        appsrc: appsrc.clone(),
-        configured: Instant::now(),
-        caps: None,
-        last_pts: None,
-        keyed: false,
-        key_wanted: false,
-    });
+    slot.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(LiveMedia {
+            appsrc: appsrc.clone(),
+            configured: Instant::now(),
+            caps: None,
+            last_pts: None,
+            keyed: false,
+            key_wanted: false,
+        });
     log::info!("[{camera}] RTSP: streaming to clients");
     let unprepared_slot = Arc::clone(slot);
     let name = camera.to_string();
     media.connect_unprepared(move |_| {
-        let mut live = unprepared_slot
+        let mut medias = unprepared_slot
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if live.as_ref().is_some_and(|live| live.appsrc == appsrc) {
-            *live = None;
+        let before = medias.len();
+        medias.retain(|live| live.appsrc != appsrc);
+        if medias.is_empty() && before > 0 {
             log::info!("[{name}] RTSP: no client left");
         }
     });
@@ -566,7 +588,7 @@ mod tests {
             key: true,
         };
         feeds[0].unit(&unit);
-        assert!(feeds[0].live.lock().is_ok_and(|live| live.is_none()));
+        assert!(feeds[0].live.lock().is_ok_and(|live| live.is_empty()));
         let taken = RtspConfig {
             port: server.port(),
             ..config
@@ -649,6 +671,21 @@ mod tests {
         assert!(taken, "the freed place was not given to a new client");
         drop(second);
         server.stop();
+    }
+
+    #[test]
+    fn a_request_names_its_camera_by_the_first_path_segment() {
+        for (uri, camera) in [
+            ("rtsp://127.0.0.1:8554/line1", "line1"),
+            ("rtsp://127.0.0.1:8554/line1/", "line1"),
+            ("rtsp://h/line1/stream=0", "line1"),
+            ("rtsp://h:1/line1?x=1", "line1"),
+            ("rtsp://h:1/line1/stream=0?x=/y", "line1"),
+            ("rtsp://h:1", ""),
+            ("/line2", "line2"),
+        ] {
+            assert_eq!(mount_of(uri), camera, "{uri}");
+        }
     }
 
     #[test]
