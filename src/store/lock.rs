@@ -73,7 +73,7 @@ impl FolderLock {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or_default();
-        let command: Vec<String> = std::env::args().collect();
+        let command: Vec<String> = std::env::args().map(|arg| hide_secret(&arg)).collect();
         file.set_len(0).map_err(io)?;
         write!(
             file,
@@ -94,9 +94,31 @@ impl FolderLock {
     }
 }
 
+/// `arg` with the value of a `…password…=value` setting (`--set mqtt.password=…`) replaced: the
+/// lock file names its holder's command line, and others may read it.
+fn hide_secret(arg: &str) -> String {
+    match arg.split_once('=') {
+        Some((key, _)) if key.to_ascii_lowercase().contains("password") => {
+            format!("{key}=<hidden>")
+        }
+        _ => arg.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_on_the_command_line_is_not_written() {
+        assert_eq!(
+            hide_secret("mqtt.password=s3cret"),
+            "mqtt.password=<hidden>"
+        );
+        assert_eq!(hide_secret("MQTT__PASSWORD=x=y"), "MQTT__PASSWORD=<hidden>");
+        assert_eq!(hide_secret("--pipeline"), "--pipeline");
+        assert_eq!(hide_secret("alerts.k=2"), "alerts.k=2");
+    }
 
     #[test]
     fn a_second_holder_is_refused_with_the_first_ones_name_until_it_lets_go() {
