@@ -333,10 +333,11 @@ impl PipelineConfig {
         let mut builder = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
             .add_source(
+                // Values stay strings: the keys' types parse them (numbers, booleans), and a
+                // password or name such as `007` or `1e3` is kept as written.
                 config::Environment::with_prefix("STPM")
                     .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true),
+                    .separator("__"),
             );
         for set in sets {
             let (key, value) = set
@@ -344,7 +345,7 @@ impl PipelineConfig {
                 .filter(|(k, _)| k.contains('.'))
                 .ok_or_else(|| ConfigError::BadSet(set.clone()))?;
             builder = builder
-                .set_override(key.trim(), parse_value(value.trim()))
+                .set_override(key.trim(), value.trim())
                 .map_err(|e| load_error(e.to_string()))?;
         }
         let mut config: PipelineConfig = builder
@@ -547,20 +548,6 @@ impl PipelineConfig {
     }
 }
 
-/// `--set` values: numbers and booleans as such, anything else as a string.
-fn parse_value(value: &str) -> config::Value {
-    if let Ok(b) = value.parse::<bool>() {
-        return b.into();
-    }
-    if let Ok(i) = value.parse::<i64>() {
-        return i.into();
-    }
-    if let Ok(f) = value.parse::<f64>() {
-        return f.into();
-    }
-    value.into()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -602,10 +589,25 @@ mod tests {
         let sets = [
             "camera[0].realtime=false".into(),
             "camera[0].max_fps=2.5".into(),
+            "mqtt.port=1884".into(),
+            // Kept as written, though they look like numbers.
+            "mqtt.password=007".into(),
+            "mqtt.username=1e3".into(),
+            "mqtt.client_id=0x10".into(),
         ];
         let config = PipelineConfig::load(&path, &sets).expect("load with camera sets");
         assert!(!config.camera[0].realtime);
         assert_eq!(config.camera[0].max_fps, 2.5);
+        let mqtt = config.mqtt.clone().expect("[mqtt] from --set");
+        assert_eq!(mqtt.port, 1884);
+        assert_eq!(mqtt.password.as_deref(), Some("007"));
+        assert_eq!(mqtt.username.as_deref(), Some("1e3"));
+        assert_eq!(mqtt.client_id, "0x10");
+        let bad = PipelineConfig::load(&path, &["mqtt.port=many".into()])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(bad.contains("port"), "{bad}");
         assert!(!config.output.record.enabled);
         assert_eq!(config.output.encoder, "auto");
         assert_eq!(config.output.record.segment_seconds, 0.0);
