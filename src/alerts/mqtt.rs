@@ -158,6 +158,9 @@ pub enum MqttSetupError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// `password_file` holds no password (an empty first line).
+    #[error("mqtt.password_file {path}: its first line (the password) is empty")]
+    EmptyPassword { path: PathBuf },
 }
 
 /// True for a name that can be one topic level: non-empty, no `/`, no wildcard, no NUL.
@@ -324,13 +327,20 @@ impl MqttConfig {
             .set_max_packet_size(64 * 1024, 64 * 1024 * 1024);
         if let Some(username) = &self.username {
             let password = match &self.password_file {
-                Some(path) => std::fs::read_to_string(path)
-                    .map(|text| text.lines().next().unwrap_or("").to_string())
-                    .map_err(|source| MqttSetupError::File {
-                        key: "password_file",
-                        path: path.clone(),
-                        source,
-                    })?,
+                Some(path) => {
+                    let password = std::fs::read_to_string(path)
+                        .map(|text| text.lines().next().unwrap_or("").to_string())
+                        .map_err(|source| MqttSetupError::File {
+                            key: "password_file",
+                            path: path.clone(),
+                            source,
+                        })?;
+                    // An empty file is a mistake, not a user without a password.
+                    if password.is_empty() {
+                        return Err(MqttSetupError::EmptyPassword { path: path.clone() });
+                    }
+                    password
+                }
                 None => self.password.clone().unwrap_or_default(),
             };
             options.set_credentials(username.clone(), password);
@@ -453,6 +463,32 @@ mod tests {
         let text = format!("{config:?}");
         assert!(!text.contains("hunter2"), "{text}");
         assert!(text.contains("<hidden>"), "{text}");
+    }
+
+    #[test]
+    fn an_empty_password_file_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("mqtt-password");
+        std::fs::write(&path, "\nsecond line\n").expect("write");
+        let config = MqttConfig {
+            username: Some("stpm".into()),
+            password_file: Some(path.clone()),
+            ..MqttConfig::default()
+        };
+        let error = config
+            .mqtt_options()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(
+            error,
+            format!(
+                "mqtt.password_file {}: its first line (the password) is empty",
+                path.display()
+            )
+        );
+        std::fs::write(&path, "s3cret\n").expect("write");
+        assert!(config.mqtt_options().is_ok());
     }
 
     #[test]
