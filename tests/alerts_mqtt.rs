@@ -931,6 +931,10 @@ fn events_of_a_killed_run_are_published_by_the_next_run() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     assert!(pending >= 1.0, "{metrics}");
+    assert!(
+        metrics.contains("# TYPE stpm_alert_messages_dropped counter\n"),
+        "{metrics}"
+    );
     // The events API lists the stored event, with its snapshot on the same server.
     let listed = String::from_utf8_lossy(&get("/api/events?camera=line1")).into_owned();
     let (head, body) = listed.split_once("\r\n\r\n").expect("a response");

@@ -297,6 +297,11 @@ impl Collector for Exported {
                     "Reconnections to the MQTT broker.",
                     Value::Count(status.reconnects),
                 ),
+                (
+                    "stpm_alert_messages_dropped",
+                    "Snapshots and camera states not sent (a full queue, a newer one while the broker was away, too large), spool entries the broker cannot take, and events beyond those held in memory while the spool could not write.",
+                    Value::Count(status.messages_dropped),
+                ),
             ] {
                 let kind = value.metric_type();
                 value.encode(encoder.encode_descriptor(name, help, None, kind)?)?;
