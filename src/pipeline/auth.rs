@@ -216,14 +216,18 @@ impl Auth {
             fresh.tokens.len(),
             fresh.metrics_tokens.len(),
         );
-        *self
+        let mut credentials = self
             .credentials
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = fresh;
+            .unwrap_or_else(PoisonError::into_inner);
+        *credentials = fresh;
+        // Cleared before the new credentials are readable: a check that hashed against the old
+        // ones cannot remember its password after this (see `check`).
         self.verified
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+        drop(credentials);
         Ok(counts)
     }
 
@@ -301,10 +305,21 @@ impl Auth {
                 .verify_password(password.as_bytes(), &parsed)
                 .is_ok()
         }) && known;
-        if good && let Ok(mut seen) = self.verified.lock() {
-            seen.insert(key);
+        if !good {
+            return false;
         }
-        good
+        // A reload may have come while hashing: the password counts (and is remembered) only
+        // if the user still has the hash it was checked against.
+        let credentials = self.credentials();
+        if credentials.users.get(user) != Some(&hash) {
+            return false;
+        }
+        self.verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key);
+        drop(credentials);
+        true
     }
 
     /// Everything but the argon2 check.

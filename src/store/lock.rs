@@ -97,11 +97,11 @@ impl FolderLock {
 /// `arg` with the value of a `…password…=value` setting (`--set mqtt.password=…`) replaced: the
 /// lock file names its holder's command line, and others may read it.
 fn hide_secret(arg: &str) -> String {
-    match arg.split_once('=') {
-        Some((key, _)) if key.to_ascii_lowercase().contains("password") => {
-            format!("{key}=<hidden>")
-        }
-        _ => arg.to_string(),
+    // ASCII lower-casing keeps byte offsets, so `at` indexes `arg` too.
+    let at = arg.to_ascii_lowercase().find("password");
+    match at.and_then(|at| Some(at + arg[at..].find('=')?)) {
+        Some(equals) => format!("{}=<hidden>", &arg[..equals]),
+        None => arg.to_string(),
     }
 }
 
@@ -116,6 +116,12 @@ mod tests {
             "mqtt.password=<hidden>"
         );
         assert_eq!(hide_secret("MQTT__PASSWORD=x=y"), "MQTT__PASSWORD=<hidden>");
+        assert_eq!(
+            hide_secret("--set=mqtt.password=s3cret"),
+            "--set=mqtt.password=<hidden>"
+        );
+        assert_eq!(hide_secret("--set=alerts.k=2"), "--set=alerts.k=2");
+        assert_eq!(hide_secret("password_file"), "password_file");
         assert_eq!(hide_secret("--pipeline"), "--pipeline");
         assert_eq!(hide_secret("alerts.k=2"), "alerts.k=2");
     }

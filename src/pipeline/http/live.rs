@@ -94,7 +94,8 @@ async fn forward(mut socket: WebSocket, mut stream: LiveStream) {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => break,
                     Err(_) => {
-                        log::info!("http: a live viewer read nothing for {} s; closed", SEND_TIMEOUT.as_secs());
+                        let waited = SEND_TIMEOUT.as_secs();
+                        log::info!("http: a live viewer read nothing for {waited} s; closed");
                         return;
                     }
                 }

@@ -366,23 +366,18 @@ async fn guard(
                 .get::<axum::extract::ConnectInfo<SocketAddr>>()
                 .map(|info| info.0.ip());
             let throttle = served.auth.as_ref().map(|auth| &auth.throttle);
-            if let Some(Err(wait)) = throttle.map(|t| t.check(client, std::time::Instant::now())) {
-                let mut response = api::error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    format!(
-                        "too many wrong passwords from this address: try again in {} s",
-                        wait.as_secs().max(1)
-                    ),
-                );
-                if let Ok(value) =
-                    axum::http::HeaderValue::from_str(&wait.as_secs().max(1).to_string())
-                {
-                    response.headers_mut().insert(header::RETRY_AFTER, value);
-                }
-                return response;
+            let held_back =
+                || throttle.and_then(|t| t.check(client, std::time::Instant::now()).err());
+            if let Some(wait) = held_back() {
+                return too_many_guesses(wait);
             }
             let checking = Arc::clone(&served);
             let slot = CHECKS.acquire().await.ok();
+            // Again once a place is free: guesses sent at once all passed the first look while
+            // the ones before them were still being hashed.
+            if let Some(wait) = held_back() {
+                return too_many_guesses(wait);
+            }
             let identity = tokio::task::spawn_blocking(move || {
                 checking
                     .auth
@@ -414,6 +409,19 @@ async fn guard(
         header::WWW_AUTHENTICATE,
         axum::http::HeaderValue::from_static("Basic realm=\"stpm\", charset=\"UTF-8\""),
     );
+    response
+}
+
+/// 429 for a client address whose password checks failed too often, with `Retry-After`.
+fn too_many_guesses(wait: Duration) -> Response {
+    let seconds = wait.as_secs().max(1);
+    let mut response = api::error(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!("too many wrong passwords from this address: try again in {seconds} s"),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, axum::http::HeaderValue::from(seconds));
     response
 }
 
@@ -857,6 +865,41 @@ mod tests {
             assert_eq!(ask("Bearer t0ken".into()).await.status(), 200);
             assert_eq!(ask(basic("anna:secret")).await.status(), 200);
         });
+    }
+
+    #[test]
+    fn guesses_sent_at_once_are_held_back_as_well() {
+        use crate::pipeline::auth::FAILURES_ALLOWED;
+        let dir = tempfile::tempdir().expect("dir");
+        let app = router(Arc::new(Served {
+            auth: signed_in_only(dir.path()),
+            ..served(Arc::new(Metrics::new("cpu", "fp32", &[])))
+        }));
+        let guesses = 3 * FAILURES_ALLOWED as usize;
+        let statuses = runtime().block_on(async {
+            let asked = (0..guesses).map(|guess| {
+                let request = Request::builder()
+                    .uri("/metrics")
+                    .header(header::AUTHORIZATION, basic(&format!("anna:guess{guess}")))
+                    .extension(axum::extract::ConnectInfo(SocketAddr::from((
+                        [10, 0, 0, 9],
+                        50000,
+                    ))))
+                    .body(Body::empty())
+                    .expect("request");
+                let app = app.clone();
+                async move { app.oneshot(request).await.expect("response").status() }
+            });
+            futures_util::future::join_all(asked).await
+        });
+        let hashed = statuses.iter().filter(|s| s.as_u16() == 401).count();
+        let held = statuses.iter().filter(|s| s.as_u16() == 429).count();
+        assert_eq!(hashed + held, guesses, "{statuses:?}");
+        // At most the allowance and the checks in progress when it ran out (two at once).
+        assert!(
+            hashed <= FAILURES_ALLOWED as usize + 2,
+            "{hashed} of {guesses} guesses sent at once were hashed"
+        );
     }
 
     /// Percent-encodes every byte that is not unreserved, so any bytes make a valid URI part.
