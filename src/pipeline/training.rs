@@ -56,6 +56,16 @@ pub const MAX_EPOCHS: usize = 1000;
 /// days on a CPU), so a request cannot start a training that never ends.
 pub const MAX_STEPS: usize = 100_000;
 
+/// Refuses a request whose `key` is given outside 1 to `max`.
+fn within(key: &str, value: Option<usize>, max: usize) -> Result<(), TrainStartError> {
+    match value {
+        Some(value) if !(1..=max).contains(&value) => Err(TrainStartError::Request(format!(
+            "{key} must be 1 to {max}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -153,25 +163,9 @@ impl TrainSlot {
             return Err(TrainStartError::Busy);
         }
         let (data, out) = self.folders(&request)?;
-        if !(1..=64).contains(&request.threads) {
-            return Err(TrainStartError::Request("threads must be 1 to 64".into()));
-        }
-        if request
-            .epochs
-            .is_some_and(|e| !(1..=MAX_EPOCHS).contains(&e))
-        {
-            return Err(TrainStartError::Request(format!(
-                "epochs must be 1 to {MAX_EPOCHS}"
-            )));
-        }
-        if request
-            .max_steps
-            .is_some_and(|s| !(1..=MAX_STEPS).contains(&s))
-        {
-            return Err(TrainStartError::Request(format!(
-                "max_steps must be 1 to {MAX_STEPS}"
-            )));
-        }
+        within("threads", Some(request.threads), 64)?;
+        within("epochs", request.epochs, MAX_EPOCHS)?;
+        within("max_steps", request.max_steps, MAX_STEPS)?;
         let live = self.models.live();
         let manifest = &live.model.manifest;
         let progress_file = out.with_extension("progress.json");

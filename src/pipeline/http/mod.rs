@@ -818,6 +818,18 @@ mod tests {
         });
     }
 
+    /// `GET /metrics` with `authorization`, from a client at `address`.
+    fn metrics_from(address: [u8; 4], authorization: &str) -> Request<Body> {
+        Request::builder()
+            .uri("/metrics")
+            .header(header::AUTHORIZATION, authorization)
+            .extension(axum::extract::ConnectInfo(SocketAddr::from((
+                address, 50000,
+            ))))
+            .body(Body::empty())
+            .expect("request")
+    }
+
     #[test]
     fn a_client_guessing_passwords_is_held_back_without_hashing() {
         use crate::pipeline::auth::{FAILURE_WINDOW, FAILURES_ALLOWED};
@@ -830,15 +842,7 @@ mod tests {
         let ask = |credentials: String| {
             let app = app.clone();
             async move {
-                let request = Request::builder()
-                    .uri("/metrics")
-                    .header(header::AUTHORIZATION, credentials)
-                    .extension(axum::extract::ConnectInfo(SocketAddr::from((
-                        [10, 0, 0, 7],
-                        50000,
-                    ))))
-                    .body(Body::empty())
-                    .expect("request");
+                let request = metrics_from([10, 0, 0, 7], &credentials);
                 app.oneshot(request).await.expect("response")
             }
         };
@@ -878,15 +882,7 @@ mod tests {
         let guesses = 3 * FAILURES_ALLOWED as usize;
         let statuses = runtime().block_on(async {
             let asked = (0..guesses).map(|guess| {
-                let request = Request::builder()
-                    .uri("/metrics")
-                    .header(header::AUTHORIZATION, basic(&format!("anna:guess{guess}")))
-                    .extension(axum::extract::ConnectInfo(SocketAddr::from((
-                        [10, 0, 0, 9],
-                        50000,
-                    ))))
-                    .body(Body::empty())
-                    .expect("request");
+                let request = metrics_from([10, 0, 0, 9], &basic(&format!("anna:guess{guess}")));
                 let app = app.clone();
                 async move { app.oneshot(request).await.expect("response").status() }
             });
